@@ -1,0 +1,1 @@
+"""Link and wireless-channel emulation shared by the virtual and wall clocks."""

@@ -1,0 +1,6 @@
+"""`testbed bench ...`: each benchmark lives next to what it measures and prints JSON."""
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)
