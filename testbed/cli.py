@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from testbed.commands import bench, calibrate, dashboards, links, models, policies, report, run
+from testbed.commands import bench, calibrate, dashboards, links, models, policies, report, run, validate
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Hybrid language model emulation testbed.")
 app.add_typer(models.app, name="models", help="Prepare and list model pairs.")
@@ -14,7 +14,7 @@ app.command("policies")(policies.policies)
 app.command("calibrate")(calibrate.calibrate)
 app.command("report")(report.report)
 app.command("run")(run.run)
-app.command("validate")(run.validate)
+app.command("validate")(validate.validate)
 
 
 def main() -> None:

@@ -1,6 +1,11 @@
-"""`testbed bench ...`: each benchmark lives next to what it measures and prints JSON."""
+"""`testbed bench ...`: each benchmark lives in testbed/benchmarks/<name>.py and prints JSON."""
 from __future__ import annotations
 
 import typer
 
+from testbed.benchmarks import codec, links, verifier
+
 app = typer.Typer(no_args_is_help=True)
+app.command("codec")(codec.command)
+app.command("links")(links.command)
+app.command("verifier")(verifier.command)

@@ -1,0 +1,9 @@
+"""`testbed bench codec`."""
+from __future__ import annotations
+
+import typer
+
+
+def command(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Benchmark: codec."""
+    raise typer.Exit(2)
