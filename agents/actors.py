@@ -1,0 +1,297 @@
+"""Ray actors: `DeviceGroup` (many virtual devices, one SLM) and `Verifier` (ZeroMQ ROUTER,
+one LLM). Both wrap the transport-free cores of agents.device and agents.verifier; this
+module only moves frames and, in the wall clock, waits real time.
+
+ZeroMQ messages are multipart: [wire frame, emulation stamp]. The wire frame is what a real
+device and server would exchange (agents.protocol); the stamp carries what only an
+emulation has: emulated send/arrival times and the draft probabilities x_d used to
+measure beta (agents.wire).
+
+Clocks (DESIGN.md section 2), one code path:
+- virtual: uploads carry the emulated arrival the link model computed; the verifier
+  releases a batch only when no earlier arrival can still come (VerifierCore.next_batch).
+- wall: emulated time = (real time - t0) * time_scale. Groups sleep until a device's
+  emulated time before drafting and hold each message until its emulated arrival; the
+  verifier stamps arrivals with the real clock, releases batches when the clock reaches
+  their start, and holds verdicts until the emulated verification ends.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from agents import protocol, wire
+from agents.device import DeviceGroupCore, DeviceSpec, RunParams, Upload
+from agents.verifier import ServerProfile, VerifierCore
+
+POLL_MS = 50
+
+
+@dataclass(frozen=True)
+class ClockParams:
+    kind: str = "virtual"  # virtual | wall
+    time_scale: float = 1.0  # emulated seconds per real second (wall only)
+    t0: float = 0.0  # real time (time.time()) of emulated zero (wall only)
+    chaos_delay_s: float = 0.0  # tests: random real delay before handling each message
+
+    def now(self) -> float:
+        return (time.time() - self.t0) * self.time_scale
+
+    def sleep_until(self, t: float) -> None:
+        delay = self.t0 + t / self.time_scale - time.time()
+        if delay > 0:
+            time.sleep(delay)
+
+    def chaos(self, rng: random.Random) -> None:
+        if self.chaos_delay_s > 0:
+            time.sleep(rng.random() * self.chaos_delay_s)
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, n))
+
+
+class DeviceGroup:
+    """Hosts many virtual devices with one SLM copy; talks DEALER to the verifier."""
+
+    def __init__(self, group_id: int, specs: list[DeviceSpec], run: RunParams, slm_spec, policy_specs: dict,
+                 endpoint: str, clock: ClockParams, threads: int = 1):
+        from agents.lm import BatchedLM
+        from agents.models import load_model
+        from policies import load_policy
+
+        _set_threads(threads)
+        self.group_id = group_id
+        self.clock = clock
+        self.endpoint = endpoint
+        policies = {name: load_policy(spec) for name, spec in policy_specs.items()}
+        drafts = any(policies[s.policy_name].drafts for s in specs)
+        slm = BatchedLM(load_model(slm_spec)) if drafts else None
+        self.core = DeviceGroupCore(specs, run, slm, policies)
+        self.stats_lock = threading.Lock()
+        self.new_rows: list[dict] = []
+        self.stop_flag = threading.Event()
+        self.lag_s = 0.0
+
+    def drain(self) -> dict:
+        """New committed-token rows since the last call (for live progress and metrics)."""
+        with self.stats_lock:
+            rows, self.new_rows = self.new_rows, []
+        return {"rows": rows, "lag_s": self.lag_s}
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+
+    def run(self) -> dict:
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, f"group-{self.group_id}-{os.getpid()}".encode())
+        sock.connect(self.endpoint)
+        rng = random.Random(self.group_id)
+        wall = self.clock.kind == "wall"
+        held: list[tuple[float, int, list[bytes]]] = []  # wall clock: messages in flight
+        counter = 0
+        seen = {d: 0 for d in self.core.devices}
+        try:
+            for item in _open_items(self.core):
+                sock.send_multipart(wire.open_message(*item))
+            while not self.core.done:
+                if self.stop_flag.is_set():
+                    raise RuntimeError("stopped")
+                if self.core.has_work():
+                    until = None
+                    if wall:
+                        # Wait out emulated compute (and the downlink of the last verdict): a
+                        # device moves when its emulated time comes; lag is how far behind real
+                        # time is when it does.
+                        t_next = self.core.next_time()
+                        self.lag_s = max(0.0, self.clock.now() - t_next)
+                        self.clock.sleep_until(t_next)
+                        until = self.clock.now()
+                    for upload in self.core.step(until):
+                        parts = wire.upload_message(upload)
+                        if wall:
+                            counter += 1
+                            heapq.heappush(held, (upload.t_arrive, counter, parts))
+                        else:
+                            sock.send_multipart(parts)
+                while held and held[0][0] <= self.clock.now():
+                    sock.send_multipart(heapq.heappop(held)[2])
+                timeout = 0 if self.core.has_work() else POLL_MS
+                if held:
+                    timeout = min(timeout, max(0, int((held[0][0] - self.clock.now()) / self.clock.time_scale * 1000)))
+                if sock.poll(timeout):
+                    while True:
+                        try:
+                            parts = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self.clock.chaos(rng)
+                        msg = wire.decode_message(parts)
+                        if isinstance(msg, protocol.ProtocolError):
+                            raise msg
+                        self.core.on_verdict(msg)
+                self._publish(seen)
+            self._publish(seen)
+        finally:
+            sock.close()
+        return {"rows": self.core.rows(), "lag_s": self.lag_s}
+
+    def _publish(self, seen: dict[int, int]) -> None:
+        fresh = []
+        for device, d in self.core.devices.items():
+            if len(d.rows) > seen[device]:
+                fresh.extend(d.rows[seen[device]:])
+                seen[device] = len(d.rows)
+        if fresh:
+            with self.stats_lock:
+                self.new_rows.extend(fresh)
+
+
+def _open_items(core: DeviceGroupCore):
+    from agents.engine import open_items
+
+    return open_items(core)
+
+
+class Verifier:
+    """One LLM behind a ZeroMQ ROUTER. `start()` binds and serves in a background thread."""
+
+    def __init__(self, llm_spec, server: ServerProfile, seed: int, vocab_size: int, clock: ClockParams,
+                 host: str = "127.0.0.1", port: int = 0, threads: int = 2, max_frame_bytes: int = protocol.MAX_FRAME_BYTES):
+        from agents.lm import BatchedLM
+        from agents.models import load_model
+
+        _set_threads(threads)
+        self.core = VerifierCore(BatchedLM(load_model(llm_spec)), server, seed, vocab_size)
+        self.clock = clock
+        self.host, self.port = host, port
+        self.max_frame_bytes = max_frame_bytes
+        self.errors = 0
+        self.error_log: list[str] = []
+        self.thread: threading.Thread | None = None
+        self.stop_flag = threading.Event()
+        self.failure: str | None = None
+        self.batches_seen = 0
+        self.lag_s = 0.0
+
+    def start(self) -> str:
+        ctx = zmq.Context.instance()
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes + 4096)
+        if self.port:
+            self.sock.bind(f"tcp://{self.host}:{self.port}")
+        else:
+            self.port = self.sock.bind_to_random_port(f"tcp://{self.host}")
+        self.thread = threading.Thread(target=self._serve, name="verifier", daemon=True)
+        self.thread.start()
+        return f"tcp://{self.host}:{self.port}"
+
+    def status(self) -> dict:
+        return {"errors": self.errors, "lag_s": self.lag_s, "error_log": self.error_log[-20:], "failure": self.failure,
+                "batches": len(self.core.batches)}
+
+    def drain_batches(self) -> list:
+        new = self.core.batches[self.batches_seen:]
+        self.batches_seen += len(new)
+        return new
+
+    def batches(self) -> list:
+        return list(self.core.batches)
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+        self.sock.close()
+
+    def _serve(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # the run reports it; the socket stays answerable until stop
+            import traceback
+
+            self.failure = "".join(traceback.format_exception(exc))
+
+    def _loop(self) -> None:
+        sock, core, wall = self.sock, self.core, self.clock.kind == "wall"
+        rng = random.Random(-1)
+        route: dict[int, bytes] = {}  # device -> group identity
+        held: list[tuple[float, int, bytes, list[bytes]]] = []  # wall: verdicts until verify ends
+        counter = 0
+        while not self.stop_flag.is_set():
+            timeout = POLL_MS
+            if wall and (start := core.batch_start()) is not None:
+                timeout = max(0, min(timeout, int((start - self.clock.now()) / self.clock.time_scale * 1000)))
+            if wall and held:
+                timeout = max(0, min(timeout, int((held[0][0] - self.clock.now()) / self.clock.time_scale * 1000)))
+            opens = []
+            if sock.poll(timeout):
+                while True:
+                    try:
+                        identity, *parts = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.clock.chaos(rng)
+                    msg = wire.decode_message(parts)
+                    if isinstance(msg, protocol.ProtocolError):
+                        self._error(identity, msg)
+                        continue
+                    if isinstance(msg, wire.Open):
+                        route[msg.device] = identity
+                        opens.append(msg)
+                        continue
+                    if opens:  # open sessions before anything that may refer to them
+                        core.open([o.item() for o in opens])
+                        opens = []
+                    if not isinstance(msg, Upload):
+                        self._error(identity, protocol.ProtocolError(f"unexpected {type(msg).__name__} from a device"))
+                        continue
+                    if wall:
+                        msg.t_arrive = self.clock.now()
+                    try:
+                        verdict = core.submit(msg)
+                    except protocol.ProtocolError as exc:
+                        self._error(identity, exc, seq=msg.seq)
+                        continue
+                    if verdict is not None:
+                        sock.send_multipart([identity, *wire.verdict_message(verdict)])
+            if opens:
+                core.open([o.item() for o in opens])
+            while (ready := core.next_batch(self.clock.now() if wall else None)) is not None:
+                verdicts = core.verify(*ready)
+                if wall:  # real compute slower than the profile delays the verdicts: that is lag
+                    now = self.clock.now()
+                    self.lag_s = max(0.0, now - core.t_free)
+                    core.t_free = max(core.t_free, now)
+                for verdict in verdicts:
+                    if wall:
+                        verdict.t_sent = max(verdict.t_sent, now)
+                    parts = [route[verdict.device], *wire.verdict_message(verdict)]
+                    if wall:
+                        counter += 1
+                        heapq.heappush(held, (verdict.t_sent, counter, parts))
+                    else:
+                        sock.send_multipart(parts)
+            while held and held[0][0] <= self.clock.now():
+                sock.send_multipart(heapq.heappop(held)[2])
+
+    def _error(self, identity: bytes, exc: Exception, seq: int = -1) -> None:
+        """Malformed or out-of-order input: an error reply and a counter, never a crash."""
+        self.errors += 1
+        self.error_log.append(str(exc))
+        try:
+            self.sock.send_multipart([identity, *wire.error_message(str(exc), seq)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass

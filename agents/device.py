@@ -1,0 +1,322 @@
+"""Virtual devices: the per-device CU-HLM state machine and the group that batches their SLM.
+
+A `Device` is pure emulation state. It never reads a clock: every time it records comes
+from its profile (slm_ms_per_token) and its links, so the same device produces the same
+trace whichever process hosts it and however fast that process is (DESIGN.md section 2).
+
+Per token t (DESIGN.md section 1): the group runs one batched SLM forward for every device
+ready to draft; each device samples its draft d ~ x = softmax(z/T), asks its policy, and
+either commits d at once (skip: piggybacked on the next upload) or builds an `Upload`
+that waits for a `Verdict` from the verifier.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from agents import protocol
+from agents.speculative import sample_draft, softmax_t
+from netem import DuplexProfile, Link, link_seed
+from policies.base import Decision, DecisionContext, Policy
+from policies.rng import keyed_rng
+
+MAX_RETRANSMISSIONS = 32
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One virtual device as the runner hands it to a group."""
+
+    device: int
+    tier: str
+    policy_name: str
+    slm_ms_per_token: float
+    link: DuplexProfile
+    prompt_index: int
+    prompt_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RunParams:
+    seed: int
+    max_new_tokens: int
+    temperature: float
+    vocab_size: int
+    rto_s: float = 0.2  # retransmission timeout for a lost upload or verdict (emulated)
+
+
+@dataclass
+class Upload:
+    """A request for verification (or, with final=True, only for shadow betas at the end)."""
+
+    device: int
+    seq: int
+    token_index: int
+    draft: int  # -1 for llm-only and for final flushes
+    draft_prob: float  # x_d: only for measuring beta, never part of what a device would send
+    piggyback: list[int]  # skipped drafts committed since the last upload, in order
+    piggyback_probs: list[float]
+    payload: bytes
+    llm_samples: bool
+    final: bool
+    t_sent: float  # emulated time the first copy left the device
+    t_arrive: float  # emulated arrival at the verifier (after retransmissions)
+    retransmissions: int = 0
+    frame_bytes: int = 0
+
+
+@dataclass
+class Verdict:
+    device: int
+    seq: int
+    token: int
+    accepted: bool
+    resampled: bool
+    beta: float
+    shadow_betas: list[float]
+    t_sent: float  # emulated time the verifier sent it
+    frame_bytes: int = 0
+
+
+def token_row(spec: DeviceSpec, index: int, **values) -> dict:
+    """One row of tokens.parquet (columns as in testbed.results)."""
+    row = dict(
+        device=spec.device, tier=spec.tier, policy=spec.policy_name, prompt_index=spec.prompt_index,
+        token_index=index, token_id=-1, draft_id=-1, uncertainty=math.nan, transmitted=False, k=0,
+        prob_bits=0, payload_bytes=0, uplink_bytes=0, accepted=False, resampled=False, beta=math.nan,
+        beta_is_shadow=False, retransmissions=0, t_draft_start=math.nan, t_upload_sent=math.nan,
+        t_verdict=math.nan, t_commit=math.nan,
+    )
+    row.update(values)
+    return row
+
+
+def truncate_for_upload(probs: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k entries of x (indices, probabilities) in descending order."""
+    v = probs.shape[0]
+    k = min(max(decision.k, 0), v)
+    if k == v:
+        return np.arange(v), probs
+    top = np.argpartition(probs, v - k)[v - k:] if k else np.empty(0, dtype=np.int64)
+    top = top[np.argsort(-probs[top], kind="stable")]
+    return top, probs[top]
+
+
+@dataclass
+class Device:
+    spec: DeviceSpec
+    run: RunParams
+    policy: Policy
+    uplink: Link = field(init=False)
+    downlink: Link = field(init=False)
+    t: float = 0.0  # emulated time at which the device is ready for its next step
+    index: int = 0  # index of the token being generated
+    seq: int = 0
+    feed: list[int] = field(default_factory=list)  # tokens the SLM has not consumed yet
+    piggyback: list[tuple[int, float, int]] = field(default_factory=list)  # (token, x_d, row)
+    rows: list[dict] = field(default_factory=list)
+    waiting: Upload | None = None
+    pending_row: dict | None = None
+    flushed: bool = False
+
+    def __post_init__(self) -> None:
+        seed = self.run.seed
+        self.uplink = Link(self.spec.link.uplink, link_seed(seed, self.spec.device, "uplink"))
+        self.downlink = Link(self.spec.link.downlink, link_seed(seed, self.spec.device, "downlink"))
+        self.feed = list(self.spec.prompt_ids)
+
+    # --- state -------------------------------------------------------------------------
+    @property
+    def generated_all(self) -> bool:
+        return self.index >= self.run.max_new_tokens
+
+    @property
+    def ready(self) -> bool:
+        """Ready to draft (or, for llm-only, to request) its next token."""
+        return self.waiting is None and not self.generated_all
+
+    @property
+    def finished(self) -> bool:
+        return self.generated_all and self.waiting is None and self.flushed
+
+    @property
+    def lookahead_s(self) -> float:
+        """Lower bound on the gap between a verdict leaving the verifier and this device's
+        next upload arriving there: it must at least draft one token. A device that never
+        asks the LLM (slm-only) puts no bound on the verifier at all."""
+        if not self.policy.uses_llm:
+            return math.inf
+        return self.spec.slm_ms_per_token / 1000.0 if self.policy.drafts else 0.0
+
+    # --- drafting ------------------------------------------------------------------------
+    def draft(self, logits: np.ndarray) -> tuple[DecisionContext, np.ndarray]:
+        """Sample the draft d ~ softmax(z/T) for the current token; returns the policy context."""
+        x = softmax_t(logits, self.run.temperature)
+        rng = keyed_rng(self.run.seed, self.spec.device, self.index, "draft")
+        d = int(sample_draft(x, rng))
+        ctx = DecisionContext(self.run.seed, self.spec.device, self.index, self.run.temperature, d, x)
+        return ctx, x
+
+    def apply(self, decision: Decision, ctx: DecisionContext | None) -> Upload | None:
+        """Act on the policy's decision for the current token; an Upload when transmitting."""
+        slm_s = self.spec.slm_ms_per_token / 1000.0 if self.policy.drafts else 0.0
+        t_start, t_drafted = self.t, self.t + slm_s
+        self.feed = []
+        row = token_row(self.spec, self.index, uncertainty=decision.uncertainty, t_draft_start=t_start)
+        if ctx is not None:
+            row["draft_id"] = ctx.draft
+        if not decision.transmit:
+            # Accepted on the device: no uplink, no LLM cost now; the LLM learns the token later.
+            assert ctx is not None, "a policy that does not draft must transmit"
+            row.update(token_id=ctx.draft, accepted=True, t_commit=t_drafted)
+            self.rows.append(row)
+            self.piggyback.append((ctx.draft, float(ctx.probs[ctx.draft]), len(self.rows) - 1))
+            self.feed = [ctx.draft]
+            self.index += 1
+            self.t = t_drafted
+            return None
+        payload = b""
+        if not decision.llm_samples:
+            indices, probs = truncate_for_upload(ctx.probs, decision)
+            payload = protocol.encode_payload(indices, probs, self.run.vocab_size, decision.prob_bits)
+        upload = Upload(
+            device=self.spec.device, seq=self.seq, token_index=self.index,
+            draft=ctx.draft if ctx is not None else -1,
+            draft_prob=float(ctx.probs[ctx.draft]) if ctx is not None else math.nan,
+            piggyback=[p[0] for p in self.piggyback], piggyback_probs=[p[1] for p in self.piggyback],
+            payload=payload, llm_samples=decision.llm_samples, final=False, t_sent=t_drafted, t_arrive=math.nan,
+        )
+        row.update(transmitted=True, k=decision.k, prob_bits=decision.prob_bits if payload else 0,
+                   payload_bytes=len(payload), t_upload_sent=t_drafted)
+        self.pending_row = row
+        return self._send(upload)
+
+    def flush(self) -> Upload | None:
+        """After the last token: hand the LLM the remaining skipped drafts (for the shadow
+        betas and an exact LLM context). None when there is nothing to flush."""
+        assert self.generated_all and self.waiting is None
+        if not self.piggyback:
+            self.flushed = True
+            return None
+        upload = Upload(
+            device=self.spec.device, seq=self.seq, token_index=self.index, draft=-1, draft_prob=math.nan,
+            piggyback=[p[0] for p in self.piggyback], piggyback_probs=[p[1] for p in self.piggyback],
+            payload=b"", llm_samples=False, final=True, t_sent=self.t, t_arrive=math.nan,
+        )
+        return self._send(upload)
+
+    def _send(self, upload: Upload) -> Upload:
+        upload.frame_bytes = protocol.upload_frame_size(upload)
+        t, arrive = upload.t_sent, None
+        for attempt in range(MAX_RETRANSMISSIONS + 1):
+            arrive = self.uplink.send(upload.frame_bytes, t)
+            if arrive is not None:
+                break
+            upload.retransmissions += 1
+            t += self.run.rto_s
+        if arrive is None:
+            raise RuntimeError(f"device {self.spec.device}: upload {upload.seq} lost {MAX_RETRANSMISSIONS + 1} times")
+        upload.t_arrive = arrive
+        self.waiting = upload
+        self.seq += 1
+        return upload
+
+    # --- verdicts ------------------------------------------------------------------------
+    def on_verdict(self, verdict: Verdict) -> None:
+        upload = self.waiting
+        if upload is None or verdict.seq != upload.seq:
+            return  # a duplicate of a verdict already applied
+        arrive, t_sent, retx = None, verdict.t_sent, upload.retransmissions
+        # A lost verdict: the device times out and retransmits its upload; the verifier
+        # answers the repeated sequence number with the same verdict (idempotent).
+        t_retx = upload.t_sent
+        for _ in range(MAX_RETRANSMISSIONS + 1):
+            arrive = self.downlink.send(verdict.frame_bytes, t_sent)
+            if arrive is not None:
+                break
+            t_retx = max(t_retx + self.run.rto_s, t_sent)
+            retx += 1
+            again = self.uplink.send(upload.frame_bytes, t_retx)
+            t_sent = max(again if again is not None else t_retx + self.run.rto_s, verdict.t_sent)
+        if arrive is None:
+            raise RuntimeError(f"device {self.spec.device}: verdict {verdict.seq} lost {MAX_RETRANSMISSIONS + 1} times")
+        for (token, _, row), beta in zip(self.piggyback, verdict.shadow_betas):
+            self.rows[row].update(beta=beta, beta_is_shadow=True)
+        self.piggyback = []
+        self.waiting = None
+        if upload.final:
+            self.flushed = True
+            return
+        row = self.pending_row
+        row.update(token_id=verdict.token, accepted=verdict.accepted, resampled=verdict.resampled,
+                   beta=verdict.beta, uplink_bytes=upload.frame_bytes, retransmissions=retx,
+                   t_verdict=arrive, t_commit=arrive)
+        self.rows.append(row)
+        self.pending_row = None
+        self.feed = [verdict.token]
+        self.index += 1
+        self.t = arrive
+
+
+class DeviceGroupCore:
+    """Many virtual devices sharing one SLM: one batched forward per step over every device
+    ready to draft. Transport-free: callers deliver uploads and verdicts."""
+
+    def __init__(self, specs: list[DeviceSpec], run: RunParams, slm, policies: dict[str, Policy]):
+        self.run = run
+        self.slm = slm  # agents.lm.BatchedLM (None when no device drafts)
+        self.devices = {s.device: Device(s, run, policies[s.policy_name]) for s in specs}
+
+    @property
+    def done(self) -> bool:
+        return all(d.finished for d in self.devices.values())
+
+    def has_work(self) -> bool:
+        return any(d.ready or self._must_flush(d) for d in self.devices.values())
+
+    def next_time(self) -> float:
+        """Emulated time of the earliest device that can move without the verifier."""
+        return min((d.t for d in self.devices.values() if d.ready or self._must_flush(d)), default=math.inf)
+
+    @staticmethod
+    def _must_flush(d: Device) -> bool:
+        return d.generated_all and d.waiting is None and not d.flushed
+
+    def step(self, until: float | None = None) -> list[Upload]:
+        """Advance every device that can move without the verifier by one token (or flush
+        it when it has generated all its tokens); with `until` (wall clock) only those whose
+        emulated time has come. Returns the uploads to deliver."""
+        uploads: list[Upload] = []
+        due = (lambda d: True) if until is None else (lambda d: d.t <= until)
+        ready = [d for d in self.devices.values() if d.ready and due(d)]
+        drafting = [d for d in ready if d.policy.drafts]
+        if drafting:
+            logits = self.slm.extend([(d.spec.device, d.feed) for d in drafting])
+            by_policy: dict[int, list[tuple[Device, DecisionContext, np.ndarray]]] = {}
+            for d, z in zip(drafting, logits):
+                ctx, _ = d.draft(z)
+                by_policy.setdefault(id(d.policy), []).append((d, ctx, z))
+            for members in by_policy.values():
+                policy = members[0][0].policy
+                decisions = policy.decide_batch(np.stack([m[2] for m in members]), [m[1] for m in members])
+                for (d, ctx, _), decision in zip(members, decisions):
+                    if (u := d.apply(decision, ctx)) is not None:
+                        uploads.append(u)
+        for d in ready:
+            if not d.policy.drafts:
+                decision = d.policy.decide(None, None)
+                uploads.append(d.apply(decision, None))
+        for d in self.devices.values():
+            if self._must_flush(d) and due(d):
+                if (u := d.flush()) is not None:
+                    uploads.append(u)
+        return uploads
+
+    def on_verdict(self, verdict: Verdict) -> None:
+        self.devices[verdict.device].on_verdict(verdict)
+
+    def rows(self) -> list[dict]:
+        return [r for d in self.devices.values() for r in d.rows]
+

@@ -1,0 +1,197 @@
+"""The LLM verifier: per-device sessions, dynamic batching in emulated time, verdicts.
+
+`VerifierCore` is transport-free and clock-free: it is handed uploads stamped with their
+emulated arrival time and forms batches by the rule below, so the same arrivals give the
+same batches, the same LLM forwards and the same verdicts in every layout.
+
+Batching rule (max_batch, max_wait): the server is free at t_free; the earliest queued
+arrival a1 opens a batch that closes at a1 + max_wait, or earlier when max_batch requests
+have arrived; the batch starts at S = max(t_free, close) and takes the requests that
+arrived by S (up to max_batch), in (arrival, device, seq) order. In the virtual clock a batch is
+released only when no earlier arrival can still come: every open session without a queued
+request has a lower bound on its next arrival (`bound`) and all bounds must exceed S.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from agents import protocol
+from agents.device import Upload, Verdict
+from agents.speculative import reconstruct, sample_draft, softmax_t, verify
+from policies.rng import keyed_rng
+
+
+@dataclass(frozen=True)
+class ServerProfile:
+    """Emulated verification cost: base + per_token * tokens + per_sequence * batch (ms)."""
+
+    verify_ms_base: float = 20.0
+    verify_ms_per_token: float = 0.5
+    verify_ms_per_sequence: float = 2.0
+    max_batch: int = 8
+    max_wait_ms: float = 2.0
+
+    def verify_seconds(self, batch_size: int, n_tokens: int) -> float:
+        ms = self.verify_ms_base + self.verify_ms_per_token * n_tokens + self.verify_ms_per_sequence * batch_size
+        return ms / 1000.0
+
+
+@dataclass
+class Session:
+    device: int
+    temperature: float
+    max_new_tokens: int
+    lookahead_s: float
+    feed: list[int]  # tokens the LLM has not consumed yet (always the last committed one)
+    bound: float  # lower bound on the emulated arrival of this device's next upload
+    queued: bool = False
+    closed: bool = False
+    verdicts: dict[int, Verdict] = field(default_factory=dict)  # by seq, for repeats
+
+
+@dataclass
+class BatchRecord:
+    """What one verifier batch did, for stats and the summary."""
+
+    t_start: float
+    t_end: float
+    size: int
+    n_tokens: int
+    queue_waits: list[float]
+
+
+class VerifierCore:
+    def __init__(self, llm, server: ServerProfile, seed: int, vocab_size: int):
+        self.llm = llm  # agents.lm.BatchedLM
+        self.server = server
+        self.seed = seed
+        self.vocab_size = vocab_size
+        self.sessions: dict[int, Session] = {}
+        self.queue: list[tuple[float, int, int, Upload]] = []
+        self.t_free = 0.0
+        self.batches: list[BatchRecord] = []
+
+    # --- sessions ----------------------------------------------------------------------
+    def open(self, items: list[tuple[int, list[int], float, int, float]]) -> None:
+        """Open sessions (device, prompt_ids, temperature, max_new_tokens, lookahead_s) and
+        prefill their prompts in one batched forward. Prefill costs no emulated time: it
+        happens before the emulation starts."""
+        prefill = []
+        for device, prompt, temperature, max_new, lookahead in items:
+            if not prompt:
+                raise ValueError(f"device {device}: empty prompt")
+            if device in self.sessions:
+                raise ValueError(f"device {device}: session already open")
+            self.sessions[device] = Session(device, temperature, max_new, lookahead, [prompt[-1]], lookahead)
+            if len(prompt) > 1:
+                prefill.append((device, list(prompt[:-1])))
+        if prefill:
+            self.llm.extend(prefill)
+
+    def pending_bound(self) -> float:
+        """Earliest emulated time at which a not-yet-received upload could arrive."""
+        return min((s.bound for s in self.sessions.values() if not s.queued and not s.closed), default=math.inf)
+
+    # --- requests ----------------------------------------------------------------------
+    def submit(self, upload: Upload) -> Verdict | None:
+        """Queue an upload. A repeated sequence number gets the same verdict again; a final
+        flush is answered at once (it carries no draft, costs no emulated time)."""
+        s = self.sessions.get(upload.device)
+        if s is None:
+            raise protocol.ProtocolError(f"device {upload.device}: upload before open")
+        if upload.seq in s.verdicts:
+            return s.verdicts[upload.seq]
+        if s.closed:
+            raise protocol.ProtocolError(f"device {upload.device}: upload after the session closed")
+        if upload.final:
+            logits = self.llm.extend([(upload.device, s.feed + upload.piggyback)], all_positions=True)[0]
+            shadows = self._shadow_betas(s, upload, logits)
+            verdict = Verdict(upload.device, upload.seq, -1, False, False, math.nan, shadows, upload.t_arrive)
+            s.verdicts[upload.seq] = verdict
+            s.closed = True
+            s.feed = []
+            self.llm.drop(upload.device)
+            return verdict
+        if s.queued:
+            raise protocol.ProtocolError(f"device {upload.device}: seq {upload.seq} while another is queued")
+        s.queued = True
+        heapq.heappush(self.queue, (upload.t_arrive, upload.device, upload.seq, upload))
+        return None
+
+    def close(self, device: int) -> None:
+        s = self.sessions[device]
+        s.closed = True
+        self.llm.drop(device)
+
+    # --- batching ----------------------------------------------------------------------
+    def batch_start(self) -> float | None:
+        """S for the next batch given what is queued now (None when nothing is)."""
+        if not self.queue:
+            return None
+        arrivals = sorted(q[0] for q in self.queue)
+        close = arrivals[0] + self.server.max_wait_ms / 1000.0
+        if len(arrivals) >= self.server.max_batch:
+            close = min(close, arrivals[self.server.max_batch - 1])
+        return max(self.t_free, close)
+
+    def next_batch(self, now: float | None = None) -> tuple[float, list[Upload]] | None:
+        """Pop the next batch if it may be released. Virtual clock (now=None): only when no
+        earlier arrival can still come. Wall clock: when `now` has reached S."""
+        start = self.batch_start()
+        if start is None:
+            return None
+        if now is None and self.pending_bound() <= start:
+            return None
+        if now is not None and now < start:
+            return None
+        batch = []
+        while self.queue and len(batch) < self.server.max_batch and self.queue[0][0] <= start:
+            batch.append(heapq.heappop(self.queue)[3])
+        return start, batch
+
+    def verify(self, start: float, batch: list[Upload]) -> list[Verdict]:
+        """One batched LLM forward over the batch, then speculative verification per request."""
+        sessions = [self.sessions[u.device] for u in batch]
+        feeds = [s.feed + u.piggyback for s, u in zip(sessions, batch)]
+        logits = self.llm.extend([(u.device, f) for u, f in zip(batch, feeds)], all_positions=True)
+        n_tokens = sum(len(f) for f in feeds)
+        t_end = start + self.server.verify_seconds(len(batch), n_tokens)
+        verdicts = []
+        for s, u, z in zip(sessions, batch, logits):
+            shadows = self._shadow_betas(s, u, z)
+            y = softmax_t(z[len(u.piggyback)], s.temperature)
+            if u.llm_samples:
+                rng = keyed_rng(self.seed, u.device, u.token_index, "llm_sample")
+                token, accepted, beta = int(sample_draft(y, rng)), False, math.nan
+            else:
+                indices, probs, vocab = protocol.decode_payload(u.payload)
+                x_hat = reconstruct(indices, probs, vocab)
+                rng = keyed_rng(self.seed, u.device, u.token_index, "verify")
+                token, accepted = verify(u.draft, x_hat, y, rng)
+                beta = float(max(0.0, 1.0 - y[u.draft] / u.draft_prob))
+            verdict = Verdict(u.device, u.seq, int(token), bool(accepted), not accepted and not u.llm_samples,
+                              beta, shadows, t_end)
+            verdict.frame_bytes = protocol.verdict_frame_size(verdict)
+            s.verdicts[u.seq] = verdict
+            s.feed = [int(token)]
+            s.queued = False
+            last = u.token_index + 1 >= s.max_new_tokens
+            s.bound = t_end + s.lookahead_s if not last else math.inf
+            verdicts.append(verdict)
+        self.batches.append(BatchRecord(start, t_end, len(batch), n_tokens, [start - u.t_arrive for u in batch]))
+        self.t_free = t_end
+        return verdicts
+
+    def _shadow_betas(self, s: Session, u: Upload, z: np.ndarray) -> list[float]:
+        """beta = max(0, 1 - y_d / x_d) for each piggybacked (skipped) draft: the rejection
+        probability the LLM would have had, measured though the token was never verified."""
+        if not u.piggyback:
+            return []
+        y = softmax_t(z[: len(u.piggyback)], s.temperature)
+        tokens = np.asarray(u.piggyback)
+        y_d = y[np.arange(len(tokens)), tokens]
+        return [float(b) for b in np.maximum(0.0, 1.0 - y_d / np.asarray(u.piggyback_probs))]

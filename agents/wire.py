@@ -1,0 +1,101 @@
+"""ZeroMQ messages of the runtime: [wire frame, emulation stamp].
+
+The wire frame is agents.protocol's (what a real device and server exchange). The stamp
+is what only an emulation has: the emulated time a message left and arrived, and for
+uploads the retransmission count. Keeping it out of the frame keeps the frame honest:
+links are charged for the frame alone.
+"""
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+from agents import protocol
+from agents.device import Upload, Verdict
+
+SESSION = 1  # one session per device per run
+_STAMP = struct.Struct("<ddI")  # t_sent, t_arrive, retransmissions
+
+
+@dataclass(frozen=True)
+class Open:
+    device: int
+    prompt: tuple[int, ...]
+    temperature: float
+    max_new_tokens: int
+    lookahead_s: float
+
+    def item(self) -> tuple[int, list[int], float, int, float]:
+        return self.device, list(self.prompt), self.temperature, self.max_new_tokens, self.lookahead_s
+
+
+def _stamp(t_sent: float, t_arrive: float = math.nan, retransmissions: int = 0) -> bytes:
+    return _STAMP.pack(t_sent, t_arrive, retransmissions)
+
+
+def open_message(device: int, prompt: list[int], temperature: float, max_new_tokens: int,
+                 lookahead_s: float, seed: int = 0) -> list[bytes]:
+    frame = protocol.encode_frame(protocol.Open(device=device, session=SESSION, seq=0, prompt=prompt,
+                                                seed=seed, temperature=temperature))
+    # max_new_tokens and the lookahead are emulation control: they ride in the stamp.
+    return [frame, _stamp(lookahead_s, float(max_new_tokens))]
+
+
+def upload_message(u: Upload) -> list[bytes]:
+    if u.final:
+        msg = protocol.Flush(device=u.device, session=SESSION, seq=u.seq, token_index=u.token_index,
+                             piggyback=u.piggyback, piggyback_probs=u.piggyback_probs)
+    else:
+        msg = protocol.Upload(device=u.device, session=SESSION, seq=u.seq, token_index=u.token_index,
+                              draft=u.draft, piggyback=u.piggyback, payload=u.payload, llm_samples=u.llm_samples,
+                              draft_prob=u.draft_prob, piggyback_probs=u.piggyback_probs)
+    return [protocol.encode_frame(msg), _stamp(u.t_sent, u.t_arrive, u.retransmissions)]
+
+
+def verdict_message(v: Verdict) -> list[bytes]:
+    msg = protocol.Verdict(device=v.device, session=SESSION, seq=v.seq, token_index=0, token=v.token,
+                           accepted=v.accepted, resampled=v.resampled, beta=v.beta, shadow_betas=v.shadow_betas)
+    return [protocol.encode_frame(msg), _stamp(v.t_sent)]
+
+
+def error_message(text: str, seq: int = -1) -> list[bytes]:
+    err = protocol.Error(device=0, session=0, seq=max(seq, 0), code=int(protocol.ErrorCode.BAD_FRAME),
+                         message=text, bad_seq=seq)
+    return [protocol.encode_frame(err), _stamp(math.nan)]
+
+
+def decode_message(parts: list[bytes]):
+    """Open | device.Upload | device.Verdict | protocol.Error, or a ProtocolError (returned,
+    not raised: the caller answers it and carries on)."""
+    try:
+        if len(parts) != 2:
+            raise protocol.ProtocolError(f"expected [frame, stamp], got {len(parts)} parts")
+        frame, stamp = parts
+        if len(stamp) != _STAMP.size:
+            raise protocol.ProtocolError(f"stamp of {len(stamp)} bytes, expected {_STAMP.size}")
+        t_sent, t_arrive, retx = _STAMP.unpack(stamp)
+        msg = protocol.decode_frame(frame)
+    except protocol.ProtocolError as exc:
+        return exc
+    if isinstance(msg, protocol.Open):
+        if not (t_arrive >= 1 and t_sent >= 0):
+            return protocol.ProtocolError(f"device {msg.device}: OPEN stamp needs max_new_tokens >= 1 and lookahead >= 0")
+        return Open(msg.device, msg.prompt, msg.temperature, int(t_arrive), t_sent)
+    if isinstance(msg, (protocol.Upload, protocol.Flush)):
+        final = isinstance(msg, protocol.Flush)
+        u = Upload(device=msg.device, seq=msg.seq, token_index=msg.token_index,
+                   draft=-1 if final else msg.draft, draft_prob=math.nan if final else msg.draft_prob,
+                   piggyback=list(msg.piggyback), piggyback_probs=list(msg.piggyback_probs),
+                   payload=b"" if final else msg.payload, llm_samples=False if final else msg.llm_samples,
+                   final=final, t_sent=t_sent, t_arrive=t_arrive, retransmissions=retx)
+        u.frame_bytes = protocol.upload_frame_size(u)
+        return u
+    if isinstance(msg, protocol.Verdict):
+        v = Verdict(msg.device, msg.seq, msg.token, msg.accepted, msg.resampled, msg.beta,
+                    list(msg.shadow_betas), t_sent)
+        v.frame_bytes = protocol.verdict_frame_size(v)
+        return v
+    if isinstance(msg, protocol.Error):
+        return protocol.ProtocolError(f"verifier error {msg.code}: {msg.message}")
+    return protocol.ProtocolError(f"unexpected {type(msg).__name__} frame")

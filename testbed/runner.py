@@ -1,0 +1,248 @@
+"""Run a scenario: local Ray (or a cluster via --address), or the single-process engine.
+
+The runner resolves the scenario into device specs, places one Verifier and the
+DeviceGroup actors, shows live progress, and writes the results: tokens.parquet,
+summary.json and the resolved scenario.yaml (and the report). Every actor and socket is
+cleaned up on exit, on error and on Ctrl-C; partial results are kept.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agents.device import DeviceSpec, RunParams
+from agents.verifier import ServerProfile
+from testbed import results
+from testbed.scenario import Scenario, devices, dump_scenario, policy_name, resolve_link
+
+
+@dataclass
+class RunOptions:
+    out_dir: Path
+    engine: str = "ray"  # ray | local
+    address: str | None = None
+    progress: bool = True
+    chaos_delay_s: float = 0.0  # tests: random real delays in actors (the trace must not change)
+    report: bool = True
+    metrics_port: int | None = None
+    linger_s: float = 0.0
+
+
+@dataclass
+class Plan:
+    """A scenario resolved into what the engines take."""
+
+    scenario: Scenario
+    specs: list[DeviceSpec]
+    run: RunParams
+    server: ServerProfile
+    policy_specs: dict[str, object]
+    slm: object
+    llm: object
+    prompt_ids: list[list[int]] = field(default_factory=list)
+
+
+def vocab_size_of(spec) -> int:
+    """|V| of a model spec without loading its weights (the LM head's size)."""
+    from agents.models import parse_spec
+
+    parsed = parse_spec(spec)
+    if parsed.kind == "tiny":
+        return parsed.tiny.vocab_size
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(parsed.path, local_files_only=True).vocab_size)
+
+
+def plan(s: Scenario) -> Plan:
+    from agents.models import load_tokenizer
+    from testbed.prompts import load_prompts, prompt_index
+
+    tokenizer = load_tokenizer(s.models.slm)
+    prompts = load_prompts(s.prompts, tokenizer)
+    vocab = vocab_size_of(s.models.llm)
+    if vocab_size_of(s.models.slm) != vocab:
+        raise ValueError(f"models.slm and models.llm have different vocabularies ({vocab_size_of(s.models.slm)} vs {vocab})")
+    policy_specs: dict[str, object] = {}
+    labels: dict[int, str] = {}
+    for t in s.tiers:
+        label = policy_name(t.policy)
+        if label in policy_specs and policy_specs[label] != t.policy:
+            label = f"{label}@{t.name}"  # same preset, other parameters: keep them apart
+        policy_specs[label] = t.policy
+        labels[id(t)] = label
+    tier_label = {t.name: labels[id(t)] for t in s.tiers}
+    specs = []
+    for d in devices(s):
+        p = prompts[prompt_index(d.device_id, len(prompts))]
+        specs.append(DeviceSpec(d.device_id, d.tier, tier_label[d.tier], d.slm_ms_per_token, resolve_link(d.link),
+                                p.index, tuple(p.token_ids)))
+    run = RunParams(seed=s.seed, max_new_tokens=s.generation.max_new_tokens,
+                    temperature=s.generation.temperature, vocab_size=vocab)
+    v = s.server.verify_ms
+    server = ServerProfile(v.base, v.per_token, v.per_sequence, s.server.max_batch, s.server.max_wait_ms)
+    return Plan(s, specs, run, server, policy_specs, s.models.slm, s.models.llm)
+
+
+def run_scenario(s: Scenario, opts: RunOptions) -> dict:
+    """Run one scenario to the end; returns the summary (also written to opts.out_dir)."""
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    dump_scenario(s, opts.out_dir / "scenario.yaml")
+    p = plan(s)
+    progress = Progress(p, enabled=opts.progress)
+    t0 = time.time()
+    rows, batches, status = [], [], {}
+    try:
+        if opts.engine == "local":
+            rows, batches = _run_local(p, progress)
+        elif opts.engine == "ray":
+            rows, batches, status = _run_ray(p, opts, progress)
+        else:
+            raise ValueError(f"engine must be ray or local, got {opts.engine!r}")
+    finally:
+        progress.close()
+        wall = time.time() - t0
+        if rows:  # partial results are kept too
+            _write(p, opts, rows, batches, wall, status)
+    return json.loads((opts.out_dir / "summary.json").read_text())
+
+
+def _write(p: Plan, opts: RunOptions, rows: list[dict], batches, wall: float, status: dict) -> dict:
+    df = results.tokens_frame(rows).sort_values(["device", "token_index"], kind="stable").reset_index(drop=True)
+    results.write_tokens(df, opts.out_dir / "tokens.parquet")
+    emulated = float(df["t_commit"].max()) if len(df) else 0.0
+    extra = {"scenario": p.scenario.name, "engine": opts.engine, "clock": p.scenario.clock,
+             "complete": len(df) == len(p.specs) * p.run.max_new_tokens}
+    extra.update({k: v for k, v in status.items() if k in ("protocol_errors", "lag_s")})
+    summary = results.summarize(df, emulated_seconds=emulated, wall_seconds=wall, vocab_size=p.run.vocab_size,
+                                verifier_batches=[b.size for b in batches], extra=extra)
+    results.write_summary(summary, opts.out_dir / "summary.json")
+    return summary
+
+
+# --- engines -----------------------------------------------------------------------------
+
+
+def _run_local(p: Plan, progress: "Progress"):
+    from agents.engine import run_local
+    from agents.lm import BatchedLM
+    from agents.models import load_model
+    from policies import load_policy
+
+    policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
+    slm = BatchedLM(load_model(p.slm))
+    llm = BatchedLM(load_model(p.llm))
+    seen = {}
+
+    def on_step(group, verifier):
+        fresh = []
+        for dev, d in group.devices.items():
+            fresh.extend(d.rows[seen.get(dev, 0):])
+            seen[dev] = len(d.rows)
+        progress.update(fresh)
+
+    result = run_local(p.specs, p.run, p.server, slm, llm, policies, on_step=on_step)
+    return result.rows, result.batches
+
+
+def _run_ray(p: Plan, opts: RunOptions, progress: "Progress"):
+    import ray
+
+    from agents.actors import ClockParams, DeviceGroup, Verifier
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=opts.address, include_dashboard=False, configure_logging=False, log_to_driver=True,
+                 **({} if opts.address else {"num_cpus": max(2, len(p.specs) // p.scenario.actors.devices_per_group + 1)}))
+    s = p.scenario
+    clock = ClockParams(s.clock, s.time_scale, time.time() + 2.0 if s.clock == "wall" else 0.0, opts.chaos_delay_s)
+    actors = []
+    try:
+        host = s.server.host
+        if opts.address and host == "127.0.0.1":
+            host = "0.0.0.0"  # reachable from other nodes of the cluster
+        verifier = ray.remote(num_cpus=0, max_concurrency=4)(Verifier).remote(
+            p.llm, p.server, s.seed, p.run.vocab_size, clock, host, s.server.port)
+        actors.append(verifier)
+        endpoint = ray.get(verifier.start.remote())
+        if opts.address and endpoint.startswith("tcp://0.0.0.0"):
+            endpoint = endpoint.replace("0.0.0.0", ray.util.get_node_ip_address(), 1)
+        n = s.actors.devices_per_group
+        group_cls = ray.remote(num_cpus=0, max_concurrency=2)(DeviceGroup)
+        groups = [group_cls.remote(i, p.specs[j:j + n], p.run, p.slm, p.policy_specs, endpoint, clock)
+                  for i, j in enumerate(range(0, len(p.specs), n))]
+        actors.extend(groups)
+        refs = {g.run.remote(): g for g in groups}
+        pending = list(refs)
+        rows: list[dict] = []
+        while pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            for ref in done:
+                rows.extend(ray.get(ref)["rows"])  # raises the group's error here
+            fresh = ray.get([g.drain.remote() for g in refs.values()])
+            progress.update([r for f in fresh for r in f["rows"]])
+            status = ray.get(verifier.status.remote())
+            if status["failure"]:
+                raise RuntimeError(f"verifier failed:\n{status['failure']}")
+        batches = ray.get(verifier.batches.remote())
+        status = ray.get(verifier.status.remote())
+        return rows, batches, {"protocol_errors": status["errors"], "lag_s": status["lag_s"]}
+    finally:
+        for a in actors:
+            try:
+                ray.kill(a)
+            except Exception:
+                pass
+        if started:
+            ray.shutdown()
+
+
+# --- progress ----------------------------------------------------------------------------
+
+
+class Progress:
+    """A live table per tier: tokens, emulated time and tokens/s, skip and acceptance rates."""
+
+    def __init__(self, p: Plan, enabled: bool = True):
+        self.total = len(p.specs) * p.run.max_new_tokens
+        self.tiers: dict[str, dict] = {t.name: dict(tokens=0, skipped=0, transmitted=0, accepted=0, t=0.0)
+                                       for t in p.scenario.tiers}
+        self.live = None
+        if enabled:
+            from rich.live import Live
+
+            self.live = Live(self._table(), refresh_per_second=4, transient=False)
+            self.live.start()
+
+    def update(self, rows: list[dict]) -> None:
+        for r in rows:
+            t = self.tiers[r["tier"]]
+            t["tokens"] += 1
+            t["skipped"] += not r["transmitted"]
+            t["transmitted"] += bool(r["transmitted"])
+            t["accepted"] += bool(r["transmitted"] and r["accepted"])
+            if not math.isnan(r["t_commit"]):
+                t["t"] = max(t["t"], r["t_commit"])
+        if self.live is not None and rows:
+            self.live.update(self._table())
+
+    def _table(self):
+        from rich.table import Table
+
+        done = sum(t["tokens"] for t in self.tiers.values())
+        table = Table(title=f"tokens {done}/{self.total}")
+        for col in ("tier", "tokens", "emulated s", "tokens/s", "skip rate", "acceptance"):
+            table.add_column(col, justify="right")
+        for name, t in self.tiers.items():
+            rate = t["tokens"] / t["t"] if t["t"] > 0 else 0.0
+            skip = t["skipped"] / t["tokens"] if t["tokens"] else 0.0
+            acc = t["accepted"] / t["transmitted"] if t["transmitted"] else float("nan")
+            table.add_row(name, str(t["tokens"]), f"{t['t']:.2f}", f"{rate:.1f}", f"{skip:.1%}", f"{acc:.1%}")
+        return table
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()

@@ -1,0 +1,135 @@
+"""The distributed runtime against the single-process engine: same scenario and seed, same
+trace, in every actor layout and under real timing noise (DESIGN.md section 2)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from testbed import results
+from testbed.runner import RunOptions, run_scenario
+from testbed.scenario import load_scenario, override
+
+TRACE = ["device", "token_index", "token_id", "draft_id", "uncertainty", "transmitted", "k", "payload_bytes",
+         "accepted", "resampled", "beta", "t_draft_start", "t_upload_sent", "t_verdict", "t_commit"]
+
+
+def small(**changes):
+    s = load_scenario("smoke")
+    return override(s, {"generation.max_new_tokens": 8, **changes})
+
+
+def trace(out: Path) -> pd.DataFrame:
+    df = results.read_tokens(out / "tokens.parquet")
+    return df.sort_values(["device", "token_index"]).reset_index(drop=True)[TRACE]
+
+
+def run(s, tmp_path: Path, name: str, **opts) -> pd.DataFrame:
+    out = tmp_path / name
+    run_scenario(s, RunOptions(out_dir=out, progress=False, report=False, **opts))
+    return trace(out)
+
+
+@pytest.fixture(scope="module")
+def local_trace(tmp_path_factory):
+    return run(small(), tmp_path_factory.mktemp("local"), "local", engine="local")
+
+
+def test_local_engine_is_complete_and_plausible(local_trace):
+    s = small()
+    assert len(local_trace) == s.n_devices * 8
+    # Every device commits its tokens in order, and time only moves forward.
+    for _, d in local_trace.groupby("device"):
+        assert list(d["token_index"]) == list(range(8))
+        assert np.all(np.diff(d["t_commit"].to_numpy()) > 0)
+    sent = local_trace[local_trace.transmitted]
+    assert len(sent) > 0 and (sent.t_verdict > sent.t_upload_sent).all()
+    # A rejected draft is replaced by the verifier's resample; an accepted one is kept.
+    acc = sent[sent.accepted]
+    assert (acc.token_id == acc.draft_id).all()
+
+
+def test_ray_engine_reproduces_local_engine(ray_session, local_trace, tmp_path):
+    ray_trace = run(small(), tmp_path, "ray", engine="ray")
+    pd.testing.assert_frame_equal(ray_trace, local_trace)
+
+
+def test_layout_does_not_change_the_trace(ray_session, tmp_path):
+    one = run(small(**{"actors.devices_per_group": 1}), tmp_path, "dpg1", engine="ray")
+    four = run(small(**{"actors.devices_per_group": 4}), tmp_path, "dpg4", engine="ray")
+    pd.testing.assert_frame_equal(one, four)
+
+
+def test_real_timing_noise_does_not_change_the_trace(ray_session, local_trace, tmp_path):
+    noisy = run(small(**{"actors.devices_per_group": 3}), tmp_path, "noisy", engine="ray", chaos_delay_s=0.02)
+    pd.testing.assert_frame_equal(noisy, local_trace)
+
+
+def test_malformed_frames_get_error_replies_and_the_run_continues(ray_session, tmp_path):
+    import ray
+    import zmq
+
+    from agents import protocol, wire
+    from agents.actors import ClockParams, Verifier
+    from testbed.runner import plan
+
+    p = plan(small())
+    verifier = ray.remote(num_cpus=0, max_concurrency=4)(Verifier).remote(
+        p.llm, p.server, p.run.seed, p.run.vocab_size, ClockParams())
+    try:
+        endpoint = ray.get(verifier.start.remote())
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        garbage = [[b"not a frame"], [b"HT\x09" + b"\x00" * 40, b"\x00" * 20], [b"\x00" * 5000, b"x"]]
+        for parts in garbage:
+            sock.send_multipart(parts)
+            assert sock.poll(5000), "no reply to a malformed frame"
+            reply = wire.decode_message(sock.recv_multipart())
+            assert isinstance(reply, protocol.ProtocolError) and "verifier error" in str(reply)
+        # The same socket then serves a real session to the end.
+        prompt = list(p.specs[0].prompt_ids)
+        sock.send_multipart(wire.open_message(0, prompt, 1.0, 1, 0.01))
+        from agents.device import Upload
+
+        up = Upload(device=0, seq=0, token_index=0, draft=-1, draft_prob=float("nan"), piggyback=[],
+                    piggyback_probs=[], payload=b"", llm_samples=True, final=False, t_sent=0.0, t_arrive=0.01)
+        sock.send_multipart(wire.upload_message(up))
+        assert sock.poll(20000)
+        verdict = wire.decode_message(sock.recv_multipart())
+        assert verdict.seq == 0 and 0 <= verdict.token < p.run.vocab_size
+        status = ray.get(verifier.status.remote())
+        assert status["errors"] == len(garbage) and status["failure"] is None
+        sock.close()
+    finally:
+        ray.kill(verifier)
+
+
+@pytest.mark.slow
+def test_two_node_cluster_run_completes(tmp_path):
+    """A separate Ray cluster of two nodes (head + worker) in a subprocess, joined by --address."""
+    script = textwrap.dedent(f"""
+        import ray, json
+        from pathlib import Path
+        from ray.cluster_utils import Cluster
+        from testbed.runner import RunOptions, run_scenario
+        from testbed.scenario import load_scenario, override
+        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 2, "include_dashboard": False}})
+        cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        s = override(load_scenario("smoke"), {{"generation.max_new_tokens": 4}})
+        summary = run_scenario(s, RunOptions(out_dir=Path({str(tmp_path)!r}), address=cluster.address,
+                                             progress=False, report=False))
+        nodes = len([n for n in ray.nodes() if n["Alive"]]) if ray.is_initialized() else 2
+        print("RESULT", json.dumps({{"tokens": summary["tokens"], "nodes": nodes}}))
+        cluster.shutdown()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    assert '"tokens": 32' in line
