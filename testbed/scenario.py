@@ -375,11 +375,20 @@ def _check_policy(v: Any) -> Any:
         policy = pol.load_policy(v)
     except pol.PolicyError as e:
         raise _fail(str(e)) from e
-    # Resolve to {name, all params} so the written scenario pins every parameter; keep the
-    # user's spec when that form does not load back to the same policy (e.g. a plugin class).
+    # Resolve to {name, every parameter it accepts} so the written scenario pins them (a later
+    # change of preset defaults cannot change a repeated run). A policy rejects parameters
+    # that have no effect in its configuration, so pin one at a time and keep those accepted;
+    # keep the spec as written when the pinned form does not load back to the same policy.
     try:
         params = _plain(policy.params())
-        resolved = {"name": name, **{k: x for k, x in params.items() if k != "name"}}
+        resolved = {"name": name}
+        for k, x in params.items():
+            if k != "name":
+                try:
+                    pol.load_policy({**resolved, k: x})
+                    resolved[k] = x
+                except pol.PolicyError:
+                    pass
         if _plain(pol.load_policy(resolved).params()) == params:
             return resolved
     except Exception:  # noqa: BLE001 - any failure means: keep the spec as written
@@ -709,13 +718,29 @@ def load_scenario(path_or_name: str | Path) -> Scenario:
     return parse_scenario(data, source=source, base_dir=path.parent, lines=lines)
 
 
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str(dumper: yaml.SafeDumper, text: str):
+    # Prompts are code: write multi-line strings as literal blocks, readable and exact.
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def scenario_yaml(s: Scenario) -> str:
+    """The fully resolved scenario as YAML text."""
+    return yaml.dump(s.resolved_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
+
+
 def dump_scenario(s: Scenario, path: str | Path) -> Path:
     """Write the fully resolved scenario (defaults filled); load_scenario(path) == s."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = "# Resolved hlm-testbed scenario: every default filled in; `testbed run` this file to repeat the run.\n"
-    path.write_text(header + yaml.safe_dump(s.resolved_dict(), sort_keys=False, allow_unicode=True, width=100),
-                    encoding="utf-8")
+    path.write_text(header + scenario_yaml(s), encoding="utf-8")
     return path
 
 

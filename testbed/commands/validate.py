@@ -6,7 +6,6 @@ import sys
 from typing import Annotated
 
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -19,7 +18,7 @@ def validate(
 ) -> None:
     """Validate a scenario file without running it: schema, links, policies, models and prompts."""
     from testbed.prompts import PromptError, load_prompts
-    from testbed.scenario import Problem, ScenarioError, expand_sweep, load_scenario
+    from testbed.scenario import Problem, ScenarioError, expand_sweep, load_scenario, scenario_yaml
 
     try:
         s = load_scenario(file_or_name)
@@ -36,7 +35,7 @@ def validate(
         raise typer.Exit(1)
 
     if resolved:
-        print(yaml.safe_dump(s.resolved_dict(), sort_keys=False, allow_unicode=True, width=100), end="")
+        print(scenario_yaml(s), end="")
         return
     if json_out:
         print(json.dumps({

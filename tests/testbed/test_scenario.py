@@ -421,3 +421,12 @@ def test_scenario_is_frozen():
     with pytest.raises(Exception):
         s.seed = 3  # type: ignore[misc]
     assert isinstance(copy.deepcopy(s), Scenario)
+
+
+def test_multiline_prompts_round_trip_exactly(tmp_path):
+    d = base()
+    d["prompts"] = {"texts": ["def f(x):\n    return x\n", " lead\n", "trail \n\n\n", "a\tb", "no newline"]}
+    s = parse_scenario(d)
+    path = dump_scenario(s, tmp_path / "s.yaml")
+    assert "def f(x):\n    return x" in path.read_text()  # literal block, readable
+    assert load_scenario(path).prompts.texts == d["prompts"]["texts"]
