@@ -428,5 +428,5 @@ def test_multiline_prompts_round_trip_exactly(tmp_path):
     d["prompts"] = {"texts": ["def f(x):\n    return x\n", " lead\n", "trail \n\n\n", "a\tb", "no newline"]}
     s = parse_scenario(d)
     path = dump_scenario(s, tmp_path / "s.yaml")
-    assert "def f(x):\n    return x" in path.read_text()  # literal block, readable
+    assert "- |\n    def f(x):\n        return x\n" in path.read_text()  # a literal block, readable
     assert load_scenario(path).prompts.texts == d["prompts"]["texts"]
