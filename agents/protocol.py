@@ -1,0 +1,873 @@
+"""What devices and the verifier say to each other: the payload codec and the frame protocol.
+
+Payload (DESIGN.md section 1 step 5, section 4): the top-k entries of the device's x, as
+indices bit-packed at ceil(log2 |V|) bits plus probabilities quantised to b_prob bits.
+The paper accounts k * (b_prob + ceil(log2 |V|)) bits; we add a 12-byte header.
+
+    offset  size  field
+    0       1     magic 0x48 ('H')
+    1       1     payload version (1)
+    2       1     prob_bits: 8 | 16 | 32 (32 = float32, unquantised)
+    3       1     form: 0 sparse | 1 bitmap | 2 dense (always the smallest, see payload_form)
+    4       4     vocab_size V (u32, little-endian)
+    8       4     k, the number of entries sent (u32)
+    12      ...   sparse: k indices at ceil(log2 V) bits, MSB first, zero-padded to a byte,
+                          then k probabilities (in the order sent)
+                  bitmap: a V-bit presence mask, MSB first, zero-padded to a byte, then k
+                          probabilities in vocabulary order (wins when k*ceil(log2 V) > V)
+                  dense:  V probabilities in vocabulary order (k = V: a full upload needs no
+                          indices)
+
+Quantisation to b bits (8, 16): code = round_half_even(p * (2^b - 1)), value = code / (2^b - 1),
+so 0 and 1 are exact and the error is at most half an LSB, 1 / (2 (2^b - 1)). 32 bits sends
+float32 (round to nearest). Rounding to nearest can push the sent mass above 1 by up to k half
+LSBs; the server's reconstruction tolerates that (agents.speculative.reconstruct).
+
+Every payload has exactly one encoding: decode rejects anything encode would not produce
+(wrong length, padding bits set, non-canonical form, index >= V, duplicates, NaN, a sum
+above 1 + tolerance), so `encode(decode(b)) == b` whenever decode succeeds.
+
+Frames (issue 3): one ZeroMQ message each, little-endian, a 20-byte header then a body.
+
+    header: magic b"HT", version u8, type u8, device u32, session u32, seq u32, body_len u32
+
+    OPEN     seed u64, temperature f64, n u32, prompt u32[n], tier str16, policy str16
+    UPLOAD   token_index u32, flags u8 (bit 0 llm_samples), draft u32, n u32, piggyback u32[n],
+             payload_len u32, payload; measurement: draft_prob f32, piggyback_probs f32[n]
+    FLUSH    token_index u32, n u32, piggyback u32[n]; measurement: piggyback_probs f32[n]
+    VERDICT  token_index u32, token u32, flags u8 (bit 0 accepted, bit 1 resampled);
+             measurement: beta f32, n u32, shadow_betas f32[n]
+    CLOSE    (empty)
+    ERROR    code u16, bad_seq u32, message str16
+
+str16 = u16 byte length + UTF-8. Token ids are u32 with 0xFFFFFFFF reserved for "no token"
+(NO_TOKEN = -1 in the dataclasses). "Measurement" fields sit at the end of a body: they let
+the verifier report beta = max(0, 1 - y_d / x_d) with the device's exact x_d (DESIGN.md step
+3) but a deployment would not send them, so the link is charged `wire_size` (header and the
+rest of the body), not the full frame length. Float measurements are NaN (not applicable)
+or in [0, 1].
+
+Anything malformed raises ProtocolError (a ValueError) saying what and where; never
+another exception type, never garbage.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import ClassVar, NamedTuple
+
+import numpy as np
+
+
+class ErrorCode(enum.IntEnum):
+    """Codes of ERROR frames (and of ProtocolError.code)."""
+
+    BAD_FRAME = 1  # truncated, bad magic, length mismatch
+    BAD_VERSION = 2
+    UNKNOWN_TYPE = 3
+    OVERSIZED = 4
+    BAD_BODY = 5
+    BAD_PAYLOAD = 6
+    OUT_OF_ORDER = 7  # for the verifier's sequence check
+    UNKNOWN_SESSION = 8
+    INTERNAL = 9
+
+
+class ProtocolError(ValueError):
+    """Malformed wire data, or arguments that would make it.
+
+    `code` is the ErrorCode an ERROR reply should carry; device, session and seq are set when
+    the frame header could be read (so the reply can be addressed), else None.
+    """
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.BAD_FRAME, *,
+                 device: int | None = None, session: int | None = None, seq: int | None = None):
+        super().__init__(message)
+        self.code = ErrorCode(code)
+        self.device, self.session, self.seq = device, session, seq
+
+
+# ----------------------------------------------------------------------------------------
+# Payload codec
+# ----------------------------------------------------------------------------------------
+
+PAYLOAD_MAGIC = 0x48
+PAYLOAD_VERSION = 1
+_PAYLOAD_HEADER = struct.Struct("<BBBBII")
+PAYLOAD_HEADER_BYTES = _PAYLOAD_HEADER.size  # 12
+PROB_BITS = (8, 16, 32)
+MAX_VOCAB = 2**32 - 1
+# Slack on the sent mass beyond the rounding bound: softmax outputs sum to 1 only up to
+# float error. Its job is to reject garbage, not to police precision.
+SUM_TOLERANCE = 1e-3
+_CODE_DTYPE = {8: np.dtype("<u1"), 16: np.dtype("<u2"), 32: np.dtype("<f4")}
+# Up to this k, Python ints and lists beat numpy's per-call overhead (the common CU-HLM
+# case, k of a few tens); above it numpy's vectorised paths win. Both give the same bytes.
+_SMALL_K = 64
+
+
+class PayloadForm(enum.IntEnum):
+    SPARSE = 0
+    BITMAP = 1
+    DENSE = 2
+
+
+_FORMS = tuple(PayloadForm)
+
+
+class Payload(NamedTuple):
+    """A decoded payload: what the server reconstructs x_hat from."""
+
+    indices: np.ndarray  # int64; in the order sent (sparse) or increasing (bitmap, dense)
+    probs: np.ndarray  # float64, the dequantised probabilities, aligned with indices
+    vocab_size: int
+    prob_bits: int
+    form: PayloadForm
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.shape[0])
+
+
+def index_bits(vocab_size: int) -> int:
+    """ceil(log2 V): bits per packed index."""
+    return (int(vocab_size) - 1).bit_length()
+
+
+def paper_bits(k: int, vocab_size: int, prob_bits: int = 8) -> int:
+    """The paper's payload accounting: k * (b_prob + ceil(log2 |V|)) bits."""
+    return k * (prob_bits + index_bits(vocab_size))
+
+
+def payload_form(k: int, vocab_size: int) -> PayloadForm:
+    """The smallest form for k entries of a V-token vocabulary (ties go to sparse)."""
+    if k == vocab_size:
+        return PayloadForm.DENSE
+    if -(-vocab_size // 8) < -(-k * index_bits(vocab_size) // 8):
+        return PayloadForm.BITMAP
+    return PayloadForm.SPARSE
+
+
+def _where_size(k: int, vocab_size: int, form: int) -> int:
+    """Bytes saying which tokens were sent."""
+    if form == PayloadForm.SPARSE:
+        return -(-k * index_bits(vocab_size) // 8)
+    return -(-vocab_size // 8) if form == PayloadForm.BITMAP else 0
+
+
+def payload_size(k: int, vocab_size: int, prob_bits: int = 8) -> int:
+    """Exact encoded size in bytes of a k-entry payload."""
+    form = payload_form(k, vocab_size)
+    return PAYLOAD_HEADER_BYTES + _where_size(k, vocab_size, form) + k * prob_bits // 8
+
+
+def quantise_probs(probs, prob_bits: int = 8) -> np.ndarray:
+    """The probabilities the server will see after a round trip (float64)."""
+    prob_bits = _check_prob_bits(prob_bits)
+    return _from_codes(_to_codes(np.asarray(probs, dtype=np.float64), prob_bits), prob_bits)
+
+
+def _to_codes(probs: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 32:
+        return probs.astype(_CODE_DTYPE[32])
+    return np.rint(probs * ((1 << bits) - 1)).astype(_CODE_DTYPE[bits])  # round half to even
+
+
+def _from_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 32:
+        return codes.astype(np.float64)
+    return codes / ((1 << bits) - 1)  # float64
+
+
+def _check_prob_bits(bits) -> int:
+    if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or bits not in PROB_BITS:
+        raise ProtocolError(f"payload prob_bits must be one of {PROB_BITS}, got {bits!r}", ErrorCode.BAD_PAYLOAD)
+    return int(bits)
+
+
+def _check_vocab(vocab_size) -> int:
+    if not isinstance(vocab_size, (int, np.integer)) or isinstance(vocab_size, bool) \
+            or not 2 <= vocab_size <= MAX_VOCAB:
+        raise ProtocolError(f"payload vocab_size must be an int in [2, {MAX_VOCAB}], got {vocab_size!r}",
+                            ErrorCode.BAD_PAYLOAD)
+    return int(vocab_size)
+
+
+def _check_sum(codes: np.ndarray, k: int, bits: int) -> None:
+    """The sent mass may exceed 1 only by float slack plus k half-LSBs of rounding.
+    One rule for encode and decode, computed the same way on both sides."""
+    total = sum(codes.tolist()) if k <= _SMALL_K else codes.sum(dtype=np.float64 if bits == 32 else np.int64)
+    if bits == 32:
+        limit = 1.0 + SUM_TOLERANCE + k * 2.0**-25  # half an ulp of a float32 below 1
+        ok, shown = total <= limit, float(total)
+    else:
+        levels = (1 << bits) - 1  # integer codes: the test is exact
+        ok, shown = total <= levels * (1.0 + SUM_TOLERANCE) + k / 2, int(total) / levels
+        limit = 1.0 + SUM_TOLERANCE + k / (2 * levels)
+    if not ok:
+        raise ProtocolError(f"payload probabilities sum to {shown:.6g} > {limit:.6g} "
+                            f"(1 + tolerance + k half-LSBs, k={k}, prob_bits={bits})", ErrorCode.BAD_PAYLOAD)
+
+
+def _check_indices(idx: np.ndarray, V: int, where, signed: bool = True) -> None:
+    """Every index in [0, V) and none twice; `where(pos)` says where entry pos sits.
+    signed=False skips the test for negatives (unpacked bit fields cannot be)."""
+    k = idx.shape[0]
+    if k <= _SMALL_K:
+        values = idx.tolist()
+        bad_range = k and (max(values) >= V or (signed and min(values) < 0))
+    else:
+        bad_range = idx.view(np.uint64).max() >= V  # a negative int64 viewed unsigned is huge
+    if bad_range:
+        pos = int(np.flatnonzero((idx < 0) | (idx >= V))[0])
+        raise ProtocolError(f"payload index {pos} ({where(pos)}) is {int(idx[pos])}, outside [0, {V})",
+                            ErrorCode.BAD_PAYLOAD)
+    if k <= _SMALL_K:
+        bad_dup = len(set(values)) != k
+    elif V <= 64 * k:  # a presence mask costs O(V), cheaper than sorting many indices
+        mask = np.zeros(V, dtype=np.bool_)
+        mask[idx] = True
+        bad_dup = int(np.count_nonzero(mask)) != k
+    else:
+        s = np.sort(idx)
+        bad_dup = bool((s[1:] == s[:-1]).any())
+    if bad_dup:
+        seen: set[int] = set()
+        for pos, i in enumerate(idx.tolist()):
+            if i in seen:
+                raise ProtocolError(f"payload index {pos} ({where(pos)}) repeats token {i}", ErrorCode.BAD_PAYLOAD)
+            seen.add(i)
+
+
+def _check_unit_interval(p: np.ndarray, where) -> None:
+    """Every probability in [0, 1] (NaN is not)."""
+    if p.shape[0] <= _SMALL_K:
+        values = p.tolist()
+        total = sum(values)
+        ok = not values or (0.0 <= min(values) and max(values) <= 1.0 and total == total)  # NaN != NaN
+    else:
+        ok = p.min() >= 0.0 and p.max() <= 1.0  # a NaN makes both comparisons fail
+    if not ok:
+        pos = int(np.flatnonzero(~((p >= 0.0) & (p <= 1.0)))[0])
+        raise ProtocolError(f"payload probability {pos} ({where(pos)}) is {float(p[pos])!r}, outside [0, 1]",
+                            ErrorCode.BAD_PAYLOAD)
+
+
+@lru_cache(maxsize=64)
+def _bit_shifts(ib: int) -> np.ndarray:
+    return np.arange(ib - 1, -1, -1, dtype=np.int64)  # MSB first
+
+
+@lru_cache(maxsize=64)
+def _bit_weights(ib: int) -> np.ndarray:
+    return np.left_shift(1, _bit_shifts(ib))
+
+
+def _pack_indices(idx: np.ndarray, ib: int) -> bytes:
+    """k indices as one big-endian bit string of k*ib bits, zero-padded to whole bytes."""
+    k = idx.shape[0]
+    nbytes = -(-k * ib // 8)
+    if k <= _SMALL_K:
+        acc = 0
+        for i in idx.tolist():
+            acc = (acc << ib) | i
+        return (acc << (nbytes * 8 - k * ib)).to_bytes(nbytes, "big")
+    return np.packbits(((idx[:, None] >> _bit_shifts(ib)) & 1).astype(np.uint8)).tobytes()
+
+
+def _unpack_indices(region: np.ndarray, k: int, ib: int) -> np.ndarray:
+    return np.unpackbits(region, count=k * ib).reshape(k, ib).dot(_bit_weights(ib))  # int64
+
+
+def encode_payload(indices, probs, vocab_size: int, prob_bits: int = 8) -> bytes:
+    """Encode k (index, probability) pairs of a V-token distribution.
+
+    indices: distinct ints in [0, V); probs: floats in [0, 1], same length, summing to at
+    most 1 (+ tolerance, see _check_sum). Raises ProtocolError (code BAD_PAYLOAD) otherwise.
+    """
+    V = _check_vocab(vocab_size)
+    prob_bits = _check_prob_bits(prob_bits)
+    idx, p = np.asarray(indices), np.asarray(probs, dtype=np.float64)
+    if idx.ndim != 1 or p.ndim != 1 or idx.shape[0] != p.shape[0]:
+        raise ProtocolError(f"payload indices and probs must be 1-D and equally long, got shapes "
+                            f"{idx.shape} and {p.shape}", ErrorCode.BAD_PAYLOAD)
+    k = idx.shape[0]
+    if k > V:
+        raise ProtocolError(f"payload has k={k} entries > vocab_size {V}", ErrorCode.BAD_PAYLOAD)
+    if k and idx.dtype.kind not in "iu":
+        raise ProtocolError(f"payload indices must be integers, got dtype {idx.dtype}", ErrorCode.BAD_PAYLOAD)
+    idx = idx.astype(np.int64, copy=False)
+    _check_indices(idx, V, lambda pos: "as given")
+    _check_unit_interval(p, lambda pos: "as given")
+    codes = _to_codes(p, prob_bits)
+    _check_sum(codes, k, prob_bits)
+    form = payload_form(k, V)
+    header = _PAYLOAD_HEADER.pack(PAYLOAD_MAGIC, PAYLOAD_VERSION, prob_bits, form, V, k)
+    if form == PayloadForm.SPARSE:
+        return b"".join((header, _pack_indices(idx, index_bits(V)), codes.tobytes()))
+    if form == PayloadForm.BITMAP:
+        mask = np.zeros(V, dtype=np.uint8)
+        mask[idx] = 1
+        return b"".join((header, np.packbits(mask).tobytes(), codes[np.argsort(idx)].tobytes()))
+    dense = np.empty(V, dtype=codes.dtype)
+    dense[idx] = codes
+    return header + dense.tobytes()
+
+
+def decode_payload_ex(data) -> Payload:
+    """Decode and validate a payload; the full record including prob_bits and form."""
+    n = len(data)
+    if n < PAYLOAD_HEADER_BYTES:
+        raise ProtocolError(f"payload is {n} bytes, shorter than its {PAYLOAD_HEADER_BYTES}-byte header",
+                            ErrorCode.BAD_PAYLOAD)
+    magic, version, bits, form, V, k = _PAYLOAD_HEADER.unpack_from(data)
+    if magic != PAYLOAD_MAGIC:
+        raise ProtocolError(f"payload byte 0 (magic) is {magic:#04x}, expected {PAYLOAD_MAGIC:#04x}",
+                            ErrorCode.BAD_PAYLOAD)
+    if version != PAYLOAD_VERSION:
+        raise ProtocolError(f"payload byte 1 (version) is {version}, this side speaks {PAYLOAD_VERSION}",
+                            ErrorCode.BAD_PAYLOAD)
+    if bits not in PROB_BITS:
+        raise ProtocolError(f"payload byte 2 (prob_bits) is {bits}, expected one of {PROB_BITS}",
+                            ErrorCode.BAD_PAYLOAD)
+    if V < 2:
+        raise ProtocolError(f"payload bytes 4-7 (vocab_size) are {V}, expected >= 2", ErrorCode.BAD_PAYLOAD)
+    if k > V:
+        raise ProtocolError(f"payload bytes 8-11 (k) are {k} > vocab_size {V}", ErrorCode.BAD_PAYLOAD)
+    expected_form = payload_form(k, V)
+    if form != expected_form:
+        raise ProtocolError(f"payload byte 3 (form) is {form}, but k={k} of vocab_size {V} is always sent "
+                            f"{expected_form.name.lower()} ({expected_form.value})", ErrorCode.BAD_PAYLOAD)
+    where_bytes = _where_size(k, V, form)
+    off = PAYLOAD_HEADER_BYTES + where_bytes
+    if n != off + k * bits // 8:
+        raise ProtocolError(f"payload is {n} bytes, its header (k={k}, vocab_size={V}, prob_bits={bits}) "
+                            f"says {off + k * bits // 8}", ErrorCode.BAD_PAYLOAD)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    region = buf[PAYLOAD_HEADER_BYTES:off]
+    if form == PayloadForm.SPARSE:
+        ib = index_bits(V)
+        _check_padding(data, where_bytes * 8 - k * ib, off - 1, "index")
+        idx = _unpack_indices(region, k, ib)
+        _check_indices(idx, V, lambda pos: f"bits {PAYLOAD_HEADER_BYTES * 8 + pos * ib}..", signed=False)
+    elif form == PayloadForm.BITMAP:
+        _check_padding(data, where_bytes * 8 - V, off - 1, "bitmap")
+        idx = np.flatnonzero(np.unpackbits(region, count=V))
+        if idx.shape[0] != k:
+            raise ProtocolError(f"payload bitmap (bytes {PAYLOAD_HEADER_BYTES}..{off - 1}) marks {idx.shape[0]} "
+                                f"tokens, header k is {k}", ErrorCode.BAD_PAYLOAD)
+    else:
+        idx = np.arange(V, dtype=np.int64)
+    codes = buf[off:].view(_CODE_DTYPE[bits])
+    if bits == 32:
+        _check_unit_interval(codes, lambda pos: f"byte {off + 4 * pos}")
+    _check_sum(codes, k, bits)
+    return Payload(idx, _from_codes(codes, bits), V, bits, _FORMS[form])
+
+
+def _check_padding(data, pad: int, last: int, what: str) -> None:
+    """The pad bits after the last packed bit must be zero: one encoding per payload."""
+    if pad and data[last] & ((1 << pad) - 1):
+        raise ProtocolError(f"payload {what} padding bits in byte {last} are not zero", ErrorCode.BAD_PAYLOAD)
+
+
+def decode_payload(data) -> tuple[np.ndarray, np.ndarray, int]:
+    """(indices int64, probs float64, vocab_size); decode_payload_ex also gives prob_bits."""
+    p = decode_payload_ex(data)
+    return p.indices, p.probs, p.vocab_size
+
+
+# ----------------------------------------------------------------------------------------
+# Frames
+# ----------------------------------------------------------------------------------------
+
+FRAME_MAGIC = b"HT"
+PROTOCOL_VERSION = 1
+_FRAME_HEADER = struct.Struct("<2sBBIIII")
+FRAME_HEADER_BYTES = _FRAME_HEADER.size  # 20
+MAX_FRAME_BYTES = 4 << 20  # default limit, header included; every encode/decode takes its own
+NO_TOKEN = -1
+_WIRE_NO_TOKEN = 0xFFFFFFFF
+MAX_ERROR_MESSAGE_BYTES = 1024  # longer ERROR messages are cut (an error reply must not fail)
+
+
+class MsgType(enum.IntEnum):
+    OPEN = 1
+    UPLOAD = 2
+    FLUSH = 3
+    VERDICT = 4
+    CLOSE = 5
+    ERROR = 6
+
+
+@dataclass(frozen=True, kw_only=True)
+class Message:
+    """Header fields shared by every frame. Replies (VERDICT, ERROR) echo the seq they answer."""
+
+    TYPE: ClassVar[MsgType]
+    device: int
+    session: int
+    seq: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Open(Message):
+    """A device opens a session: the verifier primes its LLM with the prompt."""
+
+    TYPE: ClassVar[MsgType] = MsgType.OPEN
+    prompt: tuple[int, ...]
+    seed: int  # the scenario seed: keyed_rng(seed, device, token_index, purpose) on the server
+    temperature: float
+    tier: str = ""
+    policy: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "prompt", _int_tuple(self.prompt))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Upload(Message):
+    """A request to verify the draft of token `token_index`.
+
+    piggyback: tokens the device skipped (accepted locally) since its last upload, in order;
+    they are token indices token_index - len(piggyback) .. token_index - 1. With llm_samples
+    (llm-only) there is no draft (NO_TOKEN) and no payload: the LLM samples the token itself.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.UPLOAD
+    token_index: int
+    draft: int
+    piggyback: tuple[int, ...] = ()
+    payload: bytes = b""
+    llm_samples: bool = False
+    draft_prob: float = math.nan  # measurement: the device's x_d of the draft
+    piggyback_probs: tuple[float, ...] = ()  # measurement: x_d of each piggybacked token
+
+    def __post_init__(self):
+        object.__setattr__(self, "piggyback", _int_tuple(self.piggyback))
+        object.__setattr__(self, "piggyback_probs", _float_tuple(self.piggyback_probs))
+        object.__setattr__(self, "payload", bytes(self.payload))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Flush(Message):
+    """The last skipped tokens after generation ends: no verification, only their shadow betas.
+    token_index is one past the last piggybacked token (the number of tokens generated)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.FLUSH
+    token_index: int
+    piggyback: tuple[int, ...]
+    piggyback_probs: tuple[float, ...] = ()  # measurement
+
+    def __post_init__(self):
+        object.__setattr__(self, "piggyback", _int_tuple(self.piggyback))
+        object.__setattr__(self, "piggyback_probs", _float_tuple(self.piggyback_probs))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Verdict(Message):
+    """The answer to an UPLOAD (token = the final token) or a FLUSH (token = NO_TOKEN)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.VERDICT
+    token_index: int
+    token: int
+    accepted: bool = False
+    resampled: bool = False
+    beta: float = math.nan  # measurement: max(0, 1 - y_d/x_d) of the draft; NaN without one
+    shadow_betas: tuple[float, ...] = ()  # measurement: the same for each piggybacked token
+
+    def __post_init__(self):
+        object.__setattr__(self, "shadow_betas", _float_tuple(self.shadow_betas))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Close(Message):
+    TYPE: ClassVar[MsgType] = MsgType.CLOSE
+
+
+@dataclass(frozen=True, kw_only=True)
+class Error(Message):
+    TYPE: ClassVar[MsgType] = MsgType.ERROR
+    code: int
+    message: str = ""
+    bad_seq: int = -1  # the offending frame's seq, -1 when unknown
+
+
+def _int_tuple(values) -> tuple[int, ...]:
+    return values if type(values) is tuple else tuple(int(v) for v in values)
+
+
+def _float_tuple(values) -> tuple[float, ...]:
+    return values if type(values) is tuple else tuple(float(v) for v in values)
+
+
+# Body layouts: fixed parts as precompiled structs; arrays and strings are length-prefixed.
+_OPEN = struct.Struct("<QdI")
+_UPLOAD = struct.Struct("<IBII")
+_FLUSH = struct.Struct("<II")
+_VERDICT = struct.Struct("<IIB")
+_ERROR = struct.Struct("<HI")
+_U32 = struct.Struct("<I")
+_U16 = struct.Struct("<H")
+_F32 = struct.Struct("<f")
+_UPLOAD_LLM_SAMPLES = 1
+_VERDICT_ACCEPTED, _VERDICT_RESAMPLED = 1, 2
+
+
+def encode_frame(msg: Message, max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
+    """Serialise a message; raises ProtocolError if it is invalid or larger than the limit."""
+    try:
+        encode_body = _ENCODERS[type(msg)]
+    except KeyError:
+        raise ProtocolError(f"cannot encode {type(msg).__name__}: not a frame message", ErrorCode.BAD_BODY) from None
+    where = dict(device=msg.device, session=msg.session, seq=msg.seq)
+    try:
+        _validate(msg)
+        body = encode_body(msg)
+        header = _FRAME_HEADER.pack(FRAME_MAGIC, PROTOCOL_VERSION, msg.TYPE, msg.device, msg.session, msg.seq,
+                                    len(body))
+    except (struct.error, OverflowError, TypeError, AttributeError) as exc:
+        raise ProtocolError(f"cannot encode {msg.TYPE.name}: {exc}", ErrorCode.BAD_BODY, **where) from None
+    if FRAME_HEADER_BYTES + len(body) > max_frame_bytes:
+        raise ProtocolError(f"{msg.TYPE.name} frame of {FRAME_HEADER_BYTES + len(body)} bytes exceeds the "
+                            f"{max_frame_bytes}-byte limit", ErrorCode.OVERSIZED, **where)
+    return header + body
+
+
+def _ids(values, field: str) -> bytes:
+    if values and max(values) >= _WIRE_NO_TOKEN:
+        raise ProtocolError(f"{field}: token id {max(values)} is reserved or too large", ErrorCode.BAD_BODY)
+    return struct.pack(f"<{len(values)}I", *values)
+
+
+def _token(value: int, field: str) -> int:
+    if value == NO_TOKEN:
+        return _WIRE_NO_TOKEN
+    if not 0 <= value < _WIRE_NO_TOKEN:
+        raise ProtocolError(f"{field}: token id {value} outside [0, {_WIRE_NO_TOKEN}) and not NO_TOKEN",
+                            ErrorCode.BAD_BODY)
+    return value
+
+
+def _str16(text: str, field: str, limit: int = 0xFFFF) -> bytes:
+    raw = text.encode("utf-8")
+    if len(raw) > limit:
+        raise ProtocolError(f"{field}: {len(raw)} UTF-8 bytes > {limit}", ErrorCode.BAD_BODY)
+    return _U16.pack(len(raw)) + raw
+
+
+def _encode_open(m: Open) -> bytes:
+    return b"".join((_OPEN.pack(m.seed, m.temperature, len(m.prompt)), _ids(m.prompt, "OPEN prompt"),
+                     _str16(m.tier, "OPEN tier"), _str16(m.policy, "OPEN policy")))
+
+
+def _encode_upload(m: Upload) -> bytes:
+    n = len(m.piggyback)
+    flags = _UPLOAD_LLM_SAMPLES if m.llm_samples else 0
+    return b"".join((_UPLOAD.pack(m.token_index, flags, _token(m.draft, "UPLOAD draft"), n),
+                     _ids(m.piggyback, "UPLOAD piggyback"), _U32.pack(len(m.payload)), m.payload,
+                     _F32.pack(m.draft_prob), struct.pack(f"<{n}f", *m.piggyback_probs)))
+
+
+def _encode_flush(m: Flush) -> bytes:
+    n = len(m.piggyback)
+    return b"".join((_FLUSH.pack(m.token_index, n), _ids(m.piggyback, "FLUSH piggyback"),
+                     struct.pack(f"<{n}f", *m.piggyback_probs)))
+
+
+def _encode_verdict(m: Verdict) -> bytes:
+    flags = (_VERDICT_ACCEPTED if m.accepted else 0) | (_VERDICT_RESAMPLED if m.resampled else 0)
+    n = len(m.shadow_betas)
+    return b"".join((_VERDICT.pack(m.token_index, _token(m.token, "VERDICT token"), flags),
+                     _F32.pack(m.beta), _U32.pack(n), struct.pack(f"<{n}f", *m.shadow_betas)))
+
+
+def _encode_close(m: Close) -> bytes:
+    return b""
+
+
+def _encode_error(m: Error) -> bytes:
+    # Cut long messages at a character boundary: an error reply must always go out.
+    text = m.message.encode("utf-8")[:MAX_ERROR_MESSAGE_BYTES].decode("utf-8", "ignore")
+    bad_seq = _WIRE_NO_TOKEN if m.bad_seq == -1 else m.bad_seq
+    return _ERROR.pack(m.code, bad_seq) + _str16(text, "ERROR message")
+
+
+_ENCODERS = {Open: _encode_open, Upload: _encode_upload, Flush: _encode_flush, Verdict: _encode_verdict,
+             Close: _encode_close, Error: _encode_error}
+
+
+def _is_measure(v: float) -> bool:
+    return v != v or 0.0 <= v <= 1.0  # NaN (not applicable) or a probability
+
+
+def _validate(m: Message) -> None:
+    """Semantic rules shared by encode and decode (struct enforces the integer ranges)."""
+    where = dict(device=m.device, session=m.session, seq=m.seq)
+
+    def fail(text: str):
+        raise ProtocolError(f"{m.TYPE.name} {text}", ErrorCode.BAD_BODY, **where)
+
+    if isinstance(m, Open):
+        if not (math.isfinite(m.temperature) and m.temperature >= 0.0):
+            fail(f"temperature must be finite and >= 0, got {m.temperature!r}")
+    elif isinstance(m, (Upload, Flush)):
+        if m.token_index < len(m.piggyback):
+            fail(f"token_index {m.token_index} < {len(m.piggyback)} piggybacked tokens before it")
+        if len(m.piggyback_probs) != len(m.piggyback):
+            fail(f"piggyback_probs has {len(m.piggyback_probs)} entries for {len(m.piggyback)} piggybacked tokens")
+        if not all(_is_measure(p) for p in m.piggyback_probs):
+            fail("piggyback_probs must be NaN or in [0, 1]")
+        if isinstance(m, Upload):
+            if m.llm_samples != (m.draft == NO_TOKEN):
+                fail(f"draft must be NO_TOKEN exactly when llm_samples is set (draft={m.draft}, "
+                     f"llm_samples={m.llm_samples})")
+            if m.llm_samples and m.payload:
+                fail(f"with llm_samples carries no payload, got {len(m.payload)} bytes")
+            if not m.llm_samples and not m.payload:
+                fail("without llm_samples needs a payload to verify the draft against")
+            if not _is_measure(m.draft_prob):
+                fail(f"draft_prob must be NaN or in [0, 1], got {m.draft_prob!r}")
+    elif isinstance(m, Verdict):
+        if m.accepted and m.resampled:
+            fail("cannot be both accepted and resampled")
+        if m.token == NO_TOKEN and (m.accepted or m.resampled or m.beta == m.beta):
+            fail("without a token (a FLUSH reply) has no accepted/resampled flag and beta NaN")
+        if not _is_measure(m.beta) or not all(_is_measure(b) for b in m.shadow_betas):
+            fail("beta and shadow_betas must be NaN or in [0, 1]")
+    elif isinstance(m, Error):
+        if m.code not in ErrorCode.__members__.values():
+            fail(f"code {m.code} is not a known ErrorCode")
+        if m.bad_seq != -1 and not 0 <= m.bad_seq < _WIRE_NO_TOKEN:
+            fail(f"bad_seq {m.bad_seq} outside [0, {_WIRE_NO_TOKEN}) and not -1")
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    version: int
+    msg_type: MsgType
+    device: int
+    session: int
+    seq: int
+    body_len: int
+
+
+def read_header(data, max_frame_bytes: int = MAX_FRAME_BYTES) -> FrameHeader:
+    """Validate a whole frame's header against its length (cheap: for routing before decoding)."""
+    n = len(data)
+    if n > max_frame_bytes:
+        raise ProtocolError(f"frame of {n} bytes exceeds the {max_frame_bytes}-byte limit", ErrorCode.OVERSIZED)
+    if n < FRAME_HEADER_BYTES:
+        raise ProtocolError(f"frame of {n} bytes is shorter than the {FRAME_HEADER_BYTES}-byte header")
+    magic, version, msg_type, device, session, seq, body_len = _FRAME_HEADER.unpack_from(data)
+    if magic != FRAME_MAGIC:
+        raise ProtocolError(f"frame bytes 0-1 (magic) are {magic!r}, expected {FRAME_MAGIC!r}")
+    where = dict(device=device, session=session, seq=seq)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"frame byte 2 (version) is {version}, this side speaks {PROTOCOL_VERSION}",
+                            ErrorCode.BAD_VERSION, **where)
+    if msg_type not in _DECODERS:
+        raise ProtocolError(f"frame byte 3 (type) is {msg_type}, not a known message type",
+                            ErrorCode.UNKNOWN_TYPE, **where)
+    if FRAME_HEADER_BYTES + body_len > max_frame_bytes:
+        raise ProtocolError(f"frame bytes 16-19 (body_len) announce {body_len} bytes, over the "
+                            f"{max_frame_bytes}-byte frame limit", ErrorCode.OVERSIZED, **where)
+    if n != FRAME_HEADER_BYTES + body_len:
+        raise ProtocolError(f"frame is {n} bytes, its header says {FRAME_HEADER_BYTES} + {body_len}", **where)
+    return FrameHeader(version, MsgType(msg_type), device, session, seq, body_len)
+
+
+def decode_frame(data, max_frame_bytes: int = MAX_FRAME_BYTES) -> Message:
+    """Parse and validate one frame. The UPLOAD payload stays bytes: decode it with
+    decode_payload (which raises ProtocolError with code BAD_PAYLOAD)."""
+    h = read_header(data, max_frame_bytes)
+    r = _Reader(data, h)
+    msg = _DECODERS[h.msg_type](r, dict(device=h.device, session=h.session, seq=h.seq))
+    r.finish()
+    _validate(msg)
+    return msg
+
+
+class _Reader:
+    """Reads a body front to back; every error names the message, the field and its offset."""
+
+    def __init__(self, data, h: FrameHeader):
+        self.data, self.h, self.off = data, h, FRAME_HEADER_BYTES
+
+    def fail(self, text: str):
+        raise ProtocolError(f"{self.h.msg_type.name} body: {text}", ErrorCode.BAD_BODY,
+                            device=self.h.device, session=self.h.session, seq=self.h.seq)
+
+    def need(self, size: int, field: str) -> None:
+        left = len(self.data) - self.off
+        if size > left:
+            self.fail(f"{field} at byte {self.off} needs {size} bytes, {left} left")
+
+    def fixed(self, st: struct.Struct, field: str) -> tuple:
+        self.need(st.size, field)
+        values = st.unpack_from(self.data, self.off)
+        self.off += st.size
+        return values
+
+    def array(self, code: str, n: int, field: str) -> tuple:
+        size = 4 * n
+        self.need(size, field)
+        values = struct.unpack_from(f"<{n}{code}", self.data, self.off)
+        if code == "I" and n and max(values) == _WIRE_NO_TOKEN:
+            self.fail(f"{field} at byte {self.off} holds the reserved token id {_WIRE_NO_TOKEN:#x}")
+        if code == "f":
+            values = tuple(math.nan if v != v else v for v in values)  # one NaN object: equality holds
+        self.off += size
+        return values
+
+    def raw(self, n: int, field: str) -> bytes:
+        self.need(n, field)
+        self.off += n
+        return bytes(self.data[self.off - n:self.off])
+
+    def text(self, field: str) -> str:
+        (n,) = self.fixed(_U16, field + " length")
+        start = self.off
+        try:
+            return self.raw(n, field).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.fail(f"{field} at byte {start} is not UTF-8 ({exc.reason} at {start + exc.start})")
+
+    def f32(self, field: str) -> float:
+        (v,) = self.fixed(_F32, field)
+        return math.nan if v != v else v
+
+    def finish(self) -> None:
+        if self.off != len(self.data):
+            self.fail(f"{len(self.data) - self.off} unexpected bytes after the last field, at byte {self.off}")
+
+
+def _wire_token(v: int) -> int:
+    return NO_TOKEN if v == _WIRE_NO_TOKEN else v
+
+
+def _decode_open(r: _Reader, where: dict) -> Open:
+    seed, temperature, n = r.fixed(_OPEN, "seed/temperature/n")
+    prompt = r.array("I", n, "prompt")
+    return Open(**where, prompt=prompt, seed=seed, temperature=temperature, tier=r.text("tier"),
+                policy=r.text("policy"))
+
+
+def _decode_upload(r: _Reader, where: dict) -> Upload:
+    token_index, flags, draft, n = r.fixed(_UPLOAD, "token_index/flags/draft/n")
+    if flags & ~_UPLOAD_LLM_SAMPLES:
+        r.fail(f"flags byte {flags:#04x} at byte {FRAME_HEADER_BYTES + 4} has unknown bits")
+    piggyback = r.array("I", n, "piggyback")
+    (size,) = r.fixed(_U32, "payload_len")
+    payload = r.raw(size, "payload")
+    draft_prob = r.f32("draft_prob")
+    probs = r.array("f", n, "piggyback_probs")
+    return Upload(**where, token_index=token_index, draft=_wire_token(draft), piggyback=piggyback, payload=payload,
+                  llm_samples=bool(flags), draft_prob=draft_prob, piggyback_probs=probs)
+
+
+def _decode_flush(r: _Reader, where: dict) -> Flush:
+    token_index, n = r.fixed(_FLUSH, "token_index/n")
+    piggyback = r.array("I", n, "piggyback")
+    return Flush(**where, token_index=token_index, piggyback=piggyback, piggyback_probs=r.array("f", n, "piggyback_probs"))
+
+
+def _decode_verdict(r: _Reader, where: dict) -> Verdict:
+    token_index, token, flags = r.fixed(_VERDICT, "token_index/token/flags")
+    if flags & ~(_VERDICT_ACCEPTED | _VERDICT_RESAMPLED):
+        r.fail(f"flags byte {flags:#04x} at byte {FRAME_HEADER_BYTES + 8} has unknown bits")
+    beta = r.f32("beta")
+    (n,) = r.fixed(_U32, "shadow_betas length")
+    return Verdict(**where, token_index=token_index, token=_wire_token(token), accepted=bool(flags & _VERDICT_ACCEPTED),
+                   resampled=bool(flags & _VERDICT_RESAMPLED), beta=beta, shadow_betas=r.array("f", n, "shadow_betas"))
+
+
+def _decode_close(r: _Reader, where: dict) -> Close:
+    return Close(**where)
+
+
+def _decode_error(r: _Reader, where: dict) -> Error:
+    code, bad_seq = r.fixed(_ERROR, "code/bad_seq")
+    return Error(**where, code=code, bad_seq=-1 if bad_seq == _WIRE_NO_TOKEN else bad_seq, message=r.text("message"))
+
+
+_DECODERS = {MsgType.OPEN: _decode_open, MsgType.UPLOAD: _decode_upload, MsgType.FLUSH: _decode_flush,
+             MsgType.VERDICT: _decode_verdict, MsgType.CLOSE: _decode_close, MsgType.ERROR: _decode_error}
+
+
+# ----------------------------------------------------------------------------------------
+# Sizes the link is charged, replies, sequence numbers
+# ----------------------------------------------------------------------------------------
+
+def upload_frame_size(upload) -> int:
+    """Bytes a deployment would send for an upload: header + body without the measurement
+    fields. Works on any object with `piggyback` and `payload` (and optionally `final`, which
+    makes it a FLUSH), e.g. agents.device.Upload as well as Upload / Flush here."""
+    n = len(upload.piggyback)
+    if getattr(upload, "final", False) or isinstance(upload, Flush):
+        return FRAME_HEADER_BYTES + _FLUSH.size + 4 * n
+    return FRAME_HEADER_BYTES + _UPLOAD.size + 4 * n + 4 + len(upload.payload)
+
+
+def verdict_frame_size(verdict=None) -> int:
+    """Bytes a deployment would send for a verdict (betas are measurement only)."""
+    return FRAME_HEADER_BYTES + _VERDICT.size
+
+
+def wire_size(msg: Message) -> int:
+    """The part of encode_frame(msg) a deployment would send: what links are charged."""
+    if isinstance(msg, (Upload, Flush)):
+        return upload_frame_size(msg)
+    if isinstance(msg, Verdict):
+        return verdict_frame_size(msg)
+    return len(encode_frame(msg))
+
+
+def check_upload(upload, vocab_size: int) -> Payload | None:
+    """What only the verifier can check: token ids inside its vocabulary and a payload that
+    decodes for it. Returns the decoded payload (None when the LLM samples itself or for a
+    flush). Works on Upload / Flush here and on agents.device.Upload (draft -1, `final`)."""
+    where = dict(device=getattr(upload, "device", None), session=getattr(upload, "session", None),
+                 seq=getattr(upload, "seq", None))
+    if upload.piggyback and not 0 <= min(upload.piggyback) <= max(upload.piggyback) < vocab_size:
+        raise ProtocolError(f"piggybacked token ids must lie in [0, {vocab_size})", ErrorCode.BAD_BODY, **where)
+    if isinstance(upload, Flush) or getattr(upload, "final", False) or upload.llm_samples:
+        return None
+    if not 0 <= upload.draft < vocab_size:
+        raise ProtocolError(f"draft token {upload.draft} outside the vocabulary [0, {vocab_size})",
+                            ErrorCode.BAD_BODY, **where)
+    try:
+        payload = decode_payload_ex(upload.payload)
+    except ProtocolError as exc:
+        raise ProtocolError(str(exc), ErrorCode.BAD_PAYLOAD, **where) from None
+    if payload.vocab_size != vocab_size:
+        raise ProtocolError(f"payload vocab_size {payload.vocab_size} != the verifier's {vocab_size}",
+                            ErrorCode.BAD_PAYLOAD, **where)
+    return payload
+
+
+def error_reply(exc: ProtocolError, device: int | None = None, session: int | None = None) -> Error:
+    """The ERROR frame answering a ProtocolError (addressed as its header said, when known)."""
+    seq = exc.seq if exc.seq is not None else -1
+    return Error(device=exc.device if exc.device is not None else (device or 0),
+                 session=exc.session if exc.session is not None else (session or 0),
+                 seq=max(seq, 0), code=exc.code, message=str(exc), bad_seq=seq)
+
+
+class SeqStatus(enum.Enum):
+    NEXT = "next"  # the one expected: handle it
+    REPEAT = "repeat"  # the previous one again (a retransmission): resend its reply
+    STALE = "stale"  # older than the previous one: drop or answer OUT_OF_ORDER
+    GAP = "gap"  # ahead of the expected one: a frame is missing; answer OUT_OF_ORDER
+
+
+def check_sequence(expected: int, seq: int) -> SeqStatus:
+    """Classify a session's incoming seq against the next one it expects."""
+    if seq == expected:
+        return SeqStatus.NEXT
+    if seq == expected - 1:
+        return SeqStatus.REPEAT
+    return SeqStatus.STALE if seq < expected else SeqStatus.GAP

@@ -1,0 +1,468 @@
+"""Payload codec and frame protocol: round trips, exact sizes, strict validation, fuzzing
+(nothing but ProtocolError may come out of a decoder, whatever the bytes)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import struct
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from agents import protocol as P
+from agents.protocol import (NO_TOKEN, Close, Error, ErrorCode, Flush, Open, ProtocolError, SeqStatus, Upload,
+                             Verdict, check_sequence, decode_frame, decode_payload, decode_payload_ex, encode_frame,
+                             encode_payload)
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# --- payload: valid inputs ----------------------------------------------------------------------
+
+@st.composite
+def payload_inputs(draw):
+    """(indices, probs, V, bits) covering all three forms and the edges of V."""
+    V = draw(st.one_of(st.integers(2, 40), st.integers(2, 5000), st.sampled_from([151936, 2**20 + 1, 2**32 - 1])))
+    k = draw(st.one_of(st.integers(0, min(V, 300)), st.just(V) if V <= 300 else st.just(0)))
+    bits = draw(st.sampled_from(P.PROB_BITS))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    indices = rng.choice(V, size=k, replace=False) if V <= 10**6 else np.unique(rng.integers(0, V, size=k))
+    k = len(indices)
+    probs = rng.dirichlet(np.full(k + 1, draw(st.sampled_from([0.05, 1.0])))) [:k] if k else np.zeros(0)
+    if k and draw(st.booleans()):
+        probs = probs / probs.sum()  # the full mass, as a k = V upload sends
+    if k == 1 and draw(st.booleans()):
+        probs = np.array([1.0])
+    return indices, probs, V, bits
+
+
+def formula_size(k, V, bits):
+    """Independent statement of the size formula: header + where + k probabilities."""
+    ib = math.ceil(math.log2(V))
+    where = 0 if k == V else min(math.ceil(k * ib / 8), math.ceil(V / 8))
+    return 12 + where + k * bits // 8
+
+
+@FUZZ
+@given(payload_inputs())
+def test_payload_round_trip(case):
+    indices, probs, V, bits = case
+    data = encode_payload(indices, probs, V, bits)
+    k = len(indices)
+    assert len(data) == formula_size(k, V, bits) == P.payload_size(k, V, bits)
+    assert len(data) <= P.paper_bits(k, V, bits) / 8 + 16
+    out = decode_payload_ex(data)
+    assert (out.vocab_size, out.prob_bits, out.k) == (V, bits, k)
+    assert out.indices.dtype == np.int64 and out.probs.dtype == np.float64
+    if out.form == P.PayloadForm.SPARSE:
+        assert out.indices.tolist() == list(indices)  # order kept
+        sent = probs
+    else:
+        order = np.argsort(indices)
+        assert out.indices.tolist() == np.asarray(indices)[order].tolist()
+        sent = probs[order]
+    if bits == 32:
+        assert out.probs.tolist() == sent.astype(np.float32).astype(np.float64).tolist()
+    else:
+        assert np.all(np.abs(out.probs - sent) <= 0.5 / (2**bits - 1) + 1e-15)  # half an LSB
+    aligned = dict(zip(np.asarray(indices).tolist(), P.quantise_probs(probs, bits).tolist()))
+    assert [aligned[i] for i in out.indices.tolist()] == out.probs.tolist()
+    assert encode_payload(out.indices, out.probs, V, bits) == data  # canonical
+    indices3, probs3, vocab3 = decode_payload(data)
+    assert vocab3 == V and indices3.tolist() == out.indices.tolist()
+
+
+@pytest.mark.parametrize("V,k,form", [(151936, 30, "SPARSE"), (151936, 8440, "SPARSE"), (151936, 8441, "BITMAP"),
+                                      (151936, 151936, "DENSE"), (16, 4, "SPARSE"), (16, 5, "BITMAP")])
+def test_payload_picks_the_smallest_form(V, k, form):
+    assert P.payload_form(k, V).name == form
+    rng = np.random.default_rng(0)
+    indices = rng.choice(V, size=k, replace=False)
+    data = encode_payload(indices, np.full(k, 1.0 / V), V)
+    assert decode_payload_ex(data).form.name == form
+    assert len(data) == formula_size(k, V, 8)
+
+
+def test_payload_header_is_small_and_documented():
+    data = encode_payload([5, 1], [0.5, 0.25], 100, 16)
+    assert P.PAYLOAD_HEADER_BYTES == 12 <= 16
+    assert data[:4] == bytes([0x48, 1, 16, 0]) and struct.unpack_from("<II", data, 4) == (100, 2)
+    # indices at 7 bits MSB first: 0000101 0000001 + 2 pad bits; then u16 probabilities
+    assert data[12:14] == bytes([0b00001010, 0b00000100])
+    assert struct.unpack_from("<2H", data, 14) == (round(0.5 * 65535), round(0.25 * 65535))
+
+
+def test_quantisation_rounds_half_to_even_and_keeps_0_and_1_exact():
+    assert P.quantise_probs([0.0, 1.0], 8).tolist() == [0.0, 1.0]
+    assert P.quantise_probs([0.5 / 255, 1.5 / 255], 8).tolist() == [0.0, 2 / 255]
+
+
+# --- payload: invalid inputs and data -------------------------------------------------------------
+
+@pytest.mark.parametrize("args,match", [
+    (([1, 1], [0.1, 0.1], 10), "repeats token 1"),
+    (([10], [0.1], 10), r"outside \[0, 10\)"),
+    (([-1], [0.1], 10), r"outside \[0, 10\)"),
+    (([1], [1.5], 10), r"outside \[0, 1\]"),
+    (([1], [-0.1], 10), r"outside \[0, 1\]"),
+    (([1, 2], [np.nan, 0.1], 10), r"outside \[0, 1\]"),
+    (([1, 2], [0.7, 0.7], 10), "sum to"),
+    (([1], [0.1, 0.2], 10), "equally long"),
+    (([1.0], [0.1], 10), "integers"),
+    (([1], [0.1], 1), "vocab_size"),
+    (([1], [0.1], 2**32), "vocab_size"),
+    ((list(range(11)), [0.01] * 11, 10), "k=11"),
+])
+def test_encode_payload_rejects_bad_input(args, match):
+    with pytest.raises(ProtocolError, match=match) as info:
+        encode_payload(*args)
+    assert info.value.code == ErrorCode.BAD_PAYLOAD
+
+
+def test_encode_payload_rejects_bad_bits():
+    for bits in (4, 8.0, True, "8"):
+        with pytest.raises(ProtocolError, match="prob_bits"):
+            encode_payload([1], [0.5], 10, bits)
+
+
+def test_encode_payload_checks_large_inputs_too():
+    V = 5000
+    idx = np.arange(200)
+    with pytest.raises(ProtocolError, match="repeats token 0"):
+        encode_payload(np.r_[idx, 0], np.full(201, 0.001), V)
+    bad = np.full(200, 0.001)
+    bad[150] = np.nan
+    with pytest.raises(ProtocolError, match="probability 150"):
+        encode_payload(idx, bad, V)
+
+
+def _bits7(indices, pad="000") -> bytes:
+    """Indices at 7 bits (V = 100), MSB first, then the pad bits: written out by hand."""
+    return int("".join(format(i, "07b") for i in indices) + pad, 2).to_bytes(3, "big")
+
+
+def _payload_with(header_changes: dict, body: bytes | None = None) -> bytes:
+    data = bytearray(encode_payload([5, 1, 7], [0.5, 0.25, 0.125], 100, 8))
+    for offset, value in header_changes.items():
+        data[offset] = value
+    return bytes(data) if body is None else bytes(data[:12]) + body
+
+
+@pytest.mark.parametrize("data,match", [
+    (b"", "shorter than its 12-byte header"),
+    (_payload_with({0: 0x49}), "magic"),
+    (_payload_with({1: 2}), "version"),
+    (_payload_with({2: 12}), "prob_bits"),
+    (_payload_with({3: 1}), "form"),
+    (_payload_with({8: 4}), "header"),
+    (_payload_with({}) + b"\0", "19 bytes, its header .* says 18"),
+    (_payload_with({})[:-1], "17 bytes, its header"),
+    (_payload_with({}, _bits7([5, 1, 7], pad="111") + bytes(3)), "padding bits in byte 14"),
+    (_payload_with({}, _bits7([5, 120, 7]) + bytes(3)), "index 1 .* is 120, outside"),
+    (_payload_with({}, _bits7([5, 1, 5]) + bytes(3)), "index 2 .* repeats token 5"),
+    (_payload_with({}, _bits7([5, 1, 7]) + bytes([200, 200, 0])), "sum to"),
+])
+def test_decode_payload_rejects_bad_data(data, match):
+    with pytest.raises(ProtocolError, match=match) as info:
+        decode_payload(data)
+    assert info.value.code == ErrorCode.BAD_PAYLOAD
+
+
+def test_decode_payload_rejects_nan_and_out_of_range_float32():
+    good = bytearray(encode_payload([2, 3], [0.5, 0.25], 10, 32))
+    for value in (float("nan"), 1.5, -0.25, float("inf")):
+        bad = bytearray(good)
+        struct.pack_into("<f", bad, len(bad) - 4, value)
+        with pytest.raises(ProtocolError, match="probability 1"):
+            decode_payload(bytes(bad))
+
+
+def _decodes_consistently(data: bytes) -> None:
+    """Either a clear ProtocolError, or a payload that satisfies every invariant and re-encodes
+    to exactly the same bytes."""
+    try:
+        out = decode_payload_ex(data)
+    except ProtocolError:
+        return
+    V, k = out.vocab_size, out.k
+    assert len(set(out.indices.tolist())) == k and (k == 0 or 0 <= out.indices.min() <= out.indices.max() < V)
+    assert np.all((out.probs >= 0) & (out.probs <= 1))
+    assert out.probs.sum() <= 1 + P.SUM_TOLERANCE + k * 0.5 / (2**out.prob_bits - 1) + 1e-9
+    assert encode_payload(out.indices, out.probs, V, out.prob_bits) == data
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_decode_payload_fuzz_arbitrary_bytes(data):
+    _decodes_consistently(data)
+
+
+@FUZZ
+@given(st.integers(2, 64), st.integers(0, 64), st.sampled_from(P.PROB_BITS), st.data())
+def test_decode_payload_fuzz_right_length_random_body(V, k, bits, data):
+    """A valid header over random bytes of the right length reaches every body check."""
+    k = min(k, V)
+    header = struct.pack("<BBBBII", 0x48, 1, bits, P.payload_form(k, V), V, k)
+    body = data.draw(st.binary(min_size=P.payload_size(k, V, bits) - 12, max_size=P.payload_size(k, V, bits) - 12))
+    _decodes_consistently(header + body)
+
+
+@FUZZ
+@given(payload_inputs(), st.data())
+def test_decode_payload_fuzz_mutations(case, data):
+    valid = encode_payload(*case)
+    kind = data.draw(st.sampled_from(["truncate", "extend", "flip", "overwrite"]))
+    if kind == "truncate":
+        mutated = valid[:data.draw(st.integers(0, len(valid) - 1))]
+    elif kind == "extend":
+        mutated = valid + data.draw(st.binary(min_size=1, max_size=16))
+    elif kind == "flip":
+        buf = bytearray(valid)
+        for _ in range(data.draw(st.integers(1, 3))):
+            bit = data.draw(st.integers(0, len(buf) * 8 - 1))
+            buf[bit // 8] ^= 1 << (bit % 8)
+        mutated = bytes(buf)
+    else:
+        pos = data.draw(st.integers(0, len(valid) - 1))
+        mutated = valid[:pos] + bytes([data.draw(st.integers(0, 255))]) + valid[pos + 1:]
+    _decodes_consistently(mutated)
+
+
+# --- frames -----------------------------------------------------------------------------------
+
+ids = st.lists(st.integers(0, 2**32 - 2), max_size=40)
+prob32 = st.one_of(st.floats(0, 1, width=32), st.just(math.nan))
+header = dict(device=st.integers(0, 2**32 - 1), session=st.integers(0, 2**32 - 1), seq=st.integers(0, 2**32 - 1))
+
+
+@st.composite
+def uploads(draw):
+    piggyback = draw(ids)
+    llm_samples = draw(st.booleans())
+    return Upload(**{k: draw(v) for k, v in header.items()},
+                  token_index=draw(st.integers(len(piggyback), 2**32 - 1)),
+                  draft=NO_TOKEN if llm_samples else draw(st.integers(0, 2**32 - 2)),
+                  piggyback=piggyback, llm_samples=llm_samples,
+                  payload=b"" if llm_samples else draw(st.binary(min_size=1, max_size=64)),
+                  draft_prob=math.nan if llm_samples else draw(prob32),
+                  piggyback_probs=[draw(prob32) for _ in piggyback])
+
+
+@st.composite
+def flushes(draw):
+    piggyback = draw(ids)
+    return Flush(**{k: draw(v) for k, v in header.items()}, token_index=draw(st.integers(len(piggyback), 2**32 - 1)),
+                 piggyback=piggyback, piggyback_probs=[draw(prob32) for _ in piggyback])
+
+
+@st.composite
+def verdicts(draw):
+    token = draw(st.one_of(st.just(NO_TOKEN), st.integers(0, 2**32 - 2)))
+    outcome = draw(st.sampled_from([(False, False), (True, False), (False, True)])) if token != NO_TOKEN else (False, False)
+    return Verdict(**{k: draw(v) for k, v in header.items()}, token_index=draw(st.integers(0, 2**32 - 1)), token=token,
+                   accepted=outcome[0], resampled=outcome[1], beta=draw(prob32) if token != NO_TOKEN else math.nan,
+                   shadow_betas=draw(st.lists(prob32, max_size=20)))
+
+
+messages = st.one_of(
+    st.builds(Open, **header, prompt=ids, seed=st.integers(0, 2**64 - 1),
+              temperature=st.floats(0, 10, allow_nan=False), tier=st.text(max_size=20), policy=st.text(max_size=20)),
+    uploads(), flushes(), verdicts(), st.builds(Close, **header),
+    st.builds(Error, **header, code=st.sampled_from(list(ErrorCode)), message=st.text(max_size=100),
+              bad_seq=st.one_of(st.just(-1), st.integers(0, 2**32 - 2))),
+)
+
+
+@FUZZ
+@given(messages)
+def test_frame_round_trip(msg):
+    data = encode_frame(msg)
+    back = decode_frame(data)
+    assert back == msg  # decoded NaNs are math.nan itself, so dataclass equality holds
+    assert encode_frame(back) == data
+    header = P.read_header(data)
+    assert (header.msg_type, header.device, header.session, header.seq) == (msg.TYPE, msg.device, msg.session, msg.seq)
+    assert header.body_len == len(data) - P.FRAME_HEADER_BYTES
+
+
+def test_wire_size_leaves_out_only_the_measurement_fields():
+    up = Upload(device=1, session=2, seq=3, token_index=9, draft=42, piggyback=[5, 6, 7], payload=b"x" * 50,
+                draft_prob=0.25, piggyback_probs=[0.5, 0.5, 0.5])
+    assert len(encode_frame(up)) - P.wire_size(up) == 4 + 4 * 3
+    assert P.wire_size(up) == 20 + 13 + 12 + 4 + 50
+    flush = Flush(device=1, session=2, seq=4, token_index=12, piggyback=[1, 2], piggyback_probs=[0.5, 0.5])
+    assert len(encode_frame(flush)) - P.wire_size(flush) == 8
+    verdict = Verdict(device=1, session=2, seq=3, token_index=9, token=42, accepted=True, beta=0.0,
+                      shadow_betas=[0.1, 0.2, 0.3])
+    assert len(encode_frame(verdict)) - P.wire_size(verdict) == 4 + 4 + 12
+    close = Close(device=1, session=2, seq=5)
+    assert P.wire_size(close) == len(encode_frame(close)) == 20
+    # Duck-typed for the device's own records (agents.device.Upload has the same fields).
+    assert P.upload_frame_size(SimpleNamespace(piggyback=[5, 6, 7], payload=b"x" * 50, final=False)) == P.wire_size(up)
+    assert P.upload_frame_size(SimpleNamespace(piggyback=[1, 2], payload=b"", final=True)) == P.wire_size(flush)
+    assert P.verdict_frame_size(SimpleNamespace()) == P.wire_size(verdict)
+
+
+def _frame(msg_type=P.MsgType.CLOSE, body=b"", version=1, magic=b"HT", body_len=None, device=7, session=8, seq=9):
+    n = len(body) if body_len is None else body_len
+    return struct.pack("<2sBBIIII", magic, version, msg_type, device, session, seq, n) + body
+
+
+@pytest.mark.parametrize("data,code,match", [
+    (b"HT\x01", ErrorCode.BAD_FRAME, "shorter than the 20-byte header"),
+    (_frame(magic=b"XX"), ErrorCode.BAD_FRAME, "magic"),
+    (_frame(version=2), ErrorCode.BAD_VERSION, "version"),
+    (_frame(msg_type=0), ErrorCode.UNKNOWN_TYPE, "type"),
+    (_frame(msg_type=99), ErrorCode.UNKNOWN_TYPE, "type"),
+    (_frame(body_len=1), ErrorCode.BAD_FRAME, "header says"),
+    (_frame(body=b"\0"), ErrorCode.BAD_BODY, "unexpected bytes"),
+    (_frame(body_len=2**32 - 1), ErrorCode.OVERSIZED, "limit"),
+    (_frame(P.MsgType.OPEN, struct.pack("<QdI", 1, 1.0, 1000)), ErrorCode.BAD_BODY, "prompt at byte 40 needs 4000"),
+    (_frame(P.MsgType.OPEN, struct.pack("<QdI", 1, -1.0, 0) + bytes(4)), ErrorCode.BAD_BODY, "temperature"),
+    (_frame(P.MsgType.OPEN, struct.pack("<QdIIH", 1, 1.0, 1, 2**32 - 1, 0) + bytes(2)), ErrorCode.BAD_BODY, "reserved"),
+    (_frame(P.MsgType.OPEN, struct.pack("<QdIH", 1, 1.0, 0, 2) + b"\xff\xfe" + bytes(2)), ErrorCode.BAD_BODY, "UTF-8"),
+    (_frame(P.MsgType.UPLOAD, struct.pack("<IBIII", 0, 4, 1, 0, 1) + b"x" + bytes(4)), ErrorCode.BAD_BODY, "flags"),
+    (_frame(P.MsgType.UPLOAD, struct.pack("<IBIII", 0, 0, 1, 0, 0) + bytes(4)), ErrorCode.BAD_BODY, "needs a payload"),
+    (_frame(P.MsgType.UPLOAD, struct.pack("<IBIII", 0, 1, 1, 0, 0) + struct.pack("<f", math.nan)), ErrorCode.BAD_BODY,
+     "NO_TOKEN exactly when"),
+    (_frame(P.MsgType.UPLOAD, struct.pack("<IBIIII", 0, 0, 1, 1, 3, 1) + b"x" + bytes(8)), ErrorCode.BAD_BODY,
+     "token_index 0 < 1"),
+    (_frame(P.MsgType.UPLOAD, struct.pack("<IBIII", 0, 0, 1, 0, 1) + b"x" + struct.pack("<f", 2.0)), ErrorCode.BAD_BODY,
+     "draft_prob"),
+    (_frame(P.MsgType.VERDICT, struct.pack("<IIBfI", 0, 1, 3, 0.5, 0)), ErrorCode.BAD_BODY, "both accepted"),
+    (_frame(P.MsgType.VERDICT, struct.pack("<IIBfI", 0, 2**32 - 1, 0, 0.5, 0)), ErrorCode.BAD_BODY, "FLUSH reply"),
+    (_frame(P.MsgType.VERDICT, struct.pack("<IIBfIf", 0, 1, 1, 0.5, 1, -1.0)), ErrorCode.BAD_BODY, "shadow_betas"),
+    (_frame(P.MsgType.ERROR, struct.pack("<HIH", 77, 0, 0)), ErrorCode.BAD_BODY, "ErrorCode"),
+])
+def test_decode_frame_rejects(data, code, match):
+    with pytest.raises(ProtocolError, match=match) as info:
+        decode_frame(data)
+    assert info.value.code == code
+    if len(data) >= 20 and data[:2] == b"HT" and code != ErrorCode.BAD_FRAME:
+        assert (info.value.device, info.value.session, info.value.seq) == (7, 8, 9)  # the reply can be addressed
+
+
+def test_frame_size_limit_is_configurable_on_both_sides():
+    up = Upload(device=1, session=1, seq=1, token_index=0, draft=3, payload=b"p" * 1000, draft_prob=0.5)
+    data = encode_frame(up)
+    with pytest.raises(ProtocolError, match="limit") as info:
+        encode_frame(up, max_frame_bytes=500)
+    assert info.value.code == ErrorCode.OVERSIZED
+    with pytest.raises(ProtocolError, match="limit") as info:
+        decode_frame(data, max_frame_bytes=500)
+    assert info.value.code == ErrorCode.OVERSIZED
+    assert decode_frame(data, max_frame_bytes=len(data)) == up
+    assert P.MAX_FRAME_BYTES == 4 << 20
+
+
+@pytest.mark.parametrize("msg,match", [
+    (Upload(device=1, session=1, seq=1, token_index=0, draft=3), "needs a payload"),
+    (Upload(device=1, session=1, seq=1, token_index=0, draft=-2, payload=b"x"), "draft"),
+    (Upload(device=1, session=1, seq=1, token_index=5, draft=1, payload=b"x", piggyback=[2**32 - 1],
+            piggyback_probs=[0.5]), "reserved"),
+    (Upload(device=1, session=1, seq=1, token_index=5, draft=1, payload=b"x", piggyback=[1]), "piggyback_probs"),
+    (Upload(device=-1, session=1, seq=1, token_index=0, draft=1, payload=b"x"), "cannot encode"),
+    (Open(device=1, session=1, seq=0, prompt=[1], seed=-5, temperature=1.0), "cannot encode"),
+    (Open(device=1, session=1, seq=0, prompt=[1], seed=1, temperature=math.inf), "temperature"),
+    (Open(device=1, session=1, seq=0, prompt=[1], seed=1, temperature=1.0, tier="x" * 70000), "UTF-8 bytes"),
+    (Verdict(device=1, session=1, seq=1, token_index=0, token=4, accepted=True, resampled=True), "both"),
+    (Error(device=1, session=1, seq=1, code=1000), "ErrorCode"),
+])
+def test_encode_frame_rejects_invalid_messages(msg, match):
+    with pytest.raises(ProtocolError, match=match):
+        encode_frame(msg)
+
+
+def test_error_messages_are_cut_not_refused():
+    err = Error(device=1, session=1, seq=1, code=ErrorCode.INTERNAL, message="é" * 5000)
+    back = decode_frame(encode_frame(err))
+    assert len(back.message.encode()) <= P.MAX_ERROR_MESSAGE_BYTES and set(back.message) == {"é"}
+
+
+def _decode_or_protocol_error(data: bytes) -> None:
+    try:
+        msg = decode_frame(data)
+    except ProtocolError:
+        return
+    assert decode_frame(encode_frame(msg)) == msg
+
+
+@FUZZ
+@given(st.binary(max_size=200))
+def test_decode_frame_fuzz_arbitrary_bytes(data):
+    _decode_or_protocol_error(data)
+
+
+@FUZZ
+@given(st.sampled_from(list(P.MsgType) + [0, 7, 255]), st.binary(max_size=120), st.integers(0, 2))
+def test_decode_frame_fuzz_valid_header_random_body(msg_type, body, version):
+    _decode_or_protocol_error(_frame(msg_type, body, version=version))
+
+
+@FUZZ
+@given(messages, st.data())
+def test_decode_frame_fuzz_mutations(msg, data):
+    valid = encode_frame(msg)
+    kind = data.draw(st.sampled_from(["truncate", "extend", "flip", "fix-length-flip"]))
+    buf = bytearray(valid)
+    if kind == "truncate":
+        buf = buf[:data.draw(st.integers(0, len(buf) - 1))]
+    elif kind == "extend":
+        buf += data.draw(st.binary(min_size=1, max_size=16))
+    else:
+        for _ in range(data.draw(st.integers(1, 3))):
+            bit = data.draw(st.integers(0, len(buf) * 8 - 1))
+            buf[bit // 8] ^= 1 << (bit % 8)
+        if kind == "fix-length-flip":  # keep the header consistent so the body parser is reached
+            buf[:20] = valid[:20]
+    _decode_or_protocol_error(bytes(buf))
+
+
+def test_error_reply_and_sequence_check():
+    try:
+        decode_frame(_frame(version=3, device=4, session=5, seq=6))
+    except ProtocolError as exc:
+        reply = P.error_reply(exc)
+    assert (reply.device, reply.session, reply.seq, reply.bad_seq, reply.code) == (4, 5, 6, 6, ErrorCode.BAD_VERSION)
+    assert "version" in decode_frame(encode_frame(reply)).message
+    unaddressed = P.error_reply(ProtocolError("garbage"), device=3)
+    assert (unaddressed.device, unaddressed.bad_seq, unaddressed.code) == (3, -1, ErrorCode.BAD_FRAME)
+    assert check_sequence(5, 5) is SeqStatus.NEXT
+    assert check_sequence(5, 4) is SeqStatus.REPEAT
+    assert check_sequence(5, 2) is SeqStatus.STALE
+    assert check_sequence(5, 7) is SeqStatus.GAP
+
+
+def test_upload_carries_a_real_payload_end_to_end():
+    payload = encode_payload([10, 3], [0.6, 0.3], 151936)
+    up = Upload(device=3, session=1, seq=4, token_index=7, draft=10, piggyback=[11, 12], payload=payload,
+                draft_prob=0.6, piggyback_probs=[0.9, 0.8])
+    back = decode_frame(encode_frame(up))
+    indices, probs, vocab = decode_payload(back.payload)
+    assert indices.tolist() == [10, 3] and vocab == 151936
+    assert back.piggyback == (11, 12) and back.piggyback_probs == (np.float32(0.9), np.float32(0.8))
+
+
+def test_check_upload_against_the_verifiers_vocabulary():
+    V = 1000
+    payload = encode_payload([10, 3], [0.6, 0.3], V)
+    up = Upload(device=3, session=1, seq=4, token_index=7, draft=10, piggyback=[11, 12], payload=payload,
+                piggyback_probs=[0.5, 0.5])
+    assert P.check_upload(up, V).indices.tolist() == [10, 3]
+    for bad, match, code in [
+        (dict(draft=V), "draft token 1000", ErrorCode.BAD_BODY),
+        (dict(piggyback=[1, V]), "piggybacked", ErrorCode.BAD_BODY),
+        (dict(payload=payload[:-1]), "payload is", ErrorCode.BAD_PAYLOAD),
+    ]:
+        with pytest.raises(ProtocolError, match=match) as info:
+            P.check_upload(dataclasses.replace(up, **bad), V)
+        assert info.value.code == code and info.value.seq == 4
+    with pytest.raises(ProtocolError, match="vocab_size 1000 != the verifier's 999"):
+        P.check_upload(up, 999)
+    device_style = SimpleNamespace(device=1, seq=2, draft=-1, piggyback=[1], payload=b"", llm_samples=True, final=False)
+    assert P.check_upload(device_style, V) is None
+    assert P.check_upload(Flush(device=1, session=1, seq=1, token_index=1, piggyback=[5], piggyback_probs=[0.5]),
+                          V) is None
