@@ -42,6 +42,10 @@ __all__ = [
     "Stat",
     "StatBatch",
     "TokenColumns",
+    "FLAG_TRANSMITTED",
+    "FLAG_ACCEPTED",
+    "FLAG_RESAMPLED",
+    "FLAG_DRAFTED",
 ]
 
 
@@ -65,7 +69,8 @@ class TokenStat:
     temperature-perturbation estimator. ``math.nan`` when the policy computed none (e.g.
     llm-only); NaN values are not observed in the histogram."""
     transmitted: bool
-    """True when the draft distribution was uploaded for verification; False when skipped."""
+    """True when the device uploaded for this token (its draft distribution; for llm-only a
+    request without a draft); False when skipped."""
     k: int
     """Vocabulary entries sent in the upload (top-k after truncation; |V| for a full
     distribution); 0 when skipped."""
@@ -73,9 +78,9 @@ class TokenStat:
     """Bytes of the encoded distribution payload (bit-packed indices + quantised
     probabilities); 0 when skipped."""
     uplink_bytes: int
-    """All bytes of the upload that carried this draft (frame header + payload + any
-    piggybacked ids of earlier skipped tokens), counted once (link retransmissions are
-    reported by `LinkStat`); 0 when skipped (its id rides on the next upload, billed there)."""
+    """Every byte this token put on the uplink: frame header + payload + piggybacked ids of
+    earlier skipped tokens + retransmissions (same as tokens.parquet's uplink_bytes); 0 when
+    skipped (its id rides on a later upload, billed there)."""
     accepted: bool
     """The committed token is the draft: True for skipped tokens (accepted on the device) and
     for uploads the LLM accepted; False when the LLM rejected the draft."""

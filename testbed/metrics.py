@@ -91,11 +91,11 @@ def _m(name: str, kind: str, help: str, labels=TIER_LABELS, buckets=()) -> Metri
 # Tokens (from TokenStat)
 TOKENS_DRAFTED = _m("hlm_tokens_drafted_total", "counter", "Tokens drafted by a device SLM (committed drafts and drafts the LLM replaced).")
 TOKENS_COMMITTED = _m("hlm_tokens_committed_total", "counter", "Tokens committed on devices (the generated text).")
-UPLOADS = _m("hlm_uploads_total", "counter", "Drafts whose (truncated) distribution was uploaded for verification.")
-SKIPS = _m("hlm_skips_total", "counter", "Drafts accepted on the device without an upload (uncertainty at or below the threshold).")
+UPLOADS = _m("hlm_uploads_total", "counter", "Drafts whose (truncated) distribution was uploaded for verification (llm-only requests without a draft are not counted).")
+SKIPS = _m("hlm_skips_total", "counter", "Tokens committed without an upload (drafts accepted on the device).")
 ACCEPTED = _m("hlm_drafts_accepted_total", "counter", "Uploaded drafts the LLM accepted.")
 RESAMPLED = _m("hlm_drafts_resampled_total", "counter", "Uploaded drafts the LLM rejected and replaced by a token resampled from the residual.")
-UPLINK_BYTES = _m("hlm_uplink_bytes_total", "counter", "Bytes of the uploads carrying drafts (header, payload, piggybacked ids), counted once.")
+UPLINK_BYTES = _m("hlm_uplink_bytes_total", "counter", "Bytes tokens put on the uplink (frame headers, payload, piggybacked ids, retransmissions).")
 PAYLOAD_BYTES = _m("hlm_payload_bytes_total", "counter", "Bytes of the encoded distribution payloads (indices + quantised probabilities).")
 VOCAB_ENTRIES = _m("hlm_vocab_entries_sent_total", "counter", "Vocabulary entries sent in uploads (sum of k).")
 UNCERTAINTY = _m("hlm_token_uncertainty", "histogram", "Uncertainty u(t) of drafted tokens.", buckets=[i / 20 for i in range(21)])
@@ -135,7 +135,7 @@ ACTIVE_DEVICES = _m("hlm_active_devices", "gauge", "Devices that still have toke
 TIER_THROUGHPUT = _m("hlm_tokens_per_emulated_second", "gauge",
                      "Tokens committed per emulated second over the collector's sliding window.")
 TIER_THROUGHPUT_RUN = _m("hlm_run_tokens_per_emulated_second", "gauge",
-                         "Tokens committed per emulated second over the whole run so far.")
+                         "Tokens committed per emulated second over the whole run so far (over the tier's span: first draft start to last commit).")
 JAIN = _m("hlm_jain_fairness_ratio", "gauge",
           "Jain's fairness index over per-device throughput in the sliding window (active devices without tokens count as 0).",
           RUN_LABELS)
@@ -230,8 +230,8 @@ DERIVED: dict[str, Derived] = {d.name: d for d in [
     _d("wall_throughput", "Tokens committed per wall second (emulation speed in the virtual clock).", "short",
        lambda s: f"sum by ({s._by(TOKENS_COMMITTED)}) (rate({s.series(TOKENS_COMMITTED)}[{s.window}]))" if s.window
        else f"{s.sum(TOKENS_COMMITTED)} / on (scenario) group_left () max by (scenario) ({s.series(WALL_TIME)})"),
-    _d("skip_rate", "Fraction of drafts accepted on the device without an upload.", "percentunit",
-       lambda s: f"{s.sum(SKIPS)} / {s.sum(TOKENS_DRAFTED)}"),
+    _d("skip_rate", "Fraction of committed tokens that were not uploaded (skipped).", "percentunit",
+       lambda s: f"{s.sum(SKIPS)} / {s.sum(TOKENS_COMMITTED)}"),
     _d("acceptance_rate", "Fraction of uploaded drafts the LLM accepted.", "percentunit",
        lambda s: f"{s.sum(ACCEPTED)} / {s.sum(UPLOADS)}"),
     _d("vocab_compression", "1 - vocabulary entries sent / (|V| x uploads).", "percentunit",
@@ -320,7 +320,8 @@ class Snapshot:
     throughput: float
     """System tokens per emulated second over the whole run so far."""
     tier_throughput: dict[tuple[str, str], float]
-    """(tier, policy) -> tokens per emulated second over the whole run so far."""
+    """(tier, policy) -> tokens per emulated second over the tier's span so far (first draft
+    start to last commit; as summary.json's per-tier throughput)."""
     tier_throughput_window: dict[tuple[str, str], float]
     jain_window: float
     jain_run: float
@@ -332,7 +333,7 @@ class Snapshot:
     @property
     def skip_rate(self) -> float:
         t = self.totals
-        return t.skips / t.drafted if t.drafted else math.nan
+        return t.skips / t.committed if t.committed else math.nan
 
     @property
     def acceptance_rate(self) -> float:
@@ -392,6 +393,7 @@ class Collector:
         self._tier_policy: dict[str, str] = dict(tiers or {})
         self._totals: dict[tuple[str, str], TierTotals] = {}
         self._devices: dict[int, _Device] = {}
+        self._tier_span: dict[tuple[str, str], list[float]] = {}  # key -> [first draft start, last commit]
         self._clocks: dict[str, ClockStat] = {}
         self._max_event_t = 0.0
         self._verifier_batches = 0
@@ -440,6 +442,23 @@ class Collector:
                 self._errors[e.reason] = self._errors.get(e.reason, 0) + e.count
                 self._prom[PROTOCOL_ERRORS.name].labels(self.scenario).inc(e.count)
 
+    def ingest_token_records(self, rows: Iterable) -> None:
+        """Ingest committed tokens given as tokens.parquet rows (testbed.results.TokenRecord or
+        dicts with its fields), for a runner that already collects those rows from its actors."""
+        batch = StatBatch()
+        for r in rows:
+            get = r.get if isinstance(r, Mapping) else (lambda name, _r=r: getattr(_r, name))
+            t_commit, t_start = float(get("t_commit")), float(get("t_draft_start"))
+            batch.add_token(
+                device=int(get("device")), tier=str(get("tier")), policy=str(get("policy")),
+                uncertainty=float(get("uncertainty")), transmitted=bool(get("transmitted")), k=int(get("k")),
+                payload_bytes=int(get("payload_bytes")), uplink_bytes=int(get("uplink_bytes")),
+                accepted=bool(get("accepted")), resampled=bool(get("resampled")),
+                latency_s=t_commit - t_start if t_start == t_start else 0.0, t_commit=t_commit,
+                drafted=int(get("draft_id")) >= 0,
+            )
+        self.ingest(batch)
+
     def _key(self, key: tuple[str, str]) -> TierTotals:
         t = self._totals.get(key)
         if t is None:
@@ -467,6 +486,7 @@ class Collector:
         lat = [self._child(TOKEN_LATENCY, k) for k in cols.labels]
         devices = self._devices
         window = self.window_s
+        touched: dict[int, _Device] = {}
         max_t = self._max_event_t
         for i in range(n):
             li = cols.label[i]
@@ -480,7 +500,7 @@ class Collector:
                 u = cols.uncertainty[i]
                 if u == u:  # not NaN
                     unc[li].observe(u)
-            if f & FLAG_TRANSMITTED:
+            if f & FLAG_TRANSMITTED and f & FLAG_DRAFTED:  # an upload = a transmitted draft
                 d.uploads += 1
                 k = cols.k[i]
                 d.vocab_entries += k
@@ -489,7 +509,7 @@ class Collector:
                 pay[li].observe(cols.payload_bytes[i])
                 if f & FLAG_ACCEPTED:
                     d.accepted += 1
-            elif f & FLAG_DRAFTED:
+            elif not f & FLAG_TRANSMITTED:
                 d.skips += 1
             if f & FLAG_RESAMPLED:
                 d.resampled += 1
@@ -498,6 +518,7 @@ class Collector:
             dev = devices.get(cols.device[i])
             if dev is None:
                 dev = devices[cols.device[i]] = _Device(cols.labels[li])
+            touched[cols.device[i]] = dev
             dev.n += 1
             start = t_commit - latency
             if start < dev.t_first_start:
@@ -511,6 +532,10 @@ class Collector:
             if t_commit > max_t:
                 max_t = t_commit
         self._max_event_t = max_t
+        for dev in touched.values():
+            span = self._tier_span.setdefault(dev.key, [math.inf, -math.inf])
+            span[0] = min(span[0], dev.t_first_start)
+            span[1] = max(span[1], dev.t_last_commit)
         for lbl, d in zip(cols.labels, deltas):
             self._totals[lbl].add(d)
             for m, v in ((TOKENS_DRAFTED, d.drafted), (TOKENS_COMMITTED, d.committed), (UPLOADS, d.uploads),
@@ -561,7 +586,11 @@ class Collector:
             totals = TierTotals()
             for t in self._totals.values():
                 totals.add(t)
-            tier_run = {k: (t.committed / now if now > 0 else 0.0) for k, t in self._totals.items()}
+            tier_run = {}
+            for k, t in self._totals.items():
+                first, last = self._tier_span.get(k, (math.inf, -math.inf))
+                span = last - first if last > first else now
+                tier_run[k] = t.committed / span if span > 0 else 0.0
             # sliding window
             w = min(self.window_s, now) if now > 0 else self.window_s
             cutoff = now - self.window_s

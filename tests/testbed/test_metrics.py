@@ -162,6 +162,12 @@ def test_counters_and_histograms_count_each_token_once() -> None:
     snap = c.snapshot()
     assert snap.totals.committed == 4 and snap.skip_rate == pytest.approx(1 / 4)
     assert snap.acceptance_rate == pytest.approx(2 / 3)
+    # llm-only: a request without a draft is neither an upload nor a skip
+    c.ingest(tok(device=7, tier="cloud", policy="llm-only", u=math.nan, tx=True, k=0, acc=False, drafted=False))
+    assert value(c, "hlm_uploads_total", "cloud", "llm-only") == 0
+    assert value(c, "hlm_skips_total", "cloud", "llm-only") == 0
+    assert value(c, "hlm_tokens_drafted_total", "cloud", "llm-only") == 0
+    assert value(c, "hlm_tokens_committed_total", "cloud", "llm-only") == 1
     # pre-created series exist at 0 before any data
     c2 = Collector(S, tiers={"phone": "cu-hlm"})
     assert value(c2, "hlm_tokens_committed_total") == 0
@@ -219,7 +225,8 @@ def test_throughput_and_fairness_gauges() -> None:
     assert value(c, "hlm_tokens_per_emulated_second") == pytest.approx(80 / 4)
     assert value(c, "hlm_tokens_per_emulated_second", "laptop", "u-hlm") == pytest.approx(80 / 4)
     assert value(c, "hlm_run_tokens_per_emulated_second") == pytest.approx(400 / 20)
-    assert value(c, "hlm_run_tokens_per_emulated_second", "laptop", "u-hlm") == pytest.approx(100 / 20)
+    # whole run, over the tier's own span (as summary.json): the laptop tier ran from 15 s to 20 s
+    assert value(c, "hlm_run_tokens_per_emulated_second", "laptop", "u-hlm") == pytest.approx(100 / 5)
     assert value(c, "hlm_jain_fairness_ratio", tier=None) == pytest.approx(jain_index([10, 10, 20]))
     # whole run: each device over its own span: 10, 10 and 20 tokens/s
     assert value(c, "hlm_jain_fairness_run_ratio", tier=None) == pytest.approx(jain_index([10, 10, 20]))
@@ -229,7 +236,7 @@ def test_throughput_and_fairness_gauges() -> None:
     snap = c.snapshot()
     assert snap.throughput == pytest.approx(500 / 20)
     line = snap.log_line()
-    assert "tokens=500" in line and "tok/s=25.0" in line and "laptop:5.0" in line
+    assert "tokens=500" in line and "tok/s=25.0" in line and "laptop:20.0" in line
 
 
 def test_exposition_has_no_device_label_and_dedicated_registries() -> None:
@@ -315,3 +322,39 @@ def test_promtool_check_metrics(with_data: bool) -> None:
                     ClockStat("runner", 1.0, 1.0, 0.0, {"phone": 5}), ProtocolErrorStat("malformed")])
     out = subprocess.run([promtool, "check", "metrics"], input=c.exposition(), capture_output=True, timeout=60)
     assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), (out.stdout, out.stderr)
+
+
+def test_ingest_token_records_matches_summary_definitions() -> None:
+    """Rows in the tokens.parquet schema feed the collector; its figures equal summary.json's."""
+    results = pytest.importorskip("testbed.results")
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for dev, (tier, policy, step) in enumerate([("phone", "cu-hlm", 0.03)] * 3 + [("laptop", "u-hlm", 0.012)] * 2):
+        t = float(rng.uniform(0, 0.2))
+        for i in range(40):
+            u = float(rng.integers(0, 21) / 20)
+            tx = u > 0.1
+            acc = (not tx) or bool(rng.random() > u * 0.8)
+            lat = step + (0.08 if tx else 0.0)
+            rows.append(dict(device=dev, tier=tier, policy=policy, prompt_index=0, token_index=i, token_id=5, draft_id=5,
+                             uncertainty=u, transmitted=tx, k=50 if tx else 0, prob_bits=8, payload_bytes=163 if tx else 0,
+                             uplink_bytes=190 if tx else 0, accepted=acc, resampled=tx and not acc, beta=0.1,
+                             beta_is_shadow=not tx, retransmissions=0, t_draft_start=t, t_upload_sent=math.nan,
+                             t_verdict=math.nan, t_commit=t + lat))
+            t += lat
+    end = max(r["t_commit"] for r in rows)
+    summary = results.summarize(rows, emulated_seconds=end, wall_seconds=1.0, vocab_size=1000, verifier_batches=[1])
+    c = Collector(S, vocab_size=1000)
+    c.ingest_token_records(rows)
+    snap = c.snapshot()
+    assert snap.emulated_s == pytest.approx(summary["emulated_seconds"])
+    assert snap.throughput == pytest.approx(summary["throughput_tokens_per_s"]["system"])
+    assert snap.skip_rate == pytest.approx(summary["skip_rate"])
+    assert snap.acceptance_rate == pytest.approx(summary["acceptance_rate"])
+    assert snap.jain_run == pytest.approx(summary["jain_fairness"])
+    assert snap.totals.uplink_bytes == summary["uplink_bytes"]
+    assert 1 - snap.totals.vocab_entries / (1000 * snap.totals.uploads) == pytest.approx(summary["vocab_compression"])
+    for (tier, _), x in snap.tier_throughput.items():
+        assert x == pytest.approx(summary["throughput_tokens_per_s"]["tiers"][tier])

@@ -1,0 +1,193 @@
+"""`testbed report`: plots and a self-contained HTML page from run directories.
+
+Until real runs exist the run directories are fabricated by `make_synthetic_run` (a realistic
+tokens.parquet + summary.json + scenario.yaml in the results schema)."""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from testbed.cli import app
+from testbed.report import PLOTS, fit_beta, write_report
+
+V = 151936
+TIERS = {  # name: (slm s/token, uplink bit/s, one-way delay s)
+    "phone": (0.030, 2e6, 0.020),
+    "laptop": (0.012, 20e6, 0.005),
+}
+
+
+def make_synthetic_run(out: Path, *, policies: dict[str, str] | None = None, devices: dict[str, int] | None = None,
+                       tokens_per_device: int = 48, seed: int = 0, name: str = "synthetic") -> Path:
+    """Fabricate a run directory: tokens.parquet (results schema), summary.json, scenario.yaml."""
+    policies = policies or {"phone": "cu-hlm", "laptop": "u-hlm"}
+    devices = devices or {"phone": 6, "laptop": 3}
+    rng = np.random.default_rng(seed)
+    rows = []
+    batches = []
+    dev = 0
+    for tier, n in devices.items():
+        slm, rate, delay = TIERS.get(tier, TIERS["phone"])
+        policy = policies[tier]
+        for _ in range(n):
+            t = float(rng.uniform(0, 0.05))
+            for i in range(tokens_per_device):
+                u = float(np.clip(rng.beta(0.7, 1.6), 0, 1) * 20 // 1 / 20)
+                beta = float(np.clip(0.8 * u - 0.07 + rng.normal(0, 0.06), 0, 1))
+                skip = {"hlm": False, "rand-hlm": rng.random() < 0.3}.get(policy, u <= 0.081)
+                if policy == "slm-only":
+                    skip = True
+                tx = not skip
+                k = (int(min(V, max(1, rng.lognormal(4.0, 1.0)))) if policy.startswith("cu-hlm") else V) if tx else 0
+                payload = math.ceil(k * 26 / 8) if tx else 0
+                retx = int(tx and rng.random() < 0.03)
+                uplink = (payload + 24) * (1 + retx) if tx else 0
+                start = t
+                sent = start + slm
+                if tx:
+                    wait = float(rng.exponential(0.004))
+                    verdict = sent + uplink * 8 / rate + 2 * delay + wait + 0.025
+                    batches.append(int(rng.integers(1, 9)))
+                    accepted = bool(rng.random() >= beta)
+                else:
+                    verdict = math.nan
+                    accepted = True
+                commit = verdict if tx else sent
+                rows.append(dict(
+                    device=dev, tier=tier, policy=policy, prompt_index=i // 24, token_index=i,
+                    token_id=int(rng.integers(0, V)), draft_id=int(rng.integers(0, V)), uncertainty=u, transmitted=tx,
+                    k=k, prob_bits=8 if tx else 0, payload_bytes=payload, uplink_bytes=uplink, accepted=accepted,
+                    resampled=tx and not accepted, beta=beta, beta_is_shadow=not tx, retransmissions=retx,
+                    t_draft_start=start, t_upload_sent=sent if tx else math.nan, t_verdict=verdict, t_commit=commit,
+                ))
+                t = commit
+            dev += 1
+    df = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    # as testbed.results writes it: NaN is a value ("not applicable"), never a null
+    pq.write_table(pa.Table.from_arrays([pa.array(df[c].to_numpy(), from_pandas=False) for c in df.columns],
+                                        names=list(df.columns)), out / "tokens.parquet")
+    emu = float(df["t_commit"].max())
+
+    def figures(d: pd.DataFrame) -> dict:
+        tx = d["transmitted"].to_numpy()
+        lat = (d["t_commit"] - d["t_draft_start"]).to_numpy()
+        up = int(tx.sum())
+        return {
+            "tokens": len(d), "skip_rate": float(1 - tx.mean()),
+            "acceptance_rate": float(d["accepted"][tx].mean()) if up else None,
+            "vocab_compression": float(1 - d["k"][tx].sum() / (V * up)) if up else None,
+            "uplink_bytes": int(d["uplink_bytes"].sum()), "uplink_bytes_per_token": float(d["uplink_bytes"].mean()),
+            "payload_bytes": int(d["payload_bytes"].sum()), "uploads": up,
+            "retransmissions": int(d["retransmissions"].sum()),
+            "token_latency_s": {q: float(np.percentile(lat, int(q[1:]))) for q in ("p50", "p95", "p99")},
+        }
+
+    g = df.groupby("device")
+    per_dev = g.size() / (g["t_commit"].max() - g["t_draft_start"].min())
+    jain = float(per_dev.sum() ** 2 / (len(per_dev) * (per_dev ** 2).sum()))
+    tiers = {}
+    for tier, d in df.groupby("tier", sort=False):
+        span = float(d["t_commit"].max() - d["t_draft_start"].min())
+        x = per_dev[d["device"].unique()]
+        tiers[tier] = {"devices": int(d["device"].nunique()), "policy": policies[tier],
+                       "throughput_tokens_per_s": len(d) / span,
+                       "jain_fairness": float(x.sum() ** 2 / (len(x) * (x ** 2).sum())), **figures(d)}
+    summary = {
+        "scenario": name, "emulated_seconds": emu, "wall_seconds": 3.2, "tokens": len(df), "devices": len(per_dev),
+        "throughput_tokens_per_s": {"system": len(df) / emu, "tiers": {t: b["throughput_tokens_per_s"] for t, b in tiers.items()},
+                                    "devices": {str(k): float(v) for k, v in per_dev.items()}},
+        **figures(df), "jain_fairness": jain, "verifier_batch_size_mean": float(np.mean(batches)) if batches else None,
+        "verifier_batches": len(batches), "vocab_size": V, "tiers": tiers,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    tier_yaml = "".join(f"  - name: {t}\n    count: {n}\n    policy: {policies[t]}\n" for t, n in devices.items())
+    (out / "scenario.yaml").write_text(f"name: {name}\nseed: {seed}\nclock: virtual\ntiers:\n{tier_yaml}")
+    return out
+
+
+def embedded_pngs(html: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)]
+
+
+def assert_embeds_every_plot(html_path: Path, expected: set[str]) -> None:
+    assert html_path.is_file()
+    out = html_path.parent
+    pngs = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    assert set(pngs) == expected
+    html = html_path.read_text()
+    embedded = embedded_pngs(html)
+    assert sorted(embedded) == sorted(pngs.values())  # every plot exactly once, byte for byte
+    for data in embedded:
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+    assert "<script" not in html and "http://" not in html and "https://" not in html  # self-contained
+
+
+def test_single_run_report_embeds_every_plot(tmp_path: Path) -> None:
+    run = make_synthetic_run(tmp_path / "run")
+    html = write_report([run], tmp_path / "out")
+    assert html == tmp_path / "out" / "report.html"
+    assert_embeds_every_plot(html, {f"{key}.png" for key, _, _ in PLOTS})
+    text = html.read_text()
+    for needle in ("Jain fairness", "skip rate", "acceptance rate", "scenario.yaml", "cu-hlm", "u-hlm"):
+        assert needle in text
+
+
+def test_several_runs_compare_policies_side_by_side(tmp_path: Path) -> None:
+    runs = [make_synthetic_run(tmp_path / p, policies={"phone": p, "laptop": p}, seed=i, name="paper")
+            for i, p in enumerate(["hlm", "u-hlm", "cu-hlm"])]
+    html = write_report(runs, tmp_path / "out")
+    expected = {"policies.png"} | {f"{p}_{key}.png" for p in ("hlm", "u-hlm", "cu-hlm") for key, _, _ in PLOTS}
+    assert_embeds_every_plot(html, expected)
+    assert "Policies side by side" in html.read_text()
+
+
+def test_cli_report_and_sweep_folders(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    for i, p in enumerate(["u-hlm", "cu-hlm"]):
+        make_synthetic_run(sweep / p, policies={"phone": p, "laptop": p}, seed=i)
+    runner = CliRunner()
+    res = runner.invoke(app, ["report", str(sweep), "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "rep" / "report.html").is_file() and (tmp_path / "rep" / "policies.png").is_file()
+    res = runner.invoke(app, ["report", str(sweep / "u-hlm")])  # one run: RUN_DIR/report by default
+    assert res.exit_code == 0, res.output
+    assert (sweep / "u-hlm" / "report" / "report.html").is_file()
+    res = runner.invoke(app, ["report", str(tmp_path / "nothing-here")])
+    assert res.exit_code == 2 and "not a run directory" in res.output
+
+
+def test_large_fleet_and_odd_policies(tmp_path: Path) -> None:
+    run = make_synthetic_run(tmp_path / "fleet", policies={"phone": "cu-hlm", "laptop": "slm-only"},
+                             devices={"phone": 150, "laptop": 50}, tokens_per_device=16)
+    html = write_report([run], tmp_path / "out")
+    assert_embeds_every_plot(html, {f"{key}.png" for key, _, _ in PLOTS})
+
+
+def test_fit_recovers_the_generating_line(tmp_path: Path) -> None:
+    df = pd.read_parquet(make_synthetic_run(tmp_path / "r", policies={"phone": "hlm", "laptop": "hlm"},
+                                            tokens_per_device=200) / "tokens.parquet")
+    a, b, n = fit_beta(df)
+    # beta = clip(0.8 u - 0.07 + noise, 0, 1): clipping at 0 flattens the low end a little
+    assert 0.6 < a < 0.9 and -0.1 < b < 0.05 and n == len(df)
+
+
+def test_report_reads_summaries_from_testbed_results(tmp_path: Path) -> None:
+    results = pytest.importorskip("testbed.results")
+    run = make_synthetic_run(tmp_path / "run")
+    df = results.read_tokens(run / "tokens.parquet")
+    summary = results.summarize(df, emulated_seconds=float(df["t_commit"].max()), wall_seconds=2.0,
+                                vocab_size=V, verifier_batches=[2, 3, 4])
+    results.write_summary(summary, run / "summary.json")
+    html = write_report([run], tmp_path / "out")
+    assert_embeds_every_plot(html, {f"{key}.png" for key, _, _ in PLOTS})
