@@ -168,12 +168,14 @@ class Verifier:
     """One LLM behind a ZeroMQ ROUTER. `start()` binds and serves in a background thread."""
 
     def __init__(self, llm_spec, server: ServerProfile, seed: int, vocab_size: int, clock: ClockParams,
-                 host: str = "127.0.0.1", port: int = 0, threads: int = 2, max_frame_bytes: int = protocol.MAX_FRAME_BYTES):
+                 host: str = "127.0.0.1", port: int = 0, threads: int = 2, max_frame_bytes: int = protocol.MAX_FRAME_BYTES,
+                 lm=None, expected_sessions: int = 0):
         from agents.lm import BatchedLM
         from agents.models import load_model
 
         _set_threads(threads)
-        self.core = VerifierCore(BatchedLM(load_model(llm_spec)), server, seed, vocab_size)
+        # `lm`: an already loaded BatchedLM (benchmarks share one model between runs).
+        self.core = VerifierCore(lm or BatchedLM(load_model(llm_spec)), server, seed, vocab_size, expected_sessions)
         self.clock = clock
         self.host, self.port = host, port
         self.max_frame_bytes = max_frame_bytes

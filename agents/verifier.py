@@ -65,8 +65,11 @@ class BatchRecord:
 
 
 class VerifierCore:
-    def __init__(self, llm, server: ServerProfile, seed: int, vocab_size: int):
+    def __init__(self, llm, server: ServerProfile, seed: int, vocab_size: int, expected_sessions: int = 0):
         self.llm = llm  # agents.lm.BatchedLM
+        # Virtual clock: no batch is released before every device of the run has opened its
+        # session, since an unopened device could still send an earlier arrival.
+        self.expected_sessions = expected_sessions
         self.server = server
         self.seed = seed
         self.vocab_size = vocab_size
@@ -144,7 +147,7 @@ class VerifierCore:
         start = self.batch_start()
         if start is None:
             return None
-        if now is None and self.pending_bound() <= start:
+        if now is None and (len(self.sessions) < self.expected_sessions or self.pending_bound() <= start):
             return None
         if now is not None and now < start:
             return None

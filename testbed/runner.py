@@ -165,7 +165,7 @@ def _run_ray(p: Plan, opts: RunOptions, progress: "Progress"):
         if opts.address and host == "127.0.0.1":
             host = "0.0.0.0"  # reachable from other nodes of the cluster
         verifier = ray.remote(num_cpus=0, max_concurrency=4)(Verifier).remote(
-            p.llm, p.server, s.seed, p.run.vocab_size, clock, host, s.server.port)
+            p.llm, p.server, s.seed, p.run.vocab_size, clock, host, s.server.port, expected_sessions=len(p.specs))
         actors.append(verifier)
         endpoint = ray.get(verifier.start.remote())
         if opts.address and endpoint.startswith("tcp://0.0.0.0"):

@@ -17,6 +17,16 @@ from testbed.scenario import load_scenario, override
 
 TRACE = ["device", "token_index", "token_id", "draft_id", "uncertainty", "transmitted", "k", "payload_bytes",
          "accepted", "resampled", "beta", "t_draft_start", "t_upload_sent", "t_verdict", "t_commit"]
+# beta = max(0, 1 - y_d/x_d) is a measurement from float logits: batched CPU matmuls are not
+# batch-invariant, so x_d may differ in the last float32 digits when the SLM batch differs.
+MEASURED = ["beta"]
+
+
+def assert_same_trace(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    """Tokens, decisions and emulated timestamps bit-identical; measured floats to 1e-4."""
+    exact = [c for c in TRACE if c not in MEASURED]
+    pd.testing.assert_frame_equal(a[exact], b[exact], check_exact=True)
+    pd.testing.assert_frame_equal(a[MEASURED], b[MEASURED], check_exact=False, rtol=1e-4, atol=1e-5)
 
 
 def small(**changes):
@@ -56,18 +66,18 @@ def test_local_engine_is_complete_and_plausible(local_trace):
 
 def test_ray_engine_reproduces_local_engine(ray_session, local_trace, tmp_path):
     ray_trace = run(small(), tmp_path, "ray", engine="ray")
-    pd.testing.assert_frame_equal(ray_trace, local_trace)
+    assert_same_trace(ray_trace, local_trace)
 
 
 def test_layout_does_not_change_the_trace(ray_session, tmp_path):
     one = run(small(**{"actors.devices_per_group": 1}), tmp_path, "dpg1", engine="ray")
     four = run(small(**{"actors.devices_per_group": 4}), tmp_path, "dpg4", engine="ray")
-    pd.testing.assert_frame_equal(one, four)
+    assert_same_trace(one, four)
 
 
 def test_real_timing_noise_does_not_change_the_trace(ray_session, local_trace, tmp_path):
     noisy = run(small(**{"actors.devices_per_group": 3}), tmp_path, "noisy", engine="ray", chaos_delay_s=0.02)
-    pd.testing.assert_frame_equal(noisy, local_trace)
+    assert_same_trace(noisy, local_trace)
 
 
 def test_malformed_frames_get_error_replies_and_the_run_continues(ray_session, tmp_path):

@@ -1,0 +1,103 @@
+"""Calibrate the rejection model beta ~ a*u + b on a model pair (DESIGN.md section 1, step 3).
+
+The reference engine decodes HumanEval prompts with `hlm` (every draft verified, full
+distribution) so beta = max(0, 1 - y_d/x_d) is observed for every token; alongside, every
+uncertainty estimator is evaluated on the same draft. One least-squares fit per estimator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from policies.base import Decision, DecisionContext, Policy, TokenBatch
+
+
+class RecordingPolicy(Policy):
+    """Wraps a policy and records u of every estimator for each (device, token index)."""
+
+    def __init__(self, inner: Policy, estimators: dict):
+        self.inner, self.estimators = inner, estimators
+        self.name, self.drafts, self.uses_llm = inner.name, inner.drafts, inner.uses_llm
+        self.samples: dict[tuple[int, int], dict[str, float]] = {}
+
+    def decide(self, logits, ctx: DecisionContext) -> Decision:
+        return self.decide_batch(np.asarray(logits)[None], [ctx])[0]
+
+    def decide_batch(self, logits, ctxs):
+        batch = TokenBatch.from_contexts(logits, ctxs)
+        values = {name: np.asarray(est(batch), dtype=np.float64) for name, est in self.estimators.items()}
+        for i, c in enumerate(ctxs):
+            self.samples[(c.device, c.token_index)] = {name: float(v[i]) for name, v in values.items()}
+        return self.inner.decide_batch(logits, ctxs)
+
+
+@dataclass
+class Calibration:
+    samples: pd.DataFrame  # device, token_index, beta, u_<estimator>...
+    fits: dict[str, dict]
+
+
+def calibrate(slm_spec, llm_spec, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+              seed: int = 0, progress=None) -> Calibration:
+    from agents.device import DeviceSpec, RunParams
+    from agents.engine import run_local
+    from agents.lm import BatchedLM
+    from agents.models import load_model
+    from agents.verifier import ServerProfile
+    from netem import DuplexProfile
+    from policies import load_policy
+    from policies.rejection import DegenerateFitError, fit_rejection_model, risk_averse_threshold
+    from policies.uncertainty import ESTIMATORS, make_estimator
+
+    slm, llm = BatchedLM(load_model(slm_spec)), BatchedLM(load_model(llm_spec))
+    policy = RecordingPolicy(load_policy("hlm"), {name: make_estimator(name) for name in ESTIMATORS})
+    link = DuplexProfile.from_dict({"uplink": {"rate_mbps": 100.0, "delay_ms": 1.0},
+                                    "downlink": {"rate_mbps": 100.0, "delay_ms": 1.0}})
+    specs = [DeviceSpec(i, "calibration", "hlm", 10.0, link, i, tuple(ids)) for i, ids in enumerate(prompt_ids)]
+    run = RunParams(seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, vocab_size=llm.vocab_size)
+    result = run_local(specs, run, ServerProfile(), slm, llm, {"hlm": policy}, on_step=progress)
+    rows = pd.DataFrame(result.rows)
+    u = pd.DataFrame([{"device": d, "token_index": t, **{f"u_{k}": v for k, v in vals.items()}}
+                      for (d, t), vals in policy.samples.items()])
+    samples = rows[["device", "token_index", "token_id", "draft_id", "beta"]].merge(u, on=["device", "token_index"])
+    fits = {}
+    for name in ESTIMATORS:
+        try:
+            f = fit_rejection_model(samples[f"u_{name}"], samples["beta"])
+            u_th = risk_averse_threshold(f.a, f.b) if f.a > 0 else float("nan")
+            fits[name] = {"a": f.a, "b": f.b, "pearson_r": f.pearson_r, "u_th_risk_averse": u_th, "n_tokens": f.n}
+        except DegenerateFitError as e:
+            fits[name] = {"a": None, "b": None, "pearson_r": None, "u_th_risk_averse": None,
+                          "n_tokens": len(samples), "error": str(e)}
+    return Calibration(samples, fits)
+
+
+def plot(cal: Calibration, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(cal.fits)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        u, beta = cal.samples[f"u_{name}"], cal.samples["beta"]
+        ax.scatter(u, beta, s=6, alpha=0.35, color="tab:blue", label="tokens")
+        f = cal.fits[name]
+        if f.get("a") is not None:
+            grid = np.linspace(float(u.min()), float(u.max()), 50)
+            ax.plot(grid, np.clip(f["a"] * grid + f["b"], 0, 1), color="tab:red",
+                    label=f"beta = {f['a']:.3f}u {f['b']:+.3f} (r={f['pearson_r']:.2f})")
+        ax.set_title(name)
+        ax.set_xlabel("uncertainty u")
+        ax.set_ylabel("rejection probability beta")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"beta vs uncertainty ({len(cal.samples)} tokens)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
