@@ -1,0 +1,321 @@
+"""The link model: when does a message sent at t arrive, if at all.
+
+One `Link` is one direction of one device's link. For each message:
+
+1. packetise: ceil(nbytes / mtu) packets (at least one), each carrying `overhead_bytes` more;
+2. per packet, in order: tail drop if the queue (bytes not yet fully serialised) would
+   exceed `queue_bytes`; serialise FIFO at the link's rate (a packet waits for every packet
+   before it, Lindley: depart = max(t, previous depart) + bits / rate, integrating the rate
+   when it varies over time); then loss on the wire (a lost packet still used its airtime,
+   as on a radio; netem instead drops before its rate stage); then propagation delay + jitter;
+3. duplication: a duplicated packet is sent twice (both copies queue, serialise and may be
+   lost independently);
+4. reassembly: a message arrives when its last packet does (the earliest copy of each
+   packet counts); it is lost if any packet has no surviving copy (no retransmission here:
+   the runtime retransmits). A second complete copy (every packet duplicated and delivered)
+   is a duplicate message, reported by `transmit()`.
+
+Per-packet jitter means packets, and so messages, can overtake each other, as with netem
+(arrival order is not send order); the serialisation queue itself is FIFO.
+
+Conditions (rate, delay, loss) come from the profile, or over time from its channel or trace,
+evaluated when each packet leaves the serialiser. `set_profile()` switches profiles between
+sends; queued bytes, loss state and jitter state carry over.
+
+Randomness: each purpose (loss, jitter, duplication, trace offset, channel) has its own
+stream derived from the link's seed, so e.g. turning on duplication does not change which
+packets are lost. `link_seed(seed, device, direction)` keys a link by scenario seed, device
+and direction, so links are independent and each is reproducible on its own.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+
+from netem.channel import ChannelProcess
+from netem.profile import LinkProfile
+
+DIRECTIONS = ("uplink", "downlink")
+_SQRT_HALF = math.sqrt(0.5)
+_PARETO_SHAPE = 3.0  # netem's pareto table uses shape 3
+# Pareto(x_m, a): mean a x_m / (a - 1), sd x_m sqrt(a / (a - 2)) / (a - 1). Scale so sd = 1.
+_PARETO_XM = (_PARETO_SHAPE - 1) / math.sqrt(_PARETO_SHAPE / (_PARETO_SHAPE - 2))
+_PARETO_MEAN = _PARETO_SHAPE * _PARETO_XM / (_PARETO_SHAPE - 1)
+
+
+def _derive(seed: int, *parts) -> int:
+    """A 63-bit integer from a seed and labels (stable across runs and platforms)."""
+    text = ":".join(str(p) for p in (int(seed), *parts))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
+
+
+def link_seed(seed: int, device, direction: str) -> int:
+    """The seed of device `device`'s link in `direction` ('uplink' or 'downlink')."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction: expected 'uplink' or 'downlink', got {direction!r}")
+    return _derive(seed, "link", device, direction)
+
+
+@dataclass
+class LinkStats:
+    messages: int = 0
+    messages_lost: int = 0
+    messages_duplicated: int = 0
+    packets: int = 0  # packets offered to the queue (copies included)
+    packets_dropped: int = 0  # tail drops at the queue
+    packets_lost: int = 0  # lost on the wire
+    bytes_offered: int = 0  # message payload bytes offered
+
+
+class _Static:
+    """Constant conditions."""
+
+    def __init__(self, p: LinkProfile):
+        self.rate, self.delay, self.loss = p.rate_bps, p.delay_s, p.loss
+
+    def rate_segment(self, t):
+        return self.rate, math.inf
+
+    def delay_at(self, t):
+        return self.delay
+
+    def loss_at(self, t):
+        return self.loss
+
+
+class _Varying:
+    """Conditions from a channel or a trace; static profile values fill what they lack."""
+
+    def __init__(self, p: LinkProfile, seed: int):
+        self.static = _Static(p)
+        self.channel = ChannelProcess(p.channel, _derive(seed, "channel")) if p.channel else None
+        self.trace = p.trace
+        self.offset = 0.0
+        if p.trace is not None and p.trace.random_start and p.trace.duration_s > 0:
+            self.offset = random.Random(_derive(seed, "trace")).random() * p.trace.duration_s
+        cols = p.trace.columns() if p.trace else []
+        self.rate_varies = self.channel is not None or "rate_bps" in cols
+        self.delay_varies = "delay_s" in cols
+        self.rate_segment = (self.channel.rate_segment if self.channel else
+                             self._trace_rate if "rate_bps" in cols else self.static.rate_segment)
+        self.delay_at = self._trace_delay if self.delay_varies else self.static.delay_at
+        self.loss_at = self._trace_loss if "loss" in cols else self.static.loss_at
+
+    def _trace_rate(self, t):
+        i, end = self.trace.index(t + self.offset)
+        return self.trace.rate_bps[i], end - self.offset
+
+    def _trace_delay(self, t):
+        return self.trace.delay_s[self.trace.index(t + self.offset)[0]]
+
+    def _trace_loss(self, t):
+        return self.trace.loss[self.trace.index(t + self.offset)[0]]
+
+
+class Link:
+    """One direction of one link. `send(nbytes, t_send)` -> arrival time or None (lost).
+
+    Calls must come in non-decreasing t_send order (the serialisation queue depends on
+    history). Deterministic for a given profile sequence and seed.
+    """
+
+    def __init__(self, profile: LinkProfile, seed: int = 0):
+        if not isinstance(profile, LinkProfile):
+            raise TypeError(f"profile: expected a LinkProfile, got {type(profile).__name__}")
+        self.seed = int(seed)
+        self._loss_u = random.Random(_derive(seed, "loss")).random
+        self._jitter_u = random.Random(_derive(seed, "jitter")).random
+        self._dup_u = random.Random(_derive(seed, "duplicate")).random
+        self._busy = -math.inf  # when the serialiser has sent everything queued so far
+        self._last_t = -math.inf
+        self._queue = collections.deque()  # (depart time, wire bytes) not yet fully sent
+        self._queued_bytes = 0
+        self._lost_last = False  # previous packet's fate (correlated loss)
+        self._ge_bad = False  # Gilbert-Elliott state
+        self._z = 0.0  # jitter AR(1) state
+        self._spare = None  # second Box-Muller normal
+        self.stats = LinkStats()
+        self.set_profile(profile)
+
+    @property
+    def profile(self) -> LinkProfile:
+        return self._profile
+
+    @property
+    def busy_until(self) -> float:
+        """When the serialiser will have sent everything queued so far."""
+        return self._busy
+
+    def set_profile(self, profile: LinkProfile) -> None:
+        """Use `profile` for every later send (O(1); nothing queued is recomputed)."""
+        p = profile
+        self._profile = p
+        self._cond = _Varying(p, self.seed) if p.varies else _Static(p)
+        # Constant rate and delay take a fast path: seconds per byte, no segment walk.
+        rate_varies = p.varies and self._cond.rate_varies
+        self._sec_per_byte = None if rate_varies else (0.0 if math.isinf(p.rate_bps) else 8.0 / p.rate_bps)
+        self._fixed_delay = None if p.varies and self._cond.delay_varies else p.delay_s
+        trace_loss = p.trace is not None and p.trace.loss is not None
+        self._random_loss = p.loss > 0 or trace_loss
+        self._lossy = self._random_loss or p.ge_p > 0
+        self._mtu, self._overhead, self._limit = p.mtu, p.overhead_bytes, p.queue_bytes
+        self._dup = p.duplicate
+        j = p.jitter_s
+        self._jitter = j > 0
+        self._rho = p.jitter_correlation
+        self._innov = math.sqrt(1.0 - self._rho * self._rho)
+        self._jdist = p.jitter_dist
+        self._jscale = j
+
+    # -- public API ---------------------------------------------------------------------
+
+    def send(self, nbytes: int, t_send: float) -> float | None:
+        """Arrival time (s) of the message sent at t_send, or None when it is lost."""
+        if nbytes <= self._mtu and not self._dup:  # fast path: one packet, no copies
+            self._start(nbytes, t_send)
+            a = self._packet(nbytes + self._overhead, t_send)
+            if a is None:
+                self.stats.messages_lost += 1
+            return a
+        arrivals = self.transmit(nbytes, t_send)
+        return arrivals[0] if arrivals else None
+
+    def transmit(self, nbytes: int, t_send: float) -> tuple[float, ...]:
+        """Arrival times of every complete copy of the message: () if lost, two if duplicated."""
+        self._start(nbytes, t_send)
+        mtu, over = self._mtu, self._overhead
+        if nbytes <= mtu and not self._dup:  # one packet, no copies
+            a = self._packet(nbytes + over, t_send)
+            if a is None:
+                self.stats.messages_lost += 1
+                return ()
+            return (a,)
+        npk = max(1, -(-nbytes // mtu))
+        first = second = -math.inf
+        complete, twice = True, True
+        for i in range(npk):
+            wire = (mtu if i < npk - 1 else nbytes - mtu * (npk - 1)) + over
+            a = self._packet(wire, t_send)
+            b = self._packet(wire, t_send) if self._dup and self._dup_u() < self._dup else None
+            if a is None and b is None:
+                complete = False
+                continue
+            if a is None or b is None:
+                twice = False
+                early = a if b is None else b
+            else:
+                early, late = (a, b) if a <= b else (b, a)
+                second = max(second, late)
+            first = max(first, early)
+        if not complete:
+            self.stats.messages_lost += 1
+            return ()
+        if twice:
+            self.stats.messages_duplicated += 1
+            return (first, max(first, second))
+        return (first,)
+
+    def conditions_at(self, t: float) -> tuple[float, float, float]:
+        """(rate bit/s, base delay s, random loss probability) in force at time t, for plots."""
+        c = self._cond
+        return c.rate_segment(t)[0], c.delay_at(t), c.loss_at(t)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _start(self, nbytes: int, t: float) -> None:
+        if t < self._last_t:
+            raise ValueError(f"t_send went backwards ({t!r} after {self._last_t!r}); send in time order per link")
+        if nbytes < 0:
+            raise ValueError(f"nbytes: expected an integer >= 0, got {nbytes!r}")
+        self._last_t = t
+        st = self.stats
+        st.messages += 1
+        st.bytes_offered += nbytes
+
+    def _packet(self, wire: int, t: float) -> float | None:
+        """One packet of `wire` bytes offered at t: its arrival time, or None."""
+        self.stats.packets += 1
+        if self._limit is not None:
+            q = self._queue
+            while q and q[0][0] <= t:
+                self._queued_bytes -= q.popleft()[1]
+            if self._queued_bytes + wire > self._limit:
+                self.stats.packets_dropped += 1
+                return None
+        start = t if t > self._busy else self._busy
+        if self._sec_per_byte is not None:
+            depart = start + wire * self._sec_per_byte
+        else:
+            depart = self._serialise(start, wire * 8.0)
+            if depart == math.inf:  # zero rate for ever: the packet never leaves
+                self.stats.packets_dropped += 1
+                return None
+        self._busy = depart
+        if self._limit is not None:
+            self._queue.append((depart, wire))
+            self._queued_bytes += wire
+        if self._lossy and self._lost(depart):
+            self.stats.packets_lost += 1
+            return None
+        delay = self._fixed_delay if self._fixed_delay is not None else self._cond.delay_at(depart)
+        if self._jitter:
+            delay += self._jitter_sample()
+            if delay < 0:
+                delay = 0.0
+        return depart + delay
+
+    def _serialise(self, start: float, bits: float) -> float:
+        """When `bits` started at `start` finish, integrating a piecewise-constant rate."""
+        t = start
+        segment = self._cond.rate_segment
+        while True:
+            rate, end = segment(t)
+            if rate == math.inf:
+                return t
+            if rate > 0:
+                done = t + bits / rate
+                if done <= end:
+                    return done
+                bits -= rate * (end - t)
+            if end == math.inf:
+                return math.inf
+            t = end
+
+    def _lost(self, t: float) -> bool:
+        u = self._loss_u()
+        p = self._profile
+        if p.ge_p > 0:  # Gilbert-Elliott, in the kernel's order: transition, then loss
+            if self._ge_bad:
+                if u < p.ge_r:
+                    self._ge_bad = False
+            elif u < p.ge_p:
+                self._ge_bad = True
+            lost = self._loss_u() < (p.ge_loss_bad if self._ge_bad else p.ge_loss_good)
+        else:
+            q = self._cond.loss_at(t) if self._random_loss else 0.0
+            rho = p.loss_correlation
+            # Markov chain with marginal q and lag-1 correlation rho.
+            lost = u < (rho + (1 - rho) * q if self._lost_last else (1 - rho) * q)
+        self._lost_last = lost
+        return lost
+
+    def _normal(self) -> float:
+        if self._spare is not None:
+            z, self._spare = self._spare, None
+            return z
+        r = math.sqrt(-2.0 * math.log(1.0 - self._jitter_u()))  # 1 - u in (0, 1]
+        a = 2.0 * math.pi * self._jitter_u()
+        self._spare = r * math.sin(a)
+        return r * math.cos(a)
+
+    def _jitter_sample(self) -> float:
+        self._z = z = self._rho * self._z + self._innov * self._normal()  # AR(1), N(0, 1) marginal
+        if self._jdist == "normal":
+            return self._jscale * z
+        if self._jdist == "uniform":
+            return self._jscale * math.erf(z * _SQRT_HALF)  # 2 Phi(z) - 1: uniform on (-1, 1)
+        tail = 0.5 * math.erfc(z * _SQRT_HALF)  # 1 - Phi(z), > 0 even far in the tail
+        return self._jscale * (_PARETO_XM * tail ** (-1.0 / _PARETO_SHAPE) - _PARETO_MEAN)
