@@ -156,7 +156,7 @@ def _render_variable(v: Variable) -> dict:
         "multi": True,
         "name": v.name,
         "options": [],
-        "query": {"qryType": 1, "query": v.query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
+        "query": v.query,  # classic label_values() string: accepted by Grafana 9 to 11
         "refresh": 2,
         "regex": "",
         "sort": 1,

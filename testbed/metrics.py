@@ -420,7 +420,7 @@ class Collector:
 
     # -- ingest ----------------------------------------------------------------------------
     def ingest(self, stats: StatBatch | Iterable | TokenStat | VerifierBatchStat | LinkStat | ClockStat | ProtocolErrorStat) -> None:
-        """Take a batch (or any iterable of stat records, or one record)."""
+        """Take a batch, one record, or an iterable of records and/or batches."""
         if isinstance(stats, StatBatch):
             batch = stats
         else:
@@ -428,7 +428,11 @@ class Collector:
             if isinstance(stats, (TokenStat, VerifierBatchStat, LinkStat, ClockStat, ProtocolErrorStat)):
                 batch.add(stats)
             else:
-                batch.extend(stats)
+                for s in stats:
+                    if isinstance(s, StatBatch):  # e.g. the results of ray.get over several actors
+                        batch.merge(s)
+                    else:
+                        batch.add(s)
         with self._lock:
             self._ingest_tokens(batch)
             for v in batch.verifier:

@@ -275,6 +275,18 @@ def test_concurrent_ingest_and_scrape() -> None:
     assert not errors and value(c, "hlm_tokens_committed_total") == 2000
 
 
+def test_ingest_accepts_a_list_of_batches() -> None:
+    c = Collector(S)
+    batches = []
+    for g in range(3):
+        b = StatBatch(f"group-{g}")
+        b.add(tok(device=g, tier=["phone", "laptop", "phone"][g], policy=["cu-hlm", "u-hlm", "cu-hlm"][g]))
+        batches.append(b)
+    c.ingest(batches + [ClockStat("runner", 1.0, 0.5)])
+    assert value(c, "hlm_tokens_committed_total") == 2
+    assert value(c, "hlm_tokens_committed_total", "laptop", "u-hlm") == 1
+
+
 def test_serve_port_zero_is_off_and_http_serves_metrics() -> None:
     c = Collector(S, tiers={"phone": "cu-hlm"})
     assert c.serve(0) is None and c.url is None
