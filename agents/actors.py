@@ -18,12 +18,11 @@ Clocks (DESIGN.md section 2), one code path:
 from __future__ import annotations
 
 import heapq
-import math
 import os
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import zmq
 
@@ -91,7 +90,14 @@ class DeviceGroup:
     def stop(self) -> None:
         self.stop_flag.set()
 
-    def run(self) -> dict:
+    def ready(self) -> bool:
+        return True
+
+    def run(self, t0: float | None = None) -> dict:
+        """Emulate every device to the end. `t0`: the wall clock's emulated zero (real time),
+        given once every actor is up so model loading does not count as lag."""
+        if t0 is not None:
+            self.clock = replace(self.clock, t0=t0)
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -188,6 +194,7 @@ class Verifier:
         self.lag_s = 0.0
 
     def start(self) -> str:
+        """Bind the ROUTER and serve in a background thread; returns the endpoint."""
         ctx = zmq.Context.instance()
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -199,6 +206,10 @@ class Verifier:
         self.thread = threading.Thread(target=self._serve, name="verifier", daemon=True)
         self.thread.start()
         return f"tcp://{self.host}:{self.port}"
+
+    def set_t0(self, t0: float) -> None:
+        """The wall clock's emulated zero, set before any device starts (see DeviceGroup.run)."""
+        self.clock = replace(self.clock, t0=t0)
 
     def status(self) -> dict:
         return {"errors": self.errors, "lag_s": self.lag_s, "error_log": self.error_log[-20:], "failure": self.failure,

@@ -27,8 +27,9 @@ class RunOptions:
     progress: bool = True
     chaos_delay_s: float = 0.0  # tests: random real delays in actors (the trace must not change)
     report: bool = True
-    metrics_port: int | None = None
+    metrics_port: int | None = None  # serve Prometheus metrics here (None/0 = off, -1 = any free port)
     linger_s: float = 0.0
+    collector: object | None = None  # a testbed.metrics.Collector to feed (else one is made for metrics_port)
 
 
 @dataclass
@@ -92,21 +93,26 @@ def run_scenario(s: Scenario, opts: RunOptions) -> dict:
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     dump_scenario(s, opts.out_dir / "scenario.yaml")
     p = plan(s)
-    progress = Progress(p, enabled=opts.progress)
+    sinks = Sinks(p, opts)
     t0 = time.time()
     rows, batches, status = [], [], {}
     try:
         if opts.engine == "local":
-            rows, batches = _run_local(p, progress)
+            rows, batches = _run_local(p, sinks)
         elif opts.engine == "ray":
-            rows, batches, status = _run_ray(p, opts, progress)
+            rows, batches, status = _run_ray(p, opts, sinks)
         else:
             raise ValueError(f"engine must be ray or local, got {opts.engine!r}")
     finally:
-        progress.close()
+        sinks.close()
         wall = time.time() - t0
         if rows:  # partial results are kept too
             _write(p, opts, rows, batches, wall, status)
+            if opts.report:
+                from testbed.report import write_report
+
+                write_report([opts.out_dir], opts.out_dir / "report")
+        sinks.linger(opts.linger_s)
     return json.loads((opts.out_dir / "summary.json").read_text())
 
 
@@ -126,7 +132,7 @@ def _write(p: Plan, opts: RunOptions, rows: list[dict], batches, wall: float, st
 # --- engines -----------------------------------------------------------------------------
 
 
-def _run_local(p: Plan, progress: "Progress"):
+def _run_local(p: Plan, sinks: "Sinks"):
     from agents.engine import run_local
     from agents.lm import BatchedLM
     from agents.models import load_model
@@ -135,20 +141,23 @@ def _run_local(p: Plan, progress: "Progress"):
     policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
     slm = BatchedLM(load_model(p.slm))
     llm = BatchedLM(load_model(p.llm))
-    seen = {}
+    seen = {"batches": 0}
 
     def on_step(group, verifier):
         fresh = []
         for dev, d in group.devices.items():
             fresh.extend(d.rows[seen.get(dev, 0):])
             seen[dev] = len(d.rows)
-        progress.update(fresh)
+        sinks.batches(verifier.batches[seen["batches"]:])
+        seen["batches"] = len(verifier.batches)
+        sinks.rows(fresh)
+        sinks.clock(0.0, 0)
 
     result = run_local(p.specs, p.run, p.server, slm, llm, policies, on_step=on_step)
     return result.rows, result.batches
 
 
-def _run_ray(p: Plan, opts: RunOptions, progress: "Progress"):
+def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks"):
     import ray
 
     from agents.actors import ClockParams, DeviceGroup, Verifier
@@ -158,7 +167,7 @@ def _run_ray(p: Plan, opts: RunOptions, progress: "Progress"):
         ray.init(address=opts.address, include_dashboard=False, configure_logging=False, log_to_driver=True,
                  **({} if opts.address else {"num_cpus": max(2, len(p.specs) // p.scenario.actors.devices_per_group + 1)}))
     s = p.scenario
-    clock = ClockParams(s.clock, s.time_scale, time.time() + 2.0 if s.clock == "wall" else 0.0, opts.chaos_delay_s)
+    clock = ClockParams(s.clock, s.time_scale, 0.0, opts.chaos_delay_s)
     actors = []
     try:
         host = s.server.host
@@ -175,7 +184,10 @@ def _run_ray(p: Plan, opts: RunOptions, progress: "Progress"):
         groups = [group_cls.remote(i, p.specs[j:j + n], p.run, p.slm, p.policy_specs, endpoint, clock)
                   for i, j in enumerate(range(0, len(p.specs), n))]
         actors.extend(groups)
-        refs = {g.run.remote(): g for g in groups}
+        ray.get([g.ready.remote() for g in groups])  # models loaded: emulated time may start
+        t0 = time.time() + 0.2
+        ray.get(verifier.set_t0.remote(t0))
+        refs = {g.run.remote(t0): g for g in groups}
         pending = list(refs)
         rows: list[dict] = []
         while pending:
@@ -183,8 +195,10 @@ def _run_ray(p: Plan, opts: RunOptions, progress: "Progress"):
             for ref in done:
                 rows.extend(ray.get(ref)["rows"])  # raises the group's error here
             fresh = ray.get([g.drain.remote() for g in refs.values()])
-            progress.update([r for f in fresh for r in f["rows"]])
+            sinks.batches(ray.get(verifier.drain_batches.remote()))
+            sinks.rows([r for f in fresh for r in f["rows"]])
             status = ray.get(verifier.status.remote())
+            sinks.clock(max([f["lag_s"] for f in fresh] + [status["lag_s"]]), status["errors"])
             if status["failure"]:
                 raise RuntimeError(f"verifier failed:\n{status['failure']}")
         batches = ray.get(verifier.batches.remote())
@@ -198,6 +212,85 @@ def _run_ray(p: Plan, opts: RunOptions, progress: "Progress"):
                 pass
         if started:
             ray.shutdown()
+
+
+# --- live sinks: progress display and Prometheus --------------------------------------------
+
+
+class Sinks:
+    """Where live progress goes: the progress table and, when asked, the metrics collector."""
+
+    def __init__(self, p: Plan, opts: RunOptions):
+        self.progress = Progress(p, enabled=opts.progress)
+        self.collector = opts.collector
+        self.own = False
+        self.t0 = time.time()
+        self.t_emulated = 0.0
+        self.errors_seen = 0
+        self.max_new_tokens = p.run.max_new_tokens
+        self.tier_of = {d.device: d.tier for d in p.specs}
+        self.policy_of = {d.device: d.policy_name for d in p.specs}
+        self.committed = {d.device: 0 for d in p.specs}
+        if self.collector is None and opts.metrics_port:
+            from testbed.metrics import Collector
+
+            tiers = {d.tier: d.policy_name for d in p.specs}
+            self.collector = Collector(p.scenario.name, tiers=tiers, vocab_size=p.run.vocab_size)
+            self.own = True
+            port = self.collector.serve(opts.metrics_port)
+            print(f"metrics: http://127.0.0.1:{port}/metrics", flush=True)
+
+    def rows(self, rows: list[dict]) -> None:
+        self.progress.update(rows)
+        if rows:
+            self.t_emulated = max(self.t_emulated, max(r["t_commit"] for r in rows))
+        for r in rows:
+            self.committed[r["device"]] += 1
+        if self.collector is not None and rows:
+            from agents.stats import LinkStat
+
+            self.collector.ingest_token_records(rows)
+            links: dict[tuple[str, str], LinkStat] = {}
+            for r in rows:
+                if r["transmitted"]:
+                    key = (r["tier"], r["policy"])
+                    old = links.get(key) or LinkStat(*key, "uplink")
+                    links[key] = LinkStat(*key, "uplink", old.messages + 1, old.bytes + r["uplink_bytes"], 0,
+                                          old.retransmissions + r["retransmissions"])
+            self.collector.ingest(list(links.values()))
+
+    def batches(self, batches) -> None:
+        if self.collector is None or not batches:
+            return
+        from agents.stats import VerifierBatchStat
+
+        self.collector.ingest([VerifierBatchStat(b.size, b.n_tokens, b.t_end - b.t_start, tuple(b.queue_waits),
+                                                 b.t_start) for b in batches])
+
+    def clock(self, lag_s: float, errors: int) -> None:
+        if self.collector is None:
+            return
+        from agents.stats import ClockStat, ProtocolErrorStat
+
+        active: dict[str, int] = {}
+        for device, n in self.committed.items():
+            active[self.tier_of[device]] = active.get(self.tier_of[device], 0) + (n < self.max_new_tokens)
+        stats = [ClockStat("runner", self.t_emulated, time.time() - self.t0, lag_s, active)]
+        if errors > self.errors_seen:
+            stats.append(ProtocolErrorStat("malformed", errors - self.errors_seen))
+            self.errors_seen = errors
+        self.collector.ingest(stats)
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.collector is not None:
+            self.collector.finish()
+
+    def linger(self, seconds: float) -> None:
+        if self.collector is not None and self.own:
+            if seconds > 0:
+                self.collector.linger(seconds)
+            self.collector.close()
 
 
 # --- progress ----------------------------------------------------------------------------

@@ -7,9 +7,8 @@ must return data (at least one finite value). Variable queries (label_values) mu
 values too, and `promtool check metrics` must accept the scraped exposition.
 
 The stream comes from the `stat_source` fixture: a `LiveSource` whose `feed(collector)` blocks
-while it streams batches into the collector in wall-clock time. Today it is a synthetic fleet;
-when the runtime lands, override `stat_source` with a short wall-clock run, e.g.
-``LiveSource("smoke", tiers, vocab_size, feed=lambda c: run_scenario(sc, collector=c))``.
+while it streams batches into the collector in wall-clock time: a real short wall-clock run
+of the smoke scenario (Ray actors, the ZeroMQ verifier, tiny models).
 
 Needs the `prometheus` and `promtool` binaries (Debian package `prometheus`): skipped when
 missing, a failure when HLM_REQUIRE_PROMETHEUS=1 (CI). Run under ../shared/bin/offline.
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -28,13 +26,12 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from agents.stats import ClockStat, LinkStat, ProtocolErrorStat, StatBatch, VerifierBatchStat
 from testbed.dashboards import DASHBOARDS
 from testbed.metrics import Collector, free_port
 
@@ -67,92 +64,21 @@ class LiveSource:
     feed: Callable[[Collector], None]
 
 
-@dataclass
-class _Tier:
-    name: str
-    policy: str
-    devices: int
-    slm_s: float
-    up_bps: float
-    up_delay_s: float
-    skip: bool
-    k: Callable[[random.Random], int] | None  # None: full distribution
-
-
-@dataclass
-class SyntheticFleet:
-    """A realistic stand-in for a wall-clock run: heterogeneous tiers drafting tokens, uncertainty
-    skipping, truncated/full uploads over rate-limited uplinks with loss, a batching verifier."""
-
-    duration_s: float = STREAM_S
-    tick_s: float = 0.2
-    seed: int = 5
-    vocab_size: int = 151936
-    tiers: list[_Tier] = field(default_factory=lambda: [
-        _Tier("phone", "cu-hlm", 6, 0.030, 2e6, 0.020, True, lambda r: max(1, int(r.lognormvariate(4.0, 1.0)))),
-        _Tier("laptop", "u-hlm", 3, 0.012, 20e6, 0.005, True, None),
-        _Tier("edge", "hlm", 2, 0.018, 50e6, 0.002, False, None),
-    ])
-
-    def feed(self, collector: Collector) -> None:
-        rng = random.Random(self.seed)
-        devices = []
-        for tier in self.tiers:
-            for _ in range(tier.devices):
-                devices.append({"id": len(devices), "tier": tier, "t": rng.uniform(0, 0.05)})
-        t0 = time.monotonic()
-        emu = 0.0
-        errors_sent = False
-        while emu < self.duration_s:
-            time.sleep(self.tick_s)
-            emu = time.monotonic() - t0  # time_scale 1: emulated time follows the wall clock
-            batch = StatBatch("synthetic")
-            waits: list[float] = []
-            for dev in devices:
-                tier: _Tier = dev["tier"]
-                while True:
-                    u = round(min(1.0, rng.betavariate(0.7, 1.6)) * 20) / 20
-                    beta = min(1.0, max(0.0, 0.815 * u - 0.066 + rng.gauss(0, 0.05)))
-                    transmitted = not (tier.skip and u <= 0.081)
-                    latency = tier.slm_s
-                    k = payload = uplink = 0
-                    accepted = True
-                    if transmitted:
-                        k = tier.k(rng) if tier.k else self.vocab_size
-                        k = min(k, self.vocab_size)
-                        payload = math.ceil(k * (8 + 18) / 8)
-                        uplink = payload + 24
-                        wait = rng.expovariate(1 / 0.004)
-                        waits.append(wait)
-                        latency += uplink * 8 / tier.up_bps + 2 * tier.up_delay_s + wait + 0.025
-                        accepted = rng.random() >= beta
-                        lost = rng.random() < 0.03
-                        batch.add(LinkStat(tier.name, tier.policy, "uplink", messages=1,
-                                           bytes=uplink * (2 if lost else 1), lost=int(lost), retransmissions=int(lost)))
-                        batch.add(LinkStat(tier.name, tier.policy, "downlink", messages=1, bytes=32))
-                    if dev["t"] + latency > emu:
-                        break
-                    dev["t"] += latency
-                    batch.add_token(device=dev["id"], tier=tier.name, policy=tier.policy, uncertainty=u,
-                                    transmitted=transmitted, k=k, payload_bytes=payload, uplink_bytes=uplink,
-                                    accepted=accepted, resampled=transmitted and not accepted,
-                                    latency_s=latency, t_commit=dev["t"])
-            for i in range(0, len(waits), 8):
-                w = tuple(waits[i:i + 8])
-                tokens = len(w) + rng.randint(0, 3 * len(w))
-                batch.add(VerifierBatchStat(len(w), tokens, 0.02 + 0.0005 * tokens + 0.002 * len(w), w, t_start=emu))
-            batch.add(ClockStat("runner", emu, time.monotonic() - t0, 0.0,
-                                {t.name: t.devices for t in self.tiers}))
-            if not errors_sent and emu > self.duration_s / 2:
-                batch.add(ProtocolErrorStat("malformed"))
-                errors_sent = True
-            collector.ingest(batch)
-
-
 @pytest.fixture(scope="module")
-def stat_source() -> LiveSource:
-    fleet = SyntheticFleet()
-    return LiveSource("synthetic-fleet", {t.name: t.policy for t in fleet.tiers}, fleet.vocab_size, fleet.feed)
+def stat_source(ray_session, tmp_path_factory) -> LiveSource:
+    """A real short wall-clock run of the smoke scenario (Ray actors, ZeroMQ verifier, tiny
+    models) streaming into the collector; time_scale 0.4 stretches it over several scrapes."""
+    from testbed.runner import RunOptions, plan, run_scenario
+    from testbed.scenario import load_scenario, override
+
+    s = override(load_scenario("smoke"), {"clock": "wall", "time_scale": 0.4, "generation.max_new_tokens": 16})
+    p = plan(s)
+    out = tmp_path_factory.mktemp("wall-run")
+
+    def feed(collector: Collector) -> None:
+        run_scenario(s, RunOptions(out_dir=out, engine="ray", progress=False, report=False, collector=collector))
+
+    return LiveSource(s.name, {d.tier: d.policy_name for d in p.specs}, p.run.vocab_size, feed)
 
 
 # ---------------------------------------------------------------------------------------------
