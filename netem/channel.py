@@ -31,7 +31,7 @@ _CHUNK = 256  # fading blocks generated per numpy call
 
 
 def db_to_linear(db):
-    return 10.0 ** (np.asarray(db, dtype=float) / 10.0) if np.ndim(db) else 10.0 ** (db / 10.0)
+    return 10.0 ** (np.asarray(db, dtype=float) / 10.0)
 
 
 def shannon_rate(bandwidth_hz, snr_db):

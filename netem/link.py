@@ -65,7 +65,7 @@ class LinkStats:
     messages_lost: int = 0
     messages_duplicated: int = 0
     packets: int = 0  # packets offered to the queue (copies included)
-    packets_dropped: int = 0  # tail drops at the queue
+    packets_dropped: int = 0  # tail drops at the queue (and packets facing zero rate for ever)
     packets_lost: int = 0  # lost on the wire
     bytes_offered: int = 0  # message payload bytes offered
 
@@ -93,6 +93,7 @@ class _Varying:
         self.static = _Static(p)
         self.channel = ChannelProcess(p.channel, _derive(seed, "channel")) if p.channel else None
         self.trace = p.trace
+        self._i, self._lo, self._hi = 0, math.inf, -math.inf  # empty row cache
         self.offset = 0.0
         if p.trace is not None and p.trace.random_start and p.trace.duration_s > 0:
             self.offset = random.Random(_derive(seed, "trace")).random() * p.trace.duration_s
@@ -104,15 +105,23 @@ class _Varying:
         self.delay_at = self._trace_delay if self.delay_varies else self.static.delay_at
         self.loss_at = self._trace_loss if "loss" in cols else self.static.loss_at
 
-    def _trace_rate(self, t):
+    def _row(self, t):
+        """(trace row in force at t, when it ends), cached: sends mostly stay within one row."""
+        if self._lo <= t < self._hi:
+            return self._i, self._hi
         i, end = self.trace.index(t + self.offset)
-        return self.trace.rate_bps[i], end - self.offset
+        self._i, self._lo, self._hi = i, t, end - self.offset  # row i holds on [t, end)
+        return i, self._hi
+
+    def _trace_rate(self, t):
+        i, end = self._row(t)
+        return self.trace.rate_bps[i], end
 
     def _trace_delay(self, t):
-        return self.trace.delay_s[self.trace.index(t + self.offset)[0]]
+        return self.trace.delay_s[self._row(t)[0]]
 
     def _trace_loss(self, t):
-        return self.trace.loss[self.trace.index(t + self.offset)[0]]
+        return self.trace.loss[self._row(t)[0]]
 
 
 class Link:
@@ -135,7 +144,7 @@ class Link:
         self._queued_bytes = 0
         self._lost_last = False  # previous packet's fate (correlated loss)
         self._ge_bad = False  # Gilbert-Elliott state
-        self._z = 0.0  # jitter AR(1) state
+        self._z = None  # jitter AR(1) state; the first draw comes from the stationary N(0, 1)
         self._spare = None  # second Box-Muller normal
         self.stats = LinkStats()
         self.set_profile(profile)
@@ -312,7 +321,8 @@ class Link:
         return r * math.cos(a)
 
     def _jitter_sample(self) -> float:
-        self._z = z = self._rho * self._z + self._innov * self._normal()  # AR(1), N(0, 1) marginal
+        e = self._normal()
+        self._z = z = e if self._z is None else self._rho * self._z + self._innov * e  # AR(1), N(0, 1)
         if self._jdist == "normal":
             return self._jscale * z
         if self._jdist == "uniform":

@@ -24,7 +24,7 @@ import csv
 import functools
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -51,18 +51,19 @@ class Trace:
 
     def index(self, t: float) -> tuple[int, float]:
         """(row in force at emulated time t, time when the next row starts)."""
-        if self.loop and self.duration_s > 0:
+        looping = self.loop and self.duration_s > 0
+        if looping:
             local = t % self.duration_s
             base = t - local
         else:
             local, base = t, 0.0
-        i = bisect.bisect_right(self.times, local) - 1
+        i = max(0, bisect.bisect_right(self.times, local) - 1)
         if i + 1 < len(self.times):
             end = base + self.times[i + 1]
-        elif self.loop:
+        elif looping:
             end = base + self.duration_s
         else:
-            end = math.inf
+            return i, math.inf
         if end <= t:  # float rounding at a step edge: move on to the next step
             end = math.nextafter(t, math.inf)
         return i, end
@@ -75,8 +76,6 @@ class Trace:
         return [c for c in ("rate_bps", "delay_s", "loss") if getattr(self, c) is not None]
 
     def with_options(self, *, loop: bool | None = None, random_start: bool | None = None) -> Trace:
-        from dataclasses import replace
-
         return replace(self, loop=self.loop if loop is None else loop,
                        random_start=self.random_start if random_start is None else random_start)
 

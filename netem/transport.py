@@ -46,6 +46,7 @@ from netem.link import Link
 from netem.profile import LinkProfile
 
 log = logging.getLogger(__name__)
+_EPS = 1e-9  # due within a nanosecond counts as due (float rounding of epoch + t * scale)
 
 
 def message_size(msg) -> int:
@@ -120,7 +121,7 @@ class ShapedSender:
                 return None
             first = self.epoch + arrivals[0] * self.time_scale
             # Already due, nothing queued before it, and we may deliver on this thread: send now.
-            direct = self._mode != "thread" and not self._heap and len(arrivals) == 1 and first <= now
+            direct = self._mode != "thread" and not self._heap and len(arrivals) == 1 and first <= now + _EPS
             if not direct:
                 counts["duplicates"] += len(arrivals) - 1
                 earliest_before = self._heap[0][0] if self._heap else None
@@ -219,7 +220,7 @@ class ShapedSender:
     def _pop_due(self, now: float) -> list:
         out = []
         heap = self._heap
-        while heap and heap[0][0] <= now:
+        while heap and heap[0][0] <= now + _EPS:
             due, _, msg = heapq.heappop(heap)
             out.append((due, msg))
         return out
@@ -248,7 +249,14 @@ class ShapedSender:
 
     def _schedule_timer(self, due: float) -> None:
         # loop.time() and our clock may differ by an offset; convert through "now".
-        self._loop.call_at(self._loop.time() + (due - self.clock()), self.flush)
+        self._loop.call_at(self._loop.time() + (due - self.clock()), self._on_timer, due)
+
+    def _on_timer(self, due: float) -> None:
+        self.flush()
+        with self._cv:  # asyncio may fire a timer a hair early: then try again for that message
+            early = not self._closed and bool(self._heap) and self._heap[0][0] <= due
+        if early:
+            self._loop.call_later(max(0.0, due - self.clock()), self._on_timer, due)
 
     def _run(self) -> None:
         with self._cv:

@@ -75,6 +75,11 @@ def test_outage_holds_packets_until_the_rate_returns():
     assert Link(LinkProfile(trace=no_loop), seed=1).send(125, 1.5) is None  # never again: dropped
 
 
+def test_single_row_trace_is_constant_even_when_told_to_loop():
+    tr = parse_trace("time_s,rate_mbps\n0,1\n", "one").with_options(loop=True)
+    assert Link(LinkProfile(trace=tr), seed=1).send(1250, 0.5) == pytest.approx(0.51)
+
+
 def test_trace_delay_and_loss_apply_at_departure():
     tr = parse_trace(STEPS, "steps")
     link = Link(LinkProfile(trace=tr, jitter_s=0.0), seed=3)
