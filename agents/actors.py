@@ -18,6 +18,7 @@ Clocks (DESIGN.md section 2), one code path:
 from __future__ import annotations
 
 import heapq
+import math
 import os
 import random
 import threading
@@ -43,10 +44,11 @@ class ClockParams:
     def now(self) -> float:
         return (time.time() - self.t0) * self.time_scale
 
-    def sleep_until(self, t: float) -> None:
-        delay = self.t0 + t / self.time_scale - time.time()
-        if delay > 0:
-            time.sleep(delay)
+    def ms_until(self, t: float, cap: int = POLL_MS) -> int:
+        """Real milliseconds until emulated time t (0 if past, at most `cap`)."""
+        if math.isinf(t):
+            return cap
+        return max(0, min(cap, math.ceil((self.t0 + t / self.time_scale - time.time()) * 1000)))
 
     def chaos(self, rng: random.Random) -> None:
         if self.chaos_delay_s > 0:
@@ -114,28 +116,26 @@ class DeviceGroup:
             while not self.core.done:
                 if self.stop_flag.is_set():
                     raise RuntimeError("stopped")
-                if self.core.has_work():
-                    until = None
+                # Wall clock: a device moves when its emulated time comes (after its SLM step
+                # or the downlink of its verdict); lag is how late real time is when it does.
+                now = self.clock.now() if wall else None
+                if self.core.has_work() and (not wall or self.core.next_time() <= now):
                     if wall:
-                        # Wait out emulated compute (and the downlink of the last verdict): a
-                        # device moves when its emulated time comes; lag is how far behind real
-                        # time is when it does.
-                        t_next = self.core.next_time()
-                        self.lag_s = max(0.0, self.clock.now() - t_next)
-                        self.clock.sleep_until(t_next)
-                        until = self.clock.now()
-                    for upload in self.core.step(until):
+                        self.lag_s = max(0.0, now - self.core.next_time())
+                    for upload in self.core.step(now):
                         parts = wire.upload_message(upload)
-                        if wall:
+                        if wall:  # the shaped link: the message leaves when it would arrive
                             counter += 1
                             heapq.heappush(held, (upload.t_arrive, counter, parts))
                         else:
                             sock.send_multipart(parts)
                 while held and held[0][0] <= self.clock.now():
                     sock.send_multipart(heapq.heappop(held)[2])
-                timeout = 0 if self.core.has_work() else POLL_MS
-                if held:
-                    timeout = min(timeout, max(0, int((held[0][0] - self.clock.now()) / self.clock.time_scale * 1000)))
+                if wall:
+                    wake = min(self.core.next_time(), held[0][0] if held else math.inf)
+                    timeout = self.clock.ms_until(wake)
+                else:
+                    timeout = 0 if self.core.has_work() else POLL_MS
                 if sock.poll(timeout):
                     while True:
                         try:
@@ -245,10 +245,9 @@ class Verifier:
         counter = 0
         while not self.stop_flag.is_set():
             timeout = POLL_MS
-            if wall and (start := core.batch_start()) is not None:
-                timeout = max(0, min(timeout, int((start - self.clock.now()) / self.clock.time_scale * 1000)))
-            if wall and held:
-                timeout = max(0, min(timeout, int((held[0][0] - self.clock.now()) / self.clock.time_scale * 1000)))
+            if wall:
+                start = core.batch_start()
+                timeout = self.clock.ms_until(min(math.inf if start is None else start, held[0][0] if held else math.inf))
             opens = []
             if sock.poll(timeout):
                 while True:
