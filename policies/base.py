@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Sequence
 
 import numpy as np
+import torch
+
+Key = tuple[int, int, int]  # (seed, device, token_index): what every random draw is keyed by
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +47,53 @@ class Decision:
     k: int = 0
     prob_bits: int = 8
     llm_samples: bool = False
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """What the parts of a policy (estimator, skip rule, truncator) see: B devices, one
+    token each. `probs` is stacked from the rows on first use, so parts that never look at
+    x (e.g. full upload, random skip) cost nothing."""
+
+    logits: torch.Tensor | None  # [B, V] float32 raw SLM logits z (None when not given)
+    drafts: torch.Tensor  # [B] int64
+    keys: list[Key]
+    rows: Sequence[np.ndarray]  # x = softmax(z / T) per device, [V] each
+
+    @staticmethod
+    def from_contexts(logits, ctxs: Sequence["DecisionContext"]) -> "TokenBatch":
+        z = None
+        if logits is not None:
+            z = torch.as_tensor(logits)
+            z = (z[None, :] if z.dim() == 1 else z).to(torch.float32)
+            if z.shape[0] != len(ctxs):
+                raise ValueError(f"{z.shape[0]} logit rows for {len(ctxs)} contexts")
+        drafts = torch.tensor([c.draft for c in ctxs], dtype=torch.long)
+        return TokenBatch(z, drafts, [(c.seed, c.device, c.token_index) for c in ctxs], [c.probs for c in ctxs])
+
+    @cached_property
+    def probs(self) -> torch.Tensor:
+        """[B, V] x, float32 or float64 as given."""
+        return torch.from_numpy(np.stack([np.asarray(r) for r in self.rows]))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.logits.shape[1]) if self.logits is not None else int(np.asarray(self.rows[0]).shape[-1])
+
+    def select(self, rows) -> "TokenBatch":
+        """The sub-batch of the given row indices (or boolean mask)."""
+        rows = np.asarray(rows)
+        idx = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
+        t = torch.from_numpy(idx)
+        return TokenBatch(
+            None if self.logits is None else self.logits[t],
+            self.drafts[t],
+            [self.keys[i] for i in idx],
+            [self.rows[i] for i in idx],
+        )
 
 
 class Policy(abc.ABC):

@@ -1,0 +1,119 @@
+"""Per-token cost of the estimators and truncators: `python -m policies.benchmark [--json]`.
+
+Measured in one run, best of `repeats`, one torch thread (as in a Ray actor). Two kinds of
+synthetic logits at V = 151936: "lm" mimics a language model (a Gaussian bulk with a few
+candidate tokens well above it, top-1 probability spread from ~0.3 to ~1) and "flat" (a
+Gaussian bulk alone, entropy ~ log V: the worst case for the fast paths). The naive
+references are the straightforward full-vocabulary computations, for ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+import policies.uncertainty as unc
+from policies.truncation import online_k_star, sorted_probs, tv_denominator, tv_numerator
+
+
+def lm_like_logits(batch: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    g = np.random.default_rng(seed)
+    z = g.normal(0.0, 2.0, (batch, vocab)).astype(np.float32)
+    for b in range(batch):
+        n = 1 + g.geometric(0.3)
+        top = z[b].max() + g.uniform(4.0, 14.0)
+        cand = top - np.cumsum(np.r_[0.0, g.exponential(1.5, n - 1)])
+        z[b, g.choice(vocab, n, replace=False)] = cand
+    return torch.from_numpy(z)
+
+
+def flat_logits(batch: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).normal(0.0, 2.5, (batch, vocab)).astype(np.float32))
+
+
+def _best(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def _naive_tp(z, d, keys, K=20, theta_max=2.0):
+    thetas, r = unc.tp_draws(keys, K, theta_max)
+    out = []
+    for b in range(z.shape[0]):
+        lp = torch.log_softmax(z[b][None, :] / torch.from_numpy(thetas[b]).float()[:, None], dim=1)[:, d[b]]
+        out.append(np.mean(np.log(r[b]) >= lp.double().numpy()))
+    return np.array(out)
+
+
+def _naive_k_star(x, d, beta, theta=0.1, eta=1.0):
+    budget = theta * tv_denominator(x.double().gather(1, d[:, None])[:, 0], beta, eta)
+    return (tv_numerator(sorted_probs(x)) <= budget[:, None]).int().argmax(dim=1) + 1
+
+
+def run(vocab: int = 151936, batch: int = 32, repeats: int = 3) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = {}
+        for kind, make in (("lm", lm_like_logits), ("flat", flat_logits)):
+            z = make(batch, vocab)
+            x = torch.softmax(z, dim=1)
+            d = torch.multinomial(x, 1, generator=torch.Generator().manual_seed(1))[:, 0]
+            keys = [(0, b, 0) for b in range(batch)]
+            beta = torch.full((batch,), 0.2, dtype=torch.float64)
+            calls = []
+            real = unc.log_p_draft_exact
+            unc.log_p_draft_exact = lambda *a: calls.append(1) or real(*a)
+            try:
+                u = unc.temperature_perturbation(z, d, keys)
+            finally:
+                unc.log_p_draft_exact = real
+            per = lambda s: round(s / batch * 1e3, 4)  # noqa: E731 (ms per token)
+            r = {
+                "mean_top1": round(float(x.max(dim=1).values.mean()), 3),
+                "mean_u": round(float(u.mean()), 3),
+                "tp_exact_fallbacks_per_token": len(calls) / batch,
+                "temperature_perturbation_ms": per(_best(lambda: unc.temperature_perturbation(z, d, keys), repeats)),
+                "temperature_perturbation_naive_ms": per(_best(lambda: _naive_tp(z, d, keys), repeats)),
+                "entropy_ms": per(_best(lambda: unc.entropy(x), repeats)),
+                "one_minus_max_ms": per(_best(lambda: unc.one_minus_max(x), repeats)),
+                "top2_margin_ms": per(_best(lambda: unc.top2_margin(x), repeats)),
+                "online_k_star_ms": per(_best(lambda: online_k_star(x, d, beta, 0.1, 1.0), repeats)),
+                "online_k_star_full_sort_ms": per(_best(lambda: _naive_k_star(x, d, beta), repeats)),
+                "median_k_star": int(np.median(online_k_star(x, d, beta, 0.1, 1.0))),
+            }
+            assert np.array_equal(online_k_star(x, d, beta, 0.1, 1.0), _naive_k_star(x, d, beta).numpy())
+            rows[kind] = r
+        return {"vocab_size": vocab, "batch": batch, "torch_threads": 1, "per_token": rows}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    out = run(a.vocab, a.batch, a.repeats)
+    if a.json:
+        print(json.dumps(out, indent=2))
+        return
+    print(f"V = {out['vocab_size']}, batch = {out['batch']}, 1 torch thread; ms per token")
+    for kind, r in out["per_token"].items():
+        print(f"[{kind}]")
+        for k, v in r.items():
+            print(f"  {k:40s} {v}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Skip rules (DESIGN.md section 1, step 4): given u [B] and the batch, which tokens skip
+the upload (the draft is accepted on the device). A rule is any callable
+(u, batch) -> bool [B]."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from policies.base import TokenBatch
+from policies.rng import keyed_rng
+
+SKIP_RULES = ("never", "always", "random", "uncertainty")
+
+
+@dataclass(frozen=True)
+class NeverSkip:
+    def __call__(self, u: np.ndarray, batch: TokenBatch) -> np.ndarray:
+        return np.zeros(len(batch), dtype=bool)
+
+
+@dataclass(frozen=True)
+class AlwaysSkip:
+    def __call__(self, u: np.ndarray, batch: TokenBatch) -> np.ndarray:
+        return np.ones(len(batch), dtype=bool)
+
+
+@dataclass(frozen=True)
+class RandomSkip:
+    """Skip with probability `rate`, independently of u: one uniform per token from
+    keyed_rng(seed, device, token_index, "skip"); skip when it is < rate."""
+
+    rate: float
+
+    def __call__(self, u: np.ndarray, batch: TokenBatch) -> np.ndarray:
+        return np.array([keyed_rng(s, d, t, "skip").random() < self.rate for s, d, t in batch.keys], dtype=bool)
+
+
+@dataclass(frozen=True)
+class ThresholdSkip:
+    """Skip when u <= u_th (a NaN u never skips)."""
+
+    u_th: float
+
+    def __call__(self, u: np.ndarray, batch: TokenBatch) -> np.ndarray:
+        return np.asarray(u) <= self.u_th
