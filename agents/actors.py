@@ -17,7 +17,6 @@ Clocks (DESIGN.md section 2), one code path:
 """
 from __future__ import annotations
 
-import heapq
 import math
 import os
 import random
@@ -32,6 +31,10 @@ from agents.device import DeviceGroupCore, DeviceSpec, RunParams, Upload
 from agents.verifier import ServerProfile, VerifierCore
 
 POLL_MS = 50
+
+
+def _ms(seconds: float | None) -> int:
+    return POLL_MS if seconds is None else min(POLL_MS, math.ceil(seconds * 1000))
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,13 @@ class ClockParams:
         if math.isinf(t):
             return cap
         return max(0, min(cap, math.ceil((self.t0 + t / self.time_scale - time.time()) * 1000)))
+
+    def shaped(self, sock):
+        """The wall clock's delivery schedule for a socket (netem's shaped transport, fed
+        with arrival times the devices' link models already computed)."""
+        from netem.transport import ShapedSender, zmq_deliver
+
+        return ShapedSender(zmq_deliver(sock), time_scale=1.0 / self.time_scale, epoch=self.t0, clock=time.time)
 
     def chaos(self, rng: random.Random) -> None:
         if self.chaos_delay_s > 0:
@@ -107,8 +117,7 @@ class DeviceGroup:
         sock.connect(self.endpoint)
         rng = random.Random(self.group_id)
         wall = self.clock.kind == "wall"
-        held: list[tuple[float, int, list[bytes]]] = []  # wall clock: messages in flight
-        counter = 0
+        shaped = self.clock.shaped(sock)  # wall clock: uploads wait out their emulated arrival
         seen = {d: 0 for d in self.core.devices}
         try:
             for item in _open_items(self.core):
@@ -124,16 +133,13 @@ class DeviceGroup:
                         self.lag_s = max(0.0, now - self.core.next_time())
                     for upload in self.core.step(now):
                         parts = wire.upload_message(upload)
-                        if wall:  # the shaped link: the message leaves when it would arrive
-                            counter += 1
-                            heapq.heappush(held, (upload.t_arrive, counter, parts))
+                        if wall:
+                            shaped.schedule(parts, [upload.t_arrive])
                         else:
                             sock.send_multipart(parts)
-                while held and held[0][0] <= self.clock.now():
-                    sock.send_multipart(heapq.heappop(held)[2])
                 if wall:
-                    wake = min(self.core.next_time(), held[0][0] if held else math.inf)
-                    timeout = self.clock.ms_until(wake)
+                    shaped.flush()
+                    timeout = min(self.clock.ms_until(self.core.next_time()), _ms(shaped.timeout()))
                 else:
                     timeout = 0 if self.core.has_work() else POLL_MS
                 if sock.poll(timeout):
@@ -203,6 +209,7 @@ class Verifier:
             self.sock.bind(f"tcp://{self.host}:{self.port}")
         else:
             self.port = self.sock.bind_to_random_port(f"tcp://{self.host}")
+        self.shaped = self.clock.shaped(self.sock)
         self.thread = threading.Thread(target=self._serve, name="verifier", daemon=True)
         self.thread.start()
         return f"tcp://{self.host}:{self.port}"
@@ -210,6 +217,7 @@ class Verifier:
     def set_t0(self, t0: float) -> None:
         """The wall clock's emulated zero, set before any device starts (see DeviceGroup.run)."""
         self.clock = replace(self.clock, t0=t0)
+        self.shaped = self.clock.shaped(self.sock)  # wall clock: verdicts leave when verification ends
 
     def status(self) -> dict:
         return {"errors": self.errors, "lag_s": self.lag_s, "error_log": self.error_log[-20:], "failure": self.failure,
@@ -241,13 +249,11 @@ class Verifier:
         sock, core, wall = self.sock, self.core, self.clock.kind == "wall"
         rng = random.Random(-1)
         route: dict[int, bytes] = {}  # device -> group identity
-        held: list[tuple[float, int, bytes, list[bytes]]] = []  # wall: verdicts until verify ends
-        counter = 0
         while not self.stop_flag.is_set():
             timeout = POLL_MS
             if wall:
                 start = core.batch_start()
-                timeout = self.clock.ms_until(min(math.inf if start is None else start, held[0][0] if held else math.inf))
+                timeout = min(self.clock.ms_until(math.inf if start is None else start), _ms(self.shaped.timeout()))
             opens = []
             if sock.poll(timeout):
                 while True:
@@ -292,12 +298,11 @@ class Verifier:
                         verdict.t_sent = max(verdict.t_sent, now)
                     parts = [route[verdict.device], *wire.verdict_message(verdict)]
                     if wall:
-                        counter += 1
-                        heapq.heappush(held, (verdict.t_sent, counter, parts))
+                        self.shaped.schedule(parts, [verdict.t_sent])
                     else:
                         sock.send_multipart(parts)
-            while held and held[0][0] <= self.clock.now():
-                sock.send_multipart(heapq.heappop(held)[2])
+            if wall:
+                self.shaped.flush()
 
     def _error(self, identity: bytes, exc: Exception, seq: int = -1) -> None:
         """Malformed or out-of-order input: an error reply and a counter, never a crash."""

@@ -109,12 +109,19 @@ class ShapedSender:
         link = link or self.link
         if link is None:
             raise ValueError("send: no link given and the sender has no default link")
+        with self._cv:
+            arrivals = link.transmit(self._size(msg), (self.clock() - self.epoch) / self.time_scale)
+        return self.schedule(msg, arrivals)
+
+    def schedule(self, msg, arrivals: list[float]) -> float | None:
+        """Deliver msg at each emulated arrival time given (a caller that already ran the link
+        model, e.g. the runtime, whose devices compute arrivals in both clocks). An empty list
+        is a lost message. Returns the real due time of the first copy, or None."""
         counts = self._counts
         with self._cv:
             if self._closed:
                 raise RuntimeError("send on a closed ShapedSender")
             now = self.clock()
-            arrivals = link.transmit(self._size(msg), (now - self.epoch) / self.time_scale)
             counts["sent"] += 1
             if not arrivals:
                 counts["dropped"] += 1
