@@ -142,26 +142,27 @@ def paper_bits(k: int, vocab_size: int, prob_bits: int = 8) -> int:
     return k * (prob_bits + index_bits(vocab_size))
 
 
-def payload_form(k: int, vocab_size: int) -> PayloadForm:
-    """The smallest form for k entries of a V-token vocabulary (ties go to sparse)."""
+@lru_cache(maxsize=4096)
+def _layout(k: int, vocab_size: int) -> tuple[PayloadForm, int, int]:
+    """(form, bits per index, bytes saying which tokens were sent) for k of V tokens: the
+    smallest form, ties to sparse. Cached: every token asks it on both sides."""
+    ib = index_bits(vocab_size)
+    sparse, bitmap = -(-k * ib // 8), -(-vocab_size // 8)
     if k == vocab_size:
-        return PayloadForm.DENSE
-    if -(-vocab_size // 8) < -(-k * index_bits(vocab_size) // 8):
-        return PayloadForm.BITMAP
-    return PayloadForm.SPARSE
+        return PayloadForm.DENSE, ib, 0
+    if bitmap < sparse:
+        return PayloadForm.BITMAP, ib, bitmap
+    return PayloadForm.SPARSE, ib, sparse
 
 
-def _where_size(k: int, vocab_size: int, form: int) -> int:
-    """Bytes saying which tokens were sent."""
-    if form == PayloadForm.SPARSE:
-        return -(-k * index_bits(vocab_size) // 8)
-    return -(-vocab_size // 8) if form == PayloadForm.BITMAP else 0
+def payload_form(k: int, vocab_size: int) -> PayloadForm:
+    """The form a k-entry payload is always sent in (the smallest)."""
+    return _layout(k, vocab_size)[0]
 
 
 def payload_size(k: int, vocab_size: int, prob_bits: int = 8) -> int:
     """Exact encoded size in bytes of a k-entry payload."""
-    form = payload_form(k, vocab_size)
-    return PAYLOAD_HEADER_BYTES + _where_size(k, vocab_size, form) + k * prob_bits // 8
+    return PAYLOAD_HEADER_BYTES + _layout(k, vocab_size)[2] + k * prob_bits // 8
 
 
 def quantise_probs(probs, prob_bits: int = 8) -> np.ndarray:
@@ -170,16 +171,19 @@ def quantise_probs(probs, prob_bits: int = 8) -> np.ndarray:
     return _from_codes(_to_codes(np.asarray(probs, dtype=np.float64), prob_bits), prob_bits)
 
 
+_LEVELS = {8: 255.0, 16: 65535.0}  # 2^b - 1, as floats: numpy is quicker with a float scalar
+
+
 def _to_codes(probs: np.ndarray, bits: int) -> np.ndarray:
     if bits == 32:
         return probs.astype(_CODE_DTYPE[32])
-    return np.rint(probs * ((1 << bits) - 1)).astype(_CODE_DTYPE[bits])  # round half to even
+    return np.rint(probs * _LEVELS[bits]).astype(_CODE_DTYPE[bits])  # round half to even
 
 
 def _from_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     if bits == 32:
         return codes.astype(np.float64)
-    return codes / ((1 << bits) - 1)  # float64
+    return codes / _LEVELS[bits]  # float64
 
 
 def _check_prob_bits(bits) -> int:
@@ -212,10 +216,12 @@ def _check_sum(codes: np.ndarray, k: int, bits: int) -> None:
                             f"(1 + tolerance + k half-LSBs, k={k}, prob_bits={bits})", ErrorCode.BAD_PAYLOAD)
 
 
-def _check_indices(idx: np.ndarray, V: int, where, signed: bool = True) -> None:
+def _check_indices(idx: np.ndarray, V: int, where, signed: bool = True) -> list[int] | None:
     """Every index in [0, V) and none twice; `where(pos)` says where entry pos sits.
-    signed=False skips the test for negatives (unpacked bit fields cannot be)."""
+    signed=False skips the test for negatives (unpacked bit fields cannot be). Returns the
+    indices as a Python list when k is small (the packer's fast path reuses it), else None."""
     k = idx.shape[0]
+    values = None
     if k <= _SMALL_K:
         values = idx.tolist()
         bad_range = k and (max(values) >= V or (signed and min(values) < 0))
@@ -240,10 +246,13 @@ def _check_indices(idx: np.ndarray, V: int, where, signed: bool = True) -> None:
             if i in seen:
                 raise ProtocolError(f"payload index {pos} ({where(pos)}) repeats token {i}", ErrorCode.BAD_PAYLOAD)
             seen.add(i)
+    return values
 
 
-def _check_unit_interval(p: np.ndarray, where) -> None:
-    """Every probability in [0, 1] (NaN is not)."""
+def _check_unit_interval(p: np.ndarray, where) -> float | None:
+    """Every probability in [0, 1] (NaN is not). Returns their sum when it came for free
+    (small k), else None."""
+    total = None
     if p.shape[0] <= _SMALL_K:
         values = p.tolist()
         total = sum(values)
@@ -254,6 +263,7 @@ def _check_unit_interval(p: np.ndarray, where) -> None:
         pos = int(np.flatnonzero(~((p >= 0.0) & (p <= 1.0)))[0])
         raise ProtocolError(f"payload probability {pos} ({where(pos)}) is {float(p[pos])!r}, outside [0, 1]",
                             ErrorCode.BAD_PAYLOAD)
+    return total
 
 
 @lru_cache(maxsize=64)
@@ -266,13 +276,14 @@ def _bit_weights(ib: int) -> np.ndarray:
     return np.left_shift(1, _bit_shifts(ib))
 
 
-def _pack_indices(idx: np.ndarray, ib: int) -> bytes:
-    """k indices as one big-endian bit string of k*ib bits, zero-padded to whole bytes."""
+def _pack_indices(idx: np.ndarray, ib: int, values: list[int] | None = None) -> bytes:
+    """k indices as one big-endian bit string of k*ib bits, zero-padded to whole bytes.
+    `values`: the same indices as a list, when small k makes Python ints the faster way."""
     k = idx.shape[0]
     nbytes = -(-k * ib // 8)
-    if k <= _SMALL_K:
+    if values is not None:
         acc = 0
-        for i in idx.tolist():
+        for i in values:
             acc = (acc << ib) | i
         return (acc << (nbytes * 8 - k * ib)).to_bytes(nbytes, "big")
     return np.packbits(((idx[:, None] >> _bit_shifts(ib)) & 1).astype(np.uint8)).tobytes()
@@ -300,14 +311,17 @@ def encode_payload(indices, probs, vocab_size: int, prob_bits: int = 8) -> bytes
     if k and idx.dtype.kind not in "iu":
         raise ProtocolError(f"payload indices must be integers, got dtype {idx.dtype}", ErrorCode.BAD_PAYLOAD)
     idx = idx.astype(np.int64, copy=False)
-    _check_indices(idx, V, lambda pos: "as given")
-    _check_unit_interval(p, lambda pos: "as given")
+    values = _check_indices(idx, V, lambda pos: "as given")
+    mass = _check_unit_interval(p, lambda pos: "as given")
     codes = _to_codes(p, prob_bits)
-    _check_sum(codes, k, prob_bits)
-    form = payload_form(k, V)
+    # Each code is within half an LSB (float32: a relative 2^-24) of its probability, so a
+    # mass clearly inside the bound stays inside after rounding: the exact check can only pass.
+    if mass is None or mass > 1.0 + SUM_TOLERANCE - 1e-6:
+        _check_sum(codes, k, prob_bits)
+    form, ib, _ = _layout(k, V)
     header = _PAYLOAD_HEADER.pack(PAYLOAD_MAGIC, PAYLOAD_VERSION, prob_bits, form, V, k)
     if form == PayloadForm.SPARSE:
-        return b"".join((header, _pack_indices(idx, index_bits(V)), codes.tobytes()))
+        return b"".join((header, _pack_indices(idx, ib, values), codes.tobytes()))
     if form == PayloadForm.BITMAP:
         mask = np.zeros(V, dtype=np.uint8)
         mask[idx] = 1
@@ -337,11 +351,10 @@ def decode_payload_ex(data) -> Payload:
         raise ProtocolError(f"payload bytes 4-7 (vocab_size) are {V}, expected >= 2", ErrorCode.BAD_PAYLOAD)
     if k > V:
         raise ProtocolError(f"payload bytes 8-11 (k) are {k} > vocab_size {V}", ErrorCode.BAD_PAYLOAD)
-    expected_form = payload_form(k, V)
+    expected_form, ib, where_bytes = _layout(k, V)
     if form != expected_form:
         raise ProtocolError(f"payload byte 3 (form) is {form}, but k={k} of vocab_size {V} is always sent "
                             f"{expected_form.name.lower()} ({expected_form.value})", ErrorCode.BAD_PAYLOAD)
-    where_bytes = _where_size(k, V, form)
     off = PAYLOAD_HEADER_BYTES + where_bytes
     if n != off + k * bits // 8:
         raise ProtocolError(f"payload is {n} bytes, its header (k={k}, vocab_size={V}, prob_bits={bits}) "
@@ -349,7 +362,6 @@ def decode_payload_ex(data) -> Payload:
     buf = np.frombuffer(data, dtype=np.uint8)
     region = buf[PAYLOAD_HEADER_BYTES:off]
     if form == PayloadForm.SPARSE:
-        ib = index_bits(V)
         _check_padding(data, where_bytes * 8 - k * ib, off - 1, "index")
         idx = _unpack_indices(region, k, ib)
         _check_indices(idx, V, lambda pos: f"bits {PAYLOAD_HEADER_BYTES * 8 + pos * ib}..", signed=False)
@@ -772,7 +784,8 @@ def _decode_upload(r: _Reader, where: dict) -> Upload:
 def _decode_flush(r: _Reader, where: dict) -> Flush:
     token_index, n = r.fixed(_FLUSH, "token_index/n")
     piggyback = r.array("I", n, "piggyback")
-    return Flush(**where, token_index=token_index, piggyback=piggyback, piggyback_probs=r.array("f", n, "piggyback_probs"))
+    probs = r.array("f", n, "piggyback_probs")
+    return Flush(**where, token_index=token_index, piggyback=piggyback, piggyback_probs=probs)
 
 
 def _decode_verdict(r: _Reader, where: dict) -> Verdict:

@@ -261,7 +261,9 @@ def flushes(draw):
 @st.composite
 def verdicts(draw):
     token = draw(st.one_of(st.just(NO_TOKEN), st.integers(0, 2**32 - 2)))
-    outcome = draw(st.sampled_from([(False, False), (True, False), (False, True)])) if token != NO_TOKEN else (False, False)
+    outcome = (False, False)
+    if token != NO_TOKEN:
+        outcome = draw(st.sampled_from([(False, False), (True, False), (False, True)]))
     return Verdict(**{k: draw(v) for k, v in header.items()}, token_index=draw(st.integers(0, 2**32 - 1)), token=token,
                    accepted=outcome[0], resampled=outcome[1], beta=draw(prob32) if token != NO_TOKEN else math.nan,
                    shadow_betas=draw(st.lists(prob32, max_size=20)))
@@ -466,3 +468,29 @@ def test_check_upload_against_the_verifiers_vocabulary():
     assert P.check_upload(device_style, V) is None
     assert P.check_upload(Flush(device=1, session=1, seq=1, token_index=1, piggyback=[5], piggyback_probs=[0.5]),
                           V) is None
+
+
+@FUZZ
+@given(st.integers(0, 64), st.integers(1, 32), st.integers(0, 2**32 - 1))
+def test_python_and_numpy_index_packing_agree(k, ib, seed):
+    idx = np.random.default_rng(seed).integers(0, 2**ib, size=k)
+    assert P._pack_indices(idx, ib, idx.tolist()) == P._pack_indices(idx, ib)
+
+
+@FUZZ
+@given(st.integers(1, 64), st.sampled_from(P.PROB_BITS), st.floats(0.99, 1.1), st.integers(0, 2**32 - 1))
+def test_encode_accepts_exactly_what_the_sum_rule_accepts(k, bits, mass, seed):
+    """encode skips the exact sum check when the float mass is clearly inside the bound; it
+    must accept precisely the payloads the exact rule (the decoder's) accepts."""
+    probs = np.random.default_rng(seed).dirichlet(np.ones(k)) * mass
+    assume(probs.max() <= 1.0)
+    try:
+        P._check_sum(P._to_codes(probs, bits), k, bits)
+        exact_ok = True
+    except ProtocolError:
+        exact_ok = False
+    try:
+        encode_payload(np.arange(k), probs, 1000, bits)
+        assert exact_ok
+    except ProtocolError:
+        assert not exact_ok
