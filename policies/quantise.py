@@ -1,8 +1,8 @@
 """Quantisers for uploaded probabilities (DESIGN.md section 1, step 5; b_prob = 8 by default).
 
 bits = 8 or 16: uniform quantisation of [0, 1] to L = 2^bits - 1 steps, rounding to
-nearest with halves up: q = floor(p * L + 1/2), p_hat = q / L. |p_hat - p| <= 1 / (2L).
-Inputs are clipped to [0, 1] first.
+nearest, halves to even (numpy's rint; the same codes agents.protocol produces):
+q = rint(p * L), p_hat = q / L, |p_hat - p| <= 1 / (2L). Inputs are clipped to [0, 1] first.
 
 bits = 32 ("none"): the float32 value itself, as its IEEE-754 bit pattern in a uint32 so
 every quantiser yields integers of `bits` bits for the codec. |p_hat - p| <= 2^-25 on [0, 1]
@@ -36,7 +36,7 @@ def quantise(probs, bits: int = 8) -> np.ndarray:
     if bits == 32:
         return p.astype(np.float32).view(np.uint32)
     levels = (1 << bits) - 1
-    return np.floor(p * levels + 0.5).astype(_DTYPES[bits])
+    return np.rint(p * levels).astype(_DTYPES[bits])
 
 
 def dequantise(q, bits: int = 8) -> np.ndarray:

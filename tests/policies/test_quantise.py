@@ -31,12 +31,23 @@ def test_none_keeps_float32(p):
 
 
 @pytest.mark.parametrize("bits", [8, 16])
-def test_grid_points_are_fixed_points_and_halves_round_up(bits):
+def test_grid_points_are_fixed_points_and_rounding_is_to_nearest(bits):
     L = 2**bits - 1
     q = np.arange(0, L + 1, max(1, L // 1000), dtype=np.int64)
     np.testing.assert_array_equal(quantise(dequantise(q, bits), bits), q)
-    assert quantise([0.5 / L * 3], bits)[0] in (1, 2)  # 1.5 steps: nearest, ties up (up to rounding)
+    assert quantise([1.5 / L], bits)[0] in (1, 2)  # a tie (up to rounding): either neighbour
     assert quantise([0.49 / L], bits)[0] == 0 and quantise([0.51 / L], bits)[0] == 1
+
+
+def test_same_codes_as_the_wire_codec():
+    protocol = pytest.importorskip("agents.protocol")
+    quantise_probs = getattr(protocol, "quantise_probs", None)
+    if quantise_probs is None:
+        pytest.skip("agents.protocol has no quantise_probs")
+
+    p = np.random.default_rng(0).dirichlet(np.ones(500) * 0.3)
+    for bits in (8, 16, 32):
+        np.testing.assert_array_equal(dequantise(quantise(p, bits), bits), quantise_probs(p, bits))
 
 
 def test_clipping_and_errors():

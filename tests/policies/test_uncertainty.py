@@ -168,3 +168,12 @@ def test_estimators_are_vectorised_over_rows():
     x = g.dirichlet(np.ones(30) * 0.3, size=6)
     for f in (entropy, one_minus_max, top2_margin):
         np.testing.assert_allclose(f(x), [f(row)[0] for row in x])
+
+
+def test_float32_estimators_at_full_vocabulary_are_accurate():
+    g = torch.Generator().manual_seed(2)
+    x = torch.softmax(torch.randn(3, 151936, generator=g) * 3, dim=1)
+    x64 = x.double()
+    ref = -(torch.special.xlogy(x64, x64)).sum(dim=1).numpy()
+    np.testing.assert_allclose(entropy(x), ref, rtol=1e-5)
+    np.testing.assert_allclose(one_minus_max(x), 1 - x64.max(dim=1).values.numpy(), rtol=1e-7)
