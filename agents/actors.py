@@ -281,7 +281,9 @@ class Verifier:
                     try:
                         verdict = core.submit(msg)
                     except protocol.ProtocolError as exc:
-                        self._error(identity, exc, seq=msg.seq)
+                        if exc.device is None:
+                            exc.device, exc.seq = msg.device, msg.seq
+                        self._error(identity, exc)
                         continue
                     if verdict is not None:
                         sock.send_multipart([identity, *wire.verdict_message(verdict)])
@@ -304,11 +306,11 @@ class Verifier:
             if wall:
                 self.shaped.flush()
 
-    def _error(self, identity: bytes, exc: Exception, seq: int = -1) -> None:
+    def _error(self, identity: bytes, exc: protocol.ProtocolError) -> None:
         """Malformed or out-of-order input: an error reply and a counter, never a crash."""
         self.errors += 1
         self.error_log.append(str(exc))
         try:
-            self.sock.send_multipart([identity, *wire.error_message(str(exc), seq)], zmq.NOBLOCK)
+            self.sock.send_multipart([identity, *wire.error_message(exc)], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass

@@ -74,7 +74,7 @@ class VerifierCore:
         self.seed = seed
         self.vocab_size = vocab_size
         self.sessions: dict[int, Session] = {}
-        self.queue: list[tuple[float, int, int, Upload]] = []
+        self.queue: list[tuple[float, int, int, Upload, object]] = []  # (arrival, device, seq, upload, payload)
         self.t_free = 0.0
         self.batches: list[BatchRecord] = []
 
@@ -110,6 +110,7 @@ class VerifierCore:
             return s.verdicts[upload.seq]
         if s.closed:
             raise protocol.ProtocolError(f"device {upload.device}: upload after the session closed")
+        payload = protocol.check_upload(upload, self.vocab_size)  # bad ids or payload: rejected here, alone
         if upload.final:
             logits = self.llm.extend([(upload.device, s.feed + upload.piggyback)], all_positions=True)[0]
             shadows = self._shadow_betas(s, upload, logits)
@@ -122,7 +123,7 @@ class VerifierCore:
         if s.queued:
             raise protocol.ProtocolError(f"device {upload.device}: seq {upload.seq} while another is queued")
         s.queued = True
-        heapq.heappush(self.queue, (upload.t_arrive, upload.device, upload.seq, upload))
+        heapq.heappush(self.queue, (upload.t_arrive, upload.device, upload.seq, upload, payload))
         return None
 
     def close(self, device: int) -> None:
@@ -141,7 +142,7 @@ class VerifierCore:
             close = min(close, arrivals[self.server.max_batch - 1])
         return max(self.t_free, close)
 
-    def next_batch(self, now: float | None = None) -> tuple[float, list[Upload]] | None:
+    def next_batch(self, now: float | None = None) -> tuple[float, list[tuple[Upload, object]]] | None:
         """Pop the next batch if it may be released. Virtual clock (now=None): only when no
         earlier arrival can still come. Wall clock: when `now` has reached S."""
         start = self.batch_start()
@@ -153,26 +154,26 @@ class VerifierCore:
             return None
         batch = []
         while self.queue and len(batch) < self.server.max_batch and self.queue[0][0] <= start:
-            batch.append(heapq.heappop(self.queue)[3])
+            batch.append(heapq.heappop(self.queue)[3:])
         return start, batch
 
-    def verify(self, start: float, batch: list[Upload]) -> list[Verdict]:
+    def verify(self, start: float, requests: list[tuple[Upload, object]]) -> list[Verdict]:
         """One batched LLM forward over the batch, then speculative verification per request."""
+        batch = [u for u, _ in requests]
         sessions = [self.sessions[u.device] for u in batch]
         feeds = [s.feed + u.piggyback for s, u in zip(sessions, batch)]
         logits = self.llm.extend([(u.device, f) for u, f in zip(batch, feeds)], all_positions=True)
         n_tokens = sum(len(f) for f in feeds)
         t_end = start + self.server.verify_seconds(len(batch), n_tokens)
         verdicts = []
-        for s, u, z in zip(sessions, batch, logits):
+        for s, (u, payload), z in zip(sessions, requests, logits):
             shadows = self._shadow_betas(s, u, z)
             y = softmax_t(z[len(u.piggyback)], s.temperature)
             if u.llm_samples:
                 rng = keyed_rng(self.seed, u.device, u.token_index, "llm_sample")
                 token, accepted, beta = int(sample_draft(y, rng)), False, math.nan
             else:
-                indices, probs, vocab = protocol.decode_payload(u.payload)
-                x_hat = reconstruct(indices, probs, vocab)
+                x_hat = reconstruct(payload.indices, payload.probs, payload.vocab_size)
                 rng = keyed_rng(self.seed, u.device, u.token_index, "verify")
                 token, accepted = verify(u.draft, x_hat, y, rng)
                 beta = float(max(0.0, 1.0 - y[u.draft] / u.draft_prob))

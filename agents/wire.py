@@ -59,10 +59,8 @@ def verdict_message(v: Verdict) -> list[bytes]:
     return [protocol.encode_frame(msg), _stamp(v.t_sent)]
 
 
-def error_message(text: str, seq: int = -1) -> list[bytes]:
-    err = protocol.Error(device=0, session=0, seq=max(seq, 0), code=int(protocol.ErrorCode.BAD_FRAME),
-                         message=text, bad_seq=seq)
-    return [protocol.encode_frame(err), _stamp(math.nan)]
+def error_message(exc: protocol.ProtocolError) -> list[bytes]:
+    return [protocol.encode_frame(protocol.error_reply(exc)), _stamp(math.nan)]
 
 
 def decode_message(parts: list[bytes]):

@@ -102,19 +102,32 @@ def test_malformed_frames_get_error_replies_and_the_run_continues(ray_session, t
             assert sock.poll(5000), "no reply to a malformed frame"
             reply = wire.decode_message(sock.recv_multipart())
             assert isinstance(reply, protocol.ProtocolError) and "verifier error" in str(reply)
-        # The same socket then serves a real session to the end.
-        prompt = list(p.specs[0].prompt_ids)
-        sock.send_multipart(wire.open_message(0, prompt, 1.0, 1, 0.01))
+        # A well-formed frame with a draft outside the vocabulary is rejected alone ...
         from agents.device import Upload
 
-        up = Upload(device=0, seq=0, token_index=0, draft=-1, draft_prob=float("nan"), piggyback=[],
-                    piggyback_probs=[], payload=b"", llm_samples=True, final=False, t_sent=0.0, t_arrive=0.01)
+        prompt = list(p.specs[0].prompt_ids)
+        sock.send_multipart(wire.open_message(0, prompt, 1.0, 1, 0.01))
+        payload = protocol.encode_payload([1, 2], [0.5, 0.25], p.run.vocab_size)
+        bad = Upload(device=0, seq=0, token_index=0, draft=p.run.vocab_size + 5, draft_prob=0.5, piggyback=[],
+                     piggyback_probs=[], payload=payload, llm_samples=False, final=False, t_sent=0.0, t_arrive=0.01)
+        sock.send_multipart(wire.upload_message(bad))
+        assert sock.poll(5000)
+        reply = wire.decode_message(sock.recv_multipart())
+        assert isinstance(reply, protocol.ProtocolError) and "outside the vocabulary" in str(reply)
+        # ... and the same session then gets its verdict.
+        up = Upload(device=0, seq=0, token_index=0, draft=1, draft_prob=0.5, piggyback=[],
+                    piggyback_probs=[], payload=payload, llm_samples=False, final=False, t_sent=0.0, t_arrive=0.01)
         sock.send_multipart(wire.upload_message(up))
         assert sock.poll(20000)
         verdict = wire.decode_message(sock.recv_multipart())
         assert verdict.seq == 0 and 0 <= verdict.token < p.run.vocab_size
+        # A retransmission of the same sequence number gets the same verdict again.
+        sock.send_multipart(wire.upload_message(up))
+        assert sock.poll(5000)
+        again = wire.decode_message(sock.recv_multipart())
+        assert (again.seq, again.token, again.accepted) == (verdict.seq, verdict.token, verdict.accepted)
         status = ray.get(verifier.status.remote())
-        assert status["errors"] == len(garbage) and status["failure"] is None
+        assert status["errors"] == len(garbage) + 1 and status["failure"] is None
         sock.close()
     finally:
         ray.kill(verifier)
