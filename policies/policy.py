@@ -21,8 +21,10 @@ skipped or truncated the hybrid output is exactly the LLM's (DESIGN.md step 7) a
 deviation of the others is measurable against them; the CU-HLM presets use the paper's
 b_prob = 8. Uncertainty is the paper's temperature perturbation (K=20, theta_max=2.0) with
 its rejection model a=0.815, b=-0.066 unless overridden (fit your own with
-`testbed calibrate`). theta=0.1 with eta=1 keeps roughly the top 97-98 % of the mass; the
-offline k=64 is a placeholder until calibrated (pass `calibration`).
+`testbed calibrate`). theta=0.1 with eta=1 allows the tail an L1 distance from its uniform
+spread of 0.1 * D, D in [l(-1), l(0)] = [0.31, 0.69], i.e. 0.031 .. 0.069 (a testbed
+choice; the paper's values were not at hand). The offline k=64 is a placeholder until
+calibrated (the `calibration` parameter, or calibration data passed by the caller).
 """
 from __future__ import annotations
 
@@ -199,6 +201,8 @@ class HybridPolicy(Policy):
         truncator: Callable | None = None,
     ):
         config = config or PolicyConfig()
+        # Fail at construction, not mid-run; a supplied estimator stands in for the configured one.
+        validate(config if estimator is None else dataclasses.replace(config, estimator="temperature"))
         self.name = name
         self.config = config
         self.uses_llm = config.skip != "always"

@@ -167,3 +167,12 @@ def test_temperature_estimator_needs_logits():
     _, _, _, ctxs = make_batch(2)
     with pytest.raises(ValueError, match="logits"):
         load_policy("u-hlm").decide_batch(None, ctxs)
+
+
+def test_direct_construction_validates():
+    with pytest.raises(ValueError, match="needs k"):
+        HybridPolicy("x", PolicyConfig(truncation="top-k"))
+    with pytest.raises(ValueError, match="prob_bits"):
+        HybridPolicy("x", PolicyConfig(prob_bits=7))
+    # a supplied estimator satisfies "skip on uncertainty needs an estimator"
+    HybridPolicy("x", PolicyConfig(estimator="none"), estimator=lambda b: np.zeros(len(b)))
