@@ -65,6 +65,13 @@ class ClockParams:
             time.sleep(rng.random() * self.chaos_delay_s)
 
 
+def max_rss_bytes() -> int:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _set_threads(n: int) -> None:
     import torch
 
@@ -157,7 +164,7 @@ class DeviceGroup:
             self._publish(seen)
         finally:
             sock.close()
-        return {"rows": self.core.rows(), "lag_s": self.lag_s}
+        return {"rows": self.core.rows(), "lag_s": self.lag_s, "max_rss_bytes": max_rss_bytes()}
 
     def _publish(self, seen: dict[int, int]) -> None:
         fresh = []
@@ -220,7 +227,7 @@ class Verifier:
         self.shaped = self.clock.shaped(self.sock)  # wall clock: verdicts leave when verification ends
 
     def status(self) -> dict:
-        return {"errors": self.errors, "lag_s": self.lag_s, "error_log": self.error_log[-20:], "failure": self.failure,
+        return {"errors": self.errors, "lag_s": self.lag_s, "max_rss_bytes": max_rss_bytes(), "error_log": self.error_log[-20:], "failure": self.failure,
                 "batches": len(self.core.batches)}
 
     def drain_batches(self) -> list:

@@ -122,7 +122,7 @@ def _write(p: Plan, opts: RunOptions, rows: list[dict], batches, wall: float, st
     emulated = float(df["t_commit"].max()) if len(df) else 0.0
     extra = {"scenario": p.scenario.name, "engine": opts.engine, "clock": p.scenario.clock,
              "complete": len(df) == len(p.specs) * p.run.max_new_tokens}
-    extra.update({k: v for k, v in status.items() if k in ("protocol_errors", "lag_s")})
+    extra.update(status)
     summary = results.summarize(df, emulated_seconds=emulated, wall_seconds=wall, vocab_size=p.run.vocab_size,
                                 verifier_batches=[b.size for b in batches], extra=extra)
     results.write_summary(summary, opts.out_dir / "summary.json")
@@ -160,7 +160,7 @@ def _run_local(p: Plan, sinks: "Sinks"):
 def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks"):
     import ray
 
-    from agents.actors import ClockParams, DeviceGroup, Verifier
+    from agents.actors import ClockParams, DeviceGroup, Verifier, max_rss_bytes
 
     started = not ray.is_initialized()
     if started:
@@ -190,10 +190,13 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks"):
         refs = {g.run.remote(t0): g for g in groups}
         pending = list(refs)
         rows: list[dict] = []
+        rss = 0
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
             for ref in done:
-                rows.extend(ray.get(ref)["rows"])  # raises the group's error here
+                result = ray.get(ref)  # raises the group's error here
+                rows.extend(result["rows"])
+                rss += result["max_rss_bytes"]
             fresh = ray.get([g.drain.remote() for g in refs.values()])
             sinks.batches(ray.get(verifier.drain_batches.remote()))
             sinks.rows([r for f in fresh for r in f["rows"]])
@@ -203,7 +206,10 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks"):
                 raise RuntimeError(f"verifier failed:\n{status['failure']}")
         batches = ray.get(verifier.batches.remote())
         status = ray.get(verifier.status.remote())
-        return rows, batches, {"protocol_errors": status["errors"], "lag_s": status["lag_s"]}
+        # Peak memory of the run: the sum of every actor's peak (an upper bound on the
+        # simultaneous peak) plus this driver.
+        rss += status["max_rss_bytes"] + max_rss_bytes()
+        return rows, batches, {"protocol_errors": status["errors"], "lag_s": status["lag_s"], "peak_rss_bytes": rss}
     finally:
         for a in actors:
             try:
@@ -297,14 +303,19 @@ class Sinks:
 
 
 class Progress:
-    """A live table per tier: tokens, emulated time and tokens/s, skip and acceptance rates."""
+    """A live table per tier on a terminal (tokens, emulated time and tokens/s, skip and
+    acceptance rates); elsewhere (logs, CI) one line every `log_every_s` seconds."""
 
-    def __init__(self, p: Plan, enabled: bool = True):
+    def __init__(self, p: Plan, enabled: bool = True, log_every_s: float = 10.0):
+        import sys
+
         self.total = len(p.specs) * p.run.max_new_tokens
         self.tiers: dict[str, dict] = {t.name: dict(tokens=0, skipped=0, transmitted=0, accepted=0, t=0.0)
                                        for t in p.scenario.tiers}
         self.live = None
-        if enabled:
+        self.log_every_s, self.last_log, self.t0 = log_every_s, time.time(), time.time()
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
             from rich.live import Live
 
             self.live = Live(self._table(), refresh_per_second=4, transient=False)
@@ -321,6 +332,18 @@ class Progress:
                 t["t"] = max(t["t"], r["t_commit"])
         if self.live is not None and rows:
             self.live.update(self._table())
+        elif self.enabled and self.live is None and time.time() - self.last_log >= self.log_every_s:
+            self.last_log = time.time()
+            self.log_line()
+
+    def log_line(self) -> None:
+        import sys
+
+        done = sum(t["tokens"] for t in self.tiers.values())
+        parts = [f"{name}: {t['tokens']} tok, {t['tokens'] / t['t'] if t['t'] > 0 else 0.0:.1f} tok/s emulated, "
+                 f"skip {t['skipped'] / max(1, t['tokens']):.0%}" for name, t in self.tiers.items()]
+        print(f"[{time.time() - self.t0:6.0f}s] tokens {done}/{self.total} ({done / max(1, self.total):.0%}) | "
+              + " | ".join(parts), file=sys.stderr, flush=True)
 
     def _table(self):
         from rich.table import Table

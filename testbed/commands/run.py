@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -43,7 +42,7 @@ def run(
     for point in points:
         out_dir = base if len(points) == 1 else base / point.name
         opts = RunOptions(out_dir=out_dir, engine=engine, address=address or s.address,
-                          progress=sys.stderr.isatty() or not json_out, report=not no_report,
+                          progress=True, report=not no_report,
                           metrics_port=metrics_port if metrics_port is not None else s.metrics.port, linger_s=linger)
         summaries[point.name] = run_scenario(point, opts)
         err.print(results.summary_table(summaries[point.name], title=f"{point.name}  ({out_dir})"))
