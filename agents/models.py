@@ -512,6 +512,20 @@ def load_model(
     return model.eval().to(device)
 
 
+def vocab_size(spec: str | Mapping[str, Any] | ModelSpec | TinyConfig) -> int:
+    """|V| of a spec without loading its weights: the LM head's rows (the config's vocab_size)."""
+    spec = parse_spec(spec)
+    if spec.kind == "tiny":
+        return spec.tiny.vocab_size
+    from transformers import AutoConfig
+
+    path = str(_check_bundled_ready(spec)) if spec.kind == "bundled" else spec.path
+    try:
+        return int(AutoConfig.from_pretrained(path, local_files_only=True).vocab_size)
+    except (OSError, ValueError) as err:
+        raise _hf_error(spec, "the config", err) from err
+
+
 def load_tokenizer(spec: str | Mapping[str, Any] | ModelSpec | TinyConfig):
     """The tokenizer of a spec: the model's own (from its folder) or a ByteTokenizer for tiny models."""
     spec = parse_spec(spec)

@@ -46,27 +46,15 @@ class Plan:
     prompt_ids: list[list[int]] = field(default_factory=list)
 
 
-def vocab_size_of(spec) -> int:
-    """|V| of a model spec without loading its weights (the LM head's size)."""
-    from agents.models import parse_spec
-
-    parsed = parse_spec(spec)
-    if parsed.kind == "tiny":
-        return parsed.tiny.vocab_size
-    from transformers import AutoConfig
-
-    return int(AutoConfig.from_pretrained(parsed.path, local_files_only=True).vocab_size)
-
-
 def plan(s: Scenario) -> Plan:
-    from agents.models import load_tokenizer
+    from agents.models import load_tokenizer, vocab_size
     from testbed.prompts import load_prompts, prompt_index
 
     tokenizer = load_tokenizer(s.models.slm)
     prompts = load_prompts(s.prompts, tokenizer)
-    vocab = vocab_size_of(s.models.llm)
-    if vocab_size_of(s.models.slm) != vocab:
-        raise ValueError(f"models.slm and models.llm have different vocabularies ({vocab_size_of(s.models.slm)} vs {vocab})")
+    vocab = vocab_size(s.models.llm)
+    if vocab_size(s.models.slm) != vocab:
+        raise ValueError(f"models.slm and models.llm have different vocabularies ({vocab_size(s.models.slm)} vs {vocab})")
     policy_specs: dict[str, object] = {}
     labels: dict[int, str] = {}
     for t in s.tiers:

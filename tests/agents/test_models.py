@@ -187,3 +187,11 @@ def test_byte_tokenizer_decodes_any_sampled_id():
         tok.decode([512])
     with pytest.raises(ModelError, match="vocab_size >= 257"):
         load_tokenizer({"kind": "tiny", "vocab_size": 100})
+
+
+def test_vocab_size_without_loading_matches_the_lm_head():
+    from agents.models import build_tiny, parse_spec, vocab_size
+
+    spec = {"kind": "tiny", "vocab_size": 300, "role": "slm"}
+    model = build_tiny(parse_spec(spec).tiny)
+    assert vocab_size(spec) == model.get_output_embeddings().weight.shape[0] == 300
