@@ -162,14 +162,16 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks"):
         if opts.address and host == "127.0.0.1":
             host = "0.0.0.0"  # reachable from other nodes of the cluster
         verifier = ray.remote(num_cpus=0, max_concurrency=4)(Verifier).remote(
-            p.llm, p.server, s.seed, p.run.vocab_size, clock, host, s.server.port, expected_sessions=len(p.specs))
+            p.llm, p.server, s.seed, p.run.vocab_size, clock, host, s.server.port,
+            threads=s.actors.verifier_threads, expected_sessions=len(p.specs))
         actors.append(verifier)
         endpoint = ray.get(verifier.start.remote())
         if opts.address and endpoint.startswith("tcp://0.0.0.0"):
             endpoint = endpoint.replace("0.0.0.0", ray.util.get_node_ip_address(), 1)
         n = s.actors.devices_per_group
         group_cls = ray.remote(num_cpus=0, max_concurrency=2)(DeviceGroup)
-        groups = [group_cls.remote(i, p.specs[j:j + n], p.run, p.slm, p.policy_specs, endpoint, clock)
+        groups = [group_cls.remote(i, p.specs[j:j + n], p.run, p.slm, p.policy_specs, endpoint, clock,
+                                   s.actors.group_threads)
                   for i, j in enumerate(range(0, len(p.specs), n))]
         actors.extend(groups)
         ray.get([g.ready.remote() for g in groups])  # models loaded: emulated time may start

@@ -426,6 +426,10 @@ class Tier(_Config):
 
 class Actors(_Config):
     devices_per_group: int = Field(4, ge=1)  # virtual devices per DeviceGroup actor (one SLM copy each)
+    # torch threads per actor. 1 by default: actors share the machine's cores, and spinning
+    # OpenMP threads of several processes on too few cores slow every forward down many times.
+    group_threads: int = Field(1, ge=1)
+    verifier_threads: int = Field(1, ge=1)
 
 
 class Metrics(_Config):
