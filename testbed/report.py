@@ -31,7 +31,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-PAPER_A, PAPER_B = 0.815, -0.066  # beta ~ a*u + b, TinyLlama/Llama-2 (the paper)
+from policies.rejection import PAPER_A, PAPER_B  # beta ~ a*u + b, TinyLlama/Llama-2 (the paper)
+from testbed.results import format_bytes
 DPI = 110
 MAX_RASTER_DEVICES = 40
 MAX_SCATTER = 20_000
@@ -421,7 +422,7 @@ def plot_policies(runs: list[Run], figs: list[dict], path: Path) -> Path:
         if proxy[i] is not None:
             ax[0][0].scatter([proxy[i]], [thr[i]], label=f"{lab}: {thr[i]:.1f} tok/s", **kw)
         if upb[i]:
-            ax[0][1].scatter([upb[i]], [thr[i]], label=f"{lab}: {_fmt_bytes(upb[i])} / token", **kw)
+            ax[0][1].scatter([upb[i]], [thr[i]], label=f"{lab}: {format_bytes(upb[i])} / token", **kw)
     a = ax[0][0]
     a.set_xlabel(proxy_name)
     a.set_ylabel("throughput (tokens / emulated s)")
@@ -452,7 +453,7 @@ def plot_policies(runs: list[Run], figs: list[dict], path: Path) -> Path:
     a = ax[1][1]
     v = [np.nan if y is None else y for y in upb]
     b = a.bar(x, v, color=colors)
-    a.bar_label(b, labels=["-" if np.isnan(y) else _fmt_bytes(y) for y in v], fontsize=8)
+    a.bar_label(b, labels=["-" if np.isnan(y) else format_bytes(y) for y in v], fontsize=8)
     a.set_xticks(x, labels, rotation=15 if len(runs) > 3 else 0, ha="right" if len(runs) > 3 else "center", fontsize=9)
     a.set_yscale("log")
     a.set_ylabel("bytes (log)")
@@ -464,23 +465,13 @@ def plot_policies(runs: list[Run], figs: list[dict], path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # HTML
 # ---------------------------------------------------------------------------------------------
-def _fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def _fmt(v: Any, kind: str) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
     if kind == "pct":
         return f"{100 * v:.1f}%"
     if kind == "bytes":
-        return _fmt_bytes(v)
+        return format_bytes(v)
     if kind == "ms":
         return f"{1000 * v:.1f} ms"
     if kind == "s":

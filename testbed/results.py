@@ -330,7 +330,8 @@ def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _bytes(n: int | None) -> str:
+def format_bytes(n: float | None) -> str:
+    """1234567 -> '1.2 MB' (decimal units); None -> '-'."""
     if n is None:
         return "-"
     for unit in ("B", "kB", "MB", "GB"):
@@ -352,8 +353,8 @@ _ROWS = [
     ("skip rate", lambda b: _pct(b["skip_rate"])),
     ("acceptance", lambda b: _pct(b["acceptance_rate"])),
     ("vocab compression", lambda b: _pct(b["vocab_compression"])),
-    ("uplink", lambda b: _bytes(b["uplink_bytes"])),
-    ("uplink / token", lambda b: _bytes(b["uplink_bytes_per_token"])),
+    ("uplink", lambda b: format_bytes(b["uplink_bytes"])),
+    ("uplink / token", lambda b: format_bytes(b["uplink_bytes_per_token"])),
     ("latency p50 (ms)", lambda b: _ms(b, "p50")),
     ("latency p95 (ms)", lambda b: _ms(b, "p95")),
     ("latency p99 (ms)", lambda b: _ms(b, "p99")),

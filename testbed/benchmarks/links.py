@@ -35,11 +35,22 @@ def model_sends_per_s(profile, n: int = 100_000, nbytes: int = 64, interval_s: f
     return n / (time.perf_counter() - start)
 
 
-def _stream_us(ctx, n: int, payload: bytes, mode: str) -> float:
-    import zmq
-
+def _sender(sock, mode: str):
+    """(send function, ShapedSender or None) for a socket: raw ZeroMQ, or shaped through an
+    ideal link driven by the caller or by a background thread."""
     import netem
     from netem.transport import ShapedSender, zmq_deliver
+
+    if mode == "raw":
+        return sock.send, None
+    sender = ShapedSender(zmq_deliver(sock), netem.Link(netem.get_profile("ideal").uplink))
+    if mode == "thread":
+        sender.start()
+    return sender.send, sender
+
+
+def _stream_us(ctx, n: int, payload: bytes, mode: str) -> float:
+    import zmq
 
     pull = ctx.socket(zmq.PULL)
     port = pull.bind_to_random_port("tcp://127.0.0.1")
@@ -47,14 +58,7 @@ def _stream_us(ctx, n: int, payload: bytes, mode: str) -> float:
     push.connect(f"tcp://127.0.0.1:{port}")
     push.send(b"warm-up")
     pull.recv()
-    sender = None
-    if mode == "raw":
-        send = push.send
-    else:
-        sender = ShapedSender(zmq_deliver(push), netem.Link(netem.get_profile("ideal").uplink))
-        if mode == "thread":
-            sender.start()
-        send = sender.send
+    send, sender = _sender(push, mode)
     start = time.perf_counter()
     for _ in range(n):
         send(payload)
@@ -85,21 +89,11 @@ def _rtt_us(ctx, port: int, n: int, payload: bytes, mode: str) -> float:
     """Mean round trip to an echo server in another process (as the verifier would be)."""
     import zmq
 
-    import netem
-    from netem.transport import ShapedSender, zmq_deliver
-
     dealer = ctx.socket(zmq.DEALER)
     dealer.connect(f"tcp://127.0.0.1:{port}")
     dealer.send(b"warm-up")
     dealer.recv()
-    sender = None
-    if mode == "raw":
-        send = dealer.send
-    else:
-        sender = ShapedSender(zmq_deliver(dealer), netem.Link(netem.get_profile("ideal").uplink))
-        if mode == "thread":
-            sender.start()
-        send = sender.send
+    send, sender = _sender(dealer, mode)
     start = time.perf_counter()
     for _ in range(n):
         send(payload)
