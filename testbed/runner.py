@@ -94,7 +94,11 @@ def run_scenario(s: Scenario, opts: RunOptions) -> dict:
     finally:
         sinks.close()
         wall = time.time() - t0
-        if rows:  # partial results are kept too
+        if not rows and sinks.seen:
+            # Interrupted (Ctrl-C) or failed: keep what was committed so far. Shadow betas
+            # that arrived after a row was drained may be missing there.
+            rows, status = sinks.seen, {**status, "interrupted": True}
+        if rows:
             _write(p, opts, rows, batches, wall, status)
             if opts.report:
                 from testbed.report import write_report
@@ -227,6 +231,7 @@ class Sinks:
         self.tier_of = {d.device: d.tier for d in p.specs}
         self.policy_of = {d.device: d.policy_name for d in p.specs}
         self.committed = {d.device: 0 for d in p.specs}
+        self.seen: list[dict] = []  # every row drained so far: the partial results
         if self.collector is None and opts.metrics_port:
             from testbed.metrics import Collector
 
@@ -240,6 +245,7 @@ class Sinks:
         self.progress.update(rows)
         if rows:
             self.t_emulated = max(self.t_emulated, max(r["t_commit"] for r in rows))
+        self.seen.extend(rows)
         for r in rows:
             self.committed[r["device"]] += 1
         if self.collector is not None and rows:
