@@ -1,0 +1,90 @@
+"""Emulated time against closed forms: the device/link/verifier timeline of one device, and
+the verifier's batching rule (max_batch, max_wait, busy server, lower bounds)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agents import protocol
+from agents.device import DeviceSpec, RunParams, Upload
+from agents.engine import run_local
+from agents.lm import BatchedLM
+from agents.models import load_model
+from agents.verifier import ServerProfile, VerifierCore
+from netem import DuplexProfile
+from policies import load_policy
+
+V = 512
+
+
+@pytest.fixture(scope="module")
+def lms():
+    return BatchedLM(load_model("tiny:slm")), BatchedLM(load_model("tiny:llm"))
+
+
+def test_one_device_timeline_matches_the_closed_form(lms):
+    up_bps, down_bps, up_delay, down_delay = 8e6, 16e6, 0.010, 0.004
+    link = DuplexProfile.from_dict({"uplink": {"rate_mbps": up_bps / 1e6, "delay_ms": up_delay * 1e3},
+                                    "downlink": {"rate_mbps": down_bps / 1e6, "delay_ms": down_delay * 1e3}})
+    server = ServerProfile(verify_ms_base=7.0, verify_ms_per_token=0.5, verify_ms_per_sequence=2.0,
+                           max_batch=8, max_wait_ms=3.0)
+    slm_ms = 25.0
+    spec = DeviceSpec(0, "phone", "hlm", slm_ms, link, 0, (5, 6, 7, 8))
+    run = RunParams(seed=3, max_new_tokens=6, temperature=1.0, vocab_size=V)
+    result = run_local([spec], run, server, *lms, {"hlm": load_policy("hlm")})
+    rows = sorted(result.rows, key=lambda r: r["token_index"])
+    verdict_bytes = protocol.verdict_frame_size()
+    t = 0.0
+    for r in rows:
+        # draft -> uplink (serialise + delay) -> batch closes max_wait after the arrival ->
+        # verify (base + per_token * 1 + per_sequence * 1) -> downlink -> commit.
+        assert r["transmitted"] and r["t_draft_start"] == pytest.approx(t, abs=1e-12)
+        sent = t + slm_ms / 1e3
+        arrive = sent + r["uplink_bytes"] * 8 / up_bps + up_delay
+        start = arrive + server.max_wait_ms / 1e3
+        verdict = start + (7.0 + 0.5 * 1 + 2.0 * 1) / 1e3
+        commit = verdict + verdict_bytes * 8 / down_bps + down_delay
+        assert r["t_upload_sent"] == pytest.approx(sent, abs=1e-9)
+        assert r["t_commit"] == pytest.approx(commit, abs=1e-9)
+        t = commit
+    # hlm sends the full distribution as float32: 4 bytes per entry plus headers.
+    assert rows[0]["payload_bytes"] == protocol.payload_size(V, V, 32)
+
+
+def _upload(device: int, t_arrive: float) -> Upload:
+    probs = np.full(V, 1.0 / V)
+    payload = protocol.encode_payload(np.arange(V), probs, V, 32)
+    return Upload(device=device, seq=0, token_index=0, draft=3, draft_prob=1.0 / V, piggyback=[], piggyback_probs=[],
+                  payload=payload, llm_samples=False, final=False, t_sent=t_arrive - 0.001, t_arrive=t_arrive)
+
+
+@pytest.mark.parametrize("lookahead", [0.001, 0.0])
+def test_batching_rule(lms, lookahead):
+    _, llm = lms
+    server = ServerProfile(verify_ms_base=10.0, verify_ms_per_token=1.0, verify_ms_per_sequence=1.0,
+                           max_batch=2, max_wait_ms=5.0)
+    core = VerifierCore(llm, server, seed=0, vocab_size=V, expected_sessions=4)
+    core.open([(d, [1, 2, 3], 1.0, 4, lookahead) for d in range(3)])
+    for d, t in enumerate([0.010, 0.012, 0.013]):
+        assert core.submit(_upload(d, t)) is None
+    # A fourth device has not opened yet: it could still send anything earlier.
+    assert core.next_batch() is None
+    core.open([(3, [1, 2, 3], 1.0, 4, 10.0)])
+    # max_batch reached at the second arrival: the batch closes then, before a1 + max_wait.
+    start, batch = core.next_batch()
+    assert start == pytest.approx(0.012) and [u.device for u, _ in batch] == [0, 1]
+    verdicts = core.verify(start, batch)
+    t_end = 0.012 + (10.0 + 1.0 * 2 + 1.0 * 2) / 1e3
+    assert all(v.t_sent == pytest.approx(t_end) for v in verdicts)
+    # The third request waits for the busy server (t_end > 0.013 + max_wait)...
+    assert core.batch_start() == pytest.approx(max(t_end, 0.018))
+    released = core.next_batch()
+    if t_end + lookahead <= max(t_end, 0.018):
+        # ...and, in the virtual clock, for devices 0 and 1: their next uploads could arrive
+        # at t_end + lookahead, no later than that batch would start.
+        assert released is None
+    else:
+        start, batch = released
+        assert start == pytest.approx(t_end) and [u.device for u, _ in batch] == [2]
+        core.verify(start, batch)
+        assert core.batches[-1].queue_waits == [pytest.approx(t_end - 0.013)]
