@@ -45,6 +45,11 @@ class RunParams:
     temperature: float
     vocab_size: int
     rto_s: float = 0.2  # retransmission timeout for a lost upload or verdict (emulated)
+    # False: one SLM forward per device, so a draft never depends on which other devices
+    # happened to share a forward (bit-reproducible traces in every layout and under any real
+    # timing). True: one batched forward per group step; faster, but float rounding then
+    # depends on the batch, which in bf16 flips an occasional sampled token between runs.
+    batch_slm: bool = False
 
 
 @dataclass
@@ -91,6 +96,11 @@ def token_row(spec: DeviceSpec, index: int, **values) -> dict:
     )
     row.update(values)
     return row
+
+
+def _wire_prob(ctx: DecisionContext) -> float:
+    """x_d as the wire carries it (float32), so every engine measures beta from the same value."""
+    return float(np.float32(ctx.probs[ctx.draft]))
 
 
 def truncate_for_upload(probs: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.ndarray]:
@@ -172,7 +182,7 @@ class Device:
             assert ctx is not None, "a policy that does not draft must transmit"
             row.update(token_id=ctx.draft, accepted=True, t_commit=t_drafted)
             self.rows.append(row)
-            self.piggyback.append((ctx.draft, float(ctx.probs[ctx.draft]), len(self.rows) - 1))
+            self.piggyback.append((ctx.draft, _wire_prob(ctx), len(self.rows) - 1))
             self.feed = [ctx.draft]
             self.index += 1
             self.t = t_drafted
@@ -184,7 +194,7 @@ class Device:
         upload = Upload(
             device=self.spec.device, seq=self.seq, token_index=self.index,
             draft=ctx.draft if ctx is not None else -1,
-            draft_prob=float(ctx.probs[ctx.draft]) if ctx is not None else math.nan,
+            draft_prob=_wire_prob(ctx) if ctx is not None else math.nan,
             piggyback=[p[0] for p in self.piggyback], piggyback_probs=[p[1] for p in self.piggyback],
             payload=payload, llm_samples=decision.llm_samples, final=False, t_sent=t_drafted, t_arrive=math.nan,
         )
@@ -293,7 +303,10 @@ class DeviceGroupCore:
         ready = [d for d in self.devices.values() if d.ready and due(d)]
         drafting = [d for d in ready if d.policy.drafts]
         if drafting:
-            logits = self.slm.extend([(d.spec.device, d.feed) for d in drafting])
+            if self.run.batch_slm:
+                logits = self.slm.extend([(d.spec.device, d.feed) for d in drafting])
+            else:
+                logits = [self.slm.extend([(d.spec.device, d.feed)])[0] for d in drafting]
             by_policy: dict[int, list[tuple[Device, DecisionContext, np.ndarray]]] = {}
             for d, z in zip(drafting, logits):
                 ctx, _ = d.draft(z)

@@ -81,9 +81,9 @@ class VerifierCore:
     # --- sessions ----------------------------------------------------------------------
     def open(self, items: list[tuple[int, list[int], float, int, float]]) -> None:
         """Open sessions (device, prompt_ids, temperature, max_new_tokens, lookahead_s) and
-        prefill their prompts in one batched forward. Prefill costs no emulated time: it
-        happens before the emulation starts."""
-        prefill = []
+        prefill their prompts. Prefill costs no emulated time (it happens before the emulation
+        starts) and runs one session at a time: which sessions arrive together depends on
+        real timing, and a session's cache must not depend on its batch's float rounding."""
         for device, prompt, temperature, max_new, lookahead in items:
             if not prompt:
                 raise ValueError(f"device {device}: empty prompt")
@@ -91,9 +91,7 @@ class VerifierCore:
                 raise ValueError(f"device {device}: session already open")
             self.sessions[device] = Session(device, temperature, max_new, lookahead, [prompt[-1]], lookahead)
             if len(prompt) > 1:
-                prefill.append((device, list(prompt[:-1])))
-        if prefill:
-            self.llm.extend(prefill)
+                self.llm.extend([(device, list(prompt[:-1]))])
 
     def pending_bound(self) -> float:
         """Earliest emulated time at which a not-yet-received upload could arrive."""
@@ -176,7 +174,7 @@ class VerifierCore:
                 x_hat = reconstruct(payload.indices, payload.probs, payload.vocab_size)
                 rng = keyed_rng(self.seed, u.device, u.token_index, "verify")
                 token, accepted = verify(u.draft, x_hat, y, rng)
-                beta = float(max(0.0, 1.0 - y[u.draft] / u.draft_prob))
+                beta = float(np.float32(max(0.0, 1.0 - y[u.draft] / u.draft_prob)))  # as the wire carries it
             verdict = Verdict(u.device, u.seq, int(token), bool(accepted), not accepted and not u.llm_samples,
                               beta, shadows, t_end)
             verdict.frame_bytes = protocol.verdict_frame_size(verdict)
@@ -198,4 +196,4 @@ class VerifierCore:
         y = softmax_t(z[: len(u.piggyback)], s.temperature)
         tokens = np.asarray(u.piggyback)
         y_d = y[np.arange(len(tokens)), tokens]
-        return [float(b) for b in np.maximum(0.0, 1.0 - y_d / np.asarray(u.piggyback_probs))]
+        return [float(b) for b in np.maximum(0.0, 1.0 - y_d / np.asarray(u.piggyback_probs)).astype(np.float32)]

@@ -70,7 +70,7 @@ def plan(s: Scenario) -> Plan:
         specs.append(DeviceSpec(d.device_id, d.tier, tier_label[d.tier], d.slm_ms_per_token, resolve_link(d.link),
                                 p.index, tuple(p.token_ids)))
     run = RunParams(seed=s.seed, max_new_tokens=s.generation.max_new_tokens,
-                    temperature=s.generation.temperature, vocab_size=vocab)
+                    temperature=s.generation.temperature, vocab_size=vocab, batch_slm=s.actors.batch_slm)
     v = s.server.verify_ms
     server = ServerProfile(v.base, v.per_token, v.per_sequence, s.server.max_batch, s.server.max_wait_ms)
     return Plan(s, specs, run, server, policy_specs, s.models.slm, s.models.llm)
@@ -130,6 +130,11 @@ def _run_local(p: Plan, sinks: "Sinks"):
     from agents.models import load_model
     from policies import load_policy
 
+    import torch
+
+    # The same torch thread count as the actors: kernels split work by thread count, and
+    # float rounding with it; equal counts make this engine's trace the Ray engine's.
+    torch.set_num_threads(p.scenario.actors.group_threads)
     policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
     slm = BatchedLM(load_model(p.slm))
     llm = BatchedLM(load_model(p.llm))

@@ -17,16 +17,11 @@ from testbed.scenario import load_scenario, override
 
 TRACE = ["device", "token_index", "token_id", "draft_id", "uncertainty", "transmitted", "k", "payload_bytes",
          "accepted", "resampled", "beta", "t_draft_start", "t_upload_sent", "t_verdict", "t_commit"]
-# beta = max(0, 1 - y_d/x_d) is a measurement from float logits: batched CPU matmuls are not
-# batch-invariant, so x_d may differ in the last float32 digits when the SLM batch differs.
-MEASURED = ["beta"]
 
 
 def assert_same_trace(a: pd.DataFrame, b: pd.DataFrame) -> None:
-    """Tokens, decisions and emulated timestamps bit-identical; measured floats to 1e-4."""
-    exact = [c for c in TRACE if c not in MEASURED]
-    pd.testing.assert_frame_equal(a[exact], b[exact], check_exact=True)
-    pd.testing.assert_frame_equal(a[MEASURED], b[MEASURED], check_exact=False, rtol=1e-4, atol=1e-5)
+    """Tokens, decisions, measured betas and emulated timestamps: bit-identical."""
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
 
 
 def small(**changes):
