@@ -48,5 +48,9 @@ def run(
         err.print(results.summary_table(summaries[point.name], title=f"{point.name}  ({out_dir})"))
     if len(points) > 1:
         err.print(results.comparison_table(summaries))
+        if not no_report:  # the sweep's points side by side
+            from testbed.report import write_report
+
+            err.print(f"report: {write_report([base / name for name in summaries], base / 'report')}")
     if json_out:
         print(json.dumps(summaries[points[0].name] if len(points) == 1 else summaries, indent=2))
