@@ -88,3 +88,42 @@ def test_batching_rule(lms, lookahead):
         assert start == pytest.approx(t_end) and [u.device for u, _ in batch] == [2]
         core.verify(start, batch)
         assert core.batches[-1].queue_waits == [pytest.approx(t_end - 0.013)]
+
+
+def _first_token_distribution(policy: str, n: int, tiny: dict, prompt: tuple[int, ...]) -> np.ndarray:
+    """Empirical distribution of the first generated token over n devices (each device has
+    its own keyed draws), through the whole engine: draft, policy, payload, verifier."""
+    slm = BatchedLM(load_model({**tiny, "role": "slm"}))
+    llm = BatchedLM(load_model({**tiny, "role": "llm"}))
+    link = DuplexProfile.from_dict({"uplink": {"rate_mbps": 100.0, "delay_ms": 1.0},
+                                    "downlink": {"rate_mbps": 100.0, "delay_ms": 1.0}})
+    specs = [DeviceSpec(i, "t", policy, 10.0, link, 0, prompt) for i in range(n)]
+    # Batched SLM forwards: this test is about distributions, not bit-reproducibility.
+    run = RunParams(seed=11, max_new_tokens=1, temperature=1.0, vocab_size=tiny["vocab_size"], batch_slm=True)
+    server = ServerProfile(max_batch=n, max_wait_ms=1.0)
+    result = run_local(specs, run, server, slm, llm, {policy: load_policy(policy)})
+    counts = np.bincount([r["token_id"] for r in result.rows], minlength=tiny["vocab_size"])
+    return counts / counts.sum()
+
+
+def test_hlm_output_follows_the_llm_distribution_end_to_end():
+    """With nothing skipped, truncated or quantised (hlm: full float32 distribution), the
+    tokens the devices commit are distributed as the LLM's y, not as the SLM's x."""
+    from agents.speculative import softmax_t
+
+    # A flat-ish LLM (max y ~ 0.12) and an SLM far enough from it (TV ~ 0.24) that about a
+    # quarter of the drafts are rejected and resampled.
+    tiny = {"kind": "tiny", "vocab_size": 24, "seed": 5, "logit_std": 1.5, "slm_noise": 0.3}
+    prompt = (5,)  # one token: no prefill, the first forward is the whole context
+    n = 4000
+    y = softmax_t(BatchedLM(load_model({**tiny, "role": "llm"})).extend([(0, prompt)])[0], 1.0)
+    x = softmax_t(BatchedLM(load_model({**tiny, "role": "slm"})).extend([(0, prompt)])[0], 1.0)
+    # TV of an n-sample empirical distribution: mean <= sum sqrt(p(1-p)/n) / 2, and by
+    # McDiarmid it exceeds its mean by t with probability <= exp(-2 n t^2) (1e-6 here).
+    bound = 0.5 * np.sum(np.sqrt(y * (1 - y) / n)) + np.sqrt(np.log(1e6) / (2 * n))
+    assert 0.5 * np.abs(x - y).sum() > 2 * bound, "x and y too close for this test to discriminate"
+    hlm = _first_token_distribution("hlm", n, tiny, prompt)
+    assert 0.5 * np.abs(hlm - y).sum() < bound
+    # Negative control: the SLM alone commits its drafts, distributed as x.
+    slm_only = _first_token_distribution("slm-only", n, tiny, prompt)
+    assert 0.5 * np.abs(slm_only - y).sum() > bound
