@@ -71,9 +71,7 @@ def plan(s: Scenario) -> Plan:
                                 p.index, tuple(p.token_ids)))
     run = RunParams(seed=s.seed, max_new_tokens=s.generation.max_new_tokens,
                     temperature=s.generation.temperature, vocab_size=vocab, batch_slm=s.actors.batch_slm)
-    v = s.server.verify_ms
-    server = ServerProfile(v.base, v.per_token, v.per_sequence, s.server.max_batch, s.server.max_wait_ms)
-    return Plan(s, specs, run, server, policy_specs, s.models.slm, s.models.llm)
+    return Plan(s, specs, run, s.server.profile(), policy_specs, s.models.slm, s.models.llm)
 
 
 def run_scenario(s: Scenario, opts: RunOptions) -> dict:

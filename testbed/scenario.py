@@ -139,6 +139,12 @@ class Models(_Config):
     @field_validator("slm", "llm", mode="before")
     @classmethod
     def _check(cls, v: Any, info: ValidationInfo) -> Any:
+        # A tiny model without a role takes the role of its slot, so {slm: tiny, llm: tiny}
+        # is the correlated pair (the SLM a perturbed copy of the LLM), not one model twice.
+        if v == "tiny":
+            v = f"tiny:{info.field_name}"
+        elif isinstance(v, dict) and v.get("kind") == "tiny" and "role" not in v:
+            v = {**v, "role": info.field_name}
         return _check_model_spec(v, (info.context or {}).get("base_dir"))
 
 
@@ -228,19 +234,22 @@ class Server(_Config):
     host: str = Field("127.0.0.1", min_length=1)  # ZeroMQ ROUTER bind address; on a cluster the node address
     port: Port = 0  # 0 = any free port
 
+    def profile(self):
+        """The verifier's agents.verifier.ServerProfile (it owns the time model)."""
+        from agents.verifier import ServerProfile
+
+        v = self.verify_ms
+        return ServerProfile(v.base, v.per_token, v.per_sequence, self.max_batch, self.max_wait_ms)
+
 
 def verify_seconds(server: Server | VerifyTime, batch_size: int, n_tokens: int) -> float:
-    """Emulated seconds the LLM takes to verify one batch (DESIGN.md section 2: time from profiles).
-
-        t = (base + per_token * n_tokens + per_sequence * batch_size) / 1000
-
-    batch_size: sequences (devices) in the batch. n_tokens: token positions the LLM forward
-    processes, summed over the batch (each draft plus the skipped tokens piggybacked on it).
-    `base` is the fixed cost of one batched forward, `per_token` the marginal cost of a position,
-    `per_sequence` the per-sequence overhead (KV-cache gather, sampling, reply).
-    """
-    v = server.verify_ms if isinstance(server, Server) else server
-    return (v.base + v.per_token * n_tokens + v.per_sequence * batch_size) / 1000.0
+    """Emulated seconds the LLM takes to verify one batch (DESIGN.md section 2: time from profiles):
+    (base + per_token * n_tokens + per_sequence * batch_size) / 1000, as ServerProfile.verify_seconds
+    defines it. batch_size: sequences in the batch; n_tokens: token positions the LLM forward
+    processes, summed over the batch (each draft plus the skipped tokens piggybacked on it)."""
+    if isinstance(server, VerifyTime):
+        server = Server(verify_ms=server)
+    return server.profile().verify_seconds(batch_size, n_tokens)
 
 
 # ---------------------------------------------------------------------------- links

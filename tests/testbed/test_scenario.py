@@ -430,3 +430,10 @@ def test_multiline_prompts_round_trip_exactly(tmp_path):
     path = dump_scenario(s, tmp_path / "s.yaml")
     assert "- |\n    def f(x):\n        return x\n" in path.read_text()  # a literal block, readable
     assert load_scenario(path).prompts.texts == d["prompts"]["texts"]
+
+
+def test_bare_tiny_models_take_the_role_of_their_slot():
+    s = parse_scenario({"name": "t", "models": {"slm": "tiny", "llm": {"kind": "tiny", "vocab_size": 300}},
+                        "tiers": [{"name": "a", "count": 1, "slm_ms_per_token": 10.0, "link": "wifi-strong"}]})
+    assert s.models.slm == "tiny:slm"
+    assert s.models.llm == {"kind": "tiny", "vocab_size": 300, "role": "llm"}
