@@ -168,3 +168,30 @@ def test_wall_clock_follows_real_time(ray_session, tmp_path):
     assert summary["wall_seconds"] >= span_real
     assert span_real > 0.5  # slowed down 2x, the emulation really waited
     assert summary["lag_s"] < 0.5 * summary["emulated_seconds"]
+
+
+def test_cli_serves_metrics_and_lingers(tmp_path):
+    """`testbed run --metrics-port P --linger S`: the final counts stay scrapeable after the run."""
+    import re
+    import time
+    import urllib.request
+
+    from testbed.metrics import free_port
+
+    port = free_port()
+    out = tmp_path / "cli"
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "run", "smoke", "--engine", "local", "--out",
+                             str(out), "--no-report", "--metrics-port", str(port), "--linger", "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, committed = time.time() + 240, 0.0
+        while time.time() < deadline and not (out / "summary.json").exists():
+            time.sleep(0.5)
+        assert (out / "summary.json").exists(), proc.stderr.read() if proc.poll() is not None else "timeout"
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        committed = sum(float(v) for v in re.findall(r'^hlm_tokens_committed_total\{[^}]*\} (\S+)$', body, re.M))
+        assert committed == load_scenario("smoke").n_devices * 16
+        assert proc.poll() is None  # still lingering
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
