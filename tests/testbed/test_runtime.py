@@ -195,3 +195,23 @@ def test_cli_serves_metrics_and_lingers(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("policy", ["llm-only", "slm-only", "hlm", "rand-hlm", "u-hlm", "cu-hlm", "cu-hlm-offline"])
+def test_every_preset_runs_end_to_end(policy, tmp_path):
+    s = small(policy=policy)
+    run(s, tmp_path, policy, engine="local")
+    df = results.read_tokens(tmp_path / policy / "tokens.parquet")
+    assert len(df) == s.n_devices * 8
+    sent = df[df.transmitted]
+    if policy == "llm-only":  # no drafts: the LLM samples every token itself
+        assert df.transmitted.all() and (df.draft_id == -1).all() and (df.payload_bytes == 0).all()
+    elif policy == "slm-only":  # nothing sent; every draft committed, with its shadow beta measured
+        assert not df.transmitted.any() and (df.token_id == df.draft_id).all() and df.beta.notna().all()
+    else:
+        assert (df.loc[~df.transmitted, "token_id"] == df.loc[~df.transmitted, "draft_id"]).all()
+        assert df.beta.between(0, 1).all()  # measured for every token: real or shadow
+    if policy == "hlm":  # every draft, the full float32 distribution
+        assert df.transmitted.all() and (sent.k == 512).all() and (sent.prob_bits == 32).all()
+    if policy in ("cu-hlm", "cu-hlm-offline"):
+        assert (sent.k < 512).all() and (sent.prob_bits == 8).all()
