@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,7 +50,8 @@ class Session:
     bound: float  # lower bound on the emulated arrival of this device's next upload
     queued: bool = False
     closed: bool = False
-    verdicts: dict[int, Verdict] = field(default_factory=dict)  # by seq, for repeats
+    next_seq: int = 0  # the sequence number the next new upload must carry
+    last_verdict: Verdict | None = None  # answered again when its upload is retransmitted
 
 
 @dataclass
@@ -99,27 +100,36 @@ class VerifierCore:
 
     # --- requests ----------------------------------------------------------------------
     def submit(self, upload: Upload) -> Verdict | None:
-        """Queue an upload. A repeated sequence number gets the same verdict again; a final
-        flush is answered at once (it carries no draft, costs no emulated time)."""
+        """Queue an upload. A retransmitted one (the previous sequence number) gets the same
+        verdict again, or nothing while it is still queued; any other unexpected sequence
+        number is an OUT_OF_ORDER error. A final flush is answered at once (it carries no
+        draft and costs no emulated time)."""
         s = self.sessions.get(upload.device)
         if s is None:
-            raise protocol.ProtocolError(f"device {upload.device}: upload before open")
-        if upload.seq in s.verdicts:
-            return s.verdicts[upload.seq]
+            raise protocol.ProtocolError(f"device {upload.device}: upload before open", protocol.ErrorCode.UNKNOWN_SESSION)
+        status = protocol.check_sequence(s.next_seq, upload.seq)
+        if status is protocol.SeqStatus.REPEAT:
+            last = s.last_verdict
+            return last if last is not None and last.seq == upload.seq else None
+        if status is not protocol.SeqStatus.NEXT:
+            raise protocol.ProtocolError(f"device {upload.device}: seq {upload.seq} {status.value}, expected "
+                                         f"{s.next_seq}", protocol.ErrorCode.OUT_OF_ORDER)
         if s.closed:
             raise protocol.ProtocolError(f"device {upload.device}: upload after the session closed")
+        if s.queued:
+            raise protocol.ProtocolError(f"device {upload.device}: seq {upload.seq} before the verdict of "
+                                         f"{upload.seq - 1}", protocol.ErrorCode.OUT_OF_ORDER)
         payload = protocol.check_upload(upload, self.vocab_size)  # bad ids or payload: rejected here, alone
+        s.next_seq += 1
         if upload.final:
             logits = self.llm.extend([(upload.device, s.feed + upload.piggyback)], all_positions=True)[0]
             shadows = self._shadow_betas(s, upload, logits)
             verdict = Verdict(upload.device, upload.seq, -1, False, False, math.nan, shadows, upload.t_arrive)
-            s.verdicts[upload.seq] = verdict
+            s.last_verdict = verdict
             s.closed = True
             s.feed = []
             self.llm.drop(upload.device)
             return verdict
-        if s.queued:
-            raise protocol.ProtocolError(f"device {upload.device}: seq {upload.seq} while another is queued")
         s.queued = True
         heapq.heappush(self.queue, (upload.t_arrive, upload.device, upload.seq, upload, payload))
         return None
@@ -178,7 +188,7 @@ class VerifierCore:
             verdict = Verdict(u.device, u.seq, int(token), bool(accepted), not accepted and not u.llm_samples,
                               beta, shadows, t_end)
             verdict.frame_bytes = protocol.verdict_frame_size(verdict)
-            s.verdicts[u.seq] = verdict
+            s.last_verdict = verdict
             s.feed = [int(token)]
             s.queued = False
             last = u.token_index + 1 >= s.max_new_tokens

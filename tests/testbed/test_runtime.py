@@ -121,8 +121,15 @@ def test_malformed_frames_get_error_replies_and_the_run_continues(ray_session, t
         assert sock.poll(5000)
         again = wire.decode_message(sock.recv_multipart())
         assert (again.seq, again.token, again.accepted) == (verdict.seq, verdict.token, verdict.accepted)
+        # A sequence number from the future (a frame went missing) is out of order.
+        gap = Upload(**{**up.__dict__, "seq": 5, "token_index": 5})
+        sock.send_multipart(wire.upload_message(gap))
+        assert sock.poll(5000)
+        reply = wire.decode_message(sock.recv_multipart())
+        assert isinstance(reply, protocol.ProtocolError) and "expected 1" in str(reply)
+        assert str(int(protocol.ErrorCode.OUT_OF_ORDER)) in str(reply)
         status = ray.get(verifier.status.remote())
-        assert status["errors"] == len(garbage) + 1 and status["failure"] is None
+        assert status["errors"] == len(garbage) + 2 and status["failure"] is None
         sock.close()
     finally:
         ray.kill(verifier)
