@@ -4,10 +4,15 @@ A `Device` is pure emulation state. It never reads a clock: every time it record
 from its profile (slm_ms_per_token) and its links, so the same device produces the same
 trace whichever process hosts it and however fast that process is (DESIGN.md section 2).
 
-Per token t (DESIGN.md section 1): the group runs one batched SLM forward for every device
-ready to draft; each device samples its draft d ~ x = softmax(z/T), asks its policy, and
-either commits d at once (skip: piggybacked on the next upload) or builds an `Upload`
-that waits for a `Verdict` from the verifier.
+Per token t (DESIGN.md section 1): the group runs the SLM for every device ready to draft
+(one forward per device, or one batched forward with RunParams.batch_slm); each device
+samples its draft d ~ x = softmax(z/T), asks its policy, and either commits d at once
+(skip: piggybacked on the next upload) or builds an `Upload` that waits for a `Verdict`.
+
+Losses are resolved here, in emulated time, by the same rule in both clocks: a lost upload
+is sent again every rto_s until a copy arrives; a lost verdict makes the device resend its
+upload every rto_s, and the verifier answers a repeat that arrives after the verdict left
+with the same verdict (earlier repeats find the request still queued and are ignored).
 """
 from __future__ import annotations
 
@@ -104,7 +109,7 @@ def _wire_prob(ctx: DecisionContext) -> float:
 
 
 def truncate_for_upload(probs: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.ndarray]:
-    """The top-k entries of x (indices, probabilities) in descending order."""
+    """The top-k entries of x (indices, probabilities), largest first; k = |V|: all of x as is."""
     v = probs.shape[0]
     k = min(max(decision.k, 0), v)
     if k == v:
@@ -161,13 +166,12 @@ class Device:
         return self.spec.slm_ms_per_token / 1000.0 if self.policy.drafts else 0.0
 
     # --- drafting ------------------------------------------------------------------------
-    def draft(self, logits: np.ndarray) -> tuple[DecisionContext, np.ndarray]:
+    def draft(self, logits: np.ndarray) -> DecisionContext:
         """Sample the draft d ~ softmax(z/T) for the current token; returns the policy context."""
         x = softmax_t(logits, self.run.temperature)
         rng = keyed_rng(self.run.seed, self.spec.device, self.index, "draft")
         d = int(sample_draft(x, rng))
-        ctx = DecisionContext(self.run.seed, self.spec.device, self.index, self.run.temperature, d, x)
-        return ctx, x
+        return DecisionContext(self.run.seed, self.spec.device, self.index, self.run.temperature, d, x)
 
     def apply(self, decision: Decision, ctx: DecisionContext | None) -> Upload | None:
         """Act on the policy's decision for the current token; an Upload when transmitting."""
@@ -220,7 +224,7 @@ class Device:
     def _send(self, upload: Upload) -> Upload:
         upload.frame_bytes = protocol.upload_frame_size(upload)
         t, arrive = upload.t_sent, None
-        for attempt in range(MAX_RETRANSMISSIONS + 1):
+        for _ in range(MAX_RETRANSMISSIONS + 1):
             arrive = self.uplink.send(upload.frame_bytes, t)
             if arrive is not None:
                 break
@@ -238,21 +242,18 @@ class Device:
         upload = self.waiting
         if upload is None or verdict.seq != upload.seq:
             return  # a duplicate of a verdict already applied
-        arrive, t_sent, retx = None, verdict.t_sent, upload.retransmissions
-        # A lost verdict: the device times out and retransmits its upload; the verifier
-        # answers the repeated sequence number with the same verdict (idempotent).
-        t_retx = upload.t_sent
-        for _ in range(MAX_RETRANSMISSIONS + 1):
-            arrive = self.downlink.send(verdict.frame_bytes, t_sent)
-            if arrive is not None:
-                break
-            t_retx = max(t_retx + self.run.rto_s, t_sent)
+        retx = upload.retransmissions
+        t_last = upload.t_sent + retx * self.run.rto_s  # the copy that reached the verifier
+        arrive = self.downlink.send(verdict.frame_bytes, verdict.t_sent)
+        while arrive is None:  # the verdict was lost: retransmit until a repeat is answered
+            if retx - upload.retransmissions >= MAX_RETRANSMISSIONS:
+                raise RuntimeError(f"device {self.spec.device}: verdict {verdict.seq} lost {MAX_RETRANSMISSIONS} times")
+            t_last += self.run.rto_s
             retx += 1
-            again = self.uplink.send(upload.frame_bytes, t_retx)
-            t_sent = max(again if again is not None else t_retx + self.run.rto_s, verdict.t_sent)
-        if arrive is None:
-            raise RuntimeError(f"device {self.spec.device}: verdict {verdict.seq} lost {MAX_RETRANSMISSIONS + 1} times")
-        for (token, _, row), beta in zip(self.piggyback, verdict.shadow_betas):
+            again = self.uplink.send(upload.frame_bytes, t_last)
+            if again is not None and again >= verdict.t_sent:
+                arrive = self.downlink.send(verdict.frame_bytes, again)
+        for (_, _, row), beta in zip(self.piggyback, verdict.shadow_betas):
             self.rows[row].update(beta=beta, beta_is_shadow=True)
         self.piggyback = []
         self.waiting = None
@@ -261,7 +262,7 @@ class Device:
             return
         row = self.pending_row
         row.update(token_id=verdict.token, accepted=verdict.accepted, resampled=verdict.resampled,
-                   beta=verdict.beta, uplink_bytes=upload.frame_bytes, retransmissions=retx,
+                   beta=verdict.beta, uplink_bytes=upload.frame_bytes * (1 + retx), retransmissions=retx,
                    t_verdict=arrive, t_commit=arrive)
         self.rows.append(row)
         self.pending_row = None
@@ -309,7 +310,7 @@ class DeviceGroupCore:
                 logits = [self.slm.extend([(d.spec.device, d.feed)])[0] for d in drafting]
             by_policy: dict[int, list[tuple[Device, DecisionContext, np.ndarray]]] = {}
             for d, z in zip(drafting, logits):
-                ctx, _ = d.draft(z)
+                ctx = d.draft(z)
                 by_policy.setdefault(id(d.policy), []).append((d, ctx, z))
             for members in by_policy.values():
                 policy = members[0][0].policy

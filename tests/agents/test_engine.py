@@ -127,3 +127,24 @@ def test_hlm_output_follows_the_llm_distribution_end_to_end():
     # Negative control: the SLM alone commits its drafts, distributed as x.
     slm_only = _first_token_distribution("slm-only", n, tiny, prompt)
     assert 0.5 * np.abs(slm_only - y).sum() > bound
+
+
+def test_lossy_links_retransmit_and_every_token_arrives(lms):
+    """30% loss each way: lost uploads and lost verdicts cost whole retransmission timeouts,
+    the bytes of every copy are counted, and every token is still committed in order."""
+    lossy = {"rate_mbps": 10.0, "delay_ms": 5.0, "loss": 0.3}
+    link = DuplexProfile.from_dict({"uplink": lossy, "downlink": lossy})
+    spec = DeviceSpec(0, "t", "hlm", 10.0, link, 0, (5, 6, 7))
+    run = RunParams(seed=1, max_new_tokens=24, temperature=1.0, vocab_size=V, rto_s=0.2)
+    rows = sorted(run_local([spec], run, ServerProfile(), *lms, {"hlm": load_policy("hlm")}).rows,
+                  key=lambda r: r["token_index"])
+    assert [r["token_index"] for r in rows] == list(range(24))
+    retx = np.array([r["retransmissions"] for r in rows])
+    assert retx.sum() > 0 and (retx == 0).sum() > 0
+    frame = protocol.upload_frame_size(type("U", (), {"piggyback": [], "payload": b"x" * protocol.payload_size(V, V, 32)}))
+    for r in rows:
+        assert r["uplink_bytes"] == frame * (1 + r["retransmissions"])
+        if r["retransmissions"]:  # the device waited at least one timeout
+            assert r["t_commit"] - r["t_upload_sent"] >= run.rto_s
+        else:
+            assert r["t_commit"] - r["t_upload_sent"] < run.rto_s
