@@ -1,4 +1,4 @@
-"""Per-token cost of the estimators and truncators: `python -m policies.benchmark [--json]`.
+"""Per-token cost of the estimators and truncators: `testbed bench policies [--json]`.
 
 Measured in one run, best of `repeats`, one torch thread (as in a Ray actor), as process
 CPU time (on a shared machine wall time also counts other tenants' use of the core). Two kinds of
@@ -9,8 +9,6 @@ references are the straightforward full-vocabulary computations, for ratios.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import numpy as np
@@ -102,26 +100,3 @@ def run(vocab: int = 151936, batch: int = 32, repeats: int = 3, logits_file: str
         return {"vocab_size": int(z.shape[1]), "batch": batch, "torch_threads": 1, "per_token": rows}
     finally:
         torch.set_num_threads(threads)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--vocab", type=int, default=151936)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--logits", help=".npy [N, V] of real SLM logits to measure as well")
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args()
-    out = run(a.vocab, a.batch, a.repeats, a.logits)
-    if a.json:
-        print(json.dumps(out, indent=2))
-        return
-    print(f"V = {out['vocab_size']}, batch = {out['batch']}, 1 torch thread; ms per token")
-    for kind, r in out["per_token"].items():
-        print(f"[{kind}]")
-        for k, v in r.items():
-            print(f"  {k:40s} {v}")
-
-
-if __name__ == "__main__":
-    main()

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import typer
 
-from testbed.benchmarks import codec, links, verifier
+from testbed.benchmarks import codec, links, policies, verifier
+from testbed.commands import models
 
 app = typer.Typer(no_args_is_help=True)
 app.command("codec")(codec.command)
 app.command("links")(links.command)
 app.command("verifier")(verifier.command)
+app.command("policies")(policies.command)
+app.command("models")(models.bench)  # also `testbed models bench`
