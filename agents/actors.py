@@ -97,7 +97,6 @@ class DeviceGroup:
         self.core = DeviceGroupCore(specs, run, slm, policies)
         self.stats_lock = threading.Lock()
         self.new_rows: list[dict] = []
-        self.stop_flag = threading.Event()
         self.lag_s = 0.0
 
     def drain(self) -> dict:
@@ -105,9 +104,6 @@ class DeviceGroup:
         with self.stats_lock:
             rows, self.new_rows = self.new_rows, []
         return {"rows": rows, "lag_s": self.lag_s}
-
-    def stop(self) -> None:
-        self.stop_flag.set()
 
     def ready(self) -> bool:
         return True
@@ -125,13 +121,11 @@ class DeviceGroup:
         rng = random.Random(self.group_id)
         wall = self.clock.kind == "wall"
         shaped = self.clock.shaped(sock)  # wall clock: uploads wait out their emulated arrival
-        seen = {d: 0 for d in self.core.devices}
+        seen: dict[int, int] = {}
         try:
-            for item in _open_items(self.core):
+            for item in self.core.open_items():
                 sock.send_multipart(wire.open_message(*item))
             while not self.core.done:
-                if self.stop_flag.is_set():
-                    raise RuntimeError("stopped")
                 # Wall clock: a device moves when its emulated time comes (after its SLM step
                 # or the downlink of its verdict); lag is how late real time is when it does.
                 now = self.clock.now() if wall else None
@@ -167,20 +161,9 @@ class DeviceGroup:
         return {"rows": self.core.rows(), "lag_s": self.lag_s, "max_rss_bytes": max_rss_bytes()}
 
     def _publish(self, seen: dict[int, int]) -> None:
-        fresh = []
-        for device, d in self.core.devices.items():
-            if len(d.rows) > seen[device]:
-                fresh.extend(d.rows[seen[device]:])
-                seen[device] = len(d.rows)
-        if fresh:
+        if fresh := self.core.rows_since(seen):
             with self.stats_lock:
                 self.new_rows.extend(fresh)
-
-
-def _open_items(core: DeviceGroupCore):
-    from agents.engine import open_items
-
-    return open_items(core)
 
 
 class Verifier:

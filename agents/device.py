@@ -331,6 +331,21 @@ class DeviceGroupCore:
     def on_verdict(self, verdict: Verdict) -> None:
         self.devices[verdict.device].on_verdict(verdict)
 
+    def open_items(self) -> list[tuple[int, list[int], float, int, float]]:
+        """What the verifier needs to open each device's session (VerifierCore.open)."""
+        run = self.run
+        return [(d.spec.device, list(d.spec.prompt_ids), run.temperature, run.max_new_tokens, d.lookahead_s)
+                for d in self.devices.values()]
+
+    def rows_since(self, seen: dict[int, int]) -> list[dict]:
+        """Rows committed since the last call with the same `seen` (updated in place): the
+        live feed for progress and metrics."""
+        fresh = []
+        for device, d in self.devices.items():
+            fresh.extend(d.rows[seen.get(device, 0):])
+            seen[device] = len(d.rows)
+        return fresh
+
     def rows(self) -> list[dict]:
         return [r for d in self.devices.values() for r in d.rows]
 

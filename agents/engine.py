@@ -22,12 +22,6 @@ class EngineResult:
     extra: dict = field(default_factory=dict)
 
 
-def open_items(group: DeviceGroupCore) -> list[tuple[int, list[int], float, int, float]]:
-    run = group.run
-    return [(d.spec.device, list(d.spec.prompt_ids), run.temperature, run.max_new_tokens, d.lookahead_s)
-            for d in group.devices.values()]
-
-
 def run_local(
     specs: list[DeviceSpec],
     run: RunParams,
@@ -40,7 +34,7 @@ def run_local(
     """Emulate every device to the end in the virtual clock; `on_step` sees progress."""
     group = DeviceGroupCore(specs, run, slm, policies)
     verifier = VerifierCore(llm, server, run.seed, run.vocab_size)
-    verifier.open(open_items(group))
+    verifier.open(group.open_items())
     while not group.done:
         for upload in group.step():
             if (verdict := verifier.submit(upload)) is not None:

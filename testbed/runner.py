@@ -136,16 +136,14 @@ def _run_local(p: Plan, sinks: "Sinks"):
     policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
     slm = BatchedLM(load_model(p.slm))
     llm = BatchedLM(load_model(p.llm))
-    seen = {"batches": 0}
+    seen: dict[int, int] = {}
+    batches_seen = 0
 
     def on_step(group, verifier):
-        fresh = []
-        for dev, d in group.devices.items():
-            fresh.extend(d.rows[seen.get(dev, 0):])
-            seen[dev] = len(d.rows)
-        sinks.batches(verifier.batches[seen["batches"]:])
-        seen["batches"] = len(verifier.batches)
-        sinks.rows(fresh)
+        nonlocal batches_seen
+        sinks.batches(verifier.batches[batches_seen:])
+        batches_seen = len(verifier.batches)
+        sinks.rows(group.rows_since(seen))
         sinks.clock(0.0, 0)
 
     result = run_local(p.specs, p.run, p.server, slm, llm, policies, on_step=on_step)
