@@ -6,7 +6,7 @@ reproduce. With one device it is the reference hybrid decoder.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from agents.device import DeviceGroupCore, DeviceSpec, RunParams
@@ -18,8 +18,6 @@ from policies.base import Policy
 class EngineResult:
     rows: list[dict]
     batches: list[BatchRecord]
-    emulated_seconds: float
-    extra: dict = field(default_factory=dict)
 
 
 def run_local(
@@ -47,6 +45,4 @@ def run_local(
             on_step(group, verifier)
         if not group.has_work() and not verifier.queue and not group.done:
             raise RuntimeError("engine stalled: no device can move and nothing is queued")
-    rows = group.rows()
-    end = max((r["t_commit"] for r in rows), default=0.0)
-    return EngineResult(rows, verifier.batches, end)
+    return EngineResult(group.rows(), verifier.batches)

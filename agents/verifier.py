@@ -65,6 +65,12 @@ class BatchRecord:
     queue_waits: list[float]
 
 
+def measured_beta(y_d, x_d) -> np.ndarray:
+    """beta = max(0, 1 - y_d / x_d), rounded to float32 as the wire carries it (so every
+    engine records the same value)."""
+    return np.maximum(0.0, 1.0 - np.asarray(y_d) / np.asarray(x_d)).astype(np.float32)
+
+
 class VerifierCore:
     def __init__(self, llm, server: ServerProfile, seed: int, vocab_size: int, expected_sessions: int = 0):
         self.llm = llm  # agents.lm.BatchedLM
@@ -184,7 +190,7 @@ class VerifierCore:
                 x_hat = reconstruct(payload.indices, payload.probs, payload.vocab_size)
                 rng = keyed_rng(self.seed, u.device, u.token_index, "verify")
                 token, accepted = verify(u.draft, x_hat, y, rng)
-                beta = float(np.float32(max(0.0, 1.0 - y[u.draft] / u.draft_prob)))  # as the wire carries it
+                beta = float(measured_beta(y[u.draft], u.draft_prob))
             verdict = Verdict(u.device, u.seq, int(token), bool(accepted), not accepted and not u.llm_samples,
                               beta, shadows, t_end)
             verdict.frame_bytes = protocol.verdict_frame_size(verdict)
@@ -205,5 +211,4 @@ class VerifierCore:
             return []
         y = softmax_t(z[: len(u.piggyback)], s.temperature)
         tokens = np.asarray(u.piggyback)
-        y_d = y[np.arange(len(tokens)), tokens]
-        return [float(b) for b in np.maximum(0.0, 1.0 - y_d / np.asarray(u.piggyback_probs)).astype(np.float32)]
+        return measured_beta(y[np.arange(len(tokens)), tokens], np.asarray(u.piggyback_probs)).tolist()

@@ -53,7 +53,9 @@ def calibrate(slm_spec, llm_spec, prompt_ids: list[list[int]], max_new_tokens: i
     from policies.uncertainty import ESTIMATORS, make_estimator
 
     slm, llm = BatchedLM(load_model(slm_spec)), BatchedLM(load_model(llm_spec))
-    policy = RecordingPolicy(load_policy("hlm"), {name: make_estimator(name) for name in ESTIMATORS})
+    # hlm without its own estimator: the recorder computes every estimator once per token.
+    policy = RecordingPolicy(load_policy({"name": "hlm", "estimator": "none"}),
+                             {name: make_estimator(name) for name in ESTIMATORS})
     link = DuplexProfile.from_dict({"uplink": {"rate_mbps": 100.0, "delay_ms": 1.0},
                                     "downlink": {"rate_mbps": 100.0, "delay_ms": 1.0}})
     specs = [DeviceSpec(i, "calibration", "hlm", 10.0, link, i, tuple(ids)) for i, ids in enumerate(prompt_ids)]

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from agents.device import DeviceSpec, RunParams
 from agents.verifier import ServerProfile
 from testbed import results
-from testbed.scenario import Scenario, devices, dump_scenario, policy_name, resolve_link
+from testbed.scenario import Scenario, device_groups, devices, dump_scenario, policy_name, resolve_link
 
 
 @dataclass
@@ -43,7 +43,6 @@ class Plan:
     policy_specs: dict[str, object]
     slm: object
     llm: object
-    prompt_ids: list[list[int]] = field(default_factory=list)
 
 
 def plan(s: Scenario) -> Plan:
@@ -173,11 +172,10 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks"):
         endpoint = ray.get(verifier.start.remote())
         if opts.address and endpoint.startswith("tcp://0.0.0.0"):
             endpoint = endpoint.replace("0.0.0.0", ray.util.get_node_ip_address(), 1)
-        n = s.actors.devices_per_group
         group_cls = ray.remote(num_cpus=0, max_concurrency=2)(DeviceGroup)
-        groups = [group_cls.remote(i, p.specs[j:j + n], p.run, p.slm, p.policy_specs, endpoint, clock,
-                                   s.actors.group_threads)
-                  for i, j in enumerate(range(0, len(p.specs), n))]
+        groups = [group_cls.remote(i, [p.specs[d.device_id] for d in members], p.run, p.slm, p.policy_specs,
+                                   endpoint, clock, s.actors.group_threads)
+                  for i, members in enumerate(device_groups(s))]
         actors.extend(groups)
         ray.get([g.ready.remote() for g in groups])  # models loaded: emulated time may start
         t0 = time.time() + 0.2
