@@ -438,10 +438,10 @@ class Actors(_Config):
     # torch threads per actor. 1 by default: actors share the machine's cores, and spinning
     # OpenMP threads of several processes on too few cores slow every forward down many times.
     group_threads: int = Field(1, ge=1)
-    # One batched SLM forward per group step instead of one per device: faster, but the float
-    # rounding of a forward then depends on its batch, so an occasional sampled token (often
-    # with bf16 models) differs between layouts and runs. Off: bit-reproducible traces.
-    batch_slm: bool = False
+    # One batched SLM forward per group step (prompts included) instead of one per device. Exact
+    # with the packed forward (agents.lm: a session's logits do not depend on its batch); set
+    # false for a model on the hf forward, whose rounding depends on the batch.
+    batch_slm: bool = True
     verifier_threads: int = Field(1, ge=1)
 
 
