@@ -255,6 +255,8 @@ class Device:
                 arrive = self.downlink.send(verdict.frame_bytes, again)
         for (_, _, row), beta in zip(self.piggyback, verdict.shadow_betas):
             self.rows[row].update(beta=beta, beta_is_shadow=True)
+            skipped = self.rows[row]
+            self.policy.observe(self.spec.device, skipped["token_index"], skipped["uncertainty"], beta, True)
         self.piggyback = []
         self.waiting = None
         if upload.final:
@@ -264,6 +266,7 @@ class Device:
         row.update(token_id=verdict.token, accepted=verdict.accepted, resampled=verdict.resampled,
                    beta=verdict.beta, uplink_bytes=upload.frame_bytes * (1 + retx), retransmissions=retx,
                    t_verdict=arrive, t_commit=arrive)
+        self.policy.observe(self.spec.device, row["token_index"], row["uncertainty"], verdict.beta, False)
         self.rows.append(row)
         self.pending_row = None
         self.feed = [verdict.token]

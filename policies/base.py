@@ -115,3 +115,17 @@ class Policy(abc.ABC):
         """The parameters that define this policy (shown by `testbed policies --json`,
         written into resolved scenarios)."""
         return {}
+
+    def observe(self, device: int, token_index: int, uncertainty: float, beta: float, skipped: bool) -> None:
+        """Feedback for one token of one device; the default ignores it (stateless policies).
+
+        The device calls it when a verdict comes back: once for each skipped token that the
+        upload piggybacked (skipped=True, `beta` its shadow rejection probability, in token
+        order) and then once for the verified draft (skipped=False, `beta` = max(0, 1 - y_d /
+        x_d) of the draft; NaN when there was no draft, e.g. llm-only). `uncertainty` is the u
+        this policy's Decision reported for that token. Calls for one device arrive in that
+        device's order only, so a policy that keys its state by `device` stays a function of
+        the device's own history (the same in every engine and actor layout). A policy
+        instance serves many devices: never let one device's feedback change another's
+        decisions."""
+        return None

@@ -2,8 +2,8 @@
 a PolicyError naming the spec and the reason, never in the middle of a run.
 
 A spec is
-- a name: a preset (policies.policy.PRESETS), a name given to register_policy, or an entry
-  point in the group `hlm_testbed.policies` (looked up in that order);
+- a name: a preset (policies.policy.PRESETS, policies.adaptive.ADAPTIVE_PRESETS), a name given
+  to register_policy, or an entry point in the group `hlm_testbed.policies` (looked up in that order);
 - a dotted path `package.module:ClassName` (a Policy subclass, or a factory returning a
   Policy);
 - a dict {name: <one of the above>, <param>: <value>, ...};
@@ -21,8 +21,13 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from policies.adaptive import ADAPTIVE_PRESETS
 from policies.base import Policy
 from policies.policy import PRESETS
+
+# Built-in names: the HybridPolicy presets and the presets of other built-in policies
+# (cu-hlm-adaptive, policies.adaptive); each has description, param_defaults() and build().
+BUILTIN = {**PRESETS, **ADAPTIVE_PRESETS}
 
 ENTRY_POINT_GROUP = "hlm_testbed.policies"
 
@@ -53,7 +58,7 @@ def register_policy(name: str, factory: Callable[..., Policy], *, description: s
     loadable as `name`. Preset names cannot be taken; re-registering needs replace=True."""
     if not isinstance(name, str) or not name or ":" in name:
         raise PolicyError(name, "a registered name must be a non-empty string without ':'")
-    if name in PRESETS:
+    if name in BUILTIN:
         raise PolicyError(name, "is a built-in preset and cannot be re-registered")
     if name in _REGISTRY and not replace:
         raise PolicyError(name, "is already registered (pass replace=True to replace it)")
@@ -72,7 +77,7 @@ def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
 
 
 def known_names() -> list[str]:
-    return [*PRESETS, *sorted(_REGISTRY), *sorted(set(_entry_points()) - set(PRESETS) - set(_REGISTRY))]
+    return [*BUILTIN, *sorted(_REGISTRY), *sorted(set(_entry_points()) - set(BUILTIN) - set(_REGISTRY))]
 
 
 def _factory_params(factory: Callable) -> dict:
@@ -91,7 +96,7 @@ def _factory_params(factory: Callable) -> dict:
 def policy_catalog() -> dict:
     """{"presets": {name: {"description", "params"}}} for presets and registered policies;
     entry points are listed by target without importing them."""
-    presets = {n: {"description": p.description, "params": p.param_defaults()} for n, p in PRESETS.items()}
+    presets = {n: {"description": p.description, "params": p.param_defaults()} for n, p in BUILTIN.items()}
     for n, r in sorted(_REGISTRY.items()):
         presets[n] = {"description": r.description, "params": _factory_params(r.factory)}
     eps = {n: ep.value for n, ep in sorted(_entry_points().items()) if n not in presets}
@@ -167,9 +172,9 @@ def load_policy(spec: Any, **context: Any) -> Policy:
     if not isinstance(name, str) or not name:
         raise PolicyError(spec, f"the name must be a non-empty string, got {name!r}")
 
-    if name in PRESETS:
+    if name in BUILTIN:
         try:
-            return PRESETS[name].build(params, calibration=context.get("calibration"))
+            return BUILTIN[name].build(params, calibration=context.get("calibration"))
         except Exception as e:
             raise PolicyError(spec, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}") from e
     if name in _REGISTRY:
