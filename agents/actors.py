@@ -17,6 +17,7 @@ Clocks (DESIGN.md section 2), one code path:
 """
 from __future__ import annotations
 
+import collections
 import math
 import os
 import random
@@ -167,11 +168,31 @@ class DeviceGroup:
 
 
 class Verifier:
-    """One LLM behind a ZeroMQ ROUTER. `start()` binds and serves in a background thread."""
+    """One LLM behind a ZeroMQ ROUTER. `start()` binds and serves in a background thread.
+
+    Client input can only ever produce an ERROR reply and a count in `errors` (DESIGN.md
+    section 8): every message is decoded and checked on its own, and a session belongs to the
+    ZeroMQ identity that opened it. Limits, each None for its default:
+    - allowed_devices: the device ids the run has (None: any);
+    - max_sessions: sessions in total (expected_sessions when given, else DEFAULT_MAX_SESSIONS);
+      with expected_sessions, no session beyond the run's devices can hold batches back;
+    - max_sessions_per_identity (max_sessions), max_prompt_tokens (the model's positions) and
+      max_prefill_tokens_per_identity (DEFAULT_MAX_PREFILL_TOKENS): prompt tokens one client
+      may have prefilled over the run;
+    - max_messages_per_poll: messages read before batches get their turn again (a flood from
+      one client cannot starve the batch release).
+    """
+
+    DEFAULT_MAX_SESSIONS = 4096
+    DEFAULT_MAX_PREFILL_TOKENS = 1 << 21
+    RCVHWM = 64  # messages queued per connection before libzmq stops reading it (back-pressure, no loss)
+    MAX_ERROR_LOG = 1000
 
     def __init__(self, llm_spec, server: ServerProfile, seed: int, vocab_size: int, clock: ClockParams,
                  host: str = "127.0.0.1", port: int = 0, threads: int = 2, max_frame_bytes: int = protocol.MAX_FRAME_BYTES,
-                 lm=None, expected_sessions: int = 0):
+                 lm=None, expected_sessions: int = 0, allowed_devices=None, max_sessions: int | None = None,
+                 max_sessions_per_identity: int | None = None, max_prompt_tokens: int | None = None,
+                 max_prefill_tokens_per_identity: int | None = None, max_messages_per_poll: int = 256):
         from agents.lm import BatchedLM
         from agents.models import load_model
 
@@ -181,7 +202,17 @@ class Verifier:
         self.clock = clock
         self.host, self.port = host, port
         self.max_frame_bytes = max_frame_bytes
+        self.allowed_devices = None if allowed_devices is None else frozenset(int(d) for d in allowed_devices)
+        self.max_sessions = max_sessions or expected_sessions or self.DEFAULT_MAX_SESSIONS
+        self.max_sessions_per_identity = max_sessions_per_identity or self.max_sessions
+        self.max_prompt_tokens = max_prompt_tokens or getattr(self.core.llm, "max_positions", 1 << 20)
+        self.max_prefill_tokens = max_prefill_tokens_per_identity or self.DEFAULT_MAX_PREFILL_TOKENS
+        self.max_messages_per_poll = max(1, max_messages_per_poll)
+        self.owners: dict[int, bytes] = {}  # device -> the identity that opened its session (verdicts go there)
+        self.identity_sessions: dict[bytes, int] = {}  # identities that opened a session: how many
+        self.identity_prefill: dict[bytes, int] = {}  # ... and how many prompt tokens
         self.errors = 0
+        self.error_codes: collections.Counter = collections.Counter()  # ErrorCode -> count
         self.error_log: list[str] = []
         self.thread: threading.Thread | None = None
         self.stop_flag = threading.Event()
@@ -194,7 +225,11 @@ class Verifier:
         ctx = zmq.Context.instance()
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # MAXMSGSIZE bounds each part (a bigger one drops the connection) and RCVHWM the
+        # messages queued per connection; parts beyond wire.PARTS are discarded unread (_recv).
         self.sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes + 4096)
+        self.sock.setsockopt(zmq.RCVHWM, self.RCVHWM)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 0)  # a connected client's identity cannot be taken over
         if self.port:
             self.sock.bind(f"tcp://{self.host}:{self.port}")
         else:
@@ -238,7 +273,6 @@ class Verifier:
     def _loop(self) -> None:
         sock, core, wall = self.sock, self.core, self.clock.kind == "wall"
         rng = random.Random(-1)
-        route: dict[int, bytes] = {}  # device -> group identity
         while not self.stop_flag.is_set():
             timeout = POLL_MS
             if wall:
@@ -246,26 +280,30 @@ class Verifier:
                 timeout = min(self.clock.ms_until(math.inf if start is None else start), _ms(self.shaped.timeout()))
             opens = []
             if sock.poll(timeout):
-                while True:
+                for _ in range(self.max_messages_per_poll):
                     try:
-                        identity, *parts = sock.recv_multipart(zmq.NOBLOCK)
+                        identity, parts, extra = self._recv()
                     except zmq.Again:
                         break
                     self.clock.chaos(rng)
-                    msg = wire.decode_message(parts)
-                    if isinstance(msg, protocol.ProtocolError):
-                        self._error(identity, msg)
+                    # Decoding and checking one client's message: whatever fails is answered to
+                    # that client alone. What follows (prefill, the LLM forward) is not input
+                    # handling: its failure is a bug and ends the run (see _serve).
+                    try:
+                        msg = self._admit(identity, parts, extra, opens)
+                    except protocol.ProtocolError as exc:
+                        self._error(identity, exc)
                         continue
-                    if isinstance(msg, wire.Open):
-                        route[msg.device] = identity
-                        opens.append(msg)
+                    except Exception as exc:
+                        self._error(identity, protocol.ProtocolError(
+                            f"internal error checking a message ({type(exc).__name__}: {exc})",
+                            protocol.ErrorCode.INTERNAL))
+                        continue
+                    if msg is None:  # an admitted OPEN: its prefill waits for the others of this round
                         continue
                     if opens:  # open sessions before anything that may refer to them
                         core.open([o.item() for o in opens])
                         opens = []
-                    if not isinstance(msg, Upload):
-                        self._error(identity, protocol.ProtocolError(f"unexpected {type(msg).__name__} from a device"))
-                        continue
                     if wall:
                         msg.t_arrive = self.clock.now()
                     try:
@@ -288,7 +326,7 @@ class Verifier:
                 for verdict in verdicts:
                     if wall:
                         verdict.t_sent = max(verdict.t_sent, now)
-                    parts = [route[verdict.device], *wire.verdict_message(verdict)]
+                    parts = [self.owners[verdict.device], *wire.verdict_message(verdict)]
                     if wall:
                         self.shaped.schedule(parts, [verdict.t_sent])
                     else:
@@ -296,11 +334,79 @@ class Verifier:
             if wall:
                 self.shaped.flush()
 
+    def _recv(self) -> tuple[bytes, list[bytes], int]:
+        """One message: (identity, its first wire.PARTS parts, how many more it had). Parts
+        beyond the protocol's are read and dropped one by one, never kept. Raises zmq.Again
+        when nothing is waiting."""
+        sock = self.sock
+        identity = sock.recv(zmq.NOBLOCK)
+        parts: list[bytes] = []
+        extra = 0
+        while sock.getsockopt(zmq.RCVMORE):  # the rest of a message is there once its first part is
+            if len(parts) < wire.PARTS:
+                parts.append(sock.recv(zmq.NOBLOCK))
+            else:
+                sock.recv(zmq.NOBLOCK, copy=False)
+                extra += 1
+        return identity, parts, extra
+
+    def _admit(self, identity: bytes, parts: list[bytes], extra: int, opens: list) -> Upload | None:
+        """Decode and check one message; raise ProtocolError to refuse it. An OPEN that passes
+        is appended to `opens` (None is returned); an upload of the identity's own session is
+        returned for core.submit."""
+        if extra:
+            raise protocol.ProtocolError(f"message of {len(parts) + extra} parts, the protocol has {wire.PARTS} "
+                                         f"([frame, stamp]); not decoded", protocol.ErrorCode.BAD_FRAME)
+        msg = wire.decode_message(parts)
+        if isinstance(msg, protocol.ProtocolError):
+            raise msg
+        if isinstance(msg, wire.Open):
+            self._admit_open(identity, msg, len(opens))
+            opens.append(msg)
+            return None
+        if not isinstance(msg, Upload):
+            raise protocol.ProtocolError(f"unexpected {type(msg).__name__} from a device", device=msg.device)
+        if self.owners.get(msg.device) != identity:  # never open, or another client's: the same answer
+            raise protocol.ProtocolError(f"device {msg.device}: no session of this client",
+                                         protocol.ErrorCode.UNKNOWN_SESSION, device=msg.device, seq=msg.seq)
+        return msg
+
+    def _admit_open(self, identity: bytes, o: wire.Open, pending: int) -> None:
+        """Admit an OPEN against the limits and VerifierCore.check_open; the session then
+        belongs to `identity`. `pending`: admitted opens not yet handed to the core."""
+        E, d = protocol.ErrorCode, o.device
+
+        def refuse(text: str, code=E.LIMIT):
+            raise protocol.ProtocolError(f"device {d}: OPEN refused: {text}", code, device=d, seq=0)
+
+        if self.allowed_devices is not None and d not in self.allowed_devices:
+            refuse("not a device of this run", E.REFUSED)
+        if d in self.owners:
+            refuse("a session is already open for this device", E.REFUSED)
+        if len(self.core.sessions) + pending >= self.max_sessions:
+            refuse(f"the verifier holds its limit of {self.max_sessions} sessions")
+        opened, prefilled = self.identity_sessions.get(identity, 0), self.identity_prefill.get(identity, 0)
+        if opened >= self.max_sessions_per_identity:
+            refuse(f"this client holds its limit of {self.max_sessions_per_identity} sessions")
+        if len(o.prompt) > self.max_prompt_tokens:
+            refuse(f"prompt of {len(o.prompt)} tokens, the limit is {self.max_prompt_tokens}")
+        if prefilled + len(o.prompt) > self.max_prefill_tokens:
+            refuse(f"this client's prompts would total {prefilled + len(o.prompt)} tokens, the limit is "
+                   f"{self.max_prefill_tokens}")
+        self.core.check_open(*o.item())
+        self.owners[d] = identity
+        self.identity_sessions[identity] = opened + 1
+        self.identity_prefill[identity] = prefilled + len(o.prompt)
+
     def _error(self, identity: bytes, exc: protocol.ProtocolError) -> None:
-        """Malformed or out-of-order input: an error reply and a counter, never a crash."""
+        """Malformed, refused or out-of-order input: an error reply and a counter, never a crash.
+        Never raises; the log keeps the latest MAX_ERROR_LOG messages."""
         self.errors += 1
-        self.error_log.append(str(exc))
+        self.error_codes[exc.code] += 1
+        self.error_log.append(str(exc)[:500])
+        if len(self.error_log) > self.MAX_ERROR_LOG:
+            del self.error_log[: len(self.error_log) - self.MAX_ERROR_LOG // 2]
         try:
             self.sock.send_multipart([identity, *wire.error_message(exc)], zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
+        except Exception as send_exc:  # a gone or full peer: the reply is dropped, the server goes on
+            self.error_log.append(f"error reply not sent: {type(send_exc).__name__}: {send_exc}"[:500])

@@ -38,7 +38,7 @@ Frames (issue 3): one ZeroMQ message each, little-endian, a 20-byte header then 
     VERDICT  token_index u32, token u32, flags u8 (bit 0 accepted, bit 1 resampled);
              measurement: beta f32, n u32, shadow_betas f32[n]
     CLOSE    (empty)
-    ERROR    code u16, bad_seq u32, message str16
+    ERROR    code u16 (ErrorCode), bad_seq u32 (0xFFFFFFFF: unknown), message str16
 
 str16 = u16 byte length + UTF-8. Token ids are u32 with 0xFFFFFFFF reserved for "no token"
 (NO_TOKEN = -1 in the dataclasses). "Measurement" fields sit at the end of a body: they let
@@ -72,8 +72,10 @@ class ErrorCode(enum.IntEnum):
     BAD_BODY = 5
     BAD_PAYLOAD = 6
     OUT_OF_ORDER = 7  # for the verifier's sequence check
-    UNKNOWN_SESSION = 8
+    UNKNOWN_SESSION = 8  # no such session, or not one this client opened
     INTERNAL = 9
+    REFUSED = 10  # well formed but not allowed: a second OPEN of a session, a device outside the run
+    LIMIT = 11  # over a server limit: sessions, prompt or piggyback length, prefill tokens, message parts
 
 
 class ProtocolError(ValueError):
@@ -862,12 +864,19 @@ def check_upload(upload, vocab_size: int) -> Payload | None:
     return payload
 
 
+def _u32_or(value, default: int) -> int:
+    return value if isinstance(value, int) and 0 <= value <= _WIRE_NO_TOKEN else default
+
+
 def error_reply(exc: ProtocolError, device: int | None = None, session: int | None = None) -> Error:
-    """The ERROR frame answering a ProtocolError (addressed as its header said, when known)."""
-    seq = exc.seq if exc.seq is not None else -1
-    return Error(device=exc.device if exc.device is not None else (device or 0),
-                 session=exc.session if exc.session is not None else (session or 0),
-                 seq=max(seq, 0), code=exc.code, message=str(exc), bad_seq=seq)
+    """The ERROR frame answering a ProtocolError (addressed as its header said, when known).
+
+    Always encodable, whatever the offending header held: header fields are u32 and echo it,
+    but bad_seq reserves 0xFFFFFFFF for "unknown", so a seq of 0xFFFFFFFF (or anything that is
+    not a u32) is reported as unknown (-1) rather than making the reply itself invalid."""
+    seq = _u32_or(exc.seq, -1)
+    return Error(device=_u32_or(exc.device, _u32_or(device, 0)), session=_u32_or(exc.session, _u32_or(session, 0)),
+                 seq=max(seq, 0), code=exc.code, message=str(exc), bad_seq=seq if seq < _WIRE_NO_TOKEN else -1)
 
 
 class SeqStatus(enum.Enum):

@@ -86,16 +86,48 @@ class VerifierCore:
         self.batches: list[BatchRecord] = []
 
     # --- sessions ----------------------------------------------------------------------
+    def check_open(self, device: int, prompt, temperature: float, max_new_tokens: int, lookahead_s: float) -> None:
+        """Raise ProtocolError (addressed to `device`) unless this session could be opened now:
+        not open yet, a non-empty prompt of ids in [0, V) that fits the model's positions, a
+        finite temperature >= 0, max_new_tokens >= 1 and a lookahead >= 0 (+inf: a device that
+        never asks the LLM)."""
+        E = protocol.ErrorCode
+
+        def fail(text: str, code=E.BAD_BODY):
+            raise protocol.ProtocolError(f"device {device}: OPEN {text}", code, device=device, seq=0)
+
+        if device in self.sessions:
+            fail("of a session that is already open", E.REFUSED)
+        if not prompt:
+            fail("with an empty prompt")
+        if not 0 <= min(prompt) <= max(prompt) < self.vocab_size:
+            fail(f"prompt token ids must lie in [0, {self.vocab_size})")
+        positions = getattr(self.llm, "max_positions", None)
+        if positions is not None and len(prompt) > positions:
+            fail(f"prompt of {len(prompt)} tokens exceeds the model's {positions} positions", E.LIMIT)
+        if not (math.isfinite(temperature) and temperature >= 0.0):
+            fail(f"temperature must be finite and >= 0, got {temperature!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            fail(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if not lookahead_s >= 0.0:  # NaN fails too
+            fail(f"lookahead must be >= 0, got {lookahead_s!r}")
+
     def open(self, items: list[tuple[int, list[int], float, int, float]]) -> None:
         """Open sessions (device, prompt_ids, temperature, max_new_tokens, lookahead_s) and
-        prefill their prompts. Prefill costs no emulated time (it happens before the emulation
-        starts) and runs one session at a time: which sessions arrive together depends on
-        real timing, and a session's cache must not depend on its batch's float rounding."""
+        prefill their prompts. Every item is checked first (check_open; a device twice is
+        refused too): if one is bad, ProtocolError is raised and nothing is opened. Prefill
+        costs no emulated time (it happens before the emulation starts) and runs one session
+        at a time: which sessions arrive together depends on real timing, and a session's
+        cache must not depend on its batch's float rounding."""
+        items = list(items)
+        devices = set()
+        for item in items:
+            self.check_open(*item)
+            if item[0] in devices:
+                raise protocol.ProtocolError(f"device {item[0]}: OPEN twice", protocol.ErrorCode.REFUSED,
+                                             device=item[0], seq=0)
+            devices.add(item[0])
         for device, prompt, temperature, max_new, lookahead in items:
-            if not prompt:
-                raise ValueError(f"device {device}: empty prompt")
-            if device in self.sessions:
-                raise ValueError(f"device {device}: session already open")
             self.sessions[device] = Session(device, temperature, max_new, lookahead, [prompt[-1]], lookahead)
             if len(prompt) > 1:
                 self.llm.extend([(device, list(prompt[:-1]))])
@@ -110,22 +142,41 @@ class VerifierCore:
         verdict again, or nothing while it is still queued; any other unexpected sequence
         number is an OUT_OF_ORDER error. A final flush is answered at once (it carries no
         draft and costs no emulated time)."""
-        s = self.sessions.get(upload.device)
-        if s is None:
-            raise protocol.ProtocolError(f"device {upload.device}: upload before open", protocol.ErrorCode.UNKNOWN_SESSION)
-        status = protocol.check_sequence(s.next_seq, upload.seq)
-        if status is protocol.SeqStatus.REPEAT:
-            last = s.last_verdict
-            return last if last is not None and last.seq == upload.seq else None
-        if status is not protocol.SeqStatus.NEXT:
-            raise protocol.ProtocolError(f"device {upload.device}: seq {upload.seq} {status.value}, expected "
-                                         f"{s.next_seq}", protocol.ErrorCode.OUT_OF_ORDER)
-        if s.closed:
-            raise protocol.ProtocolError(f"device {upload.device}: upload after the session closed")
-        if s.queued:
-            raise protocol.ProtocolError(f"device {upload.device}: seq {upload.seq} before the verdict of "
-                                         f"{upload.seq - 1}", protocol.ErrorCode.OUT_OF_ORDER)
-        payload = protocol.check_upload(upload, self.vocab_size)  # bad ids or payload: rejected here, alone
+        try:  # everything up to `next_seq += 1` only checks: a failure there is the client's, not the LLM's
+            s = self.sessions.get(upload.device)
+            if s is None:
+                raise protocol.ProtocolError(f"device {upload.device}: upload before open",
+                                             protocol.ErrorCode.UNKNOWN_SESSION)
+            status = protocol.check_sequence(s.next_seq, upload.seq)
+            if status is protocol.SeqStatus.REPEAT:
+                last = s.last_verdict
+                return last if last is not None and last.seq == upload.seq else None
+            if status is not protocol.SeqStatus.NEXT:
+                raise protocol.ProtocolError(f"device {upload.device}: seq {upload.seq} {status.value}, expected "
+                                             f"{s.next_seq}", protocol.ErrorCode.OUT_OF_ORDER)
+            if s.closed:
+                raise protocol.ProtocolError(f"device {upload.device}: upload after the session closed")
+            if s.queued:
+                raise protocol.ProtocolError(f"device {upload.device}: seq {upload.seq} before the verdict of "
+                                             f"{upload.seq - 1}", protocol.ErrorCode.OUT_OF_ORDER)
+            if not (math.isfinite(upload.t_arrive) and upload.t_arrive >= 0.0):  # would corrupt the queue order
+                raise protocol.ProtocolError(f"device {upload.device}: arrival time {upload.t_arrive!r} is not finite "
+                                             f"and >= 0", protocol.ErrorCode.BAD_BODY)
+            payload = protocol.check_upload(upload, self.vocab_size)  # bad ids or payload: rejected here, alone
+            positions = getattr(self.llm, "max_positions", None)
+            context = self.llm.length(upload.device) + len(s.feed) + len(upload.piggyback)
+            if positions is not None and context > positions:  # refused alone, before it can join a batch
+                raise protocol.ProtocolError(f"device {upload.device}: {len(upload.piggyback)} piggybacked tokens take "
+                                             f"the context to {context}, over the model's {positions} positions",
+                                             protocol.ErrorCode.LIMIT)
+        except protocol.ProtocolError as exc:
+            if exc.device is None:
+                exc.device, exc.seq = upload.device, upload.seq
+            raise
+        except Exception as exc:  # a checking bug must not pass for an LLM failure: the caller answers it
+            raise protocol.ProtocolError(f"device {upload.device}: upload could not be checked "
+                                         f"({type(exc).__name__}: {exc})", protocol.ErrorCode.INTERNAL,
+                                         device=upload.device, seq=upload.seq) from exc
         s.next_seq += 1
         if upload.final:
             logits = self.llm.extend([(upload.device, s.feed + upload.piggyback)], all_positions=True)[0]

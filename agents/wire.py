@@ -4,6 +4,9 @@ The wire frame is agents.protocol's (what a real device and server exchange). Th
 is what only an emulation has: the emulated time a message left and arrived, and for
 uploads the retransmission count. Keeping it out of the frame keeps the frame honest:
 links are charged for the frame alone.
+
+decode_message validates the stamp as strictly as the frame: upload times finite and >= 0,
+an OPEN's max_new_tokens a whole number >= 1 and its lookahead >= 0 (+inf allowed).
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from agents.device import Upload, Verdict
 
 SESSION = 1  # one session per device per run
 _STAMP = struct.Struct("<ddI")  # t_sent, t_arrive, retransmissions
+PARTS = 2  # [frame, stamp]: a receiver refuses a message of more parts before reading them
+MAX_NEW_TOKENS = 2**32 - 1  # token indices are u32 on the wire
 
 
 @dataclass(frozen=True)
@@ -60,14 +65,25 @@ def verdict_message(v: Verdict) -> list[bytes]:
 
 
 def error_message(exc: protocol.ProtocolError) -> list[bytes]:
-    return [protocol.encode_frame(protocol.error_reply(exc)), _stamp(math.nan)]
+    """The ERROR reply to `exc`; never raises (an error reply must always go out)."""
+    try:
+        frame = protocol.encode_frame(protocol.error_reply(exc))
+    except protocol.ProtocolError:  # not expected (error_reply keeps every field encodable): answer anyway
+        frame = protocol.encode_frame(protocol.Error(device=0, session=0, seq=0, code=protocol.ErrorCode.INTERNAL,
+                                                     message="the error reply could not be encoded"))
+    return [frame, _stamp(math.nan)]
+
+
+def _time(t: float) -> bool:
+    """An emulated time a client may stamp: finite and not negative."""
+    return math.isfinite(t) and t >= 0.0
 
 
 def decode_message(parts: list[bytes]):
     """Open | device.Upload | device.Verdict | protocol.Error, or a ProtocolError (returned,
     not raised: the caller answers it and carries on)."""
     try:
-        if len(parts) != 2:
+        if len(parts) != PARTS:
             raise protocol.ProtocolError(f"expected [frame, stamp], got {len(parts)} parts")
         frame, stamp = parts
         if len(stamp) != _STAMP.size:
@@ -76,11 +92,21 @@ def decode_message(parts: list[bytes]):
         msg = protocol.decode_frame(frame)
     except protocol.ProtocolError as exc:
         return exc
+    where = dict(device=msg.device, session=msg.session, seq=msg.seq)
     if isinstance(msg, protocol.Open):
-        if not (t_arrive >= 1 and t_sent >= 0):
-            return protocol.ProtocolError(f"device {msg.device}: OPEN stamp needs max_new_tokens >= 1 and lookahead >= 0")
+        # max_new_tokens rides in t_arrive: a whole number in [1, 2^32). The lookahead is a
+        # lower bound on a gap: >= 0, and +inf for a device that never asks the LLM (slm-only).
+        if not (1 <= t_arrive <= MAX_NEW_TOKENS and t_arrive == int(t_arrive)):
+            return protocol.ProtocolError(f"device {msg.device}: OPEN stamp max_new_tokens {t_arrive!r} is not a "
+                                          f"whole number in [1, {MAX_NEW_TOKENS}]", protocol.ErrorCode.BAD_BODY, **where)
+        if not t_sent >= 0.0:  # NaN fails too
+            return protocol.ProtocolError(f"device {msg.device}: OPEN stamp lookahead {t_sent!r} is not >= 0",
+                                          protocol.ErrorCode.BAD_BODY, **where)
         return Open(msg.device, msg.prompt, msg.temperature, int(t_arrive), t_sent)
     if isinstance(msg, (protocol.Upload, protocol.Flush)):
+        if not (_time(t_sent) and _time(t_arrive)):
+            return protocol.ProtocolError(f"device {msg.device}: stamp times must be finite and >= 0, got t_sent "
+                                          f"{t_sent!r}, t_arrive {t_arrive!r}", protocol.ErrorCode.BAD_BODY, **where)
         final = isinstance(msg, protocol.Flush)
         u = Upload(device=msg.device, seq=msg.seq, token_index=msg.token_index,
                    draft=-1 if final else msg.draft, draft_prob=math.nan if final else msg.draft_prob,
