@@ -83,19 +83,24 @@ class DeviceGroup:
     """Hosts many virtual devices with one SLM copy; talks DEALER to the verifier."""
 
     def __init__(self, group_id: int, specs: list[DeviceSpec], run: RunParams, slm_spec, policy_specs: dict,
-                 endpoint: str, clock: ClockParams, threads: int = 1):
+                 endpoint: str, clock: ClockParams, threads: int = 1, dtype: str | None = None, device: str = "cpu",
+                 record: bool = False):
         from agents.lm import BatchedLM
         from agents.models import load_model
         from policies import load_policy
 
+        t0 = time.perf_counter()
         _set_threads(threads)
         self.group_id = group_id
         self.clock = clock
         self.endpoint = endpoint
         policies = {name: load_policy(spec) for name, spec in policy_specs.items()}
         drafts = any(policies[s.policy_name].drafts for s in specs)
-        slm = BatchedLM(load_model(slm_spec)) if drafts else None
-        self.core = DeviceGroupCore(specs, run, slm, policies)
+        slm = BatchedLM(load_model(slm_spec, dtype=dtype, device=device)) if drafts else None
+        # record: the virtual clock's content pass (agents.engine); run() returns what was emitted.
+        self.core = DeviceGroupCore(specs, run, slm, policies, record=record)
+        self.record = record
+        self.core.timings.add("startup.model_load", time.perf_counter() - t0)
         self.stats_lock = threading.Lock()
         self.new_rows: list[dict] = []
         self.lag_s = 0.0
@@ -123,6 +128,7 @@ class DeviceGroup:
         wall = self.clock.kind == "wall"
         shaped = self.clock.shaped(sock)  # wall clock: uploads wait out their emulated arrival
         seen: dict[int, int] = {}
+        timings = self.core.timings
         try:
             for item in self.core.open_items():
                 sock.send_multipart(wire.open_message(*item))
@@ -133,18 +139,23 @@ class DeviceGroup:
                 if self.core.has_work() and (not wall or self.core.next_time() <= now):
                     if wall:
                         self.lag_s = max(0.0, now - self.core.next_time())
-                    for upload in self.core.step(now):
-                        parts = wire.upload_message(upload)
-                        if wall:
-                            shaped.schedule(parts, [upload.t_arrive])
-                        else:
-                            sock.send_multipart(parts)
+                    uploads = self.core.step(now)
+                    with timings("transport", len(uploads)):
+                        for upload in uploads:
+                            parts = wire.upload_message(upload)
+                            if wall:
+                                shaped.schedule(parts, [upload.t_arrive])
+                            else:
+                                sock.send_multipart(parts)
                 if wall:
                     shaped.flush()
                     timeout = min(self.clock.ms_until(self.core.next_time()), _ms(shaped.timeout()))
                 else:
                     timeout = 0 if self.core.has_work() else POLL_MS
-                if sock.poll(timeout):
+                with timings("wait"):
+                    incoming = sock.poll(timeout)
+                if incoming:
+                    t_recv = time.perf_counter()
                     while True:
                         try:
                             parts = sock.recv_multipart(zmq.NOBLOCK)
@@ -155,11 +166,14 @@ class DeviceGroup:
                         if isinstance(msg, protocol.ProtocolError):
                             raise msg
                         self.core.on_verdict(msg)
+                    timings.add("transport", time.perf_counter() - t_recv)
                 self._publish(seen)
             self._publish(seen)
         finally:
             sock.close()
-        return {"rows": self.core.rows(), "lag_s": self.lag_s, "max_rss_bytes": max_rss_bytes()}
+        return {"rows": self.core.rows(), "lag_s": self.lag_s, "max_rss_bytes": max_rss_bytes(),
+                "timings": timings.snapshot(), "lm": self.core.slm.describe() if self.core.slm else None,
+                "content": self.core.recorded() if self.record else None}
 
     def _publish(self, seen: dict[int, int]) -> None:
         if fresh := self.core.rows_since(seen):
@@ -192,13 +206,17 @@ class Verifier:
                  host: str = "127.0.0.1", port: int = 0, threads: int = 2, max_frame_bytes: int = protocol.MAX_FRAME_BYTES,
                  lm=None, expected_sessions: int = 0, allowed_devices=None, max_sessions: int | None = None,
                  max_sessions_per_identity: int | None = None, max_prompt_tokens: int | None = None,
-                 max_prefill_tokens_per_identity: int | None = None, max_messages_per_poll: int = 256):
+                 max_prefill_tokens_per_identity: int | None = None, max_messages_per_poll: int = 256,
+                 dtype: str | None = None, device: str = "cpu", mode: str = "emulate"):
         from agents.lm import BatchedLM
         from agents.models import load_model
 
+        t0 = time.perf_counter()
         _set_threads(threads)
         # `lm`: an already loaded BatchedLM (benchmarks share one model between runs).
-        self.core = VerifierCore(lm or BatchedLM(load_model(llm_spec)), server, seed, vocab_size, expected_sessions)
+        self.core = VerifierCore(lm or BatchedLM(load_model(llm_spec, dtype=dtype, device=device)), server, seed,
+                                 vocab_size, expected_sessions, mode=mode)
+        self.core.timings.add("startup.model_load", time.perf_counter() - t0)
         self.clock = clock
         self.host, self.port = host, port
         self.max_frame_bytes = max_frame_bytes
@@ -246,12 +264,17 @@ class Verifier:
 
     def status(self) -> dict:
         return {"errors": self.errors, "lag_s": self.lag_s, "max_rss_bytes": max_rss_bytes(), "error_log": self.error_log[-20:], "failure": self.failure,
-                "batches": len(self.core.batches)}
+                "batches": len(self.core.batches), "timings": self.core.timings.snapshot(),
+                "lm": self.core.llm.describe() if hasattr(self.core.llm, "describe") else None}
 
     def drain_batches(self) -> list:
         new = self.core.batches[self.batches_seen:]
         self.batches_seen += len(new)
         return new
+
+    def content_log(self) -> dict:
+        """mode="content": every verdict's content, for the driver's replay (agents.engine)."""
+        return self.core.log
 
     def batches(self) -> list:
         return list(self.core.batches)

@@ -23,6 +23,7 @@ import numpy as np
 
 from agents import protocol
 from agents.speculative import sample_draft, softmax_t
+from agents.timing import Timings
 from netem import DuplexProfile, Link, link_seed
 from policies.base import Decision, DecisionContext, Policy
 from policies.rng import keyed_rng
@@ -50,11 +51,11 @@ class RunParams:
     temperature: float
     vocab_size: int
     rto_s: float = 0.2  # retransmission timeout for a lost upload or verdict (emulated)
-    # False: one SLM forward per device, so a draft never depends on which other devices
-    # happened to share a forward (bit-reproducible traces in every layout and under any real
-    # timing). True: one batched forward per group step; faster, but float rounding then
-    # depends on the batch, which in bf16 flips an occasional sampled token between runs.
-    batch_slm: bool = False
+    # True: one batched SLM forward per group step (prompts included). Exact: agents.lm's packed
+    # forward gives a session the same bits alone or in any batch, so a draft never depends on
+    # which devices shared its forward. False: one forward per device (for models on the hf
+    # forward, which is not batch invariant; BatchedLM.describe() says which one runs).
+    batch_slm: bool = True
 
 
 @dataclass
@@ -88,6 +89,21 @@ class Verdict:
     shadow_betas: list[float]
     t_sent: float  # emulated time the verifier sent it
     frame_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Drafted:
+    """What the SLM and the policy produced for one token: all a replay needs of it (the virtual
+    clock computes content first and timing after; see agents.engine)."""
+
+    decision: Decision
+    draft: int  # -1 without a draft (llm-only)
+    draft_prob: float  # x_d as the wire carries it (NaN without a draft)
+    payload: bytes | int  # the encoded top-k, or in a record only its size
+
+    def recorded(self) -> "Drafted":
+        return self if isinstance(self.payload, int) else Drafted(self.decision, self.draft, self.draft_prob,
+                                                                  len(self.payload))
 
 
 def token_row(spec: DeviceSpec, index: int, **values) -> dict:
@@ -135,6 +151,7 @@ class Device:
     waiting: Upload | None = None
     pending_row: dict | None = None
     flushed: bool = False
+    record: list | None = None  # content pass: every token's Drafted (payload as its size), in order
 
     def __post_init__(self) -> None:
         seed = self.run.seed
@@ -173,32 +190,46 @@ class Device:
         d = int(sample_draft(x, rng))
         return DecisionContext(self.run.seed, self.spec.device, self.index, self.run.temperature, d, x)
 
+    def drafted(self, decision: Decision, ctx: DecisionContext | None) -> Drafted:
+        """The content of the current token: the draft, x_d as the wire carries it and, when
+        transmitting a distribution, the encoded top-k payload."""
+        payload = b""
+        if decision.transmit and not decision.llm_samples:
+            indices, probs = truncate_for_upload(ctx.probs, decision)
+            payload = protocol.encode_payload(indices, probs, self.run.vocab_size, decision.prob_bits)
+        if ctx is None:
+            assert decision.transmit, "a policy that does not draft must transmit"
+            return Drafted(decision, -1, math.nan, payload)
+        return Drafted(decision, ctx.draft, _wire_prob(ctx), payload)
+
     def apply(self, decision: Decision, ctx: DecisionContext | None) -> Upload | None:
         """Act on the policy's decision for the current token; an Upload when transmitting."""
+        return self.commit(self.drafted(decision, ctx))
+
+    def commit(self, c: Drafted) -> Upload | None:
+        """Advance the state machine by one token with its content `c` (from drafted, or from a
+        content pass in a replay); an Upload when transmitting."""
+        if self.record is not None:
+            self.record.append(c.recorded())
+        decision = c.decision
         slm_s = self.spec.slm_ms_per_token / 1000.0 if self.policy.drafts else 0.0
         t_start, t_drafted = self.t, self.t + slm_s
         self.feed = []
         row = token_row(self.spec, self.index, uncertainty=decision.uncertainty, t_draft_start=t_start)
-        if ctx is not None:
-            row["draft_id"] = ctx.draft
+        if c.draft >= 0:
+            row["draft_id"] = c.draft
         if not decision.transmit:
             # Accepted on the device: no uplink, no LLM cost now; the LLM learns the token later.
-            assert ctx is not None, "a policy that does not draft must transmit"
-            row.update(token_id=ctx.draft, accepted=True, t_commit=t_drafted)
+            row.update(token_id=c.draft, accepted=True, t_commit=t_drafted)
             self.rows.append(row)
-            self.piggyback.append((ctx.draft, _wire_prob(ctx), len(self.rows) - 1))
-            self.feed = [ctx.draft]
+            self.piggyback.append((c.draft, c.draft_prob, len(self.rows) - 1))
+            self.feed = [c.draft]
             self.index += 1
             self.t = t_drafted
             return None
-        payload = b""
-        if not decision.llm_samples:
-            indices, probs = truncate_for_upload(ctx.probs, decision)
-            payload = protocol.encode_payload(indices, probs, self.run.vocab_size, decision.prob_bits)
+        payload = c.payload if isinstance(c.payload, bytes) else bytes(c.payload)  # replay: its size
         upload = Upload(
-            device=self.spec.device, seq=self.seq, token_index=self.index,
-            draft=ctx.draft if ctx is not None else -1,
-            draft_prob=_wire_prob(ctx) if ctx is not None else math.nan,
+            device=self.spec.device, seq=self.seq, token_index=self.index, draft=c.draft, draft_prob=c.draft_prob,
             piggyback=[p[0] for p in self.piggyback], piggyback_probs=[p[1] for p in self.piggyback],
             payload=payload, llm_samples=decision.llm_samples, final=False, t_sent=t_drafted, t_arrive=math.nan,
         )
@@ -224,6 +255,11 @@ class Device:
     def _send(self, upload: Upload) -> Upload:
         upload.frame_bytes = protocol.upload_frame_size(upload)
         t, arrive = upload.t_sent, None
+        if self.record is not None:  # content pass: no time, no links (the replay runs them)
+            upload.t_arrive = t
+            self.waiting = upload
+            self.seq += 1
+            return upload
         for _ in range(MAX_RETRANSMISSIONS + 1):
             arrive = self.uplink.send(upload.frame_bytes, t)
             if arrive is not None:
@@ -244,7 +280,8 @@ class Device:
             return  # a duplicate of a verdict already applied
         retx = upload.retransmissions
         t_last = upload.t_sent + retx * self.run.rto_s  # the copy that reached the verifier
-        arrive = self.downlink.send(verdict.frame_bytes, verdict.t_sent)
+        # content pass: no links (verdict time is meaningless there; the replay runs the links)
+        arrive = self.downlink.send(verdict.frame_bytes, verdict.t_sent) if self.record is None else verdict.t_sent
         while arrive is None:  # the verdict was lost: retransmit until a repeat is answered
             if retx - upload.retransmissions >= MAX_RETRANSMISSIONS:
                 raise RuntimeError(f"device {self.spec.device}: verdict {verdict.seq} lost {MAX_RETRANSMISSIONS} times")
@@ -278,10 +315,23 @@ class DeviceGroupCore:
     """Many virtual devices sharing one SLM: one batched forward per step over every device
     ready to draft. Transport-free: callers deliver uploads and verdicts."""
 
-    def __init__(self, specs: list[DeviceSpec], run: RunParams, slm, policies: dict[str, Policy]):
+    def __init__(self, specs: list[DeviceSpec], run: RunParams, slm, policies: dict[str, Policy],
+                 record: bool = False, replay: dict[int, list[Drafted]] | None = None):
+        """record: keep every token's content (Device.record) for a later replay. replay: the
+        recorded content per device; the SLM and the policies are then not consulted (slm may
+        be None), only the state machine and the links run."""
         self.run = run
-        self.slm = slm  # agents.lm.BatchedLM (None when no device drafts)
+        self.slm = slm  # agents.lm.BatchedLM (None when no device drafts, or in a replay)
         self.devices = {s.device: Device(s, run, policies[s.policy_name]) for s in specs}
+        self.replay = replay
+        if record:
+            for d in self.devices.values():
+                d.record = []
+        self.timings = Timings()
+
+    def recorded(self) -> dict[int, list[Drafted]]:
+        """The content recorded so far (record=True), per device."""
+        return {device: d.record for device, d in self.devices.items()}
 
     @property
     def done(self) -> bool:
@@ -305,22 +355,33 @@ class DeviceGroupCore:
         uploads: list[Upload] = []
         due = (lambda d: True) if until is None else (lambda d: d.t <= until)
         ready = [d for d in self.devices.values() if d.ready and due(d)]
+        if self.replay is not None:
+            for d in ready:
+                if (u := d.commit(self.replay[d.spec.device][d.index])) is not None:
+                    uploads.append(u)
+            ready = []
         drafting = [d for d in ready if d.policy.drafts]
         if drafting:
-            if self.run.batch_slm:
-                logits = self.slm.extend([(d.spec.device, d.feed) for d in drafting])
-            else:
-                logits = [self.slm.extend([(d.spec.device, d.feed)])[0] for d in drafting]
+            timings = self.timings
+            phase = "slm.prefill" if any(len(d.feed) > 1 for d in drafting) else "slm.decode"
+            with timings(phase, sum(len(d.feed) for d in drafting)):
+                if self.run.batch_slm:
+                    logits = self.slm.extend([(d.spec.device, d.feed) for d in drafting])
+                else:
+                    logits = [self.slm.extend([(d.spec.device, d.feed)])[0] for d in drafting]
             by_policy: dict[int, list[tuple[Device, DecisionContext, np.ndarray]]] = {}
-            for d, z in zip(drafting, logits):
-                ctx = d.draft(z)
-                by_policy.setdefault(id(d.policy), []).append((d, ctx, z))
+            with timings("draft", len(drafting)):
+                for d, z in zip(drafting, logits):
+                    ctx = d.draft(z)
+                    by_policy.setdefault(id(d.policy), []).append((d, ctx, z))
             for members in by_policy.values():
                 policy = members[0][0].policy
-                decisions = policy.decide_batch(np.stack([m[2] for m in members]), [m[1] for m in members])
-                for (d, ctx, _), decision in zip(members, decisions):
-                    if (u := d.apply(decision, ctx)) is not None:
-                        uploads.append(u)
+                with timings("policy", len(members)):
+                    decisions = policy.decide_batch(np.stack([m[2] for m in members]), [m[1] for m in members])
+                with timings("codec", len(members)):
+                    for (d, ctx, _), decision in zip(members, decisions):
+                        if (u := d.apply(decision, ctx)) is not None:
+                            uploads.append(u)
         for d in ready:
             if not d.policy.drafts:
                 decision = d.policy.decide(None, None)

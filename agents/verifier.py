@@ -22,7 +22,24 @@ import numpy as np
 from agents import protocol
 from agents.device import Upload, Verdict
 from agents.speculative import reconstruct, sample_draft, softmax_t, verify
+from agents.timing import Timings
 from policies.rng import keyed_rng
+
+EAGER_ROWS = 64  # token rows one eager LLM forward may take beyond its own batch (bounds memory)
+PREFILL_ROWS = 2048  # prompt tokens per prefill forward (bounds the activations of a large fleet)
+
+
+def prefill_chunks(items: list, max_rows: int) -> list[list]:
+    """Consecutive groups of (session, tokens) items of at most max_rows tokens (one item may
+    exceed it alone)."""
+    chunks, rows = [], max_rows
+    for item in items:
+        if rows + len(item[1]) > max_rows:
+            chunks.append([])
+            rows = 0
+        chunks[-1].append(item)
+        rows += len(item[1])
+    return chunks
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,17 @@ class Session:
     last_verdict: Verdict | None = None  # answered again when its upload is retransmitted
 
 
+@dataclass(frozen=True, slots=True)
+class VerdictContent:
+    """What a verdict says, without when: all a replay needs of it."""
+
+    token: int
+    accepted: bool
+    resampled: bool
+    beta: float
+    shadow_betas: tuple[float, ...]
+
+
 @dataclass
 class BatchRecord:
     """What one verifier batch did, for stats and the summary."""
@@ -72,7 +100,23 @@ def measured_beta(y_d, x_d) -> np.ndarray:
 
 
 class VerifierCore:
-    def __init__(self, llm, server: ServerProfile, seed: int, vocab_size: int, expected_sessions: int = 0):
+    """mode (agents.engine explains the two passes of the virtual clock):
+    - "emulate": batches by the rule above, verdicts computed and timed (the wall clock);
+    - "content": every queued request is released at once (emulated times are not meaningful),
+      and each verdict's content is recorded in `log`;
+    - "replay": batches by the rule above, verdict content taken from `replay` (a content pass's
+      log); no LLM (llm may be None), no payload decoding: only the timing runs.
+    """
+
+    MODES = ("emulate", "content", "replay")
+
+    def __init__(self, llm, server: ServerProfile, seed: int, vocab_size: int, expected_sessions: int = 0,
+                 mode: str = "emulate", replay: dict | None = None):
+        if mode not in self.MODES or (mode == "replay") != (replay is not None):
+            raise ValueError(f"mode must be one of {self.MODES} (replay exactly with a replay log), got {mode!r}")
+        self.mode = mode
+        self.replay = replay
+        self.log: dict[tuple[int, int], VerdictContent] = {}  # content mode: (device, seq) -> content
         self.llm = llm  # agents.lm.BatchedLM
         # Virtual clock: no batch is released before every device of the run has opened its
         # session, since an unopened device could still send an earlier arrival.
@@ -84,6 +128,8 @@ class VerifierCore:
         self.queue: list[tuple[float, int, int, Upload, object]] = []  # (arrival, device, seq, upload, payload)
         self.t_free = 0.0
         self.batches: list[BatchRecord] = []
+        self.computed: dict[tuple[int, int], np.ndarray] = {}  # (device, seq) -> LLM logits, eagerly
+        self.timings = Timings()
 
     # --- sessions ----------------------------------------------------------------------
     def check_open(self, device: int, prompt, temperature: float, max_new_tokens: int, lookahead_s: float) -> None:
@@ -116,9 +162,9 @@ class VerifierCore:
         """Open sessions (device, prompt_ids, temperature, max_new_tokens, lookahead_s) and
         prefill their prompts. Every item is checked first (check_open; a device twice is
         refused too): if one is bad, ProtocolError is raised and nothing is opened. Prefill
-        costs no emulated time (it happens before the emulation starts) and runs one session
-        at a time: which sessions arrive together depends on real timing, and a session's
-        cache must not depend on its batch's float rounding."""
+        costs no emulated time (it happens before the emulation starts); the prompts share
+        batched forwards (up to PREFILL_ROWS tokens each), exact because the forward is batch
+        invariant: which sessions arrive together depends on real timing, their caches do not."""
         items = list(items)
         devices = set()
         for item in items:
@@ -129,8 +175,10 @@ class VerifierCore:
             devices.add(item[0])
         for device, prompt, temperature, max_new, lookahead in items:
             self.sessions[device] = Session(device, temperature, max_new, lookahead, [prompt[-1]], lookahead)
-            if len(prompt) > 1:
-                self.llm.extend([(device, list(prompt[:-1]))])
+        prefill = [(device, list(prompt[:-1])) for device, prompt, *_ in items if len(prompt) > 1 and self.llm]
+        for chunk in prefill_chunks(prefill, PREFILL_ROWS):
+            with self.timings("llm.prefill", sum(len(t) for _, t in chunk)):
+                self.llm.extend(chunk, logits=False)
 
     def pending_bound(self) -> float:
         """Earliest emulated time at which a not-yet-received upload could arrive."""
@@ -162,9 +210,10 @@ class VerifierCore:
             if not (math.isfinite(upload.t_arrive) and upload.t_arrive >= 0.0):  # would corrupt the queue order
                 raise protocol.ProtocolError(f"device {upload.device}: arrival time {upload.t_arrive!r} is not finite "
                                              f"and >= 0", protocol.ErrorCode.BAD_BODY)
-            payload = protocol.check_upload(upload, self.vocab_size)  # bad ids or payload: rejected here, alone
+            # bad ids or payload: rejected here, alone (a replay's content passed this in its content pass)
+            payload = protocol.check_upload(upload, self.vocab_size) if self.replay is None else None
             positions = getattr(self.llm, "max_positions", None)
-            context = self.llm.length(upload.device) + len(s.feed) + len(upload.piggyback)
+            context = (self.llm.length(upload.device) if self.llm else 0) + len(s.feed) + len(upload.piggyback)
             if positions is not None and context > positions:  # refused alone, before it can join a batch
                 raise protocol.ProtocolError(f"device {upload.device}: {len(upload.piggyback)} piggybacked tokens take "
                                              f"the context to {context}, over the model's {positions} positions",
@@ -179,13 +228,20 @@ class VerifierCore:
                                          device=upload.device, seq=upload.seq) from exc
         s.next_seq += 1
         if upload.final:
-            logits = self.llm.extend([(upload.device, s.feed + upload.piggyback)], all_positions=True)[0]
-            shadows = self._shadow_betas(s, upload, logits)
+            if self.replay is not None:
+                shadows = list(self.replay[(upload.device, upload.seq)].shadow_betas)
+            else:
+                with self.timings("llm.verify_forward", len(s.feed) + len(upload.piggyback)):
+                    logits = self.llm.extend([(upload.device, s.feed + upload.piggyback)], all_positions=True)[0]
+                shadows = self._shadow_betas(s, upload, logits)
+                if self.mode == "content":
+                    self.log[(upload.device, upload.seq)] = VerdictContent(-1, False, False, math.nan, tuple(shadows))
             verdict = Verdict(upload.device, upload.seq, -1, False, False, math.nan, shadows, upload.t_arrive)
             s.last_verdict = verdict
             s.closed = True
             s.feed = []
-            self.llm.drop(upload.device)
+            if self.llm is not None:
+                self.llm.drop(upload.device)
             return verdict
         s.queued = True
         heapq.heappush(self.queue, (upload.t_arrive, upload.device, upload.seq, upload, payload))
@@ -194,7 +250,8 @@ class VerifierCore:
     def close(self, device: int) -> None:
         s = self.sessions[device]
         s.closed = True
-        self.llm.drop(device)
+        if self.llm is not None:
+            self.llm.drop(device)
 
     # --- batching ----------------------------------------------------------------------
     def batch_start(self) -> float | None:
@@ -213,6 +270,10 @@ class VerifierCore:
         start = self.batch_start()
         if start is None:
             return None
+        if self.mode == "content":  # content only: everything queued, at once
+            batch = [q[3:] for q in sorted(self.queue, key=lambda q: q[:3])]
+            self.queue.clear()
+            return start, batch
         if now is None and (len(self.sessions) < self.expected_sessions or self.pending_bound() <= start):
             return None
         if now is not None and now < start:
@@ -222,31 +283,54 @@ class VerifierCore:
             batch.append(heapq.heappop(self.queue)[3:])
         return start, batch
 
+    def compute(self, required: list[Upload], extra: list[Upload] = ()) -> None:
+        """The LLM forward of every required request not computed yet and of as many extra ones
+        as fit in EAGER_ROWS token rows, in ONE batched forward.
+
+        Real compute is decoupled from emulated batching: the forward is batch invariant
+        (agents.lm), so a request's logits are the same bits whichever real forward computed
+        them. verify() therefore computes its batch together with everything else already
+        queued (up to EAGER_ROWS token rows), and later batches find their logits ready: real
+        forwards run at the largest batch the arrivals allow, emulated batches stay as the
+        server profile forms them."""
+        todo, rows = [], 0
+        for u in required + extra:
+            if (u.device, u.seq) in self.computed:
+                continue
+            rows += len(self.sessions[u.device].feed) + len(u.piggyback)
+            if len(todo) >= len(required) and rows > EAGER_ROWS:
+                break
+            todo.append(u)
+        if not todo:
+            return
+        items = [(u.device, self.sessions[u.device].feed + u.piggyback) for u in todo]
+        with self.timings("llm.verify_forward", sum(len(f) for _, f in items)):
+            logits = self.llm.extend(items, all_positions=True)
+        for u, z in zip(todo, logits):
+            self.computed[(u.device, u.seq)] = z
+
     def verify(self, start: float, requests: list[tuple[Upload, object]]) -> list[Verdict]:
-        """One batched LLM forward over the batch, then speculative verification per request."""
+        """Speculative verification of one emulated batch (its LLM forward shared with the rest
+        of the queue, see compute)."""
         batch = [u for u, _ in requests]
         sessions = [self.sessions[u.device] for u in batch]
-        feeds = [s.feed + u.piggyback for s, u in zip(sessions, batch)]
-        logits = self.llm.extend([(u.device, f) for u, f in zip(batch, feeds)], all_positions=True)
-        n_tokens = sum(len(f) for f in feeds)
+        n_tokens = sum(len(s.feed) + len(u.piggyback) for s, u in zip(sessions, batch))
         t_end = start + self.server.verify_seconds(len(batch), n_tokens)
+        if self.replay is not None:
+            contents = [self.replay[(u.device, u.seq)] for u in batch]
+        else:
+            self.compute(batch, [q[3] for q in sorted(self.queue, key=lambda q: q[:3])])
+            logits = [self.computed.pop((u.device, u.seq)) for u in batch]
+            with self.timings("verify_math", len(batch)):
+                contents = [self._content(s, u, payload, z) for s, (u, payload), z in zip(sessions, requests, logits)]
+            if self.mode == "content":
+                self.log.update(((u.device, u.seq), c) for u, c in zip(batch, contents))
         verdicts = []
-        for s, (u, payload), z in zip(sessions, requests, logits):
-            shadows = self._shadow_betas(s, u, z)
-            y = softmax_t(z[len(u.piggyback)], s.temperature)
-            if u.llm_samples:
-                rng = keyed_rng(self.seed, u.device, u.token_index, "llm_sample")
-                token, accepted, beta = int(sample_draft(y, rng)), False, math.nan
-            else:
-                x_hat = reconstruct(payload.indices, payload.probs, payload.vocab_size)
-                rng = keyed_rng(self.seed, u.device, u.token_index, "verify")
-                token, accepted = verify(u.draft, x_hat, y, rng)
-                beta = float(measured_beta(y[u.draft], u.draft_prob))
-            verdict = Verdict(u.device, u.seq, int(token), bool(accepted), not accepted and not u.llm_samples,
-                              beta, shadows, t_end)
+        for s, u, c in zip(sessions, batch, contents):
+            verdict = Verdict(u.device, u.seq, c.token, c.accepted, c.resampled, c.beta, list(c.shadow_betas), t_end)
             verdict.frame_bytes = protocol.verdict_frame_size(verdict)
             s.last_verdict = verdict
-            s.feed = [int(token)]
+            s.feed = [c.token]
             s.queued = False
             last = u.token_index + 1 >= s.max_new_tokens
             s.bound = t_end + s.lookahead_s if not last else math.inf
@@ -254,6 +338,20 @@ class VerifierCore:
         self.batches.append(BatchRecord(start, t_end, len(batch), n_tokens, [start - u.t_arrive for u in batch]))
         self.t_free = t_end
         return verdicts
+
+    def _content(self, s: Session, u: Upload, payload, z: np.ndarray) -> VerdictContent:
+        """The verdict on one request from the LLM's logits z (piggyback rows first, then the draft's)."""
+        shadows = self._shadow_betas(s, u, z)
+        y = softmax_t(z[len(u.piggyback)], s.temperature)
+        if u.llm_samples:
+            rng = keyed_rng(self.seed, u.device, u.token_index, "llm_sample")
+            token, accepted, beta = int(sample_draft(y, rng)), False, math.nan
+        else:
+            x_hat = reconstruct(payload.indices, payload.probs, payload.vocab_size)
+            rng = keyed_rng(self.seed, u.device, u.token_index, "verify")
+            token, accepted = verify(u.draft, x_hat, y, rng)
+            beta = float(measured_beta(y[u.draft], u.draft_prob))
+        return VerdictContent(int(token), bool(accepted), not accepted and not u.llm_samples, beta, tuple(shadows))
 
     def _shadow_betas(self, s: Session, u: Upload, z: np.ndarray) -> list[float]:
         """beta = max(0, 1 - y_d / x_d) for each piggybacked (skipped) draft: the rejection

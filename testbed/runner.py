@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 from agents.device import DeviceSpec, RunParams
 from agents.verifier import ServerProfile
@@ -30,6 +31,7 @@ class RunOptions:
     metrics_port: int | None = None  # serve Prometheus metrics here (None/0 = off, -1 = any free port)
     linger_s: float = 0.0
     collector: object | None = None  # a testbed.metrics.Collector to feed (else one is made for metrics_port)
+    profile: bool = False  # also time the compute limit (testbed.profile) after the run
 
 
 @dataclass
@@ -43,6 +45,19 @@ class Plan:
     policy_specs: dict[str, object]
     slm: object
     llm: object
+    slm_dtype: str = "float32"  # resolved (never auto)
+    llm_dtype: str = "float32"
+
+
+def resolved_dtype(spec, dtype: str, device: str) -> str:
+    """models.dtype for one model: auto -> what the hardware runs fastest (agents.hardware); tiny
+    models are test fixtures and stay fp32 under auto (their traces are compared exactly)."""
+    from agents.hardware import resolve_dtype
+    from agents.models import parse_spec
+
+    if dtype == "auto" and parse_spec(spec).kind == "tiny":
+        return "float32"
+    return resolve_dtype(dtype, device)
 
 
 def plan(s: Scenario) -> Plan:
@@ -70,20 +85,44 @@ def plan(s: Scenario) -> Plan:
                                 p.index, tuple(p.token_ids)))
     run = RunParams(seed=s.seed, max_new_tokens=s.generation.max_new_tokens,
                     temperature=s.generation.temperature, vocab_size=vocab, batch_slm=s.actors.batch_slm)
-    return Plan(s, specs, run, s.server.profile(), policy_specs, s.models.slm, s.models.llm)
+    return Plan(s, specs, run, s.server.profile(), policy_specs, s.models.slm, s.models.llm,
+                resolved_dtype(s.models.slm, s.models.dtype, s.actors.group_device),
+                resolved_dtype(s.models.llm, s.models.dtype, s.actors.verifier_device))
+
+
+def resolved_scenario(p: Plan) -> Scenario:
+    """The scenario as run: models.dtype pinned to what auto chose (when both models agree), so
+    scenario.yaml repeats the run on another machine."""
+    from testbed.scenario import override
+
+    if p.scenario.models.dtype == "auto" and p.slm_dtype == p.llm_dtype:
+        return override(p.scenario, {"models.dtype": p.slm_dtype})
+    return p.scenario
+
+
+def compute_info(p: Plan, lms: Mapping[str, Any]) -> dict:
+    """How the run computed: machine, dtypes, threads, each model's forward layout."""
+    from agents.hardware import machine_info
+
+    a = p.scenario.actors
+    return {"machine": machine_info(), "dtype": {"requested": p.scenario.models.dtype, "slm": p.slm_dtype,
+                                                 "llm": p.llm_dtype},
+            "threads": {"group": a.group_threads, "verifier": a.verifier_threads},
+            "device": {"group": a.group_device, "verifier": a.verifier_device},
+            "batch_slm": a.batch_slm, **{role: lm for role, lm in lms.items() if lm}}
 
 
 def run_scenario(s: Scenario, opts: RunOptions) -> dict:
     """Run one scenario to the end; returns the summary (also written to opts.out_dir)."""
-    opts.out_dir.mkdir(parents=True, exist_ok=True)
-    dump_scenario(s, opts.out_dir / "scenario.yaml")
-    p = plan(s)
-    sinks = Sinks(p, opts)
     t0 = time.time()
+    p = plan(s)
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    dump_scenario(resolved_scenario(p), opts.out_dir / "scenario.yaml")
+    sinks = Sinks(p, opts)
     rows, batches, status = [], [], {}
     try:
         if opts.engine == "local":
-            rows, batches = _run_local(p, sinks)
+            rows, batches, status = _run_local(p, opts, sinks)
         elif opts.engine == "ray":
             rows, batches, status = _run_ray(p, opts, sinks)
         else:
@@ -91,6 +130,8 @@ def run_scenario(s: Scenario, opts: RunOptions) -> dict:
     finally:
         sinks.close()
         wall = time.time() - t0
+        if "profile" in status:
+            status["profile"]["wall_s"] = round(wall, 3)
         if not rows and sinks.seen:
             # Interrupted (Ctrl-C) or failed: keep what was committed so far. Shadow betas
             # that arrived after a row was drained may be missing there.
@@ -121,88 +162,168 @@ def _write(p: Plan, opts: RunOptions, rows: list[dict], batches, wall: float, st
 # --- engines -----------------------------------------------------------------------------
 
 
-def _run_local(p: Plan, sinks: "Sinks"):
-    from agents.engine import run_local
+def _run_local(p: Plan, opts: RunOptions, sinks: "Sinks"):
+    from agents.engine import run_virtual
     from agents.lm import BatchedLM
     from agents.models import load_model
     from policies import load_policy
+    from testbed.profile import breakdown
 
     import torch
 
     # The same torch thread count as the actors: kernels split work by thread count, and
     # float rounding with it; equal counts make this engine's trace the Ray engine's.
     torch.set_num_threads(p.scenario.actors.group_threads)
+    a = p.scenario.actors
+    t0 = time.perf_counter()
     policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
-    slm = BatchedLM(load_model(p.slm))
-    llm = BatchedLM(load_model(p.llm))
+    slm = BatchedLM(load_model(p.slm, dtype=p.slm_dtype, device=a.group_device))
+    llm = BatchedLM(load_model(p.llm, dtype=p.llm_dtype, device=a.verifier_device))
+    t_loaded = time.perf_counter()
     seen: dict[int, int] = {}
     batches_seen = 0
+
+    def on_content(group, verifier):
+        sinks.content(group.rows_since(seen))
+
+    replay_seen: dict[int, int] = {}
 
     def on_step(group, verifier):
         nonlocal batches_seen
         sinks.batches(verifier.batches[batches_seen:])
         batches_seen = len(verifier.batches)
-        sinks.rows(group.rows_since(seen))
+        sinks.rows(group.rows_since(replay_seen), progress=False)
         sinks.clock(0.0, 0)
 
-    result = run_local(p.specs, p.run, p.server, slm, llm, policies, on_step=on_step)
-    return result.rows, result.batches
+    result = run_virtual(p.specs, p.run, p.server, slm, llm, policies, on_content=on_content, on_step=on_step)
+    emulation = time.perf_counter() - t_loaded
+    status = {"compute": compute_info(p, {"slm": slm.describe(), "llm": llm.describe()}),
+              "profile": breakdown(0.0, emulation, {"model_load": t_loaded - t0}, result.group_timings,
+                                   result.verifier_timings)}
+    if opts.profile:
+        _add_compute_limit(p, status, slm, llm)
+    return result.rows, result.batches, status
+
+
+def _add_compute_limit(p: Plan, status: dict, slm, llm) -> None:
+    from testbed.profile import compute_limit
+
+    prof = status["profile"]
+    lengths = [len(d.prompt_ids) for d in p.specs]
+    a = p.scenario.actors
+    limit = compute_limit(slm, llm, prof, lengths, len(p.specs), {"slm": a.group_threads, "llm": a.verifier_threads})
+    prof["compute_limit"] = limit
+    prof["wall_over_compute_limit"] = round(prof["emulation_s"] / limit["seconds"], 3) if limit["seconds"] else None
+
+
+def _local_gpus(s: Scenario) -> int:
+    """GPUs a local Ray may hand out: those torch sees, when the scenario places work on one."""
+    if s.actors.verifier_gpus == 0 and s.actors.group_gpus == 0:
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks"):
     import ray
 
     from agents.actors import ClockParams, DeviceGroup, Verifier, max_rss_bytes
+    from agents.engine import Content, replay_content
+    from agents.timing import merge
+    from policies import load_policy
 
+    from testbed.profile import breakdown
+
+    t_start = time.perf_counter()
     started = not ray.is_initialized()
     if started:
         ray.init(address=opts.address, include_dashboard=False, configure_logging=False, log_to_driver=True,
-                 **({} if opts.address else {"num_cpus": max(2, len(p.specs) // p.scenario.actors.devices_per_group + 1)}))
+                 **({} if opts.address else {"num_cpus": max(2, len(p.specs) // p.scenario.actors.devices_per_group + 1),
+                                             "num_gpus": _local_gpus(p.scenario)}))
+    t_ray = time.perf_counter()
     s = p.scenario
+    a = s.actors
     clock = ClockParams(s.clock, s.time_scale, 0.0, opts.chaos_delay_s)
     actors = []
     try:
         host = s.server.host
         if opts.address and host == "127.0.0.1":
             host = "0.0.0.0"  # reachable from other nodes of the cluster
-        verifier = ray.remote(num_cpus=0, max_concurrency=4)(Verifier).remote(
+        # Virtual clock: the actors run the content pass, the driver replays it (agents.engine).
+        two_pass = s.clock == "virtual"
+        verifier = ray.remote(num_cpus=0, num_gpus=a.verifier_gpus, max_concurrency=4)(Verifier).remote(
             p.llm, p.server, s.seed, p.run.vocab_size, clock, host, s.server.port,
-            threads=s.actors.verifier_threads, expected_sessions=len(p.specs))
+            threads=a.verifier_threads, expected_sessions=len(p.specs), dtype=p.llm_dtype, device=a.verifier_device,
+            allowed_devices=[d.device for d in p.specs], mode="content" if two_pass else "emulate")
         actors.append(verifier)
         endpoint = ray.get(verifier.start.remote())
         if opts.address and endpoint.startswith("tcp://0.0.0.0"):
             endpoint = endpoint.replace("0.0.0.0", ray.util.get_node_ip_address(), 1)
-        group_cls = ray.remote(num_cpus=0, max_concurrency=2)(DeviceGroup)
+        group_cls = ray.remote(num_cpus=0, num_gpus=a.group_gpus, max_concurrency=2)(DeviceGroup)
         groups = [group_cls.remote(i, [p.specs[d.device_id] for d in members], p.run, p.slm, p.policy_specs,
-                                   endpoint, clock, s.actors.group_threads)
+                                   endpoint, clock, a.group_threads, p.slm_dtype, a.group_device, two_pass)
                   for i, members in enumerate(device_groups(s))]
         actors.extend(groups)
         ray.get([g.ready.remote() for g in groups])  # models loaded: emulated time may start
+        t_ready = time.perf_counter()
         t0 = time.time() + 0.2
         ray.get(verifier.set_t0.remote(t0))
         refs = {g.run.remote(t0): g for g in groups}
         pending = list(refs)
         rows: list[dict] = []
         rss = 0
+        group_timings, lms = [], {}
+        content = Content()
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
             for ref in done:
                 result = ray.get(ref)  # raises the group's error here
                 rows.extend(result["rows"])
                 rss += result["max_rss_bytes"]
+                group_timings.append(result["timings"])
+                lms["slm"] = lms.get("slm") or result["lm"]
+                if two_pass:
+                    content.devices.update(result["content"])
             fresh = ray.get([g.drain.remote() for g in refs.values()])
-            sinks.batches(ray.get(verifier.drain_batches.remote()))
-            sinks.rows([r for f in fresh for r in f["rows"]])
+            if two_pass:
+                sinks.content([r for f in fresh for r in f["rows"]])
+            else:
+                sinks.batches(ray.get(verifier.drain_batches.remote()))
+                sinks.rows([r for f in fresh for r in f["rows"]])
             status = ray.get(verifier.status.remote())
             sinks.clock(max([f["lag_s"] for f in fresh] + [status["lag_s"]]), status["errors"])
             if status["failure"]:
                 raise RuntimeError(f"verifier failed:\n{status['failure']}")
         batches = ray.get(verifier.batches.remote())
         status = ray.get(verifier.status.remote())
+        if two_pass:
+            content.verdicts.update(ray.get(verifier.content_log.remote()))
+            policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
+            replay = replay_content(p.specs, p.run, p.server, policies, content)
+            rows, batches = replay.rows, replay.batches
+            sinks.batches(batches)
+            sinks.rows(rows, progress=False)
+            status["timings"] = merge(status["timings"], {"replay": replay.group_timings["replay"]})
+        t_end = time.perf_counter()
         # Peak memory of the run: the sum of every actor's peak (an upper bound on the
         # simultaneous peak) plus this driver.
         rss += status["max_rss_bytes"] + max_rss_bytes()
-        return rows, batches, {"protocol_errors": status["errors"], "lag_s": status["lag_s"], "peak_rss_bytes": rss}
+        groups_t = merge(*group_timings)
+        load = max([t.get("startup.model_load", {}).get("seconds", 0.0) for t in group_timings]
+                   + [status["timings"].get("startup.model_load", {}).get("seconds", 0.0)])
+        startup = {"ray": t_ray - t_start, "actors_ready": t_ready - t_ray, "model_load": load}
+        out = {"protocol_errors": status["errors"], "lag_s": status["lag_s"], "peak_rss_bytes": rss,
+               "compute": compute_info(p, {**lms, "llm": status["lm"]}),
+               "profile": breakdown(0.0, t_end - t_ready, startup, groups_t, status["timings"])}
+        if opts.profile:
+            from agents.lm import BatchedLM
+            from agents.models import load_model
+
+            slm = BatchedLM(load_model(p.slm, dtype=p.slm_dtype, device=a.group_device))
+            llm = BatchedLM(load_model(p.llm, dtype=p.llm_dtype, device=a.verifier_device))
+            _add_compute_limit(p, out, slm, llm)
+        return rows, batches, out
     finally:
         for a in actors:
             try:
@@ -240,8 +361,18 @@ class Sinks:
             port = self.collector.serve(opts.metrics_port)
             print(f"metrics: http://127.0.0.1:{port}/metrics", flush=True)
 
-    def rows(self, rows: list[dict]) -> None:
+    def content(self, rows: list[dict]) -> None:
+        """Rows of the virtual clock's content pass: tokens and decisions are final, times are not
+        (the replay computes them), so they count for progress (and partial results) with their
+        times blanked, and reach the metrics only from the replay."""
+        blank = {k: math.nan for k in ("t_draft_start", "t_upload_sent", "t_verdict", "t_commit")}
+        rows = [{**r, **blank} for r in rows]
         self.progress.update(rows)
+        self.seen.extend(rows)
+
+    def rows(self, rows: list[dict], progress: bool = True) -> None:
+        if progress:
+            self.progress.update(rows)
         if rows:
             self.t_emulated = max(self.t_emulated, max(r["t_commit"] for r in rows))
         self.seen.extend(rows)

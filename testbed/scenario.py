@@ -135,6 +135,9 @@ class Models(_Config):
 
     slm: str | dict[str, Any]
     llm: str | dict[str, Any]
+    # auto: what the hardware runs fastest (agents.hardware.auto_dtype; a measured probe on CPU).
+    # A run writes the dtype it resolved into its scenario.yaml, so a rerun elsewhere can pin it.
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
 
     @field_validator("slm", "llm", mode="before")
     @classmethod
@@ -443,6 +446,39 @@ class Actors(_Config):
     # false for a model on the hf forward, whose rounding depends on the batch.
     batch_slm: bool = True
     verifier_threads: int = Field(1, ge=1)
+    # Placement: where the verifier's LLM and the groups' SLMs compute (cpu, cuda, cuda:N), and the
+    # Ray GPU resources each actor asks for (fractional for groups: several share one GPU).
+    verifier_device: str = "cpu"
+    group_device: str = "cpu"
+    verifier_gpus: float = Field(0.0, ge=0.0)
+    group_gpus: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check_placement(self) -> "Actors":
+        problems = []
+        for role in ("verifier", "group"):
+            device, gpus = getattr(self, f"{role}_device"), getattr(self, f"{role}_gpus")
+            if device != "cpu" and (why := _device_problem(device)):
+                problems.append(((f"{role}_device",), why))
+            if device.startswith("cuda") and gpus == 0:
+                problems.append(((f"{role}_gpus",), f"{role}_device is {device}: ask Ray for a GPU share "
+                                 f"(e.g. {role}_gpus: {1 if role == 'verifier' else 0.25})"))
+            if device == "cpu" and gpus > 0:
+                problems.append(((f"{role}_gpus",), f"{role}_gpus > 0 but {role}_device is cpu"))
+        if self.verifier_gpus > 1 and self.verifier_gpus != int(self.verifier_gpus):
+            problems.append((("verifier_gpus",), "more than one GPU must be a whole number"))
+        if problems:
+            raise _fail_many(problems)
+        return self
+
+
+def _device_problem(device: str) -> str | None:
+    """Why `device` cannot be used on this machine (None if it can). Imports torch lazily."""
+    try:
+        from agents.hardware import check_device
+    except ImportError:
+        return None
+    return check_device(device)
 
 
 class Metrics(_Config):

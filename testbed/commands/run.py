@@ -17,6 +17,8 @@ def run(
     metrics_port: int = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics here (0 = off)."),
     linger: float = typer.Option(0.0, "--linger", help="Keep serving metrics this many seconds after the end."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML/PNG report."),
+    dtype: str = typer.Option(None, "--dtype", help="Override models.dtype: auto | bfloat16 | float32 | float16."),
+    profile: bool = typer.Option(False, "--profile", help="Time the compute limit too and print the time breakdown."),
 ) -> None:
     """Run a scenario end to end and write tokens.parquet, summary.json, scenario.yaml."""
     from rich.console import Console
@@ -31,6 +33,8 @@ def run(
         changes = {}
         if clock:
             changes["clock"] = clock
+        if dtype:
+            changes["models.dtype"] = dtype
         if changes:
             s = override(s, changes)
     except ScenarioError as e:
@@ -43,9 +47,14 @@ def run(
         out_dir = base if len(points) == 1 else base / point.name
         opts = RunOptions(out_dir=out_dir, engine=engine, address=address or s.address,
                           progress=True, report=not no_report,
-                          metrics_port=metrics_port if metrics_port is not None else s.metrics.port, linger_s=linger)
+                          metrics_port=metrics_port if metrics_port is not None else s.metrics.port, linger_s=linger,
+                          profile=profile)
         summaries[point.name] = run_scenario(point, opts)
         err.print(results.summary_table(summaries[point.name], title=f"{point.name}  ({out_dir})"))
+        if profile:
+            from testbed.profile import profile_table
+
+            err.print(profile_table(summaries[point.name]))
     if len(points) > 1:
         err.print(results.comparison_table(summaries))
         if not no_report:  # the sweep's points side by side
