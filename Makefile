@@ -22,7 +22,8 @@ models: install
 run: models
 	$(OFFLINE) $(TESTBED) run $(SCENARIO)
 
-test: install
+# The tests include the real-model ones: prepare the pair first (instant when it is ready).
+test: models
 	$(OFFLINE) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -136,7 +136,9 @@ class DeviceGroup:
                 # Wall clock: a device moves when its emulated time comes (after its SLM step
                 # or the downlink of its verdict); lag is how late real time is when it does.
                 now = self.clock.now() if wall else None
-                if self.core.has_work() and (not wall or self.core.next_time() <= now):
+                # Content pass: step in lockstep, every device at once (the largest SLM batch).
+                lockstep_wait = self.record and self.core.awaiting_verdicts()
+                if self.core.has_work() and not lockstep_wait and (not wall or self.core.next_time() <= now):
                     if wall:
                         self.lag_s = max(0.0, now - self.core.next_time())
                     uploads = self.core.step(now)
@@ -151,7 +153,7 @@ class DeviceGroup:
                     shaped.flush()
                     timeout = min(self.clock.ms_until(self.core.next_time()), _ms(shaped.timeout()))
                 else:
-                    timeout = 0 if self.core.has_work() else POLL_MS
+                    timeout = 0 if self.core.has_work() and not lockstep_wait else POLL_MS
                 with timings("wait"):
                     incoming = sock.poll(timeout)
                 if incoming:

@@ -340,6 +340,10 @@ class DeviceGroupCore:
     def has_work(self) -> bool:
         return any(d.ready or self._must_flush(d) for d in self.devices.values())
 
+    def awaiting_verdicts(self) -> bool:
+        """Some device waits for a verdict (a content pass steps in lockstep: none may)."""
+        return any(d.waiting is not None for d in self.devices.values())
+
     def next_time(self) -> float:
         """Emulated time of the earliest device that can move without the verifier."""
         return min((d.t for d in self.devices.values() if d.ready or self._must_flush(d)), default=math.inf)

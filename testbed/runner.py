@@ -32,6 +32,7 @@ class RunOptions:
     linger_s: float = 0.0
     collector: object | None = None  # a testbed.metrics.Collector to feed (else one is made for metrics_port)
     profile: bool = False  # also time the compute limit (testbed.profile) after the run
+    accuracy: bool = True  # HumanEval prompts: score pass@1 by executing the tests (testbed.accuracy)
 
 
 @dataclass
@@ -130,14 +131,21 @@ def run_scenario(s: Scenario, opts: RunOptions) -> dict:
     finally:
         sinks.close()
         wall = time.time() - t0
+        lms = status.pop("lms", None)
         if "profile" in status:
             status["profile"]["wall_s"] = round(wall, 3)
+            if opts.profile and rows:  # after the wall time: the yardstick does not count in it
+                _add_compute_limit(p, status, *(lms or _load_lms(p)))
         if not rows and sinks.seen:
             # Interrupted (Ctrl-C) or failed: keep what was committed so far. Shadow betas
             # that arrived after a row was drained may be missing there.
             rows, status = sinks.seen, {**status, "interrupted": True}
         if rows:
             _write(p, opts, rows, batches, wall, status)
+            if opts.accuracy and p.scenario.prompts.source == "humaneval" and not status.get("interrupted"):
+                from testbed.accuracy import score_run
+
+                score_run(opts.out_dir, progress=opts.progress)  # pass@1 from executed tests
             if opts.report:
                 from testbed.report import write_report
 
@@ -200,9 +208,17 @@ def _run_local(p: Plan, opts: RunOptions, sinks: "Sinks"):
     status = {"compute": compute_info(p, {"slm": slm.describe(), "llm": llm.describe()}),
               "profile": breakdown(0.0, emulation, {"model_load": t_loaded - t0}, result.group_timings,
                                    result.verifier_timings)}
-    if opts.profile:
-        _add_compute_limit(p, status, slm, llm)
+    status["lms"] = (slm, llm)  # for the compute limit (run_scenario), popped before writing
     return result.rows, result.batches, status
+
+
+def _load_lms(p: Plan):
+    from agents.lm import BatchedLM
+    from agents.models import load_model
+
+    a = p.scenario.actors
+    return (BatchedLM(load_model(p.slm, dtype=p.slm_dtype, device=a.group_device)),
+            BatchedLM(load_model(p.llm, dtype=p.llm_dtype, device=a.verifier_device)))
 
 
 def _add_compute_limit(p: Plan, status: dict, slm, llm) -> None:
@@ -214,6 +230,7 @@ def _add_compute_limit(p: Plan, status: dict, slm, llm) -> None:
     limit = compute_limit(slm, llm, prof, lengths, len(p.specs), {"slm": a.group_threads, "llm": a.verifier_threads})
     prof["compute_limit"] = limit
     prof["wall_over_compute_limit"] = round(prof["emulation_s"] / limit["seconds"], 3) if limit["seconds"] else None
+    prof["total_wall_over_compute_limit"] = round(prof["wall_s"] / limit["seconds"], 3) if limit["seconds"] else None
 
 
 def _local_gpus(s: Scenario) -> int:
@@ -316,13 +333,6 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks"):
         out = {"protocol_errors": status["errors"], "lag_s": status["lag_s"], "peak_rss_bytes": rss,
                "compute": compute_info(p, {**lms, "llm": status["lm"]}),
                "profile": breakdown(0.0, t_end - t_ready, startup, groups_t, status["timings"])}
-        if opts.profile:
-            from agents.lm import BatchedLM
-            from agents.models import load_model
-
-            slm = BatchedLM(load_model(p.slm, dtype=p.slm_dtype, device=a.group_device))
-            llm = BatchedLM(load_model(p.llm, dtype=p.llm_dtype, device=a.verifier_device))
-            _add_compute_limit(p, out, slm, llm)
         return rows, batches, out
     finally:
         for a in actors:

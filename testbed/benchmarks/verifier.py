@@ -31,6 +31,7 @@ def raw_tokens_per_s(lm, batch: int, prompt_len: int, steps: int) -> float:
 
 def verifier_tokens_per_s(lm, batch: int, prompt_len: int, steps: int, k: int = 30) -> float:
     """Tokens/s through a Verifier: uploads of top-k 8-bit payloads over ZeroMQ, verdicts back."""
+    import torch
     import zmq
 
     from agents import protocol, wire
@@ -39,7 +40,8 @@ def verifier_tokens_per_s(lm, batch: int, prompt_len: int, steps: int, k: int = 
     from agents.verifier import ServerProfile
 
     vocab = lm.vocab_size
-    verifier = Verifier(None, ServerProfile(max_batch=batch, max_wait_ms=1e6), 0, vocab, ClockParams(), lm=lm)
+    verifier = Verifier(None, ServerProfile(max_batch=batch, max_wait_ms=1e6), 0, vocab, ClockParams(), lm=lm,
+                        threads=torch.get_num_threads())
     endpoint = verifier.start()
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -84,12 +86,19 @@ def command(
     batches: str = typer.Option("1,8,32", "--batches", help="Comma-separated batch sizes."),
     steps: int = typer.Option(4, "--steps", min=1, help="Timed steps per batch size."),
     prompt_len: int = typer.Option(64, "--prompt-len", min=1),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | bfloat16 | float32 | float16."),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch threads (as the verifier actor's default)."),
 ) -> None:
     """Verified tokens/s at several batch sizes through the Verifier vs the raw batched forward."""
+    import torch
+
+    from agents.hardware import machine_info, resolve_dtype
     from agents.lm import BatchedLM
     from agents.models import load_model
 
-    lm = BatchedLM(load_model(model))
+    torch.set_num_threads(threads)
+    dtype = resolve_dtype(dtype)
+    lm = BatchedLM(load_model(model, dtype=dtype))
     rows = []
     for b in [int(x) for x in batches.split(",")]:
         raw = raw_tokens_per_s(lm, b, prompt_len, steps)
@@ -99,14 +108,15 @@ def command(
     base = rows[0]["verifier_tokens_per_s"]
     for r in rows:
         r["speedup_vs_batch1"] = round(r["verifier_tokens_per_s"] / base, 2) if base else math.nan
-    doc = {"model": model, "steps": steps, "prompt_len": prompt_len, "rows": rows}
+    doc = {"model": model, "dtype": dtype, "threads": threads, "machine": machine_info(), "lm": lm.describe(),
+           "steps": steps, "prompt_len": prompt_len, "rows": rows}
     if json_out:
         print(json.dumps(doc, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"verifier throughput, {model}")
+    t = Table(title=f"verifier throughput, {model}, {dtype}, {doc['machine']['cpu_capability']}")
     for col in ("batch", "verifier tok/s", "raw tok/s", "verifier/raw", "vs batch 1"):
         t.add_column(col, justify="right")
     for r in rows:

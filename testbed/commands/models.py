@@ -152,28 +152,53 @@ def _bench_one(model, batch: int, prompt: int, steps: int, seed: int = 0) -> dic
     }
 
 
+def _matmul_gflops(dtype: str, n: int = 1024, reps: int = 5) -> float:
+    """A raw n x n matmul in `dtype`: GFLOP/s (best of reps), the kernel every forward leans on."""
+    import torch
+
+    a = torch.randn(n, n).to(getattr(torch, dtype))
+    b = torch.randn(n, n).to(getattr(torch, dtype))
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(reps))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 @app.command("bench")
 def bench(
-    spec: str = typer.Option("qwen2.5-coder:slm", "--spec", help="Model spec (pair member, HF id/folder, tiny)."),
-    dtypes: str = typer.Option("bfloat16,float32", "--dtypes", help="Comma-separated dtypes to compare."),
+    spec: str = typer.Option("qwen2.5-coder:slm,qwen2.5-coder:llm", "--spec",
+                             help="Comma-separated model specs (pair members, HF ids/folders, tiny)."),
+    dtypes: str = typer.Option("bfloat16,float32", "--dtypes", help="Comma-separated dtypes to compare (or auto)."),
     batches: str = typer.Option("1,8", "--batches", help="Comma-separated batch sizes."),
     prompt: int = typer.Option(128, "--prompt", help="Prompt tokens per session."),
     steps: int = typer.Option(8, "--steps", help="Timed decode steps (median reported)."),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
 ) -> None:
-    """BatchedLM speed: prefill and decode tokens/s per dtype and batch, and the per-step overhead
-    against a plain transformers forward. Prints JSON; figures are measured in this one run."""
+    """BatchedLM speed: prefill and decode tokens/s per model, dtype and batch, the per-step overhead
+    against a plain transformers forward, a raw matmul per dtype, and the dtype `auto` picks here.
+    Prints JSON; figures are measured in this one run."""
     import torch
 
+    from agents.hardware import auto_dtype, machine_info, probe_cpu_dtype, resolve_dtype
     from agents.models import load_model
 
     if threads:
         torch.set_num_threads(threads)
-    rows = []
-    for dtype in dtypes.split(","):
-        model = load_model(spec, dtype=dtype.strip())
-        for b in batches.split(","):
-            rows.append({"dtype": dtype.strip(), **_bench_one(model, int(b), prompt, steps)})
-            err.print(rows[-1])
-        del model
-    print(json.dumps({"spec": spec, "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+    names = [resolve_dtype(d.strip()) for d in dtypes.split(",")]
+    doc = {"machine": machine_info(), "threads": torch.get_num_threads(), "auto_dtype": auto_dtype(),
+           "dtype_probe": probe_cpu_dtype(), "matmul_1024_gflops": {d: round(_matmul_gflops(d), 2) for d in names},
+           "rows": []}
+    err.print({k: doc[k] for k in ("machine", "threads", "auto_dtype", "matmul_1024_gflops")})
+    for one in [x.strip() for x in spec.split(",")]:
+        for dtype in names:
+            model = load_model(one, dtype=dtype)
+            for b in batches.split(","):
+                doc["rows"].append({"spec": one, "dtype": dtype, **_bench_one(model, int(b), prompt, steps)})
+                err.print(doc["rows"][-1])
+            del model
+    print(json.dumps(doc, indent=2))

@@ -19,6 +19,7 @@ def run(
     no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML/PNG report."),
     dtype: str = typer.Option(None, "--dtype", help="Override models.dtype: auto | bfloat16 | float32 | float16."),
     profile: bool = typer.Option(False, "--profile", help="Time the compute limit too and print the time breakdown."),
+    no_accuracy: bool = typer.Option(False, "--no-accuracy", help="Skip executing HumanEval tests (pass@1)."),
 ) -> None:
     """Run a scenario end to end and write tokens.parquet, summary.json, scenario.yaml."""
     from rich.console import Console
@@ -48,7 +49,7 @@ def run(
         opts = RunOptions(out_dir=out_dir, engine=engine, address=address or s.address,
                           progress=True, report=not no_report,
                           metrics_port=metrics_port if metrics_port is not None else s.metrics.port, linger_s=linger,
-                          profile=profile)
+                          profile=profile, accuracy=not no_accuracy)
         summaries[point.name] = run_scenario(point, opts)
         err.print(results.summary_table(summaries[point.name], title=f"{point.name}  ({out_dir})"))
         if profile:
