@@ -73,6 +73,21 @@ def max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def memory() -> dict:
+    """This process's memory now: resident anonymous (private: activations, KV caches, converted
+    weights) vs file-backed (memory-mapped safetensors, shared by every process loading the same
+    folder), and the peak."""
+    out = {"peak_rss_bytes": max_rss_bytes()}
+    try:
+        for line in open("/proc/self/status"):
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "RssShmem"):
+                out[key.lower().replace("rss", "rss_") + "_bytes"] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
 def _set_threads(n: int) -> None:
     import torch
 
@@ -173,7 +188,7 @@ class DeviceGroup:
             self._publish(seen)
         finally:
             sock.close()
-        return {"rows": self.core.rows(), "lag_s": self.lag_s, "max_rss_bytes": max_rss_bytes(),
+        return {"rows": self.core.rows(), "lag_s": self.lag_s, "max_rss_bytes": max_rss_bytes(), "memory": memory(),
                 "timings": timings.snapshot(), "lm": self.core.slm.describe() if self.core.slm else None,
                 "content": self.core.recorded() if self.record else None}
 
@@ -265,7 +280,8 @@ class Verifier:
         self.shaped = self.clock.shaped(self.sock)  # wall clock: verdicts leave when verification ends
 
     def status(self) -> dict:
-        return {"errors": self.errors, "lag_s": self.lag_s, "max_rss_bytes": max_rss_bytes(), "error_log": self.error_log[-20:], "failure": self.failure,
+        return {"errors": self.errors, "lag_s": self.lag_s, "max_rss_bytes": max_rss_bytes(), "memory": memory(),
+                "error_log": self.error_log[-20:], "failure": self.failure,
                 "batches": len(self.core.batches), "timings": self.core.timings.snapshot(),
                 "lm": self.core.llm.describe() if hasattr(self.core.llm, "describe") else None}
 

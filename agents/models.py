@@ -528,7 +528,7 @@ def load_model(
     """Load a causal LM for inference (eval mode, no grads).
 
     dtype: float32 | bfloat16 | float16 | auto (agents.hardware.auto_dtype for `device`) | None
-    (auto for real models, fp32 for tiny ones: tests compare fp32 exactly). A bundled member loads
+    (= auto). Tiny models take fp32 under auto: tests compare them exactly. A bundled member loads
     from its folder in that very dtype (dtype_folder), so it stays memory-mapped from safetensors
     (measured: 1.5B bf16 -> 3.1 GB RssFile, 0.26 GB anonymous) and several actors on one machine
     share one copy in the page cache."""
@@ -536,8 +536,8 @@ def load_model(
 
     spec = parse_spec(spec)
     name = _dtype_name(dtype)
-    if spec.kind == "tiny":
-        name = "float32" if name is None else name
+    if spec.kind == "tiny":  # test fixtures: compared exactly in fp32 unless a dtype is named
+        name = "float32" if name in (None, "auto") else name
     try:
         name = resolve_dtype(name, str(device))
     except ValueError as err:

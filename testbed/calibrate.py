@@ -41,9 +41,9 @@ class Calibration:
 
 
 def calibrate(slm_spec, llm_spec, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-              seed: int = 0, progress=None) -> Calibration:
+              seed: int = 0, progress=None, dtype: str = "auto") -> Calibration:
     from agents.device import DeviceSpec, RunParams
-    from agents.engine import run_local
+    from agents.engine import run_virtual
     from agents.lm import BatchedLM
     from agents.models import load_model
     from agents.verifier import ServerProfile
@@ -52,7 +52,7 @@ def calibrate(slm_spec, llm_spec, prompt_ids: list[list[int]], max_new_tokens: i
     from policies.rejection import DegenerateFitError, fit_rejection_model, risk_averse_threshold
     from policies.uncertainty import ESTIMATORS, make_estimator
 
-    slm, llm = BatchedLM(load_model(slm_spec)), BatchedLM(load_model(llm_spec))
+    slm, llm = BatchedLM(load_model(slm_spec, dtype=dtype)), BatchedLM(load_model(llm_spec, dtype=dtype))
     # hlm without its own estimator: the recorder computes every estimator once per token.
     policy = RecordingPolicy(load_policy({"name": "hlm", "estimator": "none"}),
                              {name: make_estimator(name) for name in ESTIMATORS})
@@ -60,7 +60,8 @@ def calibrate(slm_spec, llm_spec, prompt_ids: list[list[int]], max_new_tokens: i
                                     "downlink": {"rate_mbps": 100.0, "delay_ms": 1.0}})
     specs = [DeviceSpec(i, "calibration", "hlm", 10.0, link, i, tuple(ids)) for i, ids in enumerate(prompt_ids)]
     run = RunParams(seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, vocab_size=llm.vocab_size)
-    result = run_local(specs, run, ServerProfile(), slm, llm, {"hlm": policy}, on_step=progress)
+    # The virtual clock's content pass forwards every prompt's device at once (agents.engine).
+    result = run_virtual(specs, run, ServerProfile(), slm, llm, {"hlm": policy}, on_content=progress)
     rows = pd.DataFrame(result.rows)
     u = pd.DataFrame([{"device": d, "token_index": t, **{f"u_{k}": v for k, v in vals.items()}}
                       for (d, t), vals in policy.samples.items()])

@@ -52,7 +52,7 @@ class Plan:
 
 def resolved_dtype(spec, dtype: str, device: str) -> str:
     """models.dtype for one model: auto -> what the hardware runs fastest (agents.hardware); tiny
-    models are test fixtures and stay fp32 under auto (their traces are compared exactly)."""
+    models are test fixtures and stay fp32 under auto (as agents.models.load_model does)."""
     from agents.hardware import resolve_dtype
     from agents.models import parse_spec
 
@@ -233,6 +233,14 @@ def _add_compute_limit(p: Plan, status: dict, slm, llm) -> None:
     prof["total_wall_over_compute_limit"] = round(prof["wall_s"] / limit["seconds"], 3) if limit["seconds"] else None
 
 
+def actor_resources(s: Scenario) -> dict[str, dict]:
+    """What each actor asks Ray for: no CPU reservation (actors share cores; their torch threads
+    are set explicitly) and the scenario's GPU share (fractional for groups)."""
+    a = s.actors
+    return {"verifier": {"num_cpus": 0, "num_gpus": a.verifier_gpus, "max_concurrency": 4},
+            "group": {"num_cpus": 0, "num_gpus": a.group_gpus, "max_concurrency": 2}}
+
+
 def _local_gpus(s: Scenario) -> int:
     """GPUs a local Ray may hand out: those torch sees, when the scenario places work on one."""
     if s.actors.verifier_gpus == 0 and s.actors.group_gpus == 0:
@@ -269,7 +277,8 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks"):
             host = "0.0.0.0"  # reachable from other nodes of the cluster
         # Virtual clock: the actors run the content pass, the driver replays it (agents.engine).
         two_pass = s.clock == "virtual"
-        verifier = ray.remote(num_cpus=0, num_gpus=a.verifier_gpus, max_concurrency=4)(Verifier).remote(
+        resources = actor_resources(s)
+        verifier = ray.remote(**resources["verifier"])(Verifier).remote(
             p.llm, p.server, s.seed, p.run.vocab_size, clock, host, s.server.port,
             threads=a.verifier_threads, expected_sessions=len(p.specs), dtype=p.llm_dtype, device=a.verifier_device,
             allowed_devices=[d.device for d in p.specs], mode="content" if two_pass else "emulate")
@@ -277,7 +286,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks"):
         endpoint = ray.get(verifier.start.remote())
         if opts.address and endpoint.startswith("tcp://0.0.0.0"):
             endpoint = endpoint.replace("0.0.0.0", ray.util.get_node_ip_address(), 1)
-        group_cls = ray.remote(num_cpus=0, num_gpus=a.group_gpus, max_concurrency=2)(DeviceGroup)
+        group_cls = ray.remote(**resources["group"])(DeviceGroup)
         groups = [group_cls.remote(i, [p.specs[d.device_id] for d in members], p.run, p.slm, p.policy_specs,
                                    endpoint, clock, a.group_threads, p.slm_dtype, a.group_device, two_pass)
                   for i, members in enumerate(device_groups(s))]
@@ -290,7 +299,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks"):
         pending = list(refs)
         rows: list[dict] = []
         rss = 0
-        group_timings, lms = [], {}
+        group_timings, lms, memory = [], {}, {}
         content = Content()
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
@@ -299,6 +308,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks"):
                 rows.extend(result["rows"])
                 rss += result["max_rss_bytes"]
                 group_timings.append(result["timings"])
+                memory[f"group {len(memory)}"] = result["memory"]
                 lms["slm"] = lms.get("slm") or result["lm"]
                 if two_pass:
                     content.devices.update(result["content"])
@@ -331,7 +341,8 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks"):
                    + [status["timings"].get("startup.model_load", {}).get("seconds", 0.0)])
         startup = {"ray": t_ray - t_start, "actors_ready": t_ready - t_ray, "model_load": load}
         out = {"protocol_errors": status["errors"], "lag_s": status["lag_s"], "peak_rss_bytes": rss,
-               "compute": compute_info(p, {**lms, "llm": status["lm"]}),
+               "compute": {**compute_info(p, {**lms, "llm": status["lm"]}),
+                           "memory": {"verifier": status["memory"], **memory}},
                "profile": breakdown(0.0, t_end - t_ready, startup, groups_t, status["timings"])}
         return rows, batches, out
     finally:

@@ -15,6 +15,7 @@ def calibrate(
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("runs/calibration"), "--out"),
     json_out: bool = typer.Option(False, "--json", help="Print the fits as JSON."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | bfloat16 | float32 | float16 (tiny pairs: float32)."),
 ) -> None:
     """Fit the rejection model beta ~ a*u + b per uncertainty estimator on a model pair."""
     from rich.console import Console
@@ -33,7 +34,8 @@ def calibrate(
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("calibrating (hlm, every draft verified)", total=total)
         result = cal.calibrate(slm, llm, [list(p.token_ids) for p in texts], max_new_tokens, temperature, seed,
-                               progress=lambda g, v: bar.update(task, completed=sum(len(d.rows) for d in g.devices.values())))
+                               progress=lambda g, v: bar.update(task, completed=sum(len(d.rows) for d in g.devices.values())),
+                               dtype=dtype)
     out.mkdir(parents=True, exist_ok=True)
     result.samples.to_csv(out / "samples.csv", index=False)
     cal.plot(result, out / "beta_vs_u.png")
