@@ -65,27 +65,14 @@ def _rate_prefill(lm, lengths: list[int]) -> float:
     return sum(lengths) / dt
 
 
-def _rate_decode(lm, batch: int, context: int, steps: int = 3) -> float:
-    """Tokens/s of one-token steps over `batch` sessions with `context` tokens of past."""
-    rng = np.random.default_rng(1)
-    sessions = [("limit-decode", batch, i) for i in range(batch)]
-    lm.extend([(s, _context(rng, context, lm.vocab_size)) for s in sessions], logits=False)
-    lm.extend([(s, [7]) for s in sessions])  # warm-up
-    t0 = time.perf_counter()
-    for k in range(steps):
-        lm.extend([(s, [11 + k]) for s in sessions], all_positions=True)
-    dt = time.perf_counter() - t0
-    for s in sessions:
-        lm.drop(s)
-    return batch * steps / dt
-
-
 def compute_limit(slm, llm, profile: Mapping, prompt_lengths: list[int], n_devices: int,
                   threads: Mapping[str, int]) -> dict:
     """Seconds the run's forwards need at the best batch sizes. slm/llm: BatchedLM (None when the
     role did no compute); profile: the breakdown block of the run; threads: torch threads per role
     ("slm", "llm"), as the run's actors had them."""
     import torch
+
+    from testbed.benchmarks.verifier import raw_tokens_per_s
 
     compute = profile["compute"]
     context = int(np.mean(prompt_lengths)) if prompt_lengths else 64
@@ -100,7 +87,7 @@ def compute_limit(slm, llm, profile: Mapping, prompt_lengths: list[int], n_devic
             continue
         torch.set_num_threads(threads[role])
         prefill_rate = _rate_prefill(lm, prompt_lengths) if need_prefill else None
-        rates = {b: _rate_decode(lm, b, context) for b in batches} if need_step else {}
+        rates = {b: raw_tokens_per_s(lm, b, context, steps=3) for b in batches} if need_step else {}
         best = max(rates, key=rates.get) if rates else None
         seconds = (need_prefill / prefill_rate if prefill_rate else 0.0) + (need_step / rates[best] if best else 0.0)
         out[role] = {"prefill_tokens": need_prefill, "prefill_tokens_per_s": prefill_rate,

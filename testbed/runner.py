@@ -487,8 +487,9 @@ class Progress:
         import sys
 
         done = sum(t["tokens"] for t in self.tiers.values())
-        parts = [f"{name}: {t['tokens']} tok, {t['tokens'] / t['t'] if t['t'] > 0 else 0.0:.1f} tok/s emulated, "
-                 f"skip {t['skipped'] / max(1, t['tokens']):.0%}" for name, t in self.tiers.items()]
+        # The virtual clock's content pass has no emulated times yet (the replay computes them).
+        parts = [f"{name}: {t['tokens']} tok, " + (f"{t['tokens'] / t['t']:.1f} tok/s emulated, " if t["t"] > 0 else "")
+                 + f"skip {t['skipped'] / max(1, t['tokens']):.0%}" for name, t in self.tiers.items()]
         print(f"[{time.time() - self.t0:6.0f}s] tokens {done}/{self.total} ({done / max(1, self.total):.0%}) | "
               + " | ".join(parts), file=sys.stderr, flush=True)
 

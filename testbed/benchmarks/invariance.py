@@ -29,6 +29,11 @@ def linear_rows(weight, bias, dtype, tiled: bool) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(max(ROWS), weight.shape[1], generator=gen).to(dtype)
     f = (lambda t: tiled_linear(t, weight, bias, ROW_TILE)) if tiled else (lambda t: chunked_linear(t, weight, bias))
+    return _first_row_alone_vs_batched(f, x)
+
+
+def _first_row_alone_vs_batched(f, x) -> dict:
+    """f(x[:1]) against the first row of f(x[:m]) for every m in ROWS."""
     alone = f(x[:1])
     worst, share = 0.0, 0.0
     for m in ROWS:
@@ -44,13 +49,7 @@ def rms_norm_rows(norm, hidden: int, dtype, tiled: bool) -> dict:
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(max(ROWS), hidden, generator=gen).to(dtype)
-    f = (lambda t: BatchedLM._rms_norm(t, norm)) if tiled else norm
-    alone = f(x[:1])
-    worst, share = 0.0, 0.0
-    for m in ROWS:
-        d, s = _diff(f(x[:m])[:1], alone)
-        worst, share = max(worst, d), max(share, s)
-    return {"max_abs_diff": worst, "max_share_differing": share}
+    return _first_row_alone_vs_batched((lambda t: BatchedLM._rms_norm(t, norm)) if tiled else norm, x)
 
 
 def attention_sessions(heads: int, kv_heads: int, head_dim: int, dtype) -> dict:
