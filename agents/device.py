@@ -9,6 +9,14 @@ Per token t (DESIGN.md section 1): the group runs the SLM for every device ready
 samples its draft d ~ x = softmax(z/T), asks its policy, and either commits d at once
 (skip: piggybacked on the next upload) or builds an `Upload` that waits for a `Verdict`.
 
+Fidelity (DESIGN.md section 7) is measured here, exactly: a device keeps the SLM logits of each
+token it sent or skipped until the verdict that covers it, the verifier returns the LLM's logits
+of those positions with that verdict (Verdict.llm_logits, measurement only: never charged to the
+downlink), and the device computes TV(x, y) for a skipped token and TV(hybrid(x, x_hat, y), y)
+for a verified one (x_hat from its own payload). The value goes in the token's row and in its
+content record (Drafted.fidelity_tv), from which a replay copies it. Why this direction and not
+x up to the verifier: see Device._measure_fidelity.
+
 Losses are resolved here, in emulated time, by the same rule in both clocks: a lost upload
 is sent again every rto_s until a copy arrives; a lost verdict makes the device resend its
 upload every rto_s, and the verifier answers a repeat that arrives after the verdict left
@@ -17,18 +25,21 @@ with the same verdict (earlier repeats find the request still queued and are ign
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from agents import protocol
-from agents.speculative import sample_draft, softmax_t
+from agents.speculative import reconstruct, sample_draft, softmax_t, tv_distance, verified_fidelity
 from agents.timing import Timings
 from netem import DuplexProfile, Link, link_seed
 from policies.base import Decision, DecisionContext, Policy
 from policies.rng import keyed_rng
 
 MAX_RETRANSMISSIONS = 32
+# Fidelity: SLM logits a device may hold for tokens whose verdict has not come back (float32, |V|
+# entries each: 64 MiB is ~110 tokens of the Qwen pair). A token past the budget keeps NaN.
+FIDELITY_HOLD_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,10 @@ class Verdict:
     shadow_betas: list[float]
     t_sent: float  # emulated time the verifier sent it
     frame_bytes: int = 0
+    # Measurement only (never part of the frame, never charged to the downlink): the LLM's logits
+    # at each piggybacked token's position, then at the verified draft's, [n, V]; for the device's
+    # fidelity. None in a replay (the fidelity is in the content record) and in a repeat.
+    llm_logits: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +115,11 @@ class Drafted:
     draft: int  # -1 without a draft (llm-only)
     draft_prob: float  # x_d as the wire carries it (NaN without a draft)
     payload: bytes | int  # the encoded top-k, or in a record only its size
+    fidelity_tv: float = math.nan  # in a record: set when the token's verdict came (Device.on_verdict)
 
     def recorded(self) -> "Drafted":
         return self if isinstance(self.payload, int) else Drafted(self.decision, self.draft, self.draft_prob,
-                                                                  len(self.payload))
+                                                                  len(self.payload), self.fidelity_tv)
 
 
 def token_row(spec: DeviceSpec, index: int, **values) -> dict:
@@ -113,7 +129,7 @@ def token_row(spec: DeviceSpec, index: int, **values) -> dict:
         token_index=index, token_id=-1, draft_id=-1, uncertainty=math.nan, transmitted=False, k=0,
         prob_bits=0, payload_bytes=0, uplink_bytes=0, accepted=False, resampled=False, beta=math.nan,
         beta_is_shadow=False, retransmissions=0, t_draft_start=math.nan, t_upload_sent=math.nan,
-        t_verdict=math.nan, t_commit=math.nan,
+        t_verdict=math.nan, t_commit=math.nan, fidelity_tv=math.nan,
     )
     row.update(values)
     return row
@@ -146,12 +162,18 @@ class Device:
     index: int = 0  # index of the token being generated
     seq: int = 0
     feed: list[int] = field(default_factory=list)  # tokens the SLM has not consumed yet
-    piggyback: list[tuple[int, float, int]] = field(default_factory=list)  # (token, x_d, row)
+    # skipped tokens not yet uploaded: (token, x_d, row, held), held as in `held_draft`
+    piggyback: list[tuple[int, float, int, tuple | None]] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
     waiting: Upload | None = None
     pending_row: dict | None = None
     flushed: bool = False
     record: list | None = None  # content pass: every token's Drafted (payload as its size), in order
+    # Fidelity: what x of a token is recomputed from until its verdict, (array, is_logits): the SLM
+    # logits (x = softmax(z/T), bit for bit) or x itself; None when not held (budget, replay).
+    held_draft: tuple | None = None  # the waiting upload's draft
+    held_bytes: int = 0
+    _drafted_logits: tuple | None = field(default=None, repr=False)  # (token index, logits) from draft()
 
     def __post_init__(self) -> None:
         seed = self.run.seed
@@ -188,6 +210,7 @@ class Device:
         x = softmax_t(logits, self.run.temperature)
         rng = keyed_rng(self.run.seed, self.spec.device, self.index, "draft")
         d = int(sample_draft(x, rng))
+        self._drafted_logits = (self.index, logits)  # a reference; apply copies what it keeps
         return DecisionContext(self.run.seed, self.spec.device, self.index, self.run.temperature, d, x)
 
     def drafted(self, decision: Decision, ctx: DecisionContext | None) -> Drafted:
@@ -204,29 +227,57 @@ class Device:
 
     def apply(self, decision: Decision, ctx: DecisionContext | None) -> Upload | None:
         """Act on the policy's decision for the current token; an Upload when transmitting."""
-        return self.commit(self.drafted(decision, ctx))
+        return self.commit(self.drafted(decision, ctx), self._hold(ctx))
 
-    def commit(self, c: Drafted) -> Upload | None:
+    def _hold(self, ctx: DecisionContext | None) -> tuple | None:
+        """What the fidelity of the current token will recompute x from (a copy of the SLM logits
+        draft() saw, or x itself without them), within FIDELITY_HOLD_BYTES; None past it."""
+        stash, self._drafted_logits = self._drafted_logits, None
+        if ctx is None:
+            return None
+        if stash is not None and stash[0] == self.index:
+            held = (np.array(stash[1], copy=True), True)  # one row, not the batch it is a view of
+        else:
+            held = (ctx.probs, False)
+        if self.held_bytes + held[0].nbytes > FIDELITY_HOLD_BYTES:
+            return None
+        self.held_bytes += held[0].nbytes
+        return held
+
+    def _release(self, held: tuple | None) -> np.ndarray | None:
+        """x of a held token (float64, bit for bit what its draft was sampled from), freeing it."""
+        if held is None:
+            return None
+        self.held_bytes -= held[0].nbytes
+        return softmax_t(held[0], self.run.temperature) if held[1] else np.asarray(held[0], dtype=np.float64)
+
+    def commit(self, c: Drafted, held: tuple | None = None) -> Upload | None:
         """Advance the state machine by one token with its content `c` (from drafted, or from a
-        content pass in a replay); an Upload when transmitting."""
+        content pass in a replay); an Upload when transmitting. `held`: from _hold, for fidelity."""
         if self.record is not None:
             self.record.append(c.recorded())
         decision = c.decision
         slm_s = self.spec.slm_ms_per_token / 1000.0 if self.policy.drafts else 0.0
         t_start, t_drafted = self.t, self.t + slm_s
         self.feed = []
-        row = token_row(self.spec, self.index, uncertainty=decision.uncertainty, t_draft_start=t_start)
+        # fidelity_tv: a replay's from the record; else NaN until the verdict (llm-only: drawn from y)
+        row = token_row(self.spec, self.index, uncertainty=decision.uncertainty, t_draft_start=t_start,
+                        fidelity_tv=0.0 if decision.llm_samples else c.fidelity_tv)
         if c.draft >= 0:
             row["draft_id"] = c.draft
         if not decision.transmit:
             # Accepted on the device: no uplink, no LLM cost now; the LLM learns the token later.
             row.update(token_id=c.draft, accepted=True, t_commit=t_drafted)
             self.rows.append(row)
-            self.piggyback.append((c.draft, c.draft_prob, len(self.rows) - 1))
+            self.piggyback.append((c.draft, c.draft_prob, len(self.rows) - 1, held))
             self.feed = [c.draft]
             self.index += 1
             self.t = t_drafted
             return None
+        if decision.llm_samples:  # the LLM samples y itself: nothing to measure
+            self._release(held)
+            held = None
+        self.held_draft = held
         payload = c.payload if isinstance(c.payload, bytes) else bytes(c.payload)  # replay: its size
         upload = Upload(
             device=self.spec.device, seq=self.seq, token_index=self.index, draft=c.draft, draft_prob=c.draft_prob,
@@ -290,7 +341,8 @@ class Device:
             again = self.uplink.send(upload.frame_bytes, t_last)
             if again is not None and again >= verdict.t_sent:
                 arrive = self.downlink.send(verdict.frame_bytes, again)
-        for (_, _, row), beta in zip(self.piggyback, verdict.shadow_betas):
+        self._measure_fidelity(upload, verdict.llm_logits)
+        for (_, _, row, _), beta in zip(self.piggyback, verdict.shadow_betas):
             self.rows[row].update(beta=beta, beta_is_shadow=True)
             skipped = self.rows[row]
             self.policy.observe(self.spec.device, skipped["token_index"], skipped["uncertainty"], beta, True)
@@ -309,6 +361,43 @@ class Device:
         self.feed = [verdict.token]
         self.index += 1
         self.t = arrive
+
+    def _measure_fidelity(self, upload: Upload, llm_logits: np.ndarray | None) -> None:
+        """Fidelity of the tokens this verdict covers, from the LLM logits it carries (row i: the
+        i-th piggybacked token's position; then the draft's): TV(x, y) for each skipped token,
+        TV(hybrid(x, x_hat, y), y) for the verified draft, x_hat reconstructed from the payload
+        the device sent, as the verifier did. Frees what was held for them.
+
+        Why x stays here and y comes down, rather than x going up with the upload: the verifier's
+        socket bounds every inbound message part (agents.actors: max_frame_bytes + 4 KiB, 4 MiB by
+        default), and x is 4 |V| bytes per token (~600 KB for the Qwen pair) for the draft and
+        for every skipped token since the last upload, an unbounded number; a device's socket has
+        no such bound. Memory is about the same either way: a token's x is held here until its
+        verdict instead of in the verifier's queue until its verification."""
+        held = [p[3] for p in self.piggyback]
+        draft = self.held_draft
+        self.held_draft = None
+        if llm_logits is None:  # a replay (values from the record), or nothing to measure
+            for h in held + [draft]:
+                self._release(h)
+            return
+        T = self.run.temperature
+        n = len(held)
+        for i, (h, (_, _, row, _)) in enumerate(zip(held, self.piggyback)):
+            x = self._release(h)
+            if x is not None and i < len(llm_logits):
+                self._set_fidelity(self.rows[row], tv_distance(x, softmax_t(llm_logits[i], T)))
+        x = self._release(draft)
+        if x is not None and not upload.final and not upload.llm_samples and len(llm_logits) > n:
+            p = protocol.decode_payload_ex(upload.payload)
+            x_hat = reconstruct(p.indices, p.probs, p.vocab_size)
+            self._set_fidelity(self.pending_row, verified_fidelity(x, x_hat, softmax_t(llm_logits[n], T)))
+
+    def _set_fidelity(self, row: dict, value: float) -> None:
+        row["fidelity_tv"] = value
+        if self.record is not None:  # content pass: the replay takes it from the record
+            i = row["token_index"]
+            self.record[i] = replace(self.record[i], fidelity_tv=value)
 
 
 class DeviceGroupCore:

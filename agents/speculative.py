@@ -7,6 +7,9 @@ truncation the output distribution is, in closed form (hybrid_distribution),
 
     P(v) = sum_d x_d [ a_d 1{v = d} + (1 - a_d) r_v ],   a_d = min(1, y_d / x_hat_d).
 
+Fidelity (DESIGN.md section 7): the exact TV distance to y of the law a committed token was
+drawn from, TV(P, y) for a verified token (verified_fidelity), TV(x, y) for a skipped one.
+
 Random draws: every function takes its randomness from an rng argument (a numpy Generator
 that the call site keys with policies.rng.keyed_rng(seed, device, token_index, purpose)),
 and consumes a fixed number of uniforms whatever the outcome: one per draft, two per
@@ -157,3 +160,16 @@ def hybrid_distribution(x, x_hat, y) -> np.ndarray:
     residual = np.maximum(y - x_hat, 0.0)
     r = residual / residual.sum() if residual.sum() > 0 else y / y.sum()
     return x * accept + (x * (1.0 - accept)).sum() * r
+
+
+def tv_distance(p, q):
+    """Total-variation distance 0.5 * sum |p - q| over the last axis, in float64 (a float for one
+    pair of distributions, an array for rows)."""
+    d = 0.5 * np.abs(np.asarray(p, dtype=np.float64) - np.asarray(q, dtype=np.float64)).sum(axis=-1)
+    return float(d) if d.ndim == 0 else d
+
+
+def verified_fidelity(x, x_hat, y) -> float:
+    """TV(hybrid(x, x_hat, y), y): how far the law of a verified token (draft d ~ x, verified
+    against the server's x_hat) is from the LLM's y. 0 when x_hat = x, up to rounding."""
+    return tv_distance(hybrid_distribution(x, x_hat, y), y)

@@ -10,12 +10,17 @@ have arrived; the batch starts at S = max(t_free, close) and takes the requests 
 arrived by S (up to max_batch), in (arrival, device, seq) order. In the virtual clock a batch is
 released only when no earlier arrival can still come: every open session without a queued
 request has a lower bound on its next arrival (`bound`) and all bounds must exceed S.
+
+Fidelity (DESIGN.md section 7): every verdict computed from the LLM (not a replay) carries, as
+measurement only, the LLM's logits at the positions it covers (Verdict.llm_logits: each
+piggybacked token's, then the verified draft's); the device, which holds x, computes the exact
+TV distances from them (agents.device.Device._measure_fidelity says why there).
 """
 from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -237,7 +242,9 @@ class VerifierCore:
                 if self.mode == "content":
                     self.log[(upload.device, upload.seq)] = VerdictContent(-1, False, False, math.nan, tuple(shadows))
             verdict = Verdict(upload.device, upload.seq, -1, False, False, math.nan, shadows, upload.t_arrive)
-            s.last_verdict = verdict
+            s.last_verdict = verdict  # a repeat is answered without the logits (the device has them)
+            if self.replay is None:  # for the skipped tokens' fidelity, on the device
+                verdict = replace(verdict, llm_logits=logits[: len(upload.piggyback)])
             s.closed = True
             s.feed = []
             if self.llm is not None:
@@ -316,6 +323,7 @@ class VerifierCore:
         sessions = [self.sessions[u.device] for u in batch]
         n_tokens = sum(len(s.feed) + len(u.piggyback) for s, u in zip(sessions, batch))
         t_end = start + self.server.verify_seconds(len(batch), n_tokens)
+        measured = [None] * len(batch)  # the LLM logits each verdict carries for the device's fidelity
         if self.replay is not None:
             contents = [self.replay[(u.device, u.seq)] for u in batch]
         else:
@@ -325,11 +333,14 @@ class VerifierCore:
                 contents = [self._content(s, u, payload, z) for s, (u, payload), z in zip(sessions, requests, logits)]
             if self.mode == "content":
                 self.log.update(((u.device, u.seq), c) for u, c in zip(batch, contents))
+            # rows of the piggybacked tokens, then the verified draft's (none for a token the LLM sampled)
+            measured = [z[: len(u.piggyback) + (not u.llm_samples)] for u, z in zip(batch, logits)]
         verdicts = []
-        for s, u, c in zip(sessions, batch, contents):
+        for s, u, c, z in zip(sessions, batch, contents, measured):
             verdict = Verdict(u.device, u.seq, c.token, c.accepted, c.resampled, c.beta, list(c.shadow_betas), t_end)
             verdict.frame_bytes = protocol.verdict_frame_size(verdict)
-            s.last_verdict = verdict
+            s.last_verdict = verdict  # a repeat is answered without the logits (the device has them)
+            verdict = replace(verdict, llm_logits=z) if z is not None and len(z) else verdict
             s.feed = [c.token]
             s.queued = False
             last = u.token_index + 1 >= s.max_new_tokens

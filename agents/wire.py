@@ -5,8 +5,15 @@ is what only an emulation has: the emulated time a message left and arrived, and
 uploads the retransmission count. Keeping it out of the frame keeps the frame honest:
 links are charged for the frame alone.
 
+A verdict's stamp may go on with the LLM logits the device measures fidelity from
+(Verdict.llm_logits, agents.device): dtype u8 (4: float32, 8: float64), rows u32, cols u32, then
+rows x cols little-endian values. Measurement only, like the rest of the stamp: ~600 KB a row
+for the Qwen pair on loopback, never charged to the emulated downlink. Only a verdict's stamp
+is ever longer than the fixed part (the verifier's inbound parts stay small and bounded).
+
 decode_message validates the stamp as strictly as the frame: upload times finite and >= 0,
-an OPEN's max_new_tokens a whole number >= 1 and its lookahead >= 0 (+inf allowed).
+an OPEN's max_new_tokens a whole number >= 1 and its lookahead >= 0 (+inf allowed), a verdict's
+logits block of exactly the size it declares.
 """
 from __future__ import annotations
 
@@ -14,11 +21,15 @@ import math
 import struct
 from dataclasses import dataclass
 
+import numpy as np
+
 from agents import protocol
 from agents.device import Upload, Verdict
 
 SESSION = 1  # one session per device per run
 _STAMP = struct.Struct("<ddI")  # t_sent, t_arrive, retransmissions
+_LOGITS = struct.Struct("<BII")  # a verdict's measurement block: dtype (itemsize), rows, cols
+_LOGITS_DTYPES = {4: np.dtype("<f4"), 8: np.dtype("<f8")}
 PARTS = 2  # [frame, stamp]: a receiver refuses a message of more parts before reading them
 MAX_NEW_TOKENS = 2**32 - 1  # token indices are u32 on the wire
 
@@ -61,7 +72,26 @@ def upload_message(u: Upload) -> list[bytes]:
 def verdict_message(v: Verdict) -> list[bytes]:
     msg = protocol.Verdict(device=v.device, session=SESSION, seq=v.seq, token_index=0, token=v.token,
                            accepted=v.accepted, resampled=v.resampled, beta=v.beta, shadow_betas=v.shadow_betas)
-    return [protocol.encode_frame(msg), _stamp(v.t_sent)]
+    stamp = _stamp(v.t_sent)
+    if v.llm_logits is not None:
+        z = np.asarray(v.llm_logits)
+        dtype = _LOGITS_DTYPES[8 if z.dtype == np.float64 else 4]
+        z = np.ascontiguousarray(z, dtype=dtype).reshape(len(z), -1)
+        stamp += _LOGITS.pack(dtype.itemsize, *z.shape) + z.tobytes()
+    return [protocol.encode_frame(msg), stamp]
+
+
+def _logits_block(block) -> np.ndarray:
+    """The LLM logits a verdict's stamp carries after its fixed part (see the module docstring)."""
+    if len(block) < _LOGITS.size:
+        raise protocol.ProtocolError(f"verdict stamp: {len(block)} bytes after the times, expected a "
+                                     f"{_LOGITS.size}-byte logits header", protocol.ErrorCode.BAD_BODY)
+    size, rows, cols = _LOGITS.unpack_from(block)
+    dtype = _LOGITS_DTYPES.get(size)
+    if dtype is None or len(block) != _LOGITS.size + rows * cols * size:
+        raise protocol.ProtocolError(f"verdict stamp: logits block of {len(block)} bytes does not match its header "
+                                     f"(itemsize {size}, {rows} x {cols})", protocol.ErrorCode.BAD_BODY)
+    return np.frombuffer(block, dtype=dtype, offset=_LOGITS.size).reshape(rows, cols)
 
 
 def error_message(exc: protocol.ProtocolError) -> list[bytes]:
@@ -86,10 +116,13 @@ def decode_message(parts: list[bytes]):
         if len(parts) != PARTS:
             raise protocol.ProtocolError(f"expected [frame, stamp], got {len(parts)} parts")
         frame, stamp = parts
-        if len(stamp) != _STAMP.size:
+        # only a verdict's stamp goes on (its logits block): frame byte 3 is the message type
+        longer = len(frame) > 3 and frame[3] == protocol.MsgType.VERDICT
+        if len(stamp) < _STAMP.size or (len(stamp) > _STAMP.size and not longer):
             raise protocol.ProtocolError(f"stamp of {len(stamp)} bytes, expected {_STAMP.size}")
-        t_sent, t_arrive, retx = _STAMP.unpack(stamp)
+        t_sent, t_arrive, retx = _STAMP.unpack_from(stamp)
         msg = protocol.decode_frame(frame)
+        logits = _logits_block(memoryview(stamp)[_STAMP.size:]) if len(stamp) > _STAMP.size else None
     except protocol.ProtocolError as exc:
         return exc
     where = dict(device=msg.device, session=msg.session, seq=msg.seq)
@@ -117,7 +150,7 @@ def decode_message(parts: list[bytes]):
         return u
     if isinstance(msg, protocol.Verdict):
         v = Verdict(msg.device, msg.seq, msg.token, msg.accepted, msg.resampled, msg.beta,
-                    list(msg.shadow_betas), t_sent)
+                    list(msg.shadow_betas), t_sent, llm_logits=logits)
         v.frame_bytes = protocol.verdict_frame_size(v)
         return v
     if isinstance(msg, protocol.Error):

@@ -284,6 +284,8 @@ OVERVIEW = Dashboard(
                   description=_help("vocab_compression"), width=6),
             Panel("Entries per upload (mean k)", (d("mean_k", TIER, TIER_LEGEND),), unit="short",
                   description=_help("mean_k"), width=6),
+            Panel("Fidelity: TV to the LLM per token (mean)", (d("mean_fidelity_tv", TIER, TIER_LEGEND),), unit="short",
+                  min=0, description=_help("mean_fidelity_tv") + " " + M.FIDELITY.help, width=12),
         )),
         Row("Uplink", (
             Panel("Uplink bytes / emulated s", (d("uplink_bytes_rate", (), "system"), d("uplink_bytes_rate", TIER, TIER_LEGEND)),
@@ -318,6 +320,7 @@ OVERVIEW = Dashboard(
             Panel("Entries per upload k", (heat(M.UPLOAD_K),), "heatmap", "short", M.UPLOAD_K.help, width=12),
             Panel("Payload bytes per upload", (heat(M.UPLOAD_PAYLOAD),), "heatmap", "bytes", M.UPLOAD_PAYLOAD.help, width=12),
             Panel("Token latency", (heat(M.TOKEN_LATENCY),), "heatmap", "s", M.TOKEN_LATENCY.help, width=12),
+            Panel("Fidelity: TV to the LLM per token", (heat(M.FIDELITY),), "heatmap", "short", M.FIDELITY.help, width=12),
         )),
     ),
 )
@@ -341,6 +344,9 @@ POLICIES = Dashboard(
                   "bargauge", "percentunit", min=0, max=1, width=8),
             Panel("Token latency p95", (d("latency_p95", POLICY, "{{policy}}", window=False, instant=True),),
                   "bargauge", "s", width=8),
+            Panel("Fidelity: TV to the LLM per token (mean)",
+                  (d("mean_fidelity_tv", POLICY, "{{policy}}", window=False, instant=True),),
+                  "bargauge", "short", _help("mean_fidelity_tv"), width=8, min=0),
         )),
         Row("Over time", (
             Panel("Throughput (tokens / emulated s)", (d("throughput", POLICY, "{{policy}}"),), unit="short", description=RATE_NOTE),

@@ -105,6 +105,13 @@ UPLOAD_PAYLOAD = _m("hlm_upload_payload_bytes", "histogram", "Payload bytes per 
                     buckets=[16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536, 262144, 1048576])
 TOKEN_LATENCY = _m("hlm_token_latency_seconds", "histogram", "Emulated seconds from a token's draft start to its commit.",
                    buckets=[0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30])
+# Fidelity (tokens.parquet's fidelity_tv, DESIGN.md section 7): a histogram, so its series
+# hlm_fidelity_tv_sum (the sum of per-token TV) and hlm_fidelity_tv_count (tokens with a value)
+# give the mean (DERIVED["mean_fidelity_tv"]); only tokens whose value is known are observed.
+FIDELITY = _m("hlm_fidelity_tv", "histogram",
+              "Exact total-variation distance between the law a committed token was drawn from and the LLM's "
+              "distribution at its position (0: the LLM's own law).",
+              buckets=[1e-6, 1e-4, 1e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1])
 
 # Verifier (from VerifierBatchStat); one shared verifier: scenario label only
 VERIFIER_BATCH_SIZE = _m("hlm_verifier_batch_size", "histogram", "Requests per verifier batch.", RUN_LABELS,
@@ -254,6 +261,8 @@ DERIVED: dict[str, Derived] = {d.name: d for d in [
     _d("latency_p95", "Token latency 95th percentile (emulated seconds).", "s", lambda s: s.quantile(0.95, TOKEN_LATENCY)),
     _d("latency_p99", "Token latency 99th percentile (emulated seconds).", "s", lambda s: s.quantile(0.99, TOKEN_LATENCY)),
     _d("mean_uncertainty", "Mean uncertainty of drafted tokens.", "short", lambda s: s.mean(UNCERTAINTY)),
+    _d("mean_fidelity_tv", "Mean per-token TV distance to the LLM's distribution (hlm_fidelity_tv_sum / "
+       "hlm_fidelity_tv_count; 0 = exactly the LLM).", "short", lambda s: s.mean(FIDELITY)),
     _d("verifier_batch_size_mean", "Mean requests per verifier batch.", "short", lambda s: s.mean(VERIFIER_BATCH_SIZE)),
     _d("verifier_batch_tokens_mean", "Mean tokens per verifier batch.", "short", lambda s: s.mean(VERIFIER_BATCH_TOKENS)),
     _d("verifier_batches_rate", "Verifier batches per emulated second.", "short",
@@ -448,8 +457,11 @@ class Collector:
 
     def ingest_token_records(self, rows: Iterable) -> None:
         """Ingest committed tokens given as tokens.parquet rows (testbed.results.TokenRecord or
-        dicts with its fields), for a runner that already collects those rows from its actors."""
+        dicts with its fields), for a runner that already collects those rows from its actors.
+        fidelity_tv (absent from TokenStat) is observed from here, where it is finite: a row
+        drained before its value came (a skipped token in a one-pass run) does not count."""
         batch = StatBatch()
+        fidelity: list[tuple[tuple[str, str], float]] = []
         for r in rows:
             get = r.get if isinstance(r, Mapping) else (lambda name, _r=r: getattr(_r, name))
             t_commit, t_start = float(get("t_commit")), float(get("t_draft_start"))
@@ -461,7 +473,14 @@ class Collector:
                 latency_s=t_commit - t_start if t_start == t_start else 0.0, t_commit=t_commit,
                 drafted=int(get("draft_id")) >= 0,
             )
-        self.ingest(batch)
+            f = float(r.get("fidelity_tv", math.nan) if isinstance(r, Mapping) else getattr(r, "fidelity_tv", math.nan))
+            if math.isfinite(f):
+                fidelity.append(((str(get("tier")), str(get("policy"))), f))
+        with self._lock:
+            self.ingest(batch)
+            for key, f in fidelity:
+                self._key(key)
+                self._child(FIDELITY, key).observe(f)
 
     def _key(self, key: tuple[str, str]) -> TierTotals:
         t = self._totals.get(key)

@@ -13,7 +13,10 @@ A run directory holds tokens.parquet, summary.json and scenario.yaml (testbed/re
 and, when several runs are given, policies side by side: throughput vs accuracy proxy vs uplink
 bytes. Accuracy proxies: the acceptance rate (accepted / uploaded drafts) and the LLM agreement,
 1 - mean beta over all drafted tokens (shadow beta for skipped ones): the expected fraction of
-tokens the LLM would have kept as drafted.
+tokens the LLM would have kept as drafted. Fidelity (exact, no sampling noise; DESIGN.md section 7)
+is a table row: the mean per-token TV distance to the LLM's distribution, and its sum over a
+device's sequence (mean over devices), which bounds how far the law of a device's output is
+from the LLM's (testbed/results.py defines both).
 
 The PNGs are written next to report.html, which embeds them (base64): the page stands alone.
 Matplotlib is used through its object API (no pyplot, no global state).
@@ -149,6 +152,10 @@ def run_figures(run: Run) -> dict[str, Any]:
     lat = (df["t_commit"] - df["t_draft_start"]).to_numpy(float) if n else np.array([])
     lat = lat[np.isfinite(lat)]
     thr = s.get("throughput_tokens_per_s") or {}
+    fid = df["fidelity_tv"].to_numpy(float) if "fidelity_tv" in df else np.full(n, np.nan)
+    seq = pd.Series(fid).groupby(df["device"].to_numpy()).agg(
+        lambda f: f.sum() if np.isfinite(f).all() else np.nan) if n else pd.Series(dtype=float)
+    seq = seq[np.isfinite(seq)]
 
     def pick(key, computed):
         v = s.get(key)
@@ -172,6 +179,8 @@ def run_figures(run: Run) -> dict[str, Any]:
         "jain_fairness": pick("jain_fairness", jain(per_dev.to_numpy()) if len(per_dev) else None),
         "verifier_batch_size_mean": s.get("verifier_batch_size_mean"),
         "devices": int(df["device"].nunique()) if n else 0,
+        "fidelity_tv_mean": pick("fidelity_tv_mean", float(np.nanmean(fid)) if np.isfinite(fid).any() else None),
+        "fidelity_tv_sequence_mean": pick("fidelity_tv_sequence_mean", float(seq.mean()) if len(seq) else None),
     }
 
 
@@ -480,6 +489,8 @@ def _fmt(v: Any, kind: str) -> str:
         return f"{int(v):,}"
     if kind == "3":
         return f"{v:.3f}"
+    if kind == "e":
+        return f"{v:.2e}"
     return f"{v:.2f}"
 
 
@@ -487,7 +498,10 @@ ROWS = [
     ("emulated time", "emulated_seconds", "s"), ("wall time", "wall_seconds", "s"), ("devices", "devices", "int"),
     ("tokens", "tokens", "int"), ("throughput (tokens / emulated s)", "throughput", "2"),
     ("skip rate", "skip_rate", "pct"), ("acceptance rate", "acceptance_rate", "pct"),
-    ("LLM agreement (1 - mean beta)", "llm_agreement", "3"), ("vocabulary compression", "vocab_compression", "pct"),
+    ("LLM agreement (1 - mean beta)", "llm_agreement", "3"),
+    ("fidelity: TV to the LLM per token (mean)", "fidelity_tv_mean", "e"),
+    ("fidelity: TV summed over a sequence (mean over devices)", "fidelity_tv_sequence_mean", "e"),
+    ("vocabulary compression", "vocab_compression", "pct"),
     ("uplink bytes", "uplink_bytes", "bytes"), ("uplink bytes / token", "uplink_bytes_per_token", "bytes"),
     ("latency p50", "latency_p50", "ms"), ("latency p95", "latency_p95", "ms"), ("latency p99", "latency_p99", "ms"),
     ("Jain fairness", "jain_fairness", "3"), ("verifier batch size (mean)", "verifier_batch_size_mean", "2"),
@@ -537,7 +551,8 @@ def _tier_table(run: Run) -> str:
     cols = [("devices", "devices", "int"), ("policy", "policy", "str"), ("tokens", "tokens", "int"),
             ("throughput", "throughput_tokens_per_s", "2"), ("skip", "skip_rate", "pct"),
             ("acceptance", "acceptance_rate", "pct"), ("compression", "vocab_compression", "pct"),
-            ("uplink / token", "uplink_bytes_per_token", "bytes"), ("Jain", "jain_fairness", "3")]
+            ("uplink / token", "uplink_bytes_per_token", "bytes"), ("Jain", "jain_fairness", "3"),
+            ("fidelity TV / token", "fidelity_tv_mean", "e"), ("fidelity TV / sequence", "fidelity_tv_sequence_mean", "e")]
     rows = []
     for t, b in tiers.items():
         row = [t]

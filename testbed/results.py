@@ -15,6 +15,12 @@ t_upload_sent and t_verdict of a skipped token). Row meanings:
   id rides on a later frame.
 - beta = max(0, 1 - y_d / x_d) with y the LLM distribution; for a skipped token the shadow beta
   the LLM would have had (beta_is_shadow = True); NaN if unknown.
+- fidelity_tv: the exact total-variation distance 0.5 * sum_v |P(v) - y(v)| between the law P the
+  committed token was drawn from and the LLM's y at that position (same prefix), in float64, no
+  sampling: P = x = softmax(z_slm / T) for a skipped token (slm-only tokens included: the final
+  flush gives their y), P = hybrid(x, x_hat, y) for a verified draft (agents.speculative), P = y
+  for llm-only (0). hlm gives 0 up to float32 rounding of the upload. NaN where unknown (a device
+  past its memory budget for held distributions, agents.device.FIDELITY_HOLD_BYTES; older runs).
 
 Summary definitions (summarize):
 - throughput_tokens_per_s.system = tokens / emulated_seconds. For a device (and a tier) it is
@@ -26,6 +32,12 @@ Summary definitions (summarize):
 - skip_rate = tokens not transmitted / tokens. acceptance_rate = accepted / transmitted drafts.
 - vocab_compression = 1 - (sum of k over uploads) / (|V| x uploads), uploads = transmitted drafts.
 - jain_fairness = (sum x)^2 / (n * sum x^2) over per-device throughput x (1 = perfectly fair).
+- fidelity_tv_mean = mean fidelity_tv over the tokens where it is known (fidelity_tv_tokens of
+  them). fidelity_tv_sequence_mean = the mean over devices of the sum of fidelity_tv over the
+  device's tokens (devices with a value for every token: fidelity_tv_sequences). For one device
+  the sum along its sequence, averaged over its randomness, bounds the TV distance between the
+  law of its whole output and the LLM's for its prompt (the hybrid argument: swap one position's
+  law at a time); one run gives one sample of that sum per device.
 Undefined figures (e.g. acceptance with no uploads) are None (null in JSON).
 """
 from __future__ import annotations
@@ -71,6 +83,7 @@ class TokenRecord:
     t_upload_sent: float = NAN
     t_verdict: float = NAN
     t_commit: float = NAN
+    fidelity_tv: float = NAN  # exact TV(law the token was drawn from, LLM's y); NaN if unknown
 
 
 def _col(name: str, type_: pa.DataType) -> pa.Field:
@@ -88,25 +101,34 @@ TOKENS_SCHEMA = pa.schema(
         _col("accepted", pa.bool_()), _col("resampled", pa.bool_()),
         _col("beta", pa.float64()), _col("beta_is_shadow", pa.bool_()), _col("retransmissions", pa.int32()),
         _col("t_draft_start", pa.float64()), _col("t_upload_sent", pa.float64()),
-        _col("t_verdict", pa.float64()), _col("t_commit", pa.float64()),
+        _col("t_verdict", pa.float64()), _col("t_commit", pa.float64()), _col("fidelity_tv", pa.float64()),
     ],
     metadata={"hlm_testbed.tokens_schema": SCHEMA_VERSION},
 )
 TOKEN_COLUMNS = tuple(TOKENS_SCHEMA.names)
+# Columns added after schema 1, with the value that means "unknown": rows and files without them
+# (hand-built rows, older runs) read as unknown rather than failing.
+LATER_COLUMNS = {"fidelity_tv": NAN}
 
 
 def tokens_table(data: Any) -> pa.Table:
     """An Arrow table in TOKENS_SCHEMA from TokenRecords, dicts, a DataFrame or a table."""
     if isinstance(data, pd.DataFrame):
+        if missing := [c for c in LATER_COLUMNS if c not in data.columns]:
+            data = data.assign(**{c: LATER_COLUMNS[c] for c in missing})
         _check_columns(data.columns)
         # from_pandas=False: NaN is a value here ("not applicable"), not a null.
         table = pa.Table.from_arrays([pa.array(data[f.name].to_numpy(), type=f.type, from_pandas=False)
                                       for f in TOKENS_SCHEMA], schema=TOKENS_SCHEMA)
     elif isinstance(data, pa.Table):
+        for c in LATER_COLUMNS:
+            if c not in data.column_names:
+                data = data.append_column(c, pa.array(np.full(data.num_rows, LATER_COLUMNS[c])))
         _check_columns(data.column_names)
         table = data.select(list(TOKEN_COLUMNS)).cast(TOKENS_SCHEMA)
     else:
         rows = [r if isinstance(r, dict) else {c: getattr(r, c) for c in TOKEN_COLUMNS} for r in data]
+        rows = [r if all(c in r for c in LATER_COLUMNS) else {**LATER_COLUMNS, **r} for r in rows]
         for keys in {frozenset(r) for r in rows}:
             _check_columns(keys)
         table = pa.Table.from_pydict({c: [r[c] for r in rows] for c in TOKEN_COLUMNS}, schema=TOKENS_SCHEMA)
@@ -142,7 +164,7 @@ def write_tokens(data: Any, path: str | Path) -> Path:
 
 
 def read_tokens(path: str | Path) -> pd.DataFrame:
-    return _frame(pq.read_table(path).cast(TOKENS_SCHEMA))
+    return _frame(tokens_table(pq.read_table(path)))
 
 
 class TokensWriter:
@@ -225,6 +247,11 @@ def _figures(df: pd.DataFrame, vocab_size: int) -> dict:
     lat = lat[np.isfinite(lat)]
     beta, shadow = df["beta"].to_numpy(), df["beta_is_shadow"].to_numpy()
     real_beta, shadow_beta = beta[~shadow & np.isfinite(beta)], beta[shadow & np.isfinite(beta)]
+    fid = df["fidelity_tv"].to_numpy(dtype=np.float64) if "fidelity_tv" in df else np.full(n, np.nan)
+    known = np.isfinite(fid)
+    # per device: the sum over its sequence, where every token of it has a value
+    seq = pd.Series(fid).groupby(df["device"].to_numpy()).agg(lambda f: f.sum() if np.isfinite(f).all() else np.nan)
+    seq = seq[np.isfinite(seq)]
     uplink = int(df["uplink_bytes"].sum())
     return {
         "tokens": n,
@@ -245,6 +272,10 @@ def _figures(df: pd.DataFrame, vocab_size: int) -> dict:
         },
         "beta_mean": _num(real_beta.mean()) if len(real_beta) else None,
         "shadow_beta_mean": _num(shadow_beta.mean()) if len(shadow_beta) else None,
+        "fidelity_tv_mean": _num(fid[known].mean()) if known.any() else None,
+        "fidelity_tv_tokens": int(known.sum()),
+        "fidelity_tv_sequence_mean": _num(seq.mean()) if len(seq) else None,
+        "fidelity_tv_sequences": int(len(seq)),
     }
 
 
@@ -358,6 +389,7 @@ _ROWS = [
     ("latency p50 (ms)", lambda b: _ms(b, "p50")),
     ("latency p95 (ms)", lambda b: _ms(b, "p95")),
     ("latency p99 (ms)", lambda b: _ms(b, "p99")),
+    ("fidelity TV / token", lambda b: _fmt(b.get("fidelity_tv_mean"), ".2e")),
     ("jain fairness", lambda b: _fmt(b["jain_fairness"], ".3f")),
 ]
 

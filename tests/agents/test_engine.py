@@ -178,6 +178,7 @@ def test_two_pass_virtual_clock_equals_the_single_pass_emulation(loss):
     two = run_virtual(specs, run, server, BatchedLM(load_model("tiny:slm")), BatchedLM(load_model("tiny:llm")),
                       {n: load_policy(n) for n in names})
     pd.testing.assert_frame_equal(frame(one), frame(two), check_exact=True)
+    assert frame(two)["fidelity_tv"].notna().all()  # measured in the content pass, replayed from its record
     assert [b.size for b in one.batches] == [b.size for b in two.batches]
     if loss:
         assert frame(two)["retransmissions"].sum() > 0

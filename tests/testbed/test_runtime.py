@@ -16,7 +16,7 @@ from testbed.runner import RunOptions, run_scenario
 from testbed.scenario import load_scenario, override
 
 TRACE = ["device", "token_index", "token_id", "draft_id", "uncertainty", "transmitted", "k", "payload_bytes",
-         "accepted", "resampled", "beta", "t_draft_start", "t_upload_sent", "t_verdict", "t_commit"]
+         "accepted", "resampled", "beta", "t_draft_start", "t_upload_sent", "t_verdict", "t_commit", "fidelity_tv"]
 
 
 def assert_same_trace(a: pd.DataFrame, b: pd.DataFrame) -> None:
