@@ -1,0 +1,86 @@
+"""`testbed reproduce paper|fleet`: the CU-HLM / U-HLM experiments end to end (testbed/reproduce.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="Reproduce the CU-HLM / U-HLM papers' experiments (resumable).")
+
+SIZE_HELP = "smoke (tiny models, seconds) | small (Qwen pair, HumanEval/22..37, <1 h on 2 CPU cores) | full (164 problems, GPU)"
+
+
+def _sets(values: list[str] | None) -> dict:
+    """KEY=VALUE overrides for every point (values parsed as YAML: 1, 0.5, true, cuda, ...)."""
+    import yaml
+
+    out = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _run(kind: str, size: str, out: Path | None, engine: str, sets: list[str] | None, a: float | None,
+         b: float | None, estimate_only: bool, json_out: bool) -> None:
+    from rich.console import Console
+
+    from testbed import reproduce
+    from testbed.scenario import ScenarioError
+
+    err = Console(stderr=True)
+    if size not in reproduce.SIZES:
+        raise typer.BadParameter(f"expected one of {', '.join(reproduce.SIZES)}, got {size!r}", param_hint="--size")
+    if (a is None) != (b is None):
+        raise typer.BadParameter("give both --a and --b (or neither: fit them in the calibration point)")
+    if estimate_only:
+        est = reproduce.estimate(kind, size)
+        if json_out:
+            print(json.dumps(est, indent=2))
+        else:
+            err.print(f"reproduce {kind} --size {size}: {est['runs']} runs, {est['token_steps']:.0f} token-steps, "
+                      f"{est['prefill_tiles']} prefill tiles ({est['prompt_tokens']} prompt tokens, "
+                      f"{est['prompt_tokens_from']}) -> {est['minutes'][0]:.0f}-{est['minutes'][1]:.0f} min on a "
+                      f"2-core CPU at {est['assumptions']['token_step_s'][0]:g}-{est['assumptions']['token_step_s'][1]:g} "
+                      f"s per token-step")
+        return
+    out = out or Path("runs") / f"reproduce-{kind}-{size}"
+    fn = reproduce.run_paper if kind == "paper" else reproduce.run_fleet
+    try:
+        result = fn(size, out, engine=engine, sets=_sets(sets), a=a, b=b)
+    except ScenarioError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    err.print(f"report: {result.report}")
+    if json_out:
+        print(json.dumps({"report": str(result.report), "fit": result.fit.__dict__, "rows": result.rows}, indent=2))
+
+
+_OUT = typer.Option(None, "--out", help="Study folder (default runs/reproduce-<kind>-<size>); rerun to resume.")
+_ENGINE = typer.Option("local", "--engine", help="local (one process) or ray (run under ../shared/bin/offline).")
+_SET = typer.Option(None, "--set", help="KEY=VALUE applied to every point, e.g. actors.verifier_device=cuda.")
+_A = typer.Option(None, "--a", help="Pin the rejection model's slope (else: the calibration point's fit).")
+_B = typer.Option(None, "--b", help="Pin the rejection model's intercept.")
+_EST = typer.Option(False, "--estimate", help="Only print the estimated wall time on a 2-core CPU.")
+_JSON = typer.Option(False, "--json", help="Print the table rows (or the estimate) as JSON.")
+
+
+@app.command("paper")
+def paper(size: str = typer.Option("smoke", "--size", help=SIZE_HELP), out: Path = _OUT, engine: str = _ENGINE,
+          sets: list[str] = _SET, a: float = _A, b: float = _B, estimate_only: bool = _EST,
+          json_out: bool = _JSON) -> None:
+    """The papers' setting (one device per HumanEval problem on the Shannon-rate uplink): every policy,
+    the u_th and theta sweeps, calibration; one report next to the papers' headline numbers."""
+    _run("paper", size, out, engine, sets, a, b, estimate_only, json_out)
+
+
+@app.command("fleet")
+def fleet(size: str = typer.Option("smoke", "--size", help=SIZE_HELP), out: Path = _OUT, engine: str = _ENGINE,
+          sets: list[str] = _SET, a: float = _A, b: float = _B, estimate_only: bool = _EST,
+          json_out: bool = _JSON) -> None:
+    """The same policies on heterogeneous fleets sharing one verifier: system throughput, Jain fairness
+    and verifier batch size vs fleet size."""
+    _run("fleet", size, out, engine, sets, a, b, estimate_only, json_out)

@@ -1,0 +1,1202 @@
+"""`testbed reproduce paper` and `testbed reproduce fleet`: the CU-HLM / U-HLM experiments as one
+resumable study each, with one report next to the papers' headline numbers.
+
+Papers: CU-HLM, arXiv 2505.11788 (Oh et al., "Communication-Efficient Hybrid Language Model via
+Uncertainty-Aware Opportunistic and Compressed Transmission"); U-HLM, arXiv 2412.12687 (Oh et al.,
+"Uncertainty-Aware Hybrid Inference with On-Device Small and Remote Large Language Models").
+
+The paper study (`run_paper`)
+-----------------------------
+Setting: the papers' single device on a wireless Shannon-rate uplink, repeated for every HumanEval
+problem of the --size: device i decodes problem i (PAPER_YAML below). Token
+throughput as the papers define it: the inverse of the per-token delay, SLM compute + uplink + LLM
+compute (+ the verdict's downlink) for a transmitted token, the SLM step alone for a skipped one.
+
+Why the summary's per-device throughput is exactly that: a device's tokens are sequential (the next
+draft starts when the previous token is committed), so its span, first draft start to last commit,
+is the sum of its per-token delays and tokens / span = 1 / mean per-token delay (testbed.results
+device_throughput). The study's throughput of a policy is the same over all its tokens, 1 / (mean
+per-token delay over every token of every device); as every device generates max_new_tokens tokens
+this is the harmonic mean of the summary's per-device throughputs (`paper_throughput`).
+
+Devices must not distort each other's timing (the paper has one): `isolate_devices` gives the
+verifier a zero-time profile with max_batch >= devices and max_wait 0, so a request is answered at
+its arrival and never waits for another device's batch, and moves the LLM's compute for one
+verification at batch 1 (the scenario's verify_seconds(1, 1), 16.3 ms) onto each device's
+downlink delay. Each device's trace is then the one it would have alone (tested). What this drops
+from verify_seconds: its per-token term for the skipped tokens piggybacked on an upload (0.3 ms
+each), i.e. the LLM's step is charged once per verification, as in the papers' delay model.
+Content (tokens, decisions, betas) is unaffected: it never depends on timing.
+
+Points (one run directory each under OUT/points/, in this order):
+- calibration (OUT/calibration): `hlm` on the same prompts with every uncertainty estimator
+  recorded per token, as `testbed calibrate` does: the fit beta ~ a*u + b per estimator, the binned
+  reliability curve, and the offline k* (policies.truncation.calibrate_offline_k on the SLM
+  distributions x of a deterministic subsample of its tokens, with their observed betas). The
+  temperature estimator's fit (a, b) parameterises every policy below unless --a/--b pin it
+  (falls back to the paper's a, b if the fit is degenerate or a <= 0).
+- llm-only (the accuracy reference), hlm, slm-only (estimator on, to record u), u-hlm and cu-hlm
+  (risk-averse u_th = -b/a), cu-hlm-offline (k = k*), cu-hlm-adaptive at each risk budget of the
+  size, cu-hlm risk-prone (u_th = (0.5 - b)/a), cu-hlm at each fixed u_th of the size (the u_th
+  sweep; with risk-averse and risk-prone it spans risk-averse to risk-prone and beyond), cu-hlm
+  risk-averse at each theta of the size (the theta sweep; cu-hlm itself is theta = 0.1), and
+  rand-hlm skipping at u-hlm's measured skip rate (the papers' random-skip baseline).
+- Every point is scored for HumanEval pass@1 (testbed.accuracy.score_run) relative to llm-only.
+
+Resumability: a point is finished when its point.json (written last) names the same scenario
+(sha256 of its resolved YAML) and its summary.json is complete (every token, not interrupted, and
+the accuracy block when it is scored). A finished point is read back, never recomputed; anything
+else (a run cut short, a changed parameter) is deleted and run again. One line per point is logged:
+[done/total] name: ran|cached in s (elapsed s).
+
+The fleet study (`run_fleet`)
+-----------------------------
+The same policies on heterogeneous fleets (FLEET_YAML below: its tier counts
+are proportions, scaled to each fleet size) sharing one verifier with real batching: system
+throughput, Jain fairness and mean verifier batch size vs fleet size. Its own calibration point
+gives a, b and k*; rand-hlm matches u-hlm's skip rate at each size. Not scored for accuracy.
+
+Sizes (`SIZES`): smoke (tiny models, 4 problems, 8 tokens: seconds, for CI), small (the Qwen pair
+on HumanEval/22..37 with 32 tokens: sized for under an hour on a 2-core CPU, see `estimate`), full
+(all 164 problems, 256 tokens: a GPU machine, scripts/reproduce_full_gpu.sh).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from testbed.scenario import Scenario, override, parse_scenario, scenario_yaml
+
+# --------------------------------------------------------------------------------------------- papers
+# Headline numbers as the abstracts state them (CU-HLM vs standard HLM; U-HLM vs HLM without skipping).
+PAPER = {
+    "cu-hlm": {"throughput_ratio_hlm": 206.0, "skip_rate": 0.748, "vocab_compression": 0.974,
+               "pass_at_1_relative": 0.974},
+    "u-hlm": {"throughput_ratio_hlm": 2.54, "skip_rate": 0.4593, "pass_at_1_relative": 0.9754},
+    "fit": {"a": 0.815, "b": -0.066, "models": "TinyLlama-1.1B / Llama-2-7B",
+            "u_th_risk_averse": 0.081, "u_th_risk_prone": 0.81},
+}
+# `testbed calibrate` on the Qwen pair (HumanEval, 8 prompts x 48 tokens): a reference, not used.
+QWEN_CALIBRATE_FIT = {"a": 0.491, "b": -0.002}
+
+POLICIES = ("llm-only", "slm-only", "hlm", "rand-hlm", "u-hlm", "cu-hlm", "cu-hlm-offline", "cu-hlm-adaptive")
+RISK_PRONE_BETA_TOL = 0.5  # policies.rejection: u_th = (beta_tol - b) / a
+DEFAULT_THETA, DEFAULT_ETA = 0.1, 1.0  # cu-hlm's preset defaults (policies.policy)
+ESTIMATOR = "temperature"  # the papers' estimator; its fit parameterises the policies
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    models: dict | None  # None: the bundled scenario's (the Qwen pair)
+    offset: int  # HumanEval problems offset .. offset + count - 1 (accuracy needs a contiguous slice)
+    count: int | None  # None: to the end
+    max_new_tokens: int
+    calibration_tokens: int
+    kstar_tokens: int  # tokens whose SLM distribution calibrates the offline k*
+    u_th: tuple[float, ...]  # fixed thresholds of the u_th sweep (cu-hlm)
+    theta: tuple[float, ...]  # distortion budgets of the theta sweep (cu-hlm, risk-averse)
+    risks: tuple[float, ...]  # cu-hlm-adaptive risk budgets
+    fleet_sizes: tuple[int, ...]
+    fleet_tokens: int
+    why: str = ""
+
+
+TINY = {"slm": "tiny:slm", "llm": "tiny:llm", "dtype": "float32"}
+SIZES: dict[str, Size] = {
+    "smoke": Size("smoke", TINY, 0, 4, 8, 8, 32, (0.3, 1.0), (0.5,), (0.05,), (2, 6), 8,
+                  "tiny random models, 4 problems x 8 tokens: the whole pipeline in seconds (CI)"),
+    "small": Size("small", None, 22, 16, 32, 16, 128, (0.25, 0.5), (0.02, 0.5), (0.02,), (4, 16), 24,
+                  "the Qwen pair on HumanEval/22..37 x 32 tokens: 16 problems fill one 16-row GEMM tile, "
+                  "so the content pass's batch costs what batch 1 does; of all 16-problem windows this "
+                  "one has the most canonical solutions within 28 tokens (11 of 16), so 32 new tokens let "
+                  "many complete and pass@1 says something; under an hour on a 2-core CPU (estimate)"),
+    "full": Size("full", None, 0, None, 256, 64, 256, (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0),
+                 (0.005, 0.01, 0.03, 0.3, 1.0), (0.01, 0.05), (16, 64, 256), 128,
+                 "all 164 problems x 256 tokens: a GPU machine (scripts/reproduce_full_gpu.sh)"),
+}
+
+
+# --------------------------------------------------------------------------------------------- scenarios
+
+# The studies' base scenarios. Kept here, not in testbed/scenarios/, so that the bundled list stays
+# what `testbed run` users see; OUT/points/*/scenario.yaml holds each point's resolved scenario.
+PAPER_YAML = """\
+# The CU-HLM / U-HLM papers' setting (arXiv 2505.11788, 2412.12687) as `testbed reproduce paper`
+# runs it: one device per HumanEval problem, each with its own SLM and its own wireless
+# Shannon-rate link (paper-uplink: rate = W log2(1 + SNR)), one LLM at the base station.
+#
+# `server` here is the LLM's compute time for one verification at batch 1 (one draft):
+# base + per_token + per_sequence = 16.3 ms. `testbed reproduce paper` does not run this scenario
+# as is: it gives every problem its own device and removes cross-device coupling (the paper has one
+# device): the verifier gets a zero-time profile with max_batch >= devices (so no request ever waits
+# for another device's), and each device's downlink delay grows by that 16.3 ms instead. A token
+# then takes SLM step + uplink + LLM step + downlink when transmitted and the SLM step alone when
+# skipped, whatever the other devices do (testbed/reproduce.py, isolate_devices). Run literally
+# (testbed run on a dump of it) it would have many devices queueing at a batch-1 server.
+name: reproduce-paper
+seed: 7
+clock: virtual
+models: {slm: "qwen2.5-coder:slm", llm: "qwen2.5-coder:llm", dtype: auto}
+prompts: {source: humaneval, offset: 22, count: 16}   # --size picks the slice
+generation: {max_new_tokens: 32, temperature: 1.0}
+server: {verify_ms: {base: 15.0, per_token: 0.3, per_sequence: 1.0}, max_batch: 1, max_wait_ms: 0.0}
+tiers:
+  - name: device
+    count: 16                  # one per problem (--size sets it)
+    slm_ms_per_token: 25.0     # phone-class SLM step (as the bundled `paper` scenario)
+    link: paper-uplink
+    policy: hlm                # each point sets its own
+actors: {devices_per_group: 16}
+"""
+
+FLEET_YAML = """\
+# `testbed reproduce fleet`: the paper's policies with many heterogeneous devices sharing one
+# verifier (real cross-device batching and queueing). The tier counts below are proportions
+# (2 : 1 : 1); testbed reproduce fleet scales them to each fleet size of its --size. Device i
+# gets the --size's HumanEval problem i mod their number.
+name: reproduce-fleet
+seed: 7
+clock: virtual
+models: {slm: "qwen2.5-coder:slm", llm: "qwen2.5-coder:llm", dtype: auto}
+prompts: {source: humaneval, offset: 22, count: 16}
+generation: {max_new_tokens: 24, temperature: 1.0}
+# One LLM for the whole fleet: a batch costs base + per_token * tokens + per_sequence * batch.
+server: {verify_ms: {base: 15.0, per_token: 0.3, per_sequence: 1.0}, max_batch: 64, max_wait_ms: 2.0}
+tiers:
+  - {name: phone, count: 2, slm_ms_per_token: 25.0, link: paper-uplink, policy: hlm}
+  - {name: phone-cell, count: 1, slm_ms_per_token: 30.0, link: cell-rayleigh, policy: hlm}
+  - {name: laptop, count: 1, slm_ms_per_token: 12.0, link: wifi-weak, policy: hlm}
+actors: {devices_per_group: 64}
+"""
+BASES = {"reproduce-paper": PAPER_YAML, "reproduce-fleet": FLEET_YAML}
+
+
+def base_scenario(name: str) -> Scenario:
+    """reproduce-paper or reproduce-fleet (the YAML above), validated."""
+    from testbed.scenario import read_yaml
+
+    data, lines = read_yaml(BASES[name], name)
+    return parse_scenario(data, source=name, lines=lines)
+
+
+
+def _named_link(spec: Any) -> dict:
+    """A link spec as a dict {uplink, downlink} (a named profile resolved through netem)."""
+    if isinstance(spec, str):
+        import netem
+
+        d = netem.get_profile(spec).to_dict()
+        return {"uplink": d["uplink"], "downlink": d["downlink"]}
+    return {k: v for k, v in spec.items() if k in ("uplink", "downlink")}
+
+
+def llm_ms(s: Scenario) -> float:
+    """The LLM's compute for one verification at batch 1 (one draft), in ms."""
+    return s.server.profile().verify_seconds(1, 1) * 1000.0
+
+
+def isolate_devices(s: Scenario) -> Scenario:
+    """The papers' one-device timing for every device of `s` (module docstring): a zero-time verifier
+    that never queues, the LLM's batch-1 step added to each device's downlink delay."""
+    d = s.resolved_dict()
+    extra = llm_ms(s)
+    for t in d["tiers"]:
+        link = _named_link(t["link"])
+        down = dict(link["downlink"])
+        down["delay_ms"] = float(down.get("delay_ms", 0.0)) + extra
+        t["link"] = {"uplink": dict(link["uplink"]), "downlink": down}
+    d["server"] = {**d["server"], "verify_ms": {"base": 0.0, "per_token": 0.0, "per_sequence": 0.0},
+                   "max_batch": max(1, s.n_devices), "max_wait_ms": 0.0}
+    return parse_scenario(d, source=f"{s.name} (isolated devices)")
+
+
+def _n_prompts(size: Size) -> int:
+    from testbed.prompts import HUMANEVAL_SIZE
+
+    return size.count if size.count is not None else HUMANEVAL_SIZE - size.offset
+
+
+def _sized(name: str, size: Size, max_new_tokens: int, sets: dict[str, Any] | None) -> Scenario:
+    d = base_scenario(name).resolved_dict()
+    if size.models:
+        d["models"] = {**d["models"], **size.models}
+    d["prompts"] = {"source": "humaneval", "offset": size.offset, "count": size.count}
+    d["generation"] = {**d["generation"], "max_new_tokens": max_new_tokens}
+    return override(parse_scenario(d, source=name), sets or {})
+
+
+def paper_setting(size: Size, sets: dict[str, Any] | None = None) -> Scenario:
+    """reproduce-paper at `size` (one device per problem), `sets` applied; devices not yet isolated."""
+    s = _sized("reproduce-paper", size, size.max_new_tokens, sets)
+    d = s.resolved_dict()
+    n = _n_prompts(size)
+    d["tiers"] = [{**d["tiers"][0], "count": n}]
+    d["actors"] = {**d["actors"], "devices_per_group": n}
+    return parse_scenario(d, source="reproduce-paper")
+
+
+def _link_text(s: Scenario) -> str:
+    from testbed.scenario import resolve_link
+
+    t = s.tiers[0]
+    link = resolve_link(t.link)
+    name = f"{t.link} " if isinstance(t.link, str) else ""
+    return f"{name}uplink {link.uplink.summary()}; downlink {link.downlink.summary()}"
+
+
+def paper_base(size: Size, sets: dict[str, Any] | None = None) -> Scenario:
+    """paper_setting with its devices isolated (what every point of the paper study runs)."""
+    return isolate_devices(paper_setting(size, sets))
+
+
+def fleet_counts(proportions: Sequence[int], n: int) -> list[int]:
+    """Tier counts summing to n in the given proportions (largest remainder), each >= 1 when n allows."""
+    total = sum(proportions)
+    raw = [n * p / total for p in proportions]
+    counts = [max(1 if n >= len(proportions) else 0, int(math.floor(r))) for r in raw]
+    order = sorted(range(len(raw)), key=lambda i: raw[i] - math.floor(raw[i]), reverse=True)
+    i = 0
+    while sum(counts) < n:
+        counts[order[i % len(order)]] += 1
+        i += 1
+    while sum(counts) > n:
+        j = max(range(len(counts)), key=lambda k: counts[k])
+        counts[j] -= 1
+    return counts
+
+
+def fleet_base(size: Size, n: int, sets: dict[str, Any] | None = None) -> Scenario:
+    """reproduce-fleet at `size` with n devices (tiers scaled), `sets` applied."""
+    s = _sized("reproduce-fleet", size, size.fleet_tokens, sets)
+    d = s.resolved_dict()
+    counts = fleet_counts([t["count"] for t in d["tiers"]], n)
+    d["tiers"] = [{**t, "count": c} for t, c in zip(d["tiers"], counts) if c > 0]
+    d["name"] = f"reproduce-fleet-n{n}"
+    return parse_scenario(d, source="reproduce-fleet")
+
+
+def with_policy(base: Scenario, spec: str | dict, name: str) -> Scenario:
+    d = base.resolved_dict()
+    for t in d["tiers"]:
+        t["policy"] = spec
+    d["name"] = name
+    return parse_scenario(d, source=name)
+
+
+def scenario_hash(s: Scenario) -> str:
+    return hashlib.sha256(scenario_yaml(s).encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- fit
+
+
+@dataclass
+class Fit:
+    """What parameterises the policies: the rejection model and the offline k*."""
+
+    a: float
+    b: float
+    source: str  # "calibration" | "given" | "paper (fallback: ...)"
+    kstar: int
+
+    @property
+    def u_th_risk_averse(self) -> float:
+        return -self.b / self.a
+
+    @property
+    def u_th_risk_prone(self) -> float:
+        return (RISK_PRONE_BETA_TOL - self.b) / self.a
+
+
+def choose_fit(calibration: dict, a: float | None, b: float | None) -> Fit:
+    kstar = int(calibration["kstar"]["k"])
+    if a is not None and b is not None:
+        return Fit(float(a), float(b), "given", kstar)
+    f = calibration["fits"].get(ESTIMATOR) or {}
+    if f.get("a") is not None and f["a"] > 0:
+        return Fit(float(f["a"]), float(f["b"]), f"calibration ({ESTIMATOR} estimator)", kstar)
+    why = f.get("error") or f"fitted a = {f.get('a')} <= 0"
+    return Fit(PAPER["fit"]["a"], PAPER["fit"]["b"], f"paper (fallback: {why})", kstar)
+
+
+def reliability(u: np.ndarray, beta: np.ndarray, a: float | None, b: float | None, bins: int = 10) -> list[dict]:
+    """Per u bin: n, mean u, mean observed beta and mean predicted clip(a u + b, 0, 1). Each distinct u
+    is its own bin when there are few (temperature perturbation: u = j / K), else quantile bins."""
+    u, beta = np.asarray(u, float), np.asarray(beta, float)
+    m = np.isfinite(u) & np.isfinite(beta)
+    u, beta = u[m], beta[m]
+    if not len(u):
+        return []
+    values = np.unique(u)
+    if len(values) <= 25:
+        groups = [(v, v, u == v) for v in values]
+    else:
+        edges = np.unique(np.quantile(u, np.linspace(0, 1, bins + 1)))
+        idx = np.clip(np.searchsorted(edges, u, side="right") - 1, 0, len(edges) - 2)
+        groups = [(edges[i], edges[i + 1], idx == i) for i in range(len(edges) - 1)]
+    out = []
+    for lo, hi, sel in groups:
+        if not sel.any():
+            continue
+        pred = None if a is None else float(np.clip(a * u[sel] + b, 0.0, 1.0).mean())
+        out.append({"u_lo": float(lo), "u_hi": float(hi), "n": int(sel.sum()), "u_mean": float(u[sel].mean()),
+                    "beta_observed": float(beta[sel].mean()), "beta_predicted": pred})
+    return out
+
+
+# --------------------------------------------------------------------------------------------- calibration
+
+
+def calibrate_point(s: Scenario, out_dir: Path, kstar_tokens: int, theta: float = DEFAULT_THETA,
+                    eta: float = DEFAULT_ETA) -> dict:
+    """`hlm` on the scenario's prompts, every draft verified, u of every estimator recorded per token
+    (as testbed.calibrate) and the SLM distributions x of a deterministic subsample of tokens kept
+    for the offline k*. Writes samples.parquet and calibration.json into out_dir; returns the latter."""
+    import pandas as pd
+    import torch
+
+    from agents.engine import run_virtual
+    from agents.lm import BatchedLM
+    from agents.models import load_model
+    from agents.verifier import ServerProfile
+    from policies import load_policy
+    from policies.rejection import DegenerateFitError, fit_rejection_model
+    from policies.truncation import calibrate_offline_k
+    from policies.uncertainty import ESTIMATORS, make_estimator
+    from testbed.calibrate import RecordingPolicy
+    from testbed.runner import plan
+
+    p = plan(s)
+    n_tokens = len(p.specs) * p.run.max_new_tokens
+    stride = max(1, math.ceil(n_tokens / max(1, kstar_tokens)))
+
+    class Recorder(RecordingPolicy):
+        """RecordingPolicy that also keeps x of every stride-th token (by device and token index)."""
+
+        kept: dict
+
+        def decide_batch(self, logits, ctxs):
+            for c in ctxs:
+                if (c.device * p.run.max_new_tokens + c.token_index) % stride == 0:
+                    self.kept[(c.device, c.token_index)] = np.asarray(c.probs, dtype=np.float32).copy()
+            return super().decide_batch(logits, ctxs)
+
+    a = s.actors
+    torch.set_num_threads(a.group_threads)
+    policy = Recorder(load_policy({"name": "hlm", "estimator": "none"}), {n: make_estimator(n) for n in ESTIMATORS})
+    policy.kept = {}
+    slm = BatchedLM(load_model(p.slm, dtype=p.slm_dtype, device=a.group_device))
+    llm = BatchedLM(load_model(p.llm, dtype=p.llm_dtype, device=a.verifier_device))
+    # timing is irrelevant here (a generic server profile); every tier runs the recorder
+    result = run_virtual(p.specs, p.run, ServerProfile(), slm, llm, {label: policy for label in p.policy_specs})
+    rows = pd.DataFrame(result.rows)
+    u = pd.DataFrame([{"device": d, "token_index": t, **{f"u_{k}": v for k, v in vals.items()}}
+                      for (d, t), vals in policy.samples.items()])
+    samples = rows[["device", "prompt_index", "token_index", "token_id", "draft_id", "beta"]].merge(
+        u, on=["device", "token_index"]).sort_values(["device", "token_index"], kind="stable").reset_index(drop=True)
+    fits: dict[str, dict] = {}
+    curves: dict[str, list] = {}
+    for name in ESTIMATORS:
+        try:
+            f = fit_rejection_model(samples[f"u_{name}"], samples["beta"])
+            fits[name] = {"a": f.a, "b": f.b, "pearson_r": None if math.isnan(f.pearson_r) else f.pearson_r,
+                          "n": f.n, "u_th_risk_averse": -f.b / f.a if f.a > 0 else None}
+        except DegenerateFitError as e:
+            fits[name] = {"a": None, "b": None, "pearson_r": None, "n": len(samples), "u_th_risk_averse": None,
+                          "error": str(e)}
+        curves[name] = reliability(samples[f"u_{name}"], samples["beta"], fits[name]["a"], fits[name]["b"])
+    beta_of = {(int(r.device), int(r.token_index)): (float(r.beta), int(r.draft_id)) for r in samples.itertuples()}
+    keys = sorted(k for k in policy.kept if k in beta_of and math.isfinite(beta_of[k][0]))
+    if keys:
+        k = calibrate_offline_k(np.stack([policy.kept[k] for k in keys]), [beta_of[k][1] for k in keys],
+                                [beta_of[k][0] for k in keys], theta, eta)
+    else:
+        k = p.run.vocab_size
+    doc = {"scenario": s.name, "models": {"slm": str(s.models.slm), "llm": str(s.models.llm)},
+           "prompts": f"humaneval[{s.prompts.offset}:{'' if s.prompts.count is None else s.prompts.offset + s.prompts.count}]",
+           "devices": len(p.specs), "max_new_tokens": p.run.max_new_tokens, "tokens": int(len(samples)),
+           "vocab_size": p.run.vocab_size, "fits": fits, "reliability": curves,
+           "kstar": {"k": int(k), "theta": theta, "eta": eta, "tokens": len(keys), "stride": stride}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples.to_parquet(out_dir / "samples.parquet", index=False)
+    (out_dir / "calibration.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    return doc
+
+
+# --------------------------------------------------------------------------------------------- points
+
+
+@dataclass
+class Point:
+    name: str  # directory under points/ (or "calibration")
+    group: str  # calibration | policy | u_th | theta | fleet
+    label: str  # shown in tables
+    build: Callable[["Study"], Scenario]
+    policy: str = ""  # preset name
+    meta: dict = field(default_factory=dict)  # u_th, theta, risk, fleet_size (filled by build)
+    scored: bool = True  # HumanEval pass@1 relative to the reference
+
+
+class Study:
+    """Runs points in order, each at most once (resumable), one log line per point."""
+
+    def __init__(self, out: Path, engine: str = "local", log: Callable[[str], None] | None = None,
+                 total: int = 0):
+        self.out = Path(out)
+        self.engine = engine
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.total = total
+        self.done = 0
+        self.t0 = time.time()
+        self.summaries: dict[str, dict] = {}
+        self.statuses: dict[str, str] = {}
+        self.calibration: dict | None = None
+        self.fit: Fit | None = None
+        self.reference: Path | None = None
+        self.llm_ms: float | None = None  # paper study: the LLM step charged on each downlink
+        self.setting_text = ""  # paper study: the devices' links as the scenario states them
+
+    def point_dir(self, name: str) -> Path:
+        return self.out / ("calibration" if name == "calibration" else f"points/{name}")
+
+    def _line(self, name: str, status: str, seconds: float) -> None:
+        self.done += 1
+        self.statuses[name] = status
+        self.log(f"[{self.done:>{len(str(self.total))}}/{self.total}] {name}: {status} in {seconds:.1f} s "
+                 f"(elapsed {time.time() - self.t0:.1f} s)")
+
+    @staticmethod
+    def finished(d: Path, digest: str, scored: bool, with_reference: bool, summary_file: str = "summary.json") -> bool:
+        try:
+            mark = json.loads((d / "point.json").read_text(encoding="utf-8"))
+            summary = json.loads((d / summary_file).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        if mark.get("scenario_sha256") != digest:
+            return False
+        if summary_file != "summary.json":
+            return True
+        if not summary.get("complete") or summary.get("interrupted"):
+            return False
+        if scored:
+            acc = summary.get("accuracy")
+            if not acc or (with_reference and "pass_at_1_relative" not in acc):
+                return False
+        return True
+
+    def _mark(self, d: Path, digest: str, seconds: float) -> None:
+        tmp = d / "point.json.tmp"
+        tmp.write_text(json.dumps({"scenario_sha256": digest, "seconds": round(seconds, 3),
+                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}), encoding="utf-8")
+        tmp.replace(d / "point.json")
+
+    def run_calibration(self, s: Scenario, kstar_tokens: int) -> dict:
+        d = self.point_dir("calibration")
+        digest = hashlib.sha256((scenario_yaml(s) + f"\nkstar_tokens={kstar_tokens} theta={DEFAULT_THETA} "
+                                 f"eta={DEFAULT_ETA}").encode()).hexdigest()
+        t = time.time()
+        if self.finished(d, digest, False, False, "calibration.json"):
+            doc, status = json.loads((d / "calibration.json").read_text(encoding="utf-8")), "cached"
+        else:
+            if d.exists():
+                shutil.rmtree(d)
+            doc = calibrate_point(s, d, kstar_tokens)
+            self._mark(d, digest, time.time() - t)
+            status = "ran"
+        self._line("calibration", status, time.time() - t)
+        self.calibration = doc
+        return doc
+
+    def run_point(self, point: Point) -> dict:
+        from testbed.runner import RunOptions, run_scenario
+
+        s = point.build(self)
+        d = self.point_dir(point.name)
+        humaneval = s.prompts.source == "humaneval"
+        scored = point.scored and humaneval
+        with_ref = scored and self.reference is not None and self.reference != d
+        digest = scenario_hash(s)
+        t = time.time()
+        if self.finished(d, digest, scored, with_ref):
+            status = "cached"
+        else:
+            if d.exists():
+                shutil.rmtree(d)
+            run_scenario(s, RunOptions(out_dir=d, engine=self.engine, progress=False, report=False, accuracy=False))
+            if scored:
+                from testbed.accuracy import score_run
+
+                score_run(d, reference=self.reference if with_ref else None, progress=False)
+            self._mark(d, digest, time.time() - t)
+            status = "ran"
+        self.summaries[point.name] = json.loads((d / "summary.json").read_text(encoding="utf-8"))
+        self._line(point.name, status, time.time() - t)
+        return self.summaries[point.name]
+
+
+# --------------------------------------------------------------------------------------------- figures
+
+
+def paper_throughput(summary: dict) -> float | None:
+    """1 / mean per-token delay over every token of every device: the harmonic mean of the summary's
+    per-device throughputs (each device generates the same number of tokens; module docstring)."""
+    x = [v for v in (summary.get("throughput_tokens_per_s") or {}).get("devices", {}).values() if v]
+    return len(x) / sum(1.0 / v for v in x) if x else None
+
+
+def policy_spec(name: str, fit: Fit, **params: Any) -> dict:
+    """The spec of a preset parameterised by the fit (a, b only where the preset takes them)."""
+    spec: dict[str, Any] = {"name": name}
+    if name in ("u-hlm", "cu-hlm", "cu-hlm-offline", "cu-hlm-adaptive"):
+        spec.update(a=fit.a, b=fit.b)
+    if name == "cu-hlm-offline":
+        spec["k"] = fit.kstar
+    if name == "slm-only":
+        spec["estimator"] = ESTIMATOR  # record u too (the drafts are the same)
+    spec.update(params)
+    return spec
+
+
+def _row(point: Point, summary: dict, hlm_throughput: float | None) -> dict:
+    acc = summary.get("accuracy") or {}
+    thr = paper_throughput(summary)
+    rel, rel_se = acc.get("pass_at_1_relative"), acc.get("pass_at_1_relative_stderr")
+    if point.policy == "llm-only" and acc.get("pass_at_1"):
+        rel, rel_se = 1.0, None  # the reference itself
+    return {
+        "point": point.name, "label": point.label, "group": point.group, "policy": point.policy, **point.meta,
+        "throughput_tokens_per_s": thr,
+        "throughput_ratio_hlm": thr / hlm_throughput if thr and hlm_throughput else None,
+        "skip_rate": summary.get("skip_rate"), "vocab_compression": summary.get("vocab_compression"),
+        "acceptance_rate": summary.get("acceptance_rate"), "uplink_bytes_per_token": summary.get("uplink_bytes_per_token"),
+        "pass_at_1": acc.get("pass_at_1"), "pass_at_1_stderr": acc.get("stderr"),
+        "pass_at_1_relative": rel, "pass_at_1_relative_stderr": rel_se,
+        "fidelity_tv": summary.get("fidelity_tv_mean"), "fidelity_tv_sequence": summary.get("fidelity_tv_sequence_mean"),
+        "tokens": summary.get("tokens"), "devices": summary.get("devices"),
+    }
+
+
+def _figure(w: float, h: float, ncols: int = 1, nrows: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat:
+        ax.grid(True, alpha=0.3)
+        ax.set_axisbelow(True)
+    return fig, axes
+
+
+def _na(ax, text: str = "n/a") -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="gray")
+
+
+def _val(x):
+    return np.nan if x is None else float(x)
+
+
+def plot_vs_u_th(rows: list[dict], refs: dict[str, dict], key: str, ylabel: str, title: str, path: Path,
+                 err: str | None = None, percent: bool = False, fit: Fit | None = None) -> Path:
+    """One figure vs u_th: the cu-hlm sweep (risk-averse, fixed values, risk-prone) with reference lines."""
+    fig, ax = _figure(7.2, 4.4)
+    a = ax[0][0]
+    pts = sorted((r for r in rows if r.get("u_th") is not None), key=lambda r: r["u_th"])
+    x = np.array([r["u_th"] for r in pts], float)
+    y = np.array([_val(r.get(key)) for r in pts], float)
+    scale = 100.0 if percent else 1.0
+    if len(x) and np.isfinite(y).any():
+        e = np.array([_val(r.get(err)) for r in pts], float) * scale if err else None
+        a.errorbar(x, y * scale, yerr=e if e is not None and np.isfinite(e).any() else None, marker="o",
+                   color="#d62728", capsize=3, label="cu-hlm (u <= u_th skipped)")
+        for r in pts:
+            if r["label"] != "cu-hlm" and "risk" not in r["label"]:
+                continue
+            a.annotate(r["label"], (r["u_th"], _val(r.get(key)) * scale), textcoords="offset points", xytext=(4, 6),
+                       fontsize=8)
+    else:
+        _na(a)
+    styles = {"hlm": ("#1f77b4", "--"), "u-hlm": ("#2ca02c", ":"), "slm-only": ("#7f7f7f", "-."),
+              "llm-only": ("#9467bd", (0, (6, 2))), "rand-hlm": ("#8c564b", (0, (2, 2)))}
+    for name, r in refs.items():
+        v = _val(r.get(key))
+        if np.isfinite(v) and name in styles:
+            c, ls = styles[name]
+            a.axhline(v * scale, color=c, ls=ls, lw=1.2, label=f"{name}" + (" (= u_th >= 1)" if name == "slm-only" else ""))
+    if fit is not None:
+        for v, lab in ((fit.u_th_risk_averse, "risk-averse"), (fit.u_th_risk_prone, "risk-prone")):
+            if math.isfinite(v):
+                a.axvline(v, color="k", lw=0.8, alpha=0.4)
+    a.set_xlabel("skip threshold u_th (temperature perturbation u)")
+    a.set_ylabel(ylabel + (" (%)" if percent else ""))
+    a.set_title(title)
+    if a.get_legend_handles_labels()[0]:
+        a.legend(fontsize=8, loc="best")
+    fig.savefig(path)
+    return path
+
+
+def plot_beta_fit(calibration: dict, samples, path: Path) -> Path:
+    names = list(calibration["fits"])
+    fig, ax = _figure(4.0 * len(names), 3.8, ncols=len(names))
+    rng = np.random.default_rng(0)
+    for a, name in zip(ax[0], names):
+        u = samples[f"u_{name}"].to_numpy(float)
+        beta = samples["beta"].to_numpy(float)
+        m = np.isfinite(u) & np.isfinite(beta)
+        if not m.any():
+            _na(a)
+            continue
+        jitter = rng.uniform(-0.006, 0.006, m.sum()) * (np.ptp(u[m]) or 1.0)
+        a.scatter(u[m] + jitter, beta[m], s=7, alpha=0.3, color="#1f77b4", label=f"tokens (n={m.sum()})")
+        f = calibration["fits"][name]
+        grid = np.linspace(float(u[m].min()), float(u[m].max()), 50)
+        if f.get("a") is not None:
+            r = "" if f.get("pearson_r") is None else f", r={f['pearson_r']:.2f}"
+            a.plot(grid, np.clip(f["a"] * grid + f["b"], 0, 1), color="#d62728", lw=2,
+                   label=f"fit: {f['a']:.3f} u {f['b']:+.3f}{r}")
+        if name == ESTIMATOR:
+            a.plot(grid, np.clip(PAPER["fit"]["a"] * grid + PAPER["fit"]["b"], 0, 1), color="gray", ls="--",
+                   label=f"paper: {PAPER['fit']['a']} u {PAPER['fit']['b']:+}")
+        a.set_title(name)
+        a.set_xlabel("uncertainty u")
+        a.set_ylabel("rejection probability beta")
+        a.set_ylim(-0.03, 1.03)
+        a.legend(fontsize=7, loc="upper left")
+    fig.savefig(path)
+    return path
+
+
+def plot_reliability(calibration: dict, path: Path) -> Path:
+    names = list(calibration["reliability"])
+    fig, ax = _figure(4.0 * len(names), 3.8, ncols=len(names))
+    for a, name in zip(ax[0], names):
+        curve = [c for c in calibration["reliability"][name] if c.get("beta_predicted") is not None]
+        a.plot([0, 1], [0, 1], color="gray", ls="--", lw=1, label="perfect calibration")
+        if not curve:
+            _na(a, "no fit")
+        else:
+            px = [c["beta_predicted"] for c in curve]
+            py = [c["beta_observed"] for c in curve]
+            n = np.array([c["n"] for c in curve], float)
+            a.plot(px, py, color="#d62728", lw=1)
+            a.scatter(px, py, s=20 + 180 * n / n.max(), color="#d62728", edgecolor="k", zorder=3,
+                      label="u bins (size ~ tokens)")
+        a.set_xlim(-0.02, 1.02)
+        a.set_ylim(-0.02, 1.02)
+        a.set_title(f"{name}: observed vs predicted beta")
+        a.set_xlabel("predicted beta = clip(a u + b) (bin mean)")
+        a.set_ylabel("observed beta (bin mean)")
+        a.legend(fontsize=7, loc="upper left")
+    fig.savefig(path)
+    return path
+
+
+def plot_theta(rows: list[dict], path: Path) -> Path:
+    fig, ax = _figure(7.2, 4.4)
+    a = ax[0][0]
+    pts = sorted((r for r in rows if r.get("theta") is not None), key=lambda r: r["theta"])
+    x = np.array([r["theta"] for r in pts], float)
+    y = np.array([_val(r.get("vocab_compression")) for r in pts], float) * 100
+    if len(x) and np.isfinite(y).any():
+        a.plot(x, y, marker="o", color="#d62728", label="vocabulary compression")
+        a.set_xscale("log")
+        b = a.twinx()
+        f = np.array([_val(r.get("fidelity_tv")) for r in pts], float)
+        if np.isfinite(f).any():
+            b.plot(x, f, marker="s", color="#1f77b4", ls="--", label="fidelity (mean TV / token)")
+            b.set_ylabel("mean TV distance to the LLM per token")
+            b.legend(fontsize=8, loc="lower right")
+    else:
+        _na(a)
+    a.set_xlabel("distortion budget theta (online k*, risk-averse u_th)")
+    a.set_ylabel("vocabulary compression (%)")
+    a.set_title("Compression vs theta (cu-hlm)")
+    if a.get_legend_handles_labels()[0]:
+        a.legend(fontsize=8, loc="upper left")
+    fig.savefig(path)
+    return path
+
+
+def plot_policies(rows: list[dict], path: Path) -> Path:
+    fig, ax = _figure(11, 4.2, ncols=2)
+    labels = [r["label"] for r in rows]
+    x = np.arange(len(rows))
+    a = ax[0][0]
+    y = [_val(r.get("throughput_ratio_hlm")) for r in rows]
+    bars = a.bar(x, y, color="#1f77b4")
+    a.bar_label(bars, labels=["n/a" if not np.isfinite(v) else f"{v:.2f}" for v in y], fontsize=7)
+    a.set_yscale("log")
+    a.set_title("Token throughput / HLM's")
+    a.set_xticks(x, labels, rotation=35, ha="right", fontsize=8)
+    a = ax[0][1]
+    w = 0.4
+    s = [_val(r.get("skip_rate")) * 100 for r in rows]
+    c = [_val(r.get("vocab_compression")) * 100 for r in rows]
+    a.bar(x - w / 2, s, w, color="#ff7f0e", label="skip rate")
+    a.bar(x + w / 2, c, w, color="#2ca02c", label="vocabulary compression")
+    a.set_ylim(0, 105)
+    a.set_ylabel("%")
+    a.set_title("Transmissions skipped and vocabulary compression")
+    a.set_xticks(x, labels, rotation=35, ha="right", fontsize=8)
+    a.legend(fontsize=8)
+    fig.savefig(path)
+    return path
+
+
+def plot_fleet(rows: list[dict], key: str, ylabel: str, title: str, path: Path, log: bool = False) -> Path:
+    fig, ax = _figure(7.2, 4.4)
+    a = ax[0][0]
+    by: dict[str, list] = {}
+    for r in rows:
+        by.setdefault(r["label"], []).append(r)
+    markers = "osD^vP*Xh"
+    any_data = False
+    for i, (label, rs) in enumerate(by.items()):
+        rs = sorted(rs, key=lambda r: r["fleet_size"])
+        xs = [r["fleet_size"] for r in rs]
+        ys = [_val(r.get(key)) for r in rs]
+        if np.isfinite(ys).any():
+            any_data = True
+            a.plot(xs, ys, marker=markers[i % len(markers)], label=label)
+    if not any_data:
+        _na(a)
+    a.set_xscale("log")
+    if log:
+        a.set_yscale("log")
+    a.set_xlabel("fleet size (devices)")
+    a.set_ylabel(ylabel)
+    a.set_title(title)
+    if a.get_legend_handles_labels()[0]:
+        a.legend(fontsize=7, loc="best", ncols=2)
+    fig.savefig(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- html
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1240px;color:#222;padding:0 16px}
+h1{font-size:1.6em;margin-bottom:4px}h2{margin-top:34px;border-bottom:2px solid #ddd;padding-bottom:4px}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:0.9em}td,th{border:1px solid #ddd;padding:4px 9px;text-align:right}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}figure{margin:10px 0 22px}
+figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:0.9em}.muted{color:#666;font-size:0.9em}
+.paper{color:#8c564b}
+"""
+
+
+def fmt(v: Any, kind: str = "2", se: Any = None) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    if kind == "pct":
+        out = f"{100 * v:.1f}%"
+        return out + (f" ± {100 * se:.1f}" if se is not None else "")
+    if kind == "x":
+        return f"{v:.2f}x"
+    if kind == "e":
+        return f"{v:.2e}"
+    if kind == "int":
+        return f"{int(v):,}"
+    if kind == "bytes":
+        from testbed.results import format_bytes
+
+        return format_bytes(v)
+    if kind == "3":
+        return f"{v:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+    return f"{v:.2f}" + (f" ± {se:.2f}" if se is not None else "")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], classes: Sequence[str] | None = None) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = []
+    for i, r in enumerate(rows):
+        cls = f" class='{classes[i]}'" if classes and classes[i] else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _img(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f"<figure><img alt='{html.escape(path.stem)}' data-plot='{html.escape(path.name)}' "
+            f"src='data:image/png;base64,{data}'><figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _page(title: str, parts: list[str]) -> str:
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
+
+
+POLICY_COLUMNS = ["point", "u_th", "throughput (tok/s)", "ratio to HLM", "skip", "compression", "pass@1",
+                  "pass@1 / llm-only", "fidelity (TV/token)", "uplink / token", "acceptance"]
+
+
+def _policy_cells(r: dict) -> list[str]:
+    return [r["label"], fmt(r.get("u_th"), "3"), fmt(r["throughput_tokens_per_s"]), fmt(r["throughput_ratio_hlm"], "x"),
+            fmt(r["skip_rate"], "pct"), fmt(r["vocab_compression"], "pct"),
+            fmt(r["pass_at_1"], "3", r["pass_at_1_stderr"]),
+            fmt(r["pass_at_1_relative"], "3", r["pass_at_1_relative_stderr"]), fmt(r["fidelity_tv"], "e"),
+            fmt(r["uplink_bytes_per_token"], "bytes"), fmt(r["acceptance_rate"], "pct")]
+
+
+def _paper_cells(name: str) -> list[str] | None:
+    """The paper's headline numbers in the columns of POLICY_COLUMNS (blank where it gives none)."""
+    p = PAPER.get(name)
+    if not p:
+        return None
+    ratio = p["throughput_ratio_hlm"]
+    return [f"paper: {name}", "", "", f"up to {ratio:g}x" if name == "cu-hlm" else f"{ratio:g}x",
+            fmt(p.get("skip_rate"), "pct"), fmt(p.get("vocab_compression"), "pct") if "vocab_compression" in p else "",
+            "", fmt(p.get("pass_at_1_relative"), "pct"), "", "", ""]
+
+
+# --------------------------------------------------------------------------------------------- the paper study
+
+
+def paper_points(size: Size, base: Scenario) -> list[Point]:
+    """Every point of the paper study after the calibration, in run order."""
+
+    def pol(name: str, label: str, group: str = "policy", meta_fn=None, **params):
+        def build(st: Study) -> Scenario:
+            extra = {k: (v(st) if callable(v) else v) for k, v in params.items()}
+            if meta_fn is not None:
+                point.meta.update(meta_fn(st))
+            return with_policy(base, policy_spec(name, st.fit, **extra), f"reproduce-{label}")
+
+        point = Point(label, group, label, build, name)
+        return point
+
+    def thr(rule: str):
+        return lambda st: {"u_th": st.fit.u_th_risk_averse if rule == "risk-averse" else st.fit.u_th_risk_prone}
+
+    pts = [pol("llm-only", "llm-only"), pol("hlm", "hlm"), pol("slm-only", "slm-only"),
+           pol("u-hlm", "u-hlm", meta_fn=thr("risk-averse")),
+           pol("cu-hlm", "cu-hlm", meta_fn=lambda st: {**thr("risk-averse")(st), "theta": DEFAULT_THETA}),
+           pol("cu-hlm-offline", "cu-hlm-offline", meta_fn=lambda st: {"k": st.fit.kstar})]
+    for r in size.risks:
+        pts.append(pol("cu-hlm-adaptive", f"cu-hlm-adaptive-risk{r:g}", meta_fn=lambda st, r=r: {"risk": r}, risk=r))
+    pts.append(pol("cu-hlm", "cu-hlm-risk-prone", "u_th", meta_fn=thr("risk-prone"), threshold="risk-prone"))
+    for v in size.u_th:
+        pts.append(pol("cu-hlm", f"cu-hlm-uth{v:g}", "u_th", meta_fn=lambda st, v=v: {"u_th": v},
+                       threshold="fixed", u_th=v))
+    for v in size.theta:
+        pts.append(pol("cu-hlm", f"cu-hlm-theta{v:g}", "theta",
+                       meta_fn=lambda st, v=v: {"theta": v, "u_th": st.fit.u_th_risk_averse}, theta=v))
+    pts.append(pol("rand-hlm", "rand-hlm", meta_fn=lambda st: {"skip_rate_target": _rand_rate(st)},
+                   skip_rate=_rand_rate))
+    return pts
+
+
+def _rand_rate(st: Study) -> float:
+    """rand-hlm skips at u-hlm's measured rate (rounded, so the scenario is stable)."""
+    return round(float(st.summaries["u-hlm"].get("skip_rate") or 0.0), 4)
+
+
+@dataclass
+class StudyResult:
+    out: Path
+    report: Path
+    rows: list[dict]
+    fit: Fit
+    statuses: dict[str, str]
+
+
+def run_paper(size: str | Size = "smoke", out: str | Path = "runs/reproduce-paper", *, engine: str = "local",
+              sets: dict[str, Any] | None = None, a: float | None = None, b: float | None = None,
+              log: Callable[[str], None] | None = None) -> StudyResult:
+    """The paper study (module docstring); returns the table rows and the report path."""
+    size = SIZES[size] if isinstance(size, str) else size
+    out = Path(out)
+    base = paper_base(size, sets)
+    points = paper_points(size, base)
+    study = Study(out, engine, log, total=len(points) + 1)
+    setting = paper_setting(size, sets)
+    study.llm_ms = llm_ms(setting)
+    study.setting_text = _link_text(setting)
+    study.log(f"reproduce paper --size {size.name}: {base.n_devices} devices (one per problem, "
+              f"humaneval[{size.offset}:{'' if size.count is None else size.offset + size.count}]), "
+              f"{size.max_new_tokens} tokens each, {len(points) + 1} points -> {out}")
+    cal_s = with_policy(_sized_tokens(base, size.calibration_tokens), "hlm", "reproduce-calibration")
+    study.run_calibration(cal_s, size.kstar_tokens)
+    study.fit = choose_fit(study.calibration, a, b)
+    for p in points:
+        study.run_point(p)
+        if p.name == "llm-only":
+            study.reference = study.point_dir("llm-only")
+    rows = paper_rows(points, study)
+    report = write_paper_report(study, size, base, points, rows)
+    return StudyResult(out, report, rows, study.fit, study.statuses)
+
+
+def _sized_tokens(s: Scenario, max_new_tokens: int) -> Scenario:
+    return override(s, {"generation.max_new_tokens": max_new_tokens})
+
+
+def paper_rows(points: list[Point], study: Study) -> list[dict]:
+    hlm = paper_throughput(study.summaries["hlm"])
+    return [_row(p, study.summaries[p.name], hlm) for p in points]
+
+
+def write_paper_report(study: Study, size: Size, base: Scenario, points: list[Point], rows: list[dict]) -> Path:
+    import pandas as pd
+
+    rep = study.out / "report"
+    if rep.exists():
+        shutil.rmtree(rep)
+    rep.mkdir(parents=True)
+    fit, cal = study.fit, study.calibration
+    by = {r["point"]: r for r in rows}
+    refs = {n: by[n] for n in ("hlm", "u-hlm", "slm-only", "llm-only", "rand-hlm") if n in by}
+    sweep = [r for r in rows if r["policy"] == "cu-hlm" and r["group"] in ("policy", "u_th")]
+    samples = pd.read_parquet(study.point_dir("calibration") / "samples.parquet")
+    figs = [
+        (plot_vs_u_th(sweep, refs, "throughput_ratio_hlm", "token throughput / HLM's", "Throughput ratio to HLM vs u_th",
+                      rep / "uth_throughput_ratio.png", fit=fit),
+         "Token throughput (1 / mean per-token delay) of cu-hlm over HLM's, vs its skip threshold. Vertical lines: "
+         "risk-averse and risk-prone thresholds of the fit."),
+        (plot_vs_u_th(sweep, refs, "skip_rate", "transmissions skipped", "Skip rate vs u_th", rep / "uth_skip_rate.png",
+                      percent=True, fit=fit), "Fraction of tokens not uploaded."),
+        (plot_vs_u_th(sweep, refs, "vocab_compression", "vocabulary compression", "Vocabulary compression vs u_th",
+                      rep / "uth_compression.png", percent=True, fit=fit),
+         "1 - mean k / |V| over the uploads (online k*(t), theta = 0.1)."),
+        (plot_vs_u_th(sweep, refs, "pass_at_1_relative", "pass@1 / llm-only's", "HumanEval pass@1 relative to llm-only",
+                      rep / "uth_pass_at_1.png", err="pass_at_1_relative_stderr", fit=fit),
+         "pass@1 from the problems' own unit tests over llm-only's on the same problems and seed; error bars: one "
+         "standard error (delta method). n/a where llm-only passes nothing."),
+        (plot_vs_u_th(sweep, refs, "fidelity_tv", "mean TV distance to the LLM per token", "Fidelity vs u_th",
+                      rep / "uth_fidelity.png", fit=fit),
+         "Exact total-variation distance between the law each token was drawn from and the LLM's, averaged over "
+         "tokens (0 = the LLM's own distribution). n/a where the run did not measure it."),
+        (plot_beta_fit(cal, samples, rep / "beta_u_fit.png"),
+         "Observed beta = max(0, 1 - y_d / x_d) of every token of the calibration run against each estimator's u, "
+         "with its least-squares line (and the paper's line for temperature perturbation)."),
+        (plot_reliability(cal, rep / "reliability.png"),
+         "Binned reliability per estimator: mean observed beta against mean predicted beta of each u bin."),
+        (plot_theta([r for r in rows if r["policy"] == "cu-hlm" and r["group"] in ("policy", "theta")],
+                    rep / "theta_compression.png"),
+         "Vocabulary compression (and fidelity) of cu-hlm at the risk-averse threshold vs the distortion budget theta."),
+        (plot_policies([r for r in rows if r["group"] == "policy"], rep / "policies.png"),
+         "Every policy: throughput over HLM's (log scale), skip rate and compression."),
+    ]
+    (rep / "table.json").write_text(json.dumps({"size": size.name, "fit": fit.__dict__, "calibration": {
+        "fits": cal["fits"], "kstar": cal["kstar"]}, "llm_ms": study.llm_ms, "rows": rows}, indent=2), encoding="utf-8")
+    t_llm = study.llm_ms
+    parts = [f"<h1>Reproducing CU-HLM / U-HLM: --size {html.escape(size.name)}</h1>",
+             f"<p class='muted'>{html.escape(size.why)}. {base.n_devices} devices (one per HumanEval problem "
+             f"{html.escape(cal['prompts'])}), {base.generation.max_new_tokens} tokens each, models "
+             f"{html.escape(str(base.models.slm))} / {html.escape(str(base.models.llm))}, seed {base.seed}. "
+             f"Results: {html.escape(str(study.out))}.</p>"]
+    parts.append("<h2>Headline numbers next to the papers'</h2>")
+    head = []
+    cu, u = by.get("cu-hlm", {}), by.get("u-hlm", {})
+    # "up to": the best cu-hlm point that still verifies something (u_th >= 1 skips every token: slm-only)
+    best = max((r for r in rows if r["policy"] == "cu-hlm" and r.get("throughput_ratio_hlm")
+                and (r.get("skip_rate") or 0.0) < 1.0), key=lambda r: r["throughput_ratio_hlm"], default=None)
+    head += [
+        ["CU-HLM token throughput vs HLM", "up to 206x", f"{fmt(cu.get('throughput_ratio_hlm'), 'x')} (risk-averse); "
+         f"up to {fmt(best and best['throughput_ratio_hlm'], 'x')} ({best['label'] if best else 'n/a'})"],
+        ["CU-HLM transmissions skipped", "74.8%", fmt(cu.get("skip_rate"), "pct")],
+        ["CU-HLM vocabulary compression", "97.4%", fmt(cu.get("vocab_compression"), "pct")],
+        ["CU-HLM accuracy (relative)", "97.4%", fmt(cu.get("pass_at_1_relative"), "pct", cu.get("pass_at_1_relative_stderr"))],
+        ["U-HLM uploads skipped", "45.93%", fmt(u.get("skip_rate"), "pct")],
+        ["U-HLM accuracy / LLM's", "97.54%", fmt(u.get("pass_at_1_relative"), "pct", u.get("pass_at_1_relative_stderr"))],
+        ["U-HLM throughput vs HLM", "2.54x", fmt(u.get("throughput_ratio_hlm"), "x")],
+        ["rejection fit beta ~ a u + b", "a = 0.815, b = -0.066 (TinyLlama / Llama-2)",
+         f"a = {fit.a:.3f}, b = {fit.b:+.3f} ({fit.source}); `testbed calibrate` on the Qwen pair: "
+         f"a = {QWEN_CALIBRATE_FIT['a']}, b = {QWEN_CALIBRATE_FIT['b']}"],
+        ["risk-averse / risk-prone u_th", "0.081 / 0.81",
+         f"{fit.u_th_risk_averse:.3f} / {fit.u_th_risk_prone:.3f} (-b/a and ({RISK_PRONE_BETA_TOL} - b)/a; on the "
+         f"paper's fit this rule gives 0.081 / {(RISK_PRONE_BETA_TOL - PAPER['fit']['b']) / PAPER['fit']['a']:.3f})"],
+        ["offline k*", "-", f"{fit.kstar} (theta {cal['kstar']['theta']}, {cal['kstar']['tokens']} calibration tokens)"],
+        ["fidelity (mean TV / token) cu-hlm vs hlm", "-",
+         f"{fmt(cu.get('fidelity_tv'), 'e')} vs {fmt(by.get('hlm', {}).get('fidelity_tv'), 'e')}"],
+    ]
+    parts.append(_table(["figure", "paper", "this run"], head))
+    parts.append("<h2>Every point</h2>")
+    table, classes = [], []
+    for r in rows:
+        table.append(_policy_cells(r))
+        classes.append("")
+        if r["point"] in ("u-hlm", "cu-hlm") and _paper_cells(r["point"]):
+            table.append(_paper_cells(r["point"]))
+            classes.append("paper")
+    parts.append(_table(POLICY_COLUMNS, table, classes))
+    parts.append("<p class='muted'>throughput: 1 / mean per-token delay over all tokens of all devices (harmonic mean "
+                 "of per-device throughput in emulated time); pass@1 ± one standard error; relative pass@1 ± its "
+                 "delta-method standard error (llm-only is the reference, 1 by definition); fidelity: mean exact TV "
+                 "distance to the LLM's distribution per token, n/a where the run does not measure it.</p>")
+    parts.append("<h2>Figures</h2>" + "".join(_img(p, c) for p, c in figs))
+    parts.append("<h2>Setting</h2>")
+    parts.append(f"<p>Each device: SLM step {base.tiers[0].slm_ms_per_token} ms/token; link "
+                 f"{html.escape(study.setting_text)} (a channel's rate is W log2(1 + SNR)); "
+                 f"LLM step {t_llm:.1f} ms per verification (batch 1), charged on the downlink so that "
+                 f"devices never queue behind each other (each device's trace is what it would be alone). "
+                 f"Token throughput = 1 / (SLM + uplink + LLM + downlink) per transmitted token, 1 / SLM per skipped "
+                 f"token, averaged as 1 / mean delay. HLM uploads the full distribution in float32 "
+                 f"(|V| = {cal['vocab_size']:,}); CU-HLM its top-k*(t) at 8 bits. The papers' 206x is their best "
+                 f"case (their channel and vocabulary); here one channel is measured.</p>")
+    parts.append(_table(["estimator", "a", "b", "pearson r", "-b/a", "tokens"],
+                        [[n, fmt(f.get("a"), "3"), fmt(f.get("b"), "3"), fmt(f.get("pearson_r"), "3"),
+                          fmt(f.get("u_th_risk_averse"), "3"), str(f.get("n"))] for n, f in cal["fits"].items()]))
+    parts.append("<details><summary>points and their status</summary>" + _table(
+        ["point", "status", "directory"], [[n, s, str(study.point_dir(n))] for n, s in study.statuses.items()]) +
+        "</details>")
+    path = rep / "report.html"
+    path.write_text(_page(f"reproduce paper ({size.name})", parts), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------- the fleet study
+
+
+FLEET_POLICIES = ("llm-only", "slm-only", "hlm", "rand-hlm", "u-hlm", "cu-hlm", "cu-hlm-offline", "cu-hlm-adaptive")
+
+
+def fleet_points(size: Size, sets: dict[str, Any] | None) -> list[Point]:
+    pts = []
+    for n in size.fleet_sizes:
+        base = fleet_base(size, n, sets)
+        order = [p for p in FLEET_POLICIES if p != "rand-hlm"] + ["rand-hlm"]  # rand-hlm after u-hlm
+        for name in order:
+            def build(st: Study, name=name, n=n, base=base) -> Scenario:
+                params: dict[str, Any] = {}
+                if name == "cu-hlm-adaptive":
+                    params["risk"] = size.risks[0]
+                if name == "rand-hlm":
+                    params["skip_rate"] = round(float(st.summaries[f"u-hlm-n{n}"].get("skip_rate") or 0.0), 4)
+                return with_policy(base, policy_spec(name, st.fit, **params), f"reproduce-fleet-{name}-n{n}")
+
+            pts.append(Point(f"{name}-n{n}", "fleet", name, build, name, {"fleet_size": n}, scored=False))
+    return pts
+
+
+def run_fleet(size: str | Size = "smoke", out: str | Path = "runs/reproduce-fleet", *, engine: str = "local",
+              sets: dict[str, Any] | None = None, a: float | None = None, b: float | None = None,
+              log: Callable[[str], None] | None = None) -> StudyResult:
+    size = SIZES[size] if isinstance(size, str) else size
+    out = Path(out)
+    points = fleet_points(size, sets)
+    study = Study(out, engine, log, total=len(points) + 1)
+    study.log(f"reproduce fleet --size {size.name}: fleet sizes {', '.join(map(str, size.fleet_sizes))}, "
+              f"{size.fleet_tokens} tokens per device, {len(points) + 1} points -> {out}")
+    cal_base = _sized("reproduce-fleet", size, size.calibration_tokens, sets)
+    d = cal_base.resolved_dict()
+    n_cal = _n_prompts(size)
+    d["tiers"] = [{**d["tiers"][0], "count": n_cal, "policy": "hlm"}]
+    d["name"] = "reproduce-fleet-calibration"
+    study.run_calibration(parse_scenario(d), size.kstar_tokens)
+    study.fit = choose_fit(study.calibration, a, b)
+    for p in points:
+        study.run_point(p)
+    rows = [_fleet_row(p, study.summaries[p.name]) for p in points]
+    report = write_fleet_report(study, size, rows)
+    return StudyResult(out, report, rows, study.fit, study.statuses)
+
+
+def _fleet_row(point: Point, s: dict) -> dict:
+    lat = s.get("token_latency_s") or {}
+    return {"point": point.name, "label": point.label, "policy": point.policy, **point.meta,
+            "system_throughput_tokens_per_s": (s.get("throughput_tokens_per_s") or {}).get("system"),
+            "jain_fairness": s.get("jain_fairness"), "verifier_batch_size_mean": s.get("verifier_batch_size_mean"),
+            "skip_rate": s.get("skip_rate"), "vocab_compression": s.get("vocab_compression"),
+            "uplink_bytes_per_token": s.get("uplink_bytes_per_token"), "latency_p95_s": lat.get("p95"),
+            "fidelity_tv": s.get("fidelity_tv_mean"), "devices": s.get("devices"), "tokens": s.get("tokens")}
+
+
+def write_fleet_report(study: Study, size: Size, rows: list[dict]) -> Path:
+    rep = study.out / "report"
+    if rep.exists():
+        shutil.rmtree(rep)
+    rep.mkdir(parents=True)
+    figs = [
+        (plot_fleet(rows, "system_throughput_tokens_per_s", "tokens / emulated s (all devices)", "System throughput vs fleet size",
+                    rep / "fleet_throughput.png", log=True), "Tokens of the whole fleet per emulated second."),
+        (plot_fleet(rows, "jain_fairness", "Jain fairness of per-device throughput", "Fairness vs fleet size",
+                    rep / "fleet_fairness.png"), "Jain's index over devices' own throughput (1 = all served equally)."),
+        (plot_fleet(rows, "verifier_batch_size_mean", "mean verifier batch (sequences)", "Verifier batch size vs fleet size",
+                    rep / "fleet_batch.png"), "Mean sequences per verifier batch (max_batch of the server profile caps it)."),
+    ]
+    (rep / "table.json").write_text(json.dumps({"size": size.name, "fit": study.fit.__dict__, "rows": rows}, indent=2),
+                                    encoding="utf-8")
+    base = fleet_base(size, size.fleet_sizes[0])
+    tiers = ", ".join(f"{t.name} ({t.slm_ms_per_token} ms/token, {t.link if isinstance(t.link, str) else 'custom link'})"
+                      for t in base.tiers)
+    parts = [f"<h1>CU-HLM on a fleet: --size {html.escape(size.name)}</h1>",
+             f"<p class='muted'>Heterogeneous devices ({html.escape(tiers)}; proportions 2 : 1 : 1) share one verifier "
+             f"(verify {base.server.verify_ms.base} + {base.server.verify_ms.per_token}/token + "
+             f"{base.server.verify_ms.per_sequence}/sequence ms, max batch {base.server.max_batch}). "
+             f"{size.fleet_tokens} tokens per device. Fit a = {study.fit.a:.3f}, b = {study.fit.b:+.3f} "
+             f"({html.escape(study.fit.source)}), offline k* = {study.fit.kstar}.</p>"]
+    cells = [[r["label"], str(r["fleet_size"]), fmt(r["system_throughput_tokens_per_s"]), fmt(r["jain_fairness"], "3"),
+              fmt(r["verifier_batch_size_mean"]), fmt(r["skip_rate"], "pct"), fmt(r["vocab_compression"], "pct"),
+              fmt(r["uplink_bytes_per_token"], "bytes"),
+              "n/a" if r["latency_p95_s"] is None else f"{1000 * r['latency_p95_s']:.1f} ms", fmt(r["fidelity_tv"], "e")]
+             for r in rows]
+    parts.append(_table(["policy", "devices", "system throughput (tok/s)", "Jain", "verifier batch", "skip", "compression",
+                         "uplink / token", "latency p95", "fidelity (TV/token)"], cells))
+    parts.append("<h2>Figures</h2>" + "".join(_img(p, c) for p, c in figs))
+    path = rep / "report.html"
+    path.write_text(_page(f"reproduce fleet ({size.name})", parts), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------- estimate
+
+STEP_S = (4.0, 8.0)  # one generated token-step (SLM + LLM, every device at once) at batch 1, 2-core CPU
+PREFILL_TILE_S = (0.1, 0.3)  # one 16-row tile of prompt prefill through both models (assumed: GEMMs only)
+STEP_WEIGHT = {"llm-only": 0.75, "slm-only": 0.25}  # by parameter count: the LLM ~3/4 of a step, the SLM ~1/4
+
+
+def estimate(kind: str, size: str | Size) -> dict:
+    """Rough wall time of a study on the 2-core development CPU (the papers' models; meaningless for tiny):
+    the virtual clock computes content at full batch across devices (agents.engine), and with the packed
+    forward up to 16 devices share one GEMM tile, so a point costs ~max_new_tokens token-steps whatever the
+    number of devices (<= 16) plus the prompts' prefill (ceil(prompt tokens / 16) tiles through both models)."""
+    size = SIZES[size] if isinstance(size, str) else size
+    from testbed.prompts import humaneval_problems
+
+    problems = humaneval_problems()[size.offset:None if size.count is None else size.offset + size.count]
+    try:
+        from agents.models import load_tokenizer
+
+        tok = load_tokenizer("qwen2.5-coder:slm")
+        prompt_tokens = sum(len(tok(p["prompt"])["input_ids"]) for p in problems)
+        how = "Qwen tokenizer"
+    except Exception:  # noqa: BLE001 - no prepared pair: approximate
+        prompt_tokens = int(sum(len(p["prompt"]) for p in problems) / 3.2)
+        how = "chars / 3.2"
+    if kind == "paper":
+        names = ["llm-only", "hlm", "slm-only", "u-hlm", "cu-hlm", "cu-hlm-offline", *["a"] * len(size.risks),
+                 "rp", *["u"] * len(size.u_th), *["t"] * len(size.theta), "rand-hlm"]
+        steps = sum(STEP_WEIGHT.get(n, 1.0) for n in names) * size.max_new_tokens + size.calibration_tokens
+        runs = len(names) + 1
+        tiles = runs * math.ceil(prompt_tokens / 16)
+        batch_tiles = math.ceil(len(problems) / 16)
+    else:
+        steps, tiles, runs, batch_tiles = 0.0, 0, 1, 1
+        for n in size.fleet_sizes:
+            per = sum(STEP_WEIGHT.get(p, 1.0) for p in FLEET_POLICIES) * size.fleet_tokens * math.ceil(n / 16)
+            steps += per
+            reps = n / len(problems)
+            tiles += len(FLEET_POLICIES) * math.ceil(prompt_tokens * reps / 16)
+            runs += len(FLEET_POLICIES)
+        steps += size.calibration_tokens
+        tiles += math.ceil(prompt_tokens / 16)
+    steps *= batch_tiles if kind == "paper" else 1
+    lo = steps * STEP_S[0] + tiles * PREFILL_TILE_S[0]
+    hi = steps * STEP_S[1] + tiles * PREFILL_TILE_S[1]
+    return {"kind": kind, "size": size.name, "runs": runs, "token_steps": steps, "prompt_tokens": prompt_tokens,
+            "prompt_tokens_from": how, "prefill_tiles": tiles, "seconds": [lo, hi], "minutes": [lo / 60, hi / 60],
+            "assumptions": {"token_step_s": STEP_S, "prefill_tile_s": PREFILL_TILE_S, "step_weight": STEP_WEIGHT}}

@@ -1,0 +1,214 @@
+"""testbed reproduce paper|fleet (testbed/reproduce.py) on tiny models, local engine."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from testbed import reproduce
+from testbed.reproduce import SIZES, Study, fleet_counts, paper_base, paper_throughput, with_policy
+
+PNG = b"\x89PNG\r\n\x1a\n"
+PAPER_FIGURES = ["uth_throughput_ratio", "uth_skip_rate", "uth_compression", "uth_pass_at_1", "uth_fidelity",
+                 "beta_u_fit", "reliability", "theta_compression", "policies"]
+FLEET_FIGURES = ["fleet_throughput", "fleet_fairness", "fleet_batch"]
+
+
+@pytest.fixture(scope="module")
+def paper(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce") / "paper"
+    lines: list[str] = []
+    t = time.time()
+    result = reproduce.run_paper("smoke", out, log=lines.append)
+    return {"out": out, "result": result, "lines": lines, "seconds": time.time() - t}
+
+
+def _figures_ok(report: Path, names: list[str]) -> str:
+    page = report.read_text(encoding="utf-8")
+    for name in names:
+        png = report.parent / f"{name}.png"
+        assert png.is_file() and png.stat().st_size > 1000, png
+        assert png.read_bytes()[:8] == PNG, png
+        assert f"data-plot='{name}.png'" in page, name
+    assert page.count("src='data:image/png;base64,") == len(names)
+    return page
+
+
+def test_paper_smoke_end_to_end(paper):
+    result, out = paper["result"], paper["out"]
+    page = _figures_ok(result.report, PAPER_FIGURES)
+    labels = [r["label"] for r in result.rows]
+    for policy in reproduce.POLICIES:  # every policy has a row (adaptive at each risk budget)
+        assert any(r["policy"] == policy for r in result.rows), policy
+        assert any(lab == policy or lab.startswith(policy + "-") for lab in labels)
+    assert [r["label"] for r in result.rows if r["group"] == "u_th"] == [
+        "cu-hlm-risk-prone", *(f"cu-hlm-uth{v:g}" for v in SIZES["smoke"].u_th)]
+    for label in labels:
+        assert f"<td>{label}</td>" in page
+    assert "up to 206x" in page and "45.93%" in page and "0.081 / 0.81" in page  # the papers' numbers
+    # progress: one line per point, done/total and elapsed
+    total = len(result.rows) + 1
+    assert len(paper["lines"]) == total + 1  # + the header
+    assert all(re.match(rf"\[\s*\d+/{total}\] \S+: ran in [\d.]+ s \(elapsed [\d.]+ s\)$", l) for l in paper["lines"][1:])
+    # the runs are what the table says: the risk-prone point uses the fitted (a, b)
+    fit = result.fit
+    by = {r["point"]: r for r in result.rows}
+    assert by["cu-hlm-risk-prone"]["u_th"] == pytest.approx((0.5 - fit.b) / fit.a)
+    assert by["hlm"]["throughput_ratio_hlm"] == 1.0 and by["hlm"]["vocab_compression"] == 0.0
+    assert by["slm-only"]["skip_rate"] == 1.0 and by["cu-hlm-uth1"]["skip_rate"] == 1.0
+    s = (out / "points/cu-hlm-offline/scenario.yaml").read_text()
+    assert f"k: {fit.kstar}" in s and "name: cu-hlm-offline" in s
+    rand = json.loads((out / "points/rand-hlm/summary.json").read_text())
+    assert (out / "points/rand-hlm/scenario.yaml").read_text().count(
+        f"skip_rate: {round(by['u-hlm']['skip_rate'], 4)}") == 1
+    assert rand["complete"] and "accuracy" in rand
+
+
+def test_paper_table_equals_point_summaries(paper):
+    out, result = paper["out"], paper["result"]
+    table = json.loads((out / "report/table.json").read_text())
+    assert table["rows"] == json.loads(json.dumps(result.rows))
+    hlm = json.loads((out / "points/hlm/summary.json").read_text())
+    hlm_thr = paper_throughput(hlm)
+    page = result.report.read_text(encoding="utf-8")
+    for r in table["rows"]:
+        s = json.loads((out / "points" / r["point"] / "summary.json").read_text())
+        devices = list(s["throughput_tokens_per_s"]["devices"].values())
+        assert r["throughput_tokens_per_s"] == pytest.approx(len(devices) / sum(1 / x for x in devices), rel=1e-12)
+        assert r["throughput_ratio_hlm"] == pytest.approx(r["throughput_tokens_per_s"] / hlm_thr, rel=1e-12)
+        assert r["skip_rate"] == s["skip_rate"] and r["vocab_compression"] == s["vocab_compression"]
+        assert r["fidelity_tv"] == s.get("fidelity_tv_mean")
+        acc = s["accuracy"]
+        assert r["pass_at_1"] == acc["pass_at_1"] and r["pass_at_1_stderr"] == acc["stderr"]
+        if r["policy"] != "llm-only":
+            assert r["pass_at_1_relative"] == acc.get("pass_at_1_relative")
+            assert r["pass_at_1_relative_stderr"] == acc.get("pass_at_1_relative_stderr")
+            assert acc["reference"]["run_dir"] == str(out / "points/llm-only")
+        # the HTML row shows the same numbers
+        cells = reproduce._policy_cells(r)
+        assert "<tr><td>" + "</td><td>".join(cells) + "</td></tr>" in page
+
+
+def test_paper_resumes(paper, tmp_path):
+    out = tmp_path / "paper"
+    shutil.copytree(paper["out"], out)
+    rows = paper["result"].rows
+    lines: list[str] = []
+    t = time.time()
+    again = reproduce.run_paper("smoke", out, log=lines.append)
+    fast = time.time() - t
+    assert set(again.statuses.values()) == {"cached"} and again.rows == rows
+    assert fast < paper["seconds"]
+    assert all(": cached in " in line for line in lines[1:])
+    # an interrupted point (summary cut short, no point.json) and a half-written one are redone, alone
+    victim, partial = out / "points/cu-hlm-uth0.3", out / "points/u-hlm"
+    (victim / "point.json").unlink()
+    s = json.loads((victim / "summary.json").read_text())
+    (victim / "summary.json").write_text(json.dumps({**s, "complete": False, "interrupted": True}))
+    (partial / "summary.json").write_text("{")  # torn write
+    other = out / "points/hlm/tokens.parquet"
+    before = other.stat().st_mtime_ns
+    third = reproduce.run_paper("smoke", out, log=lambda line: None)
+    ran = {n for n, st in third.statuses.items() if st == "ran"}
+    assert ran == {"cu-hlm-uth0.3", "u-hlm"}
+    assert other.stat().st_mtime_ns == before
+    assert third.rows == rows  # deterministic: the redone points give the same numbers
+
+
+def test_finished_needs_matching_scenario(tmp_path):
+    d = tmp_path / "p"
+    d.mkdir()
+    (d / "summary.json").write_text(json.dumps({"complete": True, "accuracy": {"pass_at_1_relative": 1.0}}))
+    st = Study(tmp_path)
+    st._mark(d, "abc", 1.0)
+    assert Study.finished(d, "abc", True, True)
+    assert not Study.finished(d, "other", True, True)  # a changed parameter is recomputed
+    (d / "summary.json").write_text(json.dumps({"complete": True}))
+    assert not Study.finished(d, "abc", True, False)  # scored points need their accuracy block
+    assert Study.finished(d, "abc", False, False)
+
+
+def test_paper_devices_do_not_distort_each_other(tmp_path):
+    """The isolated setting: a device's trace is the one it has alone, and the summary's per-device
+    throughput is 1 / mean per-token delay = SLM + uplink + LLM + downlink per transmitted token."""
+    from testbed.runner import RunOptions, run_scenario
+
+    fit = reproduce.Fit(0.815, -0.066, "paper", 16)
+    spec = reproduce.policy_spec("cu-hlm", fit, threshold="fixed", u_th=0.5)
+    runs = {}
+    for n in (1, 4):
+        base = paper_base(dataclasses.replace(SIZES["smoke"], count=n, max_new_tokens=6))
+        assert base.server.verify_ms.base == 0 and base.server.max_batch == n
+        runs[n] = run_scenario(with_policy(base, spec, f"iso{n}"),
+                               RunOptions(out_dir=tmp_path / str(n), engine="local", progress=False, report=False,
+                                          accuracy=False))
+    t = {n: pd.read_parquet(tmp_path / str(n) / "tokens.parquet") for n in runs}
+    alone, among = t[1], t[4][t[4]["device"] == 0].reset_index(drop=True)
+    for col in ("token_id", "transmitted", "t_draft_start", "t_commit"):
+        assert alone[col].tolist() == among[col].tolist()
+    assert runs[1]["throughput_tokens_per_s"]["devices"]["0"] == runs[4]["throughput_tokens_per_s"]["devices"]["0"]
+    df = t[4]
+    delay = df["t_commit"] - df["t_draft_start"]
+    for dev, g in df.groupby("device"):
+        assert runs[4]["throughput_tokens_per_s"]["devices"][str(dev)] == pytest.approx(1 / delay[g.index].mean())
+    slm = base.tiers[0].slm_ms_per_token / 1000
+    llm = reproduce.llm_ms(reproduce.paper_setting(SIZES["smoke"])) / 1000
+    skipped, sent = ~df["transmitted"], df["transmitted"]
+    assert skipped.any() and sent.any()
+    assert np.allclose(delay[skipped], slm)
+    assert (delay[sent] > slm + llm + 2 * 0.005).all()  # + both links' 5 ms delay and the transfers
+
+
+def test_fleet_counts():
+    assert fleet_counts([2, 1, 1], 4) == [2, 1, 1]
+    assert fleet_counts([2, 1, 1], 6) == [3, 2, 1]
+    for n in (3, 5, 16, 64, 1000):
+        c = fleet_counts([2, 1, 1], n)
+        assert sum(c) == n and min(c) >= 1
+    assert sum(fleet_counts([2, 1, 1], 2)) == 2
+
+
+def test_fleet_smoke_end_to_end(tmp_path):
+    lines: list[str] = []
+    result = reproduce.run_fleet("smoke", tmp_path / "fleet", log=lines.append)
+    page = _figures_ok(result.report, FLEET_FIGURES)
+    sizes = SIZES["smoke"].fleet_sizes
+    assert {(r["policy"], r["fleet_size"]) for r in result.rows} == {(p, n) for p in reproduce.FLEET_POLICIES
+                                                                     for n in sizes}
+    for r in result.rows:
+        s = json.loads((tmp_path / "fleet/points" / r["point"] / "summary.json").read_text())
+        assert s["devices"] == r["fleet_size"] and len(s["tiers"]) == min(3, r["fleet_size"])
+        assert r["system_throughput_tokens_per_s"] == s["throughput_tokens_per_s"]["system"]
+        assert r["jain_fairness"] == s["jain_fairness"]
+        assert r["verifier_batch_size_mean"] == s["verifier_batch_size_mean"]
+        assert f"<td>{r['label']}</td><td>{r['fleet_size']}</td>" in page
+    assert len(lines) == len(result.rows) + 2
+
+
+def test_cli_resumes_and_estimates(paper, tmp_path):
+    from typer.testing import CliRunner
+
+    from testbed.cli import app
+
+    out = tmp_path / "paper"
+    shutil.copytree(paper["out"], out)
+    r = CliRunner().invoke(app, ["reproduce", "paper", "--size", "smoke", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    text = r.output + (r.stderr if hasattr(r, "stderr") else "")
+    assert "cached in" in text and "report:" in text
+    doc = json.loads(r.stdout[r.stdout.index("{"):])
+    assert doc["rows"] == json.loads(json.dumps(paper["result"].rows))
+    r = CliRunner().invoke(app, ["reproduce", "paper", "--size", "small", "--estimate", "--json"])
+    assert r.exit_code == 0, r.output
+    est = json.loads(r.stdout)
+    # small is sized for under an hour on 2 CPU cores at the brief's 4-8 s per token-step (upper end ~60 min)
+    assert est["size"] == "small" and sum(est["minutes"]) / 2 < 60 and est["minutes"][1] < 65
+    r = CliRunner().invoke(app, ["reproduce", "paper", "--size", "huge"])
+    assert r.exit_code != 0
