@@ -117,7 +117,7 @@ TINY = {"slm": "tiny:slm", "llm": "tiny:llm", "dtype": "float32"}
 SIZES: dict[str, Size] = {
     "smoke": Size("smoke", TINY, 0, 4, 8, 8, 32, (0.3, 1.0), (0.5,), (0.05,), (2, 6), 8,
                   "tiny random models, 4 problems x 8 tokens: the whole pipeline in seconds (CI)"),
-    "small": Size("small", None, 22, 16, 32, 16, 128, (0.25, 0.5), (0.02, 0.5), (0.02,), (4, 16), 24,
+    "small": Size("small", None, 22, 16, 32, 16, 128, (0.25, 0.5), (0.02, 0.5), (0.005, 0.01, 0.02), (4, 16), 24,
                   "the Qwen pair on HumanEval/22..37 x 32 tokens: 16 problems fill one 16-row GEMM tile, "
                   "so the content pass's batch costs what batch 1 does; of all 16-problem windows this "
                   "one has the most canonical solutions within 28 tokens (11 of 16), so 32 new tokens let "
