@@ -98,7 +98,7 @@ class DeviceGroup:
     """Hosts many virtual devices with one SLM copy; talks DEALER to the verifier."""
 
     def __init__(self, group_id: int, specs: list[DeviceSpec], run: RunParams, slm_spec, policy_specs: dict,
-                 endpoint: str, clock: ClockParams, threads: int = 1, dtype: str | None = None, device: str = "cpu",
+                 endpoint: str | None, clock: ClockParams, threads: int = 1, dtype: str | None = None, device: str = "cpu",
                  record: bool = False):
         from agents.lm import BatchedLM
         from agents.models import load_model
@@ -129,11 +129,14 @@ class DeviceGroup:
     def ready(self) -> bool:
         return True
 
-    def run(self, t0: float | None = None) -> dict:
+    def run(self, t0: float | None = None, endpoint: str | None = None) -> dict:
         """Emulate every device to the end. `t0`: the wall clock's emulated zero (real time),
-        given once every actor is up so model loading does not count as lag."""
+        given once every actor is up so model loading does not count as lag. `endpoint`: the
+        verifier's, when it was not known at construction (groups start while the verifier loads)."""
         if t0 is not None:
             self.clock = replace(self.clock, t0=t0)
+        if endpoint is not None:
+            self.endpoint = endpoint
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)

@@ -116,16 +116,26 @@ def compute_info(p: Plan, lms: Mapping[str, Any]) -> dict:
 def run_scenario(s: Scenario, opts: RunOptions) -> dict:
     """Run one scenario to the end; returns the summary (also written to opts.out_dir)."""
     t0 = time.time()
-    p = plan(s)
-    opts.out_dir.mkdir(parents=True, exist_ok=True)
-    dump_scenario(resolved_scenario(p), opts.out_dir / "scenario.yaml")
-    sinks = Sinks(p, opts)
+    if opts.engine == "ray":
+        p, ray_owned, ray_s = _plan_while_ray_starts(s, opts)
+    else:
+        p, ray_owned, ray_s = plan(s), False, 0.0
+    try:
+        opts.out_dir.mkdir(parents=True, exist_ok=True)
+        dump_scenario(resolved_scenario(p), opts.out_dir / "scenario.yaml")
+        sinks = Sinks(p, opts)
+    except BaseException:
+        if ray_owned:
+            import ray
+
+            ray.shutdown()
+        raise
     rows, batches, status = [], [], {}
     try:
         if opts.engine == "local":
             rows, batches, status = _run_local(p, opts, sinks)
         elif opts.engine == "ray":
-            rows, batches, status = _run_ray(p, opts, sinks)
+            rows, batches, status = _run_ray(p, opts, sinks, ray_owned, ray_s)
         else:
             raise ValueError(f"engine must be ray or local, got {opts.engine!r}")
     finally:
@@ -250,7 +260,41 @@ def _local_gpus(s: Scenario) -> int:
     return torch.cuda.device_count()
 
 
-def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks"):
+def _plan_while_ray_starts(s: Scenario, opts: RunOptions) -> tuple[Plan, bool, float]:
+    """plan(s) in a thread while Ray starts in this one (each takes seconds: tokenizer, imports;
+    Ray's processes). Returns (plan, whether this call started Ray, Ray's start-up seconds)."""
+    import threading
+
+    import ray
+
+    box: dict = {}
+
+    def work() -> None:
+        try:
+            box["plan"] = plan(s)
+        except BaseException as err:  # re-raised in the caller's thread
+            box["error"] = err
+
+    worker = threading.Thread(target=work, name="plan", daemon=True)
+    worker.start()
+    owned = not ray.is_initialized()
+    t = time.perf_counter()
+    try:
+        if owned:
+            ray.init(address=opts.address, include_dashboard=False, configure_logging=False, log_to_driver=True,
+                     **({} if opts.address else {"num_cpus": max(2, s.n_devices // s.actors.devices_per_group + 1),
+                                                 "num_gpus": _local_gpus(s)}))
+    finally:
+        worker.join()
+    ray_s = time.perf_counter() - t
+    if "error" in box:
+        if owned:
+            ray.shutdown()
+        raise box["error"]
+    return box["plan"], owned, ray_s
+
+
+def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: float):
     import ray
 
     from agents.actors import ClockParams, DeviceGroup, Verifier, max_rss_bytes
@@ -260,12 +304,6 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks"):
 
     from testbed.profile import breakdown
 
-    t_start = time.perf_counter()
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=opts.address, include_dashboard=False, configure_logging=False, log_to_driver=True,
-                 **({} if opts.address else {"num_cpus": max(2, len(p.specs) // p.scenario.actors.devices_per_group + 1),
-                                             "num_gpus": _local_gpus(p.scenario)}))
     t_ray = time.perf_counter()
     s = p.scenario
     a = s.actors
@@ -283,19 +321,21 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks"):
             threads=a.verifier_threads, expected_sessions=len(p.specs), dtype=p.llm_dtype, device=a.verifier_device,
             allowed_devices=[d.device for d in p.specs], mode="content" if two_pass else "emulate")
         actors.append(verifier)
+        # Groups start (worker process, SLM load) while the verifier loads its LLM; they learn
+        # the endpoint when they run.
+        group_cls = ray.remote(**resources["group"])(DeviceGroup)
+        groups = [group_cls.remote(i, [p.specs[d.device_id] for d in members], p.run, p.slm, p.policy_specs,
+                                   None, clock, a.group_threads, p.slm_dtype, a.group_device, two_pass)
+                  for i, members in enumerate(device_groups(s))]
+        actors.extend(groups)
         endpoint = ray.get(verifier.start.remote())
         if opts.address and endpoint.startswith("tcp://0.0.0.0"):
             endpoint = endpoint.replace("0.0.0.0", ray.util.get_node_ip_address(), 1)
-        group_cls = ray.remote(**resources["group"])(DeviceGroup)
-        groups = [group_cls.remote(i, [p.specs[d.device_id] for d in members], p.run, p.slm, p.policy_specs,
-                                   endpoint, clock, a.group_threads, p.slm_dtype, a.group_device, two_pass)
-                  for i, members in enumerate(device_groups(s))]
-        actors.extend(groups)
         ray.get([g.ready.remote() for g in groups])  # models loaded: emulated time may start
         t_ready = time.perf_counter()
         t0 = time.time() + 0.2
         ray.get(verifier.set_t0.remote(t0))
-        refs = {g.run.remote(t0): g for g in groups}
+        refs = {g.run.remote(t0, endpoint): g for g in groups}
         pending = list(refs)
         rows: list[dict] = []
         rss = 0
@@ -339,7 +379,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks"):
         groups_t = merge(*group_timings)
         load = max([t.get("startup.model_load", {}).get("seconds", 0.0) for t in group_timings]
                    + [status["timings"].get("startup.model_load", {}).get("seconds", 0.0)])
-        startup = {"ray": t_ray - t_start, "actors_ready": t_ready - t_ray, "model_load": load}
+        startup = {"ray (with planning alongside)": ray_s, "actors_ready": t_ready - t_ray, "model_load": load}
         out = {"protocol_errors": status["errors"], "lag_s": status["lag_s"], "peak_rss_bytes": rss,
                "compute": {**compute_info(p, {**lms, "llm": status["lm"]}),
                            "memory": {"verifier": status["memory"], **memory}},
