@@ -1154,7 +1154,10 @@ def write_fleet_report(study: Study, size: Size, rows: list[dict]) -> Path:
 
 # --------------------------------------------------------------------------------------------- estimate
 
-STEP_S = (4.0, 8.0)  # one generated token-step (SLM + LLM, every device at once) at batch 1, 2-core CPU
+# One generated token-step (SLM + LLM, every device at once) on a 2-core CPU. Low end measured: the
+# small study's first 14 points took 15 m 49 s on a 2-core AMD EPYC with AVX512-BF16 (bf16, ~1.7 s
+# per step with prefill); high end allows an fp32-only CPU (no native bf16: forwards ~3-4x slower).
+STEP_S = (1.5, 6.0)
 PREFILL_TILE_S = (0.1, 0.3)  # one 16-row tile of prompt prefill through both models (assumed: GEMMs only)
 STEP_WEIGHT = {"llm-only": 0.75, "slm-only": 0.25}  # by parameter count: the LLM ~3/4 of a step, the SLM ~1/4
 
