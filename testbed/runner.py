@@ -281,7 +281,10 @@ def _plan_while_ray_starts(s: Scenario, opts: RunOptions) -> tuple[Plan, bool, f
     t = time.perf_counter()
     try:
         if owned:
-            ray.init(address=opts.address, include_dashboard=False, configure_logging=False, log_to_driver=True,
+            # No --address: always a new local Ray ("local"), never a cluster a stale
+            # /tmp/ray/ray_current_cluster file points at.
+            ray.init(address=opts.address or "local", include_dashboard=False, configure_logging=False,
+                     log_to_driver=True,
                      **({} if opts.address else {"num_cpus": max(2, s.n_devices // s.actors.devices_per_group + 1),
                                                  "num_gpus": _local_gpus(s)}))
     finally:
