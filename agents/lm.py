@@ -63,17 +63,20 @@ def _tiles(n: int, size: int):
     return ((i, min(i + size, n)) for i in range(0, n, size))
 
 
+def _pad_rows(x: torch.Tensor, tile: int) -> torch.Tensor:
+    """x with zero rows appended up to a multiple of `tile` rows."""
+    pad = -x.shape[0] % tile
+    return torch.cat([x, x.new_zeros(pad, x.shape[1])]) if pad else x
+
+
 def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int) -> torch.Tensor:
     """x @ weight.T + bias as calls of exactly `tile` rows each (the last one zero-padded), so a
     row's bits do not depend on how many rows came with it."""
-    n = x.shape[0]
-    pad = -n % tile
-    if pad:
-        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-    out = x.new_empty(n + pad, weight.shape[0])
-    for a, b in _tiles(n + pad, tile):
-        out[a:b] = F.linear(x[a:b], weight, bias)
-    return out[:n]
+    xp = _pad_rows(x, tile)
+    out = xp.new_empty(xp.shape[0], weight.shape[0])
+    for a, b in _tiles(xp.shape[0], tile):
+        out[a:b] = F.linear(xp[a:b], weight, bias)
+    return out[: x.shape[0]]
 
 
 def chunked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -238,8 +241,7 @@ class BatchedLM:
     @staticmethod
     def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
         """The model's RMSNorm module, one fixed tile of rows per call."""
-        pad = -x.shape[0] % ROW_TILE
-        xp = torch.cat([x, x.new_zeros(pad, x.shape[1])]) if pad else x
+        xp = _pad_rows(x, ROW_TILE)
         return torch.cat([norm(xp[a:b]) for a, b in _tiles(xp.shape[0], ROW_TILE)])[: x.shape[0]]
 
     def _extend_packed(self, ids, tokens, all_positions: bool, want_logits: bool) -> list[np.ndarray]:

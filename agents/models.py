@@ -482,6 +482,20 @@ def _dtype_name(dtype: torch.dtype | str | None) -> str | None:
     raise ModelError(f"dtype must be one of auto, float32, bfloat16, float16; got {dtype!r}")
 
 
+def model_dtype(spec, dtype: torch.dtype | str | None, device: str = "cpu") -> str:
+    """The dtype name a spec loads in: auto/None -> agents.hardware.auto_dtype for `device`, except
+    tiny models, which are test fixtures compared exactly in fp32 unless a dtype is named."""
+    from agents.hardware import resolve_dtype
+
+    name = _dtype_name(dtype)
+    if parse_spec(spec).kind == "tiny" and name in (None, "auto"):
+        return "float32"
+    try:
+        return resolve_dtype(name, device)
+    except ValueError as err:
+        raise ModelError(str(err)) from None
+
+
 def dtype_folder(spec: ModelSpec, dtype: str) -> Path:
     """The prepared folder of a bundled member in `dtype`: the prepared (bf16) folder itself, or a
     sibling ``<role>-<dtype>`` saved once as safetensors from it (an exact upcast), so every
@@ -532,16 +546,8 @@ def load_model(
     from its folder in that very dtype (dtype_folder), so it stays memory-mapped from safetensors
     (measured: 1.5B bf16 -> 3.1 GB RssFile, 0.26 GB anonymous) and several actors on one machine
     share one copy in the page cache."""
-    from agents.hardware import resolve_dtype
-
     spec = parse_spec(spec)
-    name = _dtype_name(dtype)
-    if spec.kind == "tiny":  # test fixtures: compared exactly in fp32 unless a dtype is named
-        name = "float32" if name in (None, "auto") else name
-    try:
-        name = resolve_dtype(name, str(device))
-    except ValueError as err:
-        raise ModelError(str(err)) from None
+    name = model_dtype(spec, dtype, str(device))
     torch_dtype = getattr(torch, name)
     if spec.kind == "tiny":
         model = build_tiny(spec.tiny)

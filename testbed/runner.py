@@ -50,19 +50,8 @@ class Plan:
     llm_dtype: str = "float32"
 
 
-def resolved_dtype(spec, dtype: str, device: str) -> str:
-    """models.dtype for one model: auto -> what the hardware runs fastest (agents.hardware); tiny
-    models are test fixtures and stay fp32 under auto (as agents.models.load_model does)."""
-    from agents.hardware import resolve_dtype
-    from agents.models import parse_spec
-
-    if dtype == "auto" and parse_spec(spec).kind == "tiny":
-        return "float32"
-    return resolve_dtype(dtype, device)
-
-
 def plan(s: Scenario) -> Plan:
-    from agents.models import load_tokenizer, vocab_size
+    from agents.models import load_tokenizer, model_dtype, vocab_size
     from testbed.prompts import load_prompts, prompt_index
 
     tokenizer = load_tokenizer(s.models.slm)
@@ -87,8 +76,8 @@ def plan(s: Scenario) -> Plan:
     run = RunParams(seed=s.seed, max_new_tokens=s.generation.max_new_tokens,
                     temperature=s.generation.temperature, vocab_size=vocab, batch_slm=s.actors.batch_slm)
     return Plan(s, specs, run, s.server.profile(), policy_specs, s.models.slm, s.models.llm,
-                resolved_dtype(s.models.slm, s.models.dtype, s.actors.group_device),
-                resolved_dtype(s.models.llm, s.models.dtype, s.actors.verifier_device))
+                model_dtype(s.models.slm, s.models.dtype, s.actors.group_device),
+                model_dtype(s.models.llm, s.models.dtype, s.actors.verifier_device))
 
 
 def resolved_scenario(p: Plan) -> Scenario:
