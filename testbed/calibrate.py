@@ -78,29 +78,45 @@ def calibrate(slm_spec, llm_spec, prompt_ids: list[list[int]], max_new_tokens: i
     return Calibration(samples, fits)
 
 
-def plot(cal: Calibration, path: Path) -> Path:
-    import matplotlib
+def plot_beta_fits(samples: pd.DataFrame, fits: dict[str, dict], path: Path,
+                   paper_estimator: str = "temperature") -> Path:
+    """One panel per estimator: observed beta of every token against its u (columns u_<name>),
+    the fitted line, and for `paper_estimator` the paper's line. Used by `testbed calibrate`
+    and `testbed reproduce`."""
+    from policies.rejection import PAPER_A, PAPER_B
+    from testbed.figures import num
+    from testbed.report import new_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(cal.fits)
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        u, beta = cal.samples[f"u_{name}"], cal.samples["beta"]
-        ax.scatter(u, beta, s=6, alpha=0.35, color="tab:blue", label="tokens")
-        f = cal.fits[name]
+    names = list(fits)
+    fig, ax = new_figure(4.0 * len(names), 3.8, ncols=len(names))
+    fig.suptitle(f"beta vs uncertainty ({len(samples)} tokens)")
+    rng = np.random.default_rng(0)
+    for a, name in zip(ax[0], names):
+        u = samples[f"u_{name}"].to_numpy(float)
+        beta = samples["beta"].to_numpy(float)
+        m = np.isfinite(u) & np.isfinite(beta)
+        if not m.any():
+            a.text(0.5, 0.5, "n/a", ha="center", va="center", transform=a.transAxes, fontsize=12, color="gray")
+            continue
+        jitter = rng.uniform(-0.006, 0.006, m.sum()) * (np.ptp(u[m]) or 1.0)  # u is often discrete (j / K)
+        a.scatter(u[m] + jitter, beta[m], s=7, alpha=0.3, color="#1f77b4", label=f"tokens (n={m.sum()})")
+        f = fits[name]
+        grid = np.linspace(float(u[m].min()), float(u[m].max()), 50)
         if f.get("a") is not None:
-            grid = np.linspace(float(u.min()), float(u.max()), 50)
-            ax.plot(grid, np.clip(f["a"] * grid + f["b"], 0, 1), color="tab:red",
-                    label=f"beta = {f['a']:.3f}u {f['b']:+.3f} (r={f['pearson_r']:.2f})")
-        ax.set_title(name)
-        ax.set_xlabel("uncertainty u")
-        ax.set_ylabel("rejection probability beta")
-        ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"beta vs uncertainty ({len(cal.samples)} tokens)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            r = num(f.get("pearson_r"))
+            a.plot(grid, np.clip(f["a"] * grid + f["b"], 0, 1), color="#d62728", lw=2,
+                   label=f"fit: {f['a']:.3f} u {f['b']:+.3f}" + ("" if r is None else f", r={r:.2f}"))
+        if name == paper_estimator:
+            a.plot(grid, np.clip(PAPER_A * grid + PAPER_B, 0, 1), color="gray", ls="--",
+                   label=f"paper: {PAPER_A} u {PAPER_B:+}")
+        a.set_title(name)
+        a.set_xlabel("uncertainty u")
+        a.set_ylabel("rejection probability beta")
+        a.set_ylim(-0.03, 1.03)
+        a.legend(fontsize=7, loc="upper left")
+    fig.savefig(path)
     return path
+
+
+def plot(cal: Calibration, path: Path) -> Path:
+    return plot_beta_fits(cal.samples, cal.fits, path)

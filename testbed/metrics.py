@@ -60,6 +60,7 @@ from agents.stats import (
     TokenStat,
     VerifierBatchStat,
 )
+from testbed import figures
 
 DEFAULT_METRICS_PORT = 9464
 DEFAULT_WINDOW_S = 10.0
@@ -307,15 +308,6 @@ class _Device:
         self.recent: deque[float] = deque()
 
 
-def jain_index(xs: Iterable[float], n: int | None = None) -> float:
-    """Jain's fairness index (sum x)^2 / (n * sum x^2); `n` > len(xs) adds zero entries.
-    NaN when undefined (no entries or all zero)."""
-    xs = list(xs)
-    n = len(xs) if n is None else max(n, len(xs))
-    s, s2 = sum(xs), sum(x * x for x in xs)
-    return (s * s) / (n * s2) if n and s2 > 0 else math.nan
-
-
 @dataclass
 class Snapshot:
     """The collector's current figures (for the progress display and log lines)."""
@@ -341,13 +333,11 @@ class Snapshot:
 
     @property
     def skip_rate(self) -> float:
-        t = self.totals
-        return t.skips / t.committed if t.committed else math.nan
+        return figures.skip_rate(self.totals.skips, self.totals.committed)
 
     @property
     def acceptance_rate(self) -> float:
-        t = self.totals
-        return t.accepted / t.uploads if t.uploads else math.nan
+        return figures.acceptance_rate(self.totals.accepted, self.totals.uploads)
 
     def log_line(self) -> str:
         """One line for logs / the progress display."""
@@ -645,8 +635,8 @@ class Collector:
                 throughput=totals.committed / now if now > 0 else 0.0,
                 tier_throughput=tier_run,
                 tier_throughput_window={k: c / w for k, c in window_counts.items()},
-                jain_window=jain_index(xs_window, n_active),
-                jain_run=jain_index(xs_run),
+                jain_window=figures.jain(xs_window, n_active),
+                jain_run=figures.jain(xs_run),
                 active_devices=active,
                 verifier_batches=self._verifier_batches,
                 verifier_batch_size_mean=(self._verifier_requests / self._verifier_batches

@@ -35,7 +35,9 @@ import numpy as np
 import pandas as pd
 
 from policies.rejection import PAPER_A, PAPER_B  # beta ~ a*u + b, TinyLlama/Llama-2 (the paper)
+from testbed import figures as F
 from testbed.results import format_bytes
+
 DPI = 110
 MAX_RASTER_DEVICES = 40
 MAX_SCATTER = 20_000
@@ -109,89 +111,54 @@ def _label_runs(runs: list[Run]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Figures computed from the tokens (summary.json is preferred where it has them)
+# Figures: summary.json's where it has them, else computed from the tokens (testbed.figures)
 # ---------------------------------------------------------------------------------------------
-def device_throughput(df: pd.DataFrame, emulated_seconds: float) -> pd.Series:
-    """Tokens per emulated second of each device over its own span (as summary.json)."""
-    g = df.groupby("device", sort=True)
-    span = (g["t_commit"].max() - g["t_draft_start"].min()).fillna(emulated_seconds)
-    span = span.where(span > 0, emulated_seconds if emulated_seconds > 0 else 1.0)
-    return (g.size() / span).astype(float)
-
-
-def jain(x: np.ndarray) -> float:
-    x = np.asarray(x, float)
-    x = x[np.isfinite(x)]
-    s2 = float(np.sum(x * x))
-    return float(np.sum(x)) ** 2 / (len(x) * s2) if len(x) and s2 > 0 else math.nan
-
-
-def fit_beta(df: pd.DataFrame) -> tuple[float, float, int] | None:
-    """Least-squares beta ~ a*u + b over drafted tokens with finite u and beta (shadow included)."""
-    m = np.isfinite(df["uncertainty"].to_numpy(float)) & np.isfinite(df["beta"].to_numpy(float))
-    if "draft_id" in df:
-        m &= df["draft_id"].to_numpy() >= 0
-    u, b = df["uncertainty"].to_numpy(float)[m], df["beta"].to_numpy(float)[m]
-    if len(u) < 2 or np.ptp(u) == 0:
-        return None
-    a, c = np.polyfit(u, b, 1)
-    return float(a), float(c), int(len(u))
-
-
 def run_figures(run: Run) -> dict[str, Any]:
     """The figures the report shows for one run (summary values, computed ones where absent)."""
     df, s = run.tokens, run.summary
     emu = run.emulated_seconds
     n = len(df)
-    tx = df["transmitted"].to_numpy(bool)
-    drafted = df["draft_id"].to_numpy() >= 0 if "draft_id" in df else np.ones(n, bool)
-    uploads = tx & drafted
-    beta = df["beta"].to_numpy(float) if "beta" in df else np.full(n, np.nan)
-    finite_beta = beta[drafted & np.isfinite(beta)]
-    per_dev = device_throughput(df, emu) if n else pd.Series(dtype=float)
-    lat = (df["t_commit"] - df["t_draft_start"]).to_numpy(float) if n else np.array([])
-    lat = lat[np.isfinite(lat)]
+    computed = F.token_figures(df, s.get("vocab_size"))
+    lat = computed["token_latency_s"]
+    per_dev = F.device_throughput(df, emu or 1.0) if n else pd.Series(dtype=float)
     thr = s.get("throughput_tokens_per_s") or {}
-    fid = df["fidelity_tv"].to_numpy(float) if "fidelity_tv" in df else np.full(n, np.nan)
-    seq = pd.Series(fid).groupby(df["device"].to_numpy()).agg(
-        lambda f: f.sum() if np.isfinite(f).all() else np.nan) if n else pd.Series(dtype=float)
-    seq = seq[np.isfinite(seq)]
 
-    def pick(key, computed):
+    def pick(key, value):
         v = s.get(key)
-        return computed if v is None else v
+        return value if v is None else v
 
     lat_s = s.get("token_latency_s") or {}
     return {
         "tokens": pick("tokens", n),
         "emulated_seconds": emu,
         "wall_seconds": s.get("wall_seconds"),
-        "throughput": thr.get("system") if isinstance(thr, dict) and thr.get("system") is not None else (n / emu if emu else None),
-        "skip_rate": pick("skip_rate", float((~tx).mean()) if n else None),
-        "acceptance_rate": pick("acceptance_rate", float(df["accepted"].to_numpy(bool)[uploads].mean()) if uploads.any() else None),
-        "llm_agreement": float(1 - finite_beta.mean()) if len(finite_beta) else None,
-        "vocab_compression": s.get("vocab_compression"),
-        "uplink_bytes": pick("uplink_bytes", int(df["uplink_bytes"].sum())),
-        "uplink_bytes_per_token": pick("uplink_bytes_per_token", float(df["uplink_bytes"].sum()) / n if n else None),
-        "latency_p50": lat_s.get("p50", float(np.percentile(lat, 50)) if len(lat) else None),
-        "latency_p95": lat_s.get("p95", float(np.percentile(lat, 95)) if len(lat) else None),
-        "latency_p99": lat_s.get("p99", float(np.percentile(lat, 99)) if len(lat) else None),
-        "jain_fairness": pick("jain_fairness", jain(per_dev.to_numpy()) if len(per_dev) else None),
+        "throughput": thr.get("system") if isinstance(thr, dict) and thr.get("system") is not None else F.num(F.ratio(n, emu)),
+        "skip_rate": pick("skip_rate", computed["skip_rate"]),
+        "acceptance_rate": pick("acceptance_rate", computed["acceptance_rate"]),
+        "llm_agreement": F.num(F.llm_agreement(df)),
+        "vocab_compression": pick("vocab_compression", computed["vocab_compression"]),
+        "uplink_bytes": pick("uplink_bytes", computed["uplink_bytes"]),
+        "uplink_bytes_per_token": pick("uplink_bytes_per_token", computed["uplink_bytes_per_token"]),
+        "latency_p50": lat_s.get("p50", lat["p50"]),
+        "latency_p95": lat_s.get("p95", lat["p95"]),
+        "latency_p99": lat_s.get("p99", lat["p99"]),
+        "jain_fairness": pick("jain_fairness", F.num(F.jain(per_dev.to_numpy()))),
         "verifier_batch_size_mean": s.get("verifier_batch_size_mean"),
         "devices": int(df["device"].nunique()) if n else 0,
-        "fidelity_tv_mean": pick("fidelity_tv_mean", float(np.nanmean(fid)) if np.isfinite(fid).any() else None),
-        "fidelity_tv_sequence_mean": pick("fidelity_tv_sequence_mean", float(seq.mean()) if len(seq) else None),
+        "fidelity_tv_mean": pick("fidelity_tv_mean", computed["fidelity_tv_mean"]),
+        "fidelity_tv_sequence_mean": pick("fidelity_tv_sequence_mean", computed["fidelity_tv_sequence_mean"]),
     }
 
 
 # ---------------------------------------------------------------------------------------------
 # Plots
 # ---------------------------------------------------------------------------------------------
-def _figure(w: float, h: float, ncols: int = 1, nrows: int = 1, **kw):
+def new_figure(w: float, h: float, ncols: int = 1, nrows: int = 1, dpi: int = DPI, **kw):
+    """A matplotlib Figure (object API, no pyplot state) and its axes grid, gridded."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(w, h), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(w, h), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
     for ax in axes.flat:
@@ -217,19 +184,13 @@ def _tier_label(run: Run, tier: str) -> str:
 def plot_throughput(run: Run, path: Path) -> Path:
     df, emu = run.tokens, run.emulated_seconds
     colors = _tier_colors(run.tiers)
-    per_dev = device_throughput(df, emu)
+    per_dev = F.device_throughput(df, emu or 1.0)
     dev_tier = df.groupby("device", sort=True)["tier"].first().astype(str)
     tier_thr = (run.summary.get("throughput_tokens_per_s") or {}).get("tiers") or {}
-    fig, ax = _figure(11, 4.2, ncols=2, width_ratios=[1, 2.2])
+    fig, ax = new_figure(11, 4.2, ncols=2, width_ratios=[1, 2.2])
     a0, a1 = ax[0]
-    vals = []
-    for t in run.tiers:
-        v = tier_thr.get(t)
-        if v is None:
-            tdf = df[df["tier"] == t]
-            span = float(tdf["t_commit"].max() - tdf["t_draft_start"].min())
-            v = len(tdf) / span if span > 0 else 0.0
-        vals.append(v)
+    vals = [tier_thr.get(t) for t in run.tiers]
+    vals = [F.span_throughput(df[df["tier"] == t], emu) if v is None else v for t, v in zip(run.tiers, vals)]
     bars = a0.bar(range(len(run.tiers)), vals, color=[colors[t] for t in run.tiers])
     a0.bar_label(bars, fmt="%.1f", fontsize=9)
     a0.set_xticks(range(len(run.tiers)), [_tier_label(run, t) for t in run.tiers], rotation=15, ha="right")
@@ -250,7 +211,7 @@ def plot_throughput(run: Run, path: Path) -> Path:
         a1.set_xlabel(f"device (grouped by tier, {len(order)} devices)")
     a1.axhline(float(np.mean(y)), color="k", lw=1, ls="--", label=f"mean {np.mean(y):.1f}")
     j = run.summary.get("jain_fairness")
-    j = jain(y) if j is None else j
+    j = F.jain(y) if j is None else j
     a1.set_title(f"Throughput per device (own span)   Jain fairness = {j:.3f}")
     a1.set_ylabel("tokens / emulated s")
     from matplotlib.patches import Patch
@@ -263,7 +224,7 @@ def plot_throughput(run: Run, path: Path) -> Path:
 
 def plot_timeline(run: Run, path: Path) -> Path:
     df = run.tokens
-    fig, ax = _figure(11, 5.6, nrows=2, height_ratios=[1, 1.3], sharex=True)
+    fig, ax = new_figure(11, 5.6, nrows=2, height_ratios=[1, 1.3], sharex=True)
     a0, a1 = ax[0][0], ax[1][0]
     t = df["t_commit"].to_numpy(float)
     tx = df["transmitted"].to_numpy(bool)
@@ -312,7 +273,7 @@ def plot_timeline(run: Run, path: Path) -> Path:
 
 def plot_uncertainty_beta(run: Run, path: Path) -> Path:
     df = run.tokens
-    fig, ax = _figure(7.5, 5.2)
+    fig, ax = new_figure(7.5, 5.2)
     a = ax[0][0]
     m = np.isfinite(df["uncertainty"].to_numpy(float)) & np.isfinite(df["beta"].to_numpy(float))
     d = df[m]
@@ -331,9 +292,9 @@ def plot_uncertainty_beta(run: Run, path: Path) -> Path:
         means = full.groupby(full["uncertainty"].round(3))["beta"].mean()
         a.plot(means.index, means.to_numpy(), "o", color="k", ms=4, label="mean beta per u")
     xs = np.linspace(0, 1, 50)
-    fit = fit_beta(df)
+    fit = F.beta_fit(df)
     if fit is not None:
-        fa, fb, n = fit
+        fa, fb, n = fit.a, fit.b, fit.n
         a.plot(xs, np.clip(fa * xs + fb, -0.05, 1.05), color="#d62728", lw=2,
                label=f"fit: beta = {fa:.3f} u {'+' if fb >= 0 else '-'} {abs(fb):.3f}  (n={n})")
         if fa > 0 and 0 < -fb / fa < 1:
@@ -353,7 +314,7 @@ def plot_k_payload(run: Run, path: Path) -> Path:
     df = run.tokens
     up = df[df["transmitted"].to_numpy(bool) & (df["k"].to_numpy() > 0)]
     colors = _tier_colors(run.tiers)
-    fig, ax = _figure(11, 4.2, ncols=2)
+    fig, ax = new_figure(11, 4.2, ncols=2)
     for a, col, xlabel, title in ((ax[0][0], "k", "vocabulary entries k per upload", "Entries per upload (k)"),
                                   (ax[0][1], "payload_bytes", "payload bytes per upload", "Payload per upload")):
         vals = up[col].to_numpy(float)
@@ -385,21 +346,18 @@ def plot_k_payload(run: Run, path: Path) -> Path:
 def plot_latency_cdf(run: Run, path: Path) -> Path:
     df = run.tokens
     colors = _tier_colors(run.tiers)
-    fig, ax = _figure(8.5, 4.8)
+    fig, ax = new_figure(8.5, 4.8)
     a = ax[0][0]
-    lat_all = (df["t_commit"] - df["t_draft_start"]).to_numpy(float) * 1000
-    lat_all = lat_all[np.isfinite(lat_all)]
+    lat_all = F.token_latency(df) * 1000
     for t in run.tiers:
-        tdf = df[df["tier"] == t]
-        lat = np.sort(((tdf["t_commit"] - tdf["t_draft_start"]).to_numpy(float) * 1000))
-        lat = lat[np.isfinite(lat)]
+        lat = np.sort(F.token_latency(df[df["tier"] == t]) * 1000)
         if len(lat):
             a.step(lat, np.arange(1, len(lat) + 1) / len(lat), where="post", color=colors[t], lw=1.6,
                    label=_tier_label(run, t))
     if len(lat_all):
         s = np.sort(lat_all)
         a.step(s, np.arange(1, len(s) + 1) / len(s), where="post", color="k", lw=1.2, ls="--", label="all")
-        for q, ls in ((50, ":"), (95, "-."), (99, (0, (6, 2)))):
+        for q, ls in zip(F.LATENCY_QUANTILES, (":", "-.", (0, (6, 2)))):
             v = float(np.percentile(lat_all, q))
             a.axvline(v, color="dimgray", ls=ls, lw=1.1, label=f"all p{q} = {v:.1f} ms")
         if s[-1] / max(s[0], 1e-9) > 50:
@@ -413,7 +371,7 @@ def plot_latency_cdf(run: Run, path: Path) -> Path:
 
 
 def plot_policies(runs: list[Run], figs: list[dict], path: Path) -> Path:
-    fig, ax = _figure(12, 8, ncols=2, nrows=2)
+    fig, ax = new_figure(12, 8, ncols=2, nrows=2)
     labels = [r.label for r in runs]
     colors = [PALETTE[i % len(PALETTE)] for i in range(len(runs))]
     thr = [f["throughput"] for f in figs]

@@ -22,7 +22,7 @@ t_upload_sent and t_verdict of a skipped token). Row meanings:
   for llm-only (0). hlm gives 0 up to float32 rounding of the upload. NaN where unknown (a device
   past its memory budget for held distributions, agents.device.FIDELITY_HOLD_BYTES; older runs).
 
-Summary definitions (summarize):
+Summary definitions (summarize; computed by testbed.figures):
 - throughput_tokens_per_s.system = tokens / emulated_seconds. For a device (and a tier) it is
   its tokens / its own span, from its first t_draft_start to its last t_commit, so fast devices
   that finish early show higher throughput (emulated_seconds is used when the span is unknown).
@@ -44,22 +44,30 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, get_type_hints
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from testbed.figures import device_throughput, jain, num, ratio, span_throughput, token_figures
+
 NAN = float("nan")
 SCHEMA_VERSION = "1"
 
 
+# Arrow type of each TokenRecord field: by its Python type, or the field's metadata["arrow"].
+_ARROW = {int: pa.int32(), float: pa.float64(), bool: pa.bool_(), str: pa.string()}
+_INT64 = {"arrow": pa.int64()}  # byte counts summed over fleets
+
+
 @dataclass(slots=True)
 class TokenRecord:
-    """One generated token of one device (one row of tokens.parquet)."""
+    """One generated token of one device (one row of tokens.parquet; TOKENS_SCHEMA is derived
+    from these fields, in this order)."""
 
     device: int
     tier: str
@@ -72,8 +80,8 @@ class TokenRecord:
     transmitted: bool = False
     k: int = 0
     prob_bits: int = 0
-    payload_bytes: int = 0
-    uplink_bytes: int = 0
+    payload_bytes: int = field(default=0, metadata=_INT64)
+    uplink_bytes: int = field(default=0, metadata=_INT64)
     accepted: bool = False
     resampled: bool = False
     beta: float = NAN
@@ -86,25 +94,14 @@ class TokenRecord:
     fidelity_tv: float = NAN  # exact TV(law the token was drawn from, LLM's y); NaN if unknown
 
 
-def _col(name: str, type_: pa.DataType) -> pa.Field:
-    return pa.field(name, type_, nullable=False)  # no nulls: "not applicable" is -1 or NaN
+def _schema(record: type) -> pa.Schema:
+    types = get_type_hints(record)
+    # nullable=False: no nulls, "not applicable" is -1 or NaN
+    return pa.schema([pa.field(f.name, f.metadata.get("arrow", _ARROW[types[f.name]]), nullable=False)
+                      for f in fields(record)], metadata={"hlm_testbed.tokens_schema": SCHEMA_VERSION})
 
 
-# Same names and order as TokenRecord (a test checks it).
-TOKENS_SCHEMA = pa.schema(
-    [
-        _col("device", pa.int32()), _col("tier", pa.string()), _col("policy", pa.string()),
-        _col("prompt_index", pa.int32()), _col("token_index", pa.int32()), _col("token_id", pa.int32()),
-        _col("draft_id", pa.int32()), _col("uncertainty", pa.float64()), _col("transmitted", pa.bool_()),
-        _col("k", pa.int32()), _col("prob_bits", pa.int32()),
-        _col("payload_bytes", pa.int64()), _col("uplink_bytes", pa.int64()),  # summed over fleets: int64
-        _col("accepted", pa.bool_()), _col("resampled", pa.bool_()),
-        _col("beta", pa.float64()), _col("beta_is_shadow", pa.bool_()), _col("retransmissions", pa.int32()),
-        _col("t_draft_start", pa.float64()), _col("t_upload_sent", pa.float64()),
-        _col("t_verdict", pa.float64()), _col("t_commit", pa.float64()), _col("fidelity_tv", pa.float64()),
-    ],
-    metadata={"hlm_testbed.tokens_schema": SCHEMA_VERSION},
-)
+TOKENS_SCHEMA = _schema(TokenRecord)
 TOKEN_COLUMNS = tuple(TOKENS_SCHEMA.names)
 # Columns added after schema 1, with the value that means "unknown": rows and files without them
 # (hand-built rows, older runs) read as unknown rather than failing.
@@ -209,76 +206,6 @@ class TokensWriter:
 # ---------------------------------------------------------------------------- summary
 
 
-def _num(x: Any) -> float | None:
-    """A JSON-safe float: None for NaN/inf/undefined."""
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def jain_fairness(x: Any) -> float | None:
-    """(sum x)^2 / (n * sum x^2); 1 when all equal, 1/n when one takes everything."""
-    x = np.asarray(x, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    sq = float(np.sum(x * x))
-    return _num(float(np.sum(x)) ** 2 / (len(x) * sq)) if len(x) and sq > 0 else None
-
-
-def _ratio(num: float, den: float) -> float | None:
-    return _num(num / den) if den else None
-
-
-def device_throughput(df: pd.DataFrame, emulated_seconds: float) -> pd.Series:
-    """Tokens per emulated second of each device over its own span (index: device id)."""
-    g = df.groupby("device", sort=True)
-    span = (g["t_commit"].max() - g["t_draft_start"].min()).fillna(emulated_seconds)
-    span = span.where(span > 0, emulated_seconds)
-    return (g.size() / span).astype(np.float64)
-
-
-def _figures(df: pd.DataFrame, vocab_size: int) -> dict:
-    """The figures shared by the whole run and each tier."""
-    n = len(df)
-    transmitted = df["transmitted"].to_numpy()
-    uploads = transmitted & (df["draft_id"].to_numpy() >= 0)
-    n_up = int(uploads.sum())
-    lat = (df["t_commit"] - df["t_draft_start"]).to_numpy(dtype=np.float64)
-    lat = lat[np.isfinite(lat)]
-    beta, shadow = df["beta"].to_numpy(), df["beta_is_shadow"].to_numpy()
-    real_beta, shadow_beta = beta[~shadow & np.isfinite(beta)], beta[shadow & np.isfinite(beta)]
-    fid = df["fidelity_tv"].to_numpy(dtype=np.float64) if "fidelity_tv" in df else np.full(n, np.nan)
-    known = np.isfinite(fid)
-    # per device: the sum over its sequence, where every token of it has a value
-    seq = pd.Series(fid).groupby(df["device"].to_numpy()).agg(lambda f: f.sum() if np.isfinite(f).all() else np.nan)
-    seq = seq[np.isfinite(seq)]
-    uplink = int(df["uplink_bytes"].sum())
-    return {
-        "tokens": n,
-        "skip_rate": _ratio(n - int(transmitted.sum()), n),
-        "acceptance_rate": _ratio(int(df["accepted"].to_numpy()[uploads].sum()), n_up),
-        "vocab_compression": _num(1.0 - df["k"].to_numpy()[uploads].sum(dtype=np.int64) / (vocab_size * n_up))
-        if n_up else None,
-        "uplink_bytes": uplink,
-        "uplink_bytes_per_token": _ratio(uplink, n),
-        "payload_bytes": int(df["payload_bytes"].sum()),
-        "uploads": n_up,
-        "retransmissions": int(df["retransmissions"].sum()),
-        "token_latency_s": {
-            "p50": _num(np.percentile(lat, 50)) if len(lat) else None,
-            "p95": _num(np.percentile(lat, 95)) if len(lat) else None,
-            "p99": _num(np.percentile(lat, 99)) if len(lat) else None,
-            "mean": _num(lat.mean()) if len(lat) else None,
-        },
-        "beta_mean": _num(real_beta.mean()) if len(real_beta) else None,
-        "shadow_beta_mean": _num(shadow_beta.mean()) if len(shadow_beta) else None,
-        "fidelity_tv_mean": _num(fid[known].mean()) if known.any() else None,
-        "fidelity_tv_tokens": int(known.sum()),
-        "fidelity_tv_sequence_mean": _num(seq.mean()) if len(seq) else None,
-        "fidelity_tv_sequences": int(len(seq)),
-    }
-
-
 def summarize(tokens: Any, *, emulated_seconds: float, wall_seconds: float, vocab_size: int,
               verifier_batches: list[int] | np.ndarray, extra: Mapping[str, Any] | None = None) -> dict:
     """Every summary.json figure (module docstring has the definitions).
@@ -291,31 +218,29 @@ def summarize(tokens: Any, *, emulated_seconds: float, wall_seconds: float, voca
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
     per_device = device_throughput(df, emulated_seconds)
     batches = np.asarray(verifier_batches, dtype=np.float64)
-    figures = _figures(df, vocab_size)
+    whole = token_figures(df, vocab_size)
     tiers = {}
     for tier, tdf in df.groupby("tier", sort=False):  # tiers in order of first appearance
-        span = float(tdf["t_commit"].max() - tdf["t_draft_start"].min())
-        span = span if math.isfinite(span) and span > 0 else emulated_seconds
         tiers[str(tier)] = {
             "devices": int(tdf["device"].nunique()),
             "policy": ",".join(dict.fromkeys(tdf["policy"].astype(str))),
-            "throughput_tokens_per_s": _ratio(len(tdf), span),
-            "jain_fairness": jain_fairness(per_device[tdf["device"].unique()]),
-            **_figures(tdf, vocab_size),
+            "throughput_tokens_per_s": num(span_throughput(tdf, emulated_seconds)),
+            "jain_fairness": num(jain(per_device[tdf["device"].unique()])),
+            **token_figures(tdf, vocab_size),
         }
     summary = {
-        "emulated_seconds": _num(emulated_seconds),
-        "wall_seconds": _num(wall_seconds),
-        "tokens": figures.pop("tokens"),
+        "emulated_seconds": num(emulated_seconds),
+        "wall_seconds": num(wall_seconds),
+        "tokens": whole.pop("tokens"),
         "devices": int(len(per_device)),
         "throughput_tokens_per_s": {
-            "system": _ratio(len(df), emulated_seconds),
+            "system": num(ratio(len(df), emulated_seconds)),
             "tiers": {t: b["throughput_tokens_per_s"] for t, b in tiers.items()},
-            "devices": {str(d): _num(x) for d, x in per_device.items()},
+            "devices": {str(d): num(x) for d, x in per_device.items()},
         },
-        **figures,
-        "jain_fairness": jain_fairness(per_device.to_numpy()),
-        "verifier_batch_size_mean": _num(batches.mean()) if len(batches) else None,
+        **whole,
+        "jain_fairness": num(jain(per_device.to_numpy())),
+        "verifier_batch_size_mean": num(batches.mean()) if len(batches) else None,
         "verifier_batches": int(len(batches)),
         "vocab_size": int(vocab_size),
         "tiers": tiers,
@@ -344,10 +269,6 @@ def write_summary(summary: Mapping[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return path
-
-
-def read_summary(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------- tables

@@ -17,7 +17,8 @@ import pytest
 
 import agents.stats as stats_mod
 from agents.stats import ClockStat, LinkStat, ProtocolErrorStat, StatBatch, TokenStat, VerifierBatchStat
-from testbed.metrics import DERIVED, METRICS, Collector, Sel, jain_index
+from testbed.figures import jain
+from testbed.metrics import DERIVED, METRICS, Collector, Sel
 
 REQUIRE = os.environ.get("HLM_REQUIRE_PROMETHEUS") == "1"
 S = "unit"
@@ -204,13 +205,6 @@ def test_verifier_link_clock_and_error_records() -> None:
     assert c.snapshot().protocol_errors == {"malformed": 1}
 
 
-def test_jain_index() -> None:
-    assert jain_index([1, 1, 1, 1]) == pytest.approx(1.0)
-    assert jain_index([1, 0, 0, 0]) == pytest.approx(0.25)
-    assert jain_index([2, 2], n=4) == pytest.approx(0.5)  # two active devices without tokens
-    assert math.isnan(jain_index([]))
-
-
 def test_throughput_and_fairness_gauges() -> None:
     # phone devices 0,1 commit every 0.1 s for 20 s; laptop device 2 every 0.05 s but only for the last 5 s
     c = Collector(S, tiers={"phone": "cu-hlm", "laptop": "u-hlm"}, window_s=4.0)
@@ -227,12 +221,12 @@ def test_throughput_and_fairness_gauges() -> None:
     assert value(c, "hlm_run_tokens_per_emulated_second") == pytest.approx(400 / 20)
     # whole run, over the tier's own span (as summary.json): the laptop tier ran from 15 s to 20 s
     assert value(c, "hlm_run_tokens_per_emulated_second", "laptop", "u-hlm") == pytest.approx(100 / 5)
-    assert value(c, "hlm_jain_fairness_ratio", tier=None) == pytest.approx(jain_index([10, 10, 20]))
+    assert value(c, "hlm_jain_fairness_ratio", tier=None) == pytest.approx(jain([10, 10, 20]))
     # whole run: each device over its own span: 10, 10 and 20 tokens/s
-    assert value(c, "hlm_jain_fairness_run_ratio", tier=None) == pytest.approx(jain_index([10, 10, 20]))
+    assert value(c, "hlm_jain_fairness_run_ratio", tier=None) == pytest.approx(jain([10, 10, 20]))
     # a fourth active device that committed nothing in the window lowers windowed fairness
     c.ingest(ClockStat("runner", 20.0, 5.0, 0.0, {"phone": 3, "laptop": 1}))
-    assert value(c, "hlm_jain_fairness_ratio", tier=None) == pytest.approx(jain_index([10, 10, 20], n=4))
+    assert value(c, "hlm_jain_fairness_ratio", tier=None) == pytest.approx(jain([10, 10, 20], n=4))
     snap = c.snapshot()
     assert snap.throughput == pytest.approx(500 / 20)
     line = snap.log_line()
