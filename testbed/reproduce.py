@@ -589,16 +589,9 @@ def _row(point: Point, summary: dict, hlm_throughput: float | None) -> dict:
 
 
 def _figure(w: float, h: float, ncols: int = 1, nrows: int = 1):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from testbed.report import new_figure  # here, not at the top: it pulls pandas and matplotlib
 
-    fig = Figure(figsize=(w, h), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for ax in axes.flat:
-        ax.grid(True, alpha=0.3)
-        ax.set_axisbelow(True)
-    return fig, axes
+    return new_figure(w, h, ncols, nrows)
 
 
 def _na(ax, text: str = "n/a") -> None:
@@ -650,34 +643,9 @@ def plot_vs_u_th(rows: list[dict], refs: dict[str, dict], key: str, ylabel: str,
 
 
 def plot_beta_fit(calibration: dict, samples, path: Path) -> Path:
-    names = list(calibration["fits"])
-    fig, ax = _figure(4.0 * len(names), 3.8, ncols=len(names))
-    rng = np.random.default_rng(0)
-    for a, name in zip(ax[0], names):
-        u = samples[f"u_{name}"].to_numpy(float)
-        beta = samples["beta"].to_numpy(float)
-        m = np.isfinite(u) & np.isfinite(beta)
-        if not m.any():
-            _na(a)
-            continue
-        jitter = rng.uniform(-0.006, 0.006, m.sum()) * (np.ptp(u[m]) or 1.0)
-        a.scatter(u[m] + jitter, beta[m], s=7, alpha=0.3, color="#1f77b4", label=f"tokens (n={m.sum()})")
-        f = calibration["fits"][name]
-        grid = np.linspace(float(u[m].min()), float(u[m].max()), 50)
-        if f.get("a") is not None:
-            r = "" if f.get("pearson_r") is None else f", r={f['pearson_r']:.2f}"
-            a.plot(grid, np.clip(f["a"] * grid + f["b"], 0, 1), color="#d62728", lw=2,
-                   label=f"fit: {f['a']:.3f} u {f['b']:+.3f}{r}")
-        if name == ESTIMATOR:
-            a.plot(grid, np.clip(PAPER["fit"]["a"] * grid + PAPER["fit"]["b"], 0, 1), color="gray", ls="--",
-                   label=f"paper: {PAPER['fit']['a']} u {PAPER['fit']['b']:+}")
-        a.set_title(name)
-        a.set_xlabel("uncertainty u")
-        a.set_ylabel("rejection probability beta")
-        a.set_ylim(-0.03, 1.03)
-        a.legend(fontsize=7, loc="upper left")
-    fig.savefig(path)
-    return path
+    from testbed.calibrate import plot_beta_fits
+
+    return plot_beta_fits(samples, calibration["fits"], path, ESTIMATOR)
 
 
 def plot_reliability(calibration: dict, path: Path) -> Path:
