@@ -581,6 +581,27 @@ def vocab_size(spec: str | Mapping[str, Any] | ModelSpec | TinyConfig) -> int:
         raise _hf_error(spec, "the config", err) from err
 
 
+def model_facts(spec: str | Mapping[str, Any] | ModelSpec | TinyConfig) -> dict[str, int]:
+    """What validation needs of a model, from its config alone (no weights): vocab_size,
+    max_positions (context length), layers, kv_heads and head_dim (KV cache bytes per token)."""
+    spec = parse_spec(spec)
+    if spec.kind == "tiny":
+        c = spec.tiny
+        return {"vocab_size": c.vocab_size, "max_positions": c.max_positions, "layers": c.depth,
+                "kv_heads": c.kv_heads, "head_dim": c.hidden // c.heads}
+    from transformers import AutoConfig
+
+    path = str(_check_bundled_ready(spec)) if spec.kind == "bundled" else spec.path
+    try:
+        c = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise _hf_error(spec, "the config", err) from err
+    heads = int(c.num_attention_heads)
+    return {"vocab_size": int(c.vocab_size), "max_positions": int(c.max_position_embeddings),
+            "layers": int(c.num_hidden_layers), "kv_heads": int(getattr(c, "num_key_value_heads", None) or heads),
+            "head_dim": int(getattr(c, "head_dim", None) or c.hidden_size // heads)}
+
+
 def load_tokenizer(spec: str | Mapping[str, Any] | ModelSpec | TinyConfig):
     """The tokenizer of a spec: the model's own (from its folder) or a ByteTokenizer for tiny models."""
     spec = parse_spec(spec)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,6 +27,9 @@ class RunOptions:
     address: str | None = None
     progress: bool = True
     chaos_delay_s: float = 0.0  # tests: random real delays in actors (the trace must not change)
+    # Chaos tests (ray engine): (actor, tokens) pairs, actor "verifier" or "group:<id>": kill -9 that
+    # actor once the run has committed that many tokens; the runner restarts it (_run_ray).
+    chaos_kill: tuple[tuple[str, int], ...] = ()
     report: bool = True
     metrics_port: int | None = None  # serve Prometheus metrics here (None/0 = off, -1 = any free port)
     linger_s: float = 0.0
@@ -50,15 +53,15 @@ class Plan:
     llm_dtype: str = "float32"
 
 
-def plan(s: Scenario) -> Plan:
-    from agents.models import load_tokenizer, model_dtype, vocab_size
-    from testbed.prompts import load_prompts, prompt_index
+def plan(s: Scenario, checked=None, *, engine: str = "ray", address: str | None = None) -> Plan:
+    """Resolve `s` for the engines. Runs testbed.preflight first (unless `checked`, its result, is
+    given), so a scenario that would fail at run time raises ScenarioError before any per-device work."""
+    from agents.models import model_dtype
+    from testbed.preflight import preflight
+    from testbed.prompts import prompt_index
 
-    tokenizer = load_tokenizer(s.models.slm)
-    prompts = load_prompts(s.prompts, tokenizer)
-    vocab = vocab_size(s.models.llm)
-    if vocab_size(s.models.slm) != vocab:
-        raise ValueError(f"models.slm and models.llm have different vocabularies ({vocab_size(s.models.slm)} vs {vocab})")
+    checked = checked or preflight(s, engine=engine, address=address)
+    prompts, vocab = checked.prompts, checked.vocab_size
     policy_specs: dict[str, object] = {}
     labels: dict[int, str] = {}
     for t in s.tiers:
@@ -104,11 +107,17 @@ def compute_info(p: Plan, lms: Mapping[str, Any]) -> dict:
 
 def run_scenario(s: Scenario, opts: RunOptions) -> dict:
     """Run one scenario to the end; returns the summary (also written to opts.out_dir)."""
+    from testbed.preflight import preflight
+
     t0 = time.time()
+    if opts.engine not in ("ray", "local"):
+        raise ValueError(f"engine must be ray or local, got {opts.engine!r}")
+    # Every check before Ray starts or anything is written: a bad scenario leaves no trace.
+    checked = preflight(s, engine=opts.engine, address=opts.address)
     if opts.engine == "ray":
-        p, ray_owned, ray_s = _plan_while_ray_starts(s, opts)
+        p, ray_owned, ray_s = _plan_while_ray_starts(s, opts, checked)
     else:
-        p, ray_owned, ray_s = plan(s), False, 0.0
+        p, ray_owned, ray_s = plan(s, checked), False, 0.0
     try:
         opts.out_dir.mkdir(parents=True, exist_ok=True)
         dump_scenario(resolved_scenario(p), opts.out_dir / "scenario.yaml")
@@ -249,7 +258,7 @@ def _local_gpus(s: Scenario) -> int:
     return torch.cuda.device_count()
 
 
-def _plan_while_ray_starts(s: Scenario, opts: RunOptions) -> tuple[Plan, bool, float]:
+def _plan_while_ray_starts(s: Scenario, opts: RunOptions, checked=None) -> tuple[Plan, bool, float]:
     """plan(s) in a thread while Ray starts in this one (each takes seconds: tokenizer, imports;
     Ray's processes). Returns (plan, whether this call started Ray, Ray's start-up seconds)."""
     import threading
@@ -260,7 +269,7 @@ def _plan_while_ray_starts(s: Scenario, opts: RunOptions) -> tuple[Plan, bool, f
 
     def work() -> None:
         try:
-            box["plan"] = plan(s)
+            box["plan"] = plan(s, checked, engine=opts.engine, address=opts.address)
         except BaseException as err:  # re-raised in the caller's thread
             box["error"] = err
 
@@ -286,8 +295,79 @@ def _plan_while_ray_starts(s: Scenario, opts: RunOptions) -> tuple[Plan, bool, f
     return box["plan"], owned, ray_s
 
 
+class RunFailed(RuntimeError):
+    """The run cannot go on: an actor died after actors.max_restarts restarts. One paragraph naming
+    the actor, the device ids it hosted and the cause; the partial results are kept."""
+
+
+def _id_ranges(ids) -> str:
+    """Device ids as ranges: 0-3, 8, 10-11."""
+    ids, out = sorted(ids), []
+    for i in ids:
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+
+
+def _cause(exc: BaseException) -> str:
+    """A Ray actor death in one line (Ray's message spans many, with advice around the exit detail)."""
+    text = " ".join(str(exc).split())
+    if "exit detail:" in text:
+        text = text.split("exit detail:", 1)[1]
+        for advice in (" Some common causes", " There are some potential"):
+            text = text.split(advice, 1)[0]
+    return f"{type(exc).__name__}: {text.strip()[:300]}"
+
+
+@dataclass
+class Restarts:
+    """Actor restarts of one run, bounded by actors.max_restarts over all actors (summary.json
+    "restarts", Prometheus hlm_actor_restarts_total)."""
+
+    limit: int
+    out_dir: Path
+    verifier: int = 0
+    groups: dict = field(default_factory=dict)  # group id -> restarts
+    events: list = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.verifier + sum(self.groups.values())
+
+    def allow(self, actor: str, devices, cause: str, tokens: int, t0: float) -> None:
+        """Count one restart of `actor`, or raise RunFailed past the bound."""
+        if self.total >= self.limit:
+            raise RunFailed(
+                f"The {actor} (hosting devices {_id_ranges(devices)}) died: {cause}. The run has already restarted "
+                f"actors {self.total} time{'s' * (self.total != 1)}, the limit set by actors.max_restarts is "
+                f"{self.limit}, so it stops here after {tokens} committed tokens; the partial results are in "
+                f"{self.out_dir}.")
+        self.events.append({"actor": actor, "devices": sorted(devices), "cause": cause, "tokens_committed": tokens,
+                            "wall_s": round(time.time() - t0, 3)})
+
+    def summary(self) -> dict:
+        return {"total": self.total, "verifier": self.verifier,
+                "groups": {str(g): n for g, n in sorted(self.groups.items())}, "events": self.events}
+
+
 def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: float):
+    """The actors: one Verifier, the DeviceGroups. A dead actor (a RayActorError from any call) is
+    restarted, up to actors.max_restarts in all, by deterministic replay (DESIGN.md section 8;
+    agents.actors.DeviceGroup and agents.verifier say how):
+
+    - a group: a new incarnation for the same devices re-executes them from their prompts, the
+      verifier having forgotten and reserved their sessions (Verifier.handover); rows the driver
+      already drained are not emitted again;
+    - the verifier: every group detaches and hands over its devices' committed sessions, a new
+      verifier re-opens them and re-feeds its LLM caches in the original calls (Verifier.restore),
+      the groups reattach and resend what is unanswered.
+
+    In the virtual clock the trace is then identical to a fault-free run's: what a device emits
+    depends only on its own verdicts, and each verdict only on the device's context."""
     import ray
+    from ray.exceptions import RayActorError
 
     from agents.actors import ClockParams, DeviceGroup, Verifier, max_rss_bytes
     from agents.engine import Content, replay_content
@@ -308,54 +388,146 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
         # Virtual clock: the actors run the content pass, the driver replays it (agents.engine).
         two_pass = s.clock == "virtual"
         resources = actor_resources(s)
-        verifier = ray.remote(**resources["verifier"])(Verifier).remote(
-            p.llm, p.server, s.seed, p.run.vocab_size, clock, host, s.server.port,
-            threads=a.verifier_threads, expected_sessions=len(p.specs), dtype=p.llm_dtype, device=a.verifier_device,
-            allowed_devices=[d.device for d in p.specs], mode="content" if two_pass else "emulate")
-        actors.append(verifier)
+        verifier_cls = ray.remote(**resources["verifier"])(Verifier)
+        group_cls = ray.remote(**resources["group"])(DeviceGroup)
+        members = {i: [d.device_id for d in m] for i, m in enumerate(device_groups(s))}
+
+        def make_verifier():
+            v = verifier_cls.remote(
+                p.llm, p.server, s.seed, p.run.vocab_size, clock, host, s.server.port,
+                threads=a.verifier_threads, expected_sessions=len(p.specs), dtype=p.llm_dtype,
+                device=a.verifier_device, allowed_devices=[d.device for d in p.specs],
+                mode="content" if two_pass else "emulate")
+            actors.append(v)
+            return v
+
+        def make_group(i: int, incarnation: int = 0):
+            g = group_cls.remote(i, [p.specs[d] for d in members[i]], p.run, p.slm, p.policy_specs, None, clock,
+                                 a.group_threads, p.slm_dtype, a.group_device, two_pass, incarnation)
+            actors.append(g)
+            return g
+
+        def start_verifier(v) -> str:
+            endpoint = ray.get(v.start.remote())
+            if opts.address and endpoint.startswith("tcp://0.0.0.0"):
+                endpoint = endpoint.replace("0.0.0.0", ray.util.get_node_ip_address(), 1)
+            return endpoint
+
+        verifier = make_verifier()
         # Groups start (worker process, SLM load) while the verifier loads its LLM; they learn
         # the endpoint when they run.
-        group_cls = ray.remote(**resources["group"])(DeviceGroup)
-        groups = [group_cls.remote(i, [p.specs[d.device_id] for d in members], p.run, p.slm, p.policy_specs,
-                                   None, clock, a.group_threads, p.slm_dtype, a.group_device, two_pass)
-                  for i, members in enumerate(device_groups(s))]
-        actors.extend(groups)
-        endpoint = ray.get(verifier.start.remote())
-        if opts.address and endpoint.startswith("tcp://0.0.0.0"):
-            endpoint = endpoint.replace("0.0.0.0", ray.util.get_node_ip_address(), 1)
-        ray.get([g.ready.remote() for g in groups])  # models loaded: emulated time may start
+        groups = {i: make_group(i) for i in members}
+        endpoint = start_verifier(verifier)
+        ray.get([g.ready.remote() for g in groups.values()])  # models loaded: emulated time may start
+        identities = dict(zip(groups, ray.get([g.identity.remote() for g in groups.values()])))
         t_ready = time.perf_counter()
         t0 = time.time() + 0.2
         ray.get(verifier.set_t0.remote(t0))
-        refs = {g.run.remote(t0, endpoint): g for g in groups}
-        pending = list(refs)
+        emitted = {d.device: 0 for d in p.specs}  # rows drained per device (a restarted group skips them)
+        refs = {groups[i].run.remote(t0, endpoint): i for i in groups}  # running groups
+        finished: dict[int, dict] = {}  # group id -> its run() result
+        restarts = Restarts(a.max_restarts, opts.out_dir)
+        kills = sorted(opts.chaos_kill, key=lambda k: k[1])
+        wall_batches, errors_before, last_errors = [], 0, 0  # what dead verifiers did (wall clock; errors)
         rows: list[dict] = []
         rss = 0
         group_timings, lms, memory = [], {}, {}
         content = Content()
-        while pending:
-            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+
+        def restart_group(i: int, exc: BaseException) -> None:
+            t = time.perf_counter()
+            restarts.allow(f"device group {i}", members[i], _cause(exc), len(sinks.seen), sinks.t0)
+            restarts.groups[i] = restarts.groups.get(i, 0) + 1
+            sinks.restart("group")
+            groups[i] = make_group(i, restarts.groups[i])
+            identities[i] = ray.get(groups[i].identity.remote())
+            ray.get(verifier.handover.remote(members[i], identities[i]))
+            refs[groups[i].run.remote(t0, endpoint, skip_rows={d: emitted[d] for d in members[i]})] = i
+            restarts.events[-1]["recovery_s"] = round(time.perf_counter() - t, 3)  # to running again
+
+        def restart_verifier(exc: BaseException) -> tuple[object, str, dict[int, BaseException]]:
+            """A new verifier rebuilt from every group's committed sessions; the groups found dead
+            meanwhile are returned (restarted next, against the new verifier)."""
+            t = time.perf_counter()
+            restarts.allow("verifier", [d.device for d in p.specs], _cause(exc), len(sinks.seen), sinks.t0)
+            restarts.verifier += 1
+            sinks.restart("verifier")
+            states, owners, dead = [], {}, {}
+            detached = {i: groups[i].detach.remote() for i in groups if i not in finished}
+            for i in groups:
+                try:
+                    got = finished[i]["sessions"] if i in finished else ray.get(detached[i])
+                except RayActorError as died:
+                    dead[i] = died
+                    continue
+                states.extend(got)
+                owners.update({st.item[0]: identities[i] for st in got})
+            v = make_verifier()
+            ray.get(v.restore.remote(states, owners))
+            new_endpoint = start_verifier(v)
+            ray.get(v.set_t0.remote(t0))
+            for i in detached:
+                if i not in dead:
+                    groups[i].reattach.remote(new_endpoint)
+            restarts.events[-1]["recovery_s"] = round(time.perf_counter() - t, 3)
+            return v, new_endpoint, dead
+
+        while refs:
+            poll = 0.05 if kills else 0.5  # chaos kills fire at a token count: look often
+            done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=poll)
+            dead_groups: dict[int, BaseException] = {}
             for ref in done:
-                result = ray.get(ref)  # raises the group's error here
+                i = refs.pop(ref)
+                try:
+                    result = ray.get(ref)  # raises the group's error here
+                except RayActorError as exc:
+                    dead_groups[i] = exc
+                    continue
+                finished[i] = result
                 rows.extend(result["rows"])
                 rss += result["max_rss_bytes"]
                 group_timings.append(result["timings"])
-                memory[f"group {len(memory)}"] = result["memory"]
+                memory[f"group {i}"] = result["memory"]
                 lms["slm"] = lms.get("slm") or result["lm"]
                 if two_pass:
                     content.devices.update(result["content"])
-            fresh = ray.get([g.drain.remote() for g in refs.values()])
+            fresh = []
+            for i, ref in [(i, groups[i].drain.remote()) for i in groups]:
+                try:
+                    fresh.append(ray.get(ref))
+                except RayActorError as exc:
+                    if i not in finished:
+                        dead_groups.setdefault(i, exc)
+            new_rows = [r for f in fresh for r in f["rows"]]
+            for r in new_rows:
+                emitted[r["device"]] += 1
+            try:
+                if not two_pass:
+                    drained = ray.get(verifier.drain_batches.remote())
+                    wall_batches.extend(drained)
+                    sinks.batches(drained)
+                status = ray.get(verifier.status.remote())
+            except RayActorError as exc:
+                verifier, endpoint, dead = restart_verifier(exc)
+                dead_groups = {**dead, **dead_groups}
+                errors_before, last_errors = errors_before + last_errors, 0
+                status = {"lag_s": 0.0, "errors": 0, "failure": None}
+            last_errors = status["errors"]
             if two_pass:
-                sinks.content([r for f in fresh for r in f["rows"]])
+                sinks.content(new_rows)
             else:
-                sinks.batches(ray.get(verifier.drain_batches.remote()))
-                sinks.rows([r for f in fresh for r in f["rows"]])
-            status = ray.get(verifier.status.remote())
-            sinks.clock(max([f["lag_s"] for f in fresh] + [status["lag_s"]]), status["errors"])
+                sinks.rows(new_rows)
+            sinks.clock(max([f["lag_s"] for f in fresh] + [status["lag_s"]]), errors_before + status["errors"])
             if status["failure"]:
                 raise RuntimeError(f"verifier failed:\n{status['failure']}")
+            for i, exc in sorted(dead_groups.items()):
+                restart_group(i, exc)
+            while kills and len(sinks.seen) >= kills[0][1]:  # chaos tests: kill -9 an actor mid-run
+                target = kills.pop(0)[0]
+                (verifier if target == "verifier" else groups[int(target.split(":")[1])]).chaos_kill.remote()
         batches = ray.get(verifier.batches.remote())
         status = ray.get(verifier.status.remote())
+        status["errors"] += errors_before
         if two_pass:
             content.verdicts.update(ray.get(verifier.content_log.remote()))
             policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
@@ -364,6 +536,8 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
             sinks.batches(batches)
             sinks.rows(rows, progress=False)
             status["timings"] = merge(status["timings"], {"replay": replay.group_timings["replay"]})
+        elif restarts.total:
+            batches = wall_batches + ray.get(verifier.drain_batches.remote())
         t_end = time.perf_counter()
         # Peak memory of the run: the sum of every actor's peak (an upper bound on the
         # simultaneous peak) plus this driver.
@@ -373,6 +547,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
                    + [status["timings"].get("startup.model_load", {}).get("seconds", 0.0)])
         startup = {"ray (with planning alongside)": ray_s, "actors_ready": t_ready - t_ray, "model_load": load}
         out = {"protocol_errors": status["errors"], "lag_s": status["lag_s"], "peak_rss_bytes": rss,
+               "restarts": restarts.summary(),
                "compute": {**compute_info(p, {**lms, "llm": status["lm"]}),
                            "memory": {"verifier": status["memory"], **memory}},
                "profile": breakdown(0.0, t_end - t_ready, startup, groups_t, status["timings"])}
@@ -465,6 +640,11 @@ class Sinks:
             stats.append(ProtocolErrorStat("malformed", errors - self.errors_seen))
             self.errors_seen = errors
         self.collector.ingest(stats)
+
+    def restart(self, actor: str) -> None:
+        """An actor ("verifier" or "group") died and is being restarted."""
+        if self.collector is not None:
+            self.collector.actor_restart(actor)
 
     def close(self) -> None:
         self.progress.close()

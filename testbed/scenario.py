@@ -29,8 +29,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import functools
 import math
 import re
+import socket
 import types
 import typing
 from dataclasses import dataclass
@@ -237,12 +239,51 @@ class Server(_Config):
     host: str = Field("127.0.0.1", min_length=1)  # ZeroMQ ROUTER bind address; on a cluster the node address
     port: Port = 0  # 0 = any free port
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        why = host_problem(v)
+        if why:
+            raise _fail(why)
+        return v
+
     def profile(self):
         """The verifier's agents.verifier.ServerProfile (it owns the time model)."""
         from agents.verifier import ServerProfile
 
         v = self.verify_ms
         return ServerProfile(v.base, v.per_token, v.per_sequence, self.max_batch, self.max_wait_ms)
+
+
+# A DNS host name: labels of letters, digits and inner hyphens. Checked before any lookup, so
+# text like "not a host" is refused without asking a resolver.
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+
+
+@functools.lru_cache(maxsize=64)  # overrides and sweeps re-validate the same host many times
+def host_problem(host: str) -> str | None:
+    """Why the verifier's ZeroMQ socket could not bind `host` (None if it can): an IPv4 literal or a
+    name that resolves to IPv4 (the socket is IPv4 only). Only inet_pton and getaddrinfo, no traffic;
+    whether this machine owns the address is checked when a local run is planned (testbed.preflight)."""
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+        return None
+    except OSError:
+        pass
+    expected = "expected an IPv4 address or a host name that resolves to one (e.g. 127.0.0.1, 0.0.0.0, localhost)"
+    try:
+        socket.inet_pton(socket.AF_INET6, host.strip("[]"))
+        return f"{expected}, got the IPv6 address {host!r}: the verifier's ZeroMQ socket is IPv4 only"
+    except OSError:
+        pass
+    if not _HOSTNAME.match(host):
+        return f"{expected}, got {host!r}, which is not a valid host name"
+    try:
+        socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        return f"{expected}, got {host!r}, which does not resolve here ({getattr(e, 'strerror', None) or e})"
+    return None
 
 
 def verify_seconds(server: Server | VerifyTime, batch_size: int, n_tokens: int) -> float:
@@ -289,21 +330,58 @@ _LINK_RULES = {
     "rate_mbps": ("> 0", lambda x: x > 0),
     "delay_ms": (">= 0", lambda x: x >= 0),
     "jitter_ms": (">= 0", lambda x: x >= 0),
-    "loss": ("in [0, 1]", lambda x: 0 <= x <= 1),
+    "loss": ("in [0, 1)", lambda x: 0 <= x < 1),
 }
 
+# A device gives up a message after this many tries (agents.device.MAX_RETRANSMISSIONS + 1).
+_TRIES = 33
 
-def _check_link(v: Any) -> Any:
+
+def _all_lost(p) -> tuple[str, str] | None:
+    """(field, why) when a netem.LinkProfile loses every packet in the long run: the run would fail
+    with `upload 0 lost 33 times`. Random loss 1, a Gilbert-Elliott chain whose long-run loss is
+    1 (e.g. ge_r 0 with ge_loss_bad 1), or a trace whose loss is 1 everywhere."""
+    if p.ge_p > 0:
+        bad = p.ge_p / (p.ge_p + p.ge_r)  # stationary share of the bad state (1 when ge_r = 0)
+        rate = bad * p.ge_loss_bad + (1 - bad) * p.ge_loss_good
+        if rate >= 1:
+            field = "ge_loss_good" if p.ge_loss_good >= 1 else "ge_r" if p.ge_r == 0 else "ge_loss_bad"
+            return field, (f"the Gilbert-Elliott loss (ge_p {p.ge_p:g}, ge_r {p.ge_r:g}, ge_loss_bad "
+                           f"{p.ge_loss_bad:g}, ge_loss_good {p.ge_loss_good:g}) loses every packet in the long run")
+    elif p.loss >= 1:
+        return "loss", f"expected a loss probability < 1, got {p.loss!r}"
+    trace_loss = getattr(p.trace, "loss", None) if p.trace is not None else None
+    if trace_loss and min(trace_loss) >= 1:
+        return "trace", f"trace {p.trace.source!r} has loss 1 at every point"
+    return None
+
+
+def _loss_problems(profile, tier: str | None) -> list[tuple[tuple, str]]:
+    """One problem per direction of a netem.DuplexProfile that loses every packet."""
+    out = []
+    for direction in ("uplink", "downlink"):
+        hit = _all_lost(getattr(profile, direction))
+        if hit:
+            field, why = hit
+            out.append(((direction, field), f"{why}; every message on this link would be lost and the run would "
+                                             f"fail after {_TRIES} tries{f' (tier {tier})' if tier else ''}"))
+    return out
+
+
+def _check_link(v: Any, tier: str | None = None) -> Any:
     netem = _netem()
     if isinstance(v, str):
         if not v.strip():
             raise _fail("expected a named link profile (see `testbed links`), got ''")
         if netem is not None:
             try:
-                netem.get_profile(v)
+                profile = netem.get_profile(v)
             except (KeyError, ValueError) as e:
                 known = ", ".join(netem.list_profiles())
                 raise _fail(f"unknown link profile {v!r} (known: {known})") from e
+            lost = _loss_problems(profile, tier)
+            if lost:  # a named profile: the problem is the name, the message says which field
+                raise _fail_many([((), f"profile {v!r}: {'.'.join(sub)}: {msg}") for sub, msg in lost])
         return v
     if not isinstance(v, dict):
         raise _fail(f"expected a named link profile or {{uplink: {{rate_mbps: .., delay_ms: ..}}, "
@@ -328,6 +406,11 @@ def _check_link(v: Any) -> Any:
             if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
                 problems.append(((direction, key), f"expected a finite number {expected}, got {x!r}"))
                 bad = True
+            elif key == "loss" and x == 1:
+                problems.append(((direction, key), f"expected a loss probability < 1, got {x!r}; every message on "
+                                 f"this link would be lost and the run would fail after {_TRIES} tries"
+                                 f"{f' (tier {tier})' if tier else ''}"))
+                bad = True
             elif not ok(x):
                 problems.append(((direction, key), f"expected a number {expected}, got {x!r}"))
                 bad = True
@@ -339,7 +422,7 @@ def _check_link(v: Any) -> Any:
                 problems.append(((direction, *sub), msg))
     if not problems and netem is not None:
         try:
-            netem.DuplexProfile.from_dict(v)
+            problems += _loss_problems(netem.DuplexProfile.from_dict(v), tier)
         except (ValueError, TypeError, KeyError) as e:
             problems.append((_split_error(e.args[0] if e.args else str(e), v)))
     if problems:
@@ -427,8 +510,8 @@ class Tier(_Config):
 
     @field_validator("link", mode="before")
     @classmethod
-    def _link(cls, v: Any) -> Any:
-        return _check_link(v)
+    def _link(cls, v: Any, info: ValidationInfo) -> Any:
+        return _check_link(v, info.data.get("name"))  # name is validated first: messages name the tier
 
     @field_validator("policy", mode="before")
     @classmethod
@@ -446,6 +529,9 @@ class Actors(_Config):
     # false for a model on the hf forward, whose rounding depends on the batch.
     batch_slm: bool = True
     verifier_threads: int = Field(1, ge=1)
+    # Actor restarts a run may make, over all actors (a dead group or verifier is rebuilt by
+    # deterministic replay, testbed.runner._run_ray); past it the run stops with its partial results.
+    max_restarts: int = Field(3, ge=0)
     # Placement: where the verifier's LLM and the groups' SLMs compute (cpu, cuda, cuda:N), and the
     # Ray GPU resources each actor asks for (fractional for groups: several share one GPU).
     verifier_device: str = "cpu"

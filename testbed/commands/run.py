@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import typer
@@ -20,11 +23,17 @@ def run(
     dtype: str = typer.Option(None, "--dtype", help="Override models.dtype: auto | bfloat16 | float32 | float16."),
     profile: bool = typer.Option(False, "--profile", help="Time the compute limit too and print the time breakdown."),
     no_accuracy: bool = typer.Option(False, "--no-accuracy", help="Skip executing HumanEval tests (pass@1)."),
+    debug: bool = typer.Option(False, "--debug", help="On a failure, print the full traceback too."),
 ) -> None:
-    """Run a scenario end to end and write tokens.parquet, summary.json, scenario.yaml."""
+    """Run a scenario end to end and write tokens.parquet, summary.json, scenario.yaml.
+
+    Every check runs before anything starts or is written (testbed.preflight, each run of a sweep).
+    A failure at run time prints one paragraph: what failed and where the partial results are
+    (exit 1; the traceback with --debug). Ctrl-C keeps the partial results too (exit 130)."""
     from rich.console import Console
 
     from testbed import results
+    from testbed.preflight import preflight
     from testbed.runner import RunOptions, run_scenario
     from testbed.scenario import ScenarioError, expand_sweep, load_scenario, override
 
@@ -38,10 +47,16 @@ def run(
             changes["models.dtype"] = dtype
         if changes:
             s = override(s, changes)
+        points = expand_sweep(s)
+        for point in points:  # all of a sweep first: a bad last run must not leave half a sweep behind
+            preflight(point, engine=engine, address=address or s.address,
+                      source=scenario if len(points) == 1 else f"{scenario} (sweep run {point.name})")
     except ScenarioError as e:
-        err.print(f"[red]{e}[/red]")
+        _say(str(e))
         raise typer.Exit(2)
-    points = expand_sweep(s)
+    except KeyboardInterrupt:
+        _say("interrupted before the run started; nothing was written")
+        raise typer.Exit(130)
     base = out or Path("runs") / f"{s.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     summaries = {}
     for point in points:
@@ -50,7 +65,22 @@ def run(
                           progress=True, report=not no_report,
                           metrics_port=metrics_port if metrics_port is not None else s.metrics.port, linger_s=linger,
                           profile=profile, accuracy=not no_accuracy)
-        summaries[point.name] = run_scenario(point, opts)
+        t0 = time.time()
+        try:
+            summaries[point.name] = run_scenario(point, opts)
+        except KeyboardInterrupt:
+            _say(f"interrupted: {point.name} stopped after {time.time() - t0:.0f} s. {_partial(out_dir, summaries, base)}")
+            raise typer.Exit(130)
+        except ScenarioError as e:  # the plan's own checks (preflight passed above: only if the machine changed)
+            _say(str(e))
+            raise typer.Exit(2)
+        except Exception as e:  # noqa: BLE001 - one paragraph instead of a traceback
+            if debug:
+                traceback.print_exc()
+            _say(f"testbed run failed: {point.name} ({engine} engine) stopped after {time.time() - t0:.0f} s: "
+                 f"{describe_error(e)}. {_partial(out_dir, summaries, base)}"
+                 + ("" if debug else " Run again with --debug for the full traceback."))
+            raise typer.Exit(1)
         err.print(results.summary_table(summaries[point.name], title=f"{point.name}  ({out_dir})"))
         if profile:
             from testbed.profile import profile_table
@@ -64,3 +94,38 @@ def run(
             err.print(f"report: {write_report([base / name for name in summaries], base / 'report')}")
     if json_out:
         print(json.dumps(summaries[points[0].name] if len(points) == 1 else summaries, indent=2))
+
+
+def _say(text: str) -> None:
+    # Plain stderr, not rich: no markup eating "[...]" and no wrapping inside a paragraph.
+    print(text, file=sys.stderr, flush=True)
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an exception: its type and message; for an actor's error (Ray wraps it, or a
+    message carries a formatted traceback) the original error's last line."""
+    cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError: the actor's own exception
+    if isinstance(cause, BaseException):
+        e = cause
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    name = type(e).__name__
+    if not lines:
+        return name
+    head = lines[0]
+    if any(line.startswith("Traceback") for line in lines[1:]) or (len(lines) > 1 and lines[0].startswith("ray::")):
+        last = next((line for line in reversed(lines) if re.match(r"^[\w.]+(Error|Exception)\b", line)), lines[-1])
+        head = last if head.startswith(("Traceback", "ray::")) else f"{head.rstrip(':')}: {last}"
+    text = " ".join(head.split())
+    text = text if text.startswith(name) else f"{name}: {text}"
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _partial(out_dir: Path, summaries: dict, base: Path) -> str:
+    """Where the partial results are: the run's folder and what it holds."""
+    done = f" The sweep's {len(summaries)} finished run(s) are complete in {base}." if summaries else ""
+    if not out_dir.exists():
+        return f"Nothing was written for it.{done}"
+    files = sorted(p.name for p in out_dir.iterdir())
+    if files == ["scenario.yaml"]:
+        return f"Partial results are in {out_dir} (only scenario.yaml: no token was committed).{done}"
+    return f"Partial results are in {out_dir} ({', '.join(files)}).{done}"

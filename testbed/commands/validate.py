@@ -17,13 +17,18 @@ def validate(
     resolved: Annotated[bool, typer.Option("--resolved", help="Print the fully resolved scenario YAML.")] = False,
 ) -> None:
     """Validate a scenario file without running it: schema, links, policies, models and prompts."""
-    from testbed.prompts import PromptError, load_prompts
+    from testbed.preflight import preflight
+    from testbed.prompts import PromptError
     from testbed.scenario import Problem, ScenarioError, expand_sweep, load_scenario, scenario_yaml
 
     try:
         s = load_scenario(file_or_name)
         runs = expand_sweep(s)
-        n_prompts = len(load_prompts(s.prompts))  # also reads a JSONL file: bad lines fail here
+        # What `testbed run` checks before it starts: prompts (every JSONL line), vocabularies,
+        # positions, memory, the bind address. A sweep: every run, the first failing one named.
+        for r in runs:
+            where = file_or_name if len(runs) == 1 else f"{file_or_name} (sweep run {r.name})"
+            n_prompts = len(preflight(r, source=where).prompts)
     except (ScenarioError, PromptError) as e:
         problems = e.problems if isinstance(e, ScenarioError) else [Problem("prompts", str(e))]
         source = getattr(e, "source", None) or file_or_name

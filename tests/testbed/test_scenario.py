@@ -102,7 +102,7 @@ def _set(d, path, value):
 _DEL = object()
 BAD = [
     (("tiers", 1, "link", "uplink", "rate_mbps"), -2, "tiers[1].link.uplink.rate_mbps", "> 0"),
-    (("tiers", 0, "link", "downlink", "loss"), 1.5, "tiers[0].link.downlink.loss", "[0, 1]"),
+    (("tiers", 0, "link", "downlink", "loss"), 1.5, "tiers[0].link.downlink.loss", "expected a number in [0, 1), got 1.5"),
     (("tiers", 0, "link", "downlink"), _DEL, "tiers[0].link.downlink", "required"),
     (("tiers", 0, "link"), 42, "tiers[0].link", "named link profile"),
     (("tiers", 0, "count"), 0, "tiers[0].count", ">= 1"),
