@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from agents import protocol
+from agents import codec, protocol
 from agents.speculative import reconstruct, sample_draft, softmax_t, tv_distance, verified_fidelity
 from agents.timing import Timings
 from netem import DuplexProfile, Link, link_seed
@@ -219,7 +219,7 @@ class Device:
         payload = b""
         if decision.transmit and not decision.llm_samples:
             indices, probs = truncate_for_upload(ctx.probs, decision)
-            payload = protocol.encode_payload(indices, probs, self.run.vocab_size, decision.prob_bits)
+            payload = codec.encode_payload(indices, probs, self.run.vocab_size, decision.prob_bits)
         if ctx is None:
             assert decision.transmit, "a policy that does not draft must transmit"
             return Drafted(decision, -1, math.nan, payload)
@@ -389,7 +389,7 @@ class Device:
                 self._set_fidelity(self.rows[row], tv_distance(x, softmax_t(llm_logits[i], T)))
         x = self._release(draft)
         if x is not None and not upload.final and not upload.llm_samples and len(llm_logits) > n:
-            p = protocol.decode_payload_ex(upload.payload)
+            p = codec.decode_payload_ex(upload.payload)
             x_hat = reconstruct(p.indices, p.probs, p.vocab_size)
             self._set_fidelity(self.pending_row, verified_fidelity(x, x_hat, softmax_t(llm_logits[n], T)))
 

@@ -13,9 +13,9 @@ drawn from, TV(P, y) for a verified token (verified_fidelity), TV(x, y) for a sk
 Random draws: every function takes its randomness from an rng argument (a numpy Generator
 that the call site keys with policies.rng.keyed_rng(seed, device, token_index, purpose)),
 and consumes a fixed number of uniforms whatever the outcome: one per draft, two per
-verification (accept, resample). So the single and batched forms give the same tokens for
-the same generator, and a token does not depend on what else was in its batch. The
-*_uniforms functions are the deterministic cores, driven by given uniforms.
+verification (accept, resample). The *_uniforms functions are the deterministic cores,
+driven by given uniforms, one row per token: a token does not depend on what else was in its
+batch.
 
 All maths is float64; per token the cost is a few O(V) numpy passes (no Python loops over V).
 """
@@ -71,11 +71,6 @@ def sample_from_uniforms(probs, u) -> np.ndarray:
 def sample_draft(probs, rng: np.random.Generator) -> int:
     """d ~ probs with one uniform from rng (inverse CDF)."""
     return int(sample_from_uniforms(np.asarray(probs)[None], np.array([rng.random()]))[0])
-
-
-def sample_draft_batch(probs, rngs) -> np.ndarray:
-    """Row i ~ probs[i] with one uniform from rngs[i]; row i equals sample_draft(probs[i], rngs[i])."""
-    return sample_from_uniforms(probs, np.array([rng.random() for rng in rngs]))
 
 
 def reconstruct(indices, probs, vocab_size: int) -> np.ndarray:
@@ -142,13 +137,6 @@ def verify(draft: int, x_hat, y, rng: np.random.Generator) -> tuple[int, bool]:
     tokens, accepted = verify_from_uniforms(np.array([draft]), np.asarray(x_hat)[None], np.asarray(y)[None],
                                             u[:1], u[1:])
     return int(tokens[0]), bool(accepted[0])
-
-
-def verify_batch(drafts, x_hats, ys, rngs) -> tuple[np.ndarray, np.ndarray]:
-    """verify for B requests at once (drafts (B,), x_hats and ys (B, V), one rng each);
-    row i equals verify(drafts[i], x_hats[i], ys[i], rngs[i])."""
-    u = np.array([rng.random(2) for rng in rngs]).reshape(-1, 2)
-    return verify_from_uniforms(drafts, x_hats, ys, u[:, 0], u[:, 1])
 
 
 def hybrid_distribution(x, x_hat, y) -> np.ndarray:

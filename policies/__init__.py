@@ -5,7 +5,7 @@ Pure numpy/torch; never imports agents, netem or testbed.
 """
 from policies.base import Decision, DecisionContext, Key, Policy, TokenBatch
 from policies.policy import PRESETS, HybridPolicy, LLMOnlyPolicy, PolicyConfig, Preset
-from policies.quantise import PROB_BITS, dequantise, max_error, quantise
+from policies.quantise import PROB_BITS
 from policies.registry import (
     ENTRY_POINT_GROUP,
     PolicyError,

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import typer
 
-from agents.protocol import PROB_BITS, decode_payload, encode_payload, paper_bits, payload_form
+from agents.codec import PROB_BITS, decode_payload, encode_payload, paper_bits, payload_form
 
 VOCAB_SIZE = 151936
 KS = (1, 30, 300, 3000, VOCAB_SIZE)

@@ -34,7 +34,7 @@ def verifier_tokens_per_s(lm, batch: int, prompt_len: int, steps: int, k: int = 
     import torch
     import zmq
 
-    from agents import protocol, wire
+    from agents import codec, wire
     from agents.actors import ClockParams, Verifier
     from agents.device import Upload
     from agents.verifier import ServerProfile
@@ -48,7 +48,7 @@ def verifier_tokens_per_s(lm, batch: int, prompt_len: int, steps: int, k: int = 
     sock.connect(endpoint)
     rng = np.random.default_rng(0)
     probs = np.sort(rng.dirichlet(np.ones(k)))[::-1] * 0.9
-    payload = protocol.encode_payload(np.arange(k) + 100, probs, vocab, 8)
+    payload = codec.encode_payload(np.arange(k) + 100, probs, vocab, 8)
     devices = [10_000 * batch + i for i in range(batch)]  # distinct from other runs' sessions
     try:
         for i, d in enumerate(devices):

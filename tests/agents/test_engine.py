@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agents import protocol
+from agents import codec, protocol
 from agents.device import DeviceSpec, RunParams, Upload
 from agents.engine import run_local
 from agents.lm import BatchedLM
@@ -48,12 +48,12 @@ def test_one_device_timeline_matches_the_closed_form(lms):
         assert r["t_commit"] == pytest.approx(commit, abs=1e-9)
         t = commit
     # hlm sends the full distribution as float32: 4 bytes per entry plus headers.
-    assert rows[0]["payload_bytes"] == protocol.payload_size(V, V, 32)
+    assert rows[0]["payload_bytes"] == codec.payload_size(V, V, 32)
 
 
 def _upload(device: int, t_arrive: float) -> Upload:
     probs = np.full(V, 1.0 / V)
-    payload = protocol.encode_payload(np.arange(V), probs, V, 32)
+    payload = codec.encode_payload(np.arange(V), probs, V, 32)
     return Upload(device=device, seq=0, token_index=0, draft=3, draft_prob=1.0 / V, piggyback=[], piggyback_probs=[],
                   payload=payload, llm_samples=False, final=False, t_sent=t_arrive - 0.001, t_arrive=t_arrive)
 
@@ -141,7 +141,7 @@ def test_lossy_links_retransmit_and_every_token_arrives(lms):
     assert [r["token_index"] for r in rows] == list(range(24))
     retx = np.array([r["retransmissions"] for r in rows])
     assert retx.sum() > 0 and (retx == 0).sum() > 0
-    frame = protocol.upload_frame_size(type("U", (), {"piggyback": [], "payload": b"x" * protocol.payload_size(V, V, 32)}))
+    frame = protocol.upload_frame_size(type("U", (), {"piggyback": [], "payload": b"x" * codec.payload_size(V, V, 32)}))
     for r in rows:
         assert r["uplink_bytes"] == frame * (1 + r["retransmissions"])
         if r["retransmissions"]:  # the device waited at least one timeout

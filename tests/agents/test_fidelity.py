@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from agents import device as device_mod
-from agents import protocol, wire
+from agents import codec, protocol, wire
 from agents.device import Device, DeviceSpec, RunParams, Verdict
 from agents.speculative import (hybrid_distribution, sample_from_uniforms, softmax_t, tv_distance,
                                 verified_fidelity, verify_from_uniforms)
@@ -195,7 +195,7 @@ def _upload():
     from agents.device import Upload
 
     return Upload(device=0, seq=0, token_index=0, draft=1, draft_prob=0.5, piggyback=[], piggyback_probs=[],
-                  payload=protocol.encode_payload([1], [0.5], V), llm_samples=False, final=False, t_sent=0.0,
+                  payload=codec.encode_payload([1], [0.5], V), llm_samples=False, final=False, t_sent=0.0,
                   t_arrive=0.1)
 
 

@@ -15,7 +15,7 @@ import time
 import pytest
 import zmq
 
-from agents import protocol, wire
+from agents import codec, protocol, wire
 from agents.actors import ClockParams, Verifier
 from agents.device import Upload
 from agents.protocol import ErrorCode
@@ -84,7 +84,7 @@ class Client:
 
 
 def payload(lm) -> bytes:
-    return protocol.encode_payload([1, 2, 3], [0.5, 0.25, 0.125], lm.vocab_size)
+    return codec.encode_payload([1, 2, 3], [0.5, 0.25, 0.125], lm.vocab_size)
 
 
 def step_upload(lm, device: int, step: int, **changes) -> Upload:

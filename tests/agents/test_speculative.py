@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents import protocol, speculative
-from agents.speculative import (hybrid_distribution, reconstruct, rejection_prob, sample_draft, sample_draft_batch,
-                                sample_from_uniforms, softmax_t, verify, verify_batch, verify_from_uniforms)
+from agents import codec, speculative
+from agents.speculative import (hybrid_distribution, reconstruct, rejection_prob, sample_draft, sample_from_uniforms,
+                                softmax_t, verify, verify_from_uniforms)
 from policies.rng import keyed_rng
 
 # A small vocabulary with a clear gap between x and y, so wrong rules are visibly wrong.
@@ -63,7 +63,7 @@ def closed_form(x, x_hat, y) -> np.ndarray:
 def truncated_x_hat(k=3, bits=8):
     """x_hat as the server sees it: top-k of X through the real codec, then reconstructed."""
     top = np.argsort(-X, kind="stable")[:k]
-    indices, probs, vocab = protocol.decode_payload(protocol.encode_payload(top, X[top], len(X), bits))
+    indices, probs, vocab = codec.decode_payload(codec.encode_payload(top, X[top], len(X), bits))
     return reconstruct(indices, probs, vocab)
 
 
@@ -139,21 +139,23 @@ def test_public_rng_api_is_exact_too():
 
 # --- forms agree, keyed randomness ------------------------------------------------------------
 
-def test_single_batched_and_uniform_forms_agree_with_keyed_rngs():
+def test_single_and_uniform_forms_agree_with_keyed_rngs():
     V, B = 1000, 16
     rng = np.random.default_rng(6)
     xs = softmax_t(rng.normal(size=(B, V)) * 3, 1.0)
     ys = softmax_t(rng.normal(size=(B, V)) * 3, 0.7)
     x_hats = np.stack([reconstruct(np.argsort(-x)[:20], x[np.argsort(-x)[:20]], V) for x in xs])
     keys = [(7, device, 3, "verify") for device in range(B)]
-    drafts = sample_draft_batch(xs, [keyed_rng(7, dv, 3, "draft") for dv in range(B)])
-    assert drafts.tolist() == [sample_draft(xs[i], keyed_rng(7, i, 3, "draft")) for i in range(B)]
-    tokens, accepted = verify_batch(drafts, x_hats, ys, [keyed_rng(*k) for k in keys])
+    drafts = np.array([sample_draft(xs[i], keyed_rng(7, i, 3, "draft")) for i in range(B)])
+    assert drafts.tolist() == sample_from_uniforms(xs, np.array([keyed_rng(7, i, 3, "draft").random()
+                                                                  for i in range(B)])).tolist()
+    u = np.array([keyed_rng(*k).random(2) for k in keys])  # verify's two uniforms per row
+    tokens, accepted = verify_from_uniforms(drafts, x_hats, ys, u[:, 0], u[:, 1])
     singles = [verify(int(drafts[i]), x_hats[i], ys[i], keyed_rng(*keys[i])) for i in range(B)]
     assert tokens.tolist() == [t for t, _ in singles]
     assert accepted.tolist() == [a for _, a in singles]
     # A row's verdict does not depend on the rest of its batch.
-    half, _ = verify_batch(drafts[::2], x_hats[::2], ys[::2], [keyed_rng(*k) for k in keys[::2]])
+    half, _ = verify_from_uniforms(drafts[::2], x_hats[::2], ys[::2], u[::2, 0], u[::2, 1])
     assert half.tolist() == tokens[::2].tolist()
     assert 0 < accepted.sum() < B  # both branches exercised
 

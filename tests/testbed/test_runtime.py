@@ -79,7 +79,7 @@ def test_malformed_frames_get_error_replies_and_the_run_continues(ray_session, t
     import ray
     import zmq
 
-    from agents import protocol, wire
+    from agents import codec, protocol, wire
     from agents.actors import ClockParams, Verifier
     from testbed.runner import plan
 
@@ -102,7 +102,7 @@ def test_malformed_frames_get_error_replies_and_the_run_continues(ray_session, t
 
         prompt = list(p.specs[0].prompt_ids)
         sock.send_multipart(wire.open_message(0, prompt, 1.0, 1, 0.01))
-        payload = protocol.encode_payload([1, 2], [0.5, 0.25], p.run.vocab_size)
+        payload = codec.encode_payload([1, 2], [0.5, 0.25], p.run.vocab_size)
         bad = Upload(device=0, seq=0, token_index=0, draft=p.run.vocab_size + 5, draft_prob=0.5, piggyback=[],
                      piggyback_probs=[], payload=payload, llm_samples=False, final=False, t_sent=0.0, t_arrive=0.01)
         sock.send_multipart(wire.upload_message(bad))
