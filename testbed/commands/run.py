@@ -78,7 +78,7 @@ def run(
             if debug:
                 traceback.print_exc()
             _say(f"testbed run failed: {point.name} ({engine} engine) stopped after {time.time() - t0:.0f} s: "
-                 f"{describe_error(e)}. {_partial(out_dir, summaries, base)}"
+                 f"{describe_error(e).rstrip('.')}. {_partial(out_dir, summaries, base)}"
                  + ("" if debug else " Run again with --debug for the full traceback."))
             raise typer.Exit(1)
         err.print(results.summary_table(summaries[point.name], title=f"{point.name}  ({out_dir})"))
@@ -115,7 +115,8 @@ def describe_error(e: BaseException) -> str:
     if any(line.startswith("Traceback") for line in lines[1:]) or (len(lines) > 1 and lines[0].startswith("ray::")):
         last = next((line for line in reversed(lines) if re.match(r"^[\w.]+(Error|Exception)\b", line)), lines[-1])
         head = last if head.startswith(("Traceback", "ray::")) else f"{head.rstrip(':')}: {last}"
-    text = " ".join(head.split())
+    actor = next((line for line in lines if line.startswith("class_name:")), None)  # ray ActorDiedError
+    text = " ".join(head.split()) + (f" ({actor})" if actor else "")
     text = text if text.startswith(name) else f"{name}: {text}"
     return text if len(text) <= 500 else text[:497] + "..."
 
