@@ -18,8 +18,11 @@ A scenario is a YAML file validated on load into the pydantic models below (issu
     sweep: {policy: [hlm, u-hlm, cu-hlm]}      # optional: one run per value (expand_sweep)
 
 Every error names the field path (`tiers[1].link.uplink.rate_mbps`), what was expected and,
-when the scenario came from a file, the file and line. Links are checked by `netem` and
-policies by `policies.load_policy`, so a scenario that validates will not fail mid-run.
+when the scenario came from a file, the file and line. Links are checked by `netem` (and
+refused when they lose every packet) and policies by `policies.load_policy`; what needs the
+models, the prompts or this machine (vocabularies, positions, memory, the bind address) is
+checked by testbed.preflight, which `testbed validate` and `testbed run` call before anything
+starts, so a scenario that validates will not fail mid-run for these reasons.
 
 Public API: load_scenario, parse_scenario, dump_scenario, override, expand_sweep,
 sweep_points, devices, device_groups, verify_seconds, bundled_scenarios, ScenarioError.
