@@ -176,9 +176,12 @@ def estimate_memory(s: Scenario, facts: dict[str, dict[str, int]], longest_promp
                     engine: str = "ray", cluster: bool = False) -> dict[str, float]:
     """Bytes a run of `s` needs on this machine, by part, from the figures measured above: per
     device (bookkeeping, its token rows, both KV caches) and per actor process. On a cluster the
-    actors and their caches live elsewhere: the driver keeps the per-device part."""
+    actors and their caches live elsewhere: the driver keeps the per-device part. Model weights
+    are not counted: they are memory-mapped files, one shared copy per machine (agents.models)."""
     positions = longest_prompt + s.generation.max_new_tokens
-    kv = 0 if cluster else sum(_kv_bytes(f, positions) for f in facts.values())
+    # Host memory only: a cache on a GPU (actors.*_device: cuda) is not counted.
+    on_cpu = {"slm": s.actors.group_device == "cpu", "llm": s.actors.verifier_device == "cpu"}
+    kv = 0 if cluster else sum(_kv_bytes(f, positions) for role, f in facts.items() if on_cpu[role])
     per_device = DEVICE_BYTES + s.generation.max_new_tokens * TOKEN_BYTES + kv
     actors = 0 if (cluster or engine == "local") else n_groups(s) + 1  # the groups and the verifier
     return {"per_device": per_device, "kv_per_device": kv, "devices": per_device * s.n_devices,
