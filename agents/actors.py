@@ -27,8 +27,9 @@ from dataclasses import dataclass, replace
 
 import zmq
 
-from agents import protocol, wire
+from agents import protocol, security, wire
 from agents.device import DeviceGroupCore, DeviceSpec, RunParams, Upload
+from agents.security import ClientKeys, ServerKeys
 from agents.verifier import ServerProfile, VerifierCore
 
 POLL_MS = 50
@@ -129,10 +130,11 @@ class DeviceGroup:
     def ready(self) -> bool:
         return True
 
-    def run(self, t0: float | None = None, endpoint: str | None = None) -> dict:
+    def run(self, t0: float | None = None, endpoint: str | None = None, curve: ClientKeys | None = None) -> dict:
         """Emulate every device to the end. `t0`: the wall clock's emulated zero (real time),
         given once every actor is up so model loading does not count as lag. `endpoint`: the
-        verifier's, when it was not known at construction (groups start while the verifier loads)."""
+        verifier's, when it was not known at construction (groups start while the verifier loads).
+        `curve`: this group's CURVE keys when the verifier requires them (agents.security)."""
         if t0 is not None:
             self.clock = replace(self.clock, t0=t0)
         if endpoint is not None:
@@ -141,6 +143,8 @@ class DeviceGroup:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, f"group-{self.group_id}-{os.getpid()}".encode())
+        if curve is not None:
+            security.configure_client(sock, curve)
         sock.connect(self.endpoint)
         rng = random.Random(self.group_id)
         wall = self.clock.kind == "wall"
@@ -216,6 +220,8 @@ class Verifier:
       may have prefilled over the run;
     - max_messages_per_poll: messages read before batches get their turn again (a flood from
       one client cannot starve the batch release).
+    `curve` (agents.security.ServerKeys): CURVE on the ROUTER; only the allow-listed client
+    keys complete a handshake.
     """
 
     DEFAULT_MAX_SESSIONS = 4096
@@ -228,7 +234,7 @@ class Verifier:
                  lm=None, expected_sessions: int = 0, allowed_devices=None, max_sessions: int | None = None,
                  max_sessions_per_identity: int | None = None, max_prompt_tokens: int | None = None,
                  max_prefill_tokens_per_identity: int | None = None, max_messages_per_poll: int = 256,
-                 dtype: str | None = None, device: str = "cpu", mode: str = "emulate"):
+                 dtype: str | None = None, device: str = "cpu", mode: str = "emulate", curve: ServerKeys | None = None):
         from agents.lm import BatchedLM
         from agents.models import load_model
 
@@ -258,11 +264,18 @@ class Verifier:
         self.failure: str | None = None
         self.batches_seen = 0
         self.lag_s = 0.0
+        self.curve = curve  # None: plain ZeroMQ (loopback); else CURVE with this allow-list
+        self.allow_list: security.AllowList | None = None
 
     def start(self) -> str:
         """Bind the ROUTER and serve in a background thread; returns the endpoint."""
         ctx = zmq.Context.instance()
+        if self.curve is not None:  # own context: its ZAP handler must cover this socket alone
+            ctx = self.ctx = zmq.Context()
+            self.allow_list = security.AllowList(ctx, self.curve.allowed)
         self.sock = ctx.socket(zmq.ROUTER)
+        if self.curve is not None:
+            security.configure_server(self.sock, self.curve)
         self.sock.setsockopt(zmq.LINGER, 0)
         # MAXMSGSIZE bounds each part (a bigger one drops the connection) and RCVHWM the
         # messages queued per connection; parts beyond wire.PARTS are discarded unread (_recv).
@@ -306,6 +319,10 @@ class Verifier:
         if self.thread is not None:
             self.thread.join(timeout=10)
         self.sock.close()
+        if self.allow_list is not None:
+            self.allow_list.stop()
+            if not self.thread.is_alive():
+                self.ctx.term()
 
     def _serve(self) -> None:
         try:
