@@ -241,6 +241,9 @@ class Server(_Config):
     max_wait_ms: NonNegativeFloat = 2.0  # how long the first request of a batch may wait for more
     host: str = Field("127.0.0.1", min_length=1)  # ZeroMQ ROUTER bind address; on a cluster the node address
     port: Port = 0  # 0 = any free port
+    # ZeroMQ CURVE on the verifier socket (agents.security): auto = on whenever it binds off
+    # loopback (so with --address); off is refused off loopback.
+    curve: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("host")
     @classmethod
@@ -249,6 +252,16 @@ class Server(_Config):
         if why:
             raise _fail(why)
         return v
+
+    @model_validator(mode="after")
+    def _check_curve(self) -> "Server":
+        from agents.security import curve_on
+
+        try:
+            curve_on(self.curve, self.host)
+        except ValueError as e:
+            raise _fail(str(e), "curve")
+        return self
 
     def profile(self):
         """The verifier's agents.verifier.ServerProfile (it owns the time model)."""
@@ -535,6 +548,9 @@ class Actors(_Config):
     # Actor restarts a run may make, over all actors (a dead group or verifier is rebuilt by
     # deterministic replay, testbed.runner._run_ray); past it the run stops with its partial results.
     max_restarts: int = Field(3, ge=0)
+    # No new rows and no verifier batch for this long: the run ends, naming the sessions that hold
+    # it up (testbed.runner._run_ray). 0 = never.
+    stall_timeout_s: NonNegativeFloat = 120.0
     # Placement: where the verifier's LLM and the groups' SLMs compute (cpu, cuda, cuda:N), and the
     # Ray GPU resources each actor asks for (fractional for groups: several share one GPU).
     verifier_device: str = "cpu"
