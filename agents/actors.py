@@ -21,6 +21,8 @@ import collections
 import math
 import os
 import random
+import secrets
+import signal
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -45,6 +47,7 @@ class ClockParams:
     time_scale: float = 1.0  # emulated seconds per real second (wall only)
     t0: float = 0.0  # real time (time.time()) of emulated zero (wall only)
     chaos_delay_s: float = 0.0  # tests: random real delay before handling each message
+    stall_group: int = -1  # tests: this group opens its sessions, then hangs (the runner's stall check)
 
     def now(self) -> float:
         return (time.time() - self.t0) * self.time_scale
@@ -96,11 +99,22 @@ def _set_threads(n: int) -> None:
 
 
 class DeviceGroup:
-    """Hosts many virtual devices with one SLM copy; talks DEALER to the verifier."""
+    """Hosts many virtual devices with one SLM copy; talks DEALER to the verifier.
+
+    Recovery (DESIGN.md section 8; the runner drives it, testbed.runner._run_ray):
+    - this group died: a new incarnation for the same devices re-executes them from their prompts
+      (deterministic: keyed randomness, batch-invariant SLM forwards, and the verifier, which forgot
+      their sessions, verifies every upload anew). `skip_rows` keeps it from emitting again the
+      rows the driver already drained. Its ZeroMQ identity is new; the driver hands the devices
+      over to it on the verifier (Verifier.handover) before it runs.
+    - the verifier died: `detach` drops the socket (and any verdict still unread in it) and
+      returns every device's committed session for the new verifier (VerifierCore.restore);
+      `reattach` connects to the new endpoint and resends every upload still unanswered.
+    """
 
     def __init__(self, group_id: int, specs: list[DeviceSpec], run: RunParams, slm_spec, policy_specs: dict,
                  endpoint: str | None, clock: ClockParams, threads: int = 1, dtype: str | None = None, device: str = "cpu",
-                 record: bool = False):
+                 record: bool = False, incarnation: int = 0):
         from agents.lm import BatchedLM
         from agents.models import load_model
         from policies import load_policy
@@ -110,6 +124,9 @@ class DeviceGroup:
         self.group_id = group_id
         self.clock = clock
         self.endpoint = endpoint
+        # Unique per incarnation: sessions belong to an identity, and a restarted group's must differ.
+        self.zmq_identity = f"group-{group_id}.{incarnation}-{os.getpid()}-{secrets.token_hex(4)}".encode()
+        self.curve = None
         policies = {name: load_policy(spec) for name, spec in policy_specs.items()}
         drafts = any(policies[s.policy_name].drafts for s in specs)
         slm = BatchedLM(load_model(slm_spec, dtype=dtype, device=device)) if drafts else None
@@ -120,6 +137,11 @@ class DeviceGroup:
         self.stats_lock = threading.Lock()
         self.new_rows: list[dict] = []
         self.lag_s = 0.0
+        # Verifier restart: the driver's detach/reattach calls meet the run loop through these.
+        self.handshake = threading.Lock()
+        self.running = False
+        self.detach_request, self.detached, self.reattached = threading.Event(), threading.Event(), threading.Event()
+        self.snapshot: list | None = None
 
     def drain(self) -> dict:
         """New committed-token rows since the last call (for live progress and metrics)."""
@@ -130,31 +152,87 @@ class DeviceGroup:
     def ready(self) -> bool:
         return True
 
-    def run(self, t0: float | None = None, endpoint: str | None = None, curve: ClientKeys | None = None) -> dict:
+    def identity(self) -> bytes:
+        return self.zmq_identity
+
+    def chaos_kill(self) -> None:
+        """Chaos tests (RunOptions.chaos_kill): kill -9 this actor's process, mid-run."""
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def detach(self, timeout_s: float = 120.0) -> list:
+        """The verifier died: stop using its socket and return every device's committed session
+        (agents.device.SessionState). The run loop then waits for `reattach`."""
+        with self.handshake:
+            if not self.running:  # finished (or not started): nothing moves
+                return self.core.session_states()
+            self.detach_request.set()
+        if not self.detached.wait(timeout_s):
+            raise TimeoutError(f"group {self.group_id}: the run loop did not detach within {timeout_s} s")
+        return self.snapshot
+
+    def reattach(self, endpoint: str, curve: ClientKeys | None = None) -> None:
+        """The new verifier's endpoint (after `detach`); unanswered uploads are resent there."""
+        self.endpoint = endpoint
+        if curve is not None:
+            self.curve = curve
+        self.reattached.set()
+
+    def _connect(self):
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, self.zmq_identity)
+        if self.curve is not None:
+            security.configure_client(sock, self.curve)
+        sock.connect(self.endpoint)
+        return sock
+
+    def _detach_point(self, sock):
+        """In the run loop: hand the driver the committed sessions, wait for the new endpoint, connect
+        and resend what is unanswered. Verdicts still unread on the old socket are dropped: the
+        snapshot does not have them, so the new verifier answers those uploads again."""
+        sock.close()
+        self.snapshot = self.core.session_states()
+        self.detached.set()
+        self.reattached.wait()
+        self.detach_request.clear()
+        self.detached.clear()
+        self.reattached.clear()
+        sock = self._connect()
+        for upload in self.core.unanswered():
+            sock.send_multipart(wire.upload_message(upload))
+        return sock
+
+    def run(self, t0: float | None = None, endpoint: str | None = None, curve: ClientKeys | None = None,
+            skip_rows: dict[int, int] | None = None) -> dict:
         """Emulate every device to the end. `t0`: the wall clock's emulated zero (real time),
         given once every actor is up so model loading does not count as lag. `endpoint`: the
         verifier's, when it was not known at construction (groups start while the verifier loads).
-        `curve`: this group's CURVE keys when the verifier requires them (agents.security)."""
+        `curve`: this group's CURVE keys when the verifier requires them (agents.security).
+        `skip_rows`: per device, rows a previous incarnation already emitted (not emitted again)."""
         if t0 is not None:
             self.clock = replace(self.clock, t0=t0)
         if endpoint is not None:
             self.endpoint = endpoint
-        ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IDENTITY, f"group-{self.group_id}-{os.getpid()}".encode())
         if curve is not None:
-            security.configure_client(sock, curve)
-        sock.connect(self.endpoint)
+            self.curve = curve
+        with self.handshake:
+            self.running = True
+        sock = self._connect()
         rng = random.Random(self.group_id)
         wall = self.clock.kind == "wall"
         shaped = self.clock.shaped(sock)  # wall clock: uploads wait out their emulated arrival
-        seen: dict[int, int] = {}
+        seen: dict[int, int] = dict(skip_rows or {})
         timings = self.core.timings
         try:
             for item in self.core.open_items():
                 sock.send_multipart(wire.open_message(*item))
+            if self.group_id == self.clock.stall_group:
+                threading.Event().wait()  # for ever: ray.kill ends it
             while not self.core.done:
+                if self.detach_request.is_set():  # the verifier died (see detach)
+                    sock = self._detach_point(sock)
+                    shaped = self.clock.shaped(sock)
+                    continue
                 # Wall clock: a device moves when its emulated time comes (after its SLM step
                 # or the downlink of its verdict); lag is how late real time is when it does.
                 now = self.clock.now() if wall else None
@@ -195,10 +273,16 @@ class DeviceGroup:
             self._publish(seen)
         finally:
             sock.close()
+            with self.handshake:
+                self.running = False
+                if self.detach_request.is_set() and not self.detached.is_set():
+                    self.snapshot = self.core.session_states()
+                    self.detached.set()
         # A content pass's rows have no times yet: the driver replays the content instead.
         return {"rows": [] if self.record else self.core.rows(), "lag_s": self.lag_s, "max_rss_bytes": max_rss_bytes(), "memory": memory(),
                 "timings": timings.snapshot(), "lm": self.core.slm.describe() if self.core.slm else None,
-                "content": self.core.recorded() if self.record else None}
+                "content": self.core.recorded() if self.record else None,
+                "sessions": self.core.session_states()}  # for a verifier restart after this group ended
 
     def _publish(self, seen: dict[int, int]) -> None:
         if fresh := self.core.rows_since(seen):
@@ -254,6 +338,8 @@ class Verifier:
         self.max_prefill_tokens = max_prefill_tokens_per_identity or self.DEFAULT_MAX_PREFILL_TOKENS
         self.max_messages_per_poll = max(1, max_messages_per_poll)
         self.owners: dict[int, bytes] = {}  # device -> the identity that opened its session (verdicts go there)
+        self.reserved: dict[int, bytes] = {}  # device -> the only identity that may open it (after handover)
+        self.commands: collections.deque = collections.deque()  # driver calls run in the serving thread (_in_loop)
         self.identity_sessions: dict[bytes, int] = {}  # identities that opened a session: how many
         self.identity_prefill: dict[bytes, int] = {}  # ... and how many prompt tokens
         self.errors = 0
@@ -302,6 +388,55 @@ class Verifier:
                 "batches": len(self.core.batches), "timings": self.core.timings.snapshot(),
                 "lm": self.core.llm.describe() if hasattr(self.core.llm, "describe") else None}
 
+    def waiting_on(self) -> dict:
+        """VerifierCore.waiting_on, plus `unopened`: the run's devices with no session yet."""
+        w = self.core.waiting_on()
+        w["unopened"] = sorted(self.allowed_devices - set(self.core.sessions)) if self.allowed_devices else []
+        return w
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def chaos_kill(self) -> None:
+        """Chaos tests (RunOptions.chaos_kill): kill -9 this actor's process, mid-run."""
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def handover(self, devices: list[int], identity: bytes) -> None:
+        """Driver-authorised, through Ray only (never a client message): the group that hosted
+        `devices` died. Their sessions are forgotten (VerifierCore.reset) and reserved for
+        `identity`, the restarted group's, which opens them again; no other client can."""
+        def work():
+            self.core.reset(devices)
+            for d in devices:
+                self.owners[d] = self.reserved[d] = identity
+
+        self._in_loop(work)
+
+    def restore(self, states: list, owners: dict[int, bytes]) -> None:
+        """Driver-authorised, before start(): rebuild the sessions of a dead verifier from the
+        devices' committed state (agents.device.SessionState; VerifierCore.restore). `owners`: the
+        identity of the group that hosts each device (its uploads are resent there after reattach)."""
+        assert self.thread is None, "restore before start"
+        self.core.restore(states)
+        for st in states:
+            device, prompt = st.item[0], st.item[1]
+            identity = owners[device]
+            self.owners[device] = identity
+            self.identity_sessions[identity] = self.identity_sessions.get(identity, 0) + 1
+            self.identity_prefill[identity] = self.identity_prefill.get(identity, 0) + len(prompt)
+
+    def _in_loop(self, work, timeout_s: float = 60.0) -> None:
+        """Run `work` in the serving thread between two polls (it owns the core and the socket)."""
+        if self.thread is None or not self.thread.is_alive():
+            work()
+            return
+        done, box = threading.Event(), {}
+        self.commands.append((work, done, box))
+        if not done.wait(timeout_s):
+            raise TimeoutError(f"the verifier's serving thread did not take a call within {timeout_s} s")
+        if "error" in box:
+            raise box["error"]
+
     def drain_batches(self) -> list:
         new = self.core.batches[self.batches_seen:]
         self.batches_seen += len(new)
@@ -336,6 +471,13 @@ class Verifier:
         sock, core, wall = self.sock, self.core, self.clock.kind == "wall"
         rng = random.Random(-1)
         while not self.stop_flag.is_set():
+            while self.commands:
+                work, done, box = self.commands.popleft()
+                try:
+                    work()
+                except Exception as exc:  # the caller (the driver) gets it
+                    box["error"] = exc
+                done.set()
             timeout = POLL_MS
             if wall:
                 start = core.batch_start()
@@ -443,7 +585,10 @@ class Verifier:
 
         if self.allowed_devices is not None and d not in self.allowed_devices:
             refuse("not a device of this run", E.REFUSED)
-        if d in self.owners:
+        holder = self.reserved.get(d)
+        if holder is not None and holder != identity:
+            refuse("the device is reserved for its restarted group", E.REFUSED)
+        if d in self.owners and holder is None:
             refuse("a session is already open for this device", E.REFUSED)
         if len(self.core.sessions) + pending >= self.max_sessions:
             refuse(f"the verifier holds its limit of {self.max_sessions} sessions")
@@ -456,6 +601,7 @@ class Verifier:
             refuse(f"this client's prompts would total {prefilled + len(o.prompt)} tokens, the limit is "
                    f"{self.max_prefill_tokens}")
         self.core.check_open(*o.item())
+        self.reserved.pop(d, None)
         self.owners[d] = identity
         self.identity_sessions[identity] = opened + 1
         self.identity_prefill[identity] = prefilled + len(o.prompt)

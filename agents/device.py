@@ -107,6 +107,30 @@ class Verdict:
 
 
 @dataclass(frozen=True, slots=True)
+class Answered:
+    """One verdict a device has applied, with what its upload fed the LLM besides the last committed
+    token: the committed state a restarted verifier rebuilds a session from (VerifierCore.restore).
+    Values as the wire carried them, so the rebuilt content log equals the lost one bit for bit."""
+
+    piggyback: tuple[int, ...]
+    final: bool
+    token: int
+    accepted: bool
+    resampled: bool
+    beta: float
+    shadow_betas: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class SessionState:
+    """A device's session as the device knows it: how to open it (VerifierCore.open's item) and
+    every verdict applied since, in sequence order (seq = position)."""
+
+    item: tuple[int, list[int], float, int, float]
+    answered: tuple[Answered, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Drafted:
     """What the SLM and the policy produced for one token: all a replay needs of it (the virtual
     clock computes content first and timing after; see agents.engine)."""
@@ -173,6 +197,7 @@ class Device:
     # logits (x = softmax(z/T), bit for bit) or x itself; None when not held (budget, replay).
     held_draft: tuple | None = None  # the waiting upload's draft
     held_bytes: int = 0
+    answered: list[Answered] = field(default_factory=list)  # verdicts applied, by seq (for a verifier restart)
     _drafted_logits: tuple | None = field(default=None, repr=False)  # (token index, logits) from draft()
 
     def __post_init__(self) -> None:
@@ -342,6 +367,8 @@ class Device:
             if again is not None and again >= verdict.t_sent:
                 arrive = self.downlink.send(verdict.frame_bytes, again)
         self._measure_fidelity(upload, verdict.llm_logits)
+        self.answered.append(Answered(tuple(upload.piggyback), upload.final, verdict.token, verdict.accepted,
+                                      verdict.resampled, verdict.beta, tuple(verdict.shadow_betas)))
         for (_, _, row, _), beta in zip(self.piggyback, verdict.shadow_betas):
             self.rows[row].update(beta=beta, beta_is_shadow=True)
             skipped = self.rows[row]
@@ -493,6 +520,15 @@ class DeviceGroupCore:
         run = self.run
         return [(d.spec.device, list(d.spec.prompt_ids), run.temperature, run.max_new_tokens, d.lookahead_s)
                 for d in self.devices.values()]
+
+    def session_states(self) -> list[SessionState]:
+        """Every device's session as committed here: what a restarted verifier re-opens and
+        re-prefills (VerifierCore.restore). An upload still waiting is not in it: it is resent."""
+        return [SessionState(item, tuple(d.answered)) for item, d in zip(self.open_items(), self.devices.values())]
+
+    def unanswered(self) -> list[Upload]:
+        """Uploads waiting for their verdict (resent to a restarted verifier)."""
+        return [d.waiting for d in self.devices.values() if d.waiting is not None]
 
     def rows_since(self, seen: dict[int, int]) -> list[dict]:
         """Rows committed since the last call with the same `seen` (updated in place): the

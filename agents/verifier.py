@@ -15,6 +15,13 @@ Fidelity (DESIGN.md section 7): every verdict computed from the LLM (not a repla
 measurement only, the LLM's logits at the positions it covers (Verdict.llm_logits: each
 piggybacked token's, then the verified draft's); the device, which holds x, computes the exact
 TV distances from them (agents.device.Device._measure_fidelity says why there).
+
+Recovery (DESIGN.md section 8), by deterministic replay, never by checkpoints:
+- a restarted device group re-executes its devices from their prompts: `reset` forgets their
+  sessions, the group opens them again, and every upload is verified anew (same context, same
+  keyed randomness, batch-invariant forwards: the same verdicts and LLM logits, bit for bit);
+- a restarted verifier is rebuilt from the devices' committed state (`restore`): sessions are
+  re-opened and each LLM cache re-fed in the same incremental calls as the first time.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from agents import protocol
-from agents.device import Upload, Verdict
+from agents.device import SessionState, Upload, Verdict
 from agents.speculative import reconstruct, sample_draft, softmax_t, verify
 from agents.timing import Timings
 from policies.rng import keyed_rng
@@ -185,9 +192,69 @@ class VerifierCore:
             with self.timings("llm.prefill", sum(len(t) for _, t in chunk)):
                 self.llm.extend(chunk, logits=False)
 
+    def reset(self, devices) -> None:
+        """Forget the sessions of `devices`: LLM caches, queued requests, eagerly computed logits (their
+        device group died; its successor opens them again and re-executes from the prompts)."""
+        devices = set(devices)
+        for d in devices:
+            if self.sessions.pop(d, None) is not None and self.llm is not None:
+                self.llm.drop(d)
+        self.queue = [q for q in self.queue if q[1] not in devices]
+        heapq.heapify(self.queue)
+        self.computed = {k: z for k, z in self.computed.items() if k[0] not in devices}
+
+    def restore(self, states: list[SessionState]) -> None:
+        """Re-open sessions from the devices' committed state (a restarted verifier). Each prompt is
+        prefilled as by open, then the tokens of every answered upload (the last committed token and
+        its piggyback) are fed in the same calls as the first time, step by step: an incrementally
+        built cache is not bit-equal to one prefill of the same tokens (the attention's shapes
+        differ), the same calls are (and batching across sessions is, agents.lm). A session whose
+        final flush was answered stays closed, without a cache. The content log gets the answered
+        verdicts back as the devices received them (the wire's float32 values, as logged)."""
+        done = {st.item[0] for st in states if st.answered and st.answered[-1].final}
+        for st in states:
+            if st.item[0] in done:
+                self.check_open(*st.item)
+        self.open([st.item for st in states if st.item[0] not in done])
+        steps: list[list[tuple[int, list[int]]]] = []
+        for st in states:
+            device = st.item[0]
+            if device in done:
+                self.sessions[device] = Session(device, *st.item[2:4], st.item[4], [], math.inf, closed=True)
+            s = self.sessions[device]
+            for seq, a in enumerate(st.answered):
+                if device not in done:
+                    if len(steps) <= seq:
+                        steps.append([])
+                    steps[seq].append((device, s.feed + list(a.piggyback)))
+                    s.feed = [a.token]
+                s.last_verdict = Verdict(device, seq, a.token, a.accepted, a.resampled, a.beta, list(a.shadow_betas),
+                                         self.t_free)
+                if self.mode == "content":
+                    self.log[(device, seq)] = VerdictContent(a.token, a.accepted, a.resampled, a.beta, a.shadow_betas)
+            s.next_seq = len(st.answered)
+        for items in steps:
+            for chunk in prefill_chunks(items, PREFILL_ROWS):
+                with self.timings("llm.restore", sum(len(t) for _, t in chunk)):
+                    self.llm.extend(chunk, logits=False)
+
     def pending_bound(self) -> float:
         """Earliest emulated time at which a not-yet-received upload could arrive."""
         return min((s.bound for s in self.sessions.values() if not s.queued and not s.closed), default=math.inf)
+
+    def waiting_on(self) -> dict:
+        """Whom the verifier waits for (a stalled run names them, testbed.runner): `idle`, every open
+        session with no queued upload, as device -> the lower bound on its next arrival (emulated s;
+        inf: only its final flush is due; None in the content pass, whose times mean nothing);
+        `queued`, the devices whose upload waits for a batch; `blocking`, those of `idle` that hold
+        the next batch back in the virtual clock (bound <= its start). Read-only: another thread may
+        call it while the serving thread runs."""
+        sessions, queue = list(self.sessions.items()), list(self.queue)
+        timed = self.mode != "content"
+        idle = {d: (s.bound if timed else None) for d, s in sessions if not s.queued and not s.closed}
+        start = self.batch_start()
+        blocking = sorted(d for d, b in idle.items() if timed and start is not None and b <= start)
+        return {"idle": idle, "queued": sorted(q[1] for q in queue), "blocking": blocking}
 
     # --- requests ----------------------------------------------------------------------
     def submit(self, upload: Upload) -> Verdict | None:

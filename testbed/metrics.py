@@ -125,6 +125,9 @@ VERIFIER_VERIFY = _m("hlm_verifier_verify_seconds", "histogram", "Emulated secon
                      RUN_LABELS, [0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2])
 VERIFIER_TOKENS = _m("hlm_verifier_tokens_total", "counter", "Tokens processed by the verifier's LLM.", RUN_LABELS)
 PROTOCOL_ERRORS = _m("hlm_protocol_errors_total", "counter", "Frames answered with an error reply (malformed, oversized, out of order).", RUN_LABELS)
+ACTOR_ROLES = ("verifier", "group")  # the actor label of hlm_actor_restarts_total
+ACTOR_RESTARTS = _m("hlm_actor_restarts_total", "counter", "Actors that died and were restarted by deterministic replay (actor: verifier or group).",
+                    RUN_LABELS + ("actor",))
 
 # Links (from LinkStat)
 UPLINK_MESSAGES = _m("hlm_link_uplink_messages_total", "counter", "Messages sent on uplinks (first transmissions).")
@@ -414,6 +417,8 @@ class Collector:
         for m in METRICS:
             if m.kind != "gauge" and m.labels == RUN_LABELS:
                 self._prom[m.name].labels(scenario)  # pre-create at 0
+        for role in ACTOR_ROLES:
+            self._prom[ACTOR_RESTARTS.name].labels(scenario, role)  # pre-create at 0
         for tier, policy in self._tier_policy.items():
             self._key((tier, policy))
 
@@ -444,6 +449,11 @@ class Collector:
             for e in batch.errors:
                 self._errors[e.reason] = self._errors.get(e.reason, 0) + e.count
                 self._prom[PROTOCOL_ERRORS.name].labels(self.scenario).inc(e.count)
+
+    def actor_restart(self, actor: str) -> None:
+        """One actor restart (testbed.runner: a dead verifier or device group brought back)."""
+        with self._lock:
+            self._prom[ACTOR_RESTARTS.name].labels(self.scenario, actor).inc()
 
     def ingest_token_records(self, rows: Iterable) -> None:
         """Ingest committed tokens given as tokens.parquet rows (testbed.results.TokenRecord or

@@ -27,9 +27,11 @@ class RunOptions:
     address: str | None = None
     progress: bool = True
     chaos_delay_s: float = 0.0  # tests: random real delays in actors (the trace must not change)
-    # Chaos tests (ray engine): (actor, tokens) pairs, actor "verifier" or "group:<id>": kill -9 that
-    # actor once the run has committed that many tokens; the runner restarts it (_run_ray).
+    # Chaos tests (ray engine): (actor, tokens) pairs: kill -9 the actor once that many tokens are
+    # committed, by the whole run for "verifier", by the group's own devices for "group:<id>"; the
+    # runner then restarts it (_run_ray). Each fires once.
     chaos_kill: tuple[tuple[str, int], ...] = ()
+    chaos_stall_group: int = -1  # tests (ray engine): this group opens its sessions, then hangs
     report: bool = True
     metrics_port: int | None = None  # serve Prometheus metrics here (None/0 = off, -1 = any free port)
     linger_s: float = 0.0
@@ -311,6 +313,37 @@ def _id_ranges(ids) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
 
 
+def _stall_message(waiting: dict, timeout_s: float, running: dict[int, list[int]], tokens: int, out_dir: Path) -> str:
+    """One paragraph: which groups still run and whom the verifier waits for (Verifier.waiting_on)."""
+    group_of = {d: i for i, ds in running.items() for d in ds}
+
+    def where(devices) -> str:
+        groups = sorted({group_of[d] for d in devices if d in group_of})
+        on = f" (group{'s' * (len(groups) > 1)} {', '.join(map(str, groups))})" if groups else ""
+        return f"{_id_ranges(devices)}{on}"
+
+    parts = [f"The emulation stalled: nothing moved for {timeout_s:g} s (no new token, no verifier batch; "
+             f"actors.stall_timeout_s), after {tokens} committed tokens."]
+    if running:
+        parts.append(f"Groups still running: {', '.join(f'{i} (devices {_id_ranges(ds)})' for i, ds in sorted(running.items()))}.")
+    if "error" in waiting:
+        parts.append(f"The verifier could not say whom it waits for ({waiting['error']}).")
+    else:
+        idle = waiting.get("idle", {})
+        hold = waiting.get("blocking") or sorted(idle)
+        if hold:
+            times = [f"{d} at t >= {t:.3f} s emulated" if math.isfinite(t) else f"{d}: its final flush"
+                     for d, t in sorted(idle.items()) if d in hold and t is not None][:8]
+            parts.append(f"The verifier is waiting for uploads from devices {where(hold)}, sessions open with nothing "
+                         f"queued" + (f" ({'; '.join(times)}{'; ...' if len(hold) > 8 else ''})" if times else "") + ".")
+        if waiting.get("unopened"):
+            parts.append(f"Devices that never opened a session: {where(waiting['unopened'])}.")
+        if waiting.get("queued"):
+            parts.append(f"Devices {_id_ranges(waiting['queued'])} have uploads queued behind them.")
+    parts.append(f"The partial results are in {out_dir}.")
+    return " ".join(parts)
+
+
 def _cause(exc: BaseException) -> str:
     """A Ray actor death in one line (Ray's message spans many, with advice around the exit detail)."""
     text = " ".join(str(exc).split())
@@ -346,6 +379,10 @@ class Restarts:
                 f"{self.out_dir}.")
         self.events.append({"actor": actor, "devices": sorted(devices), "cause": cause, "tokens_committed": tokens,
                             "wall_s": round(time.time() - t0, 3)})
+        import sys
+
+        print(f"[{time.time() - t0:6.0f}s] {actor} died ({cause}); restarting it (restart {self.total + 1} of at most "
+              f"{self.limit})", file=sys.stderr, flush=True)
 
     def summary(self) -> dict:
         return {"total": self.total, "verifier": self.verifier,
@@ -369,6 +406,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
     import ray
     from ray.exceptions import RayActorError
 
+    from agents import security
     from agents.actors import ClockParams, DeviceGroup, Verifier, max_rss_bytes
     from agents.engine import Content, replay_content
     from agents.timing import merge
@@ -379,7 +417,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
     t_ray = time.perf_counter()
     s = p.scenario
     a = s.actors
-    clock = ClockParams(s.clock, s.time_scale, 0.0, opts.chaos_delay_s)
+    clock = ClockParams(s.clock, s.time_scale, 0.0, opts.chaos_delay_s, opts.chaos_stall_group)
     actors = []
     try:
         host = s.server.host
@@ -391,13 +429,23 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
         verifier_cls = ray.remote(**resources["verifier"])(Verifier)
         group_cls = ray.remote(**resources["group"])(DeviceGroup)
         members = {i: [d.device_id for d in m] for i, m in enumerate(device_groups(s))}
+        # CURVE (agents.security): keys made here, per run, handed out as Ray arguments only. A
+        # restarted actor gets the same keys, so the others need no new ones.
+        try:
+            curve = security.curve_on(s.server.curve, host)
+        except ValueError as e:  # off with --address (0.0.0.0)
+            raise RunFailed(f"{e}.") from None
+        keys = security.RunKeys.new(len(members)) if curve else None
+
+        def client_keys(i: int):
+            return keys.for_client(i) if keys else None
 
         def make_verifier():
             v = verifier_cls.remote(
                 p.llm, p.server, s.seed, p.run.vocab_size, clock, host, s.server.port,
                 threads=a.verifier_threads, expected_sessions=len(p.specs), dtype=p.llm_dtype,
                 device=a.verifier_device, allowed_devices=[d.device for d in p.specs],
-                mode="content" if two_pass else "emulate")
+                mode="content" if two_pass else "emulate", curve=keys.for_server() if keys else None)
             actors.append(v)
             return v
 
@@ -424,10 +472,17 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
         t0 = time.time() + 0.2
         ray.get(verifier.set_t0.remote(t0))
         emitted = {d.device: 0 for d in p.specs}  # rows drained per device (a restarted group skips them)
-        refs = {groups[i].run.remote(t0, endpoint): i for i in groups}  # running groups
+        refs = {groups[i].run.remote(t0, endpoint, client_keys(i)): i for i in groups}  # running groups
         finished: dict[int, dict] = {}  # group id -> its run() result
         restarts = Restarts(a.max_restarts, opts.out_dir)
-        kills = sorted(opts.chaos_kill, key=lambda k: k[1])
+        kills = list(opts.chaos_kill)
+        last_progress, last_batches = time.monotonic(), -1
+
+        def committed(target: str) -> int:
+            """Tokens drained so far: of the run ("verifier"), or of a group's devices ("group:<id>")."""
+            if target == "verifier":
+                return len(sinks.seen)
+            return sum(emitted[d] for d in members[int(target.split(":")[1])])
         wall_batches, errors_before, last_errors = [], 0, 0  # what dead verifiers did (wall clock; errors)
         rows: list[dict] = []
         rss = 0
@@ -439,10 +494,12 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
             restarts.allow(f"device group {i}", members[i], _cause(exc), len(sinks.seen), sinks.t0)
             restarts.groups[i] = restarts.groups.get(i, 0) + 1
             sinks.restart("group")
+            for ref in [r for r, j in refs.items() if j == i]:  # the dead incarnation's run() (seen via drain)
+                del refs[ref]
             groups[i] = make_group(i, restarts.groups[i])
             identities[i] = ray.get(groups[i].identity.remote())
             ray.get(verifier.handover.remote(members[i], identities[i]))
-            refs[groups[i].run.remote(t0, endpoint, skip_rows={d: emitted[d] for d in members[i]})] = i
+            refs[groups[i].run.remote(t0, endpoint, client_keys(i), skip_rows={d: emitted[d] for d in members[i]})] = i
             restarts.events[-1]["recovery_s"] = round(time.perf_counter() - t, 3)  # to running again
 
         def restart_verifier(exc: BaseException) -> tuple[object, str, dict[int, BaseException]]:
@@ -522,9 +579,20 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
                 raise RuntimeError(f"verifier failed:\n{status['failure']}")
             for i, exc in sorted(dead_groups.items()):
                 restart_group(i, exc)
-            while kills and len(sinks.seen) >= kills[0][1]:  # chaos tests: kill -9 an actor mid-run
-                target = kills.pop(0)[0]
-                (verifier if target == "verifier" else groups[int(target.split(":")[1])]).chaos_kill.remote()
+            for kill in [k for k in kills if committed(k[0]) >= k[1]]:  # chaos tests: kill -9 an actor mid-run
+                kills.remove(kill)
+                (verifier if kill[0] == "verifier" else groups[int(kill[0].split(":")[1])]).chaos_kill.remote()
+            # Stall check: a finished group, a new row, a verifier batch or a restart is progress.
+            n_batches = status.get("batches", -1)  # -1: a restarted verifier's placeholder status
+            if done or new_rows or dead_groups or n_batches != last_batches:
+                last_progress, last_batches = time.monotonic(), n_batches
+            elif a.stall_timeout_s and time.monotonic() - last_progress > a.stall_timeout_s:
+                try:
+                    waiting = ray.get(verifier.waiting_on.remote(), timeout=30)
+                except Exception as exc:  # the message still names the running groups
+                    waiting = {"error": f"{type(exc).__name__}: {exc}"}
+                raise RunFailed(_stall_message(waiting, a.stall_timeout_s, {i: members[i] for i in refs.values()},
+                                               len(sinks.seen), opts.out_dir))
         batches = ray.get(verifier.batches.remote())
         status = ray.get(verifier.status.remote())
         status["errors"] += errors_before
@@ -547,7 +615,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
                    + [status["timings"].get("startup.model_load", {}).get("seconds", 0.0)])
         startup = {"ray (with planning alongside)": ray_s, "actors_ready": t_ready - t_ray, "model_load": load}
         out = {"protocol_errors": status["errors"], "lag_s": status["lag_s"], "peak_rss_bytes": rss,
-               "restarts": restarts.summary(),
+               "restarts": restarts.summary(), "curve": curve,
                "compute": {**compute_info(p, {**lms, "llm": status["lm"]}),
                            "memory": {"verifier": status["memory"], **memory}},
                "profile": breakdown(0.0, t_end - t_ready, startup, groups_t, status["timings"])}
