@@ -245,16 +245,15 @@ class VerifierCore:
     def waiting_on(self) -> dict:
         """Whom the verifier waits for (a stalled run names them, testbed.runner): `idle`, every open
         session with no queued upload, as device -> the lower bound on its next arrival (emulated s;
-        inf: only its final flush is due; None in the content pass, whose times mean nothing);
-        `queued`, the devices whose upload waits for a batch; `blocking`, those of `idle` that hold
-        the next batch back in the virtual clock (bound <= its start). Read-only: another thread may
-        call it while the serving thread runs."""
+        inf: at most a final flush may still come, which holds nothing back); `timed`, whether those
+        bounds are emulated times (not in the content pass); `queued`, the devices whose upload waits
+        for a batch; `blocking`, those of `idle` that hold the next batch back in the virtual clock
+        (bound <= its start). Read-only: another thread may call it while the serving thread runs."""
         sessions, queue = list(self.sessions.items()), list(self.queue)
-        timed = self.mode != "content"
-        idle = {d: (s.bound if timed else None) for d, s in sessions if not s.queued and not s.closed}
-        start = self.batch_start()
+        idle = {d: s.bound for d, s in sessions if not s.queued and not s.closed}
+        timed, start = self.mode != "content", self.batch_start()
         blocking = sorted(d for d, b in idle.items() if timed and start is not None and b <= start)
-        return {"idle": idle, "queued": sorted(q[1] for q in queue), "blocking": blocking}
+        return {"idle": idle, "timed": timed, "queued": sorted(q[1] for q in queue), "blocking": blocking}
 
     # --- requests ----------------------------------------------------------------------
     def submit(self, upload: Upload) -> Verdict | None:

@@ -330,10 +330,10 @@ def _stall_message(waiting: dict, timeout_s: float, running: dict[int, list[int]
         parts.append(f"The verifier could not say whom it waits for ({waiting['error']}).")
     else:
         idle = waiting.get("idle", {})
-        hold = waiting.get("blocking") or sorted(idle)
+        # Sessions whose bound is inf have had their last verdict: they hold nothing back.
+        hold = waiting.get("blocking") or sorted(d for d, t in idle.items() if math.isfinite(t))
         if hold:
-            times = [f"{d} at t >= {t:.3f} s emulated" if math.isfinite(t) else f"{d}: its final flush"
-                     for d, t in sorted(idle.items()) if d in hold and t is not None][:8]
+            times = [f"{d} at t >= {idle[d]:.3f} s emulated" for d in hold[:8]] if waiting.get("timed") else []
             parts.append(f"The verifier is waiting for uploads from devices {where(hold)}, sessions open with nothing "
                          f"queued" + (f" ({'; '.join(times)}{'; ...' if len(hold) > 8 else ''})" if times else "") + ".")
         if waiting.get("unopened"):

@@ -1,0 +1,43 @@
+"""`testbed run` with CURVE and the runner's stall check (issue 11 items 2 and 3), on the smoke
+scenario's tiny models under one local Ray (run under shared/bin/offline)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from testbed.runner import RunFailed, RunOptions, run_scenario
+from testbed.scenario import load_scenario, override
+from test_runtime import assert_same_trace, run, small
+
+
+def test_curve_on_gives_the_same_trace_as_off(ray_session, tmp_path):
+    plain = run(small(**{"server.curve": "off"}), tmp_path, "off", engine="ray")
+    curve = run(small(**{"server.curve": "on"}), tmp_path, "on", engine="ray")
+    assert_same_trace(curve, plain)
+    summaries = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in ("off", "on")}
+    assert summaries["on"]["curve"] is True and summaries["off"]["curve"] is False
+    assert summaries["on"]["protocol_errors"] == 0
+
+
+def test_curve_off_beyond_loopback_is_refused_at_validation():
+    from testbed.scenario import ScenarioError
+
+    with pytest.raises(ScenarioError, match="loopback only"):
+        override(load_scenario("smoke"), {"server.host": "0.0.0.0", "server.curve": "off"})
+
+
+def test_a_stalled_run_ends_with_a_message_naming_the_sessions_holding_it_up(ray_session, tmp_path):
+    """Group 1 (devices 2, 3) opens its sessions and hangs; the other groups finish. The run ends
+    after actors.stall_timeout_s with one paragraph naming them; the partial results are kept."""
+    s = small(**{"actors.devices_per_group": 2, "actors.stall_timeout_s": 3})
+    out = tmp_path / "stalled"
+    with pytest.raises(RunFailed) as err:
+        run_scenario(s, RunOptions(out_dir=out, engine="ray", progress=False, report=False, chaos_stall_group=1))
+    text = str(err.value)
+    assert "stalled" in text and "actors.stall_timeout_s" in text and "\n" not in text
+    assert "Groups still running: 1 (devices 2-3)" in text
+    assert "waiting for uploads from devices 2-3 (group 1)" in text
+    assert str(out) in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] and summary["tokens"] == 6 * 8  # the three other groups' tokens
