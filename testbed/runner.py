@@ -33,7 +33,9 @@ class RunOptions:
     chaos_kill: tuple[tuple[str, int], ...] = ()
     chaos_stall_group: int = -1  # tests (ray engine): this group opens its sessions, then hangs
     report: bool = True
-    metrics_port: int | None = None  # serve Prometheus metrics here (None/0 = off, -1 = any free port)
+    # Prometheus exporter, as the scenario's metrics.port/host: None = off, 0 (or -1) = any free port.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     linger_s: float = 0.0
     collector: object | None = None  # a testbed.metrics.Collector to feed (else one is made for metrics_port)
     profile: bool = False  # also time the compute limit (testbed.profile) after the run
@@ -149,7 +151,7 @@ def run_scenario(s: Scenario, opts: RunOptions) -> dict:
         if not rows and sinks.seen:
             # Interrupted (Ctrl-C) or failed: keep what was committed so far. Shadow betas
             # that arrived after a row was drained may be missing there.
-            rows, status = sinks.seen, {**status, "interrupted": True}
+            rows, status = sinks.seen, {**status, **sinks.partial, "interrupted": True}
         if rows:
             _write(p, opts, rows, batches, wall, status)
             if opts.accuracy and p.scenario.prompts.source == "humaneval" and not status.get("interrupted"):
@@ -385,7 +387,7 @@ class Restarts:
               f"{self.limit})", file=sys.stderr, flush=True)
 
     def summary(self) -> dict:
-        return {"total": self.total, "verifier": self.verifier,
+        return {"total": self.total, "limit": self.limit, "verifier": self.verifier,
                 "groups": {str(g): n for g, n in sorted(self.groups.items())}, "events": self.events}
 
 
@@ -475,6 +477,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
         refs = {groups[i].run.remote(t0, endpoint, client_keys(i)): i for i in groups}  # running groups
         finished: dict[int, dict] = {}  # group id -> its run() result
         restarts = Restarts(a.max_restarts, opts.out_dir)
+        sinks.partial["restarts"] = restarts.summary()
         kills = list(opts.chaos_kill)
         last_progress, last_batches = time.monotonic(), -1
 
@@ -494,6 +497,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
             restarts.allow(f"device group {i}", members[i], _cause(exc), len(sinks.seen), sinks.t0)
             restarts.groups[i] = restarts.groups.get(i, 0) + 1
             sinks.restart("group")
+            sinks.partial["restarts"] = restarts.summary()
             for ref in [r for r, j in refs.items() if j == i]:  # the dead incarnation's run() (seen via drain)
                 del refs[ref]
             groups[i] = make_group(i, restarts.groups[i])
@@ -509,6 +513,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
             restarts.allow("verifier", [d.device for d in p.specs], _cause(exc), len(sinks.seen), sinks.t0)
             restarts.verifier += 1
             sinks.restart("verifier")
+            sinks.partial["restarts"] = restarts.summary()
             states, owners, dead = [], {}, {}
             detached = {i: groups[i].detach.remote() for i in groups if i not in finished}
             for i in groups:
@@ -648,14 +653,15 @@ class Sinks:
         self.policy_of = {d.device: d.policy_name for d in p.specs}
         self.committed = {d.device: 0 for d in p.specs}
         self.seen: list[dict] = []  # every row drained so far: the partial results
-        if self.collector is None and opts.metrics_port:
+        self.partial: dict = {}  # summary entries a failed run still reports (restarts)
+        if self.collector is None and opts.metrics_port is not None:
             from testbed.metrics import Collector
 
             tiers = {d.tier: d.policy_name for d in p.specs}
             self.collector = Collector(p.scenario.name, tiers=tiers, vocab_size=p.run.vocab_size)
             self.own = True
-            port = self.collector.serve(opts.metrics_port)
-            print(f"metrics: http://127.0.0.1:{port}/metrics", flush=True)
+            self.collector.serve(opts.metrics_port or -1, opts.metrics_host)  # Collector.serve: -1 = any free port
+            print(f"metrics: {self.collector.url}", flush=True)
 
     def content(self, rows: list[dict]) -> None:
         """Rows of the virtual clock's content pass: tokens and decisions are final, times are not
