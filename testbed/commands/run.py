@@ -17,7 +17,8 @@ def run(
     address: str = typer.Option(None, "--address", help="Join an existing Ray cluster (e.g. auto or host:6379)."),
     engine: str = typer.Option("ray", "--engine", help="ray (actors + ZeroMQ) or local (single process)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
-    metrics_port: int = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics here (0 = off)."),
+    metrics_port: str = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on this port, as "
+                                     "metrics.port: 0 = any free port, off = none (default: the scenario's)."),
     linger: float = typer.Option(0.0, "--linger", help="Keep serving metrics this many seconds after the end."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML/PNG report."),
     dtype: str = typer.Option(None, "--dtype", help="Override models.dtype: auto | bfloat16 | float32 | float16."),
@@ -45,6 +46,8 @@ def run(
             changes["clock"] = clock
         if dtype:
             changes["models.dtype"] = dtype
+        if metrics_port not in (None, "off"):  # validated as metrics.port (an int 0..65535)
+            changes["metrics.port"] = metrics_port
         if changes:
             s = override(s, changes)
         points = expand_sweep(s)
@@ -63,7 +66,8 @@ def run(
         out_dir = base if len(points) == 1 else base / point.name
         opts = RunOptions(out_dir=out_dir, engine=engine, address=address or s.address,
                           progress=True, report=not no_report,
-                          metrics_port=metrics_port if metrics_port is not None else s.metrics.port, linger_s=linger,
+                          metrics_port=None if metrics_port == "off" else point.metrics.port,
+                          metrics_host=point.metrics.host, linger_s=linger,
                           profile=profile, accuracy=not no_accuracy)
         t0 = time.time()
         try:

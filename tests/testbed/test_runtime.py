@@ -177,6 +177,28 @@ def test_wall_clock_follows_real_time(ray_session, tmp_path):
     assert summary["lag_s"] < 0.5 * summary["emulated_seconds"]
 
 
+def test_metrics_port_zero_is_any_free_port_on_metrics_host(tmp_path, capsys):
+    """metrics.port 0 = any free port (as server.port), bound on metrics.host; None = no exporter."""
+    import re
+
+    s = small(**{"metrics.port": 0, "metrics.host": "127.0.0.2"})  # any 127/8 address binds on Linux
+    run_scenario(s, RunOptions(out_dir=tmp_path / "free", engine="local", progress=False, report=False,
+                               metrics_port=s.metrics.port, metrics_host=s.metrics.host))
+    m = re.search(r"^metrics: http://127\.0\.0\.2:(\d+)/metrics$", capsys.readouterr().out, re.M)
+    assert m and int(m.group(1)) > 0
+    run_scenario(small(), RunOptions(out_dir=tmp_path / "off", engine="local", progress=False, report=False))
+    assert "metrics:" not in capsys.readouterr().out
+
+
+def test_cli_metrics_port_takes_the_field_values():
+    from typer.testing import CliRunner
+
+    from testbed.cli import app
+
+    r = CliRunner().invoke(app, ["run", "smoke", "--engine", "local", "--metrics-port", "70000"])
+    assert r.exit_code == 2 and "metrics.port: expected a value <= 65535" in r.output
+
+
 def test_cli_serves_metrics_and_lingers(tmp_path):
     """`testbed run --metrics-port P --linger S`: the final counts stay scrapeable after the run."""
     import re
