@@ -41,3 +41,16 @@ def test_a_stalled_run_ends_with_a_message_naming_the_sessions_holding_it_up(ray
     assert str(out) in text
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] and summary["tokens"] == 6 * 8  # the three other groups' tokens
+
+
+def test_restarted_actors_keep_their_curve_keys(ray_session, tmp_path):
+    """A killed group and a killed verifier come back with the run's keys (the same ones: the
+    others need none new), and the trace is the plain fault-free run's."""
+    from test_recovery import assert_identical, scenario
+    from test_recovery import run as run_chaos
+
+    want, _ = run_chaos(tmp_path, "plain", scenario(**{"server.curve": "off"}))
+    got, summary = run_chaos(tmp_path, "curve", scenario(**{"server.curve": "on"}),
+                             chaos_kill=(("group:1", 30), ("verifier", 80)))
+    assert summary["curve"] is True and summary["restarts"]["total"] == 2
+    assert_identical(got, want)
