@@ -324,7 +324,7 @@ def _stall_message(waiting: dict, timeout_s: float, running: dict[int, list[int]
         on = f" (group{'s' * (len(groups) > 1)} {', '.join(map(str, groups))})" if groups else ""
         return f"{_id_ranges(devices)}{on}"
 
-    parts = [f"The emulation stalled: nothing moved for {timeout_s:g} s (no new token, no verifier batch; "
+    parts = [f"The emulation stalled: nothing moved for {timeout_s:g} s (no new token, no verifier batch or forward; "
              f"actors.stall_timeout_s), after {tokens} committed tokens."]
     if running:
         parts.append(f"Groups still running: {', '.join(f'{i} (devices {_id_ranges(ds)})' for i, ds in sorted(running.items()))}.")
@@ -479,7 +479,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
         restarts = Restarts(a.max_restarts, opts.out_dir)
         sinks.partial["restarts"] = restarts.summary()
         kills = list(opts.chaos_kill)
-        last_progress, last_batches = time.monotonic(), -1
+        last_progress, last_work = time.monotonic(), None
 
         def committed(target: str) -> int:
             """Tokens drained so far: of the run ("verifier"), or of a group's devices ("group:<id>")."""
@@ -587,10 +587,11 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
             for kill in [k for k in kills if committed(k[0]) >= k[1]]:  # chaos tests: kill -9 an actor mid-run
                 kills.remove(kill)
                 (verifier if kill[0] == "verifier" else groups[int(kill[0].split(":")[1])]).chaos_kill.remote()
-            # Stall check: a finished group, a new row, a verifier batch or a restart is progress.
-            n_batches = status.get("batches", -1)  # -1: a restarted verifier's placeholder status
-            if done or new_rows or dead_groups or n_batches != last_batches:
-                last_progress, last_batches = time.monotonic(), n_batches
+            # Stall check: a finished group, a new row, a restart or any verifier work (a batch, a
+            # prefill chunk: a large fleet's prompts take minutes with no batch) is progress.
+            work = (status.get("batches", -1), sum(t["calls"] for t in status.get("timings", {}).values()))
+            if done or new_rows or dead_groups or work != last_work:
+                last_progress, last_work = time.monotonic(), work
             elif a.stall_timeout_s and time.monotonic() - last_progress > a.stall_timeout_s:
                 try:
                     waiting = ray.get(verifier.waiting_on.remote(), timeout=30)
