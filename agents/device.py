@@ -358,13 +358,24 @@ class Device:
         t_last = upload.t_sent + retx * self.run.rto_s  # the copy that reached the verifier
         # content pass: no links (verdict time is meaningless there; the replay runs the links)
         arrive = self.downlink.send(verdict.frame_bytes, verdict.t_sent) if self.record is None else verdict.t_sent
-        while arrive is None:  # the verdict was lost: retransmit until a repeat is answered
-            if retx - upload.retransmissions >= MAX_RETRANSMISSIONS:
+        # The verdict was lost: resend the upload every rto_s until a repeat is answered. Only
+        # tries that could have been answered count toward the limit: a copy that reached the
+        # verifier before the verdict left (the request was still queued, so it was ignored), or
+        # a lost copy sent before then, is no lost transmission. Without this a verifier queue
+        # longer than MAX_RETRANSMISSIONS * rto_s ended a device on its first lost verdict. Every
+        # copy is still sent (the link's state and the uplink bytes count it), so a run that
+        # never reached the limit keeps its trace bit for bit.
+        lost = 0
+        while arrive is None:
+            if lost >= MAX_RETRANSMISSIONS:
                 raise RuntimeError(f"device {self.spec.device}: verdict {verdict.seq} lost {MAX_RETRANSMISSIONS} times")
             t_last += self.run.rto_s
             retx += 1
             again = self.uplink.send(upload.frame_bytes, t_last)
-            if again is not None and again >= verdict.t_sent:
+            if (t_last if again is None else again) < verdict.t_sent:
+                continue  # too early to be answered: not a loss (t_last grows, so this ends)
+            lost += 1
+            if again is not None:
                 arrive = self.downlink.send(verdict.frame_bytes, again)
         self._measure_fidelity(upload, verdict.llm_logits)
         self.answered.append(Answered(tuple(upload.piggyback), upload.final, verdict.token, verdict.accepted,
