@@ -104,8 +104,8 @@ class DeviceGroup:
     Recovery (DESIGN.md section 8; the runner drives it, testbed.runner._run_ray):
     - this group died: a new incarnation for the same devices re-executes them from their prompts
       (deterministic: keyed randomness, batch-invariant SLM forwards, and the verifier, which forgot
-      their sessions, verifies every upload anew). `skip_rows` keeps it from emitting again the
-      rows the driver already drained. Its ZeroMQ identity is new; the driver hands the devices
+      their sessions, verifies every upload anew). `skip_steps` keeps it from emitting again the
+      events the driver already drained. Its ZeroMQ identity is new; the driver hands the devices
       over to it on the verifier (Verifier.handover) before it runs.
     - the verifier died: `detach` drops the socket (and any verdict still unread in it) and
       returns every device's committed session for the new verifier (VerifierCore.restore);
@@ -135,7 +135,7 @@ class DeviceGroup:
         self.record = record
         self.core.timings.add("startup.model_load", time.perf_counter() - t0)
         self.stats_lock = threading.Lock()
-        self.new_rows: list[dict] = []
+        self.new_events: list = []  # agents.events not drained yet
         self.lag_s = 0.0
         # Verifier restart: the driver's detach/reattach calls meet the run loop through these.
         self.handshake = threading.Lock()
@@ -144,10 +144,10 @@ class DeviceGroup:
         self.snapshot: list | None = None
 
     def drain(self) -> dict:
-        """New committed-token rows since the last call (for live progress and metrics)."""
+        """The events (agents.events) emitted since the last call: the only way they leave the group."""
         with self.stats_lock:
-            rows, self.new_rows = self.new_rows, []
-        return {"rows": rows, "lag_s": self.lag_s}
+            events, self.new_events = self.new_events, []
+        return {"events": events, "lag_s": self.lag_s}
 
     def ready(self) -> bool:
         return True
@@ -203,12 +203,13 @@ class DeviceGroup:
         return sock
 
     def run(self, t0: float | None = None, endpoint: str | None = None, curve: ClientKeys | None = None,
-            skip_rows: dict[int, int] | None = None) -> dict:
+            skip_steps: dict[int, int] | None = None) -> dict:
         """Emulate every device to the end. `t0`: the wall clock's emulated zero (real time),
         given once every actor is up so model loading does not count as lag. `endpoint`: the
         verifier's, when it was not known at construction (groups start while the verifier loads).
         `curve`: this group's CURVE keys when the verifier requires them (agents.security).
-        `skip_rows`: per device, rows a previous incarnation already emitted (not emitted again)."""
+        `skip_steps`: per device, the steps (agents.events: token positions, the final flush at
+        max_new_tokens) whose events a previous incarnation already delivered: not emitted again."""
         if t0 is not None:
             self.clock = replace(self.clock, t0=t0)
         if endpoint is not None:
@@ -221,7 +222,7 @@ class DeviceGroup:
         rng = random.Random(self.group_id)
         wall = self.clock.kind == "wall"
         shaped = self.clock.shaped(sock)  # wall clock: uploads wait out their emulated arrival
-        seen: dict[int, int] = dict(skip_rows or {})
+        skip: dict[int, int] = dict(skip_steps or {})
         timings = self.core.timings
         try:
             for item in self.core.open_items():
@@ -269,8 +270,8 @@ class DeviceGroup:
                             raise msg
                         self.core.on_verdict(msg)
                     timings.add("transport", time.perf_counter() - t_recv)
-                self._publish(seen)
-            self._publish(seen)
+                self._publish(skip)
+            self._publish(skip)
         finally:
             sock.close()
             with self.handshake:
@@ -278,16 +279,20 @@ class DeviceGroup:
                 if self.detach_request.is_set() and not self.detached.is_set():
                     self.snapshot = self.core.session_states()
                     self.detached.set()
-        # A content pass's rows have no times yet: the driver replays the content instead.
-        return {"rows": [] if self.record else self.core.rows(), "lag_s": self.lag_s, "max_rss_bytes": max_rss_bytes(), "memory": memory(),
+        # No rows: every token left as an event through drain().
+        return {"lag_s": self.lag_s, "max_rss_bytes": max_rss_bytes(), "memory": memory(),
                 "timings": timings.snapshot(), "lm": self.core.slm.describe() if self.core.slm else None,
                 "content": self.core.recorded() if self.record else None,
                 "sessions": self.core.session_states()}  # for a verifier restart after this group ended
 
-    def _publish(self, seen: dict[int, int]) -> None:
-        if fresh := self.core.rows_since(seen):
+    def _publish(self, skip: dict[int, int]) -> None:
+        """Hand the devices' new events to drain(), less those of steps already delivered (a restart)."""
+        events = self.core.drain_events()
+        if skip:
+            events = [e for e in events if e.step >= skip.get(e.device, 0)]
+        if events:
             with self.stats_lock:
-                self.new_rows.extend(fresh)
+                self.new_events.extend(events)
 
 
 class Verifier:

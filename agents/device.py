@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from agents import codec, protocol
+from agents.events import MessageLost, ShadowResolved, TokenCommitted, UploadSent, VerdictReceived
 from agents.speculative import reconstruct, sample_draft, softmax_t, tv_distance, verified_fidelity
 from agents.timing import Timings
 from netem import DuplexProfile, Link, link_seed
@@ -153,7 +154,8 @@ def token_row(spec: DeviceSpec, index: int, **values) -> dict:
         token_index=index, token_id=-1, draft_id=-1, uncertainty=math.nan, transmitted=False, k=0,
         prob_bits=0, payload_bytes=0, uplink_bytes=0, accepted=False, resampled=False, beta=math.nan,
         beta_is_shadow=False, retransmissions=0, t_draft_start=math.nan, t_upload_sent=math.nan,
-        t_verdict=math.nan, t_commit=math.nan, fidelity_tv=math.nan,
+        t_verdict=math.nan, t_commit=math.nan, fidelity_tv=math.nan, uplink_lost=0, downlink_bytes=0,
+        downlink_lost=0, flush_bytes=0, flush_retransmissions=0,
     )
     row.update(values)
     return row
@@ -198,6 +200,7 @@ class Device:
     held_draft: tuple | None = None  # the waiting upload's draft
     held_bytes: int = 0
     answered: list[Answered] = field(default_factory=list)  # verdicts applied, by seq (for a verifier restart)
+    events: list = field(default_factory=list)  # agents.events emitted since the group last drained them
     _drafted_logits: tuple | None = field(default=None, repr=False)  # (token index, logits) from draft()
 
     def __post_init__(self) -> None:
@@ -294,6 +297,7 @@ class Device:
             # Accepted on the device: no uplink, no LLM cost now; the LLM learns the token later.
             row.update(token_id=c.draft, accepted=True, t_commit=t_drafted)
             self.rows.append(row)
+            self.events.append(TokenCommitted(dict(row)))  # a copy: the shadow beta comes as its own event
             self.piggyback.append((c.draft, c.draft_prob, len(self.rows) - 1, held))
             self.feed = [c.draft]
             self.index += 1
@@ -358,6 +362,9 @@ class Device:
         t_last = upload.t_sent + retx * self.run.rto_s  # the copy that reached the verifier
         # content pass: no links (verdict time is meaningless there; the replay runs the links)
         arrive = self.downlink.send(verdict.frame_bytes, verdict.t_sent) if self.record is None else verdict.t_sent
+        # Link accounting (events and the row's link columns): each retransmission in _send followed a
+        # lost copy; every downlink send is a copy of the verdict.
+        up_lost, down_copies, down_lost = upload.retransmissions, int(self.record is None), int(arrive is None)
         # The verdict was lost: resend the upload every rto_s until a repeat is answered. Only
         # tries that could have been answered count toward the limit: a copy that reached the
         # verifier before the verdict left (the request was still queued, so it was ignored), or
@@ -372,18 +379,29 @@ class Device:
             t_last += self.run.rto_s
             retx += 1
             again = self.uplink.send(upload.frame_bytes, t_last)
+            up_lost += again is None
             if (t_last if again is None else again) < verdict.t_sent:
                 continue  # too early to be answered: not a loss (t_last grows, so this ends)
             lost += 1
             if again is not None:
                 arrive = self.downlink.send(verdict.frame_bytes, again)
+                down_copies += 1
+                down_lost += arrive is None
         self._measure_fidelity(upload, verdict.llm_logits)
+        links = dict(uplink_lost=up_lost, downlink_bytes=verdict.frame_bytes * down_copies, downlink_lost=down_lost)
+        if self.record is None:  # a content pass has no links: the replay emits them
+            self._emit_links(upload, verdict, retx, down_copies, up_lost, down_lost, arrive)
         self.answered.append(Answered(tuple(upload.piggyback), upload.final, verdict.token, verdict.accepted,
                                       verdict.resampled, verdict.beta, tuple(verdict.shadow_betas)))
+        if upload.final:  # billed to the device's last token (always a skipped one: it had no upload)
+            self.rows[-1].update(flush_bytes=upload.frame_bytes * (1 + retx), flush_retransmissions=retx, **links)
+        measured = verdict.llm_logits is not None  # else the fidelity came with the commit (a replay)
         for (_, _, row, _), beta in zip(self.piggyback, verdict.shadow_betas):
             self.rows[row].update(beta=beta, beta_is_shadow=True)
             skipped = self.rows[row]
             self.policy.observe(self.spec.device, skipped["token_index"], skipped["uncertainty"], beta, True)
+            self.events.append(ShadowResolved(self.spec.device, skipped["token_index"], upload.token_index, beta,
+                                              skipped["fidelity_tv"] if measured else math.nan))
         self.piggyback = []
         self.waiting = None
         if upload.final:
@@ -392,13 +410,26 @@ class Device:
         row = self.pending_row
         row.update(token_id=verdict.token, accepted=verdict.accepted, resampled=verdict.resampled,
                    beta=verdict.beta, uplink_bytes=upload.frame_bytes * (1 + retx), retransmissions=retx,
-                   t_verdict=arrive, t_commit=arrive)
+                   t_verdict=arrive, t_commit=arrive, **links)
         self.policy.observe(self.spec.device, row["token_index"], row["uncertainty"], verdict.beta, False)
         self.rows.append(row)
+        self.events.append(TokenCommitted(dict(row)))
         self.pending_row = None
         self.feed = [verdict.token]
         self.index += 1
         self.t = arrive
+
+    def _emit_links(self, upload: Upload, verdict: Verdict, retx: int, down_copies: int, up_lost: int,
+                    down_lost: int, arrive: float) -> None:
+        """The link events of one resolved upload (before its shadow betas: a results writer completes
+        a flush's row with them)."""
+        s = self.spec
+        key = (s.device, s.tier, s.policy_name, upload.token_index, upload.seq, upload.final)
+        self.events.append(UploadSent(*key, upload.frame_bytes, 1 + retx, upload.t_sent))
+        self.events.append(VerdictReceived(*key, verdict.frame_bytes, down_copies, arrive))
+        for direction, n in (("uplink", up_lost), ("downlink", down_lost)):
+            if n:
+                self.events.append(MessageLost(*key, direction, n))
 
     def _measure_fidelity(self, upload: Upload, llm_logits: np.ndarray | None) -> None:
         """Fidelity of the tokens this verdict covers, from the LLM logits it carries (row i: the
@@ -552,4 +583,13 @@ class DeviceGroupCore:
 
     def rows(self) -> list[dict]:
         return [r for d in self.devices.values() for r in d.rows]
+
+    def drain_events(self) -> list:
+        """Every event (agents.events) the devices emitted since the last call, each device's in order."""
+        out = []
+        for d in self.devices.values():
+            if d.events:
+                out.extend(d.events)
+                d.events = []
+        return out
 

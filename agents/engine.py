@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from agents.device import DeviceGroupCore, DeviceSpec, Drafted, RunParams
+from agents.events import VerifierBatch
 from agents.timing import merge
 from agents.verifier import BatchRecord, ServerProfile, VerdictContent, VerifierCore
 from policies.base import Policy
@@ -63,14 +64,18 @@ def run_local(
     on_step: Callable[[DeviceGroupCore, VerifierCore], None] | None = None,
     mode: str = "emulate",
     replay: Content | None = None,
+    on_events: Callable[[list], None] | None = None,
 ) -> EngineResult:
-    """Emulate every device to the end in the virtual clock; `on_step` sees progress. mode:
-    emulate (one pass), content or replay (the passes of run_virtual)."""
+    """Emulate every device to the end in the virtual clock; `on_step` sees progress, `on_events`
+    gets the events of each step (agents.events: the devices', then the verifier's batches; a content
+    pass has no batch events, its batches are not timed). mode: emulate (one pass), content or replay
+    (the passes of run_virtual)."""
     group = DeviceGroupCore(specs, run, slm, policies, record=mode == "content",
                             replay=replay.devices if replay is not None else None)
     verifier = VerifierCore(llm, server, run.seed, run.vocab_size, mode=mode,
                             replay=replay.verdicts if replay is not None else None)
     verifier.open(group.open_items())
+    batches_seen = 0
     while not group.done:
         for upload in group.step():
             if (verdict := verifier.submit(upload)) is not None:
@@ -79,6 +84,12 @@ def run_local(
         while (ready := verifier.next_batch()) is not None:
             for verdict in verifier.verify(*ready):
                 group.on_verdict(verdict)
+        events = group.drain_events()  # drained every step: devices hold none for long
+        if mode != "content":
+            events.extend(VerifierBatch.of(b) for b in verifier.batches[batches_seen:])
+            batches_seen = len(verifier.batches)
+        if on_events is not None and events:
+            on_events(events)
         if on_step is not None:
             on_step(group, verifier)
         if not group.has_work() and not verifier.queue and not group.done:
@@ -97,19 +108,25 @@ def run_virtual(
     policies: dict[str, Policy],
     on_content: Callable[[DeviceGroupCore, VerifierCore], None] | None = None,
     on_step: Callable[[DeviceGroupCore, VerifierCore], None] | None = None,
+    on_content_events: Callable[[list], None] | None = None,
+    on_events: Callable[[list], None] | None = None,
 ) -> EngineResult:
     """The virtual clock in two passes (module docstring): content at full batch, then the
-    replay in emulated time. The timings are the content pass's, plus "replay" (its wall time)."""
-    content = run_local(specs, run, server, slm, llm, policies, on_content, mode="content")
-    return replay_content(specs, run, server, policies, content.content, on_step, content)
+    replay in emulated time. The timings are the content pass's, plus "replay" (its wall time).
+    on_content/on_content_events see the content pass (untimed), on_step/on_events the replay."""
+    content = run_local(specs, run, server, slm, llm, policies, on_content, mode="content",
+                        on_events=on_content_events)
+    return replay_content(specs, run, server, policies, content.content, on_step, content, on_events)
 
 
 def replay_content(specs: list[DeviceSpec], run: RunParams, server: ServerProfile, policies: dict[str, Policy],
-                   content: Content, on_step=None, timed: EngineResult | None = None) -> EngineResult:
+                   content: Content, on_step=None, timed: EngineResult | None = None,
+                   on_events: Callable[[list], None] | None = None) -> EngineResult:
     """Pass 2 of run_virtual on a content record (from run_local or from the actors). `timed`: the
     content pass's result, whose timings are carried over (the replay's own time is "replay")."""
     t0 = time.perf_counter()
-    result = run_local(specs, run, server, None, None, policies, on_step, mode="replay", replay=content)
+    result = run_local(specs, run, server, None, None, policies, on_step, mode="replay", replay=content,
+                       on_events=on_events)
     replay = {"replay": {"seconds": time.perf_counter() - t0, "calls": 1, "items": len(result.rows)}}
     if timed is not None:
         result.group_timings = merge(timed.group_timings, replay)

@@ -1,10 +1,9 @@
 """Plain stat records the actors emit, and `StatBatch`, the container that carries them.
 
-Style (vLLM v1): stats are plain data, separate from their sinks. Actors (device groups, the
-verifier, links, the runner's clock) only *record*; `testbed.metrics.Collector` aggregates the
-records and feeds the sinks (Prometheus exporter, progress/log line). The per-token results table
-(tokens.parquet) is written by the runner from its own, richer records; these stats carry only
-what the live metrics need.
+Style (vLLM v1): stats are plain data, separate from their sinks. What the devices and the
+verifier did travels as agents.events (one stream for the collector, the results writer and the
+progress display); the collector turns those events into these records internally, and the runner
+reports its clock (ClockStat) and protocol errors (ProtocolErrorStat) as records directly.
 
 Conventions for every record:
 - Emulated times are seconds on the run's emulated clock, which starts at 0.0 at the run start

@@ -3,9 +3,14 @@ and the PromQL of every derived figure, written next to the metrics it is built 
 
 Data flow::
 
-    actors --StatBatch (agents.stats)--> runner process: Collector.ingest(batch)
-        Collector -> Prometheus metrics in its own CollectorRegistry -> HTTP /metrics (one target)
-                  -> snapshot() / log_line() for the progress display
+    device groups / the virtual clock's replay --agents.events--> runner (forwards only)
+        -> Collector.ingest_events(events) -> Prometheus metrics in its own CollectorRegistry
+                                             -> HTTP /metrics (one target)
+                                             -> snapshot() for the progress display (runner.Progress)
+        -> testbed.results.ResultsWriter (tokens.parquet): the same events, so every counter equals
+           its sum over tokens.parquet (tests/testbed/test_metrics_equal_results.py)
+
+`ingest` takes agents.stats records (StatBatch) for the rest: the runner's clock and error records.
 
 Usage from the runner::
 
@@ -481,6 +486,49 @@ class Collector:
             for key, f in fidelity:
                 self._key(key)
                 self._child(FIDELITY, key).observe(f)
+
+    def ingest_events(self, events: Iterable) -> None:
+        """Take the run's events (agents.events), as the runner forwards them: tokens from
+        TokenCommitted (fidelity where known at the commit), the fidelity of skipped tokens from
+        ShadowResolved, link counters from UploadSent / VerdictReceived / MessageLost, verifier
+        batches from VerifierBatch."""
+        from agents.events import MessageLost, ShadowResolved, TokenCommitted, UploadSent, VerdictReceived, VerifierBatch
+
+        rows, stats, fidelity = [], [], []
+        links: dict[tuple[str, str, str], list[int]] = {}  # (tier, policy, direction) -> messages, bytes, lost, retx
+
+        def link(e, direction: str) -> list[int]:
+            return links.setdefault((e.tier, e.policy, direction), [0, 0, 0, 0])
+
+        for e in events:
+            if isinstance(e, TokenCommitted):
+                rows.append(e.row)
+            elif isinstance(e, ShadowResolved):
+                if math.isfinite(e.fidelity_tv):
+                    fidelity.append((e.device, e.fidelity_tv))
+            elif isinstance(e, UploadSent):
+                acc = link(e, "uplink")
+                acc[0] += 1
+                acc[1] += e.bytes
+                acc[3] += e.retransmissions
+            elif isinstance(e, VerdictReceived):
+                acc = link(e, "downlink")
+                acc[0] += 1
+                acc[1] += e.bytes
+            elif isinstance(e, MessageLost):
+                link(e, e.direction)[2] += e.count
+            elif isinstance(e, VerifierBatch):
+                stats.append(VerifierBatchStat(e.size, e.n_tokens, e.t_end - e.t_start, e.queue_waits, e.t_start))
+        stats.extend(LinkStat(t, p, d, *acc) for (t, p, d), acc in links.items())
+        with self._lock:
+            if rows:
+                self.ingest_token_records(rows)
+            if stats:
+                self.ingest(stats)
+            for device, f in fidelity:
+                dev = self._devices.get(device)  # its token was committed (and ingested) before
+                if dev is not None:
+                    self._child(FIDELITY, dev.key).observe(f)
 
     def _key(self, key: tuple[str, str]) -> TierTotals:
         t = self._totals.get(key)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, get_type_hints
@@ -92,6 +93,15 @@ class TokenRecord:
     t_verdict: float = NAN
     t_commit: float = NAN
     fidelity_tv: float = NAN  # exact TV(law the token was drawn from, LLM's y); NaN if unknown
+    # Link columns (schema 1 + these; -1 in files written before them). Of this token's upload and its
+    # verdict; on a device's last token (a skipped one) when the device ended with a final flush (its
+    # skipped drafts sent for the shadow betas), of that flush, whose uplink bytes and retransmissions
+    # are flush_bytes and flush_retransmissions (uplink_bytes and retransmissions stay 0 there).
+    uplink_lost: int = 0  # uplink copies the link dropped
+    downlink_bytes: int = field(default=0, metadata=_INT64)  # every verdict copy put on the downlink
+    downlink_lost: int = 0  # verdict copies the downlink dropped
+    flush_bytes: int = field(default=0, metadata=_INT64)
+    flush_retransmissions: int = 0
 
 
 def _schema(record: type) -> pa.Schema:
@@ -105,7 +115,8 @@ TOKENS_SCHEMA = _schema(TokenRecord)
 TOKEN_COLUMNS = tuple(TOKENS_SCHEMA.names)
 # Columns added after schema 1, with the value that means "unknown": rows and files without them
 # (hand-built rows, older runs) read as unknown rather than failing.
-LATER_COLUMNS = {"fidelity_tv": NAN}
+LATER_COLUMNS = {"fidelity_tv": NAN, **{c: -1 for c in ("uplink_lost", "downlink_bytes", "downlink_lost", "flush_bytes",
+                                                           "flush_retransmissions")}}
 
 
 def tokens_table(data: Any) -> pa.Table:
@@ -164,43 +175,103 @@ def read_tokens(path: str | Path) -> pd.DataFrame:
     return _frame(tokens_table(pq.read_table(path)))
 
 
-class TokensWriter:
-    """Append records as they come and flush to parquet in row groups, so a run cut short
-    (error, Ctrl-C) still leaves a readable tokens.parquet after close()."""
+class ResultsWriter:
+    """The streaming results sink: takes the run's events (agents.events), writes settled rows to
+    parquet shards as the run goes (each shard a complete file: a crash leaves readable shards), and
+    merges the shards into tokens.parquet at the end.
 
-    def __init__(self, path: str | Path, flush_rows: int = 65536):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = pq.ParquetWriter(self.path, TOKENS_SCHEMA)
-        self._pending: list = []
-        self.flush_rows = flush_rows
-        self.rows = 0
+    A transmitted token's row is settled at its commit (its verdict came with it). A skipped token's
+    row waits for its shadow beta (ShadowResolved); the device's last skipped token also takes the
+    final flush's link columns, whose events come just before its shadow beta.
+    """
 
-    def extend(self, records: Iterable[TokenRecord | dict]) -> None:
-        self._pending.extend(records)
-        if len(self._pending) >= self.flush_rows:
+    def __init__(self, shard_dir: str | Path, prefix: str = "tokens", flush_rows: int = 65536,
+                 flush_s: float = 5.0):
+        self.dir, self.prefix = Path(shard_dir), prefix
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.flush_rows, self.flush_s = flush_rows, flush_s
+        self.pending: dict[tuple[int, int], dict] = {}  # skipped rows waiting for their shadow beta
+        self.settled: list[dict] = []
+        self.shards: list[Path] = []
+        self.rows = 0  # rows written to shards
+        self._last_flush = time.monotonic()
+
+    def add(self, events: Iterable) -> None:
+        from agents.events import MessageLost, ShadowResolved, TokenCommitted, UploadSent, VerdictReceived
+
+        for e in events:
+            if isinstance(e, TokenCommitted):
+                row = dict(e.row)
+                if row["transmitted"]:
+                    self.settled.append(row)
+                else:
+                    self.pending[(row["device"], row["token_index"])] = row
+            elif isinstance(e, ShadowResolved):
+                row = self.pending.pop((e.device, e.token_index), None)
+                if row is not None:
+                    row.update(beta=e.beta, beta_is_shadow=True)
+                    if math.isfinite(e.fidelity_tv):
+                        row["fidelity_tv"] = e.fidelity_tv
+                    self.settled.append(row)
+            elif isinstance(e, (UploadSent, VerdictReceived, MessageLost)) and e.final:
+                row = self.pending.get((e.device, e.step - 1))  # the flush bills the device's last token
+                if row is None:
+                    continue
+                if isinstance(e, UploadSent):
+                    row.update(flush_bytes=e.bytes, flush_retransmissions=e.retransmissions)
+                elif isinstance(e, VerdictReceived):
+                    row["downlink_bytes"] = e.bytes
+                else:
+                    row[f"{e.direction}_lost"] = e.count
+        if len(self.settled) >= self.flush_rows or (self.settled and time.monotonic() - self._last_flush >= self.flush_s):
             self.flush()
 
-    def add(self, record: TokenRecord | dict) -> None:
-        self.extend([record])
-
-    def flush(self) -> None:
-        if self._pending:
-            self._writer.write_table(tokens_table(self._pending))
-            self.rows += len(self._pending)
-            self._pending = []
+    def flush(self, pending: bool = False) -> None:
+        """Write the settled rows as one shard (with `pending`, the unsettled ones too: a run cut short)."""
+        rows = self.settled + (list(self.pending.values()) if pending else [])
+        self._last_flush = time.monotonic()
+        if not rows:
+            return
+        path = self.dir / f"{self.prefix}-{len(self.shards):05d}.parquet"
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(tokens_table(rows), tmp)
+        tmp.replace(path)  # a shard is complete or absent
+        self.shards.append(path)
+        self.rows += len(rows)
+        self.settled = []
+        if pending:
+            self.pending = {}
 
     def close(self) -> None:
-        if self._writer is not None:
-            self.flush()
-            self._writer.close()
-            self._writer = None
+        self.flush(pending=True)
 
-    def __enter__(self) -> "TokensWriter":
-        return self
+    def frame(self) -> pd.DataFrame:
+        """Every row written so far (after close: all), sorted by device and token index."""
+        return read_shards(self.shards)
 
-    def __exit__(self, *exc) -> None:
+    def merge(self, path: str | Path) -> pd.DataFrame:
+        """Close, write the rows as tokens.parquet (sorted by device, token_index), remove the shards."""
         self.close()
+        df = self.frame()
+        write_tokens(df, path)
+        self.discard()
+        return df
+
+    def discard(self) -> None:
+        for shard in self.shards:
+            shard.unlink(missing_ok=True)
+        self.shards = []
+        try:
+            self.dir.rmdir()
+        except OSError:  # another writer's shards are still there
+            pass
+
+
+def read_shards(shards: Iterable[str | Path]) -> pd.DataFrame:
+    """The rows of parquet shards (ResultsWriter) as one tokens frame, sorted by device and token index."""
+    tables = [tokens_table(pq.read_table(s)) for s in shards]
+    table = pa.concat_tables(tables) if tables else TOKENS_SCHEMA.empty_table()
+    return _frame(table).sort_values(["device", "token_index"], kind="stable").reset_index(drop=True)
 
 
 # ---------------------------------------------------------------------------- summary

@@ -132,28 +132,30 @@ def run_scenario(s: Scenario, opts: RunOptions) -> dict:
 
             ray.shutdown()
         raise
-    rows, batches, status = [], [], {}
+    status, ok = {}, False
     try:
         if opts.engine == "local":
-            rows, batches, status = _run_local(p, opts, sinks)
+            status = _run_local(p, opts, sinks)
         elif opts.engine == "ray":
-            rows, batches, status = _run_ray(p, opts, sinks, ray_owned, ray_s)
+            status = _run_ray(p, opts, sinks, ray_owned, ray_s)
         else:
             raise ValueError(f"engine must be ray or local, got {opts.engine!r}")
+        ok = True
     finally:
         sinks.close()
         wall = time.time() - t0
         lms = status.pop("lms", None)
         if "profile" in status:
             status["profile"]["wall_s"] = round(wall, 3)
-            if opts.profile and rows:  # after the wall time: the yardstick does not count in it
+            if opts.profile and ok:  # after the wall time: the yardstick does not count in it
                 _add_compute_limit(p, status, *(lms or _load_lms(p)))
-        if not rows and sinks.seen:
-            # Interrupted (Ctrl-C) or failed: keep what was committed so far. Shadow betas
-            # that arrived after a row was drained may be missing there.
-            rows, status = sinks.seen, {**status, **sinks.partial, "interrupted": True}
-        if rows:
-            _write(p, opts, rows, batches, wall, status)
+        # The shards become tokens.parquet. Interrupted (Ctrl-C) or failed: what was committed so far
+        # (in the virtual clock, the content pass's rows without times unless the replay ran).
+        df = sinks.results(opts.out_dir / "tokens.parquet")
+        if not ok:
+            status = {**status, **sinks.partial, "interrupted": True}
+        if df is not None and len(df):
+            _write(p, opts, df, sinks.batch_sizes, wall, status)
             if opts.accuracy and p.scenario.prompts.source == "humaneval" and not status.get("interrupted"):
                 from testbed.accuracy import score_run
 
@@ -166,15 +168,14 @@ def run_scenario(s: Scenario, opts: RunOptions) -> dict:
     return json.loads((opts.out_dir / "summary.json").read_text())
 
 
-def _write(p: Plan, opts: RunOptions, rows: list[dict], batches, wall: float, status: dict) -> dict:
-    df = results.tokens_frame(rows).sort_values(["device", "token_index"], kind="stable").reset_index(drop=True)
-    results.write_tokens(df, opts.out_dir / "tokens.parquet")
+def _write(p: Plan, opts: RunOptions, df, batch_sizes: list[int], wall: float, status: dict) -> dict:
+    """summary.json from tokens.parquet's rows (`df`, already written) and the verifier's batch sizes."""
     emulated = float(df["t_commit"].max()) if len(df) else 0.0
     extra = {"scenario": p.scenario.name, "engine": opts.engine, "clock": p.scenario.clock,
              "complete": len(df) == len(p.specs) * p.run.max_new_tokens}
     extra.update(status)
     summary = results.summarize(df, emulated_seconds=emulated, wall_seconds=wall, vocab_size=p.run.vocab_size,
-                                verifier_batches=[b.size for b in batches], extra=extra)
+                                verifier_batches=batch_sizes, extra=extra)
     results.write_summary(summary, opts.out_dir / "summary.json")
     return summary
 
@@ -200,28 +201,14 @@ def _run_local(p: Plan, opts: RunOptions, sinks: "Sinks"):
     slm = BatchedLM(load_model(p.slm, dtype=p.slm_dtype, device=a.group_device))
     llm = BatchedLM(load_model(p.llm, dtype=p.llm_dtype, device=a.verifier_device))
     t_loaded = time.perf_counter()
-    seen: dict[int, int] = {}
-    batches_seen = 0
-
-    def on_content(group, verifier):
-        sinks.content(group.rows_since(seen))
-
-    replay_seen: dict[int, int] = {}
-
-    def on_step(group, verifier):
-        nonlocal batches_seen
-        sinks.batches(verifier.batches[batches_seen:])
-        batches_seen = len(verifier.batches)
-        sinks.rows(group.rows_since(replay_seen), progress=False)
-        sinks.clock(0.0, 0)
-
-    result = run_virtual(p.specs, p.run, p.server, slm, llm, policies, on_content=on_content, on_step=on_step)
+    result = run_virtual(p.specs, p.run, p.server, slm, llm, policies, on_content_events=sinks.content,
+                         on_events=sinks.events, on_step=lambda group, verifier: sinks.clock(0.0, 0))
     emulation = time.perf_counter() - t_loaded
     status = {"compute": compute_info(p, {"slm": slm.describe(), "llm": llm.describe()}),
               "profile": breakdown(0.0, emulation, {"model_load": t_loaded - t0}, result.group_timings,
                                    result.verifier_timings)}
     status["lms"] = (slm, llm)  # for the compute limit (run_scenario), popped before writing
-    return result.rows, result.batches, status
+    return status
 
 
 def _load_lms(p: Plan):
@@ -397,8 +384,8 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
     agents.actors.DeviceGroup and agents.verifier say how):
 
     - a group: a new incarnation for the same devices re-executes them from their prompts, the
-      verifier having forgotten and reserved their sessions (Verifier.handover); rows the driver
-      already drained are not emitted again;
+      verifier having forgotten and reserved their sessions (Verifier.handover); events of the
+      steps the driver already drained are not emitted again;
     - the verifier: every group detaches and hands over its devices' committed sessions, a new
       verifier re-opens them and re-feeds its LLM caches in the original calls (Verifier.restore),
       the groups reattach and resend what is unanswered.
@@ -410,6 +397,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
 
     from agents import security
     from agents.actors import ClockParams, DeviceGroup, Verifier, max_rss_bytes
+    from agents.events import TokenCommitted, VerifierBatch
     from agents.engine import Content, replay_content
     from agents.timing import merge
     from policies import load_policy
@@ -473,7 +461,8 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
         t_ready = time.perf_counter()
         t0 = time.time() + 0.2
         ray.get(verifier.set_t0.remote(t0))
-        emitted = {d.device: 0 for d in p.specs}  # rows drained per device (a restarted group skips them)
+        emitted = {d.device: 0 for d in p.specs}  # tokens drained per device (chaos kill thresholds)
+        steps = {d.device: 0 for d in p.specs}  # steps drained per device (a restarted group skips them)
         refs = {groups[i].run.remote(t0, endpoint, client_keys(i)): i for i in groups}  # running groups
         finished: dict[int, dict] = {}  # group id -> its run() result
         restarts = Restarts(a.max_restarts, opts.out_dir)
@@ -484,17 +473,16 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
         def committed(target: str) -> int:
             """Tokens drained so far: of the run ("verifier"), or of a group's devices ("group:<id>")."""
             if target == "verifier":
-                return len(sinks.seen)
+                return sinks.tokens
             return sum(emitted[d] for d in members[int(target.split(":")[1])])
-        wall_batches, errors_before, last_errors = [], 0, 0  # what dead verifiers did (wall clock; errors)
-        rows: list[dict] = []
+        errors_before, last_errors = 0, 0  # what dead verifiers did (protocol errors)
         rss = 0
         group_timings, lms, memory = [], {}, {}
         content = Content()
 
         def restart_group(i: int, exc: BaseException) -> None:
             t = time.perf_counter()
-            restarts.allow(f"device group {i}", members[i], _cause(exc), len(sinks.seen), sinks.t0)
+            restarts.allow(f"device group {i}", members[i], _cause(exc), sinks.tokens, sinks.t0)
             restarts.groups[i] = restarts.groups.get(i, 0) + 1
             sinks.restart("group")
             sinks.partial["restarts"] = restarts.summary()
@@ -503,14 +491,14 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
             groups[i] = make_group(i, restarts.groups[i])
             identities[i] = ray.get(groups[i].identity.remote())
             ray.get(verifier.handover.remote(members[i], identities[i]))
-            refs[groups[i].run.remote(t0, endpoint, client_keys(i), skip_rows={d: emitted[d] for d in members[i]})] = i
+            refs[groups[i].run.remote(t0, endpoint, client_keys(i), skip_steps={d: steps[d] for d in members[i]})] = i
             restarts.events[-1]["recovery_s"] = round(time.perf_counter() - t, 3)  # to running again
 
         def restart_verifier(exc: BaseException) -> tuple[object, str, dict[int, BaseException]]:
             """A new verifier rebuilt from every group's committed sessions; the groups found dead
             meanwhile are returned (restarted next, against the new verifier)."""
             t = time.perf_counter()
-            restarts.allow("verifier", [d.device for d in p.specs], _cause(exc), len(sinks.seen), sinks.t0)
+            restarts.allow("verifier", [d.device for d in p.specs], _cause(exc), sinks.tokens, sinks.t0)
             restarts.verifier += 1
             sinks.restart("verifier")
             sinks.partial["restarts"] = restarts.summary()
@@ -546,7 +534,6 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
                     dead_groups[i] = exc
                     continue
                 finished[i] = result
-                rows.extend(result["rows"])
                 rss += result["max_rss_bytes"]
                 group_timings.append(result["timings"])
                 memory[f"group {i}"] = result["memory"]
@@ -560,14 +547,16 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
                 except RayActorError as exc:
                     if i not in finished:
                         dead_groups.setdefault(i, exc)
-            new_rows = [r for f in fresh for r in f["rows"]]
-            for r in new_rows:
-                emitted[r["device"]] += 1
+            events = [e for f in fresh for e in f["events"]]
+            new_rows = 0
+            for e in events:
+                steps[e.device] = max(steps[e.device], e.step + 1)
+                if isinstance(e, TokenCommitted):
+                    emitted[e.device] += 1
+                    new_rows += 1
             try:
                 if not two_pass:
-                    drained = ray.get(verifier.drain_batches.remote())
-                    wall_batches.extend(drained)
-                    sinks.batches(drained)
+                    events.extend(VerifierBatch.of(b) for b in ray.get(verifier.drain_batches.remote()))
                 status = ray.get(verifier.status.remote())
             except RayActorError as exc:
                 verifier, endpoint, dead = restart_verifier(exc)
@@ -575,10 +564,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
                 errors_before, last_errors = errors_before + last_errors, 0
                 status = {"lag_s": 0.0, "errors": 0, "failure": None}
             last_errors = status["errors"]
-            if two_pass:
-                sinks.content(new_rows)
-            else:
-                sinks.rows(new_rows)
+            (sinks.content if two_pass else sinks.events)(events)
             sinks.clock(max([f["lag_s"] for f in fresh] + [status["lag_s"]]), errors_before + status["errors"])
             if status["failure"]:
                 raise RuntimeError(f"verifier failed:\n{status['failure']}")
@@ -598,20 +584,17 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
                 except Exception as exc:  # the message still names the running groups
                     waiting = {"error": f"{type(exc).__name__}: {exc}"}
                 raise RunFailed(_stall_message(waiting, a.stall_timeout_s, {i: members[i] for i in refs.values()},
-                                               len(sinks.seen), opts.out_dir))
-        batches = ray.get(verifier.batches.remote())
+                                               sinks.tokens, opts.out_dir))
         status = ray.get(verifier.status.remote())
         status["errors"] += errors_before
         if two_pass:
             content.verdicts.update(ray.get(verifier.content_log.remote()))
             policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
-            replay = replay_content(p.specs, p.run, p.server, policies, content)
-            rows, batches = replay.rows, replay.batches
-            sinks.batches(batches)
-            sinks.rows(rows, progress=False)
+            # The timed events (link events included) come from the replay, here.
+            replay = replay_content(p.specs, p.run, p.server, policies, content, on_events=sinks.events)
             status["timings"] = merge(status["timings"], {"replay": replay.group_timings["replay"]})
-        elif restarts.total:
-            batches = wall_batches + ray.get(verifier.drain_batches.remote())
+        else:  # batches after the last drain
+            sinks.events([VerifierBatch.of(b) for b in ray.get(verifier.drain_batches.remote())])
         t_end = time.perf_counter()
         # Peak memory of the run: the sum of every actor's peak (an upper bound on the
         # simultaneous peak) plus this driver.
@@ -625,7 +608,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
                "compute": {**compute_info(p, {**lms, "llm": status["lm"]}),
                            "memory": {"verifier": status["memory"], **memory}},
                "profile": breakdown(0.0, t_end - t_ready, startup, groups_t, status["timings"])}
-        return rows, batches, out
+        return out
     finally:
         for a in actors:
             try:
@@ -636,98 +619,125 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
             ray.shutdown()
 
 
-# --- live sinks: progress display and Prometheus --------------------------------------------
+# --- sinks: the runner forwards events to them ----------------------------------------------
 
 
 class Sinks:
-    """Where live progress goes: the progress table and, when asked, the metrics collector."""
+    """Where the run's events (agents.events) go; the runner only forwards them here:
+
+    - the metrics collector (testbed.metrics.Collector; served on metrics.port when asked),
+    - the streaming results writer (testbed.results.ResultsWriter: parquet shards as the run goes,
+      tokens.parquet at the end),
+    - the progress display (Progress: it shows a collector's snapshot).
+
+    Virtual clock: the content pass's events (tokens and decisions final, no times, no links) feed
+    progress and the partial results only (`content`); the replay's timed events feed everything
+    (`start_replay`, then `events`). Wall clock: the groups' events feed everything."""
 
     def __init__(self, p: Plan, opts: RunOptions):
-        self.progress = Progress(p, enabled=opts.progress)
+        from testbed.metrics import Collector
+
+        tiers = {d.tier: d.policy_name for d in p.specs}
         self.collector = opts.collector
         self.own = False
-        self.t0 = time.time()
-        self.t_emulated = 0.0
-        self.errors_seen = 0
-        self.max_new_tokens = p.run.max_new_tokens
-        self.tier_of = {d.device: d.tier for d in p.specs}
-        self.policy_of = {d.device: d.policy_name for d in p.specs}
-        self.committed = {d.device: 0 for d in p.specs}
-        self.seen: list[dict] = []  # every row drained so far: the partial results
-        self.partial: dict = {}  # summary entries a failed run still reports (restarts)
-        if self.collector is None and opts.metrics_port is not None:
-            from testbed.metrics import Collector
-
-            tiers = {d.tier: d.policy_name for d in p.specs}
+        if self.collector is None:
             self.collector = Collector(p.scenario.name, tiers=tiers, vocab_size=p.run.vocab_size)
             self.own = True
-            self.collector.serve(opts.metrics_port or -1, opts.metrics_host)  # Collector.serve: -1 = any free port
-            print(f"metrics: {self.collector.url}", flush=True)
+            if opts.metrics_port is not None:
+                self.collector.serve(opts.metrics_port or -1, opts.metrics_host)  # Collector.serve: -1 = any free port
+                print(f"metrics: {self.collector.url}", flush=True)
+        self.served = self.collector  # what the exporter shows: timed events only
+        self.t0 = time.time()
+        self.codes_seen: dict[str, int] = {}  # protocol errors ingested, by reason (clock)
+        self.max_new_tokens = p.run.max_new_tokens
+        self.tier_of = {d.device: d.tier for d in p.specs}
+        self.committed = {d.device: 0 for d in p.specs}  # timed tokens per device (active devices)
+        self.content_tokens = self.timed_tokens = 0
+        self.batch_sizes: list[int] = []  # every verifier batch's size (summary.json)
+        self.partial: dict = {}  # summary entries a failed run still reports (restarts)
+        shards = opts.out_dir / "tokens.shards"
+        self.writer = results.ResultsWriter(shards, "trace")
+        self.content_writer = results.ResultsWriter(shards, "content")
+        # The content pass's progress: a private collector (its tokens have no times yet).
+        self.content_collector = Collector(p.scenario.name, tiers=tiers, vocab_size=p.run.vocab_size)
+        two_pass = opts.engine == "local" or p.scenario.clock == "virtual"
+        self.progress = Progress(p, self.content_collector if two_pass else self.collector, enabled=opts.progress)
 
-    def content(self, rows: list[dict]) -> None:
-        """Rows of the virtual clock's content pass: tokens and decisions are final, times are not
-        (the replay computes them), so they count for progress (and partial results) with their
-        times blanked, and reach the metrics only from the replay."""
+    @property
+    def tokens(self) -> int:
+        """Tokens committed so far (by the content pass, or the timed trace when further)."""
+        return max(self.content_tokens, self.timed_tokens)
+
+    def content(self, events: list) -> None:
+        """Events of the virtual clock's content pass: progress and partial results, with the times
+        blanked (the replay computes them)."""
+        from agents.events import TokenCommitted
+
         blank = {k: math.nan for k in ("t_draft_start", "t_upload_sent", "t_verdict", "t_commit")}
-        rows = [{**r, **blank} for r in rows]
-        self.progress.update(rows)
-        self.seen.extend(rows)
+        events = [TokenCommitted({**e.row, **blank}) if isinstance(e, TokenCommitted) else e for e in events]
+        self.content_tokens += sum(isinstance(e, TokenCommitted) for e in events)
+        self.content_collector.ingest_events(events)
+        self.content_writer.add(events)
+        self.progress.update()
 
-    def rows(self, rows: list[dict], progress: bool = True) -> None:
-        if progress:
-            self.progress.update(rows)
-        if rows:
-            self.t_emulated = max(self.t_emulated, max(r["t_commit"] for r in rows))
-        self.seen.extend(rows)
-        for r in rows:
-            self.committed[r["device"]] += 1
-        if self.collector is not None and rows:
-            from agents.stats import LinkStat
+    def events(self, events: list) -> None:
+        """Timed events: to the collector, the results writer and the progress display."""
+        from agents.events import TokenCommitted, VerifierBatch
 
-            self.collector.ingest_token_records(rows)
-            links: dict[tuple[str, str], LinkStat] = {}
-            for r in rows:
-                if r["transmitted"]:
-                    key = (r["tier"], r["policy"])
-                    old = links.get(key) or LinkStat(*key, "uplink")
-                    links[key] = LinkStat(*key, "uplink", old.messages + 1, old.bytes + r["uplink_bytes"], 0,
-                                          old.retransmissions + r["retransmissions"])
-            self.collector.ingest(list(links.values()))
+        for e in events:
+            if isinstance(e, TokenCommitted):
+                self.committed[e.device] += 1
+                self.timed_tokens += 1
+            elif isinstance(e, VerifierBatch):
+                self.batch_sizes.append(e.size)
+        self.collector.ingest_events(events)
+        self.writer.add(events)
+        self.progress.collector = self.collector  # the virtual clock's replay: timed from here on
+        self.progress.update()
 
-    def batches(self, batches) -> None:
-        if self.collector is None or not batches:
-            return
-        from agents.stats import VerifierBatchStat
-
-        self.collector.ingest([VerifierBatchStat(b.size, b.n_tokens, b.t_end - b.t_start, tuple(b.queue_waits),
-                                                 b.t_start) for b in batches])
-
-    def clock(self, lag_s: float, errors: int) -> None:
-        if self.collector is None:
-            return
+    def clock(self, lag_s: float, errors: int, codes: Mapping[str, int] | None = None) -> None:
+        """The runner's clock, and the protocol errors so far (cumulative): `codes` by the verifier's
+        ErrorCode name (the reason label of hlm_protocol_errors_total); errors without one count as
+        "malformed"."""
         from agents.stats import ClockStat, ProtocolErrorStat
 
         active: dict[str, int] = {}
         for device, n in self.committed.items():
             active[self.tier_of[device]] = active.get(self.tier_of[device], 0) + (n < self.max_new_tokens)
-        stats = [ClockStat("runner", self.t_emulated, time.time() - self.t0, lag_s, active)]
-        if errors > self.errors_seen:
-            stats.append(ProtocolErrorStat("malformed", errors - self.errors_seen))
-            self.errors_seen = errors
+        stats = [ClockStat("runner", self.collector.emulated_time(), time.time() - self.t0, lag_s, active)]
+        codes = {**(codes or {})}
+        if errors > sum(codes.values()):
+            codes["malformed"] = errors - sum(codes.values())
+        for reason, n in sorted(codes.items()):
+            if n > self.codes_seen.get(reason, 0):
+                stats.append(ProtocolErrorStat(reason, n - self.codes_seen.get(reason, 0)))
+                self.codes_seen[reason] = n
         self.collector.ingest(stats)
 
     def restart(self, actor: str) -> None:
         """An actor ("verifier" or "group") died and is being restarted."""
-        if self.collector is not None:
-            self.collector.actor_restart(actor)
+        self.collector.actor_restart(actor)
+
+    def results(self, path: Path):
+        """Merge the shards into tokens.parquet (the trace's; the content pass's if no trace was
+        written, a run cut short) and return its rows; None when nothing was committed."""
+        self.writer.close()
+        use, other = self.writer, self.content_writer
+        if not use.rows:
+            other.close()
+            use, other = other, use
+        other.discard()
+        if not use.rows:
+            use.discard()
+            return None
+        return use.merge(path)
 
     def close(self) -> None:
         self.progress.close()
-        if self.collector is not None:
-            self.collector.finish()
+        self.collector.finish()
 
     def linger(self, seconds: float) -> None:
-        if self.collector is not None and self.own:
+        if self.own:
             if seconds > 0:
                 self.collector.linger(seconds)
             self.collector.close()
@@ -738,14 +748,15 @@ class Sinks:
 
 class Progress:
     """A live table per tier on a terminal (tokens, emulated time and tokens/s, skip and
-    acceptance rates); elsewhere (logs, CI) one line every `log_every_s` seconds."""
+    acceptance rates); elsewhere (logs, CI) one line every `log_every_s` seconds. Both read a
+    collector's snapshot (testbed.metrics.Snapshot), the figures the exporter serves."""
 
-    def __init__(self, p: Plan, enabled: bool = True, log_every_s: float = 10.0):
+    def __init__(self, p: Plan, collector, enabled: bool = True, log_every_s: float = 10.0):
         import sys
 
         self.total = len(p.specs) * p.run.max_new_tokens
-        self.tiers: dict[str, dict] = {t.name: dict(tokens=0, skipped=0, transmitted=0, accepted=0, t=0.0)
-                                       for t in p.scenario.tiers}
+        self.collector = collector
+        self.tier_names = [t.name for t in p.scenario.tiers]
         self.live = None
         self.log_every_s, self.last_log, self.t0 = log_every_s, time.time(), time.time()
         self.enabled = enabled
@@ -755,43 +766,42 @@ class Progress:
             self.live = Live(self._table(), refresh_per_second=4, transient=False)
             self.live.start()
 
-    def update(self, rows: list[dict]) -> None:
-        for r in rows:
-            t = self.tiers[r["tier"]]
-            t["tokens"] += 1
-            t["skipped"] += not r["transmitted"]
-            t["transmitted"] += bool(r["transmitted"])
-            t["accepted"] += bool(r["transmitted"] and r["accepted"])
-            if not math.isnan(r["t_commit"]):
-                t["t"] = max(t["t"], r["t_commit"])
-        if self.live is not None and rows:
+    def update(self) -> None:
+        if self.live is not None:
             self.live.update(self._table())
-        elif self.enabled and self.live is None and time.time() - self.last_log >= self.log_every_s:
+        elif self.enabled and time.time() - self.last_log >= self.log_every_s:
             self.last_log = time.time()
             self.log_line()
+
+    def _tiers(self, snap) -> list[tuple[str, object, float]]:
+        """(tier, its totals, its tokens per emulated second) in the scenario's order."""
+        from testbed.metrics import TierTotals
+
+        by_tier = {t: (tot, snap.tier_throughput.get((t, pol), 0.0)) for (t, pol), tot in snap.per_tier.items()}
+        return [(name, *by_tier.get(name, (TierTotals(), 0.0))) for name in self.tier_names]
 
     def log_line(self) -> None:
         import sys
 
-        done = sum(t["tokens"] for t in self.tiers.values())
+        snap = self.collector.snapshot()
+        done = snap.totals.committed
         # The virtual clock's content pass has no emulated times yet (the replay computes them).
-        parts = [f"{name}: {t['tokens']} tok, " + (f"{t['tokens'] / t['t']:.1f} tok/s emulated, " if t["t"] > 0 else "")
-                 + f"skip {t['skipped'] / max(1, t['tokens']):.0%}" for name, t in self.tiers.items()]
+        parts = [f"{name}: {t.committed} tok, " + (f"{rate:.1f} tok/s emulated, " if rate > 0 else "")
+                 + f"skip {t.skips / max(1, t.committed):.0%}" for name, t, rate in self._tiers(snap)]
         print(f"[{time.time() - self.t0:6.0f}s] tokens {done}/{self.total} ({done / max(1, self.total):.0%}) | "
               + " | ".join(parts), file=sys.stderr, flush=True)
 
     def _table(self):
         from rich.table import Table
 
-        done = sum(t["tokens"] for t in self.tiers.values())
-        table = Table(title=f"tokens {done}/{self.total}")
+        snap = self.collector.snapshot()
+        table = Table(title=f"tokens {snap.totals.committed}/{self.total}")
         for col in ("tier", "tokens", "emulated s", "tokens/s", "skip rate", "acceptance"):
             table.add_column(col, justify="right")
-        for name, t in self.tiers.items():
-            rate = t["tokens"] / t["t"] if t["t"] > 0 else 0.0
-            skip = t["skipped"] / t["tokens"] if t["tokens"] else 0.0
-            acc = t["accepted"] / t["transmitted"] if t["transmitted"] else float("nan")
-            table.add_row(name, str(t["tokens"]), f"{t['t']:.2f}", f"{rate:.1f}", f"{skip:.1%}", f"{acc:.1%}")
+        for name, t, rate in self._tiers(snap):
+            skip = t.skips / t.committed if t.committed else 0.0
+            acc = t.accepted / t.uploads if t.uploads else float("nan")
+            table.add_row(name, str(t.committed), f"{snap.emulated_s:.2f}", f"{rate:.1f}", f"{skip:.1%}", f"{acc:.1%}")
         return table
 
     def close(self) -> None:
