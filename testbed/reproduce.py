@@ -22,7 +22,7 @@ this is the harmonic mean of the summary's per-device throughputs (`paper_throug
 Devices must not distort each other's timing (the paper has one): `isolate_devices` gives the
 verifier a zero-time profile with max_batch >= devices and max_wait 0, so a request is answered at
 its arrival and never waits for another device's batch, and moves the LLM's compute for one
-verification at batch 1 (the scenario's verify_seconds(1, 1), 16.3 ms) onto each device's
+verification at batch 1 (the server profile's verify_seconds(1, 1), 16.3 ms) onto each device's
 downlink delay. Each device's trace is then the one it would have alone (tested). What this drops
 from verify_seconds: its per-token term for the skipped tokens piggybacked on an upload (0.3 ms
 each), i.e. the LLM's step is charged once per verification, as in the papers' delay model.
@@ -726,40 +726,56 @@ def plot_reliability(calibration: dict, path: Path) -> Path:
 
 def plot_frontier(rows: list[dict], path: Path) -> Path:
     """Skip rate against fidelity: cu-hlm's threshold sweep (its Pareto front) and cu-hlm-adaptive's
-    risk budgets per estimator; up and to the left is better."""
-    fig, ax = _figure(7.2, 4.6)
-    a = ax[0][0]
+    risk budgets per estimator; up and to the left is better. Left: every point (log fidelity);
+    right: the adaptive points' neighbourhood (linear)."""
+    fig, ax = _figure(12, 4.6, ncols=2)
     front = cu_hlm_frontier(rows)
-    if front:
-        a.plot([r["fidelity_tv"] for r in front], [100 * r["skip_rate"] for r in front], marker="o", color="#d62728",
-               label="cu-hlm, u_th sweep (Pareto front)")
-        for r in front:
-            if r.get("u_th") is not None:
-                a.annotate(f"u_th {r['u_th']:.2g}", (r["fidelity_tv"], 100 * r["skip_rate"]), textcoords="offset points",
-                           xytext=(5, -10), fontsize=7, color="#d62728")
     colors = {"temperature": "#1f77b4", "max": "#2ca02c"}
     by: dict[str, list] = {}
     for r in rows:
         if r["policy"] == "cu-hlm-adaptive" and r.get("fidelity_tv") is not None:
             by.setdefault(r.get("estimator") or ESTIMATOR, []).append(r)
-    for est, rs in by.items():
-        rs = sorted(rs, key=lambda r: r.get("risk") or 0.0)
-        a.plot([r["fidelity_tv"] for r in rs], [100 * r["skip_rate"] for r in rs], marker="s", ls="--",
-               color=colors.get(est, "#9467bd"), label=f"cu-hlm-adaptive ({est} u), risk budgets")
-        for r in rs:
-            a.annotate(f"{r['risk']:g}", (r["fidelity_tv"], 100 * r["skip_rate"]), textcoords="offset points",
-                       xytext=(4, 5), fontsize=7, color=colors.get(est, "#9467bd"))
-    for r in rows:
-        if r["point"] in ("u-hlm", "rand-hlm") and r.get("fidelity_tv") is not None:
-            a.scatter([r["fidelity_tv"]], [100 * r["skip_rate"]], marker="^", s=40, label=r["point"], zorder=3)
-    if not front and not by:
-        _na(a)
-    a.set_xscale("log")
-    a.set_xlabel("fidelity: mean TV distance to the LLM per token (log; lower is better)")
-    a.set_ylabel("transmissions skipped (%)")
-    a.set_title("Skip rate at equal fidelity: cu-hlm-adaptive vs cu-hlm's thresholds")
-    if a.get_legend_handles_labels()[0]:
-        a.legend(fontsize=7, loc="best")
+    for a, zoom in zip(ax[0], (False, True)):
+        if front:
+            a.plot([r["fidelity_tv"] for r in front], [100 * r["skip_rate"] for r in front], marker="o",
+                   color="#d62728", label="cu-hlm, u_th sweep (Pareto front)")
+            for r in front:
+                if r.get("u_th") is not None:
+                    a.annotate(f"u_th {r['u_th']:.2g}", (r["fidelity_tv"], 100 * r["skip_rate"]),
+                               textcoords="offset points", xytext=(5, -10), fontsize=7, color="#d62728")
+        for est, rs in by.items():
+            rs = sorted(rs, key=lambda r: r.get("risk") or 0.0)
+            c = colors.get(est, "#9467bd")
+            a.plot([r["fidelity_tv"] for r in rs], [100 * r["skip_rate"] for r in rs], marker="s", ls="--", color=c,
+                   label=f"cu-hlm-adaptive ({est} u), risk budgets")
+            for r in rs:
+                a.annotate(f"{r['risk']:g}", (r["fidelity_tv"], 100 * r["skip_rate"]), textcoords="offset points",
+                           xytext=(4, 5), fontsize=7, color=c)
+        if not zoom:
+            for r in rows:
+                if r["point"] in ("u-hlm", "rand-hlm") and r.get("fidelity_tv"):
+                    a.scatter([r["fidelity_tv"]], [100 * r["skip_rate"]], marker="^", s=40, label=r["point"], zorder=3)
+            a.set_xscale("log")
+            a.set_xlabel("fidelity: mean TV distance to the LLM per token (log; lower is better)")
+            a.set_title("Skip rate vs fidelity: cu-hlm-adaptive and cu-hlm's thresholds")
+        else:
+            xs = [r["fidelity_tv"] for rs in by.values() for r in rs]
+            if xs and front:
+                beyond = [r["fidelity_tv"] for r in front if r["fidelity_tv"] > max(xs)]
+                hi = min(beyond) if beyond else max(xs)
+                lo = min(xs + [front[0]["fidelity_tv"]])
+                pad = 0.08 * (hi - lo or hi)
+                a.set_xlim(lo - pad, hi + pad)
+                ys = [100 * r["skip_rate"] for r in [*front, *(r for rs in by.values() for r in rs)]
+                      if lo - pad <= r["fidelity_tv"] <= hi + pad]
+                a.set_ylim(min(ys) - 5, max(ys) + 5)
+            a.set_xlabel("fidelity: mean TV distance to the LLM per token (lower is better)")
+            a.set_title("Around the adaptive points")
+        if not front and not by:
+            _na(a)
+        a.set_ylabel("transmissions skipped (%)")
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7, loc="best")
     fig.savefig(path)
     return path
 
