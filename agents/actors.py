@@ -367,6 +367,7 @@ class Verifier:
         self.sock = ctx.socket(zmq.ROUTER)
         if self.curve is not None:
             security.configure_server(self.sock, self.curve)
+            self.allow_list.watch(self.sock)  # counts refused handshakes (status()["curve_refused"])
         self.sock.setsockopt(zmq.LINGER, 0)
         # MAXMSGSIZE bounds each part (a bigger one drops the connection) and RCVHWM the
         # messages queued per connection; parts beyond wire.PARTS are discarded unread (_recv).
@@ -388,7 +389,12 @@ class Verifier:
         self.shaped = self.clock.shaped(self.sock)  # wall clock: verdicts leave when verification ends
 
     def status(self) -> dict:
-        return {"errors": self.errors, "lag_s": self.lag_s, "max_rss_bytes": max_rss_bytes(), "memory": memory(),
+        """`errors`: protocol errors answered, in all and by ErrorCode name (`error_codes`, the reason
+        label of hlm_protocol_errors_total); `curve_refused`: clients CURVE refused (AllowList.counts;
+        None without CURVE)."""
+        return {"errors": self.errors, "error_codes": {getattr(c, "name", str(c)): n for c, n in sorted(self.error_codes.items())},
+                "curve_refused": self.allow_list.counts() if self.allow_list is not None else None,
+                "lag_s": self.lag_s, "max_rss_bytes": max_rss_bytes(), "memory": memory(),
                 "error_log": self.error_log[-20:], "failure": self.failure,
                 "batches": len(self.core.batches), "timings": self.core.timings.snapshot(),
                 "lm": self.core.llm.describe() if hasattr(self.core.llm, "describe") else None}

@@ -111,23 +111,72 @@ def configure_client(sock: zmq.Socket, keys: ClientKeys) -> None:
 
 class AllowList:
     """A ZAP handler on `ctx` that admits CURVE clients whose public key is in `allowed` (an
-    in-memory set: pyzmq's configure_curve would read keys from a directory). `denied` counts
-    refused keys. Only sockets of `ctx` are covered, so the verifier gives its socket a context
-    of its own."""
+    in-memory set: pyzmq's configure_curve would read keys from a directory). Only sockets of
+    `ctx` are covered, so the verifier gives its socket a context of its own.
+
+    Counts (`counts()`, in Verifier.status and summary.json "curve_refused"):
+    - `denied`: handshakes of a client with a valid CURVE setup whose key is not allow-listed
+      (refused here, by ZAP);
+    - `failed`: every handshake the server socket refused, by libzmq's socket monitor (`watch`):
+      the ZAP denials, and the clients that never get that far: no CURVE at all (mechanism
+      mismatch) or the wrong server public key (the HELLO does not decrypt). A client that keeps
+      reconnecting counts once per attempt."""
+
+    HANDSHAKE_FAILED = ("EVENT_HANDSHAKE_FAILED_NO_DETAIL", "EVENT_HANDSHAKE_FAILED_PROTOCOL",
+                        "EVENT_HANDSHAKE_FAILED_AUTH")
 
     def __init__(self, ctx: zmq.Context, allowed: frozenset[bytes]):
         from zmq.auth.thread import ThreadAuthenticator
 
         self.allowed = frozenset(allowed)
         self.denied = 0
+        self.failed = 0
         self.auth = ThreadAuthenticator(ctx)
         self.auth.start()
         self.auth.configure_curve_callback("*", self)
+        self._monitor = None
 
     def callback(self, domain: str, key: bytes) -> bool:  # pyzmq's credentials-provider interface
         ok = key in self.allowed
         self.denied += not ok
         return ok
 
+    def watch(self, sock: zmq.Socket) -> None:
+        """Count the handshakes `sock` (the CURVE server) refuses, in a thread of its own."""
+        import threading
+
+        events = 0
+        for name in self.HANDSHAKE_FAILED:
+            events |= getattr(zmq, name, 0)
+        if not events:  # libzmq < 4.3: no handshake events; `denied` still counts
+            return
+        mon = sock.get_monitor_socket(events)
+        self._monitor = (sock, mon, threading.Thread(target=self._count, args=(mon,), name="curve-monitor", daemon=True))
+        self._monitor[2].start()
+
+    def _count(self, mon: zmq.Socket) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(mon)
+            except zmq.ZMQError:  # closed (stop)
+                return
+            if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                return
+            self.failed += 1
+
+    def counts(self) -> dict:
+        return {"denied_keys": self.denied, "handshakes_refused": self.failed}
+
     def stop(self) -> None:
+        if self._monitor is not None:
+            sock, mon, thread = self._monitor
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            thread.join(timeout=2)
+            mon.close(linger=0)
+            self._monitor = None
         self.auth.stop()

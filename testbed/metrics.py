@@ -129,7 +129,8 @@ VERIFIER_QUEUE_WAIT = _m("hlm_verifier_queue_wait_seconds", "histogram", "Emulat
 VERIFIER_VERIFY = _m("hlm_verifier_verify_seconds", "histogram", "Emulated seconds per verifier batch (server profile).",
                      RUN_LABELS, [0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2])
 VERIFIER_TOKENS = _m("hlm_verifier_tokens_total", "counter", "Tokens processed by the verifier's LLM.", RUN_LABELS)
-PROTOCOL_ERRORS = _m("hlm_protocol_errors_total", "counter", "Frames answered with an error reply (malformed, oversized, out of order).", RUN_LABELS)
+PROTOCOL_ERRORS = _m("hlm_protocol_errors_total", "counter", "Client messages answered with an error reply, by reason (the verifier's ErrorCode name: BAD_FRAME, OVERSIZED, OUT_OF_ORDER, UNKNOWN_SESSION, REFUSED, LIMIT, ...).",
+                     RUN_LABELS + ("reason",))
 ACTOR_ROLES = ("verifier", "group")  # the actor label of hlm_actor_restarts_total
 ACTOR_RESTARTS = _m("hlm_actor_restarts_total", "counter", "Actors that died and were restarted by deterministic replay (actor: verifier or group).",
                     RUN_LABELS + ("actor",))
@@ -453,7 +454,7 @@ class Collector:
                 self._max_event_t = max(self._max_event_t, c.emulated_s)
             for e in batch.errors:
                 self._errors[e.reason] = self._errors.get(e.reason, 0) + e.count
-                self._prom[PROTOCOL_ERRORS.name].labels(self.scenario).inc(e.count)
+                self._prom[PROTOCOL_ERRORS.name].labels(self.scenario, e.reason).inc(e.count)
 
     def actor_restart(self, actor: str) -> None:
         """One actor restart (testbed.runner: a dead verifier or device group brought back)."""

@@ -7,6 +7,7 @@ cleaned up on exit, on error and on Ctrl-C; partial results are kept.
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import time
@@ -31,6 +32,12 @@ class RunOptions:
     # committed, by the whole run for "verifier", by the group's own devices for "group:<id>"; the
     # runner then restarts it (_run_ray). Each fires once.
     chaos_kill: tuple[tuple[str, int], ...] = ()
+    # A "verifier" kill at or past the run's token count (devices x max_new_tokens) fires after every
+    # group has finished, before the verifier's content log is read.
+    # Chaos tests: kill -9 during a recovery, once each: "verifier" right before the next handover
+    # (a group's restart) or restore (the verifier's), "group:<id>" the group's new incarnation as
+    # soon as it is made.
+    chaos_kill_in_recovery: tuple[str, ...] = ()
     chaos_stall_group: int = -1  # tests (ray engine): this group opens its sessions, then hangs
     report: bool = True
     # Prometheus exporter, as the scenario's metrics.port/host: None = off, 0 (or -1) = any free port.
@@ -390,6 +397,14 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
       verifier re-opens them and re-feeds its LLM caches in the original calls (Verifier.restore),
       the groups reattach and resend what is unanswered.
 
+    An actor that dies during a recovery (a new incarnation at once, the verifier during a handover
+    or a restore) is restarted in turn (`recover`), and a verifier that dies after every group has
+    finished, before its content log is read, is rebuilt from the groups' final sessions; all within
+    the same bound. A group killed after its run() returned but before its last drain (a kill that
+    fires late while the driver was busy restarting another actor): harmless in the virtual clock
+    (the trace is replayed from run()'s content); in the wall clock it runs again, since its last
+    events are the trace.
+
     In the virtual clock the trace is then identical to a fault-free run's: what a device emits
     depends only on its own verdicts, and each verdict only on the device's context."""
     import ray
@@ -465,6 +480,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
         steps = {d.device: 0 for d in p.specs}  # steps drained per device (a restarted group skips them)
         refs = {groups[i].run.remote(t0, endpoint, client_keys(i)): i for i in groups}  # running groups
         finished: dict[int, dict] = {}  # group id -> its run() result
+        final_drained: set[int] = set()  # finished groups drained after their run() returned
         restarts = Restarts(a.max_restarts, opts.out_dir)
         sinks.partial["restarts"] = restarts.summary()
         kills = list(opts.chaos_kill)
@@ -476,51 +492,129 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
                 return sinks.tokens
             return sum(emitted[d] for d in members[int(target.split(":")[1])])
         errors_before, last_errors = 0, 0  # what dead verifiers did (protocol errors)
+        codes_before, last_codes = collections.Counter(), {}  # ... by ErrorCode name
+        refused_before, last_refused = collections.Counter(), {}  # ... and clients CURVE refused
         rss = 0
         group_timings, lms, memory = [], {}, {}
         content = Content()
 
-        def restart_group(i: int, exc: BaseException) -> None:
-            t = time.perf_counter()
+        final = len(p.specs) * p.run.max_new_tokens
+        in_recovery = list(opts.chaos_kill_in_recovery)
+
+        def chaos_point(target: str, actor) -> None:
+            """Chaos tests: kill -9 `actor` here, in a recovery, if asked (RunOptions.chaos_kill_in_recovery)."""
+            if target in in_recovery:
+                in_recovery.remove(target)
+                kill_now(actor)
+
+        def kill_now(actor) -> None:
+            ray.wait([actor.chaos_kill.remote()], timeout=30)  # resolves (with its error) once the process is gone
+
+        class Lost(Exception):
+            """An actor died during a recovery call: `who` is "verifier" or a group id."""
+
+            def __init__(self, who, exc: BaseException):
+                super().__init__(who)
+                self.who, self.exc = who, exc
+
+        def respawn_group(i: int, exc: BaseException) -> int:
+            """Count a restart of group i and make its new incarnation (not running yet); returns the
+            restart's event index. Lost(i) if the new incarnation dies at once."""
             restarts.allow(f"device group {i}", members[i], _cause(exc), sinks.tokens, sinks.t0)
             restarts.groups[i] = restarts.groups.get(i, 0) + 1
             sinks.restart("group")
             sinks.partial["restarts"] = restarts.summary()
             for ref in [r for r, j in refs.items() if j == i]:  # the dead incarnation's run() (seen via drain)
                 del refs[ref]
+            finished.pop(i, None)  # wall clock: a group that died before its last drain runs again
             groups[i] = make_group(i, restarts.groups[i])
-            identities[i] = ray.get(groups[i].identity.remote())
-            ray.get(verifier.handover.remote(members[i], identities[i]))
-            refs[groups[i].run.remote(t0, endpoint, client_keys(i), skip_steps={d: steps[d] for d in members[i]})] = i
-            restarts.events[-1]["recovery_s"] = round(time.perf_counter() - t, 3)  # to running again
+            chaos_point(f"group:{i}", groups[i])
+            try:
+                identities[i] = ray.get(groups[i].identity.remote())
+            except RayActorError as died:
+                raise Lost(i, died) from None
+            return len(restarts.events) - 1
 
-        def restart_verifier(exc: BaseException) -> tuple[object, str, dict[int, BaseException]]:
-            """A new verifier rebuilt from every group's committed sessions; the groups found dead
-            meanwhile are returned (restarted next, against the new verifier)."""
-            t = time.perf_counter()
+        def start_group(i: int) -> None:
+            """Hand group i's devices over to its new incarnation on the verifier and run it. Lost("verifier")
+            if the verifier dies meanwhile (the group then waits for the next verifier's handover)."""
+            chaos_point("verifier", verifier)
+            try:
+                ray.get(verifier.handover.remote(members[i], identities[i]))
+            except RayActorError as died:
+                raise Lost("verifier", died) from None
+            refs[groups[i].run.remote(t0, endpoint, client_keys(i), skip_steps={d: steps[d] for d in members[i]})] = i
+
+        def restart_verifier(exc: BaseException, skip) -> dict[int, BaseException]:
+            """A new verifier rebuilt from the committed sessions of every group but those in `skip`
+            (dead, or a new incarnation waiting for its handover); the groups found dead meanwhile are
+            returned (restarted next, against the new verifier). Lost("verifier") if the new one dies
+            too: the groups stay detached, and the next try detaches them again (idempotent)."""
+            nonlocal verifier, endpoint, errors_before, last_errors, last_codes, last_refused
             restarts.allow("verifier", [d.device for d in p.specs], _cause(exc), sinks.tokens, sinks.t0)
             restarts.verifier += 1
             sinks.restart("verifier")
             sinks.partial["restarts"] = restarts.summary()
+            errors_before, last_errors = errors_before + last_errors, 0  # what the dead one counted
+            codes_before.update(last_codes)
+            refused_before.update(last_refused)
+            last_codes, last_refused = {}, {}
             states, owners, dead = [], {}, {}
-            detached = {i: groups[i].detach.remote() for i in groups if i not in finished}
+            detached = {i: groups[i].detach.remote() for i in groups if i not in finished and i not in skip}
             for i in groups:
+                if i in skip:
+                    continue
                 try:
                     got = finished[i]["sessions"] if i in finished else ray.get(detached[i])
                 except RayActorError as died:
                     dead[i] = died
                     continue
                 states.extend(got)
-                owners.update({st.item[0]: identities[i] for st in got})
+                owners.update({st.open.frame.device: identities[i] for st in got})
             v = make_verifier()
-            ray.get(v.restore.remote(states, owners))
-            new_endpoint = start_verifier(v)
-            ray.get(v.set_t0.remote(t0))
+            chaos_point("verifier", v)
+            try:
+                ray.get(v.restore.remote(states, owners))
+                new_endpoint = start_verifier(v)
+                ray.get(v.set_t0.remote(t0))
+            except RayActorError as died:
+                raise Lost("verifier", died) from None
+            verifier, endpoint = v, new_endpoint
             for i in detached:
                 if i not in dead:
                     groups[i].reattach.remote(new_endpoint)
-            restarts.events[-1]["recovery_s"] = round(time.perf_counter() - t, 3)
-            return v, new_endpoint, dead
+            return dead
+
+        def recover(verifier_exc: BaseException | None, dead: dict[int, BaseException]) -> None:
+            """Restart the dead verifier (first) and the dead groups, until every actor is running again.
+            An actor that dies during a recovery call (a handover, a restore) is restarted in turn, all
+            within actors.max_restarts (Restarts.allow raises RunFailed past it)."""
+            t = time.perf_counter()
+            first = len(restarts.events)
+            spawn = dict(dead)  # group -> why: needs a new incarnation
+            waiting: set[int] = set()  # new incarnations waiting for their handover
+            while verifier_exc is not None or spawn or waiting:
+                try:
+                    if verifier_exc is not None:
+                        exc, verifier_exc = verifier_exc, None
+                        for i, died in restart_verifier(exc, set(spawn) | waiting).items():
+                            spawn.setdefault(i, died)
+                    elif spawn:
+                        i = min(spawn)
+                        respawn_group(i, spawn.pop(i))
+                        waiting.add(i)
+                    else:
+                        i = min(waiting)
+                        start_group(i)
+                        waiting.discard(i)
+                except Lost as lost:
+                    if lost.who == "verifier":
+                        verifier_exc = lost.exc
+                    else:
+                        waiting.discard(lost.who)
+                        spawn[lost.who] = lost.exc
+            for e in restarts.events[first:]:
+                e["recovery_s"] = round(time.perf_counter() - t, 3)  # to every actor running again
 
         while refs:
             poll = 0.05 if kills else 0.5  # chaos kills fire at a token count: look often
@@ -533,20 +627,25 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
                 except RayActorError as exc:
                     dead_groups[i] = exc
                     continue
-                finished[i] = result
-                rss += result["max_rss_bytes"]
-                group_timings.append(result["timings"])
-                memory[f"group {i}"] = result["memory"]
-                lms["slm"] = lms.get("slm") or result["lm"]
-                if two_pass:
-                    content.devices.update(result["content"])
+                finished[i] = result  # its timings, memory and content are taken after the loop
             fresh = []
             for i, ref in [(i, groups[i].drain.remote()) for i in groups]:
                 try:
                     fresh.append(ray.get(ref))
+                    if i in finished:
+                        final_drained.add(i)  # after run() returned: nothing is left in the group
                 except RayActorError as exc:
                     if i not in finished:
                         dead_groups.setdefault(i, exc)
+                    elif i not in final_drained:
+                        # It died after run() returned but before its last drain (a kill that fired late,
+                        # e.g. after a restart kept the driver busy): the events of its last steps are
+                        # lost. Virtual clock: harmless, the trace is replayed from run()'s content.
+                        # Wall clock: they are the trace, so the group runs again (skipping what was drained).
+                        if two_pass:
+                            final_drained.add(i)
+                        else:
+                            dead_groups[i] = exc
             events = [e for f in fresh for e in f["events"]]
             new_rows = 0
             for e in events:
@@ -554,23 +653,23 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
                 if isinstance(e, TokenCommitted):
                     emitted[e.device] += 1
                     new_rows += 1
+            verifier_died = None
             try:
                 if not two_pass:
                     events.extend(VerifierBatch.of(b) for b in ray.get(verifier.drain_batches.remote()))
                 status = ray.get(verifier.status.remote())
+                last_errors, last_codes, last_refused = status["errors"], status["error_codes"], status["curve_refused"] or {}
             except RayActorError as exc:
-                verifier, endpoint, dead = restart_verifier(exc)
-                dead_groups = {**dead, **dead_groups}
-                errors_before, last_errors = errors_before + last_errors, 0
-                status = {"lag_s": 0.0, "errors": 0, "failure": None}
-            last_errors = status["errors"]
+                verifier_died, status = exc, {"lag_s": 0.0, "errors": last_errors, "failure": None}
             (sinks.content if two_pass else sinks.events)(events)
-            sinks.clock(max([f["lag_s"] for f in fresh] + [status["lag_s"]]), errors_before + status["errors"])
+            sinks.clock(max([f["lag_s"] for f in fresh] + [status["lag_s"]]), errors_before + last_errors,
+                        codes_before + collections.Counter(last_codes))
             if status["failure"]:
                 raise RuntimeError(f"verifier failed:\n{status['failure']}")
-            for i, exc in sorted(dead_groups.items()):
-                restart_group(i, exc)
-            for kill in [k for k in kills if committed(k[0]) >= k[1]]:  # chaos tests: kill -9 an actor mid-run
+            if verifier_died is not None or dead_groups:
+                recover(verifier_died, dead_groups)
+            # chaos tests: kill -9 an actor mid-run (a verifier kill at the run's end fires after the loop)
+            for kill in [k for k in kills if committed(k[0]) >= k[1] and not (k[0] == "verifier" and k[1] >= final)]:
                 kills.remove(kill)
                 (verifier if kill[0] == "verifier" else groups[int(kill[0].split(":")[1])]).chaos_kill.remote()
             # Stall check: a finished group, a new row, a restart or any verifier work (a batch, a
@@ -585,16 +684,37 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
                     waiting = {"error": f"{type(exc).__name__}: {exc}"}
                 raise RunFailed(_stall_message(waiting, a.stall_timeout_s, {i: members[i] for i in refs.values()},
                                                sinks.tokens, opts.out_dir))
-        status = ray.get(verifier.status.remote())
+        for kill in [k for k in kills if k[0] == "verifier"]:  # chaos tests: after every group has finished
+            kills.remove(kill)
+            kill_now(verifier)
+        for i, result in sorted(finished.items()):
+            rss += result["max_rss_bytes"]
+            group_timings.append(result["timings"])
+            memory[f"group {i}"] = result["memory"]
+            lms["slm"] = lms.get("slm") or result["lm"]
+            if two_pass:
+                content.devices.update(result["content"])
+        while True:  # the verifier may still die here, every group finished: rebuilt from their sessions
+            try:
+                status = ray.get(verifier.status.remote())
+                if two_pass:
+                    content.verdicts.update(ray.get(verifier.content_log.remote()))
+                else:  # batches after the last drain (a dead verifier's since then are lost: sizes only)
+                    last_batches = ray.get(verifier.drain_batches.remote())
+                break
+            except RayActorError as exc:
+                recover(exc, {})
         status["errors"] += errors_before
+        codes = codes_before + collections.Counter(status["error_codes"])
+        sinks.clock(status["lag_s"], status["errors"], codes)  # errors since the last poll
+        refused = (refused_before + collections.Counter(status["curve_refused"])) if curve else None
         if two_pass:
-            content.verdicts.update(ray.get(verifier.content_log.remote()))
             policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
             # The timed events (link events included) come from the replay, here.
             replay = replay_content(p.specs, p.run, p.server, policies, content, on_events=sinks.events)
             status["timings"] = merge(status["timings"], {"replay": replay.group_timings["replay"]})
-        else:  # batches after the last drain
-            sinks.events([VerifierBatch.of(b) for b in ray.get(verifier.drain_batches.remote())])
+        else:
+            sinks.events([VerifierBatch.of(b) for b in last_batches])
         t_end = time.perf_counter()
         # Peak memory of the run: the sum of every actor's peak (an upper bound on the
         # simultaneous peak) plus this driver.
@@ -603,7 +723,9 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
         load = max([t.get("startup.model_load", {}).get("seconds", 0.0) for t in group_timings]
                    + [status["timings"].get("startup.model_load", {}).get("seconds", 0.0)])
         startup = {"ray (with planning alongside)": ray_s, "actors_ready": t_ready - t_ray, "model_load": load}
-        out = {"protocol_errors": status["errors"], "lag_s": status["lag_s"], "peak_rss_bytes": rss,
+        out = {"protocol_errors": status["errors"], "protocol_errors_by_reason": dict(sorted(codes.items())),
+               "curve_refused": dict(refused) if refused is not None else None,
+               "lag_s": status["lag_s"], "peak_rss_bytes": rss,
                "restarts": restarts.summary(), "curve": curve,
                "compute": {**compute_info(p, {**lms, "llm": status["lm"]}),
                            "memory": {"verifier": status["memory"], **memory}},

@@ -16,7 +16,7 @@ import pytest
 import zmq
 
 from agents import codec, protocol, wire
-from agents.actors import ClockParams, Verifier
+from agents.actors import ClockParams, Verifier, memory
 from agents.device import Upload
 from agents.protocol import ErrorCode
 from agents.verifier import ServerProfile
@@ -646,8 +646,18 @@ def test_fuzzing_clients_cannot_disturb_a_legitimate_session(serve, lm):
     v = serve(**limits)
     c = Client(v.endpoint, b"legit")
     stop, report = threading.Event(), {}
+    sampling, peak = threading.Event(), {}
+
+    def sample() -> None:  # the verifier runs in this process: its resident memory, every 20 ms
+        while not sampling.is_set():
+            peak["rss_anon"] = max(peak.get("rss_anon", 0), memory().get("rss_anon_bytes", 0))
+            time.sleep(0.02)
+
     try:
         got = run_session(c, lm, [7], steps=range(1), flush=False)  # the session is open and verified once ...
+        before = memory()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         fuzzer = threading.Thread(target=_fuzz, args=(v.endpoint, lm.vocab_size, lm, 11, stop, report))
         fuzzer.start()  # ... then the fuzzers join in
         wait_for(lambda: report.get("sent", 0) >= 50)
@@ -655,10 +665,25 @@ def test_fuzzing_clients_cannot_disturb_a_legitimate_session(serve, lm):
         stop.set()
         fuzzer.join(timeout=FUZZ_SECONDS + 30)
         assert not fuzzer.is_alive()
+        sampling.set()
+        sampler.join()
+        after = memory()
     finally:
         stop.set()
+        sampling.set()
         c.close()
-    assert got == want
+    growth = peak["rss_anon"] - before["rss_anon_bytes"]
+    codes = {ErrorCode(code).name: n for code, n in sorted(v.error_codes.items())}
+    print(f"\nfuzzing: {report['sent']} messages sent by 3 clients during the legitimate session, "
+          f"{report['replies']} ERROR replies, {v.errors} counted {codes}; verifier memory (RssAnon) "
+          f"{before['rss_anon_bytes'] / 2**20:.1f} MiB before, peak +{growth / 2**20:.1f} MiB, "
+          f"{(after['rss_anon_bytes'] - before['rss_anon_bytes']) / 2**20:+.1f} MiB after; process peak RSS "
+          f"{before['peak_rss_bytes'] / 2**20:.1f} -> {after['peak_rss_bytes'] / 2**20:.1f} MiB; "
+          f"legitimate verdicts identical to the run without the fuzzer: {got == want} ({len(got)} verdicts)")
+    # The legitimate session, run beside the fuzzer, gets the very verdicts (every byte of every part:
+    # token, acceptance, beta, shadow betas, emulated send time) of the same session without it.
+    assert len(got) == len(want) == STEPS + 1 and got == want
+    assert growth < 256 << 20, f"the verifier's memory grew by {growth / 2**20:.0f} MiB under the fuzz"
     assert_serving(v)
     assert report["outlasted_session"] and report["sent"] >= FUZZ_MIN  # the fuzz ran all along the session
     assert not report["bad_replies"]  # every reply was an ERROR frame that decodes

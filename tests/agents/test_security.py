@@ -72,6 +72,13 @@ def test_curve_refuses_clients_without_the_run_keys_and_serves_the_legitimate_on
             assert "HANDSHAKE_SUCCEEDED" not in seen and any(e.startswith("HANDSHAKE_FAILED") for e in seen), (name, seen)
             assert c.silent(0.2), name
         assert v.allow_list.denied >= 1  # the unlisted key reached the ZAP handler and was refused there
+        # Verifier.status (and summary.json "curve_refused"): every refused handshake is counted, the
+        # two that never reach ZAP (no keys: mechanism mismatch; wrong server key: HELLO does not decrypt)
+        # included; a client retrying counts once per attempt.
+        refused = v.status()["curve_refused"]
+        assert refused["denied_keys"] == v.allow_list.denied
+        assert refused["handshakes_refused"] >= len(hostile) and refused["handshakes_refused"] >= refused["denied_keys"]
+        print(f"\ncurve_refused after the three hostile clients: {refused}")
         # Nothing reached the verifier: no session, no error reply, no count.
         assert_serving(v, errors=0)
         assert not v.core.sessions and not v.owners

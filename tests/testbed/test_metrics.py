@@ -114,8 +114,9 @@ def test_metric_names_follow_prometheus_rules() -> None:
     assert len(names) == len(set(names))
     for m in METRICS:
         assert re.fullmatch(r"hlm_[a-z0-9_]+", m.name), m.name
-        # actor: verifier | group (hlm_actor_restarts_total), bounded like tier and policy
-        assert set(m.labels) <= {"scenario", "tier", "policy", "actor"} and m.labels[0] == "scenario", m
+        # actor: verifier | group (hlm_actor_restarts_total), reason: an ErrorCode name
+        # (hlm_protocol_errors_total), bounded like tier and policy
+        assert set(m.labels) <= {"scenario", "tier", "policy", "actor", "reason"} and m.labels[0] == "scenario", m
         assert m.name.endswith("_total") == (m.kind == "counter"), m.name
         assert m.help.strip(), m.name
         if m.kind == "histogram":
@@ -197,7 +198,7 @@ def test_verifier_link_clock_and_error_records() -> None:
     assert value(c, "hlm_link_downlink_bytes_total") == 128
     assert value(c, "hlm_link_lost_messages_total") == 1
     assert value(c, "hlm_link_retransmissions_total") == 1
-    assert value(c, "hlm_protocol_errors_total", tier=None) == 1
+    assert value(c, "hlm_protocol_errors_total", tier=None, reason="malformed") == 1
     assert value(c, "hlm_active_devices") == 4
     assert value(c, "hlm_emulated_time_seconds", tier=None) == pytest.approx(2.04)  # batch end is the latest event
     assert value(c, "hlm_wall_time_seconds", tier=None) == 0.9
@@ -240,7 +241,7 @@ def test_exposition_has_no_device_label_and_dedicated_registries() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     samples = [s for fam in text_string_to_metric_families(a.exposition().decode()) for s in fam.samples]
-    assert samples and all(set(s.labels) <= {"scenario", "tier", "policy", "actor", "le"} for s in samples)
+    assert samples and all(set(s.labels) <= {"scenario", "tier", "policy", "actor", "reason", "le"} for s in samples)
     assert all(s.labels["scenario"] == "a" for s in samples)
     assert not any("123456" in v for s in samples for v in s.labels.values())
     assert value(b, "hlm_tokens_committed_total") == 0

@@ -54,3 +54,59 @@ def test_restarted_actors_keep_their_curve_keys(ray_session, tmp_path):
                              chaos_kill=(("group:1", 30), ("verifier", 80)))
     assert summary["curve"] is True and summary["restarts"]["total"] == 2
     assert_identical(got, want)
+
+
+def test_hostile_messages_during_a_run_are_counted_by_reason(ray_session, tmp_path):
+    """A client of our own sends a 40-byte frame (header seq 0xFFFFFFFF, a version this side does not
+    speak) and an OPEN with an empty prompt for one of the run's devices at the verifier of a running
+    `testbed run`: each gets its ERROR reply, hlm_protocol_errors_total counts them by the verifier's
+    ErrorCode name, summary.json has them by reason, and the trace is the local engine's."""
+    import socket
+    import struct
+    import threading
+
+    import zmq
+
+    from agents import protocol, wire
+    from testbed.metrics import Collector
+
+    with socket.socket() as probe:  # a free port for the verifier, so the hostile client knows it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    s = small(**{"server.port": port})
+    top = 0xFFFFFFFF
+    frame = struct.Struct("<2sBBIIII").pack(b"HT", 9, 2, top, top, top, 20) + bytes(20)
+    replies, stop = [], threading.Event()
+
+    def hostile() -> None:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://127.0.0.1:{port}")  # queued until the verifier binds
+        sock.send_multipart([frame, bytes(20)])
+        empty = protocol.Open(device=3, session=wire.SESSION, seq=0, prompt=[], seed=0, temperature=1.0)
+        sock.send_multipart(wire.encode(wire.Open(empty, wire.OpenStamp(8, 0.01))))
+        while len(replies) < 2 and not stop.is_set():
+            if sock.poll(100):
+                replies.append(protocol.decode_frame(sock.recv_multipart()[0]))
+        sock.close()
+
+    collector = Collector(s.name)
+    client = threading.Thread(target=hostile)
+    client.start()
+    try:
+        got = run(s, tmp_path, "ray", engine="ray", collector=collector)
+    finally:
+        stop.set()
+        client.join(10)
+    want = run(small(), tmp_path, "local", engine="local")
+    assert_same_trace(got, want)
+    assert [(type(r), r.code) for r in replies] == [(protocol.Error, protocol.ErrorCode.BAD_VERSION),
+                                                   (protocol.Error, protocol.ErrorCode.BAD_BODY)]
+    summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert summary["protocol_errors"] == 2
+    assert summary["protocol_errors_by_reason"] == {"BAD_BODY": 1, "BAD_VERSION": 1}
+    for reason in ("BAD_VERSION", "BAD_BODY"):
+        value = collector.registry.get_sample_value("hlm_protocol_errors_total", {"scenario": s.name, "reason": reason})
+        assert value == 1, (reason, value)
+    assert collector.registry.get_sample_value("hlm_protocol_errors_total",
+                                               {"scenario": s.name, "reason": "malformed"}) is None
