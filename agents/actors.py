@@ -5,7 +5,7 @@ module only moves frames and, in the wall clock, waits real time.
 ZeroMQ messages are multipart: [wire frame, emulation stamp]. The wire frame is what a real
 device and server would exchange (agents.protocol); the stamp carries what only an
 emulation has: emulated send/arrival times and the draft probabilities x_d used to
-measure beta (agents.wire).
+measure beta; one type per message, agents.wire).
 
 Clocks (DESIGN.md section 2), one code path:
 - virtual: uploads carry the emulated arrival the link model computed; the verifier
@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 import zmq
 
 from agents import protocol, security, wire
-from agents.device import DeviceGroupCore, DeviceSpec, RunParams, Upload
+from agents.device import DeviceGroupCore, DeviceSpec, RunParams
 from agents.security import ClientKeys, ServerKeys
 from agents.verifier import ServerProfile, VerifierCore
 
@@ -199,7 +199,7 @@ class DeviceGroup:
         self.reattached.clear()
         sock = self._connect()
         for upload in self.core.unanswered():
-            sock.send_multipart(wire.upload_message(upload))
+            sock.send_multipart(wire.encode(upload))
         return sock
 
     def run(self, t0: float | None = None, endpoint: str | None = None, curve: ClientKeys | None = None,
@@ -225,8 +225,8 @@ class DeviceGroup:
         skip: dict[int, int] = dict(skip_steps or {})
         timings = self.core.timings
         try:
-            for item in self.core.open_items():
-                sock.send_multipart(wire.open_message(*item))
+            for o in self.core.opens():
+                sock.send_multipart(wire.encode(o))
             if self.group_id == self.clock.stall_group:
                 threading.Event().wait()  # for ever: ray.kill ends it
             while not self.core.done:
@@ -245,9 +245,9 @@ class DeviceGroup:
                     uploads = self.core.step(now)
                     with timings("transport", len(uploads)):
                         for upload in uploads:
-                            parts = wire.upload_message(upload)
+                            parts = wire.encode(upload)
                             if wall:
-                                shaped.schedule(parts, [upload.t_arrive])
+                                shaped.schedule(parts, [upload.stamp.t_arrive])
                             else:
                                 sock.send_multipart(parts)
                 if wall:
@@ -265,9 +265,9 @@ class DeviceGroup:
                         except zmq.Again:
                             break
                         self.clock.chaos(rng)
-                        msg = wire.decode_message(parts)
-                        if isinstance(msg, protocol.ProtocolError):
-                            raise msg
+                        msg = wire.decode(parts)
+                        if not isinstance(msg, wire.Verdict):
+                            raise protocol.ProtocolError(f"unexpected {type(msg).__name__} from the verifier")
                         self.core.on_verdict(msg)
                     timings.add("transport", time.perf_counter() - t_recv)
                 self._publish(skip)
@@ -430,7 +430,7 @@ class Verifier:
         assert self.thread is None, "restore before start"
         self.core.restore(states)
         for st in states:
-            device, prompt = st.item[0], st.item[1]
+            device, prompt = st.open.frame.device, st.open.frame.prompt
             identity = owners[device]
             self.owners[device] = identity
             self.identity_sessions[identity] = self.identity_sessions.get(identity, 0) + 1
@@ -517,21 +517,21 @@ class Verifier:
                     if msg is None:  # an admitted OPEN: its prefill waits for the others of this round
                         continue
                     if opens:  # open sessions before anything that may refer to them
-                        core.open([o.item() for o in opens])
+                        core.open(opens)
                         opens = []
-                    if wall:
-                        msg.t_arrive = self.clock.now()
+                    if wall:  # the verifier's clock, not the device's link model
+                        msg = replace(msg, stamp=replace(msg.stamp, t_arrive=self.clock.now()))
                     try:
                         verdict = core.submit(msg)
                     except protocol.ProtocolError as exc:
                         if exc.device is None:
-                            exc.device, exc.seq = msg.device, msg.seq
+                            exc.device, exc.seq = msg.frame.device, msg.frame.seq
                         self._error(identity, exc)
                         continue
                     if verdict is not None:
-                        sock.send_multipart([identity, *wire.verdict_message(verdict)])
+                        sock.send_multipart([identity, *wire.encode(verdict)])
             if opens:
-                core.open([o.item() for o in opens])
+                core.open(opens)
             while (ready := core.next_batch(self.clock.now() if wall else None)) is not None:
                 verdicts = core.verify(*ready)
                 if wall:  # real compute slower than the profile delays the verdicts: that is lag
@@ -540,10 +540,10 @@ class Verifier:
                     core.t_free = max(core.t_free, now)
                 for verdict in verdicts:
                     if wall:
-                        verdict.t_sent = max(verdict.t_sent, now)
-                    parts = [self.owners[verdict.device], *wire.verdict_message(verdict)]
+                        verdict = replace(verdict, stamp=replace(verdict.stamp, t_sent=max(verdict.stamp.t_sent, now)))
+                    parts = [self.owners[verdict.frame.device], *wire.encode(verdict)]
                     if wall:
-                        self.shaped.schedule(parts, [verdict.t_sent])
+                        self.shaped.schedule(parts, [verdict.stamp.t_sent])
                     else:
                         sock.send_multipart(parts)
             if wall:
@@ -565,31 +565,30 @@ class Verifier:
                 extra += 1
         return identity, parts, extra
 
-    def _admit(self, identity: bytes, parts: list[bytes], extra: int, opens: list) -> Upload | None:
+    def _admit(self, identity: bytes, parts: list[bytes], extra: int, opens: list) -> wire.Upload | None:
         """Decode and check one message; raise ProtocolError to refuse it. An OPEN that passes
         is appended to `opens` (None is returned); an upload of the identity's own session is
         returned for core.submit."""
         if extra:
             raise protocol.ProtocolError(f"message of {len(parts) + extra} parts, the protocol has {wire.PARTS} "
                                          f"([frame, stamp]); not decoded", protocol.ErrorCode.BAD_FRAME)
-        msg = wire.decode_message(parts)
-        if isinstance(msg, protocol.ProtocolError):
-            raise msg
+        msg = wire.decode(parts)
         if isinstance(msg, wire.Open):
             self._admit_open(identity, msg, len(opens))
             opens.append(msg)
             return None
-        if not isinstance(msg, Upload):
-            raise protocol.ProtocolError(f"unexpected {type(msg).__name__} from a device", device=msg.device)
-        if self.owners.get(msg.device) != identity:  # never open, or another client's: the same answer
-            raise protocol.ProtocolError(f"device {msg.device}: no session of this client",
-                                         protocol.ErrorCode.UNKNOWN_SESSION, device=msg.device, seq=msg.seq)
+        f = msg.frame
+        if not isinstance(msg, wire.Upload):
+            raise protocol.ProtocolError(f"unexpected {f.TYPE.name} from a device", device=f.device, seq=f.seq)
+        if self.owners.get(f.device) != identity:  # never open, or another client's: the same answer
+            raise protocol.ProtocolError(f"device {f.device}: no session of this client",
+                                         protocol.ErrorCode.UNKNOWN_SESSION, device=f.device, seq=f.seq)
         return msg
 
     def _admit_open(self, identity: bytes, o: wire.Open, pending: int) -> None:
         """Admit an OPEN against the limits and VerifierCore.check_open; the session then
         belongs to `identity`. `pending`: admitted opens not yet handed to the core."""
-        E, d = protocol.ErrorCode, o.device
+        E, d, prompt = protocol.ErrorCode, o.frame.device, o.frame.prompt
 
         def refuse(text: str, code=E.LIMIT):
             raise protocol.ProtocolError(f"device {d}: OPEN refused: {text}", code, device=d, seq=0)
@@ -606,16 +605,16 @@ class Verifier:
         opened, prefilled = self.identity_sessions.get(identity, 0), self.identity_prefill.get(identity, 0)
         if opened >= self.max_sessions_per_identity:
             refuse(f"this client holds its limit of {self.max_sessions_per_identity} sessions")
-        if len(o.prompt) > self.max_prompt_tokens:
-            refuse(f"prompt of {len(o.prompt)} tokens, the limit is {self.max_prompt_tokens}")
-        if prefilled + len(o.prompt) > self.max_prefill_tokens:
-            refuse(f"this client's prompts would total {prefilled + len(o.prompt)} tokens, the limit is "
+        if len(prompt) > self.max_prompt_tokens:
+            refuse(f"prompt of {len(prompt)} tokens, the limit is {self.max_prompt_tokens}")
+        if prefilled + len(prompt) > self.max_prefill_tokens:
+            refuse(f"this client's prompts would total {prefilled + len(prompt)} tokens, the limit is "
                    f"{self.max_prefill_tokens}")
-        self.core.check_open(*o.item())
+        self.core.check_open(o)
         self.reserved.pop(d, None)
         self.owners[d] = identity
         self.identity_sessions[identity] = opened + 1
-        self.identity_prefill[identity] = prefilled + len(o.prompt)
+        self.identity_prefill[identity] = prefilled + len(prompt)
 
     def _error(self, identity: bytes, exc: protocol.ProtocolError) -> None:
         """Malformed, refused or out-of-order input: an error reply and a counter, never a crash.

@@ -7,12 +7,13 @@ trace whichever process hosts it and however fast that process is (DESIGN.md sec
 Per token t (DESIGN.md section 1): the group runs the SLM for every device ready to draft
 (one forward per device, or one batched forward with RunParams.batch_slm); each device
 samples its draft d ~ x = softmax(z/T), asks its policy, and either commits d at once
-(skip: piggybacked on the next upload) or builds an `Upload` that waits for a `Verdict`.
+(skip: piggybacked on the next upload) or sends an `Upload` that waits for a `Verdict` (the
+messages are agents.wire's: a protocol frame and an emulation stamp each).
 
 Fidelity (DESIGN.md section 7) is measured here, exactly: a device keeps the SLM logits of each
 token it sent or skipped until the verdict that covers it, the verifier returns the LLM's logits
-of those positions with that verdict (Verdict.llm_logits, measurement only: never charged to the
-downlink), and the device computes TV(x, y) for a skipped token and TV(hybrid(x, x_hat, y), y)
+of those positions with that verdict (VerdictStamp.llm_logits, measurement only: never charged
+to the downlink), and the device computes TV(x, y) for a skipped token and TV(hybrid(x, x_hat, y), y)
 for a verified one (x_hat from its own payload). The value goes in the token's row and in its
 content record (Drafted.fidelity_tv), from which a replay copies it. Why this direction and not
 x up to the verifier: see Device._measure_fidelity.
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from agents import codec, protocol
+from agents.wire import SESSION, Open, OpenStamp, Upload, UploadStamp, Verdict
 from agents.events import MessageLost, ShadowResolved, TokenCommitted, UploadSent, VerdictReceived
 from agents.speculative import reconstruct, sample_draft, softmax_t, tv_distance, verified_fidelity
 from agents.timing import Timings
@@ -70,64 +72,24 @@ class RunParams:
     batch_slm: bool = True
 
 
-@dataclass
-class Upload:
-    """A request for verification (or, with final=True, only for shadow betas at the end)."""
-
-    device: int
-    seq: int
-    token_index: int
-    draft: int  # -1 for llm-only and for final flushes
-    draft_prob: float  # x_d: only for measuring beta, never part of what a device would send
-    piggyback: list[int]  # skipped drafts committed since the last upload, in order
-    piggyback_probs: list[float]
-    payload: bytes
-    llm_samples: bool
-    final: bool
-    t_sent: float  # emulated time the first copy left the device
-    t_arrive: float  # emulated arrival at the verifier (after retransmissions)
-    retransmissions: int = 0
-    frame_bytes: int = 0
-
-
-@dataclass
-class Verdict:
-    device: int
-    seq: int
-    token: int
-    accepted: bool
-    resampled: bool
-    beta: float
-    shadow_betas: list[float]
-    t_sent: float  # emulated time the verifier sent it
-    frame_bytes: int = 0
-    # Measurement only (never part of the frame, never charged to the downlink): the LLM's logits
-    # at each piggybacked token's position, then at the verified draft's, [n, V]; for the device's
-    # fidelity. None in a replay (the fidelity is in the content record) and in a repeat.
-    llm_logits: np.ndarray | None = field(default=None, compare=False, repr=False)
-
-
 @dataclass(frozen=True, slots=True)
 class Answered:
     """One verdict a device has applied, with what its upload fed the LLM besides the last committed
     token: the committed state a restarted verifier rebuilds a session from (VerifierCore.restore).
-    Values as the wire carried them, so the rebuilt content log equals the lost one bit for bit."""
+    The verdict's frame as the wire carried it, so the rebuilt content log equals the lost one bit
+    for bit."""
 
     piggyback: tuple[int, ...]
     final: bool
-    token: int
-    accepted: bool
-    resampled: bool
-    beta: float
-    shadow_betas: tuple[float, ...]
+    verdict: protocol.Verdict
 
 
 @dataclass(frozen=True)
 class SessionState:
-    """A device's session as the device knows it: how to open it (VerifierCore.open's item) and
-    every verdict applied since, in sequence order (seq = position)."""
+    """A device's session as the device knows it: how it was opened and every verdict applied
+    since, in sequence order (seq = position)."""
 
-    item: tuple[int, list[int], float, int, float]
+    open: Open
     answered: tuple[Answered, ...]
 
 
@@ -308,15 +270,14 @@ class Device:
             held = None
         self.held_draft = held
         payload = c.payload if isinstance(c.payload, bytes) else bytes(c.payload)  # replay: its size
-        upload = Upload(
-            device=self.spec.device, seq=self.seq, token_index=self.index, draft=c.draft, draft_prob=c.draft_prob,
-            piggyback=[p[0] for p in self.piggyback], piggyback_probs=[p[1] for p in self.piggyback],
-            payload=payload, llm_samples=decision.llm_samples, final=False, t_sent=t_drafted, t_arrive=math.nan,
-        )
+        frame = protocol.Upload(
+            device=self.spec.device, session=SESSION, seq=self.seq, token_index=self.index, draft=c.draft,
+            draft_prob=c.draft_prob, piggyback=[p[0] for p in self.piggyback],
+            piggyback_probs=[p[1] for p in self.piggyback], payload=payload, llm_samples=decision.llm_samples)
         row.update(transmitted=True, k=decision.k, prob_bits=decision.prob_bits if payload else 0,
                    payload_bytes=len(payload), t_upload_sent=t_drafted)
         self.pending_row = row
-        return self._send(upload)
+        return self._send(frame, t_drafted)
 
     def flush(self) -> Upload | None:
         """After the last token: hand the LLM the remaining skipped drafts (for the shadow
@@ -325,30 +286,25 @@ class Device:
         if not self.piggyback:
             self.flushed = True
             return None
-        upload = Upload(
-            device=self.spec.device, seq=self.seq, token_index=self.index, draft=-1, draft_prob=math.nan,
-            piggyback=[p[0] for p in self.piggyback], piggyback_probs=[p[1] for p in self.piggyback],
-            payload=b"", llm_samples=False, final=True, t_sent=self.t, t_arrive=math.nan,
-        )
-        return self._send(upload)
+        frame = protocol.Flush(
+            device=self.spec.device, session=SESSION, seq=self.seq, token_index=self.index,
+            piggyback=[p[0] for p in self.piggyback], piggyback_probs=[p[1] for p in self.piggyback])
+        return self._send(frame, self.t)
 
-    def _send(self, upload: Upload) -> Upload:
-        upload.frame_bytes = protocol.upload_frame_size(upload)
-        t, arrive = upload.t_sent, None
+    def _send(self, frame: protocol.Upload | protocol.Flush, t_sent: float) -> Upload:
+        """Send `frame` up at t_sent, and again every rto_s while the uplink loses it."""
         if self.record is not None:  # content pass: no time, no links (the replay runs them)
-            upload.t_arrive = t
-            self.waiting = upload
-            self.seq += 1
-            return upload
-        for _ in range(MAX_RETRANSMISSIONS + 1):
-            arrive = self.uplink.send(upload.frame_bytes, t)
-            if arrive is not None:
-                break
-            upload.retransmissions += 1
-            t += self.run.rto_s
-        if arrive is None:
-            raise RuntimeError(f"device {self.spec.device}: upload {upload.seq} lost {MAX_RETRANSMISSIONS + 1} times")
-        upload.t_arrive = arrive
+            upload = Upload(frame, UploadStamp(t_sent, t_sent))
+        else:
+            size, t, arrive = protocol.wire_size(frame), t_sent, None
+            for retransmissions in range(MAX_RETRANSMISSIONS + 1):
+                arrive = self.uplink.send(size, t)
+                if arrive is not None:
+                    break
+                t += self.run.rto_s
+            if arrive is None:
+                raise RuntimeError(f"device {self.spec.device}: upload {frame.seq} lost {MAX_RETRANSMISSIONS + 1} times")
+            upload = Upload(frame, UploadStamp(t_sent, arrive, retransmissions))
         self.waiting = upload
         self.seq += 1
         return upload
@@ -356,15 +312,15 @@ class Device:
     # --- verdicts ------------------------------------------------------------------------
     def on_verdict(self, verdict: Verdict) -> None:
         upload = self.waiting
-        if upload is None or verdict.seq != upload.seq:
+        if upload is None or verdict.frame.seq != upload.frame.seq:
             return  # a duplicate of a verdict already applied
-        retx = upload.retransmissions
-        t_last = upload.t_sent + retx * self.run.rto_s  # the copy that reached the verifier
+        retx = upload.stamp.retransmissions
+        t_last = upload.stamp.t_sent + retx * self.run.rto_s  # the copy that reached the verifier
         # content pass: no links (verdict time is meaningless there; the replay runs the links)
-        arrive = self.downlink.send(verdict.frame_bytes, verdict.t_sent) if self.record is None else verdict.t_sent
+        arrive = self.downlink.send(protocol.wire_size(verdict.frame), verdict.stamp.t_sent) if self.record is None else verdict.stamp.t_sent
         # Link accounting (events and the row's link columns): each retransmission in _send followed a
         # lost copy; every downlink send is a copy of the verdict.
-        up_lost, down_copies, down_lost = upload.retransmissions, int(self.record is None), int(arrive is None)
+        up_lost, down_copies, down_lost = upload.stamp.retransmissions, int(self.record is None), int(arrive is None)
         # The verdict was lost: resend the upload every rto_s until a repeat is answered. Only
         # tries that could have been answered count toward the limit: a copy that reached the
         # verifier before the verdict left (the request was still queued, so it was ignored), or
@@ -375,32 +331,31 @@ class Device:
         lost = 0
         while arrive is None:
             if lost >= MAX_RETRANSMISSIONS:
-                raise RuntimeError(f"device {self.spec.device}: verdict {verdict.seq} lost {MAX_RETRANSMISSIONS} times")
+                raise RuntimeError(f"device {self.spec.device}: verdict {verdict.frame.seq} lost {MAX_RETRANSMISSIONS} times")
             t_last += self.run.rto_s
             retx += 1
-            again = self.uplink.send(upload.frame_bytes, t_last)
+            again = self.uplink.send(protocol.wire_size(upload.frame), t_last)
             up_lost += again is None
-            if (t_last if again is None else again) < verdict.t_sent:
+            if (t_last if again is None else again) < verdict.stamp.t_sent:
                 continue  # too early to be answered: not a loss (t_last grows, so this ends)
             lost += 1
             if again is not None:
-                arrive = self.downlink.send(verdict.frame_bytes, again)
+                arrive = self.downlink.send(protocol.wire_size(verdict.frame), again)
                 down_copies += 1
                 down_lost += arrive is None
-        self._measure_fidelity(upload, verdict.llm_logits)
-        links = dict(uplink_lost=up_lost, downlink_bytes=verdict.frame_bytes * down_copies, downlink_lost=down_lost)
+        self._measure_fidelity(upload, verdict.stamp.llm_logits)
+        links = dict(uplink_lost=up_lost, downlink_bytes=protocol.wire_size(verdict.frame) * down_copies, downlink_lost=down_lost)
         if self.record is None:  # a content pass has no links: the replay emits them
             self._emit_links(upload, verdict, retx, down_copies, up_lost, down_lost, arrive)
-        self.answered.append(Answered(tuple(upload.piggyback), upload.final, verdict.token, verdict.accepted,
-                                      verdict.resampled, verdict.beta, tuple(verdict.shadow_betas)))
+        self.answered.append(Answered(upload.frame.piggyback, upload.final, verdict.frame))
         if upload.final:  # billed to the device's last token (always a skipped one: it had no upload)
-            self.rows[-1].update(flush_bytes=upload.frame_bytes * (1 + retx), flush_retransmissions=retx, **links)
-        measured = verdict.llm_logits is not None  # else the fidelity came with the commit (a replay)
-        for (_, _, row, _), beta in zip(self.piggyback, verdict.shadow_betas):
+            self.rows[-1].update(flush_bytes=protocol.wire_size(upload.frame) * (1 + retx), flush_retransmissions=retx, **links)
+        measured = verdict.stamp.llm_logits is not None  # else the fidelity came with the commit (a replay)
+        for (_, _, row, _), beta in zip(self.piggyback, verdict.frame.shadow_betas):
             self.rows[row].update(beta=beta, beta_is_shadow=True)
             skipped = self.rows[row]
             self.policy.observe(self.spec.device, skipped["token_index"], skipped["uncertainty"], beta, True)
-            self.events.append(ShadowResolved(self.spec.device, skipped["token_index"], upload.token_index, beta,
+            self.events.append(ShadowResolved(self.spec.device, skipped["token_index"], upload.frame.token_index, beta,
                                               skipped["fidelity_tv"] if measured else math.nan))
         self.piggyback = []
         self.waiting = None
@@ -408,14 +363,14 @@ class Device:
             self.flushed = True
             return
         row = self.pending_row
-        row.update(token_id=verdict.token, accepted=verdict.accepted, resampled=verdict.resampled,
-                   beta=verdict.beta, uplink_bytes=upload.frame_bytes * (1 + retx), retransmissions=retx,
+        row.update(token_id=verdict.frame.token, accepted=verdict.frame.accepted, resampled=verdict.frame.resampled,
+                   beta=verdict.frame.beta, uplink_bytes=protocol.wire_size(upload.frame) * (1 + retx), retransmissions=retx,
                    t_verdict=arrive, t_commit=arrive, **links)
-        self.policy.observe(self.spec.device, row["token_index"], row["uncertainty"], verdict.beta, False)
+        self.policy.observe(self.spec.device, row["token_index"], row["uncertainty"], verdict.frame.beta, False)
         self.rows.append(row)
         self.events.append(TokenCommitted(dict(row)))
         self.pending_row = None
-        self.feed = [verdict.token]
+        self.feed = [verdict.frame.token]
         self.index += 1
         self.t = arrive
 
@@ -424,9 +379,9 @@ class Device:
         """The link events of one resolved upload (before its shadow betas: a results writer completes
         a flush's row with them)."""
         s = self.spec
-        key = (s.device, s.tier, s.policy_name, upload.token_index, upload.seq, upload.final)
-        self.events.append(UploadSent(*key, upload.frame_bytes, 1 + retx, upload.t_sent))
-        self.events.append(VerdictReceived(*key, verdict.frame_bytes, down_copies, arrive))
+        key = (s.device, s.tier, s.policy_name, upload.frame.token_index, upload.frame.seq, upload.final)
+        self.events.append(UploadSent(*key, protocol.wire_size(upload.frame), 1 + retx, upload.stamp.t_sent))
+        self.events.append(VerdictReceived(*key, protocol.wire_size(verdict.frame), down_copies, arrive))
         for direction, n in (("uplink", up_lost), ("downlink", down_lost)):
             if n:
                 self.events.append(MessageLost(*key, direction, n))
@@ -457,8 +412,8 @@ class Device:
             if x is not None and i < len(llm_logits):
                 self._set_fidelity(self.rows[row], tv_distance(x, softmax_t(llm_logits[i], T)))
         x = self._release(draft)
-        if x is not None and not upload.final and not upload.llm_samples and len(llm_logits) > n:
-            p = codec.decode_payload_ex(upload.payload)
+        if x is not None and not upload.final and not upload.frame.llm_samples and len(llm_logits) > n:
+            p = codec.decode_payload_ex(upload.frame.payload)
             x_hat = reconstruct(p.indices, p.probs, p.vocab_size)
             self._set_fidelity(self.pending_row, verified_fidelity(x, x_hat, softmax_t(llm_logits[n], T)))
 
@@ -555,18 +510,20 @@ class DeviceGroupCore:
         return uploads
 
     def on_verdict(self, verdict: Verdict) -> None:
-        self.devices[verdict.device].on_verdict(verdict)
+        self.devices[verdict.frame.device].on_verdict(verdict)
 
-    def open_items(self) -> list[tuple[int, list[int], float, int, float]]:
-        """What the verifier needs to open each device's session (VerifierCore.open)."""
+    def opens(self) -> list[Open]:
+        """Each device's OPEN (VerifierCore.open)."""
         run = self.run
-        return [(d.spec.device, list(d.spec.prompt_ids), run.temperature, run.max_new_tokens, d.lookahead_s)
+        return [Open(protocol.Open(device=d.spec.device, session=SESSION, seq=0, prompt=d.spec.prompt_ids, seed=run.seed,
+                                   temperature=run.temperature, tier=d.spec.tier, policy=d.spec.policy_name),
+                     OpenStamp(run.max_new_tokens, d.lookahead_s))
                 for d in self.devices.values()]
 
     def session_states(self) -> list[SessionState]:
         """Every device's session as committed here: what a restarted verifier re-opens and
         re-prefills (VerifierCore.restore). An upload still waiting is not in it: it is resent."""
-        return [SessionState(item, tuple(d.answered)) for item, d in zip(self.open_items(), self.devices.values())]
+        return [SessionState(o, tuple(d.answered)) for o, d in zip(self.opens(), self.devices.values())]
 
     def unanswered(self) -> list[Upload]:
         """Uploads waiting for their verdict (resent to a restarted verifier)."""

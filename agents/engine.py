@@ -11,8 +11,8 @@ verdict only on the device's own context (the forwards are batch invariant, agen
 1. content: every device drafts as soon as its previous verdict's content is known, and the
    verifier answers every queued request at once. SLM and LLM forwards run at the largest batches
    the fleet allows (all devices in step), which is the compute limit; emulated times here mean
-   nothing. Each device's tokens (agents.device.Drafted) and each verdict's content
-   (agents.verifier.VerdictContent) are recorded.
+   nothing. Each device's tokens (agents.device.Drafted) and each verdict's frame
+   (agents.protocol.Verdict: what it says, without when) are recorded.
 2. replay: the same state machines run again in emulated time (links, retransmissions, the
    verifier's batching rule and its lower bounds), taking the content from the record instead of
    the models. This pass writes the trace; it costs no forward at all.
@@ -26,10 +26,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from agents import protocol
 from agents.device import DeviceGroupCore, DeviceSpec, Drafted, RunParams
 from agents.events import VerifierBatch
 from agents.timing import merge
-from agents.verifier import BatchRecord, ServerProfile, VerdictContent, VerifierCore
+from agents.verifier import BatchRecord, ServerProfile, VerifierCore
 from policies.base import Policy
 
 
@@ -38,7 +39,7 @@ class Content:
     """A content pass's record: what every device emitted and what every verdict said."""
 
     devices: dict[int, list[Drafted]] = field(default_factory=dict)
-    verdicts: dict[tuple[int, int], VerdictContent] = field(default_factory=dict)
+    verdicts: dict[tuple[int, int], protocol.Verdict] = field(default_factory=dict)
 
     def update(self, other: "Content") -> None:
         self.devices.update(other.devices)
@@ -74,7 +75,7 @@ def run_local(
                             replay=replay.devices if replay is not None else None)
     verifier = VerifierCore(llm, server, run.seed, run.vocab_size, mode=mode,
                             replay=replay.verdicts if replay is not None else None)
-    verifier.open(group.open_items())
+    verifier.open(group.opens())
     batches_seen = 0
     while not group.done:
         for upload in group.step():

@@ -12,7 +12,6 @@ Frames (issue 3): one ZeroMQ message each, little-endian, a 20-byte header then 
     FLUSH    token_index u32, n u32, piggyback u32[n]; measurement: piggyback_probs f32[n]
     VERDICT  token_index u32, token u32, flags u8 (bit 0 accepted, bit 1 resampled);
              measurement: beta f32, n u32, shadow_betas f32[n]
-    CLOSE    (empty)
     ERROR    code u16 (ErrorCode), bad_seq u32 (0xFFFFFFFF: unknown), message str16
 
 str16 = u16 byte length + UTF-8. Token ids are u32 with 0xFFFFFFFF reserved for "no token"
@@ -85,7 +84,7 @@ class MsgType(enum.IntEnum):
     UPLOAD = 2
     FLUSH = 3
     VERDICT = 4
-    CLOSE = 5
+    # 5 was CLOSE, never sent (a session ends with its last verdict or FLUSH): now an unknown type
     ERROR = 6
 
 
@@ -167,11 +166,6 @@ class Verdict(Message):
 
     def __post_init__(self):
         object.__setattr__(self, "shadow_betas", _float_tuple(self.shadow_betas))
-
-
-@dataclass(frozen=True, kw_only=True)
-class Close(Message):
-    TYPE: ClassVar[MsgType] = MsgType.CLOSE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -271,10 +265,6 @@ def _encode_verdict(m: Verdict) -> bytes:
                      _F32.pack(m.beta), _U32.pack(n), struct.pack(f"<{n}f", *m.shadow_betas)))
 
 
-def _encode_close(m: Close) -> bytes:
-    return b""
-
-
 def _encode_error(m: Error) -> bytes:
     # Cut long messages at a character boundary: an error reply must always go out.
     text = m.message.encode("utf-8")[:MAX_ERROR_MESSAGE_BYTES].decode("utf-8", "ignore")
@@ -283,7 +273,7 @@ def _encode_error(m: Error) -> bytes:
 
 
 _ENCODERS = {Open: _encode_open, Upload: _encode_upload, Flush: _encode_flush, Verdict: _encode_verdict,
-             Close: _encode_close, Error: _encode_error}
+             Error: _encode_error}
 
 
 def _is_measure(v: float) -> bool:
@@ -472,62 +462,45 @@ def _decode_verdict(r: _Reader, where: dict) -> Verdict:
                    resampled=bool(flags & _VERDICT_RESAMPLED), beta=beta, shadow_betas=r.array("f", n, "shadow_betas"))
 
 
-def _decode_close(r: _Reader, where: dict) -> Close:
-    return Close(**where)
-
-
 def _decode_error(r: _Reader, where: dict) -> Error:
     code, bad_seq = r.fixed(_ERROR, "code/bad_seq")
     return Error(**where, code=code, bad_seq=-1 if bad_seq == _WIRE_NO_TOKEN else bad_seq, message=r.text("message"))
 
 
 _DECODERS = {MsgType.OPEN: _decode_open, MsgType.UPLOAD: _decode_upload, MsgType.FLUSH: _decode_flush,
-             MsgType.VERDICT: _decode_verdict, MsgType.CLOSE: _decode_close, MsgType.ERROR: _decode_error}
+             MsgType.VERDICT: _decode_verdict, MsgType.ERROR: _decode_error}
 
 
 # ----------------------------------------------------------------------------------------
 # Sizes the link is charged, replies, sequence numbers
 # ----------------------------------------------------------------------------------------
 
-def upload_frame_size(upload) -> int:
-    """Bytes a deployment would send for an upload: header + body without the measurement
-    fields. Works on any object with `piggyback` and `payload` (and optionally `final`, which
-    makes it a FLUSH), e.g. agents.device.Upload as well as Upload / Flush here."""
-    n = len(upload.piggyback)
-    if getattr(upload, "final", False) or isinstance(upload, Flush):
-        return FRAME_HEADER_BYTES + _FLUSH.size + 4 * n
-    return FRAME_HEADER_BYTES + _UPLOAD.size + 4 * n + 4 + len(upload.payload)
-
-
-def verdict_frame_size(verdict=None) -> int:
-    """Bytes a deployment would send for a verdict (betas are measurement only)."""
-    return FRAME_HEADER_BYTES + _VERDICT.size
-
-
 def wire_size(msg: Message) -> int:
-    """The part of encode_frame(msg) a deployment would send: what links are charged."""
-    if isinstance(msg, (Upload, Flush)):
-        return upload_frame_size(msg)
+    """The part of encode_frame(msg) a deployment would send, without the measurement fields:
+    what links are charged."""
+    if isinstance(msg, Upload):
+        return FRAME_HEADER_BYTES + _UPLOAD.size + 4 * len(msg.piggyback) + 4 + len(msg.payload)
+    if isinstance(msg, Flush):
+        return FRAME_HEADER_BYTES + _FLUSH.size + 4 * len(msg.piggyback)
     if isinstance(msg, Verdict):
-        return verdict_frame_size(msg)
+        return FRAME_HEADER_BYTES + _VERDICT.size
     return len(encode_frame(msg))
 
 
-def check_upload(upload, vocab_size: int) -> codec.Payload | None:
+def check_upload(frame: Upload | Flush, vocab_size: int) -> codec.Payload | None:
     """What only the verifier can check: token ids inside its vocabulary and a payload that
     decodes for it. Returns the decoded payload (None when the LLM samples itself or for a
-    flush). Works on Upload / Flush here and on agents.device.Upload (draft -1, `final`)."""
-    where = dict(device=getattr(upload, "device", None), session=getattr(upload, "session", None),
-                 seq=getattr(upload, "seq", None))
-    if upload.piggyback and not 0 <= min(upload.piggyback) <= max(upload.piggyback) < vocab_size:
+    flush)."""
+    where = dict(device=frame.device, session=frame.session, seq=frame.seq)
+    if frame.piggyback and not 0 <= min(frame.piggyback) <= max(frame.piggyback) < vocab_size:
         raise ProtocolError(f"piggybacked token ids must lie in [0, {vocab_size})", ErrorCode.BAD_BODY, **where)
-    if isinstance(upload, Flush) or getattr(upload, "final", False) or upload.llm_samples:
+    if isinstance(frame, Flush) or frame.llm_samples:
         return None
-    if not 0 <= upload.draft < vocab_size:
-        raise ProtocolError(f"draft token {upload.draft} outside the vocabulary [0, {vocab_size})",
+    if not 0 <= frame.draft < vocab_size:
+        raise ProtocolError(f"draft token {frame.draft} outside the vocabulary [0, {vocab_size})",
                             ErrorCode.BAD_BODY, **where)
     try:
-        payload = codec.decode_payload_ex(upload.payload)
+        payload = codec.decode_payload_ex(frame.payload)
     except codec.PayloadError as exc:
         raise ProtocolError(str(exc), ErrorCode.BAD_PAYLOAD, **where) from None
     if payload.vocab_size != vocab_size:

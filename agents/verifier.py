@@ -12,7 +12,7 @@ released only when no earlier arrival can still come: every open session without
 request has a lower bound on its next arrival (`bound`) and all bounds must exceed S.
 
 Fidelity (DESIGN.md section 7): every verdict computed from the LLM (not a replay) carries, as
-measurement only, the LLM's logits at the positions it covers (Verdict.llm_logits: each
+measurement only, the LLM's logits at the positions it covers (VerdictStamp.llm_logits: each
 piggybacked token's, then the verified draft's); the device, which holds x, computes the exact
 TV distances from them (agents.device.Device._measure_fidelity says why there).
 
@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from agents import protocol
-from agents.device import SessionState, Upload, Verdict
+from agents.device import SessionState
+from agents.wire import Open, Upload, Verdict, VerdictStamp
 from agents.speculative import reconstruct, sample_draft, softmax_t, verify
 from agents.timing import Timings
 from policies.rng import keyed_rng
@@ -83,17 +84,6 @@ class Session:
     last_verdict: Verdict | None = None  # answered again when its upload is retransmitted
 
 
-@dataclass(frozen=True, slots=True)
-class VerdictContent:
-    """What a verdict says, without when: all a replay needs of it."""
-
-    token: int
-    accepted: bool
-    resampled: bool
-    beta: float
-    shadow_betas: tuple[float, ...]
-
-
 @dataclass
 class BatchRecord:
     """What one verifier batch did, for stats and the summary."""
@@ -115,9 +105,11 @@ class VerifierCore:
     """mode (agents.engine explains the two passes of the virtual clock):
     - "emulate": batches by the rule above, verdicts computed and timed (the wall clock);
     - "content": every queued request is released at once (emulated times are not meaningful),
-      and each verdict's content is recorded in `log`;
+      and each verdict's frame (what it says, without when) is recorded in `log`;
     - "replay": batches by the rule above, verdict content taken from `replay` (a content pass's
       log); no LLM (llm may be None), no payload decoding: only the timing runs.
+    Requests come in through open and submit (agents.wire's messages), verdicts go out of submit
+    (a repeat, a flush) and verify.
     """
 
     MODES = ("emulate", "content", "replay")
@@ -128,7 +120,7 @@ class VerifierCore:
             raise ValueError(f"mode must be one of {self.MODES} (replay exactly with a replay log), got {mode!r}")
         self.mode = mode
         self.replay = replay
-        self.log: dict[tuple[int, int], VerdictContent] = {}  # content mode: (device, seq) -> content
+        self.log: dict[tuple[int, int], protocol.Verdict] = {}  # content mode: (device, seq) -> verdict frame
         self.llm = llm  # agents.lm.BatchedLM
         # Virtual clock: no batch is released before every device of the run has opened its
         # session, since an unopened device could still send an earlier arrival.
@@ -144,12 +136,12 @@ class VerifierCore:
         self.timings = Timings()
 
     # --- sessions ----------------------------------------------------------------------
-    def check_open(self, device: int, prompt, temperature: float, max_new_tokens: int, lookahead_s: float) -> None:
-        """Raise ProtocolError (addressed to `device`) unless this session could be opened now:
+    def check_open(self, o: Open) -> None:
+        """Raise ProtocolError (addressed to the device) unless this session could be opened now:
         not open yet, a non-empty prompt of ids in [0, V) that fits the model's positions, a
         finite temperature >= 0, max_new_tokens >= 1 and a lookahead >= 0 (+inf: a device that
         never asks the LLM)."""
-        E = protocol.ErrorCode
+        E, device, prompt = protocol.ErrorCode, o.frame.device, o.frame.prompt
 
         def fail(text: str, code=E.BAD_BODY):
             raise protocol.ProtocolError(f"device {device}: OPEN {text}", code, device=device, seq=0)
@@ -163,31 +155,32 @@ class VerifierCore:
         positions = getattr(self.llm, "max_positions", None)
         if positions is not None and len(prompt) > positions:
             fail(f"prompt of {len(prompt)} tokens exceeds the model's {positions} positions", E.LIMIT)
-        if not (math.isfinite(temperature) and temperature >= 0.0):
-            fail(f"temperature must be finite and >= 0, got {temperature!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-            fail(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if not lookahead_s >= 0.0:  # NaN fails too
-            fail(f"lookahead must be >= 0, got {lookahead_s!r}")
+        if not (math.isfinite(o.frame.temperature) and o.frame.temperature >= 0.0):
+            fail(f"temperature must be finite and >= 0, got {o.frame.temperature!r}")
+        if o.stamp.max_new_tokens < 1:
+            fail(f"max_new_tokens must be >= 1, got {o.stamp.max_new_tokens!r}")
+        if not o.stamp.lookahead_s >= 0.0:  # NaN fails too
+            fail(f"lookahead must be >= 0, got {o.stamp.lookahead_s!r}")
 
-    def open(self, items: list[tuple[int, list[int], float, int, float]]) -> None:
-        """Open sessions (device, prompt_ids, temperature, max_new_tokens, lookahead_s) and
-        prefill their prompts. Every item is checked first (check_open; a device twice is
-        refused too): if one is bad, ProtocolError is raised and nothing is opened. Prefill
-        costs no emulated time (it happens before the emulation starts); the prompts share
-        batched forwards (up to PREFILL_ROWS tokens each), exact because the forward is batch
-        invariant: which sessions arrive together depends on real timing, their caches do not."""
-        items = list(items)
+    def open(self, opens: list[Open]) -> None:
+        """Open sessions and prefill their prompts. Every OPEN is checked first (check_open; a
+        device twice is refused too): if one is bad, ProtocolError is raised and nothing is
+        opened. Prefill costs no emulated time (it happens before the emulation starts); the
+        prompts share batched forwards (up to PREFILL_ROWS tokens each), exact because the forward
+        is batch invariant: which sessions arrive together depends on real timing, their caches do not."""
+        opens = list(opens)
         devices = set()
-        for item in items:
-            self.check_open(*item)
-            if item[0] in devices:
-                raise protocol.ProtocolError(f"device {item[0]}: OPEN twice", protocol.ErrorCode.REFUSED,
-                                             device=item[0], seq=0)
-            devices.add(item[0])
-        for device, prompt, temperature, max_new, lookahead in items:
-            self.sessions[device] = Session(device, temperature, max_new, lookahead, [prompt[-1]], lookahead)
-        prefill = [(device, list(prompt[:-1])) for device, prompt, *_ in items if len(prompt) > 1 and self.llm]
+        for o in opens:
+            self.check_open(o)
+            if o.frame.device in devices:
+                raise protocol.ProtocolError(f"device {o.frame.device}: OPEN twice", protocol.ErrorCode.REFUSED,
+                                             device=o.frame.device, seq=0)
+            devices.add(o.frame.device)
+        for o in opens:
+            f = o.frame
+            self.sessions[f.device] = Session(f.device, f.temperature, o.stamp.max_new_tokens, o.stamp.lookahead_s,
+                                              [f.prompt[-1]], o.stamp.lookahead_s)
+        prefill = [(o.frame.device, list(o.frame.prompt[:-1])) for o in opens if len(o.frame.prompt) > 1 and self.llm]
         for chunk in prefill_chunks(prefill, PREFILL_ROWS):
             with self.timings("llm.prefill", sum(len(t) for _, t in chunk)):
                 self.llm.extend(chunk, logits=False)
@@ -210,28 +203,28 @@ class VerifierCore:
         built cache is not bit-equal to one prefill of the same tokens (the attention's shapes
         differ), the same calls are (and batching across sessions is, agents.lm). A session whose
         final flush was answered stays closed, without a cache. The content log gets the answered
-        verdicts back as the devices received them (the wire's float32 values, as logged)."""
-        done = {st.item[0] for st in states if st.answered and st.answered[-1].final}
+        verdicts' frames back as the devices received them (the wire's float32 values, as logged)."""
+        done = {st.open.frame.device for st in states if st.answered and st.answered[-1].final}
         for st in states:
-            if st.item[0] in done:
-                self.check_open(*st.item)
-        self.open([st.item for st in states if st.item[0] not in done])
+            if st.open.frame.device in done:
+                self.check_open(st.open)
+        self.open([st.open for st in states if st.open.frame.device not in done])
         steps: list[list[tuple[int, list[int]]]] = []
         for st in states:
-            device = st.item[0]
+            device, o = st.open.frame.device, st.open
             if device in done:
-                self.sessions[device] = Session(device, *st.item[2:4], st.item[4], [], math.inf, closed=True)
+                self.sessions[device] = Session(device, o.frame.temperature, o.stamp.max_new_tokens,
+                                                o.stamp.lookahead_s, [], math.inf, closed=True)
             s = self.sessions[device]
             for seq, a in enumerate(st.answered):
                 if device not in done:
                     if len(steps) <= seq:
                         steps.append([])
                     steps[seq].append((device, s.feed + list(a.piggyback)))
-                    s.feed = [a.token]
-                s.last_verdict = Verdict(device, seq, a.token, a.accepted, a.resampled, a.beta, list(a.shadow_betas),
-                                         self.t_free)
+                    s.feed = [a.verdict.token]
+                s.last_verdict = Verdict(a.verdict, VerdictStamp(self.t_free))
                 if self.mode == "content":
-                    self.log[(device, seq)] = VerdictContent(a.token, a.accepted, a.resampled, a.beta, a.shadow_betas)
+                    self.log[(device, seq)] = a.verdict
             s.next_seq = len(st.answered)
         for items in steps:
             for chunk in prefill_chunks(items, PREFILL_ROWS):
@@ -261,70 +254,66 @@ class VerifierCore:
         verdict again, or nothing while it is still queued; any other unexpected sequence
         number is an OUT_OF_ORDER error. A final flush is answered at once (it carries no
         draft and costs no emulated time)."""
+        f, t_arrive = upload.frame, upload.stamp.t_arrive
         try:  # everything up to `next_seq += 1` only checks: a failure there is the client's, not the LLM's
-            s = self.sessions.get(upload.device)
+            s = self.sessions.get(f.device)
             if s is None:
-                raise protocol.ProtocolError(f"device {upload.device}: upload before open",
-                                             protocol.ErrorCode.UNKNOWN_SESSION)
-            status = protocol.check_sequence(s.next_seq, upload.seq)
+                raise protocol.ProtocolError(f"device {f.device}: upload before open", protocol.ErrorCode.UNKNOWN_SESSION)
+            status = protocol.check_sequence(s.next_seq, f.seq)
             if status is protocol.SeqStatus.REPEAT:
                 last = s.last_verdict
-                return last if last is not None and last.seq == upload.seq else None
+                return last if last is not None and last.frame.seq == f.seq else None
             if status is not protocol.SeqStatus.NEXT:
-                raise protocol.ProtocolError(f"device {upload.device}: seq {upload.seq} {status.value}, expected "
+                raise protocol.ProtocolError(f"device {f.device}: seq {f.seq} {status.value}, expected "
                                              f"{s.next_seq}", protocol.ErrorCode.OUT_OF_ORDER)
             if s.closed:
-                raise protocol.ProtocolError(f"device {upload.device}: upload after the session closed")
+                raise protocol.ProtocolError(f"device {f.device}: upload after the session closed")
             if s.queued:
-                raise protocol.ProtocolError(f"device {upload.device}: seq {upload.seq} before the verdict of "
-                                             f"{upload.seq - 1}", protocol.ErrorCode.OUT_OF_ORDER)
-            if not (math.isfinite(upload.t_arrive) and upload.t_arrive >= 0.0):  # would corrupt the queue order
-                raise protocol.ProtocolError(f"device {upload.device}: arrival time {upload.t_arrive!r} is not finite "
+                raise protocol.ProtocolError(f"device {f.device}: seq {f.seq} before the verdict of "
+                                             f"{f.seq - 1}", protocol.ErrorCode.OUT_OF_ORDER)
+            if not (math.isfinite(t_arrive) and t_arrive >= 0.0):  # would corrupt the queue order
+                raise protocol.ProtocolError(f"device {f.device}: arrival time {t_arrive!r} is not finite "
                                              f"and >= 0", protocol.ErrorCode.BAD_BODY)
             # bad ids or payload: rejected here, alone (a replay's content passed this in its content pass)
-            payload = protocol.check_upload(upload, self.vocab_size) if self.replay is None else None
+            payload = protocol.check_upload(f, self.vocab_size) if self.replay is None else None
             positions = getattr(self.llm, "max_positions", None)
-            context = (self.llm.length(upload.device) if self.llm else 0) + len(s.feed) + len(upload.piggyback)
+            context = (self.llm.length(f.device) if self.llm else 0) + len(s.feed) + len(f.piggyback)
             if positions is not None and context > positions:  # refused alone, before it can join a batch
-                raise protocol.ProtocolError(f"device {upload.device}: {len(upload.piggyback)} piggybacked tokens take "
+                raise protocol.ProtocolError(f"device {f.device}: {len(f.piggyback)} piggybacked tokens take "
                                              f"the context to {context}, over the model's {positions} positions",
                                              protocol.ErrorCode.LIMIT)
         except protocol.ProtocolError as exc:
             if exc.device is None:
-                exc.device, exc.seq = upload.device, upload.seq
+                exc.device, exc.seq = f.device, f.seq
             raise
         except Exception as exc:  # a checking bug must not pass for an LLM failure: the caller answers it
-            raise protocol.ProtocolError(f"device {upload.device}: upload could not be checked "
+            raise protocol.ProtocolError(f"device {f.device}: upload could not be checked "
                                          f"({type(exc).__name__}: {exc})", protocol.ErrorCode.INTERNAL,
-                                         device=upload.device, seq=upload.seq) from exc
+                                         device=f.device, seq=f.seq) from exc
         s.next_seq += 1
         if upload.final:
+            logits = None
             if self.replay is not None:
-                shadows = list(self.replay[(upload.device, upload.seq)].shadow_betas)
+                frame = self.replay[(f.device, f.seq)]
             else:
-                with self.timings("llm.verify_forward", len(s.feed) + len(upload.piggyback)):
-                    logits = self.llm.extend([(upload.device, s.feed + upload.piggyback)], all_positions=True)[0]
-                shadows = self._shadow_betas(s, upload, logits)
+                with self.timings("llm.verify_forward", len(s.feed) + len(f.piggyback)):
+                    logits = self.llm.extend([(f.device, s.feed + list(f.piggyback))], all_positions=True)[0]
+                frame = protocol.Verdict(device=f.device, session=f.session, seq=f.seq, token_index=f.token_index,
+                                         token=protocol.NO_TOKEN, shadow_betas=self._shadow_betas(s, f, logits))
                 if self.mode == "content":
-                    self.log[(upload.device, upload.seq)] = VerdictContent(-1, False, False, math.nan, tuple(shadows))
-            verdict = Verdict(upload.device, upload.seq, -1, False, False, math.nan, shadows, upload.t_arrive)
-            s.last_verdict = verdict  # a repeat is answered without the logits (the device has them)
-            if self.replay is None:  # for the skipped tokens' fidelity, on the device
-                verdict = replace(verdict, llm_logits=logits[: len(upload.piggyback)])
+                    self.log[(f.device, f.seq)] = frame
+            s.last_verdict = Verdict(frame, VerdictStamp(t_arrive))  # a repeat comes without the logits
             s.closed = True
             s.feed = []
             if self.llm is not None:
-                self.llm.drop(upload.device)
-            return verdict
+                self.llm.drop(f.device)
+            if logits is None:
+                return s.last_verdict
+            # the skipped tokens' LLM logits, for their fidelity on the device
+            return Verdict(frame, VerdictStamp(t_arrive, logits[: len(f.piggyback)]))
         s.queued = True
-        heapq.heappush(self.queue, (upload.t_arrive, upload.device, upload.seq, upload, payload))
+        heapq.heappush(self.queue, (t_arrive, f.device, f.seq, upload, payload))
         return None
-
-    def close(self, device: int) -> None:
-        s = self.sessions[device]
-        s.closed = True
-        if self.llm is not None:
-            self.llm.drop(device)
 
     # --- batching ----------------------------------------------------------------------
     def batch_start(self) -> float | None:
@@ -367,74 +356,73 @@ class VerifierCore:
         forwards run at the largest batch the arrivals allow, emulated batches stay as the
         server profile forms them."""
         todo, rows = [], 0
-        for u in required + extra:
-            if (u.device, u.seq) in self.computed:
+        for f in (u.frame for u in required + extra):
+            if (f.device, f.seq) in self.computed:
                 continue
-            rows += len(self.sessions[u.device].feed) + len(u.piggyback)
+            rows += len(self.sessions[f.device].feed) + len(f.piggyback)
             if len(todo) >= len(required) and rows > EAGER_ROWS:
                 break
-            todo.append(u)
+            todo.append(f)
         if not todo:
             return
-        items = [(u.device, self.sessions[u.device].feed + u.piggyback) for u in todo]
-        with self.timings("llm.verify_forward", sum(len(f) for _, f in items)):
+        items = [(f.device, self.sessions[f.device].feed + list(f.piggyback)) for f in todo]
+        with self.timings("llm.verify_forward", sum(len(t) for _, t in items)):
             logits = self.llm.extend(items, all_positions=True)
-        for u, z in zip(todo, logits):
-            self.computed[(u.device, u.seq)] = z
+        for f, z in zip(todo, logits):
+            self.computed[(f.device, f.seq)] = z
 
     def verify(self, start: float, requests: list[tuple[Upload, object]]) -> list[Verdict]:
         """Speculative verification of one emulated batch (its LLM forward shared with the rest
         of the queue, see compute)."""
-        batch = [u for u, _ in requests]
-        sessions = [self.sessions[u.device] for u in batch]
-        n_tokens = sum(len(s.feed) + len(u.piggyback) for s, u in zip(sessions, batch))
+        batch = [u.frame for u, _ in requests]
+        sessions = [self.sessions[f.device] for f in batch]
+        n_tokens = sum(len(s.feed) + len(f.piggyback) for s, f in zip(sessions, batch))
         t_end = start + self.server.verify_seconds(len(batch), n_tokens)
         measured = [None] * len(batch)  # the LLM logits each verdict carries for the device's fidelity
         if self.replay is not None:
-            contents = [self.replay[(u.device, u.seq)] for u in batch]
+            frames = [self.replay[(f.device, f.seq)] for f in batch]
         else:
-            self.compute(batch, [q[3] for q in sorted(self.queue, key=lambda q: q[:3])])
-            logits = [self.computed.pop((u.device, u.seq)) for u in batch]
+            self.compute([u for u, _ in requests], [q[3] for q in sorted(self.queue, key=lambda q: q[:3])])
+            logits = [self.computed.pop((f.device, f.seq)) for f in batch]
             with self.timings("verify_math", len(batch)):
-                contents = [self._content(s, u, payload, z) for s, (u, payload), z in zip(sessions, requests, logits)]
+                frames = [self._verdict(s, f, payload, z) for s, f, (_, payload), z in zip(sessions, batch, requests, logits)]
             if self.mode == "content":
-                self.log.update(((u.device, u.seq), c) for u, c in zip(batch, contents))
+                self.log.update(((f.device, f.seq), v) for f, v in zip(batch, frames))
             # rows of the piggybacked tokens, then the verified draft's (none for a token the LLM sampled)
-            measured = [z[: len(u.piggyback) + (not u.llm_samples)] for u, z in zip(batch, logits)]
+            measured = [z[: len(f.piggyback) + (not f.llm_samples)] for f, z in zip(batch, logits)]
         verdicts = []
-        for s, u, c, z in zip(sessions, batch, contents, measured):
-            verdict = Verdict(u.device, u.seq, c.token, c.accepted, c.resampled, c.beta, list(c.shadow_betas), t_end)
-            verdict.frame_bytes = protocol.verdict_frame_size(verdict)
-            s.last_verdict = verdict  # a repeat is answered without the logits (the device has them)
-            verdict = replace(verdict, llm_logits=z) if z is not None and len(z) else verdict
-            s.feed = [c.token]
+        for s, f, frame, z in zip(sessions, batch, frames, measured):
+            s.last_verdict = Verdict(frame, VerdictStamp(t_end))  # a repeat comes without the logits
+            verdicts.append(Verdict(frame, VerdictStamp(t_end, z)) if z is not None and len(z) else s.last_verdict)
+            s.feed = [frame.token]
             s.queued = False
-            last = u.token_index + 1 >= s.max_new_tokens
+            last = f.token_index + 1 >= s.max_new_tokens
             s.bound = t_end + s.lookahead_s if not last else math.inf
-            verdicts.append(verdict)
-        self.batches.append(BatchRecord(start, t_end, len(batch), n_tokens, [start - u.t_arrive for u in batch]))
+        self.batches.append(BatchRecord(start, t_end, len(batch), n_tokens, [start - u.stamp.t_arrive for u, _ in requests]))
         self.t_free = t_end
         return verdicts
 
-    def _content(self, s: Session, u: Upload, payload, z: np.ndarray) -> VerdictContent:
+    def _verdict(self, s: Session, f: protocol.Upload, payload, z: np.ndarray) -> protocol.Verdict:
         """The verdict on one request from the LLM's logits z (piggyback rows first, then the draft's)."""
-        shadows = self._shadow_betas(s, u, z)
-        y = softmax_t(z[len(u.piggyback)], s.temperature)
-        if u.llm_samples:
-            rng = keyed_rng(self.seed, u.device, u.token_index, "llm_sample")
+        shadows = self._shadow_betas(s, f, z)
+        y = softmax_t(z[len(f.piggyback)], s.temperature)
+        if f.llm_samples:
+            rng = keyed_rng(self.seed, f.device, f.token_index, "llm_sample")
             token, accepted, beta = int(sample_draft(y, rng)), False, math.nan
         else:
             x_hat = reconstruct(payload.indices, payload.probs, payload.vocab_size)
-            rng = keyed_rng(self.seed, u.device, u.token_index, "verify")
-            token, accepted = verify(u.draft, x_hat, y, rng)
-            beta = float(measured_beta(y[u.draft], u.draft_prob))
-        return VerdictContent(int(token), bool(accepted), not accepted and not u.llm_samples, beta, tuple(shadows))
+            rng = keyed_rng(self.seed, f.device, f.token_index, "verify")
+            token, accepted = verify(f.draft, x_hat, y, rng)
+            beta = float(measured_beta(y[f.draft], f.draft_prob))
+        return protocol.Verdict(device=f.device, session=f.session, seq=f.seq, token_index=f.token_index,
+                                token=int(token), accepted=bool(accepted), resampled=not accepted and not f.llm_samples,
+                                beta=beta, shadow_betas=shadows)
 
-    def _shadow_betas(self, s: Session, u: Upload, z: np.ndarray) -> list[float]:
+    def _shadow_betas(self, s: Session, f: protocol.Upload | protocol.Flush, z: np.ndarray) -> list[float]:
         """beta = max(0, 1 - y_d / x_d) for each piggybacked (skipped) draft: the rejection
         probability the LLM would have had, measured though the token was never verified."""
-        if not u.piggyback:
+        if not f.piggyback:
             return []
-        y = softmax_t(z[: len(u.piggyback)], s.temperature)
-        tokens = np.asarray(u.piggyback)
-        return measured_beta(y[np.arange(len(tokens)), tokens], np.asarray(u.piggyback_probs)).tolist()
+        y = softmax_t(z[: len(f.piggyback)], s.temperature)
+        tokens = np.asarray(f.piggyback)
+        return measured_beta(y[np.arange(len(tokens)), tokens], np.asarray(f.piggyback_probs)).tolist()

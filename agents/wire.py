@@ -1,97 +1,164 @@
-"""ZeroMQ messages of the runtime: [wire frame, emulation stamp].
+"""The messages of the runtime: one type per message, each the pair ZeroMQ carries as
+[wire frame, emulation stamp].
 
-The wire frame is agents.protocol's (what a real device and server exchange). The stamp
-is what only an emulation has: the emulated time a message left and arrived, and for
-uploads the retransmission count. Keeping it out of the frame keeps the frame honest:
-links are charged for the frame alone.
+The frame is agents.protocol's: what a real device and server exchange, and all links are
+charged for (protocol.wire_size). The stamp is what only an emulation has, one type per
+message with named fields, little-endian:
 
-A verdict's stamp may go on with the LLM logits the device measures fidelity from
-(Verdict.llm_logits, agents.device): dtype u8 (4: float32, 8: float64), rows u32, cols u32, then
-rows x cols little-endian values. Measurement only, like the rest of the stamp: ~600 KB a row
-for the Qwen pair on loopback, never charged to the emulated downlink. Only a verdict's stamp
-is ever longer than the fixed part (the verifier's inbound parts stay small and bounded).
+    Open     OpenStamp     max_new_tokens u32, lookahead_s f64
+    Upload   UploadStamp   t_sent f64, t_arrive f64, retransmissions u32  (frame UPLOAD or FLUSH)
+    Verdict  VerdictStamp  t_sent f64, then optionally the LLM logits block
+    ERROR    (empty stamp; decode raises it as a ProtocolError)
 
-decode_message validates the stamp as strictly as the frame: upload times finite and >= 0,
-an OPEN's max_new_tokens a whole number >= 1 and its lookahead >= 0 (+inf allowed), a verdict's
-logits block of exactly the size it declares.
+max_new_tokens and the lookahead are emulation control (the verifier's batch release, DESIGN.md
+section 2); the times are emulated; retransmissions counts the copies lost before this one.
+A verdict's logits block (VerdictStamp.llm_logits, for the device's fidelity, agents.device):
+dtype u8 (4: float32, 8: float64), rows u32, cols u32, then rows x cols values. Measurement
+only, like the rest of the stamp: ~600 KB a row for the Qwen pair on loopback, never charged
+to the emulated downlink. Only a verdict's stamp is ever that long (the verifier's inbound
+parts stay small and bounded).
+
+decode validates the stamp as strictly as protocol validates the frame: upload times finite
+and >= 0, an OPEN's max_new_tokens >= 1 and its lookahead >= 0 (+inf allowed: a device that
+never asks the LLM), a logits block of exactly the size it declares. Like decode_frame it
+raises nothing but ProtocolError.
 """
 from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from agents import protocol
-from agents.device import Upload, Verdict
 
 SESSION = 1  # one session per device per run
-_STAMP = struct.Struct("<ddI")  # t_sent, t_arrive, retransmissions
-_LOGITS = struct.Struct("<BII")  # a verdict's measurement block: dtype (itemsize), rows, cols
-_LOGITS_DTYPES = {4: np.dtype("<f4"), 8: np.dtype("<f8")}
 PARTS = 2  # [frame, stamp]: a receiver refuses a message of more parts before reading them
-MAX_NEW_TOKENS = 2**32 - 1  # token indices are u32 on the wire
+_E = protocol.ErrorCode
 
 
-@dataclass(frozen=True)
-class Open:
-    device: int
-    prompt: tuple[int, ...]
-    temperature: float
-    max_new_tokens: int
-    lookahead_s: float
-
-    def item(self) -> tuple[int, list[int], float, int, float]:
-        return self.device, list(self.prompt), self.temperature, self.max_new_tokens, self.lookahead_s
+def _fail(text: str, frame: protocol.Message, code=_E.BAD_BODY) -> protocol.ProtocolError:
+    return protocol.ProtocolError(f"device {frame.device}: {frame.TYPE.name} stamp: {text}", code,
+                                  device=frame.device, session=frame.session, seq=frame.seq)
 
 
-def _stamp(t_sent: float, t_arrive: float = math.nan, retransmissions: int = 0) -> bytes:
-    return _STAMP.pack(t_sent, t_arrive, retransmissions)
+def _fixed(st: struct.Struct, data, frame: protocol.Message) -> tuple:
+    if len(data) != st.size:
+        raise _fail(f"{len(data)} bytes, expected {st.size}", frame, _E.BAD_FRAME)
+    return st.unpack(data)
 
 
-def open_message(device: int, prompt: list[int], temperature: float, max_new_tokens: int,
-                 lookahead_s: float, seed: int = 0) -> list[bytes]:
-    frame = protocol.encode_frame(protocol.Open(device=device, session=SESSION, seq=0, prompt=prompt,
-                                                seed=seed, temperature=temperature))
-    # max_new_tokens and the lookahead are emulation control: they ride in the stamp.
-    return [frame, _stamp(lookahead_s, float(max_new_tokens))]
+@dataclass(frozen=True, slots=True)
+class OpenStamp:
+    max_new_tokens: int  # tokens the device will generate: no verdict is due after the last
+    lookahead_s: float  # lower bound on a verdict-to-next-arrival gap (agents.device.Device.lookahead_s)
+
+    def pack(self) -> bytes:
+        return _OPEN.pack(self.max_new_tokens, self.lookahead_s)
+
+    @staticmethod
+    def unpack(data, frame: protocol.Open) -> "OpenStamp":
+        max_new, lookahead = _fixed(_OPEN, data, frame)
+        if max_new < 1:
+            raise _fail(f"max_new_tokens {max_new} is not >= 1", frame)
+        if not lookahead >= 0.0:  # NaN fails too
+            raise _fail(f"lookahead {lookahead!r} is not >= 0", frame)
+        return OpenStamp(max_new, lookahead)
 
 
-def upload_message(u: Upload) -> list[bytes]:
-    if u.final:
-        msg = protocol.Flush(device=u.device, session=SESSION, seq=u.seq, token_index=u.token_index,
-                             piggyback=u.piggyback, piggyback_probs=u.piggyback_probs)
-    else:
-        msg = protocol.Upload(device=u.device, session=SESSION, seq=u.seq, token_index=u.token_index,
-                              draft=u.draft, piggyback=u.piggyback, payload=u.payload, llm_samples=u.llm_samples,
-                              draft_prob=u.draft_prob, piggyback_probs=u.piggyback_probs)
-    return [protocol.encode_frame(msg), _stamp(u.t_sent, u.t_arrive, u.retransmissions)]
+@dataclass(frozen=True, slots=True)
+class UploadStamp:
+    t_sent: float  # emulated time the first copy left the device
+    t_arrive: float  # emulated arrival at the verifier (of the copy that got through)
+    retransmissions: int = 0  # copies lost before it
+
+    def pack(self) -> bytes:
+        return _UPLOAD.pack(self.t_sent, self.t_arrive, self.retransmissions)
+
+    @staticmethod
+    def unpack(data, frame: protocol.Upload | protocol.Flush) -> "UploadStamp":
+        t_sent, t_arrive, retx = _fixed(_UPLOAD, data, frame)
+        if not all(math.isfinite(t) and t >= 0.0 for t in (t_sent, t_arrive)):
+            raise _fail(f"times must be finite and >= 0, got t_sent {t_sent!r}, t_arrive {t_arrive!r}", frame)
+        return UploadStamp(t_sent, t_arrive, retx)
 
 
-def verdict_message(v: Verdict) -> list[bytes]:
-    msg = protocol.Verdict(device=v.device, session=SESSION, seq=v.seq, token_index=0, token=v.token,
-                           accepted=v.accepted, resampled=v.resampled, beta=v.beta, shadow_betas=v.shadow_betas)
-    stamp = _stamp(v.t_sent)
-    if v.llm_logits is not None:
-        z = np.asarray(v.llm_logits)
+@dataclass(frozen=True, slots=True)
+class VerdictStamp:
+    t_sent: float  # emulated time the verifier sent it
+    # The LLM's logits at each piggybacked token's position, then at the verified draft's, [n, V],
+    # for the device's fidelity. None in a replay (the fidelity is in the content record) and in a repeat.
+    llm_logits: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    def pack(self) -> bytes:
+        if self.llm_logits is None:
+            return _VERDICT.pack(self.t_sent)
+        z = np.asarray(self.llm_logits)
         dtype = _LOGITS_DTYPES[8 if z.dtype == np.float64 else 4]
         z = np.ascontiguousarray(z, dtype=dtype).reshape(len(z), -1)
-        stamp += _LOGITS.pack(dtype.itemsize, *z.shape) + z.tobytes()
-    return [protocol.encode_frame(msg), stamp]
+        return _VERDICT.pack(self.t_sent) + _LOGITS.pack(dtype.itemsize, *z.shape) + z.tobytes()
+
+    @staticmethod
+    def unpack(data, frame: protocol.Verdict) -> "VerdictStamp":
+        if len(data) == _VERDICT.size:
+            return VerdictStamp(*_VERDICT.unpack(data))
+        block = memoryview(data)[_VERDICT.size:]
+        if len(block) < _LOGITS.size:
+            raise _fail(f"{len(data)} bytes: {_VERDICT.size}, or more with a {_LOGITS.size}-byte logits header",
+                        frame, _E.BAD_FRAME)
+        size, rows, cols = _LOGITS.unpack_from(block)
+        dtype = _LOGITS_DTYPES.get(size)
+        if dtype is None or len(block) != _LOGITS.size + rows * cols * size:
+            raise _fail(f"logits block of {len(block)} bytes does not match its header (itemsize {size}, "
+                        f"{rows} x {cols})", frame)
+        (t_sent,) = _VERDICT.unpack_from(data)
+        return VerdictStamp(t_sent, np.frombuffer(block, dtype=dtype, offset=_LOGITS.size).reshape(rows, cols))
 
 
-def _logits_block(block) -> np.ndarray:
-    """The LLM logits a verdict's stamp carries after its fixed part (see the module docstring)."""
-    if len(block) < _LOGITS.size:
-        raise protocol.ProtocolError(f"verdict stamp: {len(block)} bytes after the times, expected a "
-                                     f"{_LOGITS.size}-byte logits header", protocol.ErrorCode.BAD_BODY)
-    size, rows, cols = _LOGITS.unpack_from(block)
-    dtype = _LOGITS_DTYPES.get(size)
-    if dtype is None or len(block) != _LOGITS.size + rows * cols * size:
-        raise protocol.ProtocolError(f"verdict stamp: logits block of {len(block)} bytes does not match its header "
-                                     f"(itemsize {size}, {rows} x {cols})", protocol.ErrorCode.BAD_BODY)
-    return np.frombuffer(block, dtype=dtype, offset=_LOGITS.size).reshape(rows, cols)
+_OPEN = struct.Struct("<Id")
+_UPLOAD = struct.Struct("<ddI")
+_VERDICT = struct.Struct("<d")
+_LOGITS = struct.Struct("<BII")  # dtype (itemsize), rows, cols
+_LOGITS_DTYPES = {4: np.dtype("<f4"), 8: np.dtype("<f8")}
+
+
+@dataclass(frozen=True, slots=True)
+class Open:
+    """A device opens its session: the verifier primes its LLM with the prompt."""
+
+    frame: protocol.Open
+    stamp: OpenStamp
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A device's request: to verify its draft (frame UPLOAD) or, after its last token, only to
+    measure the shadow betas of the last skipped tokens (frame FLUSH)."""
+
+    frame: protocol.Upload | protocol.Flush
+    stamp: UploadStamp
+
+    @property
+    def final(self) -> bool:
+        return isinstance(self.frame, protocol.Flush)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The verifier's answer to an Upload (token NO_TOKEN for a FLUSH)."""
+
+    frame: protocol.Verdict
+    stamp: VerdictStamp
+
+
+Message = Open | Upload | Verdict
+_KINDS = {protocol.Open: (Open, OpenStamp), protocol.Upload: (Upload, UploadStamp),
+          protocol.Flush: (Upload, UploadStamp), protocol.Verdict: (Verdict, VerdictStamp)}
+
+
+def encode(msg: Message) -> list[bytes]:
+    return [protocol.encode_frame(msg.frame), msg.stamp.pack()]
 
 
 def error_message(exc: protocol.ProtocolError) -> list[bytes]:
@@ -99,60 +166,18 @@ def error_message(exc: protocol.ProtocolError) -> list[bytes]:
     try:
         frame = protocol.encode_frame(protocol.error_reply(exc))
     except protocol.ProtocolError:  # not expected (error_reply keeps every field encodable): answer anyway
-        frame = protocol.encode_frame(protocol.Error(device=0, session=0, seq=0, code=protocol.ErrorCode.INTERNAL,
+        frame = protocol.encode_frame(protocol.Error(device=0, session=0, seq=0, code=_E.INTERNAL,
                                                      message="the error reply could not be encoded"))
-    return [frame, _stamp(math.nan)]
+    return [frame, b""]
 
 
-def _time(t: float) -> bool:
-    """An emulated time a client may stamp: finite and not negative."""
-    return math.isfinite(t) and t >= 0.0
-
-
-def decode_message(parts: list[bytes]):
-    """Open | device.Upload | device.Verdict | protocol.Error, or a ProtocolError (returned,
-    not raised: the caller answers it and carries on)."""
-    try:
-        if len(parts) != PARTS:
-            raise protocol.ProtocolError(f"expected [frame, stamp], got {len(parts)} parts")
-        frame, stamp = parts
-        # only a verdict's stamp goes on (its logits block): frame byte 3 is the message type
-        longer = len(frame) > 3 and frame[3] == protocol.MsgType.VERDICT
-        if len(stamp) < _STAMP.size or (len(stamp) > _STAMP.size and not longer):
-            raise protocol.ProtocolError(f"stamp of {len(stamp)} bytes, expected {_STAMP.size}")
-        t_sent, t_arrive, retx = _STAMP.unpack_from(stamp)
-        msg = protocol.decode_frame(frame)
-        logits = _logits_block(memoryview(stamp)[_STAMP.size:]) if len(stamp) > _STAMP.size else None
-    except protocol.ProtocolError as exc:
-        return exc
-    where = dict(device=msg.device, session=msg.session, seq=msg.seq)
-    if isinstance(msg, protocol.Open):
-        # max_new_tokens rides in t_arrive: a whole number in [1, 2^32). The lookahead is a
-        # lower bound on a gap: >= 0, and +inf for a device that never asks the LLM (slm-only).
-        if not (1 <= t_arrive <= MAX_NEW_TOKENS and t_arrive == int(t_arrive)):
-            return protocol.ProtocolError(f"device {msg.device}: OPEN stamp max_new_tokens {t_arrive!r} is not a "
-                                          f"whole number in [1, {MAX_NEW_TOKENS}]", protocol.ErrorCode.BAD_BODY, **where)
-        if not t_sent >= 0.0:  # NaN fails too
-            return protocol.ProtocolError(f"device {msg.device}: OPEN stamp lookahead {t_sent!r} is not >= 0",
-                                          protocol.ErrorCode.BAD_BODY, **where)
-        return Open(msg.device, msg.prompt, msg.temperature, int(t_arrive), t_sent)
-    if isinstance(msg, (protocol.Upload, protocol.Flush)):
-        if not (_time(t_sent) and _time(t_arrive)):
-            return protocol.ProtocolError(f"device {msg.device}: stamp times must be finite and >= 0, got t_sent "
-                                          f"{t_sent!r}, t_arrive {t_arrive!r}", protocol.ErrorCode.BAD_BODY, **where)
-        final = isinstance(msg, protocol.Flush)
-        u = Upload(device=msg.device, seq=msg.seq, token_index=msg.token_index,
-                   draft=-1 if final else msg.draft, draft_prob=math.nan if final else msg.draft_prob,
-                   piggyback=list(msg.piggyback), piggyback_probs=list(msg.piggyback_probs),
-                   payload=b"" if final else msg.payload, llm_samples=False if final else msg.llm_samples,
-                   final=final, t_sent=t_sent, t_arrive=t_arrive, retransmissions=retx)
-        u.frame_bytes = protocol.upload_frame_size(u)
-        return u
-    if isinstance(msg, protocol.Verdict):
-        v = Verdict(msg.device, msg.seq, msg.token, msg.accepted, msg.resampled, msg.beta,
-                    list(msg.shadow_betas), t_sent, llm_logits=logits)
-        v.frame_bytes = protocol.verdict_frame_size(v)
-        return v
-    if isinstance(msg, protocol.Error):
-        return protocol.ProtocolError(f"verifier error {msg.code}: {msg.message}")
-    return protocol.ProtocolError(f"unexpected {type(msg).__name__} frame")
+def decode(parts: list[bytes]) -> Message:
+    """The message in `parts`; raises ProtocolError for anything malformed, and for an ERROR
+    reply (a device has nothing to do with one but fail)."""
+    if len(parts) != PARTS:
+        raise protocol.ProtocolError(f"expected [frame, stamp], got {len(parts)} parts")
+    frame = protocol.decode_frame(parts[0])
+    if isinstance(frame, protocol.Error):
+        raise protocol.ProtocolError(f"verifier error {frame.code}: {frame.message}")
+    kind, stamp = _KINDS[type(frame)]
+    return kind(frame, stamp.unpack(parts[1], frame))

@@ -34,9 +34,8 @@ def verifier_tokens_per_s(lm, batch: int, prompt_len: int, steps: int, k: int = 
     import torch
     import zmq
 
-    from agents import codec, wire
+    from agents import codec, protocol, wire
     from agents.actors import ClockParams, Verifier
-    from agents.device import Upload
     from agents.verifier import ServerProfile
 
     vocab = lm.vocab_size
@@ -52,20 +51,19 @@ def verifier_tokens_per_s(lm, batch: int, prompt_len: int, steps: int, k: int = 
     devices = [10_000 * batch + i for i in range(batch)]  # distinct from other runs' sessions
     try:
         for i, d in enumerate(devices):
-            sock.send_multipart(wire.open_message(d, _prompt(prompt_len, vocab, i), 1.0, steps + 2, 0.0))
+            frame = protocol.Open(device=d, session=wire.SESSION, seq=0, prompt=_prompt(prompt_len, vocab, i), seed=0,
+                                  temperature=1.0)
+            sock.send_multipart(wire.encode(wire.Open(frame, wire.OpenStamp(steps + 2, 0.0))))
 
         def step(n: int) -> None:
             for d in devices:
-                u = Upload(device=d, seq=n, token_index=n, draft=100, draft_prob=float(probs[0]), piggyback=[],
-                           piggyback_probs=[], payload=payload, llm_samples=False, final=False,
-                           t_sent=n * 10.0, t_arrive=n * 10.0 + 1.0)
-                sock.send_multipart(wire.upload_message(u))
+                frame = protocol.Upload(device=d, session=wire.SESSION, seq=n, token_index=n, draft=100,
+                                        draft_prob=float(probs[0]), payload=payload)
+                sock.send_multipart(wire.encode(wire.Upload(frame, wire.UploadStamp(n * 10.0, n * 10.0 + 1.0))))
             for _ in devices:
                 if not sock.poll(600_000):
                     raise RuntimeError(f"verifier gave no verdict: {verifier.status()}")
-                reply = wire.decode_message(sock.recv_multipart())
-                if isinstance(reply, Exception):
-                    raise reply
+                wire.decode(sock.recv_multipart())  # raises an ERROR reply
 
         step(0)  # warm-up, includes the prompt prefill
         t0 = time.perf_counter()

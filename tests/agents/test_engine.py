@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agents import codec, protocol
-from agents.device import DeviceSpec, RunParams, Upload
+from agents import codec, protocol, wire
+from agents.device import DeviceSpec, RunParams
 from agents.engine import run_local
 from agents.lm import BatchedLM
 from agents.models import load_model
@@ -33,7 +33,7 @@ def test_one_device_timeline_matches_the_closed_form(lms):
     run = RunParams(seed=3, max_new_tokens=6, temperature=1.0, vocab_size=V)
     result = run_local([spec], run, server, *lms, {"hlm": load_policy("hlm")})
     rows = sorted(result.rows, key=lambda r: r["token_index"])
-    verdict_bytes = protocol.verdict_frame_size()
+    verdict_bytes = protocol.wire_size(protocol.Verdict(device=0, session=1, seq=0, token_index=0, token=1))
     t = 0.0
     for r in rows:
         # draft -> uplink (serialise + delay) -> batch closes max_wait after the arrival ->
@@ -51,11 +51,17 @@ def test_one_device_timeline_matches_the_closed_form(lms):
     assert rows[0]["payload_bytes"] == codec.payload_size(V, V, 32)
 
 
-def _upload(device: int, t_arrive: float) -> Upload:
+def _upload(device: int, t_arrive: float) -> wire.Upload:
     probs = np.full(V, 1.0 / V)
     payload = codec.encode_payload(np.arange(V), probs, V, 32)
-    return Upload(device=device, seq=0, token_index=0, draft=3, draft_prob=1.0 / V, piggyback=[], piggyback_probs=[],
-                  payload=payload, llm_samples=False, final=False, t_sent=t_arrive - 0.001, t_arrive=t_arrive)
+    frame = protocol.Upload(device=device, session=wire.SESSION, seq=0, token_index=0, draft=3, draft_prob=1.0 / V,
+                            payload=payload)
+    return wire.Upload(frame, wire.UploadStamp(t_arrive - 0.001, t_arrive))
+
+
+def _open(device: int, lookahead: float) -> wire.Open:
+    frame = protocol.Open(device=device, session=wire.SESSION, seq=0, prompt=[1, 2, 3], seed=0, temperature=1.0)
+    return wire.Open(frame, wire.OpenStamp(4, lookahead))
 
 
 @pytest.mark.parametrize("lookahead", [0.001, 0.0])
@@ -64,18 +70,18 @@ def test_batching_rule(lms, lookahead):
     server = ServerProfile(verify_ms_base=10.0, verify_ms_per_token=1.0, verify_ms_per_sequence=1.0,
                            max_batch=2, max_wait_ms=5.0)
     core = VerifierCore(llm, server, seed=0, vocab_size=V, expected_sessions=4)
-    core.open([(d, [1, 2, 3], 1.0, 4, lookahead) for d in range(3)])
+    core.open([_open(d, lookahead) for d in range(3)])
     for d, t in enumerate([0.010, 0.012, 0.013]):
         assert core.submit(_upload(d, t)) is None
     # A fourth device has not opened yet: it could still send anything earlier.
     assert core.next_batch() is None
-    core.open([(3, [1, 2, 3], 1.0, 4, 10.0)])
+    core.open([_open(3, 10.0)])
     # max_batch reached at the second arrival: the batch closes then, before a1 + max_wait.
     start, batch = core.next_batch()
-    assert start == pytest.approx(0.012) and [u.device for u, _ in batch] == [0, 1]
+    assert start == pytest.approx(0.012) and [u.frame.device for u, _ in batch] == [0, 1]
     verdicts = core.verify(start, batch)
     t_end = 0.012 + (10.0 + 1.0 * 2 + 1.0 * 2) / 1e3
-    assert all(v.t_sent == pytest.approx(t_end) for v in verdicts)
+    assert all(v.stamp.t_sent == pytest.approx(t_end) for v in verdicts)
     # The third request waits for the busy server (t_end > 0.013 + max_wait)...
     assert core.batch_start() == pytest.approx(max(t_end, 0.018))
     released = core.next_batch()
@@ -85,7 +91,7 @@ def test_batching_rule(lms, lookahead):
         assert released is None
     else:
         start, batch = released
-        assert start == pytest.approx(t_end) and [u.device for u, _ in batch] == [2]
+        assert start == pytest.approx(t_end) and [u.frame.device for u, _ in batch] == [2]
         core.verify(start, batch)
         assert core.batches[-1].queue_waits == [pytest.approx(t_end - 0.013)]
 
@@ -141,7 +147,8 @@ def test_lossy_links_retransmit_and_every_token_arrives(lms):
     assert [r["token_index"] for r in rows] == list(range(24))
     retx = np.array([r["retransmissions"] for r in rows])
     assert retx.sum() > 0 and (retx == 0).sum() > 0
-    frame = protocol.upload_frame_size(type("U", (), {"piggyback": [], "payload": b"x" * codec.payload_size(V, V, 32)}))
+    frame = protocol.wire_size(protocol.Upload(device=0, session=1, seq=0, token_index=0, draft=3,
+                                               payload=b"x" * codec.payload_size(V, V, 32)))
     for r in rows:
         assert r["uplink_bytes"] == frame * (1 + r["retransmissions"])
         if r["retransmissions"]:  # the device waited at least one timeout

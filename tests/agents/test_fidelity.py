@@ -12,7 +12,7 @@ import pytest
 
 from agents import device as device_mod
 from agents import codec, protocol, wire
-from agents.device import Device, DeviceSpec, RunParams, Verdict
+from agents.device import Device, DeviceSpec, RunParams
 from agents.speculative import (hybrid_distribution, sample_from_uniforms, softmax_t, tv_distance,
                                 verified_fidelity, verify_from_uniforms)
 from agents.verifier import ServerProfile, VerifierCore
@@ -84,6 +84,11 @@ class FakeLLM:
         self.lengths.pop(session, None)
 
 
+def _open(prompt, T: float, max_new_tokens: int, lookahead_s: float) -> wire.Open:
+    frame = protocol.Open(device=0, session=wire.SESSION, seq=0, prompt=prompt, seed=0, temperature=T)
+    return wire.Open(frame, wire.OpenStamp(max_new_tokens, lookahead_s))
+
+
 def _drive(plan: list[tuple[bool, int, int]], seed: int, T: float = 1.0, policy: str = "hlm"):
     """One device against a VerifierCore on FakeLLM: token j skipped (plan[j][0] False) or sent
     with k = plan[j][1] entries at plan[j][2] bits; SLM logits random. Returns (rows, x per token,
@@ -95,7 +100,7 @@ def _drive(plan: list[tuple[bool, int, int]], seed: int, T: float = 1.0, policy:
     dev = Device(spec, run, load_policy(policy))
     llm = FakeLLM(seed)
     verifier = VerifierCore(llm, ServerProfile(), seed, V)
-    verifier.open([(0, list(prompt), T, len(plan), 0.01)])
+    verifier.open([_open(prompt, T, len(plan), 0.01)])
     xs = []
     for transmit, k, bits in plan:
         z = (3.0 * rng.standard_normal(V)).astype(np.float32)
@@ -137,11 +142,11 @@ def test_llm_only_tokens_are_the_llms_law():
     spec = DeviceSpec(0, "t", "llm-only", 10.0, LINK, 0, (1, 2, 3))
     dev = Device(spec, RunParams(seed=1, max_new_tokens=3, temperature=1.0, vocab_size=V), load_policy("llm-only"))
     verifier = VerifierCore(FakeLLM(1), ServerProfile(), 1, V)
-    verifier.open([(0, [1, 2, 3], 1.0, 3, 0.0)])
+    verifier.open([_open((1, 2, 3), 1.0, 3, 0.0)])
     while not dev.generated_all:
         verifier.submit(dev.apply(dev.policy.decide(None, None), None))
         for v in verifier.verify(*verifier.next_batch()):
-            assert v.llm_logits is None  # nothing to measure: the LLM sampled from y itself
+            assert v.stamp.llm_logits is None  # nothing to measure: the LLM sampled from y itself
             dev.on_verdict(v)
     assert [r["fidelity_tv"] for r in dev.rows] == [0.0, 0.0, 0.0]
 
@@ -178,25 +183,26 @@ def test_the_closed_form_is_the_law_of_verified_tokens():
 
 def test_verdict_logits_travel_in_the_stamp_and_only_there():
     z = np.random.default_rng(2).standard_normal((3, V)).astype(np.float32)
-    v = Verdict(4, 2, 5, True, False, 0.1, [0.2, 0.3], 1.5, llm_logits=z)
-    frame, stamp = wire.verdict_message(v)
-    plain = wire.verdict_message(Verdict(4, 2, 5, True, False, 0.1, [0.2, 0.3], 1.5))
-    assert frame == plain[0] and len(plain[1]) == 20 and len(stamp) == 20 + 9 + z.nbytes  # the frame is unchanged
-    back = wire.decode_message([frame, stamp])
-    assert back.frame_bytes == protocol.verdict_frame_size() and np.array_equal(back.llm_logits, z)
-    assert back.llm_logits.dtype == np.float32 and wire.decode_message(plain).llm_logits is None
-    for bad in (stamp[:-1], stamp[:25], stamp + b"\0"):
-        assert isinstance(wire.decode_message([frame, bad]), protocol.ProtocolError)
-    up = wire.upload_message(_upload())
-    assert isinstance(wire.decode_message([up[0], up[1] + stamp[20:]]), protocol.ProtocolError)
+    frame = protocol.Verdict(device=4, session=1, seq=2, token_index=7, token=5, accepted=True, beta=0.125,
+                             shadow_betas=[0.25, 0.5])  # float32 values: the decoded frame equals it
+    parts = wire.encode(wire.Verdict(frame, wire.VerdictStamp(1.5, z)))
+    plain = wire.encode(wire.Verdict(frame, wire.VerdictStamp(1.5)))
+    assert parts[0] == plain[0] and len(plain[1]) == 8 and len(parts[1]) == 8 + 9 + z.nbytes  # the frame is unchanged
+    back = wire.decode(parts)
+    assert back.frame == frame and back.stamp.t_sent == 1.5 and np.array_equal(back.stamp.llm_logits, z)
+    assert back.stamp.llm_logits.dtype == np.float32 and wire.decode(plain).stamp.llm_logits is None
+    for bad in (parts[1][:-1], parts[1][:13], parts[1] + b"\0"):
+        with pytest.raises(protocol.ProtocolError, match="VERDICT stamp"):
+            wire.decode([parts[0], bad])
+    up = wire.encode(_upload())
+    with pytest.raises(protocol.ProtocolError, match="UPLOAD stamp"):
+        wire.decode([up[0], up[1] + parts[1][8:]])
 
 
-def _upload():
-    from agents.device import Upload
-
-    return Upload(device=0, seq=0, token_index=0, draft=1, draft_prob=0.5, piggyback=[], piggyback_probs=[],
-                  payload=codec.encode_payload([1], [0.5], V), llm_samples=False, final=False, t_sent=0.0,
-                  t_arrive=0.1)
+def _upload() -> wire.Upload:
+    frame = protocol.Upload(device=0, session=1, seq=0, token_index=0, draft=1, draft_prob=0.5,
+                            payload=codec.encode_payload([1], [0.5], V))
+    return wire.Upload(frame, wire.UploadStamp(0.0, 0.1))
 
 
 # --- the whole engine on the tiny models -------------------------------------------------------

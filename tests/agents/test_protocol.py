@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from hypothesis import strategies as st
 
 from agents import protocol as P
 from agents.codec import decode_payload, encode_payload
-from agents.protocol import (NO_TOKEN, Close, Error, ErrorCode, Flush, Open, ProtocolError, SeqStatus, Upload,
+from agents.protocol import (NO_TOKEN, Error, ErrorCode, Flush, Open, ProtocolError, SeqStatus, Upload,
                              Verdict, check_sequence, decode_frame, encode_frame)
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -61,7 +60,7 @@ def verdicts(draw):
 messages = st.one_of(
     st.builds(Open, **header, prompt=ids, seed=st.integers(0, 2**64 - 1),
               temperature=st.floats(0, 10, allow_nan=False), tier=st.text(max_size=20), policy=st.text(max_size=20)),
-    uploads(), flushes(), verdicts(), st.builds(Close, **header),
+    uploads(), flushes(), verdicts(),
     st.builds(Error, **header, code=st.sampled_from(list(ErrorCode)), message=st.text(max_size=100),
               bad_seq=st.one_of(st.just(-1), st.integers(0, 2**32 - 2))),
 )
@@ -89,15 +88,11 @@ def test_wire_size_leaves_out_only_the_measurement_fields():
     verdict = Verdict(device=1, session=2, seq=3, token_index=9, token=42, accepted=True, beta=0.0,
                       shadow_betas=[0.1, 0.2, 0.3])
     assert len(encode_frame(verdict)) - P.wire_size(verdict) == 4 + 4 + 12
-    close = Close(device=1, session=2, seq=5)
-    assert P.wire_size(close) == len(encode_frame(close)) == 20
-    # Duck-typed for the device's own records (agents.device.Upload has the same fields).
-    assert P.upload_frame_size(SimpleNamespace(piggyback=[5, 6, 7], payload=b"x" * 50, final=False)) == P.wire_size(up)
-    assert P.upload_frame_size(SimpleNamespace(piggyback=[1, 2], payload=b"", final=True)) == P.wire_size(flush)
-    assert P.verdict_frame_size(SimpleNamespace()) == P.wire_size(verdict)
+    error = Error(device=1, session=2, seq=5, code=ErrorCode.LIMIT, message="x")
+    assert P.wire_size(error) == len(encode_frame(error))  # no measurement fields
 
 
-def _frame(msg_type=P.MsgType.CLOSE, body=b"", version=1, magic=b"HT", body_len=None, device=7, session=8, seq=9):
+def _frame(msg_type=P.MsgType.OPEN, body=b"", version=1, magic=b"HT", body_len=None, device=7, session=8, seq=9):
     n = len(body) if body_len is None else body_len
     return struct.pack("<2sBBIIII", magic, version, msg_type, device, session, seq, n) + body
 
@@ -108,8 +103,9 @@ def _frame(msg_type=P.MsgType.CLOSE, body=b"", version=1, magic=b"HT", body_len=
     (_frame(version=2), ErrorCode.BAD_VERSION, "version"),
     (_frame(msg_type=0), ErrorCode.UNKNOWN_TYPE, "type"),
     (_frame(msg_type=99), ErrorCode.UNKNOWN_TYPE, "type"),
+    (_frame(msg_type=5), ErrorCode.UNKNOWN_TYPE, "type"),  # was CLOSE, never sent
     (_frame(body_len=1), ErrorCode.BAD_FRAME, "header says"),
-    (_frame(body=b"\0"), ErrorCode.BAD_BODY, "unexpected bytes"),
+    (_frame(P.MsgType.FLUSH, struct.pack("<II", 0, 0) + b"\0"), ErrorCode.BAD_BODY, "unexpected bytes"),
     (_frame(body_len=2**32 - 1), ErrorCode.OVERSIZED, "limit"),
     (_frame(P.MsgType.OPEN, struct.pack("<QdI", 1, 1.0, 1000)), ErrorCode.BAD_BODY, "prompt at byte 40 needs 4000"),
     (_frame(P.MsgType.OPEN, struct.pack("<QdI", 1, -1.0, 0) + bytes(4)), ErrorCode.BAD_BODY, "temperature"),
@@ -253,7 +249,8 @@ def test_check_upload_against_the_verifiers_vocabulary():
         assert info.value.code == code and info.value.seq == 4
     with pytest.raises(ProtocolError, match="vocab_size 1000 != the verifier's 999"):
         P.check_upload(up, 999)
-    device_style = SimpleNamespace(device=1, seq=2, draft=-1, piggyback=[1], payload=b"", llm_samples=True, final=False)
-    assert P.check_upload(device_style, V) is None
+    llm_only = Upload(device=1, session=1, seq=2, token_index=1, draft=NO_TOKEN, piggyback=[1], piggyback_probs=[0.5],
+                      llm_samples=True)
+    assert P.check_upload(llm_only, V) is None
     assert P.check_upload(Flush(device=1, session=1, seq=1, token_index=1, piggyback=[5], piggyback_probs=[0.5]),
                           V) is None

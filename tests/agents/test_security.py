@@ -66,7 +66,7 @@ def test_curve_refuses_clients_without_the_run_keys_and_serves_the_legitimate_on
     try:
         for c in clients.values():  # each tries to take the legitimate device's session first
             c.try_send(open_parts(7))
-            c.try_send(wire.upload_message(step_upload(lm, 7, 0)))
+            c.try_send(wire.encode(step_upload(lm, 7, 0)))
         for name, c in clients.items():
             seen = c.handshakes()
             assert "HANDSHAKE_SUCCEEDED" not in seen and any(e.startswith("HANDSHAKE_FAILED") for e in seen), (name, seen)

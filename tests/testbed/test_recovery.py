@@ -134,7 +134,7 @@ def test_restored_verifier_continues_bit_for_bit():
 
     group = DeviceGroupCore(p.specs, p.run, slm(), policies(), record=True)
     lost = VerifierCore(llm(), p.server, p.run.seed, p.run.vocab_size, mode="content")
-    lost.open(group.open_items())
+    lost.open(group.opens())
     _drive(group, lost, pause=lambda g: sum(len(d.rows) for d in g.devices.values()) >= 60 and g.unanswered())
     assert group.unanswered() and not group.done  # uploads in flight when the verifier is lost
     new = VerifierCore(llm(), p.server, p.run.seed, p.run.vocab_size, mode="content")
@@ -176,8 +176,16 @@ def test_only_the_driver_can_hand_a_session_over(ray_session):
         return sock
 
     def open_reply(sock, device: int):
-        sock.send_multipart(wire.open_message(device, list(p.specs[device].prompt_ids), 1.0, 4, 0.01))
-        return wire.decode_message(sock.recv_multipart()) if sock.poll(3000) else None
+        """None when admitted (an OPEN has no reply), else the ERROR reply as a ProtocolError."""
+        frame = protocol.Open(device=device, session=wire.SESSION, seq=0, prompt=p.specs[device].prompt_ids, seed=0,
+                              temperature=1.0)
+        sock.send_multipart(wire.encode(wire.Open(frame, wire.OpenStamp(4, 0.01))))
+        if not sock.poll(3000):
+            return None
+        try:
+            return wire.decode(sock.recv_multipart())
+        except protocol.ProtocolError as exc:
+            return exc
 
     try:
         endpoint = ray.get(verifier.start.remote())

@@ -95,39 +95,39 @@ def test_malformed_frames_get_error_replies_and_the_run_continues(ray_session, t
         for parts in garbage:
             sock.send_multipart(parts)
             assert sock.poll(5000), "no reply to a malformed frame"
-            reply = wire.decode_message(sock.recv_multipart())
-            assert isinstance(reply, protocol.ProtocolError) and "verifier error" in str(reply)
+            with pytest.raises(protocol.ProtocolError, match="verifier error"):
+                wire.decode(sock.recv_multipart())
         # A well-formed frame with a draft outside the vocabulary is rejected alone ...
-        from agents.device import Upload
-
         prompt = list(p.specs[0].prompt_ids)
-        sock.send_multipart(wire.open_message(0, prompt, 1.0, 1, 0.01))
+        opened = protocol.Open(device=0, session=wire.SESSION, seq=0, prompt=prompt, seed=0, temperature=1.0)
+        sock.send_multipart(wire.encode(wire.Open(opened, wire.OpenStamp(1, 0.01))))
         payload = codec.encode_payload([1, 2], [0.5, 0.25], p.run.vocab_size)
-        bad = Upload(device=0, seq=0, token_index=0, draft=p.run.vocab_size + 5, draft_prob=0.5, piggyback=[],
-                     piggyback_probs=[], payload=payload, llm_samples=False, final=False, t_sent=0.0, t_arrive=0.01)
-        sock.send_multipart(wire.upload_message(bad))
+
+        def upload(seq: int = 0, draft: int = 1) -> list[bytes]:
+            frame = protocol.Upload(device=0, session=wire.SESSION, seq=seq, token_index=seq, draft=draft,
+                                    draft_prob=0.5, payload=payload)
+            return wire.encode(wire.Upload(frame, wire.UploadStamp(0.0, 0.01)))
+
+        sock.send_multipart(upload(draft=p.run.vocab_size + 5))
         assert sock.poll(5000)
-        reply = wire.decode_message(sock.recv_multipart())
-        assert isinstance(reply, protocol.ProtocolError) and "outside the vocabulary" in str(reply)
+        with pytest.raises(protocol.ProtocolError, match="outside the vocabulary"):
+            wire.decode(sock.recv_multipart())
         # ... and the same session then gets its verdict.
-        up = Upload(device=0, seq=0, token_index=0, draft=1, draft_prob=0.5, piggyback=[],
-                    piggyback_probs=[], payload=payload, llm_samples=False, final=False, t_sent=0.0, t_arrive=0.01)
-        sock.send_multipart(wire.upload_message(up))
+        sock.send_multipart(upload())
         assert sock.poll(20000)
-        verdict = wire.decode_message(sock.recv_multipart())
+        verdict = wire.decode(sock.recv_multipart()).frame
         assert verdict.seq == 0 and 0 <= verdict.token < p.run.vocab_size
         # A retransmission of the same sequence number gets the same verdict again.
-        sock.send_multipart(wire.upload_message(up))
+        sock.send_multipart(upload())
         assert sock.poll(5000)
-        again = wire.decode_message(sock.recv_multipart())
-        assert (again.seq, again.token, again.accepted) == (verdict.seq, verdict.token, verdict.accepted)
+        again = wire.decode(sock.recv_multipart()).frame
+        assert again == verdict
         # A sequence number from the future (a frame went missing) is out of order.
-        gap = Upload(**{**up.__dict__, "seq": 5, "token_index": 5})
-        sock.send_multipart(wire.upload_message(gap))
+        sock.send_multipart(upload(seq=5))
         assert sock.poll(5000)
-        reply = wire.decode_message(sock.recv_multipart())
-        assert isinstance(reply, protocol.ProtocolError) and "expected 1" in str(reply)
-        assert str(int(protocol.ErrorCode.OUT_OF_ORDER)) in str(reply)
+        with pytest.raises(protocol.ProtocolError, match="expected 1") as info:
+            wire.decode(sock.recv_multipart())
+        assert str(int(protocol.ErrorCode.OUT_OF_ORDER)) in str(info.value)
         status = ray.get(verifier.status.remote())
         assert status["errors"] == len(garbage) + 2 and status["failure"] is None
         sock.close()
