@@ -42,6 +42,7 @@ Qwen2.5, the |V| of DESIGN.md. Logits come back as float32 numpy arrays.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import weakref
 from dataclasses import dataclass
@@ -190,6 +191,7 @@ class BatchedLM:
         self.matmul = matmul
         invariant = self.forward == "packed" and matmul == "tiled"
         self.prefixes = prefix_cache(model) if invariant else None  # bits must not depend on the call
+        self.prefix_tokens_served = 0  # prompt tokens copied from the prefix cache instead of computed
         # hf forward: the per-call KV slab is reused between calls (grow-only).
         self._work_k = torch.empty(0, dtype=self.dtype, device=self.device)
         self._work_v = torch.empty(0, dtype=self.dtype, device=self.device)
@@ -208,7 +210,18 @@ class BatchedLM:
         return {"forward": self.forward, "matmul": self.matmul, "row_tile": ROW_TILE if self.matmul == "tiled" else None,
                 "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
                 "threads": torch.get_num_threads(),
-                "batch_invariant": self.forward == "packed" and self.matmul == "tiled"}
+                "batch_invariant": self.forward == "packed" and self.matmul == "tiled",
+                "prefix_cache": None if self.prefixes is None else {
+                    "max_mib": round(self.prefixes.max_bytes / 2**20, 1), "tokens_served": self.prefix_tokens_served}}
+
+    @contextlib.contextmanager
+    def uncached(self):
+        """No prefix cache inside: for yardsticks that time a prefill (a cached one costs a copy)."""
+        saved, self.prefixes = self.prefixes, None
+        try:
+            yield self
+        finally:
+            self.prefixes = saved
 
     # -- sessions ---------------------------------------------------------------------------------
 
@@ -344,6 +357,7 @@ class BatchedLM:
                 n = len(tokens[i])
                 src = _Prefix(s.keys[:, :, :n], s.values[:, :, :n], logits.get(src))
             n = src.keys.shape[2]
+            self.prefix_tokens_served += n
             s = self._reserve(ids[i], n)
             s.keys[:, :, :n] = src.keys
             s.values[:, :, :n] = src.values

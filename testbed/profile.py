@@ -55,21 +55,23 @@ def _rate_prefill(lm, lengths: list[int]) -> float:
     """Tokens/s of one batched prefill of prompts of these lengths (all in one call)."""
     rng = np.random.default_rng(0)
     items = [(("limit-prefill", i), _context(rng, n, lm.vocab_size)) for i, n in enumerate(lengths)]
-    lm.extend(items[:1], logits=False)  # warm-up
-    lm.drop(items[0][0])
-    t0 = time.perf_counter()
-    lm.extend(items, logits=False)
-    dt = time.perf_counter() - t0
+    with lm.uncached():  # computed, not copied from the prefix cache (agents.lm)
+        lm.extend(items[:1], logits=False)  # warm-up
+        lm.drop(items[0][0])
+        t0 = time.perf_counter()
+        lm.extend(items, logits=False)
+        dt = time.perf_counter() - t0
     for sid, _ in items:
         lm.drop(sid)
     return sum(lengths) / dt
 
 
 def compute_limit(slm, llm, profile: Mapping, prompt_lengths: list[int], n_devices: int,
-                  threads: Mapping[str, int]) -> dict:
+                  threads: Mapping[str, int], served: Mapping[str, int] | None = None) -> dict:
     """Seconds the run's forwards need at the best batch sizes. slm/llm: BatchedLM (None when the
     role did no compute); profile: the breakdown block of the run; threads: torch threads per role
-    ("slm", "llm"), as the run's actors had them."""
+    ("slm", "llm"), as the run's actors had them; served: prompt tokens per role that the run's
+    prefix caches served (agents.lm.PrefixCache)."""
     import torch
 
     from testbed.benchmarks.verifier import raw_tokens_per_s
@@ -81,7 +83,8 @@ def compute_limit(slm, llm, profile: Mapping, prompt_lengths: list[int], n_devic
     total = 0.0
     for role, lm, prefill, step in (("slm", slm, "slm.prefill", "slm.decode"),
                                     ("llm", llm, "llm.prefill", "llm.verify_forward")):
-        need_prefill = compute.get(prefill, {}).get("tokens", 0)
+        # prompt tokens the prefix cache served were copied, not computed: no compute to bound
+        need_prefill = max(0, compute.get(prefill, {}).get("tokens", 0) - (served or {}).get(role, 0))
         need_step = compute.get(step, {}).get("tokens", 0)
         if lm is None or not (need_prefill or need_step):
             continue

@@ -233,7 +233,12 @@ def _add_compute_limit(p: Plan, status: dict, slm, llm) -> None:
     prof = status["profile"]
     lengths = [len(d.prompt_ids) for d in p.specs]
     a = p.scenario.actors
-    limit = compute_limit(slm, llm, prof, lengths, len(p.specs), {"slm": a.group_threads, "llm": a.verifier_threads})
+    # prompt tokens the prefix caches served (as the run's models describe themselves; on Ray the
+    # slm's is the first group's)
+    served = {role: ((status.get("compute", {}).get(role) or {}).get("prefix_cache") or {}).get("tokens_served", 0)
+              for role in ("slm", "llm")}
+    limit = compute_limit(slm, llm, prof, lengths, len(p.specs), {"slm": a.group_threads, "llm": a.verifier_threads},
+                          served)
     prof["compute_limit"] = limit
     prof["wall_over_compute_limit"] = round(prof["emulation_s"] / limit["seconds"], 3) if limit["seconds"] else None
     prof["total_wall_over_compute_limit"] = round(prof["wall_s"] / limit["seconds"], 3) if limit["seconds"] else None
