@@ -314,10 +314,12 @@ class Device:
         upload = self.waiting
         if upload is None or verdict.frame.seq != upload.frame.seq:
             return  # a duplicate of a verdict already applied
+        v, t_sent = verdict.frame, verdict.stamp.t_sent
+        up_bytes, down_bytes = protocol.wire_size(upload.frame), protocol.wire_size(v)
         retx = upload.stamp.retransmissions
         t_last = upload.stamp.t_sent + retx * self.run.rto_s  # the copy that reached the verifier
         # content pass: no links (verdict time is meaningless there; the replay runs the links)
-        arrive = self.downlink.send(protocol.wire_size(verdict.frame), verdict.stamp.t_sent) if self.record is None else verdict.stamp.t_sent
+        arrive = self.downlink.send(down_bytes, t_sent) if self.record is None else t_sent
         # Link accounting (events and the row's link columns): each retransmission in _send followed a
         # lost copy; every downlink send is a copy of the verdict.
         up_lost, down_copies, down_lost = upload.stamp.retransmissions, int(self.record is None), int(arrive is None)
@@ -331,27 +333,27 @@ class Device:
         lost = 0
         while arrive is None:
             if lost >= MAX_RETRANSMISSIONS:
-                raise RuntimeError(f"device {self.spec.device}: verdict {verdict.frame.seq} lost {MAX_RETRANSMISSIONS} times")
+                raise RuntimeError(f"device {self.spec.device}: verdict {v.seq} lost {MAX_RETRANSMISSIONS} times")
             t_last += self.run.rto_s
             retx += 1
-            again = self.uplink.send(protocol.wire_size(upload.frame), t_last)
+            again = self.uplink.send(up_bytes, t_last)
             up_lost += again is None
-            if (t_last if again is None else again) < verdict.stamp.t_sent:
+            if (t_last if again is None else again) < t_sent:
                 continue  # too early to be answered: not a loss (t_last grows, so this ends)
             lost += 1
             if again is not None:
-                arrive = self.downlink.send(protocol.wire_size(verdict.frame), again)
+                arrive = self.downlink.send(down_bytes, again)
                 down_copies += 1
                 down_lost += arrive is None
         self._measure_fidelity(upload, verdict.stamp.llm_logits)
-        links = dict(uplink_lost=up_lost, downlink_bytes=protocol.wire_size(verdict.frame) * down_copies, downlink_lost=down_lost)
+        links = dict(uplink_lost=up_lost, downlink_bytes=down_bytes * down_copies, downlink_lost=down_lost)
         if self.record is None:  # a content pass has no links: the replay emits them
             self._emit_links(upload, verdict, retx, down_copies, up_lost, down_lost, arrive)
-        self.answered.append(Answered(upload.frame.piggyback, upload.final, verdict.frame))
+        self.answered.append(Answered(upload.frame.piggyback, upload.final, v))
         if upload.final:  # billed to the device's last token (always a skipped one: it had no upload)
-            self.rows[-1].update(flush_bytes=protocol.wire_size(upload.frame) * (1 + retx), flush_retransmissions=retx, **links)
+            self.rows[-1].update(flush_bytes=up_bytes * (1 + retx), flush_retransmissions=retx, **links)
         measured = verdict.stamp.llm_logits is not None  # else the fidelity came with the commit (a replay)
-        for (_, _, row, _), beta in zip(self.piggyback, verdict.frame.shadow_betas):
+        for (_, _, row, _), beta in zip(self.piggyback, v.shadow_betas):
             self.rows[row].update(beta=beta, beta_is_shadow=True)
             skipped = self.rows[row]
             self.policy.observe(self.spec.device, skipped["token_index"], skipped["uncertainty"], beta, True)
@@ -363,14 +365,14 @@ class Device:
             self.flushed = True
             return
         row = self.pending_row
-        row.update(token_id=verdict.frame.token, accepted=verdict.frame.accepted, resampled=verdict.frame.resampled,
-                   beta=verdict.frame.beta, uplink_bytes=protocol.wire_size(upload.frame) * (1 + retx), retransmissions=retx,
+        row.update(token_id=v.token, accepted=v.accepted, resampled=v.resampled,
+                   beta=v.beta, uplink_bytes=up_bytes * (1 + retx), retransmissions=retx,
                    t_verdict=arrive, t_commit=arrive, **links)
-        self.policy.observe(self.spec.device, row["token_index"], row["uncertainty"], verdict.frame.beta, False)
+        self.policy.observe(self.spec.device, row["token_index"], row["uncertainty"], v.beta, False)
         self.rows.append(row)
         self.events.append(TokenCommitted(dict(row)))
         self.pending_row = None
-        self.feed = [verdict.frame.token]
+        self.feed = [v.token]
         self.index += 1
         self.t = arrive
 
@@ -515,8 +517,9 @@ class DeviceGroupCore:
     def opens(self) -> list[Open]:
         """Each device's OPEN (VerifierCore.open)."""
         run = self.run
-        return [Open(protocol.Open(device=d.spec.device, session=SESSION, seq=0, prompt=d.spec.prompt_ids, seed=run.seed,
-                                   temperature=run.temperature, tier=d.spec.tier, policy=d.spec.policy_name),
+        return [Open(protocol.Open(device=d.spec.device, session=SESSION, seq=0, prompt=d.spec.prompt_ids,
+                                   seed=run.seed, temperature=run.temperature, tier=d.spec.tier,
+                                   policy=d.spec.policy_name),
                      OpenStamp(run.max_new_tokens, d.lookahead_s))
                 for d in self.devices.values()]
 

@@ -258,7 +258,8 @@ class VerifierCore:
         try:  # everything up to `next_seq += 1` only checks: a failure there is the client's, not the LLM's
             s = self.sessions.get(f.device)
             if s is None:
-                raise protocol.ProtocolError(f"device {f.device}: upload before open", protocol.ErrorCode.UNKNOWN_SESSION)
+                raise protocol.ProtocolError(f"device {f.device}: upload before open",
+                                             protocol.ErrorCode.UNKNOWN_SESSION)
             status = protocol.check_sequence(s.next_seq, f.seq)
             if status is protocol.SeqStatus.REPEAT:
                 last = s.last_verdict
@@ -385,7 +386,8 @@ class VerifierCore:
             self.compute([u for u, _ in requests], [q[3] for q in sorted(self.queue, key=lambda q: q[:3])])
             logits = [self.computed.pop((f.device, f.seq)) for f in batch]
             with self.timings("verify_math", len(batch)):
-                frames = [self._verdict(s, f, payload, z) for s, f, (_, payload), z in zip(sessions, batch, requests, logits)]
+                frames = [self._verdict(s, f, payload, z)
+                          for s, f, (_, payload), z in zip(sessions, batch, requests, logits)]
             if self.mode == "content":
                 self.log.update(((f.device, f.seq), v) for f, v in zip(batch, frames))
             # rows of the piggybacked tokens, then the verified draft's (none for a token the LLM sampled)
@@ -398,7 +400,8 @@ class VerifierCore:
             s.queued = False
             last = f.token_index + 1 >= s.max_new_tokens
             s.bound = t_end + s.lookahead_s if not last else math.inf
-        self.batches.append(BatchRecord(start, t_end, len(batch), n_tokens, [start - u.stamp.t_arrive for u, _ in requests]))
+        waits = [start - u.stamp.t_arrive for u, _ in requests]
+        self.batches.append(BatchRecord(start, t_end, len(batch), n_tokens, waits))
         self.t_free = t_end
         return verdicts
 
