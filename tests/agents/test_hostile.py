@@ -700,3 +700,92 @@ def test_fuzzing_clients_cannot_disturb_a_legitimate_session(serve, lm):
     assert not report["bad_replies"]  # every reply was an ERROR frame that decodes
     # Every fuzz message was refused with exactly one reply and one count.
     assert report["replies"] == report["sent"] == v.errors, (report["sent"], report["replies"], v.errors)
+
+
+# --- hypothesis: generated and mutated messages, each answered by exactly one ERROR ---------------
+
+def _hypothesis_message(data, V: int, lm) -> list[bytes]:
+    """A message drawn by hypothesis: an OPEN, UPLOAD or FLUSH with generated fields (or raw bytes),
+    then a mutation (bit flips, truncation, appended bytes, a header field at its maximum), a
+    generated stamp and a generated part count. Every one is hostile to a verifier whose only
+    allowed device (7) is already open by another identity."""
+    from hypothesis import strategies as st
+
+    u32 = st.integers(0, 0xFFFFFFFF)
+    tokens = st.lists(st.integers(0, V + 4), max_size=24)
+    kind = data.draw(st.sampled_from(["open", "upload", "flush", "raw"]))
+    device = data.draw(st.sampled_from([7, 7, 0, 99, 0xFFFFFFFF]) | u32)
+    seq = data.draw(st.integers(0, STEPS + 1) | u32)
+    try:
+        if kind == "open":
+            frame = protocol.encode_frame(protocol.Open(
+                device=device, session=wire.SESSION, seq=seq, prompt=data.draw(tokens),
+                seed=data.draw(st.integers(0, 2**64 - 1)), temperature=data.draw(st.floats(0.0, 10.0))))
+        elif kind == "upload":
+            u = step_upload(lm, device, data.draw(st.integers(0, STEPS - 1)), seq=seq,
+                            draft=data.draw(st.integers(0, V + 4)), draft_prob=data.draw(st.floats(0.0, 1.0)),
+                            token_index=data.draw(st.integers(0, 64) | u32))
+            if data.draw(st.booleans()):
+                u = wire.Upload(dataclasses.replace(u.frame, payload=data.draw(st.binary(max_size=64))), u.stamp)
+            frame = wire.encode(u)[0]
+        elif kind == "flush":
+            frame = wire.encode(flush_upload(lm, device, seq=seq, token_index=data.draw(st.integers(0, 64))))[0]
+        else:
+            frame = data.draw(st.binary(max_size=300))
+    except protocol.ProtocolError:  # a field the encoder itself refuses: send raw bytes instead
+        frame = data.draw(st.binary(min_size=1, max_size=60))
+    buf = bytearray(frame)
+    mutation = data.draw(st.sampled_from(["none", "none", "none", "flip", "truncate", "extend", "max-field"]))
+    if mutation == "flip" and buf:
+        for i in data.draw(st.lists(st.integers(0, len(buf) * 8 - 1), min_size=1, max_size=8)):
+            buf[i // 8] ^= 1 << (i % 8)
+    elif mutation == "truncate" and buf:
+        del buf[data.draw(st.integers(0, len(buf) - 1)):]
+    elif mutation == "extend":
+        buf += data.draw(st.binary(min_size=1, max_size=32))
+    elif mutation == "max-field" and len(buf) >= 20:
+        at = data.draw(st.sampled_from([4, 8, 12, 16]))  # device, session, seq or body_len
+        buf[at:at + 4] = b"\xff\xff\xff\xff"
+    f = st.floats(allow_nan=True, allow_infinity=True) | st.floats(0.0, 1e6)
+    upload_stamp = st.builds(lambda a, b, r: struct.pack("<ddI", a, b, r), f, f, st.integers(0, 40) | u32)
+    open_stamp = st.builds(lambda n, x: struct.pack("<Id", n, x), st.integers(0, 200) | u32, f)
+    own = open_stamp if kind == "open" else upload_stamp  # mostly the layout the frame's type has
+    stamp = data.draw(st.one_of(own, own, own, upload_stamp, open_stamp, st.binary(max_size=40)))
+    n = data.draw(st.sampled_from([2] * 16 + [1, 3, 5, 50]))  # mostly [frame, stamp]
+    return ([bytes(buf), stamp] + [b""] * max(0, n - 2))[:n]
+
+
+def test_hypothesis_messages_each_get_one_error_and_leave_the_session_untouched(serve, lm):
+    """Property: against a verifier whose one session is open, every generated message (whatever it
+    holds) is answered by exactly one decodable ERROR and counted once; the legitimate session then
+    goes on with the verdicts it gets when nobody else is there."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    want = baseline(serve, lm)
+    v = serve(allowed_devices={7}, expected_sessions=1)
+    legit, hostile = Client(v.endpoint, b"legit"), Client(v.endpoint, b"hypothesis")
+    sent = []
+    try:
+        got = run_session(legit, lm, [7], steps=range(1), flush=False)
+
+        @settings(max_examples=300, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(st.data())
+        def one(data):
+            hostile.send(_hypothesis_message(data, lm.vocab_size, lm))
+            sent.append(1)
+            reply, _ = hostile.reply(timeout_s=5.0)
+            assert isinstance(reply, protocol.Error), reply
+            assert v.errors == len(sent), v.error_log[-3:]
+
+        one()
+        assert hostile.silent(0.2)  # nothing more than one reply per message
+        got += run_session(legit, lm, [7], steps=range(1, STEPS), opened=True)
+    finally:
+        legit.close()
+        hostile.close()
+    print(f"\nhypothesis: {len(sent)} generated messages, {v.errors} ERROR replies counted "
+          f"{ {ErrorCode(c).name: n for c, n in sorted(v.error_codes.items())} }; e.g. {v.error_log[-3:]}")
+    assert len(sent) == 300 and got == want
+    assert_serving(v)
