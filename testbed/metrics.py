@@ -188,7 +188,8 @@ class Sel:
     def series(self, m: Metric | str, suffix: str = "") -> str:
         m = _METRIC_BY_NAME[str(m)]
         values = {"scenario": self.scenario, "tier": self.tier, "policy": self.policy}
-        matchers = ", ".join(f'{lbl}=~"{values[lbl]}"' for lbl in m.labels)
+        # labels with no dashboard variable (reason) are not matched: every value counts
+        matchers = ", ".join(f'{lbl}=~"{values[lbl]}"' for lbl in m.labels if lbl in values)
         return f"{m.name}{suffix}{{{matchers}}}"
 
     def inc(self, m: Metric, suffix: str = "") -> str:
