@@ -426,6 +426,10 @@ class Collector:
                 self._prom[m.name].labels(scenario)  # pre-create at 0
         for role in ACTOR_ROLES:
             self._prom[ACTOR_RESTARTS.name].labels(scenario, role)  # pre-create at 0
+        from agents.protocol import ErrorCode
+
+        for code in ErrorCode:  # every reason the verifier can answer with, at 0 until it happens
+            self._prom[PROTOCOL_ERRORS.name].labels(scenario, code.name)
         for tier, policy in self._tier_policy.items():
             self._key((tier, policy))
 
