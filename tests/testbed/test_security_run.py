@@ -58,7 +58,7 @@ def test_restarted_actors_keep_their_curve_keys(ray_session, tmp_path):
 
 def test_hostile_messages_during_a_run_are_counted_by_reason(ray_session, tmp_path):
     """A client of our own sends a 40-byte frame (header seq 0xFFFFFFFF, a version this side does not
-    speak) and an OPEN with an empty prompt for one of the run's devices at the verifier of a running
+    speak) and an UPLOAD with a NaN arrival stamp for one of the run's devices at the verifier of a running
     `testbed run`: each gets its ERROR reply, hlm_protocol_errors_total counts them by the verifier's
     ErrorCode name, summary.json has them by reason, and the trace is the local engine's."""
     import socket
@@ -83,8 +83,11 @@ def test_hostile_messages_during_a_run_are_counted_by_reason(ray_session, tmp_pa
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(f"tcp://127.0.0.1:{port}")  # queued until the verifier binds
         sock.send_multipart([frame, bytes(20)])
-        empty = protocol.Open(device=3, session=wire.SESSION, seq=0, prompt=[], seed=0, temperature=1.0)
-        sock.send_multipart(wire.encode(wire.Open(empty, wire.OpenStamp(8, 0.01))))
+        # an UPLOAD whose emulation stamp arrives at NaN: refused at decoding, whoever owns device 3
+        # (an empty-prompt OPEN would race the group's own OPEN: REFUSED or BAD_BODY by timing)
+        upload = protocol.Upload(device=3, session=wire.SESSION, seq=0, token_index=0, draft=protocol.NO_TOKEN,
+                                 llm_samples=True)
+        sock.send_multipart([protocol.encode_frame(upload), wire.UploadStamp(0.0, float("nan")).pack()])
         while len(replies) < 2 and not stop.is_set():
             if sock.poll(100):
                 replies.append(protocol.decode_frame(sock.recv_multipart()[0]))
