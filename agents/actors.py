@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import pickle
 import random
 import secrets
 import signal
@@ -31,6 +32,7 @@ import zmq
 
 from agents import protocol, security, wire
 from agents.device import DeviceGroupCore, DeviceSpec, RunParams
+from agents.engine import PackedVerdicts, pack_devices
 from agents.security import ClientKeys, ServerKeys
 from agents.verifier import ServerProfile, VerifierCore
 
@@ -282,8 +284,10 @@ class DeviceGroup:
         # No rows: every token left as an event through drain().
         return {"lag_s": self.lag_s, "max_rss_bytes": max_rss_bytes(), "memory": memory(),
                 "timings": timings.snapshot(), "lm": self.core.slm.describe() if self.core.slm else None,
-                "content": self.core.recorded() if self.record else None,
-                "sessions": self.core.session_states()}  # for a verifier restart after this group ended
+                "content": pack_devices(self.core.recorded()) if self.record else None,  # ~60 B a token
+                # for a verifier restart after this group ended; pickled: the driver holds every group's
+                # until the end, ~30 bytes a token as bytes and ~300 as objects
+                "sessions": pickle.dumps(self.core.session_states(), protocol=pickle.HIGHEST_PROTOCOL)}
 
     def _publish(self, skip: dict[int, int]) -> None:
         """Hand the devices' new events to drain(), less those of steps already delivered (a restart)."""
@@ -454,8 +458,8 @@ class Verifier:
         return new
 
     def content_log(self) -> dict:
-        """mode="content": every verdict's content, for the driver's replay (agents.engine)."""
-        return self.core.log
+        """mode="content": every verdict's content, for the driver's replay (agents.engine), packed."""
+        return PackedVerdicts.of(self.core.log)
 
     def batches(self) -> list:
         return list(self.core.batches)

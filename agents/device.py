@@ -151,8 +151,12 @@ class Device:
     seq: int = 0
     feed: list[int] = field(default_factory=list)  # tokens the SLM has not consumed yet
     # skipped tokens not yet uploaded: (token, x_d, row, held), held as in `held_draft`
-    piggyback: list[tuple[int, float, int, tuple | None]] = field(default_factory=list)
+    piggyback: list[tuple[int, float, dict, tuple | None]] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
+    # Keep every row (rows) and applied verdict (answered). A driver's replay keeps neither: its rows
+    # leave as events, and no verifier is rebuilt from it; so its memory does not grow with tokens.
+    history: bool = True
+    last_row: dict | None = None  # the last committed token's row (a final flush is billed to it)
     waiting: Upload | None = None
     pending_row: dict | None = None
     flushed: bool = False
@@ -258,9 +262,9 @@ class Device:
         if not decision.transmit:
             # Accepted on the device: no uplink, no LLM cost now; the LLM learns the token later.
             row.update(token_id=c.draft, accepted=True, t_commit=t_drafted)
-            self.rows.append(row)
+            self._keep(row)
             self.events.append(TokenCommitted(dict(row)))  # a copy: the shadow beta comes as its own event
-            self.piggyback.append((c.draft, c.draft_prob, len(self.rows) - 1, held))
+            self.piggyback.append((c.draft, c.draft_prob, row, held))
             self.feed = [c.draft]
             self.index += 1
             self.t = t_drafted
@@ -349,13 +353,13 @@ class Device:
         links = dict(uplink_lost=up_lost, downlink_bytes=down_bytes * down_copies, downlink_lost=down_lost)
         if self.record is None:  # a content pass has no links: the replay emits them
             self._emit_links(upload, verdict, retx, down_copies, up_lost, down_lost, arrive)
-        self.answered.append(Answered(upload.frame.piggyback, upload.final, v))
+        if self.history:
+            self.answered.append(Answered(upload.frame.piggyback, upload.final, v))
         if upload.final:  # billed to the device's last token (always a skipped one: it had no upload)
-            self.rows[-1].update(flush_bytes=up_bytes * (1 + retx), flush_retransmissions=retx, **links)
+            self.last_row.update(flush_bytes=up_bytes * (1 + retx), flush_retransmissions=retx, **links)
         measured = verdict.stamp.llm_logits is not None  # else the fidelity came with the commit (a replay)
-        for (_, _, row, _), beta in zip(self.piggyback, v.shadow_betas):
-            self.rows[row].update(beta=beta, beta_is_shadow=True)
-            skipped = self.rows[row]
+        for (_, _, skipped, _), beta in zip(self.piggyback, v.shadow_betas):
+            skipped.update(beta=beta, beta_is_shadow=True)
             self.policy.observe(self.spec.device, skipped["token_index"], skipped["uncertainty"], beta, True)
             self.events.append(ShadowResolved(self.spec.device, skipped["token_index"], upload.frame.token_index, beta,
                                               skipped["fidelity_tv"] if measured else math.nan))
@@ -369,12 +373,17 @@ class Device:
                    beta=v.beta, uplink_bytes=up_bytes * (1 + retx), retransmissions=retx,
                    t_verdict=arrive, t_commit=arrive, **links)
         self.policy.observe(self.spec.device, row["token_index"], row["uncertainty"], v.beta, False)
-        self.rows.append(row)
+        self._keep(row)
         self.events.append(TokenCommitted(dict(row)))
         self.pending_row = None
         self.feed = [v.token]
         self.index += 1
         self.t = arrive
+
+    def _keep(self, row: dict) -> None:
+        self.last_row = row
+        if self.history:
+            self.rows.append(row)
 
     def _emit_links(self, upload: Upload, verdict: Verdict, retx: int, down_copies: int, up_lost: int,
                     down_lost: int, arrive: float) -> None:
@@ -412,7 +421,7 @@ class Device:
         for i, (h, (_, _, row, _)) in enumerate(zip(held, self.piggyback)):
             x = self._release(h)
             if x is not None and i < len(llm_logits):
-                self._set_fidelity(self.rows[row], tv_distance(x, softmax_t(llm_logits[i], T)))
+                self._set_fidelity(row, tv_distance(x, softmax_t(llm_logits[i], T)))
         x = self._release(draft)
         if x is not None and not upload.final and not upload.frame.llm_samples and len(llm_logits) > n:
             p = codec.decode_payload_ex(upload.frame.payload)
@@ -431,13 +440,20 @@ class DeviceGroupCore:
     ready to draft. Transport-free: callers deliver uploads and verdicts."""
 
     def __init__(self, specs: list[DeviceSpec], run: RunParams, slm, policies: dict[str, Policy],
-                 record: bool = False, replay: dict[int, list[Drafted]] | None = None):
+                 record: bool = False, replay: dict[int, list[Drafted]] | None = None, history: bool = True):
         """record: keep every token's content (Device.record) for a later replay. replay: the
         recorded content per device; the SLM and the policies are then not consulted (slm may
-        be None), only the state machine and the links run."""
+        be None), only the state machine and the links run. history=False: rows() and
+        session_states() stay empty (Device.history), the events are the only output."""
         self.run = run
         self.slm = slm  # agents.lm.BatchedLM (None when no device drafts, or in a replay)
-        self.devices = {s.device: Device(s, run, policies[s.policy_name]) for s in specs}
+        self.devices = {s.device: Device(s, run, policies[s.policy_name], history=history) for s in specs}
+        # Devices a step may move (ready, or to flush) and devices that may hold events: a step and a
+        # drain visit these, in device order, not the whole fleet (with 10,000 devices and a few
+        # hundred moving per step, visiting all made the replay quadratic in devices).
+        self._order = {device: i for i, device in enumerate(self.devices)}
+        self._awake = set(self.devices)
+        self._noisy = set(self.devices)
         self.replay = replay
         if record:
             for d in self.devices.values():
@@ -453,7 +469,7 @@ class DeviceGroupCore:
         return all(d.finished for d in self.devices.values())
 
     def has_work(self) -> bool:
-        return any(d.ready or self._must_flush(d) for d in self.devices.values())
+        return any(self._movable(self.devices[i]) for i in self._awake)
 
     def awaiting_verdicts(self) -> bool:
         """Some device waits for a verdict (a content pass steps in lockstep: none may)."""
@@ -461,11 +477,18 @@ class DeviceGroupCore:
 
     def next_time(self) -> float:
         """Emulated time of the earliest device that can move without the verifier."""
-        return min((d.t for d in self.devices.values() if d.ready or self._must_flush(d)), default=math.inf)
+        return min((d.t for d in map(self.devices.get, self._awake) if self._movable(d)), default=math.inf)
 
     @staticmethod
     def _must_flush(d: Device) -> bool:
         return d.generated_all and d.waiting is None and not d.flushed
+
+    @classmethod
+    def _movable(cls, d: Device) -> bool:
+        return d.ready or cls._must_flush(d)
+
+    def _in_order(self, devices) -> list[Device]:
+        return [self.devices[i] for i in sorted(devices, key=self._order.__getitem__)]
 
     def step(self, until: float | None = None) -> list[Upload]:
         """Advance every device that can move without the verifier by one token (or flush
@@ -473,7 +496,9 @@ class DeviceGroupCore:
         emulated time has come. Returns the uploads to deliver."""
         uploads: list[Upload] = []
         due = (lambda d: True) if until is None else (lambda d: d.t <= until)
-        ready = [d for d in self.devices.values() if d.ready and due(d)]
+        movable = self._in_order(self._awake)  # every device that is ready or must flush is in _awake
+        self._noisy.update(self._awake)
+        ready = [d for d in movable if d.ready and due(d)]
         if self.replay is not None:
             for d in ready:
                 if (u := d.commit(self.replay[d.spec.device][d.index])) is not None:
@@ -505,14 +530,19 @@ class DeviceGroupCore:
             if not d.policy.drafts:
                 decision = d.policy.decide(None, None)
                 uploads.append(d.apply(decision, None))
-        for d in self.devices.values():
+        for d in movable:  # those that just committed their last token included
             if self._must_flush(d) and due(d):
                 if (u := d.flush()) is not None:
                     uploads.append(u)
+        self._awake = {d.spec.device for d in movable if self._movable(d)}
         return uploads
 
     def on_verdict(self, verdict: Verdict) -> None:
-        self.devices[verdict.frame.device].on_verdict(verdict)
+        d = self.devices[verdict.frame.device]
+        d.on_verdict(verdict)
+        self._noisy.add(d.spec.device)
+        if self._movable(d):
+            self._awake.add(d.spec.device)
 
     def opens(self) -> list[Open]:
         """Each device's OPEN (VerifierCore.open)."""
@@ -547,9 +577,10 @@ class DeviceGroupCore:
     def drain_events(self) -> list:
         """Every event (agents.events) the devices emitted since the last call, each device's in order."""
         out = []
-        for d in self.devices.values():
+        for d in self._in_order(self._noisy):
             if d.events:
                 out.extend(d.events)
                 d.events = []
+        self._noisy = set()
         return out
 

@@ -15,7 +15,9 @@ verdict only on the device's own context (the forwards are batch invariant, agen
    (agents.protocol.Verdict: what it says, without when) are recorded.
 2. replay: the same state machines run again in emulated time (links, retransmissions, the
    verifier's batching rule and its lower bounds), taking the content from the record instead of
-   the models. This pass writes the trace; it costs no forward at all.
+   the models. This pass writes the trace; it costs no forward at all. The record goes to it packed
+   (Content.packed: numpy records, ~60 bytes a token), and with history=False (the runner's) it keeps
+   no rows: the events are the trace, so a replay's memory grows with devices, not with tokens.
 
 The trace is the one the single-pass emulation (`run_local(mode="emulate")`, what the wall clock
 does) gives: same content, same timing rule (tests/testbed/test_runtime.py compares them).
@@ -23,15 +25,18 @@ does) gives: same content, same timing rule (tests/testbed/test_runtime.py compa
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Callable
+
+import numpy as np
 
 from agents import protocol
 from agents.device import DeviceGroupCore, DeviceSpec, Drafted, RunParams
 from agents.events import VerifierBatch
 from agents.timing import merge
 from agents.verifier import BatchRecord, ServerProfile, VerifierCore
-from policies.base import Policy
+from policies.base import Decision, Policy
 
 
 @dataclass
@@ -44,6 +49,104 @@ class Content:
     def update(self, other: "Content") -> None:
         self.devices.update(other.devices)
         self.verdicts.update(other.verdicts)
+
+    def packed(self) -> "Content":
+        """The same record in numpy arrays (PackedDrafted, PackedVerdicts)."""
+        return Content(pack_devices(self.devices), PackedVerdicts.of(self.verdicts))
+
+
+# A content record as Python objects costs ~650 bytes a token (Drafted, Decision, Verdict, their
+# floats and the dict keys): 400 MiB for 10,000 devices x 64 tokens, all in the driver that replays
+# it. Packed in numpy records it is ~60 bytes a token, and pickles (Ray) as a few buffers. Every
+# field is stored at its exact width (floats as float64, as Python holds them), so an item rebuilt
+# from a record equals the original.
+_DRAFTED = np.dtype([("transmit", "?"), ("llm_samples", "?"), ("prob_bits", "i2"), ("k", "i4"), ("draft", "i4"),
+                     ("payload", "i8"), ("uncertainty", "f8"), ("draft_prob", "f8"), ("fidelity_tv", "f8")])
+
+
+class PackedDrafted(Sequence):
+    """One device's content record (its Drafted, in token order; payloads as their sizes) as one
+    numpy record array; an item is rebuilt as a Drafted on access."""
+
+    __slots__ = ("a",)
+
+    def __init__(self, items: Sequence[Drafted]):
+        self.a = np.array([(c.decision.transmit, c.decision.llm_samples, c.decision.prob_bits, c.decision.k, c.draft,
+                            c.payload if isinstance(c.payload, int) else len(c.payload), c.decision.uncertainty,
+                            c.draft_prob, c.fidelity_tv) for c in items], dtype=_DRAFTED)
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        transmit, llm_samples, prob_bits, k, draft, payload, u, draft_prob, fidelity = self.a[i].tolist()
+        return Drafted(Decision(transmit, u, k, prob_bits, llm_samples), draft, draft_prob, payload, fidelity)
+
+
+def pack_devices(devices: Mapping[int, Sequence[Drafted]]) -> dict[int, PackedDrafted]:
+    return {d: c if isinstance(c, PackedDrafted) else PackedDrafted(c) for d, c in devices.items()}
+
+
+_VERDICT = np.dtype([("device", "i8"), ("seq", "i8"), ("session", "i8"), ("token_index", "i8"), ("token", "i8"),
+                     ("accepted", "?"), ("resampled", "?"), ("beta", "f8"), ("shadow_start", "i8"),
+                     ("shadow_end", "i8")])
+
+
+class PackedVerdicts(Mapping):
+    """A verifier's content log, (device, seq) -> protocol.Verdict, as one record array sorted by
+    (device, seq) and the shadow betas end to end; a frame is rebuilt on access."""
+
+    def __init__(self, a: np.ndarray, shadow: np.ndarray):
+        self.a, self.shadow = a, shadow
+        devices = a["device"]
+        starts = np.flatnonzero(np.r_[True, devices[1:] != devices[:-1]]) if len(a) else np.zeros(0, np.int64)
+        ends = np.r_[starts[1:], len(a)].astype(np.int64)
+        self.rows = {int(devices[s]): (int(s), int(e)) for s, e in zip(starts, ends)}  # device -> its slice
+
+    @classmethod
+    def of(cls, log: Mapping) -> "PackedVerdicts":
+        if isinstance(log, PackedVerdicts):
+            return log
+        keys = sorted(log)
+        shadow, recs = [], []
+        for key in keys:
+            v = log[key]
+            recs.append((v.device, v.seq, v.session, v.token_index, v.token, v.accepted, v.resampled, v.beta,
+                         len(shadow), len(shadow) + len(v.shadow_betas)))
+            shadow.extend(v.shadow_betas)
+        return cls(np.array(recs, dtype=_VERDICT), np.array(shadow, dtype=np.float64))
+
+    def __reduce__(self):  # pickle (Ray) the two arrays only
+        return PackedVerdicts, (self.a, self.shadow)
+
+    def _index(self, key) -> int:
+        device, seq = key
+        start, end = self.rows.get(device, (0, 0))
+        i = start + int(np.searchsorted(self.a["seq"][start:end], seq))
+        if i >= end or self.a["seq"][i] != seq:
+            raise KeyError(key)
+        return i
+
+    def __getitem__(self, key) -> protocol.Verdict:
+        device, seq, session, token_index, token, accepted, resampled, beta, lo, hi = self.a[self._index(key)].tolist()
+        return protocol.Verdict(device=device, session=session, seq=seq, token_index=token_index, token=token,
+                                accepted=accepted, resampled=resampled, beta=beta,
+                                shadow_betas=tuple(self.shadow[lo:hi].tolist()))
+
+    def __contains__(self, key) -> bool:
+        try:
+            self._index(key)
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self):
+        return iter(zip(self.a["device"].tolist(), self.a["seq"].tolist()))
+
+    def __len__(self) -> int:
+        return len(self.a)
 
 
 @dataclass
@@ -66,13 +169,15 @@ def run_local(
     mode: str = "emulate",
     replay: Content | None = None,
     on_events: Callable[[list], None] | None = None,
+    history: bool = True,
 ) -> EngineResult:
     """Emulate every device to the end in the virtual clock; `on_step` sees progress, `on_events`
     gets the events of each step (agents.events: the devices', then the verifier's batches; a content
     pass has no batch events, its batches are not timed). mode: emulate (one pass), content or replay
-    (the passes of run_virtual)."""
+    (the passes of run_virtual). history=False: no rows or batch records kept (EngineResult.rows and
+    .batches are empty; the events are the trace), so memory does not grow with devices x tokens."""
     group = DeviceGroupCore(specs, run, slm, policies, record=mode == "content",
-                            replay=replay.devices if replay is not None else None)
+                            replay=replay.devices if replay is not None else None, history=history)
     verifier = VerifierCore(llm, server, run.seed, run.vocab_size, mode=mode,
                             replay=replay.verdicts if replay is not None else None)
     verifier.open(group.opens())
@@ -88,7 +193,10 @@ def run_local(
         events = group.drain_events()  # drained every step: devices hold none for long
         if mode != "content":
             events.extend(VerifierBatch.of(b) for b in verifier.batches[batches_seen:])
-            batches_seen = len(verifier.batches)
+            if history:
+                batches_seen = len(verifier.batches)
+            else:  # emitted: the events carry them (every request's queue wait: one float a token)
+                verifier.batches.clear()
         if on_events is not None and events:
             on_events(events)
         if on_step is not None:
@@ -111,24 +219,29 @@ def run_virtual(
     on_step: Callable[[DeviceGroupCore, VerifierCore], None] | None = None,
     on_content_events: Callable[[list], None] | None = None,
     on_events: Callable[[list], None] | None = None,
+    history: bool = True,
 ) -> EngineResult:
     """The virtual clock in two passes (module docstring): content at full batch, then the
     replay in emulated time. The timings are the content pass's, plus "replay" (its wall time).
-    on_content/on_content_events see the content pass (untimed), on_step/on_events the replay."""
+    on_content/on_content_events see the content pass (untimed), on_step/on_events the replay.
+    history as in run_local (both passes)."""
     content = run_local(specs, run, server, slm, llm, policies, on_content, mode="content",
-                        on_events=on_content_events)
-    return replay_content(specs, run, server, policies, content.content, on_step, content, on_events)
+                        on_events=on_content_events, history=history)
+    record, content.content = content.content.packed(), None  # the objects go: the replay holds ~60 B a token
+    return replay_content(specs, run, server, policies, record, on_step, content, on_events, history)
 
 
 def replay_content(specs: list[DeviceSpec], run: RunParams, server: ServerProfile, policies: dict[str, Policy],
                    content: Content, on_step=None, timed: EngineResult | None = None,
-                   on_events: Callable[[list], None] | None = None) -> EngineResult:
-    """Pass 2 of run_virtual on a content record (from run_local or from the actors). `timed`: the
-    content pass's result, whose timings are carried over (the replay's own time is "replay")."""
+                   on_events: Callable[[list], None] | None = None, history: bool = True) -> EngineResult:
+    """Pass 2 of run_virtual on a content record (from run_local or from the actors; packed or not).
+    `timed`: the content pass's result, whose timings are carried over (the replay's own time is
+    "replay"). history as in run_local."""
     t0 = time.perf_counter()
     result = run_local(specs, run, server, None, None, policies, on_step, mode="replay", replay=content,
-                       on_events=on_events)
-    replay = {"replay": {"seconds": time.perf_counter() - t0, "calls": 1, "items": len(result.rows)}}
+                       on_events=on_events, history=history)
+    items = sum(len(c) for c in content.devices.values())  # tokens replayed (result.rows may be empty)
+    replay = {"replay": {"seconds": time.perf_counter() - t0, "calls": 1, "items": items}}
     if timed is not None:
         result.group_timings = merge(timed.group_timings, replay)
         result.verifier_timings = dict(timed.verifier_timings)

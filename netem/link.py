@@ -124,6 +124,22 @@ class _Varying:
         return self.trace.loss[self._row(t)[0]]
 
 
+class _Uniform:
+    """random.Random(seed).random, the generator made at the first draw: a Random holds 2.5 kB of
+    state, a link has three and a device two links, and a link that never loses, jitters or
+    duplicates never draws (tens of thousands of devices in one replay: agents.engine)."""
+
+    __slots__ = ("seed", "draw")
+
+    def __init__(self, seed: int):
+        self.seed, self.draw = seed, None
+
+    def __call__(self) -> float:
+        if self.draw is None:
+            self.draw = random.Random(self.seed).random
+        return self.draw()
+
+
 class Link:
     """One direction of one link. `send(nbytes, t_send)` -> arrival time or None (lost).
 
@@ -135,9 +151,9 @@ class Link:
         if not isinstance(profile, LinkProfile):
             raise TypeError(f"profile: expected a LinkProfile, got {type(profile).__name__}")
         self.seed = int(seed)
-        self._loss_u = random.Random(_derive(seed, "loss")).random
-        self._jitter_u = random.Random(_derive(seed, "jitter")).random
-        self._dup_u = random.Random(_derive(seed, "duplicate")).random
+        self._loss_u = _Uniform(_derive(seed, "loss"))
+        self._jitter_u = _Uniform(_derive(seed, "jitter"))
+        self._dup_u = _Uniform(_derive(seed, "duplicate"))
         self._busy = -math.inf  # when the serialiser has sent everything queued so far
         self._last_t = -math.inf
         self._queue = collections.deque()  # (depart time, wire bytes) not yet fully sent

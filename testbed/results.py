@@ -171,8 +171,19 @@ def write_tokens(data: Any, path: str | Path) -> Path:
     return path
 
 
-def read_tokens(path: str | Path) -> pd.DataFrame:
-    return _frame(tokens_table(pq.read_table(path)))
+def read_tokens(path: str | Path, columns: Iterable[str] | None = None) -> pd.DataFrame:
+    """tokens.parquet as a frame; `columns`: only those, from a file in TOKENS_SCHEMA (less memory:
+    SUMMARY_COLUMNS are what summarize reads)."""
+    if columns is None:
+        return _frame(tokens_table(pq.read_table(path)))
+    # self_destruct: each Arrow column is freed once converted, so the read never holds two copies
+    return pq.read_table(path, columns=list(columns)).replace_schema_metadata(None).to_pandas(
+        split_blocks=True, self_destruct=True)
+
+
+# The columns summarize (testbed.figures) reads.
+SUMMARY_COLUMNS = ("device", "tier", "policy", "transmitted", "draft_id", "accepted", "k", "payload_bytes", "uplink_bytes",
+                   "beta", "beta_is_shadow", "retransmissions", "t_draft_start", "t_commit", "fidelity_tv")
 
 
 class ResultsWriter:
@@ -183,9 +194,14 @@ class ResultsWriter:
     A transmitted token's row is settled at its commit (its verdict came with it). A skipped token's
     row waits for its shadow beta (ShadowResolved); the device's last skipped token also takes the
     final flush's link columns, whose events come just before its shadow beta.
+
+    Memory: at most flush_rows settled rows (a shard's worth, ~1 kB each as dicts) plus the skipped
+    rows still waiting for their verdict (a device's run of skips since its last upload; a device
+    that never uploads, slm-only, holds its rows to its final flush). The merge holds one block of
+    devices at a time (merge_shards).
     """
 
-    def __init__(self, shard_dir: str | Path, prefix: str = "tokens", flush_rows: int = 65536,
+    def __init__(self, shard_dir: str | Path, prefix: str = "tokens", flush_rows: int = 8192,
                  flush_s: float = 5.0):
         self.dir, self.prefix = Path(shard_dir), prefix
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -201,11 +217,11 @@ class ResultsWriter:
 
         for e in events:
             if isinstance(e, TokenCommitted):
-                row = dict(e.row)
+                row = e.row
                 if row["transmitted"]:
-                    self.settled.append(row)
-                else:
-                    self.pending[(row["device"], row["token_index"])] = row
+                    self.settled.append(row)  # final: written as the event has it
+                else:  # completed below: a copy, the event's row stays as committed
+                    self.pending[(row["device"], row["token_index"])] = dict(row)
             elif isinstance(e, ShadowResolved):
                 row = self.pending.pop((e.device, e.token_index), None)
                 if row is not None:
@@ -249,13 +265,13 @@ class ResultsWriter:
         """Every row written so far (after close: all), sorted by device and token index."""
         return read_shards(self.shards)
 
-    def merge(self, path: str | Path) -> pd.DataFrame:
-        """Close, write the rows as tokens.parquet (sorted by device, token_index), remove the shards."""
+    def merge(self, path: str | Path, frame: bool = True) -> pd.DataFrame | int:
+        """Close, write the rows as tokens.parquet (sorted by device, token_index; merge_shards), remove
+        the shards. Returns the rows read back (`frame`) or their count."""
         self.close()
-        df = self.frame()
-        write_tokens(df, path)
+        n = merge_shards(self.shards, path)
         self.discard()
-        return df
+        return read_tokens(path) if frame else n
 
     def discard(self) -> None:
         for shard in self.shards:
@@ -265,6 +281,34 @@ class ResultsWriter:
             self.dir.rmdir()
         except OSError:  # another writer's shards are still there
             pass
+
+
+def merge_shards(shards: Iterable[str | Path], path: str | Path, block_rows: int = 65536) -> int:
+    """Write the shards' rows as one parquet file (TOKENS_SCHEMA) sorted by device and token index,
+    one block of devices (about block_rows rows, one row group) at a time: memory holds a block, not
+    the run. Every shard is read once per block (the replay writes every device into every shard).
+    Returns the row count."""
+    shards, path = list(shards), Path(path)
+    devices = (np.concatenate([pq.read_table(s, columns=["device"]).column("device").to_numpy() for s in shards])
+               if shards else np.zeros(0, np.int32))
+    ids, counts = np.unique(devices, return_counts=True)
+    ends = np.cumsum(counts)  # rows up to and including each device
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with pq.ParquetWriter(tmp, TOKENS_SCHEMA) as out:
+        if not len(ids):
+            out.write_table(TOKENS_SCHEMA.empty_table())
+        start = 0
+        while start < len(ids):
+            before = ends[start - 1] if start else 0
+            stop = max(start + 1, int(np.searchsorted(ends, before + block_rows, side="right")))
+            lo, hi = int(ids[start]), int(ids[stop - 1])
+            parts = [tokens_table(pq.read_table(s, filters=[("device", ">=", lo), ("device", "<=", hi)]))
+                     for s in shards]
+            out.write_table(pa.concat_tables(parts).sort_by([("device", "ascending"), ("token_index", "ascending")]))
+            start = stop
+    tmp.replace(path)
+    return len(devices)
 
 
 def read_shards(shards: Iterable[str | Path]) -> pd.DataFrame:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +164,7 @@ def run_scenario(s: Scenario, opts: RunOptions) -> dict:
             status = {**status, **sinks.partial, "interrupted": True}
         if df is not None and len(df):
             _write(p, opts, df, sinks.batch_sizes, wall, status)
+            del df  # the accuracy score and the report read tokens.parquet themselves
             if opts.accuracy and p.scenario.prompts.source == "humaneval" and not status.get("interrupted"):
                 from testbed.accuracy import score_run
 
@@ -183,6 +185,13 @@ def _write(p: Plan, opts: RunOptions, df, batch_sizes: list[int], wall: float, s
     extra.update(status)
     summary = results.summarize(df, emulated_seconds=emulated, wall_seconds=wall, vocab_size=p.run.vocab_size,
                                 verifier_batches=batch_sizes, extra=extra)
+    # This process's peak so far (replay, merge, summary; not the report after): it must not grow
+    # with devices x tokens (issue 9). The Ray engine's peak_rss_bytes is its actors' sum plus this.
+    from agents.actors import max_rss_bytes
+
+    summary["driver_peak_rss_bytes"] = max_rss_bytes()
+    if "peak_rss_bytes" in summary:
+        summary["peak_rss_bytes"] += summary["driver_peak_rss_bytes"]
     results.write_summary(summary, opts.out_dir / "summary.json")
     return summary
 
@@ -209,7 +218,7 @@ def _run_local(p: Plan, opts: RunOptions, sinks: "Sinks"):
     llm = BatchedLM(load_model(p.llm, dtype=p.llm_dtype, device=a.verifier_device))
     t_loaded = time.perf_counter()
     result = run_virtual(p.specs, p.run, p.server, slm, llm, policies, on_content_events=sinks.content,
-                         on_events=sinks.events, on_step=lambda group, verifier: sinks.clock(0.0, 0))
+                         on_events=sinks.events, on_step=lambda group, verifier: sinks.clock(0.0, 0), history=False)
     emulation = time.perf_counter() - t_loaded
     status = {"compute": compute_info(p, {"slm": slm.describe(), "llm": llm.describe()}),
               "profile": breakdown(0.0, emulation, {"model_load": t_loaded - t0}, result.group_timings,
@@ -416,7 +425,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
     from ray.exceptions import RayActorError
 
     from agents import security
-    from agents.actors import ClockParams, DeviceGroup, Verifier, max_rss_bytes
+    from agents.actors import ClockParams, DeviceGroup, Verifier
     from agents.events import TokenCommitted, VerifierBatch
     from agents.engine import Content, replay_content
     from agents.timing import merge
@@ -570,7 +579,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
                 if i in skip:
                     continue
                 try:
-                    got = finished[i]["sessions"] if i in finished else ray.get(detached[i])
+                    got = pickle.loads(finished[i]["sessions"]) if i in finished else ray.get(detached[i])
                 except RayActorError as died:
                     dead[i] = died
                     continue
@@ -703,7 +712,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
             try:
                 status = ray.get(verifier.status.remote())
                 if two_pass:
-                    content.verdicts.update(ray.get(verifier.content_log.remote()))
+                    content.verdicts = ray.get(verifier.content_log.remote())  # packed (agents.engine)
                 else:  # batches after the last drain (a dead verifier's since then are lost: sizes only)
                     last_batches = ray.get(verifier.drain_batches.remote())
                 break
@@ -716,14 +725,15 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
         if two_pass:
             policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
             # The timed events (link events included) come from the replay, here.
-            replay = replay_content(p.specs, p.run, p.server, policies, content, on_events=sinks.events)
+            # history=False: the rows leave as events only, the driver keeps none of them
+            replay = replay_content(p.specs, p.run, p.server, policies, content, on_events=sinks.events, history=False)
             status["timings"] = merge(status["timings"], {"replay": replay.group_timings["replay"]})
         else:
             sinks.events([VerifierBatch.of(b) for b in last_batches])
         t_end = time.perf_counter()
         # Peak memory of the run: the sum of every actor's peak (an upper bound on the
-        # simultaneous peak) plus this driver.
-        rss += status["max_rss_bytes"] + max_rss_bytes()
+        # simultaneous peak) plus this driver's (_write adds it once the results are merged).
+        rss += status["max_rss_bytes"]
         groups_t = merge(*group_timings)
         load = max([t.get("startup.model_load", {}).get("seconds", 0.0) for t in group_timings]
                    + [status["timings"].get("startup.model_load", {}).get("seconds", 0.0)])
@@ -847,7 +857,8 @@ class Sinks:
 
     def results(self, path: Path):
         """Merge the shards into tokens.parquet (the trace's; the content pass's if no trace was
-        written, a run cut short) and return its rows; None when nothing was committed."""
+        written, a run cut short) and return the columns summary.json needs (results.SUMMARY_COLUMNS);
+        None when nothing was committed."""
         self.writer.close()
         use, other = self.writer, self.content_writer
         if not use.rows:
@@ -857,7 +868,8 @@ class Sinks:
         if not use.rows:
             use.discard()
             return None
-        return use.merge(path)
+        use.merge(path, frame=False)
+        return results.read_tokens(path, results.SUMMARY_COLUMNS)  # what summary.json needs, not every column
 
     def close(self) -> None:
         self.progress.close()

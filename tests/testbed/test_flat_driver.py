@@ -1,0 +1,118 @@
+"""A driver that stays flat (issue 9 item 5): what the driver holds while it replays the virtual
+clock and writes the results must not grow with tokens. Small and quick: a few tiny-model devices
+at two token counts; the 10,000-device measurement is `testbed run fleet-10k`."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import tracemalloc
+
+import pandas as pd
+import pytest
+
+from agents.device import DeviceSpec, RunParams
+from agents.engine import PackedDrafted, PackedVerdicts, replay_content, run_local
+from agents.events import TokenCommitted
+from agents.lm import BatchedLM
+from agents.models import load_model
+from agents.verifier import ServerProfile
+from netem import DuplexProfile
+from policies import load_policy
+from testbed.results import ResultsWriter, TokenRecord, merge_shards, read_tokens, tokens_frame
+
+V = 512
+DEVICES = 12
+# Not slm-only: a device that never uploads has its skipped rows' shadow betas only at its final
+# flush, so the results writer holds its rows until then (ResultsWriter: pending); still to bound.
+POLICIES = ("cu-hlm", "u-hlm", "hlm", "llm-only")
+
+
+@pytest.fixture(scope="module")
+def lms():
+    return BatchedLM(load_model("tiny:slm")), BatchedLM(load_model("tiny:llm"))
+
+
+def _fleet(tokens: int):
+    link = DuplexProfile.from_dict({"uplink": {"rate_mbps": 5.0, "delay_ms": 10.0, "jitter_ms": 2.0, "loss": 0.1},
+                                    "downlink": {"rate_mbps": 20.0, "delay_ms": 10.0, "loss": 0.1}})
+    specs = [DeviceSpec(i, "t", POLICIES[i % len(POLICIES)], 10.0, link, 0, (5, 6, 7)) for i in range(DEVICES)]
+    return specs, RunParams(seed=3, max_new_tokens=tokens, temperature=1.0, vocab_size=V)
+
+
+def _policies():
+    return {p: load_policy(p) for p in POLICIES}
+
+
+def _content(lms, tokens: int):
+    specs, params = _fleet(tokens)
+    return specs, params, run_local(specs, params, ServerProfile(), *lms, _policies(), mode="content").content
+
+
+def _replay_peak(specs, params, content, tmp_path, history: bool) -> tuple[int, ResultsWriter]:
+    """Peak Python memory of the driver's share: the replay feeding a results writer (as testbed.runner)."""
+    writer = ResultsWriter(tmp_path, flush_rows=64)
+    policies = _policies()
+    tracemalloc.start()
+    try:
+        replay_content(specs, params, ServerProfile(), policies, content, on_events=writer.add, history=history)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return peak, writer
+
+
+def test_packed_content_rebuilds_every_item(lms):
+    _, _, content = _content(lms, 12)
+    packed = content.packed()
+    for device, drafted in content.devices.items():
+        assert isinstance(packed.devices[device], PackedDrafted)
+        # repr: the same fields, NaN (llm-only's draft_prob, a missing fidelity) included
+        assert [repr(c.recorded()) for c in drafted] == [repr(c) for c in packed.devices[device]]
+    assert isinstance(packed.verdicts, PackedVerdicts) and len(packed.verdicts) == len(content.verdicts)
+    assert sorted(packed.verdicts) == sorted(content.verdicts)
+    assert all(repr(packed.verdicts[k]) == repr(v) for k, v in content.verdicts.items())
+    with pytest.raises(KeyError):
+        packed.verdicts[(0, 10**6)]
+
+
+def test_replay_memory_does_not_grow_with_tokens(lms, tmp_path):
+    """Without history (the runner's replay) the peak is the same at 16 and 64 tokens a device, up to
+    what the verifier's batch records and the writer's pending rows hold; with history the rows alone
+    (~1 kB each) make it grow. The traces are the same either way."""
+    peaks, kept, frames = {}, {}, {}
+    specs, params, content = _content(lms, 16)
+    _replay_peak(specs, params, content.packed(), tmp_path / "warm", history=False)  # first-call allocations
+    for tokens in (16, 64):
+        specs, params, content = _content(lms, tokens)
+        content = content.packed()
+        peaks[tokens], writer = _replay_peak(specs, params, content, tmp_path / f"flat{tokens}", history=False)
+        frames[tokens] = writer.merge(tmp_path / f"flat{tokens}.parquet")
+        kept[tokens], writer = _replay_peak(specs, params, content, tmp_path / f"kept{tokens}", history=True)
+        pd.testing.assert_frame_equal(writer.merge(tmp_path / f"kept{tokens}.parquet"), frames[tokens])
+    extra_tokens = DEVICES * (64 - 16)
+    grown, grown_kept = peaks[64] - peaks[16], kept[64] - kept[16]
+    print(f"replay peak: {peaks[16] / 1024:.0f} -> {peaks[64] / 1024:.0f} KiB without rows "
+          f"({grown / extra_tokens:.0f} B per extra token), {kept[16] / 1024:.0f} -> {kept[64] / 1024:.0f} KiB with")
+    assert grown_kept > 600 * extra_tokens  # the check can see rows being kept
+    assert grown < 150 * extra_tokens  # ... and the runner's replay keeps none of them
+
+
+def test_writer_buffers_a_bounded_number_of_rows(tmp_path):
+    """The results writer holds at most flush_rows settled rows plus the skipped ones waiting for their
+    shadow beta, however many tokens go through it; merging keeps one block of devices in memory."""
+    writer = ResultsWriter(tmp_path / "shards", flush_rows=50, flush_s=math.inf)
+    held = 0
+    rows = []
+    for t in range(40):
+        for d in range(20):  # the replay's order: every device's token t, then t + 1
+            row = dataclasses.asdict(TokenRecord(device=d, tier="t", policy="hlm", prompt_index=0, token_index=t,
+                                                 token_id=t, transmitted=True, t_commit=0.01 * t))
+            rows.append(row)
+            writer.add([TokenCommitted(row)])
+            held = max(held, len(writer.settled) + len(writer.pending))
+    writer.close()
+    assert held <= 50 and writer.rows == 800 and len(writer.shards) == 16
+    out = tmp_path / "tokens.parquet"
+    assert merge_shards(writer.shards, out, block_rows=100) == 800  # 8 blocks of devices
+    want = tokens_frame(rows).sort_values(["device", "token_index"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(read_tokens(out), want)
