@@ -90,7 +90,14 @@ def load_run(path: str | Path) -> Run:
     tokens_path = path / "tokens.parquet"
     if not tokens_path.is_file():
         raise FileNotFoundError(f"{tokens_path} missing")
-    tokens = pd.read_parquet(tokens_path)
+    import pyarrow.parquet as pq
+
+    from testbed.results import REPORT_COLUMNS, read_tokens
+
+    # Only the columns the figures read: a 10,000-device run's every column would not fit the driver's
+    # memory budget (issue 9: driver under 1 GB). Files from before a column existed are read whole.
+    have = set(pq.read_schema(tokens_path).names)
+    tokens = read_tokens(tokens_path, REPORT_COLUMNS) if have >= set(REPORT_COLUMNS) else pd.read_parquet(tokens_path)
     summary_path = path / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
     scen = path / "scenario.yaml"
@@ -343,6 +350,16 @@ def plot_k_payload(run: Run, path: Path) -> Path:
     return _save(fig, path)
 
 
+CDF_POINTS = 2000  # a CDF plotted through this many order statistics: the picture, not 640k vertices
+
+
+def _cdf(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x, F(x)) at up to CDF_POINTS evenly spaced ranks of sorted values, the last one included."""
+    n = len(sorted_values)
+    idx = np.unique(np.linspace(0, n - 1, min(n, CDF_POINTS)).astype(np.int64))
+    return sorted_values[idx], (idx + 1) / n
+
+
 def plot_latency_cdf(run: Run, path: Path) -> Path:
     df = run.tokens
     colors = _tier_colors(run.tiers)
@@ -352,11 +369,10 @@ def plot_latency_cdf(run: Run, path: Path) -> Path:
     for t in run.tiers:
         lat = np.sort(F.token_latency(df[df["tier"] == t]) * 1000)
         if len(lat):
-            a.step(lat, np.arange(1, len(lat) + 1) / len(lat), where="post", color=colors[t], lw=1.6,
-                   label=_tier_label(run, t))
+            a.step(*_cdf(lat), where="post", color=colors[t], lw=1.6, label=_tier_label(run, t))
     if len(lat_all):
         s = np.sort(lat_all)
-        a.step(s, np.arange(1, len(s) + 1) / len(s), where="post", color="k", lw=1.2, ls="--", label="all")
+        a.step(*_cdf(s), where="post", color="k", lw=1.2, ls="--", label="all")
         for q, ls in zip(F.LATENCY_QUANTILES, (":", "-.", (0, (6, 2)))):
             v = float(np.percentile(lat_all, q))
             a.axvline(v, color="dimgray", ls=ls, lw=1.1, label=f"all p{q} = {v:.1f} ms")
