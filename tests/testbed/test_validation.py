@@ -160,10 +160,13 @@ def _fail_mid_run(monkeypatch, exc: BaseException):
     real = agents.engine.run_virtual
 
     def run_virtual(*args, on_content=None, **kw):
-        def content(group, verifier):
+        steps = []
+
+        def content(group, verifier):  # called after each step of the content pass
             if on_content is not None:  # the runner takes the content pass's events (on_content_events)
                 on_content(group, verifier)
-            if group.rows_since({}):
+            steps.append(1)
+            if len(steps) == 3:  # a few tokens in: their events have reached the runner
                 raise exc
 
         return real(*args, on_content=content, **kw)
