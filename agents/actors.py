@@ -33,6 +33,7 @@ import zmq
 from agents import protocol, security, wire
 from agents.device import DeviceGroupCore, DeviceSpec, RunParams
 from agents.engine import PackedVerdicts, pack_devices
+from agents.events import TokenCommitted
 from agents.security import ClientKeys, ServerKeys
 from agents.verifier import ServerProfile, VerifierCore
 
@@ -205,13 +206,16 @@ class DeviceGroup:
         return sock
 
     def run(self, t0: float | None = None, endpoint: str | None = None, curve: ClientKeys | None = None,
-            skip_steps: dict[int, int] | None = None) -> dict:
+            skip_steps: dict[int, int] | None = None, die_at_tokens: int | None = None) -> dict:
         """Emulate every device to the end. `t0`: the wall clock's emulated zero (real time),
         given once every actor is up so model loading does not count as lag. `endpoint`: the
         verifier's, when it was not known at construction (groups start while the verifier loads).
         `curve`: this group's CURVE keys when the verifier requires them (agents.security).
         `skip_steps`: per device, the steps (agents.events: token positions, the final flush at
-        max_new_tokens) whose events a previous incarnation already delivered: not emitted again."""
+        max_new_tokens) whose events a previous incarnation already delivered: not emitted again.
+        `die_at_tokens` (chaos tests, RunOptions.chaos_kill): kill -9 this process once its devices
+        have committed that many tokens. Counted here, not by the driver, so the kill always lands
+        mid-run: a driver busy with another restart may otherwise see the group only once it is done."""
         if t0 is not None:
             self.clock = replace(self.clock, t0=t0)
         if endpoint is not None:
@@ -225,6 +229,7 @@ class DeviceGroup:
         wall = self.clock.kind == "wall"
         shaped = self.clock.shaped(sock)  # wall clock: uploads wait out their emulated arrival
         skip: dict[int, int] = dict(skip_steps or {})
+        self.die_at_tokens, self.tokens_committed = die_at_tokens, 0
         timings = self.core.timings
         try:
             for o in self.core.opens():
@@ -292,6 +297,10 @@ class DeviceGroup:
     def _publish(self, skip: dict[int, int]) -> None:
         """Hand the devices' new events to drain(), less those of steps already delivered (a restart)."""
         events = self.core.drain_events()
+        if self.die_at_tokens is not None:
+            self.tokens_committed += sum(isinstance(e, TokenCommitted) for e in events)
+            if self.tokens_committed >= self.die_at_tokens:
+                self.chaos_kill()
         if skip:
             events = [e for e in events if e.step >= skip.get(e.device, 0)]
         if events:

@@ -30,8 +30,9 @@ class RunOptions:
     progress: bool = True
     chaos_delay_s: float = 0.0  # tests: random real delays in actors (the trace must not change)
     # Chaos tests (ray engine): (actor, tokens) pairs: kill -9 the actor once that many tokens are
-    # committed, by the whole run for "verifier", by the group's own devices for "group:<id>"; the
-    # runner then restarts it (_run_ray). Each fires once.
+    # committed: "verifier" by the driver, once it has drained that many of the run's; "group:<id>"
+    # by the group itself, at that many of its own devices' (so always mid-run, however busy the
+    # driver). The runner then restarts it (_run_ray). Each fires once, on the first incarnation.
     chaos_kill: tuple[tuple[str, int], ...] = ()
     # A "verifier" kill at or past the run's token count (devices x max_new_tokens) fires after every
     # group has finished, before the verifier's content log is read.
@@ -490,21 +491,19 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
         t_ready = time.perf_counter()
         t0 = time.time() + 0.2
         ray.get(verifier.set_t0.remote(t0))
-        emitted = {d.device: 0 for d in p.specs}  # tokens drained per device (chaos kill thresholds)
         steps = {d.device: 0 for d in p.specs}  # steps drained per device (a restarted group skips them)
-        refs = {groups[i].run.remote(t0, endpoint, client_keys(i)): i for i in groups}  # running groups
+        kills = list(opts.chaos_kill)
+        # chaos tests: a group kills itself at its own token count (RunOptions.chaos_kill); first incarnations only
+        die_at = {int(k[0].split(":")[1]): k[1] for k in kills if k[0] != "verifier"}
+        kills = [k for k in kills if k[0] == "verifier"]
+        refs = {groups[i].run.remote(t0, endpoint, client_keys(i), die_at_tokens=die_at.get(i)): i
+                for i in groups}  # running groups
         finished: dict[int, dict] = {}  # group id -> its run() result
         final_drained: set[int] = set()  # finished groups drained after their run() returned
         restarts = Restarts(a.max_restarts, opts.out_dir)
         sinks.partial["restarts"] = restarts.summary()
-        kills = list(opts.chaos_kill)
         last_progress, last_work = time.monotonic(), None
 
-        def committed(target: str) -> int:
-            """Tokens drained so far: of the run ("verifier"), or of a group's devices ("group:<id>")."""
-            if target == "verifier":
-                return sinks.tokens
-            return sum(emitted[d] for d in members[int(target.split(":")[1])])
         errors_before, last_errors = 0, 0  # what dead verifiers did (protocol errors)
         codes_before, last_codes = collections.Counter(), {}  # ... by ErrorCode name
         refused_before, last_refused = collections.Counter(), {}  # ... and clients CURVE refused
@@ -664,9 +663,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
             new_rows = 0
             for e in events:
                 steps[e.device] = max(steps[e.device], e.step + 1)
-                if isinstance(e, TokenCommitted):
-                    emitted[e.device] += 1
-                    new_rows += 1
+                new_rows += isinstance(e, TokenCommitted)
             verifier_died = None
             try:
                 if not two_pass:
@@ -683,9 +680,9 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
             if verifier_died is not None or dead_groups:
                 recover(verifier_died, dead_groups)
             # chaos tests: kill -9 an actor mid-run (a verifier kill at the run's end fires after the loop)
-            for kill in [k for k in kills if committed(k[0]) >= k[1] and not (k[0] == "verifier" and k[1] >= final)]:
+            for kill in [k for k in kills if k[1] <= sinks.tokens and k[1] < final]:
                 kills.remove(kill)
-                (verifier if kill[0] == "verifier" else groups[int(kill[0].split(":")[1])]).chaos_kill.remote()
+                verifier.chaos_kill.remote()
             # Stall check: a finished group, a new row, a restart or any verifier work (a batch, a
             # prefill chunk: a large fleet's prompts take minutes with no batch) is progress.
             work = (status.get("batches", -1), sum(t["calls"] for t in status.get("timings", {}).values()))
@@ -698,7 +695,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
                     waiting = {"error": f"{type(exc).__name__}: {exc}"}
                 raise RunFailed(_stall_message(waiting, a.stall_timeout_s, {i: members[i] for i in refs.values()},
                                                sinks.tokens, opts.out_dir))
-        for kill in [k for k in kills if k[0] == "verifier"]:  # chaos tests: after every group has finished
+        for kill in list(kills):  # chaos tests: verifier kills left fire after every group has finished
             kills.remove(kill)
             kill_now(verifier)
         for i, result in sorted(finished.items()):
