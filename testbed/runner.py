@@ -118,6 +118,17 @@ def compute_info(p: Plan, lms: Mapping[str, Any]) -> dict:
             "batch_slm": a.batch_slm, **{role: lm for role, lm in lms.items() if lm}}
 
 
+def _every_group_served(first: dict | None, lm: dict | None) -> dict | None:
+    """The SLM as the groups describe it: the first group's layout, with the prompt tokens that
+    every group's prefix cache served (the compute limit leaves those out of the prefill bound)."""
+    if first is None or lm is None:
+        return first or lm
+    if (first.get("prefix_cache") or {}).get("tokens_served") is None or not lm.get("prefix_cache"):
+        return first
+    cache = {**first["prefix_cache"], "tokens_served": first["prefix_cache"]["tokens_served"] + lm["prefix_cache"]["tokens_served"]}
+    return {**first, "prefix_cache": cache}
+
+
 def run_scenario(s: Scenario, opts: RunOptions) -> dict:
     """Run one scenario to the end; returns the summary (also written to opts.out_dir)."""
     from testbed.preflight import preflight
@@ -244,7 +255,7 @@ def _add_compute_limit(p: Plan, status: dict, slm, llm) -> None:
     lengths = [len(d.prompt_ids) for d in p.specs]
     a = p.scenario.actors
     # prompt tokens the prefix caches served (as the run's models describe themselves; on Ray the
-    # slm's is the first group's)
+    # slm's is summed over every group, _every_group_served)
     served = {role: ((status.get("compute", {}).get(role) or {}).get("prefix_cache") or {}).get("tokens_served", 0)
               for role in ("slm", "llm")}
     limit = compute_limit(slm, llm, prof, lengths, len(p.specs), {"slm": a.group_threads, "llm": a.verifier_threads},
@@ -702,7 +713,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
             rss += result["max_rss_bytes"]
             group_timings.append(result["timings"])
             memory[f"group {i}"] = result["memory"]
-            lms["slm"] = lms.get("slm") or result["lm"]
+            lms["slm"] = _every_group_served(lms.get("slm"), result["lm"])
             if two_pass:
                 content.devices.update(result["content"])
         while True:  # the verifier may still die here, every group finished: rebuilt from their sessions

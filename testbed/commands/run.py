@@ -9,9 +9,11 @@ from pathlib import Path
 
 import typer
 
+from testbed.config.io import bundled_scenarios
+
 
 def run(
-    scenario: str = typer.Argument(..., help="Scenario file or bundled name (default, paper, fleet-tiny, smoke)."),
+    scenario: str = typer.Argument(..., help=f"Scenario file or bundled name ({', '.join(bundled_scenarios())})."),
     out: Path = typer.Option(None, "--out", help="Results folder (default runs/<name>-<time>)."),
     clock: str = typer.Option(None, "--clock", help="Override the clock: virtual | wall."),
     address: str = typer.Option(None, "--address", help="Join an existing Ray cluster (e.g. auto or host:6379)."),

@@ -244,3 +244,20 @@ def test_every_preset_runs_end_to_end(policy, tmp_path):
         assert df.transmitted.all() and (sent.k == 512).all() and (sent.prob_bits == 32).all()
     if policy in ("cu-hlm", "cu-hlm-offline"):
         assert (sent.k < 512).all() and (sent.prob_bits == 8).all()
+
+
+def test_prefix_tokens_served_are_summed_over_every_group():
+    # The compute limit (testbed.profile) leaves the prompt tokens the prefix caches served out of the
+    # prefill bound; on Ray each group has its own cache, so the run's count is every group's.
+    from testbed.runner import _every_group_served
+
+    def lm(served, layout="packed"):
+        return {"forward": layout, "prefix_cache": None if served is None else {"max_mib": 512.0, "tokens_served": served}}
+
+    merged = None
+    for served in (30, 0, 12):
+        merged = _every_group_served(merged, lm(served))
+    assert merged == lm(42)
+    assert _every_group_served(lm(5, "hf"), lm(7)) == lm(12, "hf")  # the first group's layout
+    assert _every_group_served(lm(None), lm(7)) == lm(None)  # no cache: nothing served
+    assert _every_group_served(None, None) is None and _every_group_served(None, lm(3)) == lm(3)
