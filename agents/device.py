@@ -264,7 +264,10 @@ class Device:
             row.update(token_id=c.draft, accepted=True, t_commit=t_drafted)
             self._keep(row)
             self.events.append(TokenCommitted(dict(row)))  # a copy: the shadow beta comes as its own event
-            self.piggyback.append((c.draft, c.draft_prob, row, held))
+            # what the verdict needs of it; the whole row only when rows are kept (a slm-only
+            # device's skips wait here for the final flush: ~1 kB a token otherwise)
+            kept = row if self.history else {k: row[k] for k in ("token_index", "uncertainty", "fidelity_tv")}
+            self.piggyback.append((c.draft, c.draft_prob, kept, held))
             self.feed = [c.draft]
             self.index += 1
             self.t = t_drafted

@@ -12,7 +12,7 @@ import pytest
 
 from agents.device import DeviceSpec, RunParams
 from agents.engine import PackedDrafted, PackedVerdicts, replay_content, run_local
-from agents.events import TokenCommitted
+from agents.events import MessageLost, ShadowResolved, TokenCommitted, UploadSent, VerdictReceived
 from agents.lm import BatchedLM
 from agents.models import load_model
 from agents.verifier import ServerProfile
@@ -22,9 +22,9 @@ from testbed.results import ResultsWriter, TokenRecord, merge_shards, read_token
 
 V = 512
 DEVICES = 12
-# Not slm-only: a device that never uploads has its skipped rows' shadow betas only at its final
-# flush, so the results writer holds its rows until then (ResultsWriter: pending); still to bound.
-POLICIES = ("cu-hlm", "u-hlm", "hlm", "llm-only")
+# slm-only never uploads before its final flush: the writer spills its waiting rows (max_pending)
+POLICIES = ("cu-hlm", "u-hlm", "hlm", "llm-only", "slm-only")
+MAX_PENDING = 16  # below the 16-token run's waiting rows, so both runs spill
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +48,9 @@ def _content(lms, tokens: int):
     return specs, params, run_local(specs, params, ServerProfile(), *lms, _policies(), mode="content").content
 
 
-def _replay_peak(specs, params, content, tmp_path, history: bool) -> tuple[int, ResultsWriter]:
+def _replay_peak(specs, params, content, tmp_path, history: bool, max_pending: int = MAX_PENDING) -> tuple[int, ResultsWriter]:
     """Peak Python memory of the driver's share: the replay feeding a results writer (as testbed.runner)."""
-    writer = ResultsWriter(tmp_path, flush_rows=64)
+    writer = ResultsWriter(tmp_path, flush_rows=64, max_pending=max_pending)
     policies = _policies()
     tracemalloc.start()
     try:
@@ -95,6 +95,59 @@ def test_replay_memory_does_not_grow_with_tokens(lms, tmp_path):
           f"({grown / extra_tokens:.0f} B per extra token), {kept[16] / 1024:.0f} -> {kept[64] / 1024:.0f} KiB with")
     assert grown_kept > 600 * extra_tokens  # the check can see rows being kept
     assert grown < 150 * extra_tokens  # ... and the runner's replay keeps none of them
+
+
+def test_spilled_rows_are_patched_to_the_rows_kept_whole(lms, tmp_path):
+    """Skipped rows spilled before their shadow betas and the final flush's link columns (slm-only's
+    every row; lossy links, so retransmitted flushes) come out of the merge exactly as if the writer
+    had held them whole."""
+    specs, params, content = _content(lms, 40)
+    content = content.packed()
+    _, spilling = _replay_peak(specs, params, content, tmp_path / "spill", history=False)
+    _, whole = _replay_peak(specs, params, content, tmp_path / "whole", history=False, max_pending=10**9)
+    assert spilling.patches.table() is not None and whole.patches.table() is None
+    assert len(spilling.patches.table()) >= 40 and not spilling.spilled  # every spilled row resolved
+    assert len(spilling.pending) <= MAX_PENDING
+    spilling.close(), whole.close()
+    frame = spilling.frame()
+    pd.testing.assert_frame_equal(frame, whole.frame())
+    pd.testing.assert_frame_equal(spilling.merge(tmp_path / "spill.parquet"), whole.merge(tmp_path / "whole.parquet"))
+    slm_only = frame[frame.policy == "slm-only"]
+    assert slm_only.beta_is_shadow.all() and (slm_only.beta >= 0).all()
+    assert (slm_only.groupby("device").flush_bytes.last() > 0).all()
+
+
+def test_the_final_flush_patches_a_spilled_last_row(tmp_path):
+    """The flush's link columns, event by event (upload copies, verdict copies, losses each way), then
+    the shadow betas, on rows spilled at every add: as a writer holding them whole writes them."""
+    def skipped(d, t):
+        return dataclasses.asdict(TokenRecord(device=d, tier="t", policy="slm-only", prompt_index=0, token_index=t,
+                                              token_id=t, transmitted=False, beta=math.nan, t_commit=0.01 * t))
+
+    T = 5
+    batches = [[TokenCommitted(skipped(d, t)) for d in range(3)] for t in range(T)]
+    for d in range(3):  # device 2 loses nothing
+        batches.append([UploadSent(d, "t", "slm-only", T, 0, True, 700 + d, 1 + (d < 2), 0.5)])
+        if d < 2:
+            batches.append([MessageLost(d, "t", "slm-only", T, 0, True, "uplink", 1),
+                            MessageLost(d, "t", "slm-only", T, 0, True, "downlink", d)])
+        batches.append([VerdictReceived(d, "t", "slm-only", T, 0, True, 40, 1 + d, 0.6)])
+        batches.append([ShadowResolved(d, t, T, 0.1 * t + d, 0.01 * t if t % 2 else math.nan) for t in range(T)])
+    frames = []
+    for name, max_pending in (("spill", 0), ("whole", 10**9)):
+        writer = ResultsWriter(tmp_path / name, flush_rows=4, max_pending=max_pending)
+        for events in batches:
+            writer.add(events)
+        assert not writer.spilled and not writer.pending
+        frames.append(writer.merge(tmp_path / f"{name}.parquet"))
+    spilled, whole = frames
+    pd.testing.assert_frame_equal(spilled, whole)
+    last = whole[whole.token_index == T - 1].set_index("device")
+    assert list(last.flush_bytes) == [1400, 1402, 702] and list(last.flush_retransmissions) == [1, 1, 0]
+    assert list(last.downlink_bytes) == [40, 80, 120] and list(last.uplink_lost) == [1, 1, 0]
+    assert list(last.downlink_lost) == [0, 1, 0]
+    assert (whole[whole.token_index < T - 1].flush_bytes == 0).all() and whole.beta_is_shadow.all()
+    assert whole.beta.tolist() == [0.1 * t + d for d in range(3) for t in range(T)]
 
 
 def test_writer_buffers_a_bounded_number_of_rows(tmp_path):
