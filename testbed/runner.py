@@ -806,7 +806,8 @@ class Sinks:
         # The content pass's progress: a private collector (its tokens have no times yet).
         self.content_collector = Collector(p.scenario.name, tiers=tiers, vocab_size=p.run.vocab_size)
         two_pass = opts.engine == "local" or p.scenario.clock == "virtual"
-        self.progress = Progress(p, self.content_collector if two_pass else self.collector, enabled=opts.progress)
+        self.progress = Progress(p, self.content_collector if two_pass else self.collector, enabled=opts.progress,
+                                 phase="content pass" if two_pass else "")
 
     @property
     def tokens(self) -> int:
@@ -837,7 +838,8 @@ class Sinks:
                 self.batch_sizes.append(e.size)
         self.collector.ingest_events(events)
         self.writer.add(events)
-        self.progress.collector = self.collector  # the virtual clock's replay: timed from here on
+        if self.progress.collector is not self.collector:  # the virtual clock's replay: timed from here on
+            self.progress.collector, self.progress.phase = self.collector, "replay (emulated times)"
         self.progress.update()
 
     def clock(self, lag_s: float, errors: int, codes: Mapping[str, int] | None = None) -> None:
@@ -896,11 +898,13 @@ class Sinks:
 class Progress:
     """A live table per tier on a terminal (tokens, emulated time and tokens/s, skip and
     acceptance rates); elsewhere (logs, CI) one line every `log_every_s` seconds. Both read a
-    collector's snapshot (testbed.metrics.Snapshot), the figures the exporter serves."""
+    collector's snapshot (testbed.metrics.Snapshot), the figures the exporter serves. `phase` names
+    the pass of a virtual-clock run (the content pass, then the replay, each counting every token)."""
 
-    def __init__(self, p: Plan, collector, enabled: bool = True, log_every_s: float = 10.0):
+    def __init__(self, p: Plan, collector, enabled: bool = True, log_every_s: float = 10.0, phase: str = ""):
         import sys
 
+        self.phase = phase
         self.total = len(p.specs) * p.run.max_new_tokens
         self.collector = collector
         self.tier_names = [t.name for t in p.scenario.tiers]
@@ -935,14 +939,14 @@ class Progress:
         # The virtual clock's content pass has no emulated times yet (the replay computes them).
         parts = [f"{name}: {t.committed} tok, " + (f"{rate:.1f} tok/s emulated, " if rate > 0 else "")
                  + f"skip {t.skips / max(1, t.committed):.0%}" for name, t, rate in self._tiers(snap)]
-        print(f"[{time.time() - self.t0:6.0f}s] tokens {done}/{self.total} ({done / max(1, self.total):.0%}) | "
+        print(f"[{time.time() - self.t0:6.0f}s] {self._phase()}tokens {done}/{self.total} ({done / max(1, self.total):.0%}) | "
               + " | ".join(parts), file=sys.stderr, flush=True)
 
     def _table(self):
         from rich.table import Table
 
         snap = self.collector.snapshot()
-        table = Table(title=f"tokens {snap.totals.committed}/{self.total}")
+        table = Table(title=f"{self._phase()}tokens {snap.totals.committed}/{self.total}")
         for col in ("tier", "tokens", "emulated s", "tokens/s", "skip rate", "acceptance"):
             table.add_column(col, justify="right")
         for name, t, rate in self._tiers(snap):
@@ -950,6 +954,9 @@ class Progress:
             acc = t.accepted / t.uploads if t.uploads else float("nan")
             table.add_row(name, str(t.committed), f"{snap.emulated_s:.2f}", f"{rate:.1f}", f"{skip:.1%}", f"{acc:.1%}")
         return table
+
+    def _phase(self) -> str:
+        return f"{self.phase}: " if self.phase else ""
 
     def close(self) -> None:
         if self.live is not None:

@@ -261,3 +261,17 @@ def test_prefix_tokens_served_are_summed_over_every_group():
     assert _every_group_served(lm(5, "hf"), lm(7)) == lm(12, "hf")  # the first group's layout
     assert _every_group_served(lm(None), lm(7)) == lm(None)  # no cache: nothing served
     assert _every_group_served(None, None) is None and _every_group_served(None, lm(3)) == lm(3)
+
+
+def test_progress_names_the_pass_of_a_virtual_clock_run(tmp_path, capsys):
+    # Both passes count every token, so the count starts again at the replay: the line says which.
+    from testbed.runner import Sinks, plan
+
+    p = plan(small())
+    sinks = Sinks(p, RunOptions(out_dir=tmp_path, progress=True, report=False, accuracy=False, engine="local"))
+    sinks.progress.log_line()
+    assert "content pass: tokens 0/64" in capsys.readouterr().err
+    sinks.events([])
+    sinks.progress.log_line()
+    assert "replay (emulated times): tokens 0/64" in capsys.readouterr().err
+    sinks.close()
