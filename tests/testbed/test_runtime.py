@@ -2,6 +2,7 @@
 trace, in every actor layout and under real timing noise (DESIGN.md section 2)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -137,7 +138,8 @@ def test_malformed_frames_get_error_replies_and_the_run_continues(ray_session, t
 
 @pytest.mark.slow
 def test_two_node_cluster_run_completes(tmp_path):
-    """A separate Ray cluster of two nodes (head + worker) in a subprocess, joined by --address."""
+    """A separate Ray cluster of two nodes (head + worker) in a subprocess, joined by --address; the
+    verifier then binds every interface, so the run is encrypted (CURVE) end to end."""
     script = textwrap.dedent(f"""
         import ray, json
         from pathlib import Path
@@ -151,13 +153,17 @@ def test_two_node_cluster_run_completes(tmp_path):
         summary = run_scenario(s, RunOptions(out_dir=Path({str(tmp_path)!r}), address=cluster.address,
                                              progress=False, report=False))
         nodes = len([n for n in ray.nodes() if n["Alive"]]) if ray.is_initialized() else 2
-        print("RESULT", json.dumps({{"tokens": summary["tokens"], "nodes": nodes}}))
+        print("RESULT", json.dumps({{"tokens": summary["tokens"], "nodes": nodes, "curve": summary["curve"],
+                                    "refused": summary["curve_refused"]}}))
         cluster.shutdown()
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
-    assert '"tokens": 32' in line
+    result = json.loads(line.removeprefix("RESULT"))
+    # --address binds the verifier off loopback (0.0.0.0): CURVE on (server.curve auto), every group let in
+    assert result["tokens"] == 32 and result["curve"] is True
+    assert not any(result["refused"].values()), result["refused"]
 
 
 def test_wall_clock_follows_real_time(ray_session, tmp_path):
