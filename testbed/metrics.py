@@ -6,7 +6,7 @@ Data flow::
     device groups / the virtual clock's replay --agents.events--> runner (forwards only)
         -> Collector.ingest_events(events) -> Prometheus metrics in its own CollectorRegistry
                                              -> HTTP /metrics (one target)
-                                             -> snapshot() for the progress display (runner.Progress)
+                                             -> snapshot() for the progress display (sinks.Progress)
         -> testbed.results.ResultsWriter (tokens.parquet): the same events, so every counter equals
            its sum over tokens.parquet (tests/testbed/test_metrics_equal_results.py)
 

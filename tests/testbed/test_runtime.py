@@ -271,7 +271,8 @@ def test_prefix_tokens_served_are_summed_over_every_group():
 
 def test_progress_names_the_pass_of_a_virtual_clock_run(tmp_path, capsys):
     # Both passes count every token, so the count starts again at the replay: the line says which.
-    from testbed.runner import Sinks, plan
+    from testbed.runner import plan
+    from testbed.sinks import Sinks
 
     p = plan(small())
     sinks = Sinks(p, RunOptions(out_dir=tmp_path, progress=True, report=False, accuracy=False, engine="local"))
