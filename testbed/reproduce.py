@@ -56,6 +56,8 @@ are proportions, scaled to each fleet size) sharing one verifier with real batch
 throughput, Jain fairness and mean verifier batch size vs fleet size. Its own calibration point
 gives a, b and k*; rand-hlm matches u-hlm's skip rate at each size. Not scored for accuracy.
 
+The reports (figures and one HTML page per study, OUT/report/) are drawn by testbed.reproduce_report.
+
 Sizes (`SIZES`): smoke (tiny models, 4 problems, 8 tokens: seconds, for CI), small (the Qwen pair
 on HumanEval/22..37 with 32 tokens: sized for under an hour on a 2-core CPU with native bf16 (~25 min
 measured on AVX512-BF16; an fp32-only CPU may need up to ~75 min, see `estimate`), full
@@ -63,9 +65,7 @@ measured on AVX512-BF16; an fp32-only CPU may need up to ~75 min, see `estimate`
 """
 from __future__ import annotations
 
-import base64
 import hashlib
-import html
 import json
 import math
 import shutil
@@ -552,7 +552,7 @@ class Study:
         return self.summaries[point.name]
 
 
-# --------------------------------------------------------------------------------------------- figures
+# --------------------------------------------------------------------------------------------- table rows
 
 
 def paper_throughput(summary: dict) -> float | None:
@@ -639,304 +639,6 @@ def equal_fidelity(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _figure(w: float, h: float, ncols: int = 1, nrows: int = 1):
-    from testbed.report import new_figure  # here, not at the top: it pulls pandas and matplotlib
-
-    return new_figure(w, h, ncols, nrows)
-
-
-def _na(ax, text: str = "n/a") -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="gray")
-
-
-def _val(x):
-    return np.nan if x is None else float(x)
-
-
-def plot_vs_u_th(rows: list[dict], refs: dict[str, dict], key: str, ylabel: str, title: str, path: Path,
-                 err: str | None = None, percent: bool = False, fit: Fit | None = None) -> Path:
-    """One figure vs u_th: the cu-hlm sweep (risk-averse, fixed values, risk-prone) with reference lines."""
-    fig, ax = _figure(7.2, 4.4)
-    a = ax[0][0]
-    pts = sorted((r for r in rows if r.get("u_th") is not None), key=lambda r: r["u_th"])
-    x = np.array([r["u_th"] for r in pts], float)
-    y = np.array([_val(r.get(key)) for r in pts], float)
-    scale = 100.0 if percent else 1.0
-    if len(x) and np.isfinite(y).any():
-        e = np.array([_val(r.get(err)) for r in pts], float) * scale if err else None
-        a.errorbar(x, y * scale, yerr=e if e is not None and np.isfinite(e).any() else None, marker="o",
-                   color="#d62728", capsize=3, label="cu-hlm (u <= u_th skipped)")
-        for r in pts:
-            if r["label"] != "cu-hlm" and "risk" not in r["label"]:
-                continue
-            a.annotate(r["label"], (r["u_th"], _val(r.get(key)) * scale), textcoords="offset points", xytext=(4, 6),
-                       fontsize=8)
-    else:
-        _na(a)
-    styles = {"hlm": ("#1f77b4", "--"), "u-hlm": ("#2ca02c", ":"), "slm-only": ("#7f7f7f", "-."),
-              "llm-only": ("#9467bd", (0, (6, 2))), "rand-hlm": ("#8c564b", (0, (2, 2)))}
-    for name, r in refs.items():
-        v = _val(r.get(key))
-        if np.isfinite(v) and name in styles:
-            c, ls = styles[name]
-            a.axhline(v * scale, color=c, ls=ls, lw=1.2, label=f"{name}" + (" (= u_th >= 1)" if name == "slm-only" else ""))
-    if fit is not None:
-        for v, lab in ((fit.u_th_risk_averse, "risk-averse"), (fit.u_th_risk_prone, "risk-prone")):
-            if math.isfinite(v):
-                a.axvline(v, color="k", lw=0.8, alpha=0.4)
-    a.set_xlabel("skip threshold u_th (temperature perturbation u)")
-    a.set_ylabel(ylabel + (" (%)" if percent else ""))
-    a.set_title(title)
-    if a.get_legend_handles_labels()[0]:
-        a.legend(fontsize=8, loc="best")
-    fig.savefig(path)
-    return path
-
-
-def plot_beta_fit(calibration: dict, samples, path: Path) -> Path:
-    from testbed.calibrate import plot_beta_fits
-
-    return plot_beta_fits(samples, calibration["fits"], path, ESTIMATOR)
-
-
-def plot_reliability(calibration: dict, path: Path) -> Path:
-    names = list(calibration["reliability"])
-    fig, ax = _figure(4.0 * len(names), 3.8, ncols=len(names))
-    for a, name in zip(ax[0], names):
-        curve = [c for c in calibration["reliability"][name] if c.get("beta_predicted") is not None]
-        a.plot([0, 1], [0, 1], color="gray", ls="--", lw=1, label="perfect calibration")
-        if not curve:
-            _na(a, "no fit")
-        else:
-            px = [c["beta_predicted"] for c in curve]
-            py = [c["beta_observed"] for c in curve]
-            n = np.array([c["n"] for c in curve], float)
-            a.plot(px, py, color="#d62728", lw=1)
-            a.scatter(px, py, s=20 + 180 * n / n.max(), color="#d62728", edgecolor="k", zorder=3,
-                      label="u bins (size ~ tokens)")
-        a.set_xlim(-0.02, 1.02)
-        a.set_ylim(-0.02, 1.02)
-        a.set_title(f"{name}: observed vs predicted beta")
-        a.set_xlabel("predicted beta = clip(a u + b) (bin mean)")
-        a.set_ylabel("observed beta (bin mean)")
-        a.legend(fontsize=7, loc="upper left")
-    fig.savefig(path)
-    return path
-
-
-def plot_frontier(rows: list[dict], path: Path) -> Path:
-    """Skip rate against fidelity: cu-hlm's threshold sweep (its Pareto front) and cu-hlm-adaptive's
-    risk budgets per estimator; up and to the left is better. Left: every point (log fidelity);
-    right: the adaptive points' neighbourhood (linear)."""
-    fig, ax = _figure(12, 4.6, ncols=2)
-    front = cu_hlm_frontier(rows)
-    colors = {"temperature": "#1f77b4", "max": "#2ca02c"}
-    by: dict[str, list] = {}
-    for r in rows:
-        if r["policy"] == "cu-hlm-adaptive" and r.get("fidelity_tv") is not None:
-            by.setdefault(r.get("estimator") or ESTIMATOR, []).append(r)
-    for a, zoom in zip(ax[0], (False, True)):
-        if front:
-            a.plot([r["fidelity_tv"] for r in front], [100 * r["skip_rate"] for r in front], marker="o",
-                   color="#d62728", label="cu-hlm, u_th sweep (Pareto front)")
-            for r in front:
-                if r.get("u_th") is not None:
-                    a.annotate(f"u_th {r['u_th']:.2g}", (r["fidelity_tv"], 100 * r["skip_rate"]),
-                               textcoords="offset points", xytext=(5, -10), fontsize=7, color="#d62728")
-        for est, rs in by.items():
-            rs = sorted(rs, key=lambda r: r.get("risk") or 0.0)
-            c = colors.get(est, "#9467bd")
-            a.plot([r["fidelity_tv"] for r in rs], [100 * r["skip_rate"] for r in rs], marker="s", ls="--", color=c,
-                   label=f"cu-hlm-adaptive ({est} u), risk budgets")
-            for r in rs:
-                a.annotate(f"{r['risk']:g}", (r["fidelity_tv"], 100 * r["skip_rate"]), textcoords="offset points",
-                           xytext=(4, 5), fontsize=7, color=c)
-        if not zoom:
-            for r in rows:
-                if r["point"] in ("u-hlm", "rand-hlm") and r.get("fidelity_tv"):
-                    a.scatter([r["fidelity_tv"]], [100 * r["skip_rate"]], marker="^", s=40, label=r["point"], zorder=3)
-            a.set_xscale("log")
-            a.set_xlabel("fidelity: mean TV distance to the LLM per token (log; lower is better)")
-            a.set_title("Skip rate vs fidelity: cu-hlm-adaptive and cu-hlm's thresholds")
-        else:
-            xs = [r["fidelity_tv"] for rs in by.values() for r in rs]
-            if xs and front:
-                beyond = [r["fidelity_tv"] for r in front if r["fidelity_tv"] > max(xs)]
-                hi = min(beyond) if beyond else max(xs)
-                lo = min(xs + [front[0]["fidelity_tv"]])
-                pad = 0.08 * (hi - lo or hi)
-                a.set_xlim(lo - pad, hi + pad)
-                ys = [100 * r["skip_rate"] for r in [*front, *(r for rs in by.values() for r in rs)]
-                      if lo - pad <= r["fidelity_tv"] <= hi + pad]
-                a.set_ylim(min(ys) - 5, max(ys) + 5)
-            a.set_xlabel("fidelity: mean TV distance to the LLM per token (lower is better)")
-            a.set_title("Around the adaptive points")
-        if not front and not by:
-            _na(a)
-        a.set_ylabel("transmissions skipped (%)")
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=7, loc="best")
-    fig.savefig(path)
-    return path
-
-
-def plot_theta(rows: list[dict], path: Path) -> Path:
-    fig, ax = _figure(7.2, 4.4)
-    a = ax[0][0]
-    pts = sorted((r for r in rows if r.get("theta") is not None), key=lambda r: r["theta"])
-    x = np.array([r["theta"] for r in pts], float)
-    y = np.array([_val(r.get("vocab_compression")) for r in pts], float) * 100
-    if len(x) and np.isfinite(y).any():
-        a.plot(x, y, marker="o", color="#d62728", label="vocabulary compression")
-        a.set_xscale("log")
-        b = a.twinx()
-        f = np.array([_val(r.get("fidelity_tv")) for r in pts], float)
-        if np.isfinite(f).any():
-            b.plot(x, f, marker="s", color="#1f77b4", ls="--", label="fidelity (mean TV / token)")
-            b.set_ylabel("mean TV distance to the LLM per token")
-            b.legend(fontsize=8, loc="lower right")
-    else:
-        _na(a)
-    a.set_xlabel("distortion budget theta (online k*, risk-averse u_th)")
-    a.set_ylabel("vocabulary compression (%)")
-    a.set_title("Compression vs theta (cu-hlm)")
-    if a.get_legend_handles_labels()[0]:
-        a.legend(fontsize=8, loc="upper left")
-    fig.savefig(path)
-    return path
-
-
-def plot_policies(rows: list[dict], path: Path) -> Path:
-    fig, ax = _figure(11, 4.2, ncols=2)
-    labels = [r["label"] for r in rows]
-    x = np.arange(len(rows))
-    a = ax[0][0]
-    y = [_val(r.get("throughput_ratio_hlm")) for r in rows]
-    bars = a.bar(x, y, color="#1f77b4")
-    a.bar_label(bars, labels=["n/a" if not np.isfinite(v) else f"{v:.2f}" for v in y], fontsize=7)
-    a.set_yscale("log")
-    a.set_title("Token throughput / HLM's")
-    a.set_xticks(x, labels, rotation=35, ha="right", fontsize=8)
-    a = ax[0][1]
-    w = 0.4
-    s = [_val(r.get("skip_rate")) * 100 for r in rows]
-    c = [_val(r.get("vocab_compression")) * 100 for r in rows]
-    a.bar(x - w / 2, s, w, color="#ff7f0e", label="skip rate")
-    a.bar(x + w / 2, c, w, color="#2ca02c", label="vocabulary compression")
-    a.set_ylim(0, 105)
-    a.set_ylabel("%")
-    a.set_title("Transmissions skipped and vocabulary compression")
-    a.set_xticks(x, labels, rotation=35, ha="right", fontsize=8)
-    a.legend(fontsize=8)
-    fig.savefig(path)
-    return path
-
-
-def plot_fleet(rows: list[dict], key: str, ylabel: str, title: str, path: Path, log: bool = False) -> Path:
-    fig, ax = _figure(7.2, 4.4)
-    a = ax[0][0]
-    by: dict[str, list] = {}
-    for r in rows:
-        by.setdefault(r["label"], []).append(r)
-    markers = "osD^vP*Xh"
-    any_data = False
-    for i, (label, rs) in enumerate(by.items()):
-        rs = sorted(rs, key=lambda r: r["fleet_size"])
-        xs = [r["fleet_size"] for r in rs]
-        ys = [_val(r.get(key)) for r in rs]
-        if np.isfinite(ys).any():
-            any_data = True
-            a.plot(xs, ys, marker=markers[i % len(markers)], label=label)
-    if not any_data:
-        _na(a)
-    a.set_xscale("log")
-    if log:
-        a.set_yscale("log")
-    a.set_xlabel("fleet size (devices)")
-    a.set_ylabel(ylabel)
-    a.set_title(title)
-    if a.get_legend_handles_labels()[0]:
-        a.legend(fontsize=7, loc="best", ncols=2)
-    fig.savefig(path)
-    return path
-
-
-# --------------------------------------------------------------------------------------------- html
-
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1240px;color:#222;padding:0 16px}
-h1{font-size:1.6em;margin-bottom:4px}h2{margin-top:34px;border-bottom:2px solid #ddd;padding-bottom:4px}
-table{border-collapse:collapse;margin:8px 0 16px;font-size:0.9em}td,th{border:1px solid #ddd;padding:4px 9px;text-align:right}
-th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}figure{margin:10px 0 22px}
-figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:0.9em}.muted{color:#666;font-size:0.9em}
-.paper{color:#8c564b}
-"""
-
-
-def fmt(v: Any, kind: str = "2", se: Any = None) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    if kind == "pct":
-        out = f"{100 * v:.1f}%"
-        return out + (f" ± {100 * se:.1f}" if se is not None else "")
-    if kind == "x":
-        return f"{v:.2f}x"
-    if kind == "e":
-        return f"{v:.2e}"
-    if kind == "int":
-        return f"{int(v):,}"
-    if kind == "bytes":
-        from testbed.results import format_bytes
-
-        return format_bytes(v)
-    if kind == "3":
-        return f"{v:.3f}" + (f" ± {se:.3f}" if se is not None else "")
-    return f"{v:.2f}" + (f" ± {se:.2f}" if se is not None else "")
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], classes: Sequence[str] | None = None) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = []
-    for i, r in enumerate(rows):
-        cls = f" class='{classes[i]}'" if classes and classes[i] else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
-
-
-def _img(path: Path, caption: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f"<figure><img alt='{html.escape(path.stem)}' data-plot='{html.escape(path.name)}' "
-            f"src='data:image/png;base64,{data}'><figcaption>{html.escape(caption)}</figcaption></figure>")
-
-
-def _page(title: str, parts: list[str]) -> str:
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
-
-
-POLICY_COLUMNS = ["point", "u_th", "throughput (tok/s)", "ratio to HLM", "skip", "compression", "pass@1",
-                  "pass@1 / llm-only", "fidelity (TV/token)", "uplink / token", "acceptance"]
-
-
-def _policy_cells(r: dict) -> list[str]:
-    return [r["label"], fmt(r.get("u_th"), "3"), fmt(r["throughput_tokens_per_s"]), fmt(r["throughput_ratio_hlm"], "x"),
-            fmt(r["skip_rate"], "pct"), fmt(r["vocab_compression"], "pct"),
-            fmt(r["pass_at_1"], "3", r["pass_at_1_stderr"]),
-            fmt(r["pass_at_1_relative"], "3", r["pass_at_1_relative_stderr"]), fmt(r["fidelity_tv"], "e"),
-            fmt(r["uplink_bytes_per_token"], "bytes"), fmt(r["acceptance_rate"], "pct")]
-
-
-def _paper_cells(name: str) -> list[str] | None:
-    """The paper's headline numbers in the columns of POLICY_COLUMNS (blank where it gives none)."""
-    p = PAPER.get(name)
-    if not p:
-        return None
-    ratio = p["throughput_ratio_hlm"]
-    return [f"paper: {name}", "", "", f"up to {ratio:g}x" if name == "cu-hlm" else f"{ratio:g}x",
-            fmt(p.get("skip_rate"), "pct"), fmt(p.get("vocab_compression"), "pct") if "vocab_compression" in p else "",
-            "", fmt(p.get("pass_at_1_relative"), "pct"), "", "", ""]
-
-
 # --------------------------------------------------------------------------------------------- the paper study
 
 
@@ -1014,6 +716,8 @@ def run_paper(size: str | Size = "smoke", out: str | Path = "runs/reproduce-pape
         study.run_point(p)
         if p.name == "llm-only":
             study.reference = study.point_dir("llm-only")
+    from testbed.reproduce_report import write_paper_report  # here: it imports this module
+
     rows = paper_rows(points, study)
     report = write_paper_report(study, size, base, points, rows)
     return StudyResult(out, report, rows, study.fit, study.statuses)
@@ -1026,134 +730,6 @@ def _sized_tokens(s: Scenario, max_new_tokens: int) -> Scenario:
 def paper_rows(points: list[Point], study: Study) -> list[dict]:
     hlm = paper_throughput(study.summaries["hlm"])
     return [_row(p, study.summaries[p.name], hlm) for p in points]
-
-
-def write_paper_report(study: Study, size: Size, base: Scenario, points: list[Point], rows: list[dict]) -> Path:
-    import pandas as pd
-
-    rep = study.out / "report"
-    if rep.exists():
-        shutil.rmtree(rep)
-    rep.mkdir(parents=True)
-    fit, cal = study.fit, study.calibration
-    by = {r["point"]: r for r in rows}
-    refs = {n: by[n] for n in ("hlm", "u-hlm", "slm-only", "llm-only", "rand-hlm") if n in by}
-    sweep = [r for r in rows if r["policy"] == "cu-hlm" and r["group"] in ("policy", "u_th")]
-    samples = pd.read_parquet(study.point_dir("calibration") / "samples.parquet")
-    figs = [
-        (plot_vs_u_th(sweep, refs, "throughput_ratio_hlm", "token throughput / HLM's", "Throughput ratio to HLM vs u_th",
-                      rep / "uth_throughput_ratio.png", fit=fit),
-         "Token throughput (1 / mean per-token delay) of cu-hlm over HLM's, vs its skip threshold. Vertical lines: "
-         "risk-averse and risk-prone thresholds of the fit."),
-        (plot_vs_u_th(sweep, refs, "skip_rate", "transmissions skipped", "Skip rate vs u_th", rep / "uth_skip_rate.png",
-                      percent=True, fit=fit), "Fraction of tokens not uploaded."),
-        (plot_vs_u_th(sweep, refs, "vocab_compression", "vocabulary compression", "Vocabulary compression vs u_th",
-                      rep / "uth_compression.png", percent=True, fit=fit),
-         "1 - mean k / |V| over the uploads (online k*(t), theta = 0.1)."),
-        (plot_vs_u_th(sweep, refs, "pass_at_1_relative", "pass@1 / llm-only's", "HumanEval pass@1 relative to llm-only",
-                      rep / "uth_pass_at_1.png", err="pass_at_1_relative_stderr", fit=fit),
-         "pass@1 from the problems' own unit tests over llm-only's on the same problems and seed; error bars: one "
-         "standard error (delta method). n/a where llm-only passes nothing."),
-        (plot_vs_u_th(sweep, refs, "fidelity_tv", "mean TV distance to the LLM per token", "Fidelity vs u_th",
-                      rep / "uth_fidelity.png", fit=fit),
-         "Exact total-variation distance between the law each token was drawn from and the LLM's, averaged over "
-         "tokens (0 = the LLM's own distribution). n/a where the run did not measure it."),
-        (plot_beta_fit(cal, samples, rep / "beta_u_fit.png"),
-         "Observed beta = max(0, 1 - y_d / x_d) of every token of the calibration run against each estimator's u, "
-         "with its least-squares line (and the paper's line for temperature perturbation)."),
-        (plot_reliability(cal, rep / "reliability.png"),
-         "Binned reliability per estimator: mean observed beta against mean predicted beta of each u bin."),
-        (plot_theta([r for r in rows if r["policy"] == "cu-hlm" and r["group"] in ("policy", "theta")],
-                    rep / "theta_compression.png"),
-         "Vocabulary compression (and fidelity) of cu-hlm at the risk-averse threshold vs the distortion budget theta."),
-        (plot_policies([r for r in rows if r["group"] == "policy"], rep / "policies.png"),
-         "Every policy: throughput over HLM's (log scale), skip rate and compression."),
-        (plot_frontier(rows, rep / "skip_vs_fidelity.png"),
-         "Skip rate against fidelity. Red: cu-hlm at each threshold of the sweep (the offline fit's risk-averse one "
-         "included); dashed: cu-hlm-adaptive at each risk budget (labels), per uncertainty estimator. A point above "
-         "the red line skips more than any cu-hlm threshold at the same fidelity."),
-    ]
-    versus = equal_fidelity(rows)
-    (rep / "table.json").write_text(json.dumps({"size": size.name, "fit": fit.__dict__, "calibration": {
-        "fits": cal["fits"], "kstar": cal["kstar"]}, "llm_ms": study.llm_ms, "rows": rows,
-        "adaptive_vs_cu_hlm": versus}, indent=2), encoding="utf-8")
-    t_llm = study.llm_ms
-    parts = [f"<h1>Reproducing CU-HLM / U-HLM: --size {html.escape(size.name)}</h1>",
-             f"<p class='muted'>{html.escape(size.why)}. {base.n_devices} devices (one per HumanEval problem "
-             f"{html.escape(cal['prompts'])}), {base.generation.max_new_tokens} tokens each, models "
-             f"{html.escape(str(base.models.slm))} / {html.escape(str(base.models.llm))}, seed {base.seed}. "
-             f"Results: {html.escape(str(study.out))}.</p>"]
-    parts.append("<h2>Headline numbers next to the papers'</h2>")
-    head = []
-    cu, u = by.get("cu-hlm", {}), by.get("u-hlm", {})
-    # "up to": the best cu-hlm point that still verifies something (u_th >= 1 skips every token: slm-only)
-    best = max((r for r in rows if r["policy"] == "cu-hlm" and r.get("throughput_ratio_hlm")
-                and (r.get("skip_rate") or 0.0) < 1.0), key=lambda r: r["throughput_ratio_hlm"], default=None)
-    head += [
-        ["CU-HLM token throughput vs HLM", "up to 206x", f"{fmt(cu.get('throughput_ratio_hlm'), 'x')} (risk-averse); "
-         f"up to {fmt(best and best['throughput_ratio_hlm'], 'x')} ({best['label'] if best else 'n/a'})"],
-        ["CU-HLM transmissions skipped", "74.8%", fmt(cu.get("skip_rate"), "pct")],
-        ["CU-HLM vocabulary compression", "97.4%", fmt(cu.get("vocab_compression"), "pct")],
-        ["CU-HLM accuracy (relative)", "97.4%", fmt(cu.get("pass_at_1_relative"), "pct", cu.get("pass_at_1_relative_stderr"))],
-        ["U-HLM uploads skipped", "45.93%", fmt(u.get("skip_rate"), "pct")],
-        ["U-HLM accuracy / LLM's", "97.54%", fmt(u.get("pass_at_1_relative"), "pct", u.get("pass_at_1_relative_stderr"))],
-        ["U-HLM throughput vs HLM", "2.54x", fmt(u.get("throughput_ratio_hlm"), "x")],
-        ["rejection fit beta ~ a u + b", "a = 0.815, b = -0.066 (TinyLlama / Llama-2)",
-         f"a = {fit.a:.3f}, b = {fit.b:+.3f} ({fit.source}); `testbed calibrate` on the Qwen pair: "
-         f"a = {QWEN_CALIBRATE_FIT['a']}, b = {QWEN_CALIBRATE_FIT['b']}"],
-        ["risk-averse / risk-prone u_th", "0.081 / 0.81",
-         f"{fit.u_th_risk_averse:.3f} / {fit.u_th_risk_prone:.3f} (-b/a and ({RISK_PRONE_BETA_TOL} - b)/a; on the "
-         f"paper's fit this rule gives 0.081 / {(RISK_PRONE_BETA_TOL - PAPER['fit']['b']) / PAPER['fit']['a']:.3f})"],
-        ["offline k*", "-", f"{fit.kstar} (theta {cal['kstar']['theta']}, {cal['kstar']['tokens']} calibration tokens)"],
-        ["fidelity (mean TV / token) cu-hlm vs hlm", "-",
-         f"{fmt(cu.get('fidelity_tv'), 'e')} vs {fmt(by.get('hlm', {}).get('fidelity_tv'), 'e')}"],
-    ]
-    parts.append(_table(["figure", "paper", "this run"], head))
-    parts.append("<h2>cu-hlm-adaptive against cu-hlm at equal fidelity</h2>")
-    parts.append("<p class='muted'>No offline calibration: each device learns which u it can skip from its own "
-                 "verdicts within a risk budget (expected missed rejections per token). cu-hlm's skip rate at the same "
-                 "fidelity is interpolated along its threshold sweep (mixing two thresholds attains the segment); "
-                 "'≤' where the adaptive point is more faithful than any cu-hlm threshold.</p>")
-    parts.append(_table(
-        ["point", "u estimator", "risk budget", "fidelity (TV/token)", "skip", "cu-hlm skip at equal fidelity",
-         "gain (points)", "pass@1", "cu-hlm pass@1 (bracketing u_th)", "compression"],
-        [[v["point"], str(v["estimator"]), fmt(v["risk"], "3"), fmt(v["fidelity_tv"], "e"), fmt(v["skip_rate"], "pct"),
-          ("≤ " if v["bound"] else "") + fmt(v["cu_hlm_skip_rate"], "pct"), f"{100 * v['skip_gain']:+.1f}",
-          fmt(v["pass_at_1"], "3", v["pass_at_1_stderr"]),
-          " / ".join(fmt(x, "3") for x in v["cu_hlm_pass_at_1"]), fmt(v["vocab_compression"], "pct")]
-         for v in versus]))
-    parts.append("<h2>Every point</h2>")
-    table, classes = [], []
-    for r in rows:
-        table.append(_policy_cells(r))
-        classes.append("")
-        if r["point"] in ("u-hlm", "cu-hlm") and _paper_cells(r["point"]):
-            table.append(_paper_cells(r["point"]))
-            classes.append("paper")
-    parts.append(_table(POLICY_COLUMNS, table, classes))
-    parts.append("<p class='muted'>throughput: 1 / mean per-token delay over all tokens of all devices (harmonic mean "
-                 "of per-device throughput in emulated time); pass@1 ± one standard error; relative pass@1 ± its "
-                 "delta-method standard error (llm-only is the reference, 1 by definition); fidelity: mean exact TV "
-                 "distance to the LLM's distribution per token, n/a where the run does not measure it.</p>")
-    parts.append("<h2>Figures</h2>" + "".join(_img(p, c) for p, c in figs))
-    parts.append("<h2>Setting</h2>")
-    parts.append(f"<p>Each device: SLM step {base.tiers[0].slm_ms_per_token} ms/token; link "
-                 f"{html.escape(study.setting_text)} (a channel's rate is W log2(1 + SNR)); "
-                 f"LLM step {t_llm:.1f} ms per verification (batch 1), charged on the downlink so that "
-                 f"devices never queue behind each other (each device's trace is what it would be alone). "
-                 f"Token throughput = 1 / (SLM + uplink + LLM + downlink) per transmitted token, 1 / SLM per skipped "
-                 f"token, averaged as 1 / mean delay. HLM uploads the full distribution in float32 "
-                 f"(|V| = {cal['vocab_size']:,}); CU-HLM its top-k*(t) at 8 bits. The papers' 206x is their best "
-                 f"case (their channel and vocabulary); here one channel is measured.</p>")
-    parts.append(_table(["estimator", "a", "b", "pearson r", "-b/a", "tokens"],
-                        [[n, fmt(f.get("a"), "3"), fmt(f.get("b"), "3"), fmt(f.get("pearson_r"), "3"),
-                          fmt(f.get("u_th_risk_averse"), "3"), str(f.get("n"))] for n, f in cal["fits"].items()]))
-    parts.append("<details><summary>points and their status</summary>" + _table(
-        ["point", "status", "directory"], [[n, s, str(study.point_dir(n))] for n, s in study.statuses.items()]) +
-        "</details>")
-    path = rep / "report.html"
-    path.write_text(_page(f"reproduce paper ({size.name})", parts), encoding="utf-8")
-    return path
 
 
 # --------------------------------------------------------------------------------------------- the fleet study
@@ -1198,6 +774,8 @@ def run_fleet(size: str | Size = "smoke", out: str | Path = "runs/reproduce-flee
     study.fit = choose_fit(study.calibration, a, b)
     for p in points:
         study.run_point(p)
+    from testbed.reproduce_report import write_fleet_report  # here: it imports this module
+
     rows = [_fleet_row(p, study.summaries[p.name]) for p in points]
     report = write_fleet_report(study, size, rows)
     return StudyResult(out, report, rows, study.fit, study.statuses)
@@ -1211,43 +789,6 @@ def _fleet_row(point: Point, s: dict) -> dict:
             "skip_rate": s.get("skip_rate"), "vocab_compression": s.get("vocab_compression"),
             "uplink_bytes_per_token": s.get("uplink_bytes_per_token"), "latency_p95_s": lat.get("p95"),
             "fidelity_tv": s.get("fidelity_tv_mean"), "devices": s.get("devices"), "tokens": s.get("tokens")}
-
-
-def write_fleet_report(study: Study, size: Size, rows: list[dict]) -> Path:
-    rep = study.out / "report"
-    if rep.exists():
-        shutil.rmtree(rep)
-    rep.mkdir(parents=True)
-    figs = [
-        (plot_fleet(rows, "system_throughput_tokens_per_s", "tokens / emulated s (all devices)", "System throughput vs fleet size",
-                    rep / "fleet_throughput.png", log=True), "Tokens of the whole fleet per emulated second."),
-        (plot_fleet(rows, "jain_fairness", "Jain fairness of per-device throughput", "Fairness vs fleet size",
-                    rep / "fleet_fairness.png"), "Jain's index over devices' own throughput (1 = all served equally)."),
-        (plot_fleet(rows, "verifier_batch_size_mean", "mean verifier batch (sequences)", "Verifier batch size vs fleet size",
-                    rep / "fleet_batch.png"), "Mean sequences per verifier batch (max_batch of the server profile caps it)."),
-    ]
-    (rep / "table.json").write_text(json.dumps({"size": size.name, "fit": study.fit.__dict__, "rows": rows}, indent=2),
-                                    encoding="utf-8")
-    base = fleet_base(size, size.fleet_sizes[0])
-    tiers = ", ".join(f"{t.name} ({t.slm_ms_per_token} ms/token, {t.link if isinstance(t.link, str) else 'custom link'})"
-                      for t in base.tiers)
-    parts = [f"<h1>CU-HLM on a fleet: --size {html.escape(size.name)}</h1>",
-             f"<p class='muted'>Heterogeneous devices ({html.escape(tiers)}; proportions 2 : 1 : 1) share one verifier "
-             f"(verify {base.server.verify_ms.base} + {base.server.verify_ms.per_token}/token + "
-             f"{base.server.verify_ms.per_sequence}/sequence ms, max batch {base.server.max_batch}). "
-             f"{size.fleet_tokens} tokens per device. Fit a = {study.fit.a:.3f}, b = {study.fit.b:+.3f} "
-             f"({html.escape(study.fit.source)}), offline k* = {study.fit.kstar}.</p>"]
-    cells = [[r["label"], str(r["fleet_size"]), fmt(r["system_throughput_tokens_per_s"]), fmt(r["jain_fairness"], "3"),
-              fmt(r["verifier_batch_size_mean"]), fmt(r["skip_rate"], "pct"), fmt(r["vocab_compression"], "pct"),
-              fmt(r["uplink_bytes_per_token"], "bytes"),
-              "n/a" if r["latency_p95_s"] is None else f"{1000 * r['latency_p95_s']:.1f} ms", fmt(r["fidelity_tv"], "e")]
-             for r in rows]
-    parts.append(_table(["policy", "devices", "system throughput (tok/s)", "Jain", "verifier batch", "skip", "compression",
-                         "uplink / token", "latency p95", "fidelity (TV/token)"], cells))
-    parts.append("<h2>Figures</h2>" + "".join(_img(p, c) for p, c in figs))
-    path = rep / "report.html"
-    path.write_text(_page(f"reproduce fleet ({size.name})", parts), encoding="utf-8")
-    return path
 
 
 # --------------------------------------------------------------------------------------------- estimate

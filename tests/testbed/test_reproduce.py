@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from testbed import reproduce
+from testbed import reproduce, reproduce_report
 from testbed.reproduce import SIZES, Study, fleet_counts, paper_base, paper_throughput, with_policy
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -127,7 +127,7 @@ def test_paper_table_equals_point_summaries(paper):
             assert r["pass_at_1_relative_stderr"] == acc.get("pass_at_1_relative_stderr")
             assert acc["reference"]["run_dir"] == str(out / "points/llm-only")
         # the HTML row shows the same numbers
-        cells = reproduce._policy_cells(r)
+        cells = reproduce_report._policy_cells(r)
         assert "<tr><td>" + "</td><td>".join(cells) + "</td></tr>" in page
 
 
