@@ -448,9 +448,11 @@ def plot_policies(runs: list[Run], figs: list[dict], path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # HTML
 # ---------------------------------------------------------------------------------------------
-def _fmt(v: Any, kind: str) -> str:
+def format_value(v: Any, kind: str = "2", missing: str = "-") -> str:
+    """One figure as the reports print it (this report and testbed.reproduce_report's): kind pct, bytes,
+    ms, s, int, x (a ratio), 3 or 2 (decimals), e (scientific); `missing` for None or not finite."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
+        return missing
     if kind == "pct":
         return f"{100 * v:.1f}%"
     if kind == "bytes":
@@ -461,6 +463,8 @@ def _fmt(v: Any, kind: str) -> str:
         return f"{v:.2f} s"
     if kind == "int":
         return f"{int(v):,}"
+    if kind == "x":
+        return f"{v:.2f}x"
     if kind == "3":
         return f"{v:.3f}"
     if kind == "e":
@@ -488,6 +492,7 @@ h3{margin:22px 0 6px}table{border-collapse:collapse;margin:8px 0 16px;font-size:
 td,th{border:1px solid #ddd;padding:4px 10px;text-align:right}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
 figure{margin:10px 0 22px}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:0.9em}
 .muted{color:#666;font-size:0.9em}details pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:0.85em}
+.paper{color:#8c564b}
 """
 
 CAPTIONS = {
@@ -505,17 +510,27 @@ CAPTIONS = {
 }
 
 
-def _img(path: Path, key: str, title: str) -> str:
+def html_figure(path: Path, caption: str, title: str = "") -> str:
+    """A PNG embedded in the page (data-plot: its file name), with its caption (and bold title)."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f'<figure><img alt="{html.escape(title)}" data-plot="{html.escape(path.name)}" '
-            f'src="data:image/png;base64,{data}"><figcaption><b>{html.escape(title)}.</b> '
-            f'{html.escape(CAPTIONS.get(key, ""))}</figcaption></figure>')
+    head = f"<b>{html.escape(title)}.</b> " if title else ""
+    return (f'<figure><img alt="{html.escape(title or path.stem)}" data-plot="{html.escape(path.name)}" '
+            f'src="data:image/png;base64,{data}"><figcaption>{head}{html.escape(caption)}</figcaption></figure>')
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
+def html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], classes: Sequence[str] | None = None) -> str:
+    """A table of text cells (escaped); `classes`: a CSS class per row ("" for none)."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    body = []
+    for i, r in enumerate(rows):
+        cls = f" class='{classes[i]}'" if classes and classes[i] else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def html_page(title: str, parts: Sequence[str]) -> str:
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
 
 
 def _tier_table(run: Run) -> str:
@@ -532,11 +547,11 @@ def _tier_table(run: Run) -> str:
         row = [t]
         for _, key, kind in cols:
             v = b.get(key)
-            row.append(str(v) if kind == "str" and v is not None else _fmt(v, kind))
+            row.append(str(v) if kind == "str" and v is not None else format_value(v, kind))
         lat = (b.get("token_latency_s") or {}).get("p95")
-        row.append(_fmt(lat, "ms"))
+        row.append(format_value(lat, "ms"))
         rows.append(row)
-    return _table(["tier"] + [c[0] for c in cols] + ["latency p95"], rows)
+    return html_table(["tier"] + [c[0] for c in cols] + ["latency p95"], rows)
 
 
 PLOTS = [
@@ -568,9 +583,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     if len(runs) > 1:
         p = plot_policies(runs, figs, out / "policies.png")
         parts.append("<h2>Policies side by side</h2>")
-        parts.append(_table(["", *[r.label for r in runs]],
-                            [[name, *(_fmt(f.get(key), kind) for f in figs)] for name, key, kind in ROWS]))
-        parts.append(_img(p, "policies", "Throughput vs accuracy proxy vs uplink bytes"))
+        parts.append(html_table(["", *[r.label for r in runs]],
+                                [[name, *(format_value(f.get(key), kind) for f in figs)] for name, key, kind in ROWS]))
+        parts.append(html_figure(p, CAPTIONS["policies"], "Throughput vs accuracy proxy vs uplink bytes"))
     used: set[str] = set()
     for run, f in zip(runs, figs):
         prefix = _slug(run.label if len(runs) > 1 else "")
@@ -580,16 +595,15 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
         name = run.summary.get("scenario") or run.summary.get("name") or run.path.name
         parts.append(f"<h2>{html.escape(run.label)}</h2><p class='muted'>{html.escape(str(run.path))} · scenario "
                      f"{html.escape(str(name))} · policies {html.escape(', '.join(run.policies))}</p>")
-        parts.append(_table(["figure", "value"], [[n, _fmt(f.get(k), kind)] for n, k, kind in ROWS]))
+        parts.append(html_table(["figure", "value"], [[n, format_value(f.get(k), kind)] for n, k, kind in ROWS]))
         parts.append(_tier_table(run))
         for key, title, fn in PLOTS:
             png = out / (f"{prefix}_{key}.png" if len(runs) > 1 else f"{key}.png")
             fn(run, png)
-            parts.append(f"<h3>{html.escape(title)}</h3>" + _img(png, key, title))
+            parts.append(f"<h3>{html.escape(title)}</h3>" + html_figure(png, CAPTIONS.get(key, ""), title))
         if run.scenario_text:
             parts.append(f"<details><summary>scenario.yaml</summary><pre>{html.escape(run.scenario_text)}</pre></details>")
-    page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>HLM testbed report</title>"
-            f"<style>{CSS}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
+    page = html_page("HLM testbed report", parts)
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path

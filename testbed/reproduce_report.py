@@ -2,25 +2,19 @@
 study, drawn from its table rows; the papers' headline numbers beside ours."""
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from testbed.reproduce import (ESTIMATOR, PAPER, QWEN_CALIBRATE_FIT, RISK_PRONE_BETA_TOL, Fit, Point, Size, Study,
                                cu_hlm_frontier, equal_fidelity, fleet_base)
+from testbed.report import format_value, html_figure, html_page, html_table, new_figure
 from testbed.scenario import Scenario
-
-def _figure(w: float, h: float, ncols: int = 1, nrows: int = 1):
-    from testbed.report import new_figure  # here, not at the top: it pulls pandas and matplotlib
-
-    return new_figure(w, h, ncols, nrows)
-
 
 def _na(ax, text: str = "n/a") -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="gray")
@@ -33,7 +27,7 @@ def _val(x):
 def plot_vs_u_th(rows: list[dict], refs: dict[str, dict], key: str, ylabel: str, title: str, path: Path,
                  err: str | None = None, percent: bool = False, fit: Fit | None = None) -> Path:
     """One figure vs u_th: the cu-hlm sweep (risk-averse, fixed values, risk-prone) with reference lines."""
-    fig, ax = _figure(7.2, 4.4)
+    fig, ax = new_figure(7.2, 4.4)
     a = ax[0][0]
     pts = sorted((r for r in rows if r.get("u_th") is not None), key=lambda r: r["u_th"])
     x = np.array([r["u_th"] for r in pts], float)
@@ -78,7 +72,7 @@ def plot_beta_fit(calibration: dict, samples, path: Path) -> Path:
 
 def plot_reliability(calibration: dict, path: Path) -> Path:
     names = list(calibration["reliability"])
-    fig, ax = _figure(4.0 * len(names), 3.8, ncols=len(names))
+    fig, ax = new_figure(4.0 * len(names), 3.8, ncols=len(names))
     for a, name in zip(ax[0], names):
         curve = [c for c in calibration["reliability"][name] if c.get("beta_predicted") is not None]
         a.plot([0, 1], [0, 1], color="gray", ls="--", lw=1, label="perfect calibration")
@@ -105,7 +99,7 @@ def plot_frontier(rows: list[dict], path: Path) -> Path:
     """Skip rate against fidelity: cu-hlm's threshold sweep (its Pareto front) and cu-hlm-adaptive's
     risk budgets per estimator; up and to the left is better. Left: every point (log fidelity);
     right: the adaptive points' neighbourhood (linear)."""
-    fig, ax = _figure(12, 4.6, ncols=2)
+    fig, ax = new_figure(12, 4.6, ncols=2)
     front = cu_hlm_frontier(rows)
     colors = {"temperature": "#1f77b4", "max": "#2ca02c"}
     by: dict[str, list] = {}
@@ -158,7 +152,7 @@ def plot_frontier(rows: list[dict], path: Path) -> Path:
 
 
 def plot_theta(rows: list[dict], path: Path) -> Path:
-    fig, ax = _figure(7.2, 4.4)
+    fig, ax = new_figure(7.2, 4.4)
     a = ax[0][0]
     pts = sorted((r for r in rows if r.get("theta") is not None), key=lambda r: r["theta"])
     x = np.array([r["theta"] for r in pts], float)
@@ -184,7 +178,7 @@ def plot_theta(rows: list[dict], path: Path) -> Path:
 
 
 def plot_policies(rows: list[dict], path: Path) -> Path:
-    fig, ax = _figure(11, 4.2, ncols=2)
+    fig, ax = new_figure(11, 4.2, ncols=2)
     labels = [r["label"] for r in rows]
     x = np.arange(len(rows))
     a = ax[0][0]
@@ -210,7 +204,7 @@ def plot_policies(rows: list[dict], path: Path) -> Path:
 
 
 def plot_fleet(rows: list[dict], key: str, ylabel: str, title: str, path: Path, log: bool = False) -> Path:
-    fig, ax = _figure(7.2, 4.4)
+    fig, ax = new_figure(7.2, 4.4)
     a = ax[0][0]
     by: dict[str, list] = {}
     for r in rows:
@@ -240,55 +234,13 @@ def plot_fleet(rows: list[dict], key: str, ylabel: str, title: str, path: Path, 
 
 # --------------------------------------------------------------------------------------------- html
 
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1240px;color:#222;padding:0 16px}
-h1{font-size:1.6em;margin-bottom:4px}h2{margin-top:34px;border-bottom:2px solid #ddd;padding-bottom:4px}
-table{border-collapse:collapse;margin:8px 0 16px;font-size:0.9em}td,th{border:1px solid #ddd;padding:4px 9px;text-align:right}
-th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}figure{margin:10px 0 22px}
-figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:0.9em}.muted{color:#666;font-size:0.9em}
-.paper{color:#8c564b}
-"""
-
 
 def fmt(v: Any, kind: str = "2", se: Any = None) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    if kind == "pct":
-        out = f"{100 * v:.1f}%"
-        return out + (f" ± {100 * se:.1f}" if se is not None else "")
-    if kind == "x":
-        return f"{v:.2f}x"
-    if kind == "e":
-        return f"{v:.2e}"
-    if kind == "int":
-        return f"{int(v):,}"
-    if kind == "bytes":
-        from testbed.results import format_bytes
-
-        return format_bytes(v)
-    if kind == "3":
-        return f"{v:.3f}" + (f" ± {se:.3f}" if se is not None else "")
-    return f"{v:.2f}" + (f" ± {se:.2f}" if se is not None else "")
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], classes: Sequence[str] | None = None) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = []
-    for i, r in enumerate(rows):
-        cls = f" class='{classes[i]}'" if classes and classes[i] else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
-
-
-def _img(path: Path, caption: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f"<figure><img alt='{html.escape(path.stem)}' data-plot='{html.escape(path.name)}' "
-            f"src='data:image/png;base64,{data}'><figcaption>{html.escape(caption)}</figcaption></figure>")
-
-
-def _page(title: str, parts: list[str]) -> str:
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
+    """testbed.report.format_value, "n/a" where missing, with "± se" (one standard error) when given."""
+    text = format_value(v, kind, missing="n/a")
+    if se is None or text == "n/a":
+        return text
+    return f"{text} ± {format_value(se, kind).rstrip('%')}"
 
 
 POLICY_COLUMNS = ["point", "u_th", "throughput (tok/s)", "ratio to HLM", "skip", "compression", "pass@1",
@@ -394,13 +346,13 @@ def write_paper_report(study: Study, size: Size, base: Scenario, points: list[Po
         ["fidelity (mean TV / token) cu-hlm vs hlm", "-",
          f"{fmt(cu.get('fidelity_tv'), 'e')} vs {fmt(by.get('hlm', {}).get('fidelity_tv'), 'e')}"],
     ]
-    parts.append(_table(["figure", "paper", "this run"], head))
+    parts.append(html_table(["figure", "paper", "this run"], head))
     parts.append("<h2>cu-hlm-adaptive against cu-hlm at equal fidelity</h2>")
     parts.append("<p class='muted'>No offline calibration: each device learns which u it can skip from its own "
                  "verdicts within a risk budget (expected missed rejections per token). cu-hlm's skip rate at the same "
                  "fidelity is interpolated along its threshold sweep (mixing two thresholds attains the segment); "
                  "'≤' where the adaptive point is more faithful than any cu-hlm threshold.</p>")
-    parts.append(_table(
+    parts.append(html_table(
         ["point", "u estimator", "risk budget", "fidelity (TV/token)", "skip", "cu-hlm skip at equal fidelity",
          "gain (points)", "pass@1", "cu-hlm pass@1 (bracketing u_th)", "compression"],
         [[v["point"], str(v["estimator"]), fmt(v["risk"], "3"), fmt(v["fidelity_tv"], "e"), fmt(v["skip_rate"], "pct"),
@@ -416,12 +368,12 @@ def write_paper_report(study: Study, size: Size, base: Scenario, points: list[Po
         if r["point"] in ("u-hlm", "cu-hlm") and _paper_cells(r["point"]):
             table.append(_paper_cells(r["point"]))
             classes.append("paper")
-    parts.append(_table(POLICY_COLUMNS, table, classes))
+    parts.append(html_table(POLICY_COLUMNS, table, classes))
     parts.append("<p class='muted'>throughput: 1 / mean per-token delay over all tokens of all devices (harmonic mean "
                  "of per-device throughput in emulated time); pass@1 ± one standard error; relative pass@1 ± its "
                  "delta-method standard error (llm-only is the reference, 1 by definition); fidelity: mean exact TV "
                  "distance to the LLM's distribution per token, n/a where the run does not measure it.</p>")
-    parts.append("<h2>Figures</h2>" + "".join(_img(p, c) for p, c in figs))
+    parts.append("<h2>Figures</h2>" + "".join(html_figure(p, c) for p, c in figs))
     parts.append("<h2>Setting</h2>")
     parts.append(f"<p>Each device: SLM step {base.tiers[0].slm_ms_per_token} ms/token; link "
                  f"{html.escape(study.setting_text)} (a channel's rate is W log2(1 + SNR)); "
@@ -431,14 +383,14 @@ def write_paper_report(study: Study, size: Size, base: Scenario, points: list[Po
                  f"token, averaged as 1 / mean delay. HLM uploads the full distribution in float32 "
                  f"(|V| = {cal['vocab_size']:,}); CU-HLM its top-k*(t) at 8 bits. The papers' 206x is their best "
                  f"case (their channel and vocabulary); here one channel is measured.</p>")
-    parts.append(_table(["estimator", "a", "b", "pearson r", "-b/a", "tokens"],
+    parts.append(html_table(["estimator", "a", "b", "pearson r", "-b/a", "tokens"],
                         [[n, fmt(f.get("a"), "3"), fmt(f.get("b"), "3"), fmt(f.get("pearson_r"), "3"),
                           fmt(f.get("u_th_risk_averse"), "3"), str(f.get("n"))] for n, f in cal["fits"].items()]))
-    parts.append("<details><summary>points and their status</summary>" + _table(
+    parts.append("<details><summary>points and their status</summary>" + html_table(
         ["point", "status", "directory"], [[n, s, str(study.point_dir(n))] for n, s in study.statuses.items()]) +
         "</details>")
     path = rep / "report.html"
-    path.write_text(_page(f"reproduce paper ({size.name})", parts), encoding="utf-8")
+    path.write_text(html_page(f"reproduce paper ({size.name})", parts), encoding="utf-8")
     return path
 
 
@@ -471,9 +423,9 @@ def write_fleet_report(study: Study, size: Size, rows: list[dict]) -> Path:
               fmt(r["uplink_bytes_per_token"], "bytes"),
               "n/a" if r["latency_p95_s"] is None else f"{1000 * r['latency_p95_s']:.1f} ms", fmt(r["fidelity_tv"], "e")]
              for r in rows]
-    parts.append(_table(["policy", "devices", "system throughput (tok/s)", "Jain", "verifier batch", "skip", "compression",
+    parts.append(html_table(["policy", "devices", "system throughput (tok/s)", "Jain", "verifier batch", "skip", "compression",
                          "uplink / token", "latency p95", "fidelity (TV/token)"], cells))
-    parts.append("<h2>Figures</h2>" + "".join(_img(p, c) for p, c in figs))
+    parts.append("<h2>Figures</h2>" + "".join(html_figure(p, c) for p, c in figs))
     path = rep / "report.html"
-    path.write_text(_page(f"reproduce fleet ({size.name})", parts), encoding="utf-8")
+    path.write_text(html_page(f"reproduce fleet ({size.name})", parts), encoding="utf-8")
     return path

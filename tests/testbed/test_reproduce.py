@@ -36,8 +36,8 @@ def _figures_ok(report: Path, names: list[str]) -> str:
         png = report.parent / f"{name}.png"
         assert png.is_file() and png.stat().st_size > 1000, png
         assert png.read_bytes()[:8] == PNG, png
-        assert f"data-plot='{name}.png'" in page, name
-    assert page.count("src='data:image/png;base64,") == len(names)
+        assert f'data-plot="{name}.png"' in page, name
+    assert page.count('src="data:image/png;base64,') == len(names)
     return page
 
 
