@@ -18,8 +18,9 @@ for a verified one (x_hat from its own payload). The value goes in the token's r
 content record (Drafted.fidelity_tv), from which a replay copies it. Why this direction and not
 x up to the verifier: see Device._measure_fidelity.
 
-Losses are resolved here, in emulated time, by the same rule in both clocks: a lost upload
-is sent again every rto_s until a copy arrives; a lost verdict makes the device resend its
+Losses are resolved here, in emulated time, by the same rule in both clocks: the packets of an
+upload that did not get through are sent again every rto_s until all have (selective repeat,
+as the TCP under ZeroMQ does: netem.Delivery); a lost verdict makes the device resend its
 upload every rto_s, and the verifier answers a repeat that arrives after the verdict left
 with the same verdict (earlier repeats find the request still queued and are ignored).
 """
@@ -158,6 +159,7 @@ class Device:
     history: bool = True
     last_row: dict | None = None  # the last committed token's row (a final flush is billed to it)
     waiting: Upload | None = None
+    waiting_bytes: int = 0  # what the uplink carried of it so far (every round, every resend)
     pending_row: dict | None = None
     flushed: bool = False
     record: list | None = None  # content pass: every token's Drafted (payload as its size), in order
@@ -302,16 +304,18 @@ class Device:
         """Send `frame` up at t_sent, and again every rto_s while the uplink loses it."""
         if self.record is not None:  # content pass: no time, no links (the replay runs them)
             upload = Upload(frame, UploadStamp(t_sent, t_sent))
-        else:
-            size, t, arrive = protocol.wire_size(frame), t_sent, None
+            self.waiting_bytes = protocol.wire_size(frame)
+        else:  # every rto_s, the packets not through yet go again (netem.Delivery: selective repeat)
+            delivery, t, arrive = self.uplink.message(protocol.wire_size(frame)), t_sent, None
             for retransmissions in range(MAX_RETRANSMISSIONS + 1):
-                arrive = self.uplink.send(size, t)
+                arrive = delivery.round(t)
                 if arrive is not None:
                     break
                 t += self.run.rto_s
             if arrive is None:
                 raise RuntimeError(f"device {self.spec.device}: upload {frame.seq} lost {MAX_RETRANSMISSIONS + 1} times")
             upload = Upload(frame, UploadStamp(t_sent, arrive, retransmissions))
+            self.waiting_bytes = delivery.wire_bytes
         self.waiting = upload
         self.seq += 1
         return upload
@@ -337,14 +341,21 @@ class Device:
         # longer than MAX_RETRANSMISSIONS * rto_s ended a device on its first lost verdict. Every
         # copy is still sent (the link's state and the uplink bytes count it), so a run that
         # never reached the limit keeps its trace bit for bit.
-        lost = 0
+        # A resend is a new message; its packets that did not get through go again at the next
+        # rto_s (selective repeat, as in _send) until it is through, then the next resend is new.
+        lost, resend = 0, None
         while arrive is None:
             if lost >= MAX_RETRANSMISSIONS:
                 raise RuntimeError(f"device {self.spec.device}: verdict {v.seq} lost {MAX_RETRANSMISSIONS} times")
             t_last += self.run.rto_s
             retx += 1
-            again = self.uplink.send(up_bytes, t_last)
+            resend = resend or self.uplink.message(up_bytes)
+            before = resend.wire_bytes
+            again = resend.round(t_last)
+            self.waiting_bytes += resend.wire_bytes - before
             up_lost += again is None
+            if again is not None:
+                resend = None
             if (t_last if again is None else again) < t_sent:
                 continue  # too early to be answered: not a loss (t_last grows, so this ends)
             lost += 1
@@ -359,7 +370,7 @@ class Device:
         if self.history:
             self.answered.append(Answered(upload.frame.piggyback, upload.final, v))
         if upload.final:  # billed to the device's last token (always a skipped one: it had no upload)
-            self.last_row.update(flush_bytes=up_bytes * (1 + retx), flush_retransmissions=retx, **links)
+            self.last_row.update(flush_bytes=self.waiting_bytes, flush_retransmissions=retx, **links)
         measured = verdict.stamp.llm_logits is not None  # else the fidelity came with the commit (a replay)
         for (_, _, skipped, _), beta in zip(self.piggyback, v.shadow_betas):
             skipped.update(beta=beta, beta_is_shadow=True)
@@ -373,7 +384,7 @@ class Device:
             return
         row = self.pending_row
         row.update(token_id=v.token, accepted=v.accepted, resampled=v.resampled,
-                   beta=v.beta, uplink_bytes=up_bytes * (1 + retx), retransmissions=retx,
+                   beta=v.beta, uplink_bytes=self.waiting_bytes, retransmissions=retx,
                    t_verdict=arrive, t_commit=arrive, **links)
         self.policy.observe(self.spec.device, row["token_index"], row["uncertainty"], v.beta, False)
         self._keep(row)
@@ -394,7 +405,8 @@ class Device:
         a flush's row with them)."""
         s = self.spec
         key = (s.device, s.tier, s.policy_name, upload.frame.token_index, upload.frame.seq, upload.final)
-        self.events.append(UploadSent(*key, protocol.wire_size(upload.frame), 1 + retx, upload.stamp.t_sent))
+        self.events.append(UploadSent(*key, protocol.wire_size(upload.frame), 1 + retx, upload.stamp.t_sent,
+                                      self.waiting_bytes))
         self.events.append(VerdictReceived(*key, protocol.wire_size(verdict.frame), down_copies, arrive))
         for direction, n in (("uplink", up_lost), ("downlink", down_lost)):
             if n:

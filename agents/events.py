@@ -66,12 +66,13 @@ class UploadSent:
     seq: int
     final: bool  # the final flush (only skipped drafts, for their shadow betas)
     frame_bytes: int  # one copy
-    copies: int  # 1 + retransmissions
+    copies: int  # 1 + retransmissions (rounds of the upload, then resends after a lost verdict)
     t_sent: float  # emulated time the first copy left
+    wire_bytes: int  # what the uplink carried: a round resends only the packets lost (netem.Delivery)
 
     @property
     def bytes(self) -> int:
-        return self.frame_bytes * self.copies
+        return self.wire_bytes
 
     @property
     def retransmissions(self) -> int:

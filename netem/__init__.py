@@ -12,13 +12,13 @@
 Imports only numpy/pyzmq and the standard library; never policies, agents or testbed.
 """
 from netem.channel import ChannelProcess, ChannelProfile, shannon_rate
-from netem.link import Link, LinkStats, link_seed
+from netem.link import Delivery, Link, LinkStats, link_seed
 from netem.profile import DuplexProfile, LinkProfile, gilbert_elliott_loss
 from netem.profiles import get_profile, list_profiles
 from netem.trace import Trace, list_traces, load_trace, parse_trace
 
 __all__ = [
-    "ChannelProcess", "ChannelProfile", "DuplexProfile", "Link", "LinkProfile", "LinkStats", "Trace",
+    "ChannelProcess", "ChannelProfile", "Delivery", "DuplexProfile", "Link", "LinkProfile", "LinkStats", "Trace",
     "get_profile", "gilbert_elliott_loss", "link_seed", "list_profiles", "list_traces", "load_trace",
     "parse_trace", "shannon_rate",
 ]

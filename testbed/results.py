@@ -11,8 +11,10 @@ t_upload_sent and t_verdict of a skipped token). Row meanings:
   norm(max(0, y - xhat)). llm-only tokens have both False.
 - k: vocabulary entries sent (|V| = full distribution, 0 = none); prob_bits their quantisation.
 - payload_bytes: the encoded distribution; uplink_bytes: every byte this token put on the
-  uplink (frame headers, piggybacked skipped ids, retransmissions); 0 for a skipped token whose
-  id rides on a later frame.
+  uplink (frame headers, piggybacked skipped ids, the packets retransmitted: a retransmission
+  round resends only the packets lost, netem.Delivery); 0 for a skipped token whose id rides on a
+  later frame. retransmissions: the upload's rounds after the first, and its resends after a lost
+  verdict.
 - beta = max(0, 1 - y_d / x_d) with y the LLM distribution; for a skipped token the shadow beta
   the LLM would have had (beta_is_shadow = True); NaN if unknown.
 - fidelity_tv: the exact total-variation distance 0.5 * sum_v |P(v) - y(v)| between the law P the

@@ -136,8 +136,9 @@ def test_hlm_output_follows_the_llm_distribution_end_to_end():
 
 
 def test_lossy_links_retransmit_and_every_token_arrives(lms):
-    """30% loss each way: lost uploads and lost verdicts cost whole retransmission timeouts,
-    the bytes of every copy are counted, and every token is still committed in order."""
+    """30% loss each way: lost uploads and lost verdicts cost whole retransmission timeouts, the
+    bytes of every packet sent are counted (a round resends only the packets lost: netem.Delivery),
+    and every token is still committed in order."""
     lossy = {"rate_mbps": 10.0, "delay_ms": 5.0, "loss": 0.3}
     link = DuplexProfile.from_dict({"uplink": lossy, "downlink": lossy})
     spec = DeviceSpec(0, "t", "hlm", 10.0, link, 0, (5, 6, 7))
@@ -149,8 +150,15 @@ def test_lossy_links_retransmit_and_every_token_arrives(lms):
     assert retx.sum() > 0 and (retx == 0).sum() > 0
     frame = protocol.wire_size(protocol.Upload(device=0, session=1, seq=0, token_index=0, draft=3,
                                                payload=b"x" * codec.payload_size(V, V, 32)))
+    packets = [1500] * (frame // 1500) + [frame % 1500]  # the upload's packets (mtu 1500)
+    assert len(packets) == 2
     for r in rows:
-        assert r["uplink_bytes"] == frame * (1 + r["retransmissions"])
+        resent = r["uplink_bytes"] - frame
+        # a whole first copy, then per retransmission a non-empty subset of the packets
+        assert 0 <= resent <= frame * r["retransmissions"]
+        assert any(resent == a * packets[0] + b * packets[1] for a in range(r["retransmissions"] + 1)
+                   for b in range(r["retransmissions"] + 1)), resent
+        assert (resent == 0) == (r["retransmissions"] == 0)
         if r["retransmissions"]:  # the device waited at least one timeout
             assert r["t_commit"] - r["t_upload_sent"] >= run.rto_s
         else:

@@ -127,7 +127,7 @@ def test_the_final_flush_patches_a_spilled_last_row(tmp_path):
     T = 5
     batches = [[TokenCommitted(skipped(d, t)) for d in range(3)] for t in range(T)]
     for d in range(3):  # device 2 loses nothing
-        batches.append([UploadSent(d, "t", "slm-only", T, 0, True, 700 + d, 1 + (d < 2), 0.5)])
+        batches.append([UploadSent(d, "t", "slm-only", T, 0, True, 700 + d, 1 + (d < 2), 0.5, (700 + d) * (1 + (d < 2)))])
         if d < 2:
             batches.append([MessageLost(d, "t", "slm-only", T, 0, True, "uplink", 1),
                             MessageLost(d, "t", "slm-only", T, 0, True, "downlink", d)])

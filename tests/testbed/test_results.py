@@ -111,7 +111,7 @@ def test_results_writer_streams_shards_and_merges(tmp_path):
     w.add([TokenCommitted(recs[0]), TokenCommitted(skipped), TokenCommitted(recs[2])])  # 2 settled: a shard
     assert w.rows == 2 and len(w.shards) == 1 and len(read_tokens(w.shards[0])) == 2
     flush = ("a", "cu-hlm", 2, 1, True)  # the final flush of device 0 (step = max_new_tokens = 2)
-    w.add([UploadSent(0, *flush, 12, 2, 0.3), VerdictReceived(0, *flush, 7, 1, 0.4),
+    w.add([UploadSent(0, *flush, 12, 2, 0.3, 24), VerdictReceived(0, *flush, 7, 1, 0.4),
            MessageLost(0, *flush, "uplink", 1), ShadowResolved(0, 1, 2, 0.4, NAN),
            TokenCommitted(recs[3]), TokenCommitted(recs[4])])
     df = w.merge(tmp_path / "tokens.parquet")
