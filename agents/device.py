@@ -301,7 +301,7 @@ class Device:
         return self._send(frame, self.t)
 
     def _send(self, frame: protocol.Upload | protocol.Flush, t_sent: float) -> Upload:
-        """Send `frame` up at t_sent, and again every rto_s while the uplink loses it."""
+        """Send `frame` up at t_sent, and every rto_s its packets that did not get through."""
         if self.record is not None:  # content pass: no time, no links (the replay runs them)
             upload = Upload(frame, UploadStamp(t_sent, t_sent))
             self.waiting_bytes = protocol.wire_size(frame)

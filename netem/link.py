@@ -56,7 +56,6 @@ def _derive(seed: int, *parts) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
 
 
-
 def link_seed(seed: int, device, direction: str) -> int:
     """The seed of device `device`'s link in `direction` ('uplink' or 'downlink')."""
     if direction not in DIRECTIONS:

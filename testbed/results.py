@@ -323,8 +323,8 @@ class _Patches:
             self.keys.append(key)
             for col in self.columns.values():
                 col.append(NAN)
-            if "flush_bytes" in update or "downlink_bytes" in update or any(c.endswith("_lost") for c in update):
-                self.where[key] = i  # the final flush's events come one by one, then the shadow beta
+            if "beta" not in update:  # the final flush's link events come one by one, then the shadow beta
+                self.where[key] = i
         for name, value in update.items():
             if name not in self.columns:
                 self.columns[name] = array.array("d", [NAN]) * len(self.keys)
