@@ -366,7 +366,7 @@ class Device:
         self._measure_fidelity(upload, verdict.stamp.llm_logits)
         links = dict(uplink_lost=up_lost, downlink_bytes=down_bytes * down_copies, downlink_lost=down_lost)
         if self.record is None:  # a content pass has no links: the replay emits them
-            self._emit_links(upload, verdict, retx, down_copies, up_lost, down_lost, arrive)
+            self._emit_links(upload, up_bytes, down_bytes, retx, down_copies, up_lost, down_lost, arrive)
         if self.history:
             self.answered.append(Answered(upload.frame.piggyback, upload.final, v))
         if upload.final:  # billed to the device's last token (always a skipped one: it had no upload)
@@ -399,15 +399,14 @@ class Device:
         if self.history:
             self.rows.append(row)
 
-    def _emit_links(self, upload: Upload, verdict: Verdict, retx: int, down_copies: int, up_lost: int,
-                    down_lost: int, arrive: float) -> None:
+    def _emit_links(self, upload: Upload, up_bytes: int, down_bytes: int, retx: int, down_copies: int,
+                    up_lost: int, down_lost: int, arrive: float) -> None:
         """The link events of one resolved upload (before its shadow betas: a results writer completes
-        a flush's row with them)."""
+        a flush's row with them). up_bytes, down_bytes: one copy of the upload and of its verdict."""
         s = self.spec
         key = (s.device, s.tier, s.policy_name, upload.frame.token_index, upload.frame.seq, upload.final)
-        self.events.append(UploadSent(*key, protocol.wire_size(upload.frame), 1 + retx, upload.stamp.t_sent,
-                                      self.waiting_bytes))
-        self.events.append(VerdictReceived(*key, protocol.wire_size(verdict.frame), down_copies, arrive))
+        self.events.append(UploadSent(*key, up_bytes, 1 + retx, upload.stamp.t_sent, self.waiting_bytes))
+        self.events.append(VerdictReceived(*key, down_bytes, down_copies, arrive))
         for direction, n in (("uplink", up_lost), ("downlink", down_lost)):
             if n:
                 self.events.append(MessageLost(*key, direction, n))

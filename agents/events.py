@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Union
 
-__all__ = ["TokenCommitted", "ShadowResolved", "UploadSent", "VerdictReceived", "MessageLost", "VerifierBatch",
+__all__ = ["TokenCommitted", "ShadowResolved", "LinkEvent", "UploadSent", "VerdictReceived", "MessageLost", "VerifierBatch",
            "Event", "DeviceEvent"]
 
 
@@ -55,9 +55,9 @@ class ShadowResolved:
 
 
 @dataclass(frozen=True, slots=True)
-class UploadSent:
-    """An upload, once resolved: every copy it took on the uplink (first send, retransmissions after
-    a lost copy or a lost verdict). Emitted at its verdict, when the count is known."""
+class LinkEvent:
+    """What the link events of one upload share: whose upload it was. Its subclasses (UploadSent,
+    VerdictReceived, MessageLost) are emitted together when the upload is resolved."""
 
     device: int
     tier: str
@@ -65,6 +65,13 @@ class UploadSent:
     step: int  # the token it verifies; max_new_tokens for the final flush
     seq: int
     final: bool  # the final flush (only skipped drafts, for their shadow betas)
+
+
+@dataclass(frozen=True, slots=True)
+class UploadSent(LinkEvent):
+    """An upload, once resolved: every copy it took on the uplink (first send, retransmissions after
+    a lost copy or a lost verdict). Emitted at its verdict, when the count is known."""
+
     frame_bytes: int  # one copy
     copies: int  # 1 + retransmissions (rounds of the upload, then resends after a lost verdict)
     t_sent: float  # emulated time the first copy left
@@ -80,16 +87,10 @@ class UploadSent:
 
 
 @dataclass(frozen=True, slots=True)
-class VerdictReceived:
+class VerdictReceived(LinkEvent):
     """A verdict reached its device: every copy the downlink carried (a lost verdict is sent again
     when the device's repeat of the upload arrives)."""
 
-    device: int
-    tier: str
-    policy: str
-    step: int
-    seq: int
-    final: bool
     frame_bytes: int
     copies: int
     t_arrive: float
@@ -100,15 +101,9 @@ class VerdictReceived:
 
 
 @dataclass(frozen=True, slots=True)
-class MessageLost:
+class MessageLost(LinkEvent):
     """Copies of one upload (uplink) or of its verdict (downlink) that the link dropped."""
 
-    device: int
-    tier: str
-    policy: str
-    step: int
-    seq: int
-    final: bool
     direction: Literal["uplink", "downlink"]
     count: int
 

@@ -222,7 +222,7 @@ class ResultsWriter:
         self._last_flush = time.monotonic()
 
     def add(self, events: Iterable) -> None:
-        from agents.events import MessageLost, ShadowResolved, TokenCommitted, UploadSent, VerdictReceived
+        from agents.events import LinkEvent, ShadowResolved, TokenCommitted, UploadSent, VerdictReceived
 
         for e in events:
             if isinstance(e, TokenCommitted):
@@ -242,7 +242,7 @@ class ResultsWriter:
                 elif (key := _key(e.device, e.token_index)) in self.spilled:  # its last event
                     self.spilled.remove(key)
                     self.patches.add(key, update)
-            elif isinstance(e, (UploadSent, VerdictReceived, MessageLost)) and e.final:
+            elif isinstance(e, LinkEvent) and e.final:
                 if isinstance(e, UploadSent):
                     update = {"flush_bytes": e.bytes, "flush_retransmissions": e.retransmissions}
                 elif isinstance(e, VerdictReceived):
