@@ -34,7 +34,8 @@ import numpy as np
 from agents import codec, protocol
 from agents.wire import SESSION, Open, OpenStamp, Upload, UploadStamp, Verdict
 from agents.events import MessageLost, ShadowResolved, TokenCommitted, UploadSent, VerdictReceived
-from agents.speculative import reconstruct, sample_draft, softmax_t, tv_distance, verified_fidelity
+from agents.fidelity import branch_fidelity, exact_fidelity, truncate_for_upload
+from agents.speculative import sample_draft, softmax_t
 from agents.timing import Timings
 from netem import DuplexProfile, Link, link_seed
 from policies.base import Decision, DecisionContext, Policy
@@ -104,10 +105,10 @@ class Drafted:
     draft_prob: float  # x_d as the wire carries it (NaN without a draft)
     payload: bytes | int  # the encoded top-k, or in a record only its size
     fidelity_tv: float = math.nan  # in a record: set when the token's verdict came (Device.on_verdict)
+    fidelity_tv_branch: float = math.nan  # ... the approximation, for a policy without a decision law
 
     def recorded(self) -> "Drafted":
-        return self if isinstance(self.payload, int) else Drafted(self.decision, self.draft, self.draft_prob,
-                                                                  len(self.payload), self.fidelity_tv)
+        return self if isinstance(self.payload, int) else replace(self, payload=len(self.payload))
 
 
 def token_row(spec: DeviceSpec, index: int, **values) -> dict:
@@ -117,7 +118,7 @@ def token_row(spec: DeviceSpec, index: int, **values) -> dict:
         token_index=index, token_id=-1, draft_id=-1, uncertainty=math.nan, transmitted=False, k=0,
         prob_bits=0, payload_bytes=0, uplink_bytes=0, accepted=False, resampled=False, beta=math.nan,
         beta_is_shadow=False, retransmissions=0, t_draft_start=math.nan, t_upload_sent=math.nan,
-        t_verdict=math.nan, t_commit=math.nan, fidelity_tv=math.nan, uplink_lost=0, downlink_bytes=0,
+        t_verdict=math.nan, t_commit=math.nan, fidelity_tv=math.nan, fidelity_tv_branch=math.nan, uplink_lost=0, downlink_bytes=0,
         downlink_lost=0, flush_bytes=0, flush_retransmissions=0,
     )
     row.update(values)
@@ -127,17 +128,6 @@ def token_row(spec: DeviceSpec, index: int, **values) -> dict:
 def _wire_prob(ctx: DecisionContext) -> float:
     """x_d as the wire carries it (float32), so every engine measures beta from the same value."""
     return float(np.float32(ctx.probs[ctx.draft]))
-
-
-def truncate_for_upload(probs: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.ndarray]:
-    """The top-k entries of x (indices, probabilities), largest first; k = |V|: all of x as is."""
-    v = probs.shape[0]
-    k = min(max(decision.k, 0), v)
-    if k == v:
-        return np.arange(v), probs
-    top = np.argpartition(probs, v - k)[v - k:] if k else np.empty(0, dtype=np.int64)
-    top = top[np.argsort(-probs[top], kind="stable")]
-    return top, probs[top]
 
 
 @dataclass
@@ -214,7 +204,7 @@ class Device:
         transmitting a distribution, the encoded top-k payload."""
         payload = b""
         if decision.transmit and not decision.llm_samples:
-            indices, probs = truncate_for_upload(ctx.probs, decision)
+            indices, probs = truncate_for_upload(ctx.probs, decision.k)
             payload = codec.encode_payload(indices, probs, self.run.vocab_size, decision.prob_bits)
         if ctx is None:
             assert decision.transmit, "a policy that does not draft must transmit"
@@ -223,29 +213,36 @@ class Device:
 
     def apply(self, decision: Decision, ctx: DecisionContext | None) -> Upload | None:
         """Act on the policy's decision for the current token; an Upload when transmitting."""
-        return self.commit(self.drafted(decision, ctx), self._hold(ctx))
+        return self.commit(self.drafted(decision, ctx), self._hold(ctx, decision))
 
-    def _hold(self, ctx: DecisionContext | None) -> tuple | None:
-        """What the fidelity of the current token will recompute x from (a copy of the SLM logits
-        draft() saw, or x itself without them), within FIDELITY_HOLD_BYTES; None past it."""
+    def _hold(self, ctx: DecisionContext | None, decision: Decision) -> tuple | None:
+        """What the fidelity of the current token is computed from at its verdict: (a copy of the SLM
+        logits draft() saw, or x itself without them; is_logits; the decision, whose law says what
+        the policy would have done for every other draft), within FIDELITY_HOLD_BYTES; None past it."""
         stash, self._drafted_logits = self._drafted_logits, None
         if ctx is None:
             return None
         if stash is not None and stash[0] == self.index:
-            held = (np.array(stash[1], copy=True), True)  # one row, not the batch it is a view of
+            held = (np.array(stash[1], copy=True), True, decision)  # one row, not the batch it is a view of
         else:
-            held = (ctx.probs, False)
+            held = (ctx.probs, False, decision)
         if self.held_bytes + held[0].nbytes > FIDELITY_HOLD_BYTES:
             return None
         self.held_bytes += held[0].nbytes
         return held
 
-    def _release(self, held: tuple | None) -> np.ndarray | None:
-        """x of a held token (float64, bit for bit what its draft was sampled from), freeing it."""
+    def _release(self, held: tuple | None) -> tuple | None:
+        """(z, x, decision) of a held token, freeing it: x float64, bit for bit what its draft was
+        sampled from; z the logits the policy saw (or T log x, the same softmax at every temperature)."""
         if held is None:
             return None
         self.held_bytes -= held[0].nbytes
-        return softmax_t(held[0], self.run.temperature) if held[1] else np.asarray(held[0], dtype=np.float64)
+        T = self.run.temperature
+        if held[1]:
+            return held[0], softmax_t(held[0], T), held[2]
+        x = np.asarray(held[0], dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            return T * np.log(x), x, held[2]
 
     def commit(self, c: Drafted, held: tuple | None = None) -> Upload | None:
         """Advance the state machine by one token with its content `c` (from drafted, or from a
@@ -258,7 +255,7 @@ class Device:
         self.feed = []
         # fidelity_tv: a replay's from the record; else NaN until the verdict (llm-only: drawn from y)
         row = token_row(self.spec, self.index, uncertainty=decision.uncertainty, t_draft_start=t_start,
-                        fidelity_tv=0.0 if decision.llm_samples else c.fidelity_tv)
+                        fidelity_tv=0.0 if decision.llm_samples else c.fidelity_tv, fidelity_tv_branch=c.fidelity_tv_branch)
         if c.draft >= 0:
             row["draft_id"] = c.draft
         if not decision.transmit:
@@ -268,7 +265,8 @@ class Device:
             self.events.append(TokenCommitted(dict(row)))  # a copy: the shadow beta comes as its own event
             # what the verdict needs of it; the whole row only when rows are kept (a slm-only
             # device's skips wait here for the final flush: ~1 kB a token otherwise)
-            kept = row if self.history else {k: row[k] for k in ("token_index", "uncertainty", "fidelity_tv")}
+            kept = row if self.history else {k: row[k] for k in ("token_index", "uncertainty", "fidelity_tv",
+                                                                        "fidelity_tv_branch")}
             self.piggyback.append((c.draft, c.draft_prob, kept, held))
             self.feed = [c.draft]
             self.index += 1
@@ -376,7 +374,8 @@ class Device:
             skipped.update(beta=beta, beta_is_shadow=True)
             self.policy.observe(self.spec.device, skipped["token_index"], skipped["uncertainty"], beta, True)
             self.events.append(ShadowResolved(self.spec.device, skipped["token_index"], upload.frame.token_index, beta,
-                                              skipped["fidelity_tv"] if measured else math.nan))
+                                              skipped["fidelity_tv"] if measured else math.nan,
+                                              skipped["fidelity_tv_branch"] if measured else math.nan))
         self.piggyback = []
         self.waiting = None
         if upload.final:
@@ -413,9 +412,9 @@ class Device:
 
     def _measure_fidelity(self, upload: Upload, llm_logits: np.ndarray | None) -> None:
         """Fidelity of the tokens this verdict covers, from the LLM logits it carries (row i: the
-        i-th piggybacked token's position; then the draft's): TV(x, y) for each skipped token,
-        TV(hybrid(x, x_hat, y), y) for the verified draft, x_hat reconstructed from the payload
-        the device sent, as the verifier did. Frees what was held for them.
+        i-th piggybacked token's position; then the draft's): the exact TV(P, y) of each
+        (agents.fidelity), skipped or verified alike, from its policy's decision law; a policy
+        without one gets only the branch approximation (fidelity_tv_branch). Frees what was held.
 
         Why x stays here and y comes down, rather than x going up with the upload: the verifier's
         socket bounds every inbound message part (agents.actors: max_frame_bytes + 4 KiB, 4 MiB by
@@ -433,20 +432,27 @@ class Device:
         T = self.run.temperature
         n = len(held)
         for i, (h, (_, _, row, _)) in enumerate(zip(held, self.piggyback)):
-            x = self._release(h)
-            if x is not None and i < len(llm_logits):
-                self._set_fidelity(row, tv_distance(x, softmax_t(llm_logits[i], T)))
-        x = self._release(draft)
-        if x is not None and not upload.final and not upload.frame.llm_samples and len(llm_logits) > n:
-            p = codec.decode_payload_ex(upload.frame.payload)
-            x_hat = reconstruct(p.indices, p.probs, p.vocab_size)
-            self._set_fidelity(self.pending_row, verified_fidelity(x, x_hat, softmax_t(llm_logits[n], T)))
+            got = self._release(h)
+            if got is not None and i < len(llm_logits):
+                self._set_fidelity(row, *self._fidelity(got, softmax_t(llm_logits[i], T), None))
+        got = self._release(draft)
+        if got is not None and not upload.final and not upload.frame.llm_samples and len(llm_logits) > n:
+            self._set_fidelity(self.pending_row, *self._fidelity(got, softmax_t(llm_logits[n], T), upload.frame.payload))
 
-    def _set_fidelity(self, row: dict, value: float) -> None:
-        row["fidelity_tv"] = value
+    @staticmethod
+    def _fidelity(got: tuple, y: np.ndarray, payload: bytes | None) -> tuple[float, float]:
+        """(fidelity_tv, fidelity_tv_branch) of one token: the exact value when its decision has a law,
+        else NaN and the branch approximation (payload: the verified draft's upload; None: skipped)."""
+        z, x, decision = got
+        if decision.law is not None:
+            return exact_fidelity(z, x, decision.law, y), math.nan
+        return math.nan, branch_fidelity(x, y, payload)
+
+    def _set_fidelity(self, row: dict, value: float, branch: float) -> None:
+        row["fidelity_tv"], row["fidelity_tv_branch"] = value, branch
         if self.record is not None:  # content pass: the replay takes it from the record
             i = row["token_index"]
-            self.record[i] = replace(self.record[i], fidelity_tv=value)
+            self.record[i] = replace(self.record[i], fidelity_tv=value, fidelity_tv_branch=branch)
 
 
 class DeviceGroupCore:

@@ -52,6 +52,7 @@ class ShadowResolved:
     step: int  # the upload whose verdict resolved it (max_new_tokens: the final flush)
     beta: float
     fidelity_tv: float = math.nan
+    fidelity_tv_branch: float = math.nan  # the approximation, for a policy without a decision law
 
 
 @dataclass(frozen=True, slots=True)

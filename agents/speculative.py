@@ -7,8 +7,8 @@ truncation the output distribution is, in closed form (hybrid_distribution),
 
     P(v) = sum_d x_d [ a_d 1{v = d} + (1 - a_d) r_v ],   a_d = min(1, y_d / x_hat_d).
 
-Fidelity (DESIGN.md section 7): the exact TV distance to y of the law a committed token was
-drawn from, TV(P, y) for a verified token (verified_fidelity), TV(x, y) for a skipped one.
+Fidelity (docs/design.md section 7): the exact TV distance to y of the law a committed token was
+drawn from, over every draft the policy could have been asked about: agents.fidelity.
 
 Random draws: every function takes its randomness from an rng argument (a numpy Generator
 that the call site keys with policies.rng.keyed_rng(seed, device, token_index, purpose)),
@@ -139,15 +139,28 @@ def verify(draft: int, x_hat, y, rng: np.random.Generator) -> tuple[int, bool]:
     return int(tokens[0]), bool(accepted[0])
 
 
+def accept_prob(x_hat, y) -> np.ndarray:
+    """a_d = P(accept d) = min(1, y_d / x_hat_d) for every d, as verify_from_uniforms draws it
+    (x_hat_d = 0: accepted exactly when y_d > 0)."""
+    x_hat, y = np.asarray(x_hat, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(x_hat > 0, np.minimum(1.0, y / x_hat), (y > 0).astype(np.float64))
+
+
+def residual_law(x_hat, y) -> np.ndarray:
+    """r = norm(max(0, y - x_hat)), or y where that is all zero (as verify_from_uniforms resamples)."""
+    x_hat, y = np.asarray(x_hat, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    residual = np.maximum(y - x_hat, 0.0)
+    total = residual.sum()
+    return residual / total if total > 0 else y / y.sum()
+
+
 def hybrid_distribution(x, x_hat, y) -> np.ndarray:
     """The exact output distribution of "d ~ x, then verify against x_hat": the closed form in
     the module docstring. Equals y when x_hat = x."""
-    x, x_hat, y = (np.asarray(a, dtype=np.float64) for a in (x, x_hat, y))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        accept = np.where(x_hat > 0, np.minimum(1.0, y / x_hat), (y > 0).astype(np.float64))
-    residual = np.maximum(y - x_hat, 0.0)
-    r = residual / residual.sum() if residual.sum() > 0 else y / y.sum()
-    return x * accept + (x * (1.0 - accept)).sum() * r
+    x = np.asarray(x, dtype=np.float64)
+    accept = accept_prob(x_hat, y)
+    return x * accept + (x * (1.0 - accept)).sum() * residual_law(x_hat, y)
 
 
 def tv_distance(p, q):

@@ -257,6 +257,40 @@ class AdaptiveSkip:
             out[i] = skip
         return out
 
+    def p_skip(self, u: np.ndarray, key) -> np.ndarray:
+        """P(skip | u) for each u, from the device's evidence before this token (the decision law,
+        policies.law): the rule's bins below c for sure, bin c with probability q, times the chance
+        of no probe. Called before __call__ for the same token."""
+        _, device, token_index = key
+        st = self._state.get(device)
+        if st is None or token_index <= st.last_index:
+            return np.zeros(len(u))  # a fresh state skips nothing
+        c, q = self.rule(device)
+        out = np.zeros(len(u))
+        for i, ui in enumerate(np.asarray(u, dtype=np.float64)):
+            if math.isfinite(ui):
+                j = self._bin(ui)
+                out[i] = 1.0 if j < c else (q if j == c else 0.0)
+        return out * (1.0 - self.epsilon)
+
+    def expected_beta_after(self, device: int, token_index: int, u: float) -> float | None:
+        """expected_beta(device, u) as it will read once __call__ has counted this token's u (its bin
+        may widen the prior's spread); LearnedKStar's online k* reads it then."""
+        st = self._state.get(device)
+        if st is None or token_index <= st.last_index:
+            return None  # __call__ starts the device afresh: no betas yet
+        saved = (st.n, st.w, st.s, st.decided, st.rule)
+        try:
+            if math.isfinite(u):
+                j = self._bin(u)
+                st.grow(j)
+                st.n = st.n.copy()
+                st.n[j] += 1
+            st.decided += 1
+            return self.expected_beta(device, u)
+        finally:
+            st.n, st.w, st.s, st.decided, st.rule = saved
+
     def observe(self, device: int, token_index: int, uncertainty: float, beta: float, skipped: bool) -> None:
         if not (math.isfinite(uncertainty) and math.isfinite(beta)):
             return
@@ -300,6 +334,14 @@ class LearnedKStar:
             if learned is not None:
                 beta[i] = learned
         return dataclasses.replace(self.base, model=_GivenBeta(beta))(batch, u)
+
+    def law(self, batch: TokenBatch, i: int, u: np.ndarray) -> tuple[str, object]:
+        """beta_d at each u as __call__ will use it (called before the skip rule counts the token)."""
+        _, device, token_index = batch.keys[i]
+        u = np.asarray(u, dtype=np.float64).reshape(-1)
+        base = np.array(self.base.model.beta(u), dtype=np.float64, copy=True).reshape(-1)
+        learned = [self.skip.expected_beta_after(device, token_index, float(v)) for v in u]
+        return "beta", np.array([b if lb is None else lb for b, lb in zip(base, learned)])
 
 
 # Parameters: the PolicyConfig fields of estimator and upload, then the rule's own.

@@ -6,9 +6,9 @@ uncertainty estimator -> threshold rule (skip?) -> truncator (k) -> quantiser (b
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,10 @@ class Decision:
     transmit=True: upload the top-`k` entries of x quantised at `prob_bits` bits per
     probability (32 = float32, i.e. no quantisation); k == vocab size means the full vector.
     `llm_samples`: the LLM samples the token itself from y (llm-only); k is then 0.
+    `law`: what the policy would have decided for every other draft (policies.law.DecisionLaw), from
+    which the device computes the exact fidelity; None when the policy cannot state it (a plug-in),
+    and then the device records only an approximation (agents.fidelity). Not content: a replay and
+    equality ignore it.
     """
 
     transmit: bool
@@ -47,6 +51,7 @@ class Decision:
     k: int = 0
     prob_bits: int = 8
     llm_samples: bool = False
+    law: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

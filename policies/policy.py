@@ -38,11 +38,12 @@ import numpy as np
 import torch
 
 from policies.base import Decision, DecisionContext, Policy, TokenBatch
+from policies.law import DecisionLaw, u_grid
 from policies.quantise import PROB_BITS
 from policies.rejection import PAPER_A, PAPER_B, THRESHOLD_RULES, RejectionModel, threshold
 from policies.skip import SKIP_RULES, AlwaysSkip, NeverSkip, RandomSkip, ThresholdSkip
 from policies.truncation import TRUNCATIONS, Full, OnlineKStar, TopK, TopP, calibrate_offline_k
-from policies.uncertainty import ESTIMATORS, make_estimator
+from policies.uncertainty import ESTIMATORS, ProbsEstimator, TemperaturePerturbation, make_estimator
 
 
 @dataclass(frozen=True)
@@ -219,12 +220,35 @@ class HybridPolicy(Policy):
         batch = TokenBatch.from_contexts(logits, ctxs)
         n = len(batch)
         u = np.full(n, np.nan) if self.estimator is None else np.asarray(self.estimator(batch), dtype=np.float64)
+        laws = [self.law(batch, i, u[i]) for i in range(n)]  # before the skip rule: it may learn from u
         send = ~np.asarray(self.skip_rule(u, batch), dtype=bool)
         k = np.zeros(n, dtype=np.int64)
         if send.any():
             k[send] = self.truncator(batch.select(send), u[send])
         bits = self.config.prob_bits
-        return [Decision(bool(send[i]), float(u[i]), int(k[i]), bits) for i in range(n)]
+        return [Decision(bool(send[i]), float(u[i]), int(k[i]), bits, law=laws[i]) for i in range(n)]
+
+    def law(self, batch: TokenBatch, i: int, u: float) -> DecisionLaw | None:
+        """Row i's decision as a function of the u its draft could have had (policies.law); None when
+        a part cannot say (a plug-in estimator whose u matters, a skip rule without p_skip, a
+        truncator without law)."""
+        perturbed = isinstance(self.estimator, TemperaturePerturbation)
+        grid = u_grid(self.estimator.K) if perturbed else np.array([u])
+        p_skip = getattr(self.skip_rule, "p_skip", None)
+        trunc = getattr(self.truncator, "law", None)
+        if p_skip is None or trunc is None:
+            return None
+        p = np.asarray(p_skip(grid, batch.keys[i]), dtype=np.float64)
+        kind, value = trunc(batch, i, grid) if self.uses_llm else ("k", batch.vocab_size)
+        online = kind == "beta"
+        known = perturbed or self.estimator is None or isinstance(self.estimator, ProbsEstimator)
+        if not known and (np.ptp(p) > 0 or online):
+            return None  # a plug-in estimator's u may depend on the draft in ways we cannot see
+        c = self.config
+        return DecisionLaw(p, c.prob_bits, k=None if online else int(value),
+                           beta=np.asarray(value, dtype=np.float64) if online else None,
+                           theta=c.theta, eta=c.eta, K=self.estimator.K if perturbed else 0,
+                           theta_max=self.estimator.theta_max if perturbed else c.theta_max)
 
     def params(self) -> dict:
         return dataclasses.asdict(self.config)

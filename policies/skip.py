@@ -1,13 +1,14 @@
-"""Skip rules (DESIGN.md section 1, step 4): given u [B] and the batch, which tokens skip
+"""Skip rules (docs/design.md section 1, step 4): given u [B] and the batch, which tokens skip
 the upload (the draft is accepted on the device). A rule is any callable
-(u, batch) -> bool [B]."""
+(u, batch) -> bool [B]. A rule that can say P(skip | u) for the values u may take (`p_skip`) gives
+its policy a decision law (policies.law), hence exact fidelity; the built-in rules all can."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-from policies.base import TokenBatch
+from policies.base import Key, TokenBatch
 from policies.rng import keyed_rng
 
 SKIP_RULES = ("never", "always", "random", "uncertainty")
@@ -18,11 +19,17 @@ class NeverSkip:
     def __call__(self, u: np.ndarray, batch: TokenBatch) -> np.ndarray:
         return np.zeros(len(batch), dtype=bool)
 
+    def p_skip(self, u: np.ndarray, key: Key) -> np.ndarray:
+        return np.zeros(len(u))
+
 
 @dataclass(frozen=True)
 class AlwaysSkip:
     def __call__(self, u: np.ndarray, batch: TokenBatch) -> np.ndarray:
         return np.ones(len(batch), dtype=bool)
+
+    def p_skip(self, u: np.ndarray, key: Key) -> np.ndarray:
+        return np.ones(len(u))
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,9 @@ class RandomSkip:
     def __call__(self, u: np.ndarray, batch: TokenBatch) -> np.ndarray:
         return np.array([keyed_rng(s, d, t, "skip").random() < self.rate for s, d, t in batch.keys], dtype=bool)
 
+    def p_skip(self, u: np.ndarray, key: Key) -> np.ndarray:
+        return np.full(len(u), self.rate)  # a uniform < rate, whatever u
+
 
 @dataclass(frozen=True)
 class ThresholdSkip:
@@ -44,3 +54,6 @@ class ThresholdSkip:
 
     def __call__(self, u: np.ndarray, batch: TokenBatch) -> np.ndarray:
         return np.asarray(u) <= self.u_th
+
+    def p_skip(self, u: np.ndarray, key: Key) -> np.ndarray:
+        return (np.asarray(u) <= self.u_th).astype(np.float64)

@@ -214,13 +214,18 @@ def top_p_k(probs, p: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- swappable parts
-# A truncator is called with the transmitted rows and their uncertainties and returns k [B].
+# A truncator is called with the transmitted rows and their uncertainties and returns k [B]. Its
+# `law(batch, i, u)` (for the decision law, policies.law) gives row i's k for every value u may take:
+# ("k", k) when one k serves every draft, ("beta", beta [J]) for online k* at each u.
 
 
 @dataclass(frozen=True)
 class Full:
     def __call__(self, batch: TokenBatch, u: np.ndarray) -> np.ndarray:
         return np.full(len(batch), batch.vocab_size, dtype=np.int64)
+
+    def law(self, batch: TokenBatch, i: int, u: np.ndarray) -> tuple[str, object]:
+        return "k", batch.vocab_size
 
 
 @dataclass(frozen=True)
@@ -232,6 +237,9 @@ class TopK:
     def __call__(self, batch: TokenBatch, u: np.ndarray) -> np.ndarray:
         return np.full(len(batch), min(self.k, batch.vocab_size), dtype=np.int64)
 
+    def law(self, batch: TokenBatch, i: int, u: np.ndarray) -> tuple[str, object]:
+        return "k", min(self.k, batch.vocab_size)
+
 
 @dataclass(frozen=True)
 class TopP:
@@ -239,6 +247,9 @@ class TopP:
 
     def __call__(self, batch: TokenBatch, u: np.ndarray) -> np.ndarray:
         return top_p_k(batch.probs, self.p)
+
+    def law(self, batch: TokenBatch, i: int, u: np.ndarray) -> tuple[str, object]:
+        return "k", int(top_p_k(batch.rows[i], self.p)[0])  # a function of x alone
 
 
 @dataclass(frozen=True)
@@ -250,6 +261,36 @@ class OnlineKStar:
     def __call__(self, batch: TokenBatch, u: np.ndarray) -> np.ndarray:
         return online_k_star(batch.probs, batch.drafts, self.model.beta(u), self.theta, self.eta)
 
+    def law(self, batch: TokenBatch, i: int, u: np.ndarray) -> tuple[str, object]:
+        return "beta", self.model.beta(u)
+
 
 def calibrate_offline_truncator(probs: Sequence | np.ndarray, drafts, betas, theta: float, eta: float) -> TopK:
     return TopK(calibrate_offline_k(probs, drafts, betas, theta, eta))
+
+
+class KStarTable:
+    """Online k* for every candidate draft of one token (the decision law, policies.law): N(k) is
+    computed once from the sorted x; a draft d with budget theta ((1 - x_d) l(-1) + x_d l(-beta)) gets
+    the smallest k with N(k) <= budget. The budget grows with x_d (l(-beta) >= l(-1)), so only the
+    drafts above the step that the smallest budget falls on can get a smaller k."""
+
+    def __init__(self, probs, theta: float, eta: float):
+        _check(theta, eta)
+        x = torch.as_tensor(np.asarray(probs)).reshape(1, -1)
+        self.theta, self.eta = theta, eta
+        self.n = tv_numerator(sorted_probs(x))[0].numpy()  # N(k) at column k - 1, non-increasing
+        self.x_d = (x.double()[0] / x.double().sum()).numpy()  # x_d as _draft_probs sees it
+
+    def _k(self, budget: np.ndarray) -> np.ndarray:
+        return np.searchsorted(-self.n, -budget, side="left") + 1  # first k with N(k) <= budget
+
+    def k_for(self, beta: float) -> np.ndarray:
+        """k*(d) for every d [V] at the rejection probability beta (in U_TV's denominator)."""
+        budget = self.theta * tv_denominator(torch.from_numpy(self.x_d), torch.tensor(float(beta)), self.eta).numpy()
+        k_hi = int(self._k(np.array([budget.min()]))[0])
+        k = np.full(budget.shape, k_hi, dtype=np.int64)
+        if k_hi > 1:
+            near = np.flatnonzero(budget >= self.n[k_hi - 2])  # could reach a smaller k
+            k[near] = self._k(budget[near])
+        return k

@@ -231,3 +231,39 @@ def make_estimator(name: str, K: int = 20, theta_max: float = 2.0):
     if name in CLOSED_FORM:
         return ProbsEstimator(name)
     raise ValueError(f"unknown estimator {name!r}; known: {', '.join(ESTIMATORS)}")
+
+
+# --------------------------------------------------------------------------- its law over the draft
+
+
+def _perturbation_nodes(theta_max: float, panels: int = 4, order: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes theta_i and weights w_i with sum_i w_i f(theta_i) ~ E[f(theta)], theta ~ U(0, theta_max]:
+    composite Gauss-Legendre in t with theta = theta_max t^2, which clusters nodes where softmax(z / theta)
+    changes fastest (small theta) and makes the integrand vanish smoothly at 0."""
+    x, w = np.polynomial.legendre.leggauss(order)
+    edges = np.linspace(0.0, 1.0, panels + 1)
+    t = np.concatenate([(a + b) / 2 + (b - a) / 2 * x for a, b in zip(edges[:-1], edges[1:])])
+    wt = np.concatenate([(b - a) / 2 * w for a, b in zip(edges[:-1], edges[1:])])
+    return theta_max * t * t, 2.0 * t * wt  # d theta / theta_max = 2 t dt
+
+
+def perturbation_keep_prob(logits, theta_max: float = 2.0, *, panels: int = 4, order: int = 8) -> np.ndarray:
+    """p_d = E_theta[softmax(z / theta)_d], theta ~ U(0, theta_max], for every token d: the probability
+    that one perturbed sample of temperature perturbation equals d. Given the draft d, the K samples
+    differ from it independently with probability q_d = 1 - p_d, so u = j / K with j ~ Binomial(K, q_d)
+    (the decision law of policies.law).
+
+    Quadrature (_perturbation_nodes, 32 nodes): against a 4,096-node rule, |error| <= 5e-9 on every
+    entry for real Qwen2.5-Coder logits, and <= 2e-5 for adversarial logits whose top two differ by
+    1e-3 (the integrand then steps at theta ~ 1e-3); tests/policies/test_law.py checks the 1e-8 level
+    on Qwen-like logits. O(nodes x V) work in float64."""
+    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64).reshape(-1)
+    if not torch.isfinite(z.max()):
+        raise ValueError("logits contain NaN or +inf, or are all -inf")
+    e = z - z.max()
+    thetas, weights = _perturbation_nodes(theta_max, panels, order)
+    acc = torch.zeros_like(e)
+    for th, w in zip(np.array_split(thetas, 4), np.array_split(weights, 4)):  # 8 x V at a time
+        E = torch.exp(e[None, :] / torch.from_numpy(th)[:, None])  # e <= 0: no overflow
+        acc += (torch.from_numpy(w) / E.sum(dim=1)) @ E
+    return acc.numpy()

@@ -139,6 +139,7 @@ def token_figures(df: pd.DataFrame, vocab_size: int | None) -> dict:
     real_beta, shadow_beta = beta[~shadow & np.isfinite(beta)], beta[shadow & np.isfinite(beta)]
     fid = fidelity(df)
     known = np.isfinite(fid)
+    branch = df["fidelity_tv_branch"].to_numpy(float) if "fidelity_tv_branch" in df else np.full(n, np.nan)
     seq = sequence_fidelity(df)
     uplink = int(df["uplink_bytes"].sum())
     return {
@@ -159,4 +160,7 @@ def token_figures(df: pd.DataFrame, vocab_size: int | None) -> dict:
         "fidelity_tv_tokens": int(known.sum()),
         "fidelity_tv_sequence_mean": num(seq.mean()) if len(seq) else None,
         "fidelity_tv_sequences": int(len(seq)),
+        # tokens of policies that cannot state their decision law: only the branch approximation
+        "fidelity_tv_branch_tokens": int(np.isfinite(branch).sum()),
+        "fidelity_tv_branch_mean": num(branch[np.isfinite(branch)].mean()) if np.isfinite(branch).any() else None,
     }

@@ -96,6 +96,9 @@ class TokenRecord:
     t_verdict: float = NAN
     t_commit: float = NAN
     fidelity_tv: float = NAN  # exact TV(law the token was drawn from, LLM's y); NaN if unknown
+    # A policy that cannot state its decision law (a plug-in) gets fidelity_tv NaN and this approximation:
+    # the TV of the branch that happened (agents.fidelity.branch_fidelity); NaN otherwise.
+    fidelity_tv_branch: float = NAN
     # Link columns (schema 1 + these; -1 in files written before them). Of this token's upload and its
     # verdict; on a device's last token (a skipped one) when the device ended with a final flush (its
     # skipped drafts sent for the shadow betas), of that flush, whose uplink bytes and retransmissions
@@ -118,7 +121,7 @@ TOKENS_SCHEMA = _schema(TokenRecord)
 TOKEN_COLUMNS = tuple(TOKENS_SCHEMA.names)
 # Columns added after schema 1, with the value that means "unknown": rows and files without them
 # (hand-built rows, older runs) read as unknown rather than failing.
-LATER_COLUMNS = {"fidelity_tv": NAN, **{c: -1 for c in ("uplink_lost", "downlink_bytes", "downlink_lost", "flush_bytes",
+LATER_COLUMNS = {"fidelity_tv": NAN, "fidelity_tv_branch": NAN, **{c: -1 for c in ("uplink_lost", "downlink_bytes", "downlink_lost", "flush_bytes",
                                                            "flush_retransmissions")}}
 
 
@@ -186,7 +189,8 @@ def read_tokens(path: str | Path, columns: Iterable[str] | None = None) -> pd.Da
 
 # The columns summarize (testbed.figures) reads.
 SUMMARY_COLUMNS = ("device", "tier", "policy", "transmitted", "draft_id", "accepted", "k", "payload_bytes", "uplink_bytes",
-                   "beta", "beta_is_shadow", "retransmissions", "t_draft_start", "t_commit", "fidelity_tv")
+                   "beta", "beta_is_shadow", "retransmissions", "t_draft_start", "t_commit", "fidelity_tv",
+                   "fidelity_tv_branch")
 # ... and the report (testbed.report: the same figures, plus u against beta)
 REPORT_COLUMNS = SUMMARY_COLUMNS + ("uncertainty",)
 
@@ -235,6 +239,8 @@ class ResultsWriter:
                 update = {"beta": e.beta, "beta_is_shadow": True}
                 if math.isfinite(e.fidelity_tv):
                     update["fidelity_tv"] = e.fidelity_tv
+                if math.isfinite(e.fidelity_tv_branch):
+                    update["fidelity_tv_branch"] = e.fidelity_tv_branch
                 row = self.pending.pop((e.device, e.token_index), None)
                 if row is not None:
                     row.update(update)

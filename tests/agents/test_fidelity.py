@@ -120,10 +120,12 @@ def _drive(plan: list[tuple[bool, int, int]], seed: int, T: float = 1.0, policy:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_recorded_fidelity_equals_the_closed_form(seed):
-    """Random x (SLM logits), x_hat (top-k at 8, 16 or 32 bits) and y (the fake LLM): the value
-    the device records equals 0.5 * sum |hybrid - y| computed independently for a verified
-    token, 0.5 * sum |x - y| for a skipped one (piggybacked on an upload or in the final flush)."""
+def test_branch_fidelity_of_a_decision_without_a_law_equals_the_closed_form(seed):
+    """Decisions without a decision law (as a plug-in policy gives; here a forced plan): fidelity_tv
+    stays NaN and the approximation fidelity_tv_branch holds the TV of the branch that happened.
+    Random x (SLM logits), x_hat (top-k at 8, 16 or 32 bits) and y (the fake LLM): the value equals
+    0.5 * sum |hybrid - y| computed independently for a verified token, 0.5 * sum |x - y| for a
+    skipped one (piggybacked on an upload or in the final flush)."""
     rng = np.random.default_rng(100 + seed)
     plan = [(bool(rng.random() < 0.6), int(rng.integers(1, V + 1)), int(rng.choice([8, 16, 32]))) for _ in range(10)]
     plan[-1] = (False, 0, 8)  # the last token rides on the final flush
@@ -132,10 +134,11 @@ def test_recorded_fidelity_equals_the_closed_form(seed):
         for (transmit, k, bits), row, x, y in zip(plan, rows, xs, ys):
             assert row["transmitted"] == transmit
             want = _tv(_hybrid_by_drafts(x, _x_hat(x, k, bits), y), y) if transmit else _tv(x, y)
-            assert row["fidelity_tv"] == pytest.approx(want, abs=1e-12), (row, k, bits)
+            assert row["fidelity_tv_branch"] == pytest.approx(want, abs=1e-12), (row, k, bits)
+            assert math.isnan(row["fidelity_tv"])
     # the full float32 distribution: the LLM's law up to float32 rounding of the upload
     rows, *_ = _drive([(True, V, 32)] * 4, seed)
-    assert all(r["fidelity_tv"] < 1e-6 for r in rows)
+    assert all(r["fidelity_tv_branch"] < 1e-6 for r in rows)
 
 
 def test_llm_only_tokens_are_the_llms_law():
@@ -156,8 +159,8 @@ def test_a_device_past_its_memory_budget_records_unknown(monkeypatch):
     their value, and everything held is freed when the verdict comes."""
     monkeypatch.setattr(device_mod, "FIDELITY_HOLD_BYTES", 2 * V * 4)  # two float32 rows of logits
     rows, xs, ys, dev = _drive([(False, 0, 8)] * 4 + [(True, V, 32)], seed=3)
-    assert [r["fidelity_tv"] == pytest.approx(_tv(x, y), abs=1e-12) for r, x, y in zip(rows[:2], xs, ys)] == [True] * 2
-    assert all(math.isnan(r["fidelity_tv"]) for r in rows[2:])  # the draft too: budget still full then
+    assert [r["fidelity_tv_branch"] == pytest.approx(_tv(x, y), abs=1e-12) for r, x, y in zip(rows[:2], xs, ys)] == [True] * 2
+    assert all(math.isnan(r["fidelity_tv_branch"]) for r in rows[2:])  # the draft too: budget still full then
     assert dev.held_bytes == 0
 
 

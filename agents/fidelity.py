@@ -1,0 +1,70 @@
+"""Exact fidelity of a committed token (docs/design.md section 7): TV(P, y), where P is the law the token
+was drawn from over the draft d and over all of the policy's randomness at that step, and y is the LLM's
+distribution at that position.
+
+P is the mixture of policies.law: a skipped draft commits d; a transmitted one is verified against
+the xhat the server reconstructs from the top-k the device would send for that d,
+
+    P(t) = x_t s_t + sum_k [ x_t w_{t,k} a_{t,k} + R_k r_k(t) ],
+    a_{d,k} = min(1, y_d / xhat^k_d),  R_k = sum_d x_d w_{d,k} (1 - a_{d,k}),  r_k = norm(max(0, y - xhat^k)),
+
+so each distinct k costs a few O(V) passes, whatever the number of drafts. This is the same for a
+skipped token and a verified one: both were drawn from P; the branch that happened says nothing more.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from agents import codec
+from agents.speculative import accept_prob, hybrid_distribution, reconstruct, residual_law, tv_distance
+from policies.law import DraftLaw
+
+
+def truncate_for_upload(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k entries of x (indices, probabilities), largest first; k = |V|: all of x as is."""
+    v = probs.shape[0]
+    k = min(max(k, 0), v)
+    if k == v:
+        return np.arange(v), probs
+    top = np.argpartition(probs, v - k)[v - k:] if k else np.empty(0, dtype=np.int64)
+    top = top[np.argsort(-probs[top], kind="stable")]
+    return top, probs[top]
+
+
+def server_x_hat(x: np.ndarray, k: int, prob_bits: int) -> np.ndarray:
+    """The xhat the verifier reconstructs from a top-k upload of x at prob_bits: the payload's round
+    trip (agents.codec quantises each entry on its own) then DESIGN step 6, without encoding bytes."""
+    indices, probs = truncate_for_upload(x, k)
+    return reconstruct(indices, codec.quantise_probs(probs, prob_bits), x.shape[0])
+
+
+def committed_law(x: np.ndarray, law: DraftLaw, y: np.ndarray) -> np.ndarray:
+    """P(t): the law of the committed token (module docstring), float64 [V]."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    p = x * law.skip
+    for g, k in enumerate(law.ks):
+        w = x * law.transmit[:, g]
+        if not w.any():
+            continue
+        x_hat = server_x_hat(x, k, law.prob_bits)
+        a = accept_prob(x_hat, y)
+        p += w * a + float((w * (1.0 - a)).sum()) * residual_law(x_hat, y)
+    return p
+
+
+def exact_fidelity(logits: np.ndarray, x: np.ndarray, law, y: np.ndarray) -> float:
+    """TV(P, y) for a token whose policy decided with `law` (policies.law.DecisionLaw); logits: the SLM
+    logits the policy saw (temperature perturbation's u is a function of them and of d)."""
+    return tv_distance(committed_law(x, law.draft_law(logits, x), y), y)
+
+
+def branch_fidelity(x: np.ndarray, y: np.ndarray, payload: bytes | None) -> float:
+    """The approximation recorded as fidelity_tv_branch for a policy that cannot state its decision
+    law (a plug-in): the TV of the branch that happened, TV(x, y) for a skipped token and
+    TV(hybrid(x, xhat, y), y) for a verified one (xhat from its payload). It equals the exact value
+    only when neither the skip nor the truncation depends on the draft."""
+    if payload is None:
+        return tv_distance(x, y)
+    p = codec.decode_payload_ex(payload)
+    x_hat = reconstruct(p.indices, p.probs, p.vocab_size)
+    return tv_distance(hybrid_distribution(x, x_hat, y), y)
