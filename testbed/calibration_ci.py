@@ -139,6 +139,110 @@ def flip_text(ci: dict | None, u_th: float | None, K: int = 20) -> str:
     if straddles((lo, hi)):
         return head + (" The interval straddles 0, so the calibration cannot tell whether cu-hlm and u-hlm should "
                        "skip the u = 0 tokens or skip nothing: another sample of calibration sequences could flip "
-                       "the decision. The study therefore also runs both sides of the flip (fixed u_th = 0 and "
+                       "the decision. Both sides of the flip are shown below (cu-hlm at fixed u_th = 0 and at "
                        "fixed u_th = -1).")
     return head + " The interval does not straddle 0: the sign of the decision is stable at this calibration size."
+
+
+FLIP_U_TH = (0.0, -1.0)  # the two sides of the flip: skip every u = 0 token / skip nothing (truncation only)
+
+
+def add_intervals(fits: dict, samples, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = DEFAULT_SEED,
+                  group: str = "device") -> dict:
+    """fits[name]["ci"] for every estimator with a fit (u_<name> columns of `samples`, grouped by device);
+    a fit the bootstrap cannot bound gets ci = {"error": why}. Returns `fits`."""
+    for name, f in fits.items():
+        if f.get("a") is None or "ci" in f:
+            continue
+        try:
+            f["ci"] = bootstrap_fit(samples[f"u_{name}"], samples["beta"], samples[group], bootstrap, seed).to_dict()
+        except ValueError as e:
+            f["ci"] = {"error": str(e)}
+    return fits
+
+
+def flip_summary(calibration: dict, u_th: float, rows: list[dict], estimator: str = "temperature", K: int = 20) -> dict:
+    """What the report says about the flip: the temperature fit's interval, whether it straddles 0, and the
+    operating points on both sides of it (fixed u_th = -1 and 0), the fitted cu-hlm and cu-hlm-adaptive's."""
+    f = calibration["fits"].get(estimator) or {}
+    ci = f.get("ci") if f.get("ci") and "error" not in f.get("ci", {}) else None
+    keep = ("point", "label", "policy", "u_th", "risk", "estimator", "skip_rate", "fidelity_tv", "pass_at_1",
+            "pass_at_1_stderr", "throughput_ratio_hlm", "vocab_compression")
+    pick = lambda r: {k: r.get(k) for k in keep}  # noqa: E731
+    by = {r["point"]: r for r in rows}
+    sides = [pick(by[f"cu-hlm-uth{v:g}"]) for v in sorted(FLIP_U_TH) if f"cu-hlm-uth{v:g}" in by]
+    adaptive = [pick(r) for r in rows if r.get("policy") == "cu-hlm-adaptive"]
+    tokens = calibration.get("tokens")
+    return {"estimator": estimator, "u_th": u_th, "ci": ci, "straddles_zero": bool(ci and ci.get("straddles_zero")),
+            "nonneg_fraction": ci and ci.get("nonneg_fraction"), "calibration_tokens": tokens,
+            "calibration_sequences": calibration.get("devices"),
+            "tokens_per_sequence": calibration.get("max_new_tokens"), "K": K,
+            "text": flip_text(ci, u_th, K), "sides": sides, "fitted": pick(by["cu-hlm"]) if "cu-hlm" in by else None,
+            "adaptive": adaptive}
+
+
+def _where(skip: float | None, sides: list[dict]) -> str:
+    """Where an adaptive point's skip rate falls relative to the two sides of the flip."""
+    s = {r["u_th"]: r.get("skip_rate") for r in sides}
+    none_side, zero_side = s.get(-1.0), s.get(0.0)
+    if skip is None or none_side is None or zero_side is None:
+        return ""
+    if skip <= none_side:
+        return "on the skip-nothing side"
+    if skip < zero_side:
+        return "between the two sides"
+    if skip == zero_side:
+        return "at the u = 0 side's skip rate"
+    return "beyond the u = 0 side (it skips tokens with u > 0 too)"
+
+
+def html_section(flip: dict, fits: dict) -> list[str]:
+    """The report's section on the calibration's uncertainty and the flip."""
+    import html as H
+
+    from testbed.report import format_value, html_table
+
+    def iv(ci, key, kind="3"):
+        v = (ci or {}).get(key)
+        return "n/a" if not v else f"[{format_value(v[0], kind)}, {format_value(v[1], kind)}]"
+
+    parts = ["<h2>How sure the calibration is</h2>", f"<p>{H.escape(flip['text'])}</p>"]
+    share = flip.get("nonneg_fraction")
+    n, seqs, per = flip.get("calibration_tokens"), flip.get("calibration_sequences"), flip.get("tokens_per_sequence")
+    stable = share is not None and not flip["straddles_zero"]
+    parts.append(f"<p>Calibration size: {n} tokens ({seqs} sequences x {per} tokens; raise it with "
+                 f"<code>testbed reproduce paper --calibration-tokens N</code>, N per sequence). The sign of the "
+                 f"risk-averse decision is {'stable' if stable else '<b>not stable</b>'} at this size: "
+                 f"{'n/a' if share is None else f'{100 * share:.1f}%'} of the bootstrap replicates give u_th >= 0 "
+                 f"(skip the u = 0 tokens), the rest u_th < 0 (skip nothing).</p>")
+    rows = []
+    for name, f in fits.items():
+        ci = f.get("ci") if f.get("ci") and "error" not in f["ci"] else None
+        rows.append([name, format_value(f.get("a"), "3", missing="n/a"), iv(ci, "a"),
+                     format_value(f.get("b"), "3", missing="n/a"), iv(ci, "b"),
+                     format_value(f.get("u_th_risk_averse"), "3", missing="n/a"), iv(ci, "u_th_risk_averse"),
+                     "n/a" if not ci else ("yes" if ci.get("straddles_zero") else "no"),
+                     "n/a" if not ci or ci.get("nonneg_fraction") is None else f"{100 * ci['nonneg_fraction']:.1f}%",
+                     "n/a" if not ci else f"{ci['bootstrap']} x {ci['groups']} seq."])
+    parts.append(html_table(["estimator", "a", "95% CI", "b", "95% CI", "u_th = -b/a", "95% CI", "straddles 0",
+                             "replicates u_th >= 0", "bootstrap"], rows))
+    show = [*flip["sides"], *([flip["fitted"]] if flip.get("fitted") else []), *flip["adaptive"]]
+    if show:
+        parts.append("<p>Both sides of the flip (cu-hlm at fixed u_th = -1: truncation only, nothing skipped; at "
+                     "fixed u_th = 0: every u = 0 token skipped; run in every study, so the flip is visible whatever "
+                     "the fit), the fitted cu-hlm, and cu-hlm-adaptive, which needs no fit: it learns from its own "
+                     "verdicts which u it can skip within a risk budget.</p>")
+        parts.append(html_table(
+            ["point", "u_th", "skip", "fidelity (TV/token)", "pass@1", "ratio to HLM", "where"],
+            [[r["label"], format_value(r.get("u_th"), "3", missing="-"),
+              format_value(r.get("skip_rate"), "pct", missing="n/a"), format_value(r.get("fidelity_tv"), "e", missing="n/a"),
+              format_value(r.get("pass_at_1"), "3", missing="n/a"),
+              format_value(r.get("throughput_ratio_hlm"), "x", missing="n/a"),
+              _where(r.get("skip_rate"), flip["sides"]) if r.get("policy") == "cu-hlm-adaptive" else ""]
+             for r in show]))
+        for r in flip["adaptive"]:
+            parts.append(f"<p class='muted'>{H.escape(r['label'])} reaches skip "
+                         f"{format_value(r.get('skip_rate'), 'pct', missing='n/a')} at fidelity "
+                         f"{format_value(r.get('fidelity_tv'), 'e', missing='n/a')} without any fit: "
+                         f"{H.escape(_where(r.get('skip_rate'), flip['sides']) or 'n/a')}.</p>")
+    return parts

@@ -78,6 +78,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from testbed.scenario import Scenario, override, parse_scenario, scenario_yaml
+from testbed.calibration_ci import FLIP_U_TH
 
 # --------------------------------------------------------------------------------------------- papers
 # Headline numbers as the abstracts state them (CU-HLM vs standard HLM; U-HLM vs HLM without skipping).
@@ -382,6 +383,7 @@ def calibrate_point(s: Scenario, out_dir: Path, kstar_tokens: int, theta: float 
     from policies.truncation import calibrate_offline_k
     from policies.uncertainty import ESTIMATORS, make_estimator
     from testbed.calibrate import RecordingPolicy
+    from testbed.calibration_ci import add_intervals
     from testbed.runner import plan
 
     p = plan(s)
@@ -423,6 +425,7 @@ def calibrate_point(s: Scenario, out_dir: Path, kstar_tokens: int, theta: float 
             fits[name] = {"a": None, "b": None, "pearson_r": None, "n": len(samples), "u_th_risk_averse": None,
                           "error": str(e)}
         curves[name] = reliability(samples[f"u_{name}"], samples["beta"], fits[name]["a"], fits[name]["b"])
+    add_intervals(fits, samples)  # bootstrap over devices: fits[name]["ci"] (testbed.calibration_ci)
     beta_of = {(int(r.device), int(r.token_index)): (float(r.beta), int(r.draft_id)) for r in samples.itertuples()}
     keys = sorted(k for k in policy.kept if k in beta_of and math.isfinite(beta_of[k][0]))
     if keys:
@@ -669,7 +672,8 @@ def paper_points(size: Size, base: Scenario) -> list[Point]:
             pts.append(pol("cu-hlm-adaptive", label, meta_fn=lambda st, r=r, est=est: {"risk": r, "estimator": est},
                            **params))
     pts.append(pol("cu-hlm", "cu-hlm-risk-prone", "u_th", meta_fn=thr("risk-prone"), threshold="risk-prone"))
-    for v in size.u_th:
+    # + both sides of the risk-averse flip, skip every u = 0 token / skip nothing (testbed.calibration_ci)
+    for v in size.u_th + tuple(v for v in FLIP_U_TH if v not in size.u_th):
         pts.append(pol("cu-hlm", f"cu-hlm-uth{v:g}", "u_th", meta_fn=lambda st, v=v: {"u_th": v},
                        threshold="fixed", u_th=v))
     for v in size.theta:
