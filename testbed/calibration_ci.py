@@ -161,10 +161,13 @@ def add_intervals(fits: dict, samples, bootstrap: int = DEFAULT_BOOTSTRAP, seed:
     return fits
 
 
-def flip_summary(calibration: dict, u_th: float, rows: list[dict], estimator: str = "temperature", K: int = 20) -> dict:
-    """What the report says about the flip: the temperature fit's interval, whether it straddles 0, and the
-    operating points on both sides of it (fixed u_th = -1 and 0), the fitted cu-hlm and cu-hlm-adaptive's."""
+def flip_summary(calibration: dict, rows: list[dict], estimator: str = "temperature", K: int = 20,
+                 used: tuple[float, str] | None = None) -> dict:
+    """What the report says about the flip: the calibration's fit of `estimator`, its interval, whether it
+    straddles 0, and the operating points on both sides (fixed u_th = -1 and 0), cu-hlm (at `used`: the
+    u_th the policies ran with and where it came from) and cu-hlm-adaptive's."""
     f = calibration["fits"].get(estimator) or {}
+    u_th = f.get("u_th_risk_averse")
     ci = f.get("ci") if f.get("ci") and "error" not in f.get("ci", {}) else None
     keep = ("point", "label", "policy", "u_th", "risk", "estimator", "skip_rate", "fidelity_tv", "pass_at_1",
             "pass_at_1_stderr", "throughput_ratio_hlm", "vocab_compression")
@@ -177,7 +180,8 @@ def flip_summary(calibration: dict, u_th: float, rows: list[dict], estimator: st
             "nonneg_fraction": ci and ci.get("nonneg_fraction"), "calibration_tokens": tokens,
             "calibration_sequences": calibration.get("devices"),
             "tokens_per_sequence": calibration.get("max_new_tokens"), "K": K,
-            "text": flip_text(ci, u_th, K), "sides": sides, "fitted": pick(by["cu-hlm"]) if "cu-hlm" in by else None,
+            "text": flip_text(ci, u_th, K), "sides": sides,
+            "used": None if used is None else {"u_th": used[0], "source": used[1]}, "fitted": pick(by["cu-hlm"]) if "cu-hlm" in by else None,
             "adaptive": adaptive}
 
 
@@ -207,6 +211,10 @@ def html_section(flip: dict, fits: dict) -> list[str]:
         return "n/a" if not v else f"[{format_value(v[0], kind)}, {format_value(v[1], kind)}]"
 
     parts = ["<h2>How sure the calibration is</h2>", f"<p>{H.escape(flip['text'])}</p>"]
+    used = flip.get("used")
+    if used and not str(used["source"]).startswith("calibration"):
+        parts.append(f"<p>The policies did not use this fit: u_th = {used['u_th']:.4f} from "
+                     f"{H.escape(str(used['source']))}.</p>")
     share = flip.get("nonneg_fraction")
     n, seqs, per = flip.get("calibration_tokens"), flip.get("calibration_sequences"), flip.get("tokens_per_sequence")
     stable = share is not None and not flip["straddles_zero"]

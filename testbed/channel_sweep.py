@@ -213,8 +213,9 @@ class PointData:
     model: DelayModel
 
 
-def load_points(out: Path) -> dict[str, PointData]:
-    """Every finished point of a paper study directory (points/*/ with tokens, summary and scenario)."""
+def load_points(out: Path, only: Sequence[str] | None = None) -> dict[str, PointData]:
+    """Every finished point of a paper study directory (points/*/ with tokens, summary and scenario), or
+    only those named."""
     import pandas as pd
 
     from testbed.config.io import load_scenario
@@ -225,7 +226,7 @@ def load_points(out: Path) -> dict[str, PointData]:
         raise SweepError(f"{out}: no points/ folder (run `testbed reproduce paper --out {out}` first)")
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         need = [d / "tokens.parquet", d / "summary.json", d / "scenario.yaml"]
-        if not all(f.exists() for f in need):
+        if (only is not None and d.name not in only) or not all(f.exists() for f in need):
             continue
         s = load_scenario(d / "scenario.yaml")
         pol = s.tiers[0].policy
@@ -256,9 +257,10 @@ def paper_curve(model: DelayModel, skip: float, compression: float, vocab: int =
 
 
 def sweep(out: Path, vocabs: Sequence[int] = (PAPER_VOCAB,), rates: Sequence[float] = RATES_BPS,
-          target: float = TARGET, paper: dict | None = None) -> dict:
-    """The sweep of a paper study directory: every skipping point against hlm, per encoding; JSON-able."""
-    pts = load_points(out)
+          target: float = TARGET, paper: dict | None = None, only: Sequence[str] | None = None) -> dict:
+    """The sweep of a paper study directory: every skipping point (or those in `only`) against hlm, per
+    encoding; JSON-able."""
+    pts = load_points(out, only)
     h = pts["hlm"]
     run_vocab = int(h.summary.get("vocab_size") or h.tokens["k"].max())
     model = h.model

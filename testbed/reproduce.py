@@ -38,7 +38,8 @@ Points (one run directory each under OUT/points/, in this order):
 - llm-only (the accuracy reference), hlm, slm-only (estimator on, to record u), u-hlm and cu-hlm
   (risk-averse u_th = -b/a), cu-hlm-offline (k = k*), cu-hlm-adaptive at each risk budget of the
   size, cu-hlm risk-prone (u_th = (0.5 - b)/a), cu-hlm at each fixed u_th of the size (the u_th
-  sweep; with risk-averse and risk-prone it spans risk-averse to risk-prone and beyond), cu-hlm
+  sweep; with risk-averse and risk-prone it spans risk-averse to risk-prone and beyond; u_th = 0 and
+  u_th = -1 are always in it: both sides of the risk-averse flip, testbed.calibration_ci), cu-hlm
   risk-averse at each theta of the size (the theta sweep; cu-hlm itself is theta = 0.1), and
   rand-hlm skipping at u-hlm's measured skip rate (the papers' random-skip baseline).
 - Every point is scored for HumanEval pass@1 (testbed.accuracy.score_run) relative to llm-only.
@@ -56,7 +57,10 @@ are proportions, scaled to each fleet size) sharing one verifier with real batch
 throughput, Jain fairness and mean verifier batch size vs fleet size. Its own calibration point
 gives a, b and k*; rand-hlm matches u-hlm's skip rate at each size. Not scored for accuracy.
 
-The reports (figures and one HTML page per study, OUT/report/) are drawn by testbed.reproduce_report.
+The reports (figures and one HTML page per study, OUT/report/) are drawn by testbed.reproduce_report;
+the paper study's includes the calibration's bootstrap intervals (testbed.calibration_ci) and the
+channel sweep, throughput over HLM's at any uplink rate from the points' tokens (testbed.channel_sweep;
+`testbed reproduce sweep OUT` on an existing study).
 
 Sizes (`SIZES`): smoke (tiny models, 4 problems, 8 tokens: seconds, for CI), small (the Qwen pair
 on HumanEval/22..37 with 32 tokens: sized for under an hour on a 2-core CPU with native bf16 (~25 min

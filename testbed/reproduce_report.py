@@ -408,9 +408,9 @@ def _calibration_and_sweep(study: Study, cal: dict, fit: Fit, rows: list[dict], 
 
     if any("ci" not in f for f in cal["fits"].values() if f.get("a") is not None):  # a calibration from before
         add_intervals(cal["fits"], pd.read_parquet(study.point_dir("calibration") / "samples.parquet"))
-    flip = flip_summary(cal, fit.u_th_risk_averse, rows, ESTIMATOR)
+    flip = flip_summary(cal, rows, ESTIMATOR, used=(fit.u_th_risk_averse, fit.source))
     try:
-        doc = channel_sweep.sweep(study.out, paper=PAPER["cu-hlm"])
+        doc = channel_sweep.sweep(study.out, paper=PAPER["cu-hlm"], only=[r["point"] for r in rows])
         png, _ = channel_sweep.write(study.out, doc, rep)
         return flip, doc, channel_sweep.html_section(doc, png)
     except channel_sweep.SweepError as e:
