@@ -75,6 +75,9 @@ def calibrate(slm_spec, llm_spec, prompt_ids: list[list[int]], max_new_tokens: i
         except DegenerateFitError as e:
             fits[name] = {"a": None, "b": None, "pearson_r": None, "u_th_risk_averse": None,
                           "n_tokens": len(samples), "error": str(e)}
+    from testbed.calibration_ci import add_intervals
+
+    add_intervals(fits, samples)  # fits[name]["ci"]: bootstrap over prompts (devices)
     return Calibration(samples, fits)
 
 

@@ -38,7 +38,8 @@ Points (one run directory each under OUT/points/, in this order):
 - llm-only (the accuracy reference), hlm, slm-only (estimator on, to record u), u-hlm and cu-hlm
   (risk-averse u_th = -b/a), cu-hlm-offline (k = k*), cu-hlm-adaptive at each risk budget of the
   size, cu-hlm risk-prone (u_th = (0.5 - b)/a), cu-hlm at each fixed u_th of the size (the u_th
-  sweep; with risk-averse and risk-prone it spans risk-averse to risk-prone and beyond), cu-hlm
+  sweep; with risk-averse and risk-prone it spans risk-averse to risk-prone and beyond; u_th = 0 and
+  u_th = -1 are always in it: both sides of the risk-averse flip, testbed.calibration_ci), cu-hlm
   risk-averse at each theta of the size (the theta sweep; cu-hlm itself is theta = 0.1), and
   rand-hlm skipping at u-hlm's measured skip rate (the papers' random-skip baseline).
 - Every point is scored for HumanEval pass@1 (testbed.accuracy.score_run) relative to llm-only.
@@ -56,7 +57,10 @@ are proportions, scaled to each fleet size) sharing one verifier with real batch
 throughput, Jain fairness and mean verifier batch size vs fleet size. Its own calibration point
 gives a, b and k*; rand-hlm matches u-hlm's skip rate at each size. Not scored for accuracy.
 
-The reports (figures and one HTML page per study, OUT/report/) are drawn by testbed.reproduce_report.
+The reports (figures and one HTML page per study, OUT/report/) are drawn by testbed.reproduce_report;
+the paper study's includes the calibration's bootstrap intervals (testbed.calibration_ci) and the
+channel sweep, throughput over HLM's at any uplink rate from the points' tokens (testbed.channel_sweep;
+`testbed reproduce sweep OUT` on an existing study).
 
 Sizes (`SIZES`): smoke (tiny models, 4 problems, 8 tokens: seconds, for CI), small (the Qwen pair
 on HumanEval/22..37 with 32 tokens: sized for under an hour on a 2-core CPU with native bf16 (~25 min
@@ -78,6 +82,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from testbed.scenario import Scenario, override, parse_scenario, scenario_yaml
+from testbed.calibration_ci import FLIP_U_TH
 
 # --------------------------------------------------------------------------------------------- papers
 # Headline numbers as the abstracts state them (CU-HLM vs standard HLM; U-HLM vs HLM without skipping).
@@ -382,6 +387,7 @@ def calibrate_point(s: Scenario, out_dir: Path, kstar_tokens: int, theta: float 
     from policies.truncation import calibrate_offline_k
     from policies.uncertainty import ESTIMATORS, make_estimator
     from testbed.calibrate import RecordingPolicy
+    from testbed.calibration_ci import add_intervals
     from testbed.runner import plan
 
     p = plan(s)
@@ -423,6 +429,7 @@ def calibrate_point(s: Scenario, out_dir: Path, kstar_tokens: int, theta: float 
             fits[name] = {"a": None, "b": None, "pearson_r": None, "n": len(samples), "u_th_risk_averse": None,
                           "error": str(e)}
         curves[name] = reliability(samples[f"u_{name}"], samples["beta"], fits[name]["a"], fits[name]["b"])
+    add_intervals(fits, samples)  # bootstrap over devices: fits[name]["ci"] (testbed.calibration_ci)
     beta_of = {(int(r.device), int(r.token_index)): (float(r.beta), int(r.draft_id)) for r in samples.itertuples()}
     keys = sorted(k for k in policy.kept if k in beta_of and math.isfinite(beta_of[k][0]))
     if keys:
@@ -669,7 +676,8 @@ def paper_points(size: Size, base: Scenario) -> list[Point]:
             pts.append(pol("cu-hlm-adaptive", label, meta_fn=lambda st, r=r, est=est: {"risk": r, "estimator": est},
                            **params))
     pts.append(pol("cu-hlm", "cu-hlm-risk-prone", "u_th", meta_fn=thr("risk-prone"), threshold="risk-prone"))
-    for v in size.u_th:
+    # + both sides of the risk-averse flip, skip every u = 0 token / skip nothing (testbed.calibration_ci)
+    for v in size.u_th + tuple(v for v in FLIP_U_TH if v not in size.u_th):
         pts.append(pol("cu-hlm", f"cu-hlm-uth{v:g}", "u_th", meta_fn=lambda st, v=v: {"u_th": v},
                        threshold="fixed", u_th=v))
     for v in size.theta:

@@ -13,6 +13,8 @@ import numpy as np
 
 from testbed.reproduce import (ESTIMATOR, PAPER, QWEN_CALIBRATE_FIT, RISK_PRONE_BETA_TOL, Fit, Point, Size, Study,
                                cu_hlm_frontier, equal_fidelity, fleet_base)
+from testbed.calibration_ci import add_intervals, flip_summary
+from testbed.calibration_ci import html_section as calibration_html
 from testbed.report import format_value, html_figure, html_page, html_table, new_figure
 from testbed.scenario import Scenario
 
@@ -312,9 +314,11 @@ def write_paper_report(study: Study, size: Size, base: Scenario, points: list[Po
          "the red line skips more than any cu-hlm threshold at the same fidelity."),
     ]
     versus = equal_fidelity(rows)
+    flip, sweep_doc, sweep_parts = _calibration_and_sweep(study, cal, fit, rows, rep)
     (rep / "table.json").write_text(json.dumps({"size": size.name, "fit": fit.__dict__, "calibration": {
         "fits": cal["fits"], "kstar": cal["kstar"]}, "llm_ms": study.llm_ms, "rows": rows,
-        "adaptive_vs_cu_hlm": versus}, indent=2), encoding="utf-8")
+        "adaptive_vs_cu_hlm": versus, "calibration_flip": flip, "channel_sweep": sweep_doc}, indent=2),
+        encoding="utf-8")
     t_llm = study.llm_ms
     parts = [f"<h1>Reproducing CU-HLM / U-HLM: --size {html.escape(size.name)}</h1>",
              f"<p class='muted'>{html.escape(size.why)}. {base.n_devices} devices (one per HumanEval problem "
@@ -360,6 +364,7 @@ def write_paper_report(study: Study, size: Size, base: Scenario, points: list[Po
           fmt(v["pass_at_1"], "3", v["pass_at_1_stderr"]),
           " / ".join(fmt(x, "3") for x in v["cu_hlm_pass_at_1"]), fmt(v["vocab_compression"], "pct")]
          for v in versus]))
+    parts += calibration_html(flip, cal["fits"]) + sweep_parts
     parts.append("<h2>Every point</h2>")
     table, classes = [], []
     for r in rows:
@@ -392,6 +397,24 @@ def write_paper_report(study: Study, size: Size, base: Scenario, points: list[Po
     path = rep / "report.html"
     path.write_text(html_page(f"reproduce paper ({size.name})", parts), encoding="utf-8")
     return path
+
+
+def _calibration_and_sweep(study: Study, cal: dict, fit: Fit, rows: list[dict], rep: Path):
+    """Issue 15 items 5 and 6: the calibration's intervals and the flip (testbed.calibration_ci), the
+    channel sweep (testbed.channel_sweep) with its figure; (flip, sweep table, report parts)."""
+    import pandas as pd
+
+    from testbed import channel_sweep
+
+    if any("ci" not in f for f in cal["fits"].values() if f.get("a") is not None):  # a calibration from before
+        add_intervals(cal["fits"], pd.read_parquet(study.point_dir("calibration") / "samples.parquet"))
+    flip = flip_summary(cal, rows, ESTIMATOR, used=(fit.u_th_risk_averse, fit.source))
+    try:
+        doc = channel_sweep.sweep(study.out, paper=PAPER["cu-hlm"], only=[r["point"] for r in rows])
+        png, _ = channel_sweep.write(study.out, doc, rep)
+        return flip, doc, channel_sweep.html_section(doc, png)
+    except channel_sweep.SweepError as e:
+        return flip, {"error": str(e)}, ["<h2>Channel sweep</h2>", f"<p>Not computed: {html.escape(str(e))}</p>"]
 
 
 def write_fleet_report(study: Study, size: Size, rows: list[dict]) -> Path:

@@ -43,11 +43,13 @@ def calibrate(
            "estimators": result.fits}
     (out / "calibration.json").write_text(json.dumps(doc, indent=2))
     table = Table(title=f"beta ~ a*u + b on {pair} ({len(result.samples)} tokens)  -> {out}")
-    for col in ("estimator", "a", "b", "pearson r", "u_th risk-averse (-b/a)"):
+    for col in ("estimator", "a", "b", "pearson r", "u_th risk-averse (-b/a)", "u_th 95% CI (bootstrap)"):
         table.add_column(col, justify="right")
     for name, f in result.fits.items():
         fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
-        table.add_row(name, fmt(f["a"]), fmt(f["b"]), fmt(f["pearson_r"]), fmt(f["u_th_risk_averse"]))
+        ci = (f.get("ci") or {}).get("u_th_risk_averse")
+        ci_text = "n/a" if not ci else f"[{ci[0]:.4f}, {ci[1]:.4f}]" + (" straddles 0" if f["ci"]["straddles_zero"] else "")
+        table.add_row(name, fmt(f["a"]), fmt(f["b"]), fmt(f["pearson_r"]), fmt(f["u_th_risk_averse"]), ci_text)
     err.print(table)
     if json_out:
         print(json.dumps(doc, indent=2))

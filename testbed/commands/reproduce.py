@@ -25,7 +25,7 @@ def _sets(values: list[str] | None) -> dict:
 
 
 def _run(kind: str, size: str, out: Path | None, engine: str, sets: list[str] | None, a: float | None,
-         b: float | None, estimate_only: bool, json_out: bool) -> None:
+         b: float | None, estimate_only: bool, json_out: bool, calibration_tokens: int | None = None) -> None:
     from rich.console import Console
 
     from testbed import reproduce
@@ -49,8 +49,13 @@ def _run(kind: str, size: str, out: Path | None, engine: str, sets: list[str] | 
         return
     out = out or Path("runs") / f"reproduce-{kind}-{size}"
     fn = reproduce.run_paper if kind == "paper" else reproduce.run_fleet
+    sized = reproduce.SIZES[size]
+    if calibration_tokens is not None:  # more calibration tokens: a narrower interval for the fit (calibration_ci)
+        import dataclasses
+
+        sized = dataclasses.replace(sized, calibration_tokens=calibration_tokens)
     try:
-        result = fn(size, out, engine=engine, sets=_sets(sets), a=a, b=b)
+        result = fn(sized, out, engine=engine, sets=_sets(sets), a=a, b=b)
     except ScenarioError as e:
         err.print(f"[red]{e}[/red]")
         raise typer.Exit(2)
@@ -66,21 +71,51 @@ _A = typer.Option(None, "--a", help="Pin the rejection model's slope (else: the 
 _B = typer.Option(None, "--b", help="Pin the rejection model's intercept.")
 _EST = typer.Option(False, "--estimate", help="Only print the estimated wall time on a 2-core CPU.")
 _JSON = typer.Option(False, "--json", help="Print the table rows (or the estimate) as JSON.")
+_CAL = typer.Option(None, "--calibration-tokens", min=1,
+                    help="Tokens per sequence of the calibration point (default: the size's); more narrows the "
+                         "fit's confidence interval.")
 
 
 @app.command("paper")
 def paper(size: str = typer.Option("smoke", "--size", help=SIZE_HELP), out: Path = _OUT, engine: str = _ENGINE,
           sets: list[str] = _SET, a: float = _A, b: float = _B, estimate_only: bool = _EST,
-          json_out: bool = _JSON) -> None:
+          json_out: bool = _JSON, calibration_tokens: int = _CAL) -> None:
     """The papers' setting (one device per HumanEval problem on the Shannon-rate uplink): every policy,
     the u_th and theta sweeps, calibration; one report next to the papers' headline numbers."""
-    _run("paper", size, out, engine, sets, a, b, estimate_only, json_out)
+    _run("paper", size, out, engine, sets, a, b, estimate_only, json_out, calibration_tokens)
+
+
+@app.command("sweep")
+def sweep(out: Path = typer.Argument(..., help="A `reproduce paper` study folder (its points/)."),
+          vocab: list[int] = typer.Option([32000], "--vocab", min=2,
+                                          help="|V| of the paper's accounting besides the run's own (repeatable)."),
+          json_out: bool = _JSON) -> None:
+    """The channel sweep of a finished paper study, without re-running models: throughput over HLM's
+    against the uplink rate, per payload encoding; where the paper's 206x lies. Writes
+    OUT/report/channel_sweep.png and channel_sweep.json."""
+    from rich.console import Console
+
+    from testbed import channel_sweep
+    from testbed.reproduce import PAPER
+
+    err = Console(stderr=True)
+    try:
+        doc = channel_sweep.sweep(out, vocabs=vocab, paper=PAPER["cu-hlm"])
+    except channel_sweep.SweepError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    png, js = channel_sweep.write(out, doc)
+    for line in channel_sweep.summary_lines(doc):
+        err.print(line, highlight=False)
+    err.print(f"figure: {png}; table: {js}")
+    if json_out:
+        print(json.dumps(doc, indent=2))
 
 
 @app.command("fleet")
 def fleet(size: str = typer.Option("smoke", "--size", help=SIZE_HELP), out: Path = _OUT, engine: str = _ENGINE,
           sets: list[str] = _SET, a: float = _A, b: float = _B, estimate_only: bool = _EST,
-          json_out: bool = _JSON) -> None:
+          json_out: bool = _JSON, calibration_tokens: int = _CAL) -> None:
     """The same policies on heterogeneous fleets sharing one verifier: system throughput, Jain fairness
     and verifier batch size vs fleet size."""
-    _run("fleet", size, out, engine, sets, a, b, estimate_only, json_out)
+    _run("fleet", size, out, engine, sets, a, b, estimate_only, json_out, calibration_tokens)

@@ -17,7 +17,7 @@ from testbed.reproduce import SIZES, Study, fleet_counts, paper_base, paper_thro
 
 PNG = b"\x89PNG\r\n\x1a\n"
 PAPER_FIGURES = ["uth_throughput_ratio", "uth_skip_rate", "uth_compression", "uth_pass_at_1", "uth_fidelity",
-                 "beta_u_fit", "reliability", "theta_compression", "policies", "skip_vs_fidelity"]
+                 "beta_u_fit", "reliability", "theta_compression", "policies", "skip_vs_fidelity", "channel_sweep"]
 FLEET_FIGURES = ["fleet_throughput", "fleet_fairness", "fleet_batch"]
 
 
@@ -49,7 +49,18 @@ def test_paper_smoke_end_to_end(paper):
         assert any(r["policy"] == policy for r in result.rows), policy
         assert any(lab == policy or lab.startswith(policy + "-") for lab in labels)
     assert [r["label"] for r in result.rows if r["group"] == "u_th"] == [
-        "cu-hlm-risk-prone", *(f"cu-hlm-uth{v:g}" for v in SIZES["smoke"].u_th)]
+        "cu-hlm-risk-prone", *(f"cu-hlm-uth{v:g}" for v in SIZES["smoke"].u_th), "cu-hlm-uth0", "cu-hlm-uth-1"]
+    # both sides of the risk-averse flip: skip every u = 0 token / skip nothing (testbed.calibration_ci)
+    by_label = {r["label"]: r for r in result.rows}
+    assert by_label["cu-hlm-uth-1"]["skip_rate"] == 0.0 and by_label["cu-hlm-uth0"]["u_th"] == 0.0
+    t0 = pd.read_parquet(out / "points/cu-hlm-uth0/tokens.parquet")
+    assert ((~t0["transmitted"]) == (t0["uncertainty"] == 0)).all()  # skipped: exactly the u = 0 tokens
+    cal = json.loads((out / "calibration/calibration.json").read_text())
+    ci = cal["fits"]["temperature"]["ci"]
+    assert ci["bootstrap"] == 1000 and ci["groups"] == 4 and ci["a"][0] <= ci["a"][1]
+    table = json.loads((result.report.parent / "table.json").read_text())
+    assert table["calibration_flip"]["straddles_zero"] == ci["straddles_zero"]
+    assert "How sure the calibration is" in page
     for label in labels:
         assert f"<td>{label}</td>" in page
     assert "up to 206x" in page and "45.93%" in page and "0.081 / 0.81" in page  # the papers' numbers
