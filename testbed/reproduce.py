@@ -44,7 +44,12 @@ Points (one run directory each under OUT/points/, in this order):
   sweep; with risk-averse and risk-prone it spans risk-averse to risk-prone and beyond), cu-hlm
   risk-averse at each theta of the size (the theta sweep; cu-hlm itself is theta = 0.1), and
   rand-hlm skipping at u-hlm's measured skip rate (the papers' random-skip baseline).
-- Every point is scored for HumanEval pass@1 (testbed.accuracy.score_run) relative to llm-only.
+- Every point is scored for HumanEval pass@1 (testbed.accuracy.score_run) relative to llm-only, and
+  compared with it paired (the same problems and seeds: the per-problem difference of pass rates with
+  its standard error, McNemar's exact test or, with several samples per problem, the sign test) and
+  next to the bound fidelity implies, |delta pass@1| <= mean over sequences of min(1, summed per-token
+  TV) (`tv_accuracy_bound`). With Size.samples = n, devices = problems x n (device i decodes problem
+  i mod problems, each with its own keyed randomness) and pass@1 is the unbiased estimator.
 
 Resumability: a point is finished when its point.json (written last) names the same scenario
 (sha256 of its resolved YAML) and its summary.json is complete (every token, not interrupted, and
@@ -61,10 +66,11 @@ gives a, b and k*; rand-hlm matches u-hlm's skip rate at each size. Not scored f
 
 The reports (figures and one HTML page per study, OUT/report/) are drawn by testbed.reproduce_report.
 
-Sizes (`SIZES`): smoke (tiny models, 4 problems, 8 tokens: seconds, for CI), small (the Qwen pair
-on HumanEval/22..37 with 32 tokens: sized for under an hour on a 2-core CPU with native bf16 (~25 min
-measured on AVX512-BF16; an fp32-only CPU may need up to ~75 min, see `estimate`), full
-(all 164 problems, 256 tokens: a GPU machine, scripts/reproduce_full_gpu.sh).
+Sizes (`SIZES`; each one's `why` says why): smoke (tiny models, 4 problems, 8 tokens: seconds, for CI),
+small (the Qwen pair on HumanEval/40..55, up to 256 tokens ending at eos / the HumanEval stop
+sequences, 14 points: about an hour on a 2-core CPU with native bf16, several on an fp32-only one, see
+`estimate`), medium (all 164 problems, 256 tokens with stops: an overnight CPU run, resumable), full
+(all 164 problems x 5 samples, 256 tokens: a GPU machine, scripts/reproduce_full_gpu.sh).
 """
 from __future__ import annotations
 
