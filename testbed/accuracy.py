@@ -594,7 +594,8 @@ def _block(rows: pd.DataFrame, s, timeout_s: float) -> dict[str, Any]:
         counts[key] += 1
     return {"version": ACCURACY_VERSION, "metric": "pass@1", "prompts": _prompt_desc(s),
             "n_prompts": int(rows["task_id"].nunique()) if len(rows) else 0, **pass_stats(rows["passed"]),
-            "unbiased": unbiased_pass(rows), "tiers": by("tier"), "policies": by("policy"), "results": counts, "timeout_s": float(timeout_s),
+            "unbiased": unbiased_pass(rows), "tiers": by("tier"), "policies": by("policy"), "results": counts,
+            "timeout_s": float(timeout_s),
             "stop_sequences": list(STOP_SEQUENCES)}
 
 
@@ -655,9 +656,9 @@ def score_run(run_dir: str | Path, *, reference: str | Path | None = None, worke
 
     Writes RUN_DIR/accuracy.parquet and merges an `accuracy` block into RUN_DIR/summary.json
     (other keys kept) unless write=False. With `reference` (a run dir, normally `llm-only` on
-    the same prompts and seed) also adds pass_at_1_relative (+ stderr) and the paired
-    per-prompt agreement and the paired comparison (`paired`); the reference is scored too (and its files written) unless it
-    already holds an up-to-date score. Raises AccuracyError for a run that is not HumanEval,
+    the same prompts and seed) also adds pass_at_1_relative (+ stderr), the paired per-prompt
+    agreement and the paired comparison (`paired`); the reference is scored too (and its files
+    written) unless it already holds an up-to-date score. Raises AccuracyError for a run that is not HumanEval,
     a missing file, or a reference on other prompts.
     """
     run_dir = Path(run_dir)

@@ -141,8 +141,9 @@ SIZES: dict[str, Size] = {
                   "longest canonical solution (74 Qwen tokens), and a point costs its longest completion in "
                   "token-steps. 14 points: every policy once, the adaptive policy at one risk budget per "
                   "estimator, the u_th sweep at 0.1 and 0.5 plus risk-averse and risk-prone, one theta. "
-                  "About an hour on a 2-core CPU with native bf16 (estimate); 16 problems tell apart "
-                  "differences of about 6 discordant problems (paired exact test), not small ones: --size medium"),
+                  "About an hour on a 2-core CPU with native bf16 (estimate). On 16 problems the paired exact test "
+                  "needs at least 6 discordant problems, all one way (p = 0.031), so it tells apart large "
+                  "differences only; --size medium for small ones"),
     "medium": Size("medium", None, 0, None, 256, 16, 256, (0.1, 0.25, 0.5), (0.02, 0.5), (0.005, 0.02),
                    (4, 16), 24,
                    "all 164 HumanEval problems, up to 256 new tokens with stops: an overnight CPU run (resumable: "
@@ -651,7 +652,8 @@ def _paired_cells(point: Point, acc: dict) -> dict:
     pr = acc.get("paired") or {}
     ref = point.policy == "llm-only" and "pass_at_1" in acc
     return {
-        "pass_at_1": unb.get("pass_at_1", acc.get("pass_at_1")), "pass_at_1_stderr": unb.get("stderr", acc.get("stderr")),
+        "pass_at_1": unb.get("pass_at_1", acc.get("pass_at_1")),
+        "pass_at_1_stderr": unb.get("stderr", acc.get("stderr")),
         "n_problems": unb.get("n_problems", acc.get("n_prompts")), "samples_per_problem": unb.get("samples_per_problem"),
         "pass_at_1_diff": 0.0 if ref else pr.get("diff"), "pass_at_1_diff_stderr": None if ref else pr.get("stderr"),
         "pass_at_1_diff_ci95": None if ref else pr.get("ci95"), "paired_test": None if ref else pr.get("test"),

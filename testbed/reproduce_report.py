@@ -261,7 +261,8 @@ def verdict(r: dict) -> str:
 def _policy_cells(r: dict) -> list[str]:
     return [r["label"], fmt(r.get("u_th"), "3"), fmt(r["throughput_tokens_per_s"]), fmt(r["throughput_ratio_hlm"], "x"),
             fmt(r["skip_rate"], "pct"), fmt(r["vocab_compression"], "pct"),
-            fmt(r["pass_at_1"], "3", r["pass_at_1_stderr"]), _signed(r.get("pass_at_1_diff"), r.get("pass_at_1_diff_stderr")),
+            fmt(r["pass_at_1"], "3", r["pass_at_1_stderr"]),
+            _signed(r.get("pass_at_1_diff"), r.get("pass_at_1_diff_stderr")),
             verdict(r), fmt(r.get("pass_at_1_tv_bound"), "3"),
             fmt(r["pass_at_1_relative"], "3", r["pass_at_1_relative_stderr"]), fmt(r["fidelity_tv"], "e"),
             fmt(r["uplink_bytes_per_token"], "bytes"), fmt(r["acceptance_rate"], "pct")]

@@ -116,7 +116,8 @@ def test_paper_table_equals_point_summaries(paper):
     page = result.report.read_text(encoding="utf-8")
     # the accuracy table: every scored point with its paired comparison and verdict
     assert "Accuracy: each policy against llm-only, paired" in page
-    for col in reproduce_report.ACCURACY_COLUMNS + ["Δ pass@1 vs llm-only", "distinguishable (95%)", "|Δ| ≤ (TV bound)"]:
+    new_columns = ["Δ pass@1 vs llm-only", "distinguishable (95%)", "|Δ| ≤ (TV bound)"]
+    for col in reproduce_report.ACCURACY_COLUMNS + new_columns:
         assert f"<th>{col}</th>" in page, col
     for r in table["rows"]:
         assert "<tr><td>" + "</td><td>".join(reproduce_report._accuracy_cells(r)) + "</td></tr>" in page
@@ -185,7 +186,8 @@ def test_paper_resumes(paper, tmp_path):
 def test_finished_needs_matching_scenario(tmp_path):
     d = tmp_path / "p"
     d.mkdir()
-    (d / "summary.json").write_text(json.dumps({"complete": True, "accuracy": {"pass_at_1_relative": 1.0, "paired": {}}}))
+    acc = {"pass_at_1_relative": 1.0, "paired": {}}
+    (d / "summary.json").write_text(json.dumps({"complete": True, "accuracy": acc}))
     st = Study(tmp_path)
     st._mark(d, "abc", 1.0)
     assert Study.finished(d, "abc", True, True)
