@@ -349,5 +349,6 @@ def test_paired_ci_is_calibrated(samples: int) -> None:
         covered += lo <= true <= hi
         rejected += pr["distinguishable_95"]
     coverage = covered / reps  # Monte-Carlo s.e. ~0.005
+    print(f"samples {samples}: coverage {coverage:.4f}, power {rejected / reps:.3f}, true diff {true:.4f}")
     assert 0.93 <= coverage <= 0.97, coverage
     assert rejected > 0  # the test has some power at this difference
