@@ -68,7 +68,7 @@ The reports (figures and one HTML page per study, OUT/report/) are drawn by test
 
 Sizes (`SIZES`; each one's `why` says why): smoke (tiny models, 4 problems, 8 tokens: seconds, for CI),
 small (the Qwen pair on HumanEval/40..55, up to 256 tokens ending at eos / the HumanEval stop
-sequences, 14 points: about an hour on a 2-core CPU with native bf16, several on an fp32-only one, see
+sequences, 12 points: about an hour on a 2-core CPU with native bf16, several on an fp32-only one, see
 `estimate`), medium (all 164 problems, 256 tokens with stops: an overnight CPU run, resumable), full
 (all 164 problems x 5 samples, 256 tokens: a GPU machine, scripts/reproduce_full_gpu.sh).
 """
@@ -134,16 +134,19 @@ TINY = {"slm": "tiny:slm", "llm": "tiny:llm", "dtype": "float32"}
 SIZES: dict[str, Size] = {
     "smoke": Size("smoke", TINY, 0, 4, 8, 8, 32, (0.3, 1.0), (0.5,), (0.05,), (2, 6), 8,
                   "tiny random models, 4 problems x 8 tokens: the whole pipeline in seconds (CI)"),
-    "small": Size("small", None, 40, 16, 256, 16, 128, (0.1, 0.5), (0.5,), (0.01,), (4, 16), 24,
-                  "the Qwen pair on HumanEval/40..55, up to 256 new tokens, ending at eos / the HumanEval stop "
-                  "sequences (generation.stop), so completions can finish; 16 problems fill one 16-row GEMM tile "
-                  "(the batch costs what batch 1 does) and of all 16-problem windows this one has the shortest "
-                  "longest canonical solution (74 Qwen tokens), and a point costs its longest completion in "
-                  "token-steps. 14 points: every policy once, the adaptive policy at one risk budget per "
-                  "estimator, the u_th sweep at 0.1 and 0.5 plus risk-averse and risk-prone, one theta. "
-                  "About an hour on a 2-core CPU with native bf16 (estimate). On 16 problems the paired exact test "
-                  "needs at least 6 discordant problems, all one way (p = 0.031), so it tells apart large "
-                  "differences only; --size medium for small ones"),
+    "small": Size("small", None, 40, 16, 256, 16, 128, (0.25,), (0.5,), (0.01,), (4, 16), 24,
+                  "the Qwen pair on HumanEval/40..55, up to 256 new tokens ending at eos / the HumanEval stop "
+                  "sequences (generation.stop), so completions can finish. 16 problems fill one 16-row GEMM tile "
+                  "(the batch costs what batch 1 does), and a point costs its longest completion in token-steps: "
+                  "of all 16-problem windows this one has the shortest longest canonical solution (74 Qwen "
+                  "tokens), but at temperature 1 one completion in 16 runs on to 256 (measured), so most points "
+                  "cost ~256 steps (~7 min with bf16). Hence 12 points: calibration, every policy once, the "
+                  "adaptive policy with the max estimator at risk 0.01 (the README's claim), the u_th sweep at "
+                  "risk-averse (cu-hlm), 0.25 and risk-prone, one theta (0.5): about an hour on a 2-core CPU "
+                  "with native bf16 (estimate). On 16 problems the paired exact test needs at least 6 "
+                  "discordant problems, all one way (p = 0.031): it tells apart large differences only; "
+                  "--size medium for small ones",
+                  adaptive_estimators=("max",)),
     "medium": Size("medium", None, 0, None, 256, 16, 256, (0.1, 0.25, 0.5), (0.02, 0.5), (0.005, 0.02),
                    (4, 16), 24,
                    "all 164 HumanEval problems, up to 256 new tokens with stops: an overnight CPU run (resumable: "
@@ -902,10 +905,15 @@ STEP_S = {"bf16": 1.7, "fp32": 6.0}
 PREFILL_TILE_S = {"bf16": 0.1, "fp32": 0.3}  # one 16-row tile of prompt prefill through both models (GEMMs only)
 STEP_WEIGHT = {"llm-only": 0.75, "slm-only": 0.25}  # by parameter count: the LLM ~3/4 of a step, the SLM ~1/4
 TILE = 16  # rows of one packed GEMM tile: up to 16 devices cost what one does
-# Completion length when generation stops (eos / HumanEval stop sequences), per problem: its canonical
-# solution's Qwen token length x factor + margin, capped at max_new_tokens; (expected, pessimistic).
-COMPLETION_FACTOR = (1.25, 2.0)
-COMPLETION_MARGIN = (16, 32)
+# Completion lengths when generation stops (eos / HumanEval stop sequences). Measured: slm-only on
+# HumanEval/40..55 with 256 tokens (temperature 1, bf16 on a 2-core Xeon with AMX-BF16): 15 of 16
+# completions stopped, after 0.3-2.8x their canonical solution's Qwen tokens (the longest at 131, 1.8x a
+# 74-token canonical; median 30); one (HumanEval/41, 6 canonical tokens) never did and ran to 256.
+# A finishing completion: canonical x factor + margin, (expected, pessimistic); RAMBLE_P: the chance
+# that a device runs to max_new_tokens instead (1 in 16 measured).
+COMPLETION_FACTOR = (1.8, 2.8)
+COMPLETION_MARGIN = (16, 16)
+RAMBLE_P = 1 / 16
 
 
 def cpu_class() -> str:
@@ -943,9 +951,29 @@ def _token_lengths(texts: Sequence[str]) -> tuple[list[int], str]:
 
 
 def completion_lengths(canonical: Sequence[int], max_new_tokens: int, which: int) -> list[int]:
-    """Expected (which=0) or pessimistic (which=1) completion length per problem (COMPLETION_FACTOR)."""
+    """Expected (which=0) or pessimistic (which=1) length per problem of a completion that finishes
+    (COMPLETION_FACTOR, COMPLETION_MARGIN), capped at max_new_tokens."""
     f, m = COMPLETION_FACTOR[which], COMPLETION_MARGIN[which]
     return [min(max_new_tokens, int(math.ceil(c * f + m))) for c in canonical]
+
+
+def point_steps(lengths: Sequence[int], max_new_tokens: int, which: int, p: float = RAMBLE_P) -> float:
+    """Token-steps (tiles) of one point's batch whose finishing completions have `lengths`, when each device
+    independently runs to max_new_tokens with probability p (it never stops). Expected (which=0): no device
+    runs on with probability (1 - p)^n, else round(p n) (at least one) of them do, the longest-finishing
+    ones. Pessimistic (which=1): ceil(2 p n) (at least one) run on."""
+    n = len(lengths)
+    if n == 0:
+        return 0.0
+    ls = sorted(lengths)
+
+    def with_ramblers(k: int) -> int:
+        return batch_steps(ls[:n - k] + [max_new_tokens] * k)
+
+    if which == 1:
+        return float(with_ramblers(min(n, max(1, math.ceil(2 * p * n)))))
+    none = (1 - p) ** n
+    return none * batch_steps(ls) + (1 - none) * with_ramblers(min(n, max(1, round(p * n))))
 
 
 def estimate(kind: str, size: str | Size) -> dict:
@@ -955,8 +983,8 @@ def estimate(kind: str, size: str | Size) -> dict:
     forward up to 16 devices share one GEMM tile. Generation stops at eos / the HumanEval stop sequences,
     so a device leaves the batch when its completion ends: a paper point costs batch_steps of its devices'
     completion lengths (one tile: its longest completion), each problem's length estimated from its
-    canonical solution (COMPLETION_FACTOR, COMPLETION_MARGIN: an expected and a pessimistic length), plus
-    the prompts' prefill. The calibration point runs calibration_tokens on every device. token_steps:
+    canonical solution (COMPLETION_FACTOR, COMPLETION_MARGIN) with a measured chance that a device never
+    stops (RAMBLE_P, `point_steps`: an expected and a pessimistic count), plus the prompts' prefill. The calibration point runs calibration_tokens on every device. token_steps:
     [expected, pessimistic]; minutes per CPU class likewise; without_stops: every device to max_new_tokens
     (what a run costs where generation does not stop)."""
     size = SIZES[size] if isinstance(size, str) else size
@@ -972,8 +1000,8 @@ def estimate(kind: str, size: str | Size) -> dict:
         weight = sum(STEP_WEIGHT.get(n, 1.0) for n in names)
         devices = len(problems) * size.samples
         cal = size.calibration_tokens * math.ceil(devices / TILE)
-        steps = [weight * batch_steps(completion_lengths(canonical, size.max_new_tokens, w) * size.samples) + cal
-                 for w in (0, 1)]
+        steps = [weight * point_steps(completion_lengths(canonical, size.max_new_tokens, w) * size.samples,
+                                      size.max_new_tokens, w) + cal for w in (0, 1)]
         no_stop = weight * size.max_new_tokens * math.ceil(devices / TILE) + cal
         runs = len(names) + 1
         tiles = runs * math.ceil(prompt_tokens * size.samples / TILE)
@@ -1000,4 +1028,4 @@ def estimate(kind: str, size: str | Size) -> dict:
             "this_cpu": cpu_class(), "seconds": [lo, hi], "minutes": [lo / 60, hi / 60],
             "assumptions": {"token_step_s": STEP_S, "prefill_tile_s": PREFILL_TILE_S, "step_weight": STEP_WEIGHT,
                             "tile": TILE, "completion_factor": COMPLETION_FACTOR,
-                            "completion_margin": COMPLETION_MARGIN}}
+                            "completion_margin": COMPLETION_MARGIN, "ramble_p": RAMBLE_P}}

@@ -273,13 +273,16 @@ def test_cli_resumes_and_estimates(paper, tmp_path):
     assert r.exit_code == 0, r.output
     est = json.loads(r.stdout)
     # small is sized for about an hour on 2 CPU cores with native bf16 (the step time is measured on such a
-    # machine) when generation stops: the expected end under an hour, the pessimistic one not far above
+    # machine): with a measured 1 in 16 completions running on to 256 tokens, most points cost the whole
+    # budget, so the expected end is about an hour and the pessimistic one (every point to 256) not far above
     bf16, fp32 = est["cpu_classes"]["bf16"]["minutes"], est["cpu_classes"]["fp32"]["minutes"]
     assert est["size"] == "small" and est["max_new_tokens"] >= 256 and est["devices"] == 16
-    assert 20 < bf16[0] < 60 and bf16[1] < 75, bf16
+    assert 40 < bf16[0] < 70 and bf16[0] <= bf16[1] < 80, bf16
+    assert bf16[1] <= est["cpu_classes"]["bf16"]["minutes_without_stops"] + 1e-9
     assert fp32[0] > 2 * bf16[0] and est["minutes"] == [bf16[0], fp32[1]]
-    # stopping is what makes 256 tokens affordable: every device to 256 would cost far more
-    assert est["cpu_classes"]["bf16"]["minutes_without_stops"] > 1.3 * bf16[1]
+    # over many tiles (medium: 164 problems) stopping is what makes 256 tokens affordable overnight
+    med = reproduce.estimate("paper", "medium")["cpu_classes"]["bf16"]
+    assert med["minutes_without_stops"] > 1.5 * med["minutes"][1] and med["minutes"][1] < 16 * 60
     r = CliRunner().invoke(app, ["reproduce", "paper", "--size", "small", "--estimate"])
     assert r.exit_code == 0 and "native bf16" in r.output and "fp32 only" in r.output, r.output
     r = CliRunner().invoke(app, ["reproduce", "paper", "--size", "full", "--estimate", "--json"])
@@ -295,6 +298,10 @@ def test_batch_steps_and_throughput_with_unequal_lengths():
     assert reproduce.batch_steps([5, 80, 30]) == 80
     assert reproduce.batch_steps([10] * 17) == 20 and reproduce.batch_steps([10] * 16 + [30]) == 10 * 2 + 20
     assert reproduce.batch_steps([]) == 0
+    # a device that never stops keeps its tile for the whole budget: expected over P(none of 16) = (15/16)^16
+    none = (15 / 16) ** 16
+    assert reproduce.point_steps([40] * 16, 256, 0) == pytest.approx(none * 40 + (1 - none) * 256)
+    assert reproduce.point_steps([40] * 16, 256, 1) == 256 and reproduce.point_steps([], 256, 0) == 0
     # devices that generate different numbers of tokens: total tokens / sum of spans, not the harmonic mean
     tok = pd.DataFrame({"device": [0] * 4 + [1], "t_draft_start": [0.0, 1.0, 2.0, 3.0, 0.0],
                         "t_commit": [1.0, 2.0, 3.0, 4.0, 10.0]})
