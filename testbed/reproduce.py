@@ -16,8 +16,11 @@ Why the summary's per-device throughput is exactly that: a device's tokens are s
 draft starts when the previous token is committed), so its span, first draft start to last commit,
 is the sum of its per-token delays and tokens / span = 1 / mean per-token delay (testbed.results
 device_throughput). The study's throughput of a policy is the same over all its tokens, 1 / (mean
-per-token delay over every token of every device); as every device generates max_new_tokens tokens
-this is the harmonic mean of the summary's per-device throughputs (`paper_throughput`).
+per-token delay over every token of every device) = total tokens / sum of the devices' spans
+(`paper_throughput`, from each device's tokens and span in the point's tokens.parquet). Devices
+stop at eos or a stop sequence and so generate different numbers of tokens: the harmonic mean of
+the per-device throughputs would weigh a 5-token device like a 256-token one, and is the study's
+throughput only when every device generates the same number of tokens.
 
 Devices must not distort each other's timing (the paper has one): `isolate_devices` gives the
 verifier a zero-time profile with max_batch >= devices and max_wait 0, so a request is answered at
@@ -42,7 +45,12 @@ Points (one run directory each under OUT/points/, in this order):
   u_th = -1 are always in it: both sides of the risk-averse flip, testbed.calibration_ci), cu-hlm
   risk-averse at each theta of the size (the theta sweep; cu-hlm itself is theta = 0.1), and
   rand-hlm skipping at u-hlm's measured skip rate (the papers' random-skip baseline).
-- Every point is scored for HumanEval pass@1 (testbed.accuracy.score_run) relative to llm-only.
+- Every point is scored for HumanEval pass@1 (testbed.accuracy.score_run) relative to llm-only, and
+  compared with it paired (the same problems and seeds: the per-problem difference of pass rates with
+  its standard error, McNemar's exact test or, with several samples per problem, the sign test) and
+  next to the bound fidelity implies, |delta pass@1| <= mean over sequences of min(1, summed per-token
+  TV) (`tv_accuracy_bound`). With Size.samples = n, devices = problems x n (device i decodes problem
+  i mod problems, each with its own keyed randomness) and pass@1 is the unbiased estimator.
 
 Resumability: a point is finished when its point.json (written last) names the same scenario
 (sha256 of its resolved YAML) and its summary.json is complete (every token, not interrupted, and
@@ -62,10 +70,11 @@ the paper study's includes the calibration's bootstrap intervals (testbed.calibr
 channel sweep, throughput over HLM's at any uplink rate from the points' tokens (testbed.channel_sweep;
 `testbed reproduce sweep OUT` on an existing study).
 
-Sizes (`SIZES`): smoke (tiny models, 4 problems, 8 tokens: seconds, for CI), small (the Qwen pair
-on HumanEval/22..37 with 32 tokens: sized for under an hour on a 2-core CPU with native bf16 (~25 min
-measured on AVX512-BF16; an fp32-only CPU may need up to ~75 min, see `estimate`), full
-(all 164 problems, 256 tokens: a GPU machine, scripts/reproduce_full_gpu.sh).
+Sizes (`SIZES`; each one's `why` says why): smoke (tiny models, 4 problems, 8 tokens: seconds, for CI),
+small (the Qwen pair on HumanEval/40..55, up to 256 tokens ending at eos / the HumanEval stop
+sequences, 12 points: about an hour on a 2-core CPU with native bf16, several on an fp32-only one, see
+`estimate`), medium (all 164 problems, 256 tokens with stops: an overnight CPU run, resumable), full
+(all 164 problems x 5 samples, 256 tokens: a GPU machine, scripts/reproduce_full_gpu.sh).
 """
 from __future__ import annotations
 
@@ -121,21 +130,37 @@ class Size:
     # so the learned rule alone differs) and max (1 - max x: deterministic and continuous, so the
     # learned threshold can sit between tokens that temperature perturbation gives the same u)
     adaptive_estimators: tuple[str, ...] = ("temperature", "max")
+    # samples per problem: devices = problems x samples, device i decodes problem i mod problems with its
+    # own keyed randomness, so a problem's samples are independent (unbiased pass@1, testbed.accuracy)
+    samples: int = 1
 
 
 TINY = {"slm": "tiny:slm", "llm": "tiny:llm", "dtype": "float32"}
 SIZES: dict[str, Size] = {
     "smoke": Size("smoke", TINY, 0, 4, 8, 8, 32, (0.3, 1.0), (0.5,), (0.05,), (2, 6), 8,
                   "tiny random models, 4 problems x 8 tokens: the whole pipeline in seconds (CI)"),
-    "small": Size("small", None, 22, 16, 32, 16, 128, (0.05, 0.1, 0.25, 0.5), (0.02, 0.5), (0.005, 0.01, 0.02),
-                  (4, 16), 24,
-                  "the Qwen pair on HumanEval/22..37 x 32 tokens: 16 problems fill one 16-row GEMM tile, "
-                  "so the content pass's batch costs what batch 1 does; of all 16-problem windows this "
-                  "one has the most canonical solutions within 28 tokens (11 of 16), so 32 new tokens let "
-                  "many complete and pass@1 says something; under an hour on a 2-core CPU with native bf16 (estimate)"),
+    "small": Size("small", None, 40, 16, 256, 16, 128, (0.25,), (0.5,), (0.01,), (4, 16), 24,
+                  "the Qwen pair on HumanEval/40..55, up to 256 new tokens ending at eos / the HumanEval stop "
+                  "sequences (generation.stop), so completions can finish. 16 problems fill one 16-row GEMM tile "
+                  "(the batch costs what batch 1 does), and a point costs its longest completion in token-steps: "
+                  "of all 16-problem windows this one has the shortest longest canonical solution (74 Qwen "
+                  "tokens), but at temperature 1 one completion in 16 runs on to 256 (measured), so most points "
+                  "cost ~256 steps (~7 min with bf16). Hence 12 points: calibration, every policy once, the "
+                  "adaptive policy with the max estimator at risk 0.01 (the README's claim), the u_th sweep at "
+                  "risk-averse (cu-hlm), 0.25 and risk-prone, one theta (0.5): about an hour on a 2-core CPU "
+                  "with native bf16 (estimate). On 16 problems the paired exact test needs at least 6 "
+                  "discordant problems, all one way (p = 0.031): it tells apart large differences only; "
+                  "--size medium for small ones",
+                  adaptive_estimators=("max",)),
+    "medium": Size("medium", None, 0, None, 256, 16, 256, (0.1, 0.25, 0.5), (0.02, 0.5), (0.005, 0.02),
+                   (4, 16), 24,
+                   "all 164 HumanEval problems, up to 256 new tokens with stops: an overnight CPU run (resumable: "
+                   "rerun to continue), the small study's points with a finer u_th sweep, two theta and two risk "
+                   "budgets; 164 paired problems resolve pass@1 differences of a few points"),
     "full": Size("full", None, 0, None, 256, 64, 256, (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0),
                  (0.005, 0.01, 0.03, 0.3, 1.0), (0.01, 0.05), (16, 64, 256), 128,
-                 "all 164 problems x 256 tokens: a GPU machine (scripts/reproduce_full_gpu.sh)"),
+                 "all 164 problems x 5 samples each (820 devices, unbiased pass@1), up to 256 tokens with stops: "
+                 "a GPU machine (scripts/reproduce_full_gpu.sh)", samples=5),
 }
 
 
@@ -249,10 +274,12 @@ def _sized(name: str, size: Size, max_new_tokens: int, sets: dict[str, Any] | No
 
 
 def paper_setting(size: Size, sets: dict[str, Any] | None = None) -> Scenario:
-    """reproduce-paper at `size` (one device per problem), `sets` applied; devices not yet isolated."""
+    """reproduce-paper at `size` (size.samples devices per problem), `sets` applied; devices not yet isolated."""
     s = _sized("reproduce-paper", size, size.max_new_tokens, sets)
     d = s.resolved_dict()
-    n = _n_prompts(size)
+    if size.samples < 1:
+        raise ValueError(f"size {size.name}: samples per problem must be >= 1, got {size.samples}")
+    n = _n_prompts(size) * size.samples  # device i decodes problem i mod problems (testbed.prompts.prompt_index)
     d["tiers"] = [{**d["tiers"][0], "count": n}]
     d["actors"] = {**d["actors"], "devices_per_group": n}
     return parse_scenario(d, source="reproduce-paper")
@@ -505,7 +532,7 @@ class Study:
             return False
         if scored:
             acc = summary.get("accuracy")
-            if not acc or (with_reference and "pass_at_1_relative" not in acc):
+            if not acc or (with_reference and ("pass_at_1_relative" not in acc or "paired" not in acc)):
                 return False
         return True
 
@@ -562,9 +589,32 @@ class Study:
 # --------------------------------------------------------------------------------------------- table rows
 
 
-def paper_throughput(summary: dict) -> float | None:
-    """1 / mean per-token delay over every token of every device: the harmonic mean of the summary's
-    per-device throughputs (each device generates the same number of tokens; module docstring)."""
+def device_tokens_spans(tokens: Any, emulated_seconds: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per device (sorted by id): tokens generated and span, first t_draft_start to last t_commit, the
+    span testbed.figures.device_throughput divides by (emulated_seconds where unknown). tokens: the
+    tokens table or the path of a point's tokens.parquet."""
+    import pandas as pd
+
+    df = pd.read_parquet(tokens, columns=["device", "t_draft_start", "t_commit"]) if isinstance(
+        tokens, (str, Path)) else tokens
+    g = df.groupby("device", sort=True)
+    span = (g["t_commit"].max() - g["t_draft_start"].min()).to_numpy(np.float64)
+    if emulated_seconds is not None:
+        span = np.where(np.isfinite(span) & (span > 0), span, emulated_seconds)
+    return g.size().to_numpy(np.float64), span
+
+
+def paper_throughput(summary: dict, tokens: Any = None) -> float | None:
+    """The study's token throughput of a point: 1 / (mean per-token delay over every token of every
+    device) = total tokens / sum of device spans (module docstring). With `tokens` (the point's tokens
+    table or its tokens.parquet) it is computed from each device's tokens and span, exact whatever
+    number of tokens each device generated (generation stops at eos / stop sequences). Without, from
+    the summary alone: the harmonic mean of the per-device throughputs, which is the same number only
+    when every device generated the same number of tokens."""
+    if tokens is not None:
+        n, span = device_tokens_spans(tokens, summary.get("emulated_seconds"))
+        ok = np.isfinite(span) & (span > 0)
+        return float(n[ok].sum() / span[ok].sum()) if ok.any() else None
     x = [v for v in (summary.get("throughput_tokens_per_s") or {}).get("devices", {}).values() if v]
     return len(x) / sum(1.0 / v for v in x) if x else None
 
@@ -582,9 +632,51 @@ def policy_spec(name: str, fit: Fit, **params: Any) -> dict:
     return spec
 
 
-def _row(point: Point, summary: dict, hlm_throughput: float | None) -> dict:
+def tv_accuracy_bound(tokens: Any) -> float | None:
+    """The bound on |pass@1 - llm-only's pass@1| that fidelity implies (DESIGN.md section 7): a [0, 1]
+    metric of a sequence moves by at most the TV distance between the sequence's law and the LLM's, which
+    is at most min(1, sum of the per-token TVs); averaged over the devices (sequences) with a fidelity_tv
+    for every token. None where no device has one (or the table has no fidelity_tv)."""
+    import pandas as pd
+
+    if isinstance(tokens, (str, Path)):
+        try:
+            df = pd.read_parquet(tokens, columns=["device", "fidelity_tv"])
+        except (KeyError, ValueError, OSError):
+            return None
+    else:
+        if "fidelity_tv" not in tokens:
+            return None
+        df = tokens[["device", "fidelity_tv"]]
+    g = df.groupby("device", sort=True)["fidelity_tv"]
+    known = g.count() == g.size()
+    if not known.any():
+        return None
+    return float(np.minimum(1.0, g.sum()[known]).mean())
+
+
+def _paired_cells(point: Point, acc: dict) -> dict:
+    """The accuracy columns of a row: unbiased pass@1 over problems and the paired comparison with
+    llm-only (testbed.accuracy.paired); llm-only's own row is the reference (difference 0, no test)."""
+    unb = acc.get("unbiased") or {}
+    pr = acc.get("paired") or {}
+    ref = point.policy == "llm-only" and "pass_at_1" in acc
+    return {
+        "pass_at_1": unb.get("pass_at_1", acc.get("pass_at_1")),
+        "pass_at_1_stderr": unb.get("stderr", acc.get("stderr")),
+        "n_problems": unb.get("n_problems", acc.get("n_prompts")), "samples_per_problem": unb.get("samples_per_problem"),
+        "pass_at_1_diff": 0.0 if ref else pr.get("diff"), "pass_at_1_diff_stderr": None if ref else pr.get("stderr"),
+        "pass_at_1_diff_ci95": None if ref else pr.get("ci95"), "paired_test": None if ref else pr.get("test"),
+        "mcnemar_p": None if ref else pr.get("mcnemar_p"), "discordant": None if ref else pr.get("discordant"),
+        "distinguishable_95": None if ref else pr.get("distinguishable_95"),
+    }
+
+
+def _row(point: Point, summary: dict, hlm_throughput: float | None, tokens: Any = None) -> dict:
+    """One table row; tokens (the point's tokens table or tokens.parquet) gives the exact throughput and
+    the TV bound on accuracy (without it: the summary's harmonic mean, no bound)."""
     acc = summary.get("accuracy") or {}
-    thr = paper_throughput(summary)
+    thr = paper_throughput(summary, tokens)
     rel, rel_se = acc.get("pass_at_1_relative"), acc.get("pass_at_1_relative_stderr")
     if point.policy == "llm-only" and acc.get("pass_at_1"):
         rel, rel_se = 1.0, None  # the reference itself
@@ -594,9 +686,9 @@ def _row(point: Point, summary: dict, hlm_throughput: float | None) -> dict:
         "throughput_ratio_hlm": thr / hlm_throughput if thr and hlm_throughput else None,
         "skip_rate": summary.get("skip_rate"), "vocab_compression": summary.get("vocab_compression"),
         "acceptance_rate": summary.get("acceptance_rate"), "uplink_bytes_per_token": summary.get("uplink_bytes_per_token"),
-        "pass_at_1": acc.get("pass_at_1"), "pass_at_1_stderr": acc.get("stderr"),
-        "pass_at_1_relative": rel, "pass_at_1_relative_stderr": rel_se,
+        **_paired_cells(point, acc), "pass_at_1_relative": rel, "pass_at_1_relative_stderr": rel_se,
         "fidelity_tv": summary.get("fidelity_tv_mean"), "fidelity_tv_sequence": summary.get("fidelity_tv_sequence_mean"),
+        "pass_at_1_tv_bound": None if tokens is None else tv_accuracy_bound(tokens),
         "tokens": summary.get("tokens"), "devices": summary.get("devices"),
     }
 
@@ -714,7 +806,7 @@ def run_paper(size: str | Size = "smoke", out: str | Path = "runs/reproduce-pape
     setting = paper_setting(size, sets)
     study.llm_ms = llm_ms(setting)
     study.setting_text = _link_text(setting)
-    study.log(f"reproduce paper --size {size.name}: {base.n_devices} devices (one per problem, "
+    study.log(f"reproduce paper --size {size.name}: {base.n_devices} devices ({size.samples} per problem, "
               f"humaneval[{size.offset}:{'' if size.count is None else size.offset + size.count}]), "
               f"{size.max_new_tokens} tokens each, {len(points) + 1} points -> {out}")
     cal_s = with_policy(_sized_tokens(base, size.calibration_tokens), "hlm", "reproduce-calibration")
@@ -736,8 +828,19 @@ def _sized_tokens(s: Scenario, max_new_tokens: int) -> Scenario:
 
 
 def paper_rows(points: list[Point], study: Study) -> list[dict]:
-    hlm = paper_throughput(study.summaries["hlm"])
-    return [_row(p, study.summaries[p.name], hlm) for p in points]
+    import pandas as pd
+
+    def tokens(name: str):
+        path = study.point_dir(name) / "tokens.parquet"
+        cols = ["device", "t_draft_start", "t_commit", "fidelity_tv"]
+        try:
+            return pd.read_parquet(path, columns=cols)
+        except (KeyError, ValueError):  # no fidelity_tv (older runs)
+            return pd.read_parquet(path, columns=cols[:3])
+
+    tables = {p.name: tokens(p.name) for p in points}
+    hlm = paper_throughput(study.summaries["hlm"], tables["hlm"])
+    return [_row(p, study.summaries[p.name], hlm, tables[p.name]) for p in points]
 
 
 # --------------------------------------------------------------------------------------------- the fleet study
@@ -801,53 +904,136 @@ def _fleet_row(point: Point, s: dict) -> dict:
 
 # --------------------------------------------------------------------------------------------- estimate
 
-# One generated token-step (SLM + LLM, every device at once) on a 2-core CPU. Low end measured: the
-# small study's first 14 points took 15 m 49 s on a 2-core AMD EPYC with AVX512-BF16 (bf16, ~1.7 s
-# per step with prefill); high end allows an fp32-only CPU (no native bf16: forwards ~3-4x slower).
-STEP_S = (1.5, 6.0)
-PREFILL_TILE_S = (0.1, 0.3)  # one 16-row tile of prompt prefill through both models (assumed: GEMMs only)
+# One generated token-step (SLM + LLM, every device of a 16-row tile at once) on a 2-core CPU, per CPU
+# class. bf16: measured, the small study's first 14 points took 15 m 49 s on a 2-core AMD EPYC with
+# AVX512-BF16 (~1.7 s per step with prefill). fp32: a CPU without native bf16 (AVX2 only) runs the
+# forwards ~3-4x slower.
+CPU_CLASSES = {"bf16": "native bf16 (AVX512-BF16 / AMX)", "fp32": "fp32 only (AVX2, no native bf16)"}
+STEP_S = {"bf16": 1.7, "fp32": 6.0}
+PREFILL_TILE_S = {"bf16": 0.1, "fp32": 0.3}  # one 16-row tile of prompt prefill through both models (GEMMs only)
 STEP_WEIGHT = {"llm-only": 0.75, "slm-only": 0.25}  # by parameter count: the LLM ~3/4 of a step, the SLM ~1/4
+TILE = 16  # rows of one packed GEMM tile: up to 16 devices cost what one does
+# Completion lengths when generation stops (eos / HumanEval stop sequences). Measured: slm-only on
+# HumanEval/40..55 with 256 tokens (temperature 1, bf16 on a 2-core Xeon with AMX-BF16): 15 of 16
+# completions stopped, after 0.3-2.8x their canonical solution's Qwen tokens (the longest at 131, 1.8x a
+# 74-token canonical; median 30); one (HumanEval/41, 6 canonical tokens) never did and ran to 256.
+# A finishing completion: canonical x factor + margin, (expected, pessimistic); RAMBLE_P: the chance
+# that a device runs to max_new_tokens instead (1 in 16 measured).
+COMPLETION_FACTOR = (1.8, 2.8)
+COMPLETION_MARGIN = (16, 16)
+RAMBLE_P = 1 / 16
 
 
-def estimate(kind: str, size: str | Size) -> dict:
-    """Rough wall time of a study on the 2-core development CPU (the papers' models; meaningless for tiny):
-    the virtual clock computes content at full batch across devices (agents.engine), and with the packed
-    forward up to 16 devices share one GEMM tile, so a point costs ~max_new_tokens token-steps whatever the
-    number of devices (<= 16) plus the prompts' prefill (ceil(prompt tokens / 16) tiles through both models)."""
-    size = SIZES[size] if isinstance(size, str) else size
-    from testbed.prompts import humaneval_problems
+def cpu_class() -> str:
+    """This machine's CPU class for the estimate: bf16 when the CPU has native bf16 (avx512_bf16 or
+    amx_bf16 in /proc/cpuinfo), else fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
 
-    problems = humaneval_problems()[size.offset:None if size.count is None else size.offset + size.count]
+
+def batch_steps(lengths: Sequence[int], tile: int = TILE) -> int:
+    """Token-steps (in 16-row tiles) of one batch whose devices generate `lengths` tokens each and leave
+    the batch when they stop: sum over steps of ceil(devices still generating / tile). One tile: the
+    longest completion."""
+    ls = np.sort(np.asarray(lengths, dtype=np.int64))
+    if not len(ls):
+        return 0
+    steps, prev = 0, 0
+    for j, L in enumerate(ls):  # from step prev to L, len(ls) - j devices are still generating
+        steps += int(L - prev) * math.ceil((len(ls) - j) / tile)
+        prev = int(L)
+    return steps
+
+
+def _token_lengths(texts: Sequence[str]) -> tuple[list[int], str]:
     try:
         from agents.models import load_tokenizer
 
         tok = load_tokenizer("qwen2.5-coder:slm")
-        prompt_tokens = sum(len(tok(p["prompt"])["input_ids"]) for p in problems)
-        how = "Qwen tokenizer"
+        return [len(tok(t)["input_ids"]) for t in texts], "Qwen tokenizer"
     except Exception:  # noqa: BLE001 - no prepared pair: approximate
-        prompt_tokens = int(sum(len(p["prompt"]) for p in problems) / 3.2)
-        how = "chars / 3.2"
+        return [max(1, int(len(t) / 3.2)) for t in texts], "chars / 3.2"
+
+
+def completion_lengths(canonical: Sequence[int], max_new_tokens: int, which: int) -> list[int]:
+    """Expected (which=0) or pessimistic (which=1) length per problem of a completion that finishes
+    (COMPLETION_FACTOR, COMPLETION_MARGIN), capped at max_new_tokens."""
+    f, m = COMPLETION_FACTOR[which], COMPLETION_MARGIN[which]
+    return [min(max_new_tokens, int(math.ceil(c * f + m))) for c in canonical]
+
+
+def point_steps(lengths: Sequence[int], max_new_tokens: int, which: int, p: float = RAMBLE_P) -> float:
+    """Token-steps (tiles) of one point's batch whose finishing completions have `lengths`, when each device
+    independently runs to max_new_tokens with probability p (it never stops). Expected (which=0): no device
+    runs on with probability (1 - p)^n, else round(p n) (at least one) of them do, the longest-finishing
+    ones. Pessimistic (which=1): ceil(2 p n) (at least one) run on."""
+    n = len(lengths)
+    if n == 0:
+        return 0.0
+    ls = sorted(lengths)
+
+    def with_ramblers(k: int) -> int:
+        return batch_steps(ls[:n - k] + [max_new_tokens] * k)
+
+    if which == 1:
+        return float(with_ramblers(min(n, max(1, math.ceil(2 * p * n)))))
+    none = (1 - p) ** n
+    return none * batch_steps(ls) + (1 - none) * with_ramblers(min(n, max(1, round(p * n))))
+
+
+def estimate(kind: str, size: str | Size) -> dict:
+    """Rough wall time of a study on a 2-core CPU, per CPU class (the papers' models; meaningless for tiny).
+
+    The virtual clock computes content at full batch across devices (agents.engine), and with the packed
+    forward up to 16 devices share one GEMM tile. Generation stops at eos / the HumanEval stop sequences,
+    so a device leaves the batch when its completion ends: a paper point costs batch_steps of its devices'
+    completion lengths (one tile: its longest completion), each problem's length estimated from its
+    canonical solution (COMPLETION_FACTOR, COMPLETION_MARGIN) with a measured chance that a device never
+    stops (RAMBLE_P, `point_steps`: an expected and a pessimistic count), plus the prompts' prefill. The calibration point runs calibration_tokens on every device. token_steps:
+    [expected, pessimistic]; minutes per CPU class likewise; without_stops: every device to max_new_tokens
+    (what a run costs where generation does not stop)."""
+    size = SIZES[size] if isinstance(size, str) else size
+    from testbed.prompts import humaneval_problems
+
+    problems = humaneval_problems()[size.offset:None if size.count is None else size.offset + size.count]
+    lengths, how = _token_lengths([p["prompt"] for p in problems] + [p["canonical_solution"] for p in problems])
+    prompt_tokens, canonical = sum(lengths[:len(problems)]), lengths[len(problems):]
     if kind == "paper":
         names = ["llm-only", "hlm", "slm-only", "u-hlm", "cu-hlm", "cu-hlm-offline",
                  *["a"] * (len(size.risks) * len(size.adaptive_estimators)),
                  "rp", *["u"] * len(size.u_th), *["t"] * len(size.theta), "rand-hlm"]
-        steps = sum(STEP_WEIGHT.get(n, 1.0) for n in names) * size.max_new_tokens + size.calibration_tokens
+        weight = sum(STEP_WEIGHT.get(n, 1.0) for n in names)
+        devices = len(problems) * size.samples
+        cal = size.calibration_tokens * math.ceil(devices / TILE)
+        steps = [weight * point_steps(completion_lengths(canonical, size.max_new_tokens, w) * size.samples,
+                                      size.max_new_tokens, w) + cal for w in (0, 1)]
+        no_stop = weight * size.max_new_tokens * math.ceil(devices / TILE) + cal
         runs = len(names) + 1
-        tiles = runs * math.ceil(prompt_tokens / 16)
-        batch_tiles = math.ceil(len(problems) / 16)
-    else:
-        steps, tiles, runs, batch_tiles = 0.0, 0, 1, 1
+        tiles = runs * math.ceil(prompt_tokens * size.samples / TILE)
+    else:  # fleets: fleet_tokens each, short enough that no stop is assumed
+        no_stop, tiles, runs, devices = 0.0, 0, 1, max(size.fleet_sizes)
         for n in size.fleet_sizes:
-            per = sum(STEP_WEIGHT.get(p, 1.0) for p in FLEET_POLICIES) * size.fleet_tokens * math.ceil(n / 16)
-            steps += per
-            reps = n / len(problems)
-            tiles += len(FLEET_POLICIES) * math.ceil(prompt_tokens * reps / 16)
+            no_stop += sum(STEP_WEIGHT.get(p, 1.0) for p in FLEET_POLICIES) * size.fleet_tokens * math.ceil(n / TILE)
+            tiles += len(FLEET_POLICIES) * math.ceil(prompt_tokens * n / len(problems) / TILE)
             runs += len(FLEET_POLICIES)
-        steps += size.calibration_tokens
-        tiles += math.ceil(prompt_tokens / 16)
-    steps *= batch_tiles if kind == "paper" else 1
-    lo = steps * STEP_S[0] + tiles * PREFILL_TILE_S[0]
-    hi = steps * STEP_S[1] + tiles * PREFILL_TILE_S[1]
-    return {"kind": kind, "size": size.name, "runs": runs, "token_steps": steps, "prompt_tokens": prompt_tokens,
-            "prompt_tokens_from": how, "prefill_tiles": tiles, "seconds": [lo, hi], "minutes": [lo / 60, hi / 60],
-            "assumptions": {"token_step_s": STEP_S, "prefill_tile_s": PREFILL_TILE_S, "step_weight": STEP_WEIGHT}}
+        no_stop += size.calibration_tokens
+        tiles += math.ceil(prompt_tokens / TILE)
+        steps = [no_stop, no_stop]
+    cpus = {}
+    for c, label in CPU_CLASSES.items():
+        sec = [st * STEP_S[c] + tiles * PREFILL_TILE_S[c] for st in steps]
+        cpus[c] = {"cpu": label, "token_step_s": STEP_S[c], "prefill_tile_s": PREFILL_TILE_S[c],
+                   "minutes": [x / 60 for x in sec],
+                   "minutes_without_stops": (no_stop * STEP_S[c] + tiles * PREFILL_TILE_S[c]) / 60}
+    lo, hi = cpus["bf16"]["minutes"][0] * 60, cpus["fp32"]["minutes"][1] * 60
+    return {"kind": kind, "size": size.name, "runs": runs, "devices": devices, "samples": size.samples,
+            "max_new_tokens": size.max_new_tokens, "token_steps": steps, "token_steps_without_stops": no_stop,
+            "prompt_tokens": prompt_tokens, "prompt_tokens_from": how, "prefill_tiles": tiles,
+            "longest_canonical_tokens": max(canonical) if canonical else 0, "cpu_classes": cpus,
+            "this_cpu": cpu_class(), "seconds": [lo, hi], "minutes": [lo / 60, hi / 60],
+            "assumptions": {"token_step_s": STEP_S, "prefill_tile_s": PREFILL_TILE_S, "step_weight": STEP_WEIGHT,
+                            "tile": TILE, "completion_factor": COMPLETION_FACTOR,
+                            "completion_margin": COMPLETION_MARGIN, "ramble_p": RAMBLE_P}}

@@ -246,15 +246,55 @@ def fmt(v: Any, kind: str = "2", se: Any = None) -> str:
 
 
 POLICY_COLUMNS = ["point", "u_th", "throughput (tok/s)", "ratio to HLM", "skip", "compression", "pass@1",
-                  "pass@1 / llm-only", "fidelity (TV/token)", "uplink / token", "acceptance"]
+                  "Δ pass@1 vs llm-only", "distinguishable (95%)", "|Δ| ≤ (TV bound)", "pass@1 / llm-only",
+                  "fidelity (TV/token)", "uplink / token", "acceptance"]
+
+
+def verdict(r: dict) -> str:
+    """'yes' / 'no' (the paired exact test at 95%, with its p), 'reference' for llm-only, 'n/a' unscored."""
+    if r.get("policy") == "llm-only" and r.get("pass_at_1") is not None:
+        return "reference"
+    d = r.get("distinguishable_95")
+    if d is None:
+        return "n/a"
+    return f"{'yes' if d else 'no'} (p = {r['mcnemar_p']:.2g})"
 
 
 def _policy_cells(r: dict) -> list[str]:
     return [r["label"], fmt(r.get("u_th"), "3"), fmt(r["throughput_tokens_per_s"]), fmt(r["throughput_ratio_hlm"], "x"),
             fmt(r["skip_rate"], "pct"), fmt(r["vocab_compression"], "pct"),
             fmt(r["pass_at_1"], "3", r["pass_at_1_stderr"]),
+            _signed(r.get("pass_at_1_diff"), r.get("pass_at_1_diff_stderr")),
+            verdict(r), fmt(r.get("pass_at_1_tv_bound"), "3"),
             fmt(r["pass_at_1_relative"], "3", r["pass_at_1_relative_stderr"]), fmt(r["fidelity_tv"], "e"),
             fmt(r["uplink_bytes_per_token"], "bytes"), fmt(r["acceptance_rate"], "pct")]
+
+
+def _signed(v: Any, se: Any = None) -> str:
+    """A difference with its sign (+0.062 ± 0.040), n/a where missing."""
+    if v is None:
+        return "n/a"
+    return f"{v:+.3f}" + ("" if se is None else f" ± {se:.3f}")
+
+
+ACCURACY_COLUMNS = ["point", "problems x samples", "pass@1 (unbiased)", "Δ vs llm-only (paired)", "95% CI (paired t)",
+                    "discordant (run only, llm-only only)", "exact test", "p", "distinguishable from llm-only at 95%",
+                    "|Δ| bound from fidelity", "fidelity (summed TV / sequence)"]
+
+
+def _accuracy_cells(r: dict) -> list[str]:
+    sp = r.get("samples_per_problem")
+    n = "n/a" if r.get("n_problems") is None else (
+        f"{r['n_problems']} x {sp[0] if sp and sp[0] == sp[1] else (f'{sp[0]}-{sp[1]}' if sp else '?')}")
+    ci = r.get("pass_at_1_diff_ci95")
+    disc = r.get("discordant")
+    d = r.get("distinguishable_95")
+    return [r["label"], n, fmt(r.get("pass_at_1"), "3", r.get("pass_at_1_stderr")),
+            _signed(r.get("pass_at_1_diff"), r.get("pass_at_1_diff_stderr")),
+            "n/a" if not ci else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]", "n/a" if not disc else f"{disc[0]}, {disc[1]}",
+            str(r.get("paired_test") or "n/a"), fmt(r.get("mcnemar_p"), "3"),
+            "reference" if verdict(r) == "reference" else ("n/a" if d is None else ("yes" if d else "no")),
+            fmt(r.get("pass_at_1_tv_bound"), "3"), fmt(r.get("fidelity_tv_sequence"), "3")]
 
 
 def _paper_cells(name: str) -> list[str] | None:
@@ -265,7 +305,7 @@ def _paper_cells(name: str) -> list[str] | None:
     ratio = p["throughput_ratio_hlm"]
     return [f"paper: {name}", "", "", f"up to {ratio:g}x" if name == "cu-hlm" else f"{ratio:g}x",
             fmt(p.get("skip_rate"), "pct"), fmt(p.get("vocab_compression"), "pct") if "vocab_compression" in p else "",
-            "", fmt(p.get("pass_at_1_relative"), "pct"), "", "", ""]
+            "", "", "", "", fmt(p.get("pass_at_1_relative"), "pct"), "", "", ""]
 
 
 def write_paper_report(study: Study, size: Size, base: Scenario, points: list[Point], rows: list[dict]) -> Path:
@@ -321,8 +361,8 @@ def write_paper_report(study: Study, size: Size, base: Scenario, points: list[Po
         encoding="utf-8")
     t_llm = study.llm_ms
     parts = [f"<h1>Reproducing CU-HLM / U-HLM: --size {html.escape(size.name)}</h1>",
-             f"<p class='muted'>{html.escape(size.why)}. {base.n_devices} devices (one per HumanEval problem "
-             f"{html.escape(cal['prompts'])}), {base.generation.max_new_tokens} tokens each, models "
+             f"<p class='muted'>{html.escape(size.why)}. {base.n_devices} devices ({size.samples} per HumanEval "
+             f"problem of {html.escape(cal['prompts'])}), up to {base.generation.max_new_tokens} tokens each, models "
              f"{html.escape(str(base.models.slm))} / {html.escape(str(base.models.llm))}, seed {base.seed}. "
              f"Results: {html.escape(str(study.out))}.</p>"]
     parts.append("<h2>Headline numbers next to the papers'</h2>")
@@ -337,6 +377,9 @@ def write_paper_report(study: Study, size: Size, base: Scenario, points: list[Po
         ["CU-HLM transmissions skipped", "74.8%", fmt(cu.get("skip_rate"), "pct")],
         ["CU-HLM vocabulary compression", "97.4%", fmt(cu.get("vocab_compression"), "pct")],
         ["CU-HLM accuracy (relative)", "97.4%", fmt(cu.get("pass_at_1_relative"), "pct", cu.get("pass_at_1_relative_stderr"))],
+        ["CU-HLM pass@1 minus llm-only's (paired)", "-",
+         f"{_signed(cu.get('pass_at_1_diff'), cu.get('pass_at_1_diff_stderr'))}; distinguishable at 95%: "
+         f"{verdict(cu) if cu else 'n/a'}"],
         ["U-HLM uploads skipped", "45.93%", fmt(u.get("skip_rate"), "pct")],
         ["U-HLM accuracy / LLM's", "97.54%", fmt(u.get("pass_at_1_relative"), "pct", u.get("pass_at_1_relative_stderr"))],
         ["U-HLM throughput vs HLM", "2.54x", fmt(u.get("throughput_ratio_hlm"), "x")],
@@ -365,6 +408,16 @@ def write_paper_report(study: Study, size: Size, base: Scenario, points: list[Po
           " / ".join(fmt(x, "3") for x in v["cu_hlm_pass_at_1"]), fmt(v["vocab_compression"], "pct")]
          for v in versus]))
     parts += calibration_html(flip, cal["fits"]) + sweep_parts
+    parts.append("<h2>Accuracy: each policy against llm-only, paired</h2>")
+    parts.append("<p class='muted'>Every point decodes the same problems with the same seeds as llm-only (device i "
+                 "of each, the same prompt). pass@1: the unbiased estimator (c / n of each problem's samples) averaged "
+                 "over problems ± its standard error over problems. Δ: the mean over problems of the point's minus "
+                 "llm-only's per-problem pass rate ± sd / sqrt(problems), with its paired-t 95% interval. Exact test: "
+                 "McNemar's (two-sided binomial on the discordant problems) with one sample per problem, the sign test "
+                 "on the per-problem differences with several; 'distinguishable' = its p < 0.05. The bound: |Δ pass@1| "
+                 "≤ the mean over sequences of min(1, summed per-token TV) (DESIGN.md section 7), what fidelity alone "
+                 "guarantees; it bounds the expected difference, the measured Δ adds sampling noise.</p>")
+    parts.append(html_table(ACCURACY_COLUMNS, [_accuracy_cells(r) for r in rows if r.get("pass_at_1") is not None]))
     parts.append("<h2>Every point</h2>")
     table, classes = [], []
     for r in rows:
@@ -374,10 +427,13 @@ def write_paper_report(study: Study, size: Size, base: Scenario, points: list[Po
             table.append(_paper_cells(r["point"]))
             classes.append("paper")
     parts.append(html_table(POLICY_COLUMNS, table, classes))
-    parts.append("<p class='muted'>throughput: 1 / mean per-token delay over all tokens of all devices (harmonic mean "
-                 "of per-device throughput in emulated time); pass@1 ± one standard error; relative pass@1 ± its "
-                 "delta-method standard error (llm-only is the reference, 1 by definition); fidelity: mean exact TV "
-                 "distance to the LLM's distribution per token, n/a where the run does not measure it.</p>")
+    parts.append("<p class='muted'>throughput: 1 / mean per-token delay over all tokens of all devices = total tokens "
+                 "/ sum of the devices' spans in emulated time (devices stop at eos / stop sequences, so they generate "
+                 "different numbers of tokens); pass@1 (unbiased) ± one standard error over problems; Δ pass@1: paired "
+                 "difference to llm-only ± its standard error, distinguishable by the exact test at 95% (table above); "
+                 "|Δ| ≤: the accuracy bound implied by fidelity; relative pass@1 ± its delta-method standard error "
+                 "(llm-only is the reference, 1 by definition); fidelity: mean exact TV distance to the LLM's "
+                 "distribution per token, n/a where the run does not measure it.</p>")
     parts.append("<h2>Figures</h2>" + "".join(html_figure(p, c) for p, c in figs))
     parts.append("<h2>Setting</h2>")
     parts.append(f"<p>Each device: SLM step {base.tiers[0].slm_ms_per_token} ms/token; link "

@@ -53,6 +53,12 @@ def accuracy(
         rel, se = b["pass_at_1_relative"], b["pass_at_1_relative_stderr"]
         table.add_row("relative to reference", "", "", "n/a (reference pass@1 is 0)" if rel is None
                       else f"{rel:.3f} ± {se:.3f}")
+        pr = b.get("paired") or {}
+        if pr.get("diff") is not None:
+            se = "n/a" if pr["stderr"] is None else f"{pr['stderr']:.3f}"
+            table.add_row("paired difference (run - reference)", str(pr["n_problems"]), "",
+                          f"{pr['diff']:+.3f} ± {se}, {pr['test']} p = {pr['mcnemar_p']:.3g} "
+                          f"({'distinguishable' if pr['distinguishable_95'] else 'not distinguishable'} at 95%)")
         ag = b["agreement"]
         table.add_row("per-prompt agreement", str(ag["n_prompts"]), "",
                       "n/a" if ag["agreement"] is None else f"{100 * ag['agreement']:.1f}%")

@@ -8,7 +8,8 @@ import typer
 
 app = typer.Typer(no_args_is_help=True, help="Reproduce the CU-HLM / U-HLM papers' experiments (resumable).")
 
-SIZE_HELP = "smoke (tiny models, seconds) | small (Qwen pair, HumanEval/22..37, <1 h on 2 CPU cores) | full (164 problems, GPU)"
+SIZE_HELP = ("smoke (tiny models, seconds) | small (Qwen pair, HumanEval/40..55, 256 tokens with stops, ~1 h on 2 CPU "
+             "cores with bf16) | medium (164 problems, overnight on a CPU) | full (164 problems x 5 samples, GPU)")
 
 
 def _sets(values: list[str] | None) -> dict:
@@ -24,8 +25,15 @@ def _sets(values: list[str] | None) -> dict:
     return out
 
 
+def _with_samples(size, samples: int | None):
+    import dataclasses
+
+    return size if samples is None else dataclasses.replace(size, samples=samples)
+
+
 def _run(kind: str, size: str, out: Path | None, engine: str, sets: list[str] | None, a: float | None,
-         b: float | None, estimate_only: bool, json_out: bool, calibration_tokens: int | None = None) -> None:
+         b: float | None, estimate_only: bool, json_out: bool, calibration_tokens: int | None = None,
+         samples: int | None = None) -> None:
     from rich.console import Console
 
     from testbed import reproduce
@@ -34,18 +42,26 @@ def _run(kind: str, size: str, out: Path | None, engine: str, sets: list[str] | 
     err = Console(stderr=True)
     if size not in reproduce.SIZES:
         raise typer.BadParameter(f"expected one of {', '.join(reproduce.SIZES)}, got {size!r}", param_hint="--size")
+    if samples is not None and samples < 1:
+        raise typer.BadParameter(f"expected >= 1, got {samples}", param_hint="--samples")
     if (a is None) != (b is None):
         raise typer.BadParameter("give both --a and --b (or neither: fit them in the calibration point)")
     if estimate_only:
-        est = reproduce.estimate(kind, size)
+        est = reproduce.estimate(kind, _with_samples(reproduce.SIZES[size], samples))
         if json_out:
             print(json.dumps(est, indent=2))
         else:
-            err.print(f"reproduce {kind} --size {size}: {est['runs']} runs, {est['token_steps']:.0f} token-steps, "
+            st = est["token_steps"]
+            err.print(f"reproduce {kind} --size {size}: {est['runs']} runs, {est['devices']} devices "
+                      f"({est['samples']} per problem), up to {est['max_new_tokens']} tokens each ending at eos / "
+                      f"stop sequences: {st[0]:.0f}-{st[1]:.0f} token-steps (expected-pessimistic completion "
+                      f"lengths; {est['token_steps_without_stops']:.0f} if generation never stopped), "
                       f"{est['prefill_tiles']} prefill tiles ({est['prompt_tokens']} prompt tokens, "
-                      f"{est['prompt_tokens_from']}) -> {est['minutes'][0]:.0f}-{est['minutes'][1]:.0f} min on a "
-                      f"2-core CPU at {est['assumptions']['token_step_s'][0]:g}-{est['assumptions']['token_step_s'][1]:g} "
-                      f"s per token-step")
+                      f"{est['prompt_tokens_from']}). On a 2-core CPU:")
+            for c, v in est["cpu_classes"].items():
+                here = "  <- this machine" if c == est["this_cpu"] else ""
+                err.print(f"  {v['cpu']}: {v['minutes'][0]:.0f}-{v['minutes'][1]:.0f} min at {v['token_step_s']:g} s "
+                          f"per token-step ({v['minutes_without_stops']:.0f} min without stops){here}")
         return
     out = out or Path("runs") / f"reproduce-{kind}-{size}"
     fn = reproduce.run_paper if kind == "paper" else reproduce.run_fleet
@@ -55,7 +71,7 @@ def _run(kind: str, size: str, out: Path | None, engine: str, sets: list[str] | 
 
         sized = dataclasses.replace(sized, calibration_tokens=calibration_tokens)
     try:
-        result = fn(sized, out, engine=engine, sets=_sets(sets), a=a, b=b)
+        result = fn(_with_samples(sized, samples), out, engine=engine, sets=_sets(sets), a=a, b=b)
     except ScenarioError as e:
         err.print(f"[red]{e}[/red]")
         raise typer.Exit(2)
@@ -74,15 +90,17 @@ _JSON = typer.Option(False, "--json", help="Print the table rows (or the estimat
 _CAL = typer.Option(None, "--calibration-tokens", min=1,
                     help="Tokens per sequence of the calibration point (default: the size's); more narrows the "
                          "fit's confidence interval.")
+_SAMPLES = typer.Option(None, "--samples", help="Samples per problem (devices = problems x samples; unbiased "
+                        "pass@1); default: the size's (full: 5, else 1).")
 
 
 @app.command("paper")
 def paper(size: str = typer.Option("smoke", "--size", help=SIZE_HELP), out: Path = _OUT, engine: str = _ENGINE,
           sets: list[str] = _SET, a: float = _A, b: float = _B, estimate_only: bool = _EST,
-          json_out: bool = _JSON, calibration_tokens: int = _CAL) -> None:
+          json_out: bool = _JSON, calibration_tokens: int = _CAL, samples: int = _SAMPLES) -> None:
     """The papers' setting (one device per HumanEval problem on the Shannon-rate uplink): every policy,
     the u_th and theta sweeps, calibration; one report next to the papers' headline numbers."""
-    _run("paper", size, out, engine, sets, a, b, estimate_only, json_out, calibration_tokens)
+    _run("paper", size, out, engine, sets, a, b, estimate_only, json_out, calibration_tokens, samples)
 
 
 @app.command("sweep")

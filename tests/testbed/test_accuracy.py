@@ -242,3 +242,113 @@ def test_non_humaneval_run_and_mismatched_reference_error_clearly(humaneval_run:
         A.score_run(humaneval_run, reference=other, progress=False)
     with pytest.raises(A.AccuracyError, match="tokens.parquet missing"):
         A.score_run(tmp_path, progress=False)
+
+
+# ---------------------------------------------------------------------------- unbiased and paired statistics
+
+
+def _table(passed: dict[str, list[bool]]) -> pd.DataFrame:
+    return pd.DataFrame([{"task_id": t, "passed": p} for t, ps in passed.items() for p in ps])
+
+
+def test_unbiased_pass_at_1_is_c_over_n_averaged_over_problems() -> None:
+    rows = _table({"a": [True, True, False, False, True], "b": [False] * 5, "c": [True] * 5,
+                   "d": [True, False, False, False, False]})
+    u = A.unbiased_pass(rows)
+    per = [3 / 5, 0.0, 1.0, 1 / 5]
+    assert u["pass_at_1"] == pytest.approx(sum(per) / 4)
+    m = sum(per) / 4
+    assert u["stderr"] == pytest.approx(math.sqrt(sum((x - m) ** 2 for x in per) / 3 / 4))
+    assert u["n_problems"] == 4 and u["samples_per_problem"] == [5, 5]
+    assert set(u["pass_at_k"]) == {"1", "2", "5"}  # k = 10 needs 10 samples per problem
+    # pass@k against its definition: the chance that k of the n samples, drawn without replacement,
+    # hold at least one pass (brute force over every k-subset)
+    from itertools import combinations
+
+    for n, c in ((5, 3), (5, 0), (5, 5), (7, 2), (10, 1)):
+        for k in range(1, n + 1):
+            s = [True] * c + [False] * (n - c)
+            subsets = list(combinations(range(n), k))
+            brute = sum(any(s[i] for i in sub) for sub in subsets) / len(subsets)
+            assert A.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12), (n, c, k)
+    assert u["pass_at_k"]["5"] == pytest.approx(3 / 4)  # a problem passes at 5 of 5 iff any sample did
+    with pytest.raises(ValueError, match="n=3, c=4"):
+        A.pass_at_k(3, 4)
+    # unequal samples: the average is over problems, not devices
+    assert A.unbiased_pass(_table({"a": [True], "b": [False, False, False]}))["pass_at_1"] == 0.5
+
+
+def test_mcnemar_exact_p_against_enumeration() -> None:
+    """The two-sided exact p = the probability, over all 2^n equally likely sign patterns of the n
+    discordant pairs, of a count at most as likely as the one observed."""
+    from itertools import product
+
+    for n in range(0, 13):
+        counts = [sum(bits) for bits in product((0, 1), repeat=n)]
+        prob = {k: counts.count(k) / 2**n for k in range(n + 1)}
+        for b in range(n + 1):
+            brute = sum(prob[k] for k in range(n + 1) if prob[k] <= prob[b] * (1 + 1e-12))
+            assert A.binomial_two_sided_p(b, n - b) == pytest.approx(min(1.0, brute), abs=1e-12), (b, n - b)
+    assert A.binomial_two_sided_p(0, 0) == 1.0
+    assert A.binomial_two_sided_p(0, 6) == pytest.approx(2 / 64)
+
+
+def test_paired_difference_hand_computed() -> None:
+    # one sample per problem: 8 problems, run passes a b c d e, reference passes a b f g h? no: a, b, f
+    run = _table({t: [t in "abcde"] for t in "abcdefgh"})
+    ref = _table({t: [t in "abf"] for t in "abcdefgh"})
+    pr = A.paired(run, ref)
+    d = [0, 0, 1, 1, 1, -1, 0, 0]  # c, d, e only the run; f only the reference
+    m = sum(d) / 8
+    se = math.sqrt(sum((x - m) ** 2 for x in d) / 7 / 8)
+    assert pr["diff"] == pytest.approx(2 / 8) and pr["stderr"] == pytest.approx(se)
+    assert pr["discordant"] == [3, 1] and pr["test"] == "mcnemar-exact" and pr["n_problems"] == 8
+    assert pr["mcnemar_p"] == pytest.approx(2 * (1 + 4) / 16)  # P(X <= 1 | n = 4) = 5/16, two-sided
+    t7 = 2.364624251592785  # t(0.975, 7)
+    assert pr["ci95"] == pytest.approx([m - t7 * se, m + t7 * se], rel=1e-6)
+    assert not pr["distinguishable_95"]
+    # several samples: per-problem rates, the sign test on their differences
+    run = _table({"a": [True, True, False], "b": [False] * 3, "c": [True] * 3})
+    ref = _table({"a": [True, False, False], "b": [True, False, False], "c": [True] * 3})
+    pr = A.paired(run, ref)
+    assert pr["diff"] == pytest.approx((1 / 3 - 1 / 3 + 0) / 3) and pr["test"] == "sign-test"
+    assert pr["discordant"] == [1, 1] and pr["mcnemar_p"] == 1.0
+    # a clear difference is distinguishable
+    pr = A.paired(_table({str(i): [True] for i in range(10)}), _table({str(i): [False] for i in range(10)}))
+    assert pr["diff"] == 1.0 and pr["stderr"] == 0.0 and pr["mcnemar_p"] == pytest.approx(2 / 1024)
+    assert pr["distinguishable_95"]
+    assert A.t_quantile(0.975, 7) == pytest.approx(t7, rel=1e-7)
+    assert A.t_quantile(0.975, 10**6) == pytest.approx(1.959964, rel=1e-5)
+
+
+@pytest.mark.parametrize("samples", [1, 5])
+def test_paired_ci_is_calibrated(samples: int) -> None:
+    """Monte Carlo: problems drawn from a population with correlated run / reference outcomes (a shared
+    per-problem difficulty); the 95% interval covers the population's true difference ~95% of the time."""
+    import numpy as np
+
+    rng = np.random.default_rng(15 + samples)
+    problems, reps = 30, 2000
+    # per problem: difficulty z ~ N(0, 1); reference passes w.p. sigmoid(z), the run w.p. sigmoid(z - 0.4)
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    zz = rng.standard_normal(2_000_000)
+    true = float((sig(zz - 0.4) - sig(zz)).mean())
+    covered, rejected = 0, 0
+    for _ in range(reps):
+        z = rng.standard_normal(problems)
+        # a sample's two outcomes share their uniform 70% of the time (positively correlated pairs, both
+        # kinds of discordant pair possible)
+        u = rng.random((problems, samples))
+        v = np.where(rng.random((problems, samples)) < 0.7, u, rng.random((problems, samples)))
+        ref = u < sig(z)[:, None]
+        run = v < sig(z - 0.4)[:, None]
+        tid = np.repeat(np.arange(problems), samples).astype(str)
+        pr = A.paired(pd.DataFrame({"task_id": tid, "passed": run.ravel()}),
+                      pd.DataFrame({"task_id": tid, "passed": ref.ravel()}))
+        lo, hi = pr["ci95"]
+        covered += lo <= true <= hi
+        rejected += pr["distinguishable_95"]
+    coverage = covered / reps  # Monte-Carlo s.e. ~0.005
+    print(f"samples {samples}: coverage {coverage:.4f}, power {rejected / reps:.3f}, true diff {true:.4f}")
+    assert 0.93 <= coverage <= 0.97, coverage
+    assert rejected > 0  # the test has some power at this difference
