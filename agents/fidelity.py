@@ -38,24 +38,73 @@ def server_x_hat(x: np.ndarray, k: int, prob_bits: int) -> np.ndarray:
     return reconstruct(indices, codec.quantise_probs(probs, prob_bits), x.shape[0])
 
 
-def committed_law(x: np.ndarray, law: DraftLaw, y: np.ndarray) -> np.ndarray:
-    """P(t): the law of the committed token (module docstring), float64 [V]."""
+def committed_law(x: np.ndarray, law: DraftLaw, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(P, y) in the law's order (DraftLaw.order; TV does not depend on it): P(t) of the module
+    docstring, float64 [V]."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    p = x * law.skip
-    for g, k in enumerate(law.ks):
-        w = x * law.transmit[:, g]
-        if not w.any():
-            continue
+    if law.order is None:  # one k: the server's xhat directly
+        (k, _, w), = law.groups
+        w = x * w
         x_hat = server_x_hat(x, k, law.prob_bits)
         a = accept_prob(x_hat, y)
-        p += w * a + float((w * (1.0 - a)).sum()) * residual_law(x_hat, y)
+        return x * law.skip + w * a + float((w * (1.0 - a)).sum()) * residual_law(x_hat, y), y
+    ys = y[law.order]
+    return _committed_sorted(x[law.order], law, ys, x), ys
+
+
+def _committed_sorted(xs: np.ndarray, law: DraftLaw, ys: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """committed_law with many k (online k*), in the order of x descending: the top-k of every k is a
+    prefix, so xhat^k is the quantised prefix and one value c_k after it; each k costs a few O(V) passes.
+    Where x ties across a k's boundary the server's own top-k (argpartition) may differ from the prefix:
+    that k's xhat is rebuilt exactly (server_x_hat)."""
+    V = xs.shape[0]
+    qs = codec.quantise_probs(xs, law.prob_bits)
+    q_prefix = np.concatenate([[0.0], np.cumsum(qs)])
+    inside = np.maximum(ys - qs, 0.0)  # y - xhat where a token is among the sent entries
+    inside_prefix = np.concatenate([[0.0], np.cumsum(inside)])
+    p = xs * law.skip
+    resampled: dict[int, float] = {}  # k -> mass that goes to r_k
+    exact: dict[int, np.ndarray] = {}
+    for k, pos, w in law.groups:
+        x_hat = exact.get(k)
+        if x_hat is None and k < V and xs[k - 1] == xs[k]:
+            x_hat = exact[k] = server_x_hat(x, k, law.prob_bits)[law.order]
+        if x_hat is not None:
+            xh = x_hat if pos is None else x_hat[pos]
+        else:
+            c = max(0.0, 1.0 - q_prefix[k]) / (V - k) if k < V else 0.0
+            at = np.arange(V) if pos is None else pos
+            xh = np.where(at < k, qs[at], c)
+        at_y = ys if pos is None else ys[pos]
+        at_x = xs if pos is None else xs[pos]
+        a = accept_prob(xh, at_y)
+        m = at_x * w
+        if pos is None:
+            p += m * a
+        else:
+            np.add.at(p, pos, m * a)
+        resampled[k] = resampled.get(k, 0.0) + float((m * (1.0 - a)).sum())
+    for k, mass in resampled.items():
+        if mass <= 0.0:
+            continue
+        if k in exact:
+            p += mass * residual_law(exact[k], ys)
+            continue
+        c = max(0.0, 1.0 - q_prefix[k]) / (V - k) if k < V else 0.0
+        after = np.maximum(ys[k:] - c, 0.0)
+        total = inside_prefix[k] + float(after.sum())
+        if total > 0:
+            p[:k] += (mass / total) * inside[:k]
+            p[k:] += (mass / total) * after
+        else:
+            p += mass * ys / ys.sum()
     return p
 
 
 def exact_fidelity(logits: np.ndarray, x: np.ndarray, law, y: np.ndarray) -> float:
     """TV(P, y) for a token whose policy decided with `law` (policies.law.DecisionLaw); logits: the SLM
     logits the policy saw (temperature perturbation's u is a function of them and of d)."""
-    return tv_distance(committed_law(x, law.draft_law(logits, x), y), y)
+    return tv_distance(*committed_law(x, law.draft_law(logits, x), y))
 
 
 def branch_fidelity(x: np.ndarray, y: np.ndarray, payload: bytes | None) -> float:

@@ -24,19 +24,51 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from policies.truncation import KStarTable
 from policies.uncertainty import perturbation_keep_prob
 
 
+# Temperature perturbation: drafts whose samples almost surely all differ from them (u = 1) are not
+# expanded over j. Treating d's u as 1 moves P by at most x_d P(j < K | d) <= x_d K p_d (p_d = 1 - q_d);
+# a draft is left out when that is below TAIL_TV / V, so all of them add up to <= TAIL_TV (DraftLaw.tail_tv:
+# their sum).
+TAIL_TV = 1e-10
+
+
 @dataclass(frozen=True)
 class DraftLaw:
-    """For every candidate draft d [V]: P(skip | d) and P(transmit with ks[g] entries | d) [V, G]."""
+    """For every candidate draft d: P(skip | d) and the transmissions, as groups (k, positions, weights):
+    P(transmit with k entries | d) at those positions (None: at every position, weights [V]).
 
+    Positions index `order` (token ids by x descending: the order online k* sorts in), or the
+    vocabulary itself when `order` is None (one k for every draft: nothing needs sorting). `tail_tv`
+    bounds the TV error of drafts not expanded over u (TAIL_TV)."""
+
+    order: np.ndarray | None
     skip: np.ndarray
-    ks: tuple[int, ...]
-    transmit: np.ndarray
+    groups: tuple[tuple[int, np.ndarray | None, np.ndarray], ...]
     prob_bits: int
+    tail_tv: float = 0.0
+
+    def transmit(self, k: int) -> np.ndarray:
+        """P(transmit with k entries | d) for every d, in vocabulary order [V] (for tests and reports)."""
+        V = self.skip.shape[0]
+        out = np.zeros(V)
+        for kk, pos, w in self.groups:
+            if kk == k:
+                np.add.at(out, slice(None) if pos is None else pos, w)
+        return out if self.order is None else out[_inverse(self.order)]
+
+    def skip_by_token(self) -> np.ndarray:
+        return self.skip if self.order is None else self.skip[_inverse(self.order)]
+
+
+def _inverse(order: np.ndarray) -> np.ndarray:
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return rank
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,46 +90,72 @@ class DecisionLaw:
         if (self.k is None) == (self.beta is None):
             raise ValueError("a DecisionLaw needs exactly one of k (fixed) and beta (online k*)")
 
-    def _u_law(self, logits) -> np.ndarray | None:
-        """P(u = u_j | d) [V, J], or None when the decision does not depend on which u comes."""
-        varies = np.ptp(self.p_skip) > 0 or (self.beta is not None and np.ptp(self.beta) > 0)
-        if not (self.K and varies):
-            return None
-        return binomial_pmf(self.K, 1.0 - perturbation_keep_prob(logits, self.theta_max))
-
     def draft_law(self, logits, x: np.ndarray) -> DraftLaw:
         """Per-draft skip and transmission probabilities for this token (z: the SLM logits the policy
         saw, x = softmax(z / T) the draft was sampled from)."""
         x = np.asarray(x, dtype=np.float64)
         V = x.shape[0]
-        u_law = self._u_law(logits)
-        p_skip = self.p_skip if u_law is not None else self.p_skip[:1]
-        skip = u_law @ p_skip if u_law is not None else np.full(V, float(p_skip[0]))
+        varies = np.ptp(self.p_skip) > 0 or (self.beta is not None and np.ptp(self.beta) > 0)
+        if not (self.K and varies):  # one u for every draft: J = 1 in effect
+            skip = np.full(V, float(self.p_skip[0]))
+            if self.k is not None:
+                return DraftLaw(None, skip, ((int(min(self.k, V)), None, 1.0 - skip),), self.prob_bits)
+            table = KStarTable(x, self.theta, self.eta)
+            return _online(table, skip, [(None, np.full(V, 1.0 - self.p_skip[0]), float(self.beta[0]))], self.prob_bits)
+        # temperature perturbation: expand the head over j = 0..K; the tail has u = 1 (j = K)
+        keep = perturbation_keep_prob(logits, self.theta_max)
+        reach = self.K * x * keep
+        small = reach < TAIL_TV / V
+        head, tail = np.flatnonzero(~small), np.flatnonzero(small)
+        u_law = binomial_pmf(self.K, 1.0 - keep[head])  # [H, J]
+        skip = np.full(V, float(self.p_skip[-1]))
+        skip[head] = u_law @ self.p_skip
+        tail_tv = float(reach[tail].sum())
         if self.k is not None:
-            return DraftLaw(skip, (int(min(self.k, V)),), (1.0 - skip)[:, None], self.prob_bits)
+            return DraftLaw(None, skip, ((int(min(self.k, V)), None, 1.0 - skip),), self.prob_bits, tail_tv)
         table = KStarTable(x, self.theta, self.eta)
-        weights: dict[int, np.ndarray] = {}
-        for j in range(p_skip.shape[0]):
-            send = 1.0 - p_skip[j]
-            if send <= 0:
-                continue
-            w = u_law[:, j] * send if u_law is not None else np.full(V, send)
-            k = table.k_for(float(self.beta[j]))
-            for kk in np.unique(k):
-                acc = weights.setdefault(int(kk), np.zeros(V))
-                acc += np.where(k == kk, w, 0.0)
-        ks = tuple(sorted(weights))
-        transmit = np.stack([weights[k] for k in ks], axis=1) if ks else np.zeros((V, 0))
-        return DraftLaw(skip, ks, transmit, self.prob_bits)
+        parts = [(head, u_law[:, j] * (1.0 - self.p_skip[j]), float(self.beta[j])) for j in range(self.K + 1)]
+        parts.append((tail, np.full(tail.size, 1.0 - self.p_skip[-1]), float(self.beta[-1])))
+        return _online(table, skip, parts, self.prob_bits, tail_tv)
+
+
+def _online(table: KStarTable, skip: np.ndarray, parts, prob_bits: int, tail_tv: float = 0.0) -> DraftLaw:
+    """Group online k*'s transmissions by k: parts = (drafts or None for all, weights, beta); in the
+    table's order. Each part's drafts mostly share one k (KStarTable.k_for): that bulk stays a dense
+    group, the few drafts with another k become sparse ones."""
+    V = table.order.size
+    dense: dict[int, np.ndarray] = {}
+    keys, weights = [], []
+    for drafts, w, beta in parts:
+        if drafts is not None and not drafts.size:
+            continue
+        k = table.k_for(beta, drafts)
+        pos = table.rank if drafts is None else table.rank[drafts]
+        bulk = int(np.bincount(k).argmax()) if k.size else 0
+        at = k == bulk
+        acc = dense.setdefault(bulk, np.zeros(V))
+        acc[pos[at]] += w[at]
+        keys.append(k[~at] * V + pos[~at])
+        weights.append(w[~at])
+    groups: list[tuple[int, np.ndarray | None, np.ndarray]] = [(k, None, w) for k, w in dense.items()]
+    if keys:
+        key, inverse = np.unique(np.concatenate(keys), return_inverse=True)
+        total = np.bincount(inverse, np.concatenate(weights))
+        ks, pos = key // V, key % V
+        for k in np.unique(ks):
+            sel = ks == k
+            groups.append((int(k), pos[sel], total[sel]))
+    groups.sort(key=lambda g: g[0])
+    return DraftLaw(table.order, skip[table.order], tuple(groups), prob_bits, tail_tv)
 
 
 def binomial_pmf(K: int, q: np.ndarray) -> np.ndarray:
-    """P(j | q) for j = 0..K, per row of q [V]: [V, K + 1], float64 (exact at q = 0 and q = 1)."""
-    q = np.clip(np.asarray(q, dtype=np.float64), 0.0, 1.0)
-    j = np.arange(K + 1)
-    comb = np.array([math.comb(K, i) for i in j], dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        return comb * np.power(q[:, None], j) * np.power(1.0 - q[:, None], K - j)
+    """P(j | q) for j = 0..K, per row of q [V]: [V, K + 1], float64, in log space (0 log 0 = 0, so exact
+    at q = 0 and q = 1)."""
+    q = torch.as_tensor(np.clip(np.asarray(q, dtype=np.float64), 0.0, 1.0))[:, None]
+    j = torch.arange(K + 1, dtype=torch.float64)
+    log_comb = torch.lgamma(torch.tensor(K + 1.0, dtype=torch.float64)) - torch.lgamma(j + 1) - torch.lgamma(K - j + 1)
+    return torch.exp(log_comb + torch.xlogy(j, q) + torch.xlogy(K - j, 1.0 - q)).numpy()
 
 
 def u_grid(K: int) -> np.ndarray:

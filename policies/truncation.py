@@ -270,24 +270,33 @@ def calibrate_offline_truncator(probs: Sequence | np.ndarray, drafts, betas, the
 
 
 class KStarTable:
-    """Online k* for every candidate draft of one token (the decision law, policies.law): N(k) is
-    computed once from the sorted x; a draft d with budget theta ((1 - x_d) l(-1) + x_d l(-beta)) gets
-    the smallest k with N(k) <= budget. The budget grows with x_d (l(-beta) >= l(-1)), so only the
-    drafts above the step that the smallest budget falls on can get a smaller k."""
+    """Online k* for every candidate draft of one token (the decision law, policies.law): x is sorted
+    once (`order`: token ids by x descending, ties by id; `rank`: its inverse) and N(k) computed from it;
+    a draft d with budget theta ((1 - x_d) l(-1) + x_d l(-beta)) gets the smallest k with N(k) <= budget.
+    The budget grows with x_d (l(-beta) >= l(-1)), so only the drafts above the step that the smallest
+    budget falls on can get a smaller k."""
 
     def __init__(self, probs, theta: float, eta: float):
         _check(theta, eta)
-        x = torch.as_tensor(np.asarray(probs)).reshape(1, -1)
+        x = torch.as_tensor(np.asarray(probs)).double().reshape(-1)
+        values, order = torch.sort(x, descending=True, stable=True)
+        total = values.sum()
         self.theta, self.eta = theta, eta
-        self.n = tv_numerator(sorted_probs(x))[0].numpy()  # N(k) at column k - 1, non-increasing
-        self.x_d = (x.double()[0] / x.double().sum()).numpy()  # x_d as _draft_probs sees it
+        self.order = order.numpy()
+        self.rank = np.empty_like(self.order)
+        self.rank[self.order] = np.arange(self.order.size)
+        self.n = tv_numerator((values / total)[None])[0].numpy()  # N(k) at column k - 1, non-increasing
+        self.x_d = (x / total).numpy()  # x_d as _draft_probs sees it
 
     def _k(self, budget: np.ndarray) -> np.ndarray:
         return np.searchsorted(-self.n, -budget, side="left") + 1  # first k with N(k) <= budget
 
-    def k_for(self, beta: float) -> np.ndarray:
-        """k*(d) for every d [V] at the rejection probability beta (in U_TV's denominator)."""
-        budget = self.theta * tv_denominator(torch.from_numpy(self.x_d), torch.tensor(float(beta)), self.eta).numpy()
+    def k_for(self, beta: float, drafts=None) -> np.ndarray:
+        """k*(d) for each draft d of `drafts` (default: every token) at rejection probability beta."""
+        x_d = self.x_d if drafts is None else self.x_d[drafts]
+        budget = self.theta * tv_denominator(torch.from_numpy(x_d), torch.tensor(float(beta)), self.eta).numpy()
+        if not budget.size:
+            return np.zeros(0, dtype=np.int64)
         k_hi = int(self._k(np.array([budget.min()]))[0])
         k = np.full(budget.shape, k_hi, dtype=np.int64)
         if k_hi > 1:
