@@ -61,7 +61,7 @@ class Content:
 # field is stored at its exact width (floats as float64, as Python holds them), so an item rebuilt
 # from a record equals the original.
 _DRAFTED = np.dtype([("transmit", "?"), ("llm_samples", "?"), ("prob_bits", "i2"), ("k", "i4"), ("draft", "i4"),
-                     ("payload", "i8"), ("uncertainty", "f8"), ("draft_prob", "f8"), ("fidelity_tv", "f8")])
+                     ("payload", "i8"), ("uncertainty", "f8"), ("draft_prob", "f8"), ("fidelity_tv", "f8"), ("stop", "i1")])
 
 
 class PackedDrafted(Sequence):
@@ -73,7 +73,7 @@ class PackedDrafted(Sequence):
     def __init__(self, items: Sequence[Drafted]):
         self.a = np.array([(c.decision.transmit, c.decision.llm_samples, c.decision.prob_bits, c.decision.k, c.draft,
                             c.payload if isinstance(c.payload, int) else len(c.payload), c.decision.uncertainty,
-                            c.draft_prob, c.fidelity_tv) for c in items], dtype=_DRAFTED)
+                            c.draft_prob, c.fidelity_tv, c.stop) for c in items], dtype=_DRAFTED)
 
     def __len__(self) -> int:
         return len(self.a)
@@ -81,8 +81,8 @@ class PackedDrafted(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        transmit, llm_samples, prob_bits, k, draft, payload, u, draft_prob, fidelity = self.a[i].tolist()
-        return Drafted(Decision(transmit, u, k, prob_bits, llm_samples), draft, draft_prob, payload, fidelity)
+        transmit, llm_samples, prob_bits, k, draft, payload, u, draft_prob, fidelity, stop = self.a[i].tolist()
+        return Drafted(Decision(transmit, u, k, prob_bits, llm_samples), draft, draft_prob, payload, fidelity, stop)
 
 
 def pack_devices(devices: Mapping[int, Sequence[Drafted]]) -> dict[int, PackedDrafted]:

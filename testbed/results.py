@@ -40,6 +40,9 @@ Summary definitions (summarize; computed by testbed.figures):
   the sum along its sequence, averaged over its randomness, bounds the TV distance between the
   law of its whole output and the LLM's for its prompt (the hybrid argument: swap one position's
   law at a time); one run gives one sample of that sum per device.
+- stops: how the devices' sequences ended (eos, a stop sequence, length = max_new_tokens;
+  unfinished = cut short) and the tokens each generated; tokens and throughput count the tokens
+  actually generated (a stopped device generates fewer than max_new_tokens).
 Undefined figures (e.g. acceptance with no uploads) are None (null in JSON).
 """
 from __future__ import annotations
@@ -105,6 +108,10 @@ class TokenRecord:
     downlink_lost: int = 0  # verdict copies the downlink dropped
     flush_bytes: int = field(default=0, metadata=_INT64)
     flush_retransmissions: int = 0
+    # Why the device's sequence ended, on its last token only: "eos" (an end-of-sequence token), "stop"
+    # (a stop sequence completed in the decoded text), "length" (max_new_tokens); "" on every other
+    # row (and in files written before it). agents.stop decides it from the committed tokens.
+    stop_reason: str = ""
 
 
 def _schema(record: type) -> pa.Schema:
@@ -119,7 +126,7 @@ TOKEN_COLUMNS = tuple(TOKENS_SCHEMA.names)
 # Columns added after schema 1, with the value that means "unknown": rows and files without them
 # (hand-built rows, older runs) read as unknown rather than failing.
 LATER_COLUMNS = {"fidelity_tv": NAN, **{c: -1 for c in ("uplink_lost", "downlink_bytes", "downlink_lost", "flush_bytes",
-                                                           "flush_retransmissions")}}
+                                                           "flush_retransmissions")}, "stop_reason": ""}
 
 
 def tokens_table(data: Any) -> pa.Table:
@@ -186,7 +193,7 @@ def read_tokens(path: str | Path, columns: Iterable[str] | None = None) -> pd.Da
 
 # The columns summarize (testbed.figures) reads.
 SUMMARY_COLUMNS = ("device", "tier", "policy", "transmitted", "draft_id", "accepted", "k", "payload_bytes", "uplink_bytes",
-                   "beta", "beta_is_shadow", "retransmissions", "t_draft_start", "t_commit", "fidelity_tv")
+                   "beta", "beta_is_shadow", "retransmissions", "t_draft_start", "t_commit", "fidelity_tv", "stop_reason")
 # ... and the report (testbed.report: the same figures, plus u against beta)
 REPORT_COLUMNS = SUMMARY_COLUMNS + ("uncertainty",)
 
@@ -198,7 +205,9 @@ class ResultsWriter:
 
     A transmitted token's row is settled at its commit (its verdict came with it). A skipped token's
     row waits for its shadow beta (ShadowResolved); the device's last skipped token also takes the
-    final flush's link columns, whose events come just before its shadow beta.
+    final flush's link columns, whose events come just before its shadow beta. A transmitted token
+    that stopped its sequence (eos, stop) also takes them (its device flushes to close its session,
+    agents.device.Device.flush): it waits until close (one row per device at most).
 
     Memory: at most flush_rows settled rows (a shard's worth, ~1 kB each as dicts) plus at most
     max_pending skipped rows waiting for their verdict (a device's run of skips since its last upload;
@@ -227,7 +236,7 @@ class ResultsWriter:
         for e in events:
             if isinstance(e, TokenCommitted):
                 row = e.row
-                if row["transmitted"]:
+                if row["transmitted"] and row.get("stop_reason", "") in ("", "length"):
                     self.settled.append(row)  # final: written as the event has it
                 else:  # completed below: a copy, the event's row stays as committed
                     self.pending[(row["device"], row["token_index"])] = dict(row)
@@ -418,6 +427,7 @@ def summarize(tokens: Any, *, emulated_seconds: float, wall_seconds: float, voca
             "throughput_tokens_per_s": num(span_throughput(tdf, emulated_seconds)),
             "jain_fairness": num(jain(per_device[tdf["device"].unique()])),
             **token_figures(tdf, vocab_size),
+            "stops": stop_figures(tdf),
         }
     summary = {
         "emulated_seconds": num(emulated_seconds),
@@ -434,6 +444,7 @@ def summarize(tokens: Any, *, emulated_seconds: float, wall_seconds: float, voca
         "verifier_batch_size_mean": num(batches.mean()) if len(batches) else None,
         "verifier_batches": int(len(batches)),
         "vocab_size": int(vocab_size),
+        "stops": stop_figures(df),
         "tiers": tiers,
     }
     for key, value in (extra or {}).items():
@@ -441,6 +452,25 @@ def summarize(tokens: Any, *, emulated_seconds: float, wall_seconds: float, voca
             raise ValueError(f"extra field {key!r} clashes with a computed summary field")
         summary[key] = value
     return summary
+
+
+STOP_REASONS = ("eos", "stop", "length")
+
+
+def stop_figures(df: pd.DataFrame) -> dict:
+    """How the devices' sequences ended (stop_reason of each device's last row): devices per reason
+    ("unfinished": no reason, a run cut short or a file from before stop_reason), and the tokens each
+    device generated (mean, min, max)."""
+    per_device = df.groupby("device", sort=False).size()
+    reasons = dict.fromkeys(STOP_REASONS, 0)
+    if "stop_reason" in df.columns:
+        ends = df["stop_reason"].astype(str)
+        for reason, n in ends[ends != ""].value_counts().items():
+            reasons[str(reason)] = int(n)
+    reasons["unfinished"] = int(len(per_device) - sum(reasons.values()))
+    tokens = {"mean": num(per_device.mean()), "min": int(per_device.min()), "max": int(per_device.max())} \
+        if len(per_device) else {"mean": None, "min": None, "max": None}
+    return {"reasons": reasons, "tokens_per_device": tokens}
 
 
 def _json_safe(x: Any) -> Any:
