@@ -402,8 +402,11 @@ class Device:
             self._emit_links(upload, up_bytes, down_bytes, retx, down_copies, up_lost, down_lost, arrive)
         if self.history:
             self.answered.append(Answered(upload.frame.piggyback, upload.final, v))
-        if upload.final:  # billed to the device's last token (always a skipped one: it had no upload)
-            self.last_row.update(flush_bytes=self.waiting_bytes, flush_retransmissions=retx, **links)
+        if upload.final:  # billed to the device's last token: a skipped one, or (a stop) a verified one,
+            # whose own link counts stay in it: the flush's are added
+            self.last_row.update(flush_bytes=self.waiting_bytes, flush_retransmissions=retx)
+            for k, n in links.items():
+                self.last_row[k] += n
         measured = verdict.stamp.llm_logits is not None  # else the fidelity came with the commit (a replay)
         for (_, _, skipped, _), beta in zip(self.piggyback, v.shadow_betas):
             skipped.update(beta=beta, beta_is_shadow=True)

@@ -100,9 +100,10 @@ class TokenRecord:
     t_commit: float = NAN
     fidelity_tv: float = NAN  # exact TV(law the token was drawn from, LLM's y); NaN if unknown
     # Link columns (schema 1 + these; -1 in files written before them). Of this token's upload and its
-    # verdict; on a device's last token (a skipped one) when the device ended with a final flush (its
-    # skipped drafts sent for the shadow betas), of that flush, whose uplink bytes and retransmissions
-    # are flush_bytes and flush_retransmissions (uplink_bytes and retransmissions stay 0 there).
+    # verdict; on a device's last token when the device ended with a final flush (its skipped drafts
+    # sent for the shadow betas, or an empty one closing a sequence that stopped at a verified token),
+    # plus that flush's, whose uplink bytes and retransmissions are flush_bytes and flush_retransmissions
+    # (uplink_bytes and retransmissions stay the token's own: 0 for a skipped one).
     uplink_lost: int = 0  # uplink copies the link dropped
     downlink_bytes: int = field(default=0, metadata=_INT64)  # every verdict copy put on the downlink
     downlink_lost: int = 0  # verdict copies the downlink dropped
@@ -206,8 +207,8 @@ class ResultsWriter:
     A transmitted token's row is settled at its commit (its verdict came with it). A skipped token's
     row waits for its shadow beta (ShadowResolved); the device's last skipped token also takes the
     final flush's link columns, whose events come just before its shadow beta. A transmitted token
-    that stopped its sequence (eos, stop) also takes them (its device flushes to close its session,
-    agents.device.Device.flush): it waits until close (one row per device at most).
+    that stopped its sequence (eos, stop) waits for them too, added to its own (its device flushes to
+    close its session, agents.device.Device.flush; they come together, with the flush's verdict).
 
     Memory: at most flush_rows settled rows (a shard's worth, ~1 kB each as dicts) plus at most
     max_pending skipped rows waiting for their verdict (a device's run of skips since its last upload;
@@ -223,6 +224,9 @@ class ResultsWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.flush_rows, self.flush_s, self.max_pending = flush_rows, flush_s, max_pending
         self.pending: dict[tuple[int, int], dict] = {}  # skipped rows waiting for their shadow beta
+        # transmitted rows that stopped their sequence, waiting for the final flush's link events (all
+        # emitted with the flush's verdict, so in one add): at most one per device, never spilled
+        self.closing: dict[tuple[int, int], dict] = {}
         self.spilled: set[int] = set()  # _key of the skipped rows written before their shadow beta
         self.patches = _Patches()  # ... and what came for them since
         self.settled: list[dict] = []
@@ -233,10 +237,13 @@ class ResultsWriter:
     def add(self, events: Iterable) -> None:
         from agents.events import LinkEvent, ShadowResolved, TokenCommitted, UploadSent, VerdictReceived
 
+        closed = []
         for e in events:
             if isinstance(e, TokenCommitted):
                 row = e.row
-                if row["transmitted"] and row.get("stop_reason", "") in ("", "length"):
+                if row["transmitted"] and row.get("stop_reason", "") not in ("", "length"):
+                    self.closing[(row["device"], row["token_index"])] = dict(row)  # its flush follows
+                elif row["transmitted"]:
                     self.settled.append(row)  # final: written as the event has it
                 else:  # completed below: a copy, the event's row stays as committed
                     self.pending[(row["device"], row["token_index"])] = dict(row)
@@ -258,11 +265,19 @@ class ResultsWriter:
                     update = {"downlink_bytes": e.bytes}
                 else:
                     update = {f"{e.direction}_lost": e.count}
+                if (row := self.closing.get((e.device, e.step - 1))) is not None:  # added to the token's own
+                    for k, n in update.items():
+                        row[k] += n
+                    if isinstance(e, VerdictReceived):
+                        closed.append((e.device, e.step - 1))
+                    continue
                 row = self.pending.get((e.device, e.step - 1))  # the flush bills the device's last token
                 if row is not None:
                     row.update(update)
                 elif (key := _key(e.device, e.step - 1)) in self.spilled:
                     self.patches.add(key, update)
+        for key in closed:  # the flush's MessageLost events came in this add too
+            self.settled.append(self.closing.pop(key))
         if len(self.pending) > self.max_pending:
             self.spilled.update(_key(*k) for k in self.pending)
             self.settled.extend(self.pending.values())  # written as they stand; patched when read
@@ -272,7 +287,7 @@ class ResultsWriter:
 
     def flush(self, pending: bool = False) -> None:
         """Write the settled rows as one shard (with `pending`, the unsettled ones too: a run cut short)."""
-        rows = self.settled + (list(self.pending.values()) if pending else [])
+        rows = self.settled + (list(self.pending.values()) + list(self.closing.values()) if pending else [])
         self._last_flush = time.monotonic()
         if not rows:
             return
@@ -284,7 +299,7 @@ class ResultsWriter:
         self.rows += len(rows)
         self.settled = []
         if pending:
-            self.pending = {}
+            self.pending, self.closing = {}, {}
 
     def close(self) -> None:
         self.flush(pending=True)
