@@ -18,6 +18,9 @@ verdict only on the device's own context (the forwards are batch invariant, agen
    the models. This pass writes the trace; it costs no forward at all. The record goes to it packed
    (Content.packed: numpy records, ~60 bytes a token), and with history=False (the runner's) it keeps
    no rows: the events are the trace, so a replay's memory grows with devices, not with tokens.
+   A device whose sequence stopped (agents.stop) records fewer tokens than max_new_tokens and the
+   reason at its last one (Drafted.stop): the replay consumes exactly the recorded tokens and takes
+   the stop from the record, without a tokenizer.
 
 The trace is the one the single-pass emulation (`run_local(mode="emulate")`, what the wall clock
 does) gives: same content, same timing rule (tests/testbed/test_runtime.py compares them).
