@@ -459,7 +459,7 @@ def summarize(tokens: Any, *, emulated_seconds: float, wall_seconds: float, voca
         "verifier_batch_size_mean": num(batches.mean()) if len(batches) else None,
         "verifier_batches": int(len(batches)),
         "vocab_size": int(vocab_size),
-        "stops": stop_figures(df),
+        "stops": stop_figures(df, devices=True),
         "tiers": tiers,
     }
     for key, value in (extra or {}).items():
@@ -472,20 +472,26 @@ def summarize(tokens: Any, *, emulated_seconds: float, wall_seconds: float, voca
 STOP_REASONS = ("eos", "stop", "length")
 
 
-def stop_figures(df: pd.DataFrame) -> dict:
+def stop_figures(df: pd.DataFrame, devices: bool = False) -> dict:
     """How the devices' sequences ended (stop_reason of each device's last row): devices per reason
     ("unfinished": no reason, a run cut short or a file from before stop_reason), and the tokens each
-    device generated (mean, min, max)."""
-    per_device = df.groupby("device", sort=False).size()
+    device generated (mean, min, max); with `devices`, each device's tokens and reason too."""
+    per_device = df.groupby("device", sort=True).size()
     reasons = dict.fromkeys(STOP_REASONS, 0)
+    ended = pd.Series(dtype=str)
     if "stop_reason" in df.columns:
         ends = df["stop_reason"].astype(str)
-        for reason, n in ends[ends != ""].value_counts().items():
+        ended = pd.Series(ends[ends != ""].to_numpy(), index=df.loc[ends != "", "device"].to_numpy())
+        for reason, n in ended.value_counts().items():
             reasons[str(reason)] = int(n)
     reasons["unfinished"] = int(len(per_device) - sum(reasons.values()))
     tokens = {"mean": num(per_device.mean()), "min": int(per_device.min()), "max": int(per_device.max())} \
         if len(per_device) else {"mean": None, "min": None, "max": None}
-    return {"reasons": reasons, "tokens_per_device": tokens}
+    out = {"reasons": reasons, "tokens_per_device": tokens}
+    if devices:
+        out["devices"] = {str(d): {"tokens": int(n), "reason": str(ended.get(d, "unfinished"))}
+                          for d, n in per_device.items()}
+    return out
 
 
 def _json_safe(x: Any) -> Any:

@@ -316,6 +316,9 @@ def test_a_run_that_stops_counts_what_was_generated(stopping):
     assert summary["stops"]["reasons"] == {"eos": reasons.get("eos", 0), "stop": reasons.get("stop", 0),
                                            "length": reasons.get("length", 0), "unfinished": 0}
     assert summary["stops"]["tokens_per_device"]["min"] < 8
+    last = rows.sort_values("token_index").groupby("device").tail(1).set_index("device")
+    assert summary["stops"]["devices"] == {str(d): {"tokens": int(r.token_index) + 1, "reason": r.stop_reason}
+                                           for d, r in last.sort_index().iterrows()}
     assert summary["throughput_tokens_per_s"]["system"] == pytest.approx(len(rows) / summary["emulated_seconds"])
     import yaml
 
