@@ -64,7 +64,8 @@ class Content:
 # field is stored at its exact width (floats as float64, as Python holds them), so an item rebuilt
 # from a record equals the original.
 _DRAFTED = np.dtype([("transmit", "?"), ("llm_samples", "?"), ("prob_bits", "i2"), ("k", "i4"), ("draft", "i4"),
-                     ("payload", "i8"), ("uncertainty", "f8"), ("draft_prob", "f8"), ("fidelity_tv", "f8"), ("stop", "i1")])
+                     ("payload", "i8"), ("uncertainty", "f8"), ("draft_prob", "f8"), ("fidelity_tv", "f8"),
+                     ("stop", "i1")])
 
 
 class PackedDrafted(Sequence):

@@ -194,7 +194,8 @@ def read_tokens(path: str | Path, columns: Iterable[str] | None = None) -> pd.Da
 
 # The columns summarize (testbed.figures) reads.
 SUMMARY_COLUMNS = ("device", "tier", "policy", "transmitted", "draft_id", "accepted", "k", "payload_bytes", "uplink_bytes",
-                   "beta", "beta_is_shadow", "retransmissions", "t_draft_start", "t_commit", "fidelity_tv", "stop_reason")
+                   "beta", "beta_is_shadow", "retransmissions", "t_draft_start", "t_commit", "fidelity_tv",
+                   "stop_reason")
 # ... and the report (testbed.report: the same figures, plus u against beta)
 REPORT_COLUMNS = SUMMARY_COLUMNS + ("uncertainty",)
 

@@ -73,7 +73,8 @@ def test_detector_matches_the_definition_on_the_qwen_tokenizer():
 
     rule = StopRule(frozenset(end_token_ids(tok)), STOP_SEQUENCES, tok)
     rng = np.random.default_rng(1)
-    pieces = ["    return", " x", "\n", "\n\n", "def", " f", "(", "):", "#", " é", "€", "😀", "if", "print", "```", "class"]
+    pieces = ["    return", " x", "\n", "\n\n", "def", " f", "(", "):", "#", " é", "€", "😀", "if", "print", "```",
+              "class"]
     seen = set()
     for _ in range(150):
         ids = tok.encode("".join(rng.choice(pieces, 10)))
