@@ -36,6 +36,7 @@ from agents.wire import SESSION, Open, OpenStamp, Upload, UploadStamp, Verdict
 from agents.events import MessageLost, ShadowResolved, TokenCommitted, UploadSent, VerdictReceived
 from agents.fidelity import branch_fidelity, exact_fidelity, truncate_for_upload
 from agents.speculative import sample_draft, softmax_t
+from agents.stop import CODE_REASONS, LENGTH, REASON_CODES, StopRule
 from agents.timing import Timings
 from netem import DuplexProfile, Link, link_seed
 from policies.base import Decision, DecisionContext, Policy
@@ -72,6 +73,8 @@ class RunParams:
     # which devices shared its forward. False: one forward per device (for models on the hf
     # forward, which is not batch invariant; BatchedLM.describe() says which one runs).
     batch_slm: bool = True
+    # What ends a sequence before max_new_tokens (agents.stop): eos ids, stop strings. Empty: nothing.
+    stop: StopRule = StopRule()
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +109,7 @@ class Drafted:
     payload: bytes | int  # the encoded top-k, or in a record only its size
     fidelity_tv: float = math.nan  # in a record: set when the token's verdict came (Device.on_verdict)
     fidelity_tv_branch: float = math.nan  # ... the approximation, for a policy without a decision law
+    stop: int = 0  # in a record: agents.stop.REASON_CODES of the stop at this token (set at its commit)
 
     def recorded(self) -> "Drafted":
         return self if isinstance(self.payload, int) else replace(self, payload=len(self.payload))
@@ -118,8 +122,8 @@ def token_row(spec: DeviceSpec, index: int, **values) -> dict:
         token_index=index, token_id=-1, draft_id=-1, uncertainty=math.nan, transmitted=False, k=0,
         prob_bits=0, payload_bytes=0, uplink_bytes=0, accepted=False, resampled=False, beta=math.nan,
         beta_is_shadow=False, retransmissions=0, t_draft_start=math.nan, t_upload_sent=math.nan,
-        t_verdict=math.nan, t_commit=math.nan, fidelity_tv=math.nan, fidelity_tv_branch=math.nan, uplink_lost=0, downlink_bytes=0,
-        downlink_lost=0, flush_bytes=0, flush_retransmissions=0,
+        t_verdict=math.nan, t_commit=math.nan, fidelity_tv=math.nan, fidelity_tv_branch=math.nan, uplink_lost=0,
+        downlink_bytes=0, downlink_lost=0, flush_bytes=0, flush_retransmissions=0, stop_reason="",
     )
     row.update(values)
     return row
@@ -160,17 +164,41 @@ class Device:
     answered: list[Answered] = field(default_factory=list)  # verdicts applied, by seq (for a verifier restart)
     events: list = field(default_factory=list)  # agents.events emitted since the group last drained them
     _drafted_logits: tuple | None = field(default=None, repr=False)  # (token index, logits) from draft()
+    # Why the sequence ended ("eos", "stop", "length"; "" while it goes on): at the committed token
+    # that ended it, by the stop detector (agents.stop), or in a replay by the record (`replaying`).
+    stop_reason: str = ""
+    replaying: bool = False
+    pending_stop: int = 0  # a replay: the recorded stop of the token waiting for its verdict
+    detector: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         seed = self.run.seed
         self.uplink = Link(self.spec.link.uplink, link_seed(seed, self.spec.device, "uplink"))
         self.downlink = Link(self.spec.link.downlink, link_seed(seed, self.spec.device, "downlink"))
         self.feed = list(self.spec.prompt_ids)
+        self.detector = self.run.stop.detector()
 
     # --- state -------------------------------------------------------------------------
     @property
     def generated_all(self) -> bool:
-        return self.index >= self.run.max_new_tokens
+        """The sequence has ended: max_new_tokens generated, or a stop (eos, a stop string) committed."""
+        return self.index >= self.run.max_new_tokens or bool(self.stop_reason)
+
+    def _ends(self, row: dict, token: int, recorded: int) -> None:
+        """Decide whether the token just committed (row, not emitted yet) ends the sequence: a stop
+        first (as a serving engine, an eos on the last allowed token is an eos), then length. Only the
+        committed tokens decide; a replay takes the content pass's decision from the record."""
+        if self.replaying:
+            reason = CODE_REASONS[recorded]
+        else:
+            reason = self.detector.push(token) if self.detector is not None else ""
+            if reason and self.record is not None:
+                i = row["token_index"]
+                self.record[i] = replace(self.record[i], stop=REASON_CODES[reason])
+        if not reason and row["token_index"] + 1 >= self.run.max_new_tokens:
+            reason = LENGTH
+        if reason:
+            row["stop_reason"] = self.stop_reason = reason
 
     @property
     def ready(self) -> bool:
@@ -261,6 +289,7 @@ class Device:
         if not decision.transmit:
             # Accepted on the device: no uplink, no LLM cost now; the LLM learns the token later.
             row.update(token_id=c.draft, accepted=True, t_commit=t_drafted)
+            self._ends(row, c.draft, c.stop)
             self._keep(row)
             self.events.append(TokenCommitted(dict(row)))  # a copy: the shadow beta comes as its own event
             # what the verdict needs of it; the whole row only when rows are kept (a slm-only
@@ -276,6 +305,7 @@ class Device:
             self._release(held)
             held = None
         self.held_draft = held
+        self.pending_stop = c.stop
         payload = c.payload if isinstance(c.payload, bytes) else bytes(c.payload)  # replay: its size
         frame = protocol.Upload(
             device=self.spec.device, session=SESSION, seq=self.seq, token_index=self.index, draft=c.draft,
@@ -288,9 +318,12 @@ class Device:
 
     def flush(self) -> Upload | None:
         """After the last token: hand the LLM the remaining skipped drafts (for the shadow
-        betas and an exact LLM context). None when there is nothing to flush."""
+        betas and an exact LLM context). None when there is nothing to flush. A sequence that
+        stopped (eos, a stop string) flushes even with no skipped draft: the verifier, which does
+        not run the stop rule, learns from the flush that the session is over and frees it (at
+        length it knows from max_new_tokens)."""
         assert self.generated_all and self.waiting is None
-        if not self.piggyback:
+        if not self.piggyback and self.stop_reason in ("", LENGTH):
             self.flushed = True
             return None
         frame = protocol.Flush(
@@ -367,8 +400,11 @@ class Device:
             self._emit_links(upload, up_bytes, down_bytes, retx, down_copies, up_lost, down_lost, arrive)
         if self.history:
             self.answered.append(Answered(upload.frame.piggyback, upload.final, v))
-        if upload.final:  # billed to the device's last token (always a skipped one: it had no upload)
-            self.last_row.update(flush_bytes=self.waiting_bytes, flush_retransmissions=retx, **links)
+        if upload.final:  # billed to the device's last token: a skipped one, or (a stop) a verified one,
+            # whose own link counts stay in it: the flush's are added
+            self.last_row.update(flush_bytes=self.waiting_bytes, flush_retransmissions=retx)
+            for k, n in links.items():
+                self.last_row[k] += n
         measured = verdict.stamp.llm_logits is not None  # else the fidelity came with the commit (a replay)
         for (_, _, skipped, _), beta in zip(self.piggyback, v.shadow_betas):
             skipped.update(beta=beta, beta_is_shadow=True)
@@ -386,6 +422,7 @@ class Device:
                    beta=v.beta, uplink_bytes=self.waiting_bytes, retransmissions=retx,
                    t_verdict=arrive, t_commit=arrive, **links)
         self.policy.observe(self.spec.device, row["token_index"], row["uncertainty"], v.beta, False)
+        self._ends(row, v.token, self.pending_stop)
         self._keep(row)
         self.events.append(TokenCommitted(dict(row)))
         self.pending_row = None
@@ -475,6 +512,9 @@ class DeviceGroupCore:
         self._awake = set(self.devices)
         self._noisy = set(self.devices)
         self.replay = replay
+        if replay is not None:
+            for d in self.devices.values():
+                d.replaying, d.detector = True, None
         if record:
             for d in self.devices.values():
                 d.record = []

@@ -18,6 +18,9 @@ verdict only on the device's own context (the forwards are batch invariant, agen
    the models. This pass writes the trace; it costs no forward at all. The record goes to it packed
    (Content.packed: numpy records, ~60 bytes a token), and with history=False (the runner's) it keeps
    no rows: the events are the trace, so a replay's memory grows with devices, not with tokens.
+   A device whose sequence stopped (agents.stop) records fewer tokens than max_new_tokens and the
+   reason at its last one (Drafted.stop): the replay consumes exactly the recorded tokens and takes
+   the stop from the record, without a tokenizer.
 
 The trace is the one the single-pass emulation (`run_local(mode="emulate")`, what the wall clock
 does) gives: same content, same timing rule (tests/testbed/test_runtime.py compares them).
@@ -62,7 +65,7 @@ class Content:
 # from a record equals the original.
 _DRAFTED = np.dtype([("transmit", "?"), ("llm_samples", "?"), ("prob_bits", "i2"), ("k", "i4"), ("draft", "i4"),
                      ("payload", "i8"), ("uncertainty", "f8"), ("draft_prob", "f8"), ("fidelity_tv", "f8"),
-                     ("fidelity_tv_branch", "f8")])
+                     ("fidelity_tv_branch", "f8"), ("stop", "i1")])
 
 
 class PackedDrafted(Sequence):
@@ -74,7 +77,7 @@ class PackedDrafted(Sequence):
     def __init__(self, items: Sequence[Drafted]):
         self.a = np.array([(c.decision.transmit, c.decision.llm_samples, c.decision.prob_bits, c.decision.k, c.draft,
                             c.payload if isinstance(c.payload, int) else len(c.payload), c.decision.uncertainty,
-                            c.draft_prob, c.fidelity_tv, c.fidelity_tv_branch) for c in items], dtype=_DRAFTED)
+                            c.draft_prob, c.fidelity_tv, c.fidelity_tv_branch, c.stop) for c in items], dtype=_DRAFTED)
 
     def __len__(self) -> int:
         return len(self.a)
@@ -82,8 +85,9 @@ class PackedDrafted(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        transmit, llm_samples, prob_bits, k, draft, payload, u, draft_prob, fidelity, branch = self.a[i].tolist()
-        return Drafted(Decision(transmit, u, k, prob_bits, llm_samples), draft, draft_prob, payload, fidelity, branch)
+        transmit, llm_samples, prob_bits, k, draft, payload, u, draft_prob, fidelity, branch, stop = self.a[i].tolist()
+        return Drafted(Decision(transmit, u, k, prob_bits, llm_samples), draft, draft_prob, payload, fidelity, branch,
+                       stop)
 
 
 def pack_devices(devices: Mapping[int, Sequence[Drafted]]) -> dict[int, PackedDrafted]:

@@ -6,8 +6,9 @@ the metrics collector (testbed.metrics), the streaming results writer (testbed.r
 progress display. No sink rebuilds one kind of record from another.
 
 Every device event has a `step`: the token position whose device step produced it (the final flush
-is step max_new_tokens). A step's events are emitted together (one commit or one verdict), so a
-restarted group that skips the steps its previous incarnation delivered emits nothing twice.
+is step = the tokens the device generated: max_new_tokens, or fewer when its sequence stopped). A
+step's events are emitted together (one commit or one verdict), so a restarted group that skips the
+steps its previous incarnation delivered emits nothing twice.
 
 Two clocks: in the wall clock the groups emit every event. In the virtual clock the actors run a
 content pass (no times, no links: only TokenCommitted and ShadowResolved, for progress) and the
@@ -49,7 +50,7 @@ class ShadowResolved:
 
     device: int
     token_index: int  # the skipped token
-    step: int  # the upload whose verdict resolved it (max_new_tokens: the final flush)
+    step: int  # the upload whose verdict resolved it (the tokens generated: the final flush)
     beta: float
     fidelity_tv: float = math.nan
     fidelity_tv_branch: float = math.nan  # the approximation, for a policy without a decision law
@@ -63,7 +64,7 @@ class LinkEvent:
     device: int
     tier: str
     policy: str
-    step: int  # the token it verifies; max_new_tokens for the final flush
+    step: int  # the token it verifies; for the final flush the tokens generated (max_new_tokens or fewer)
     seq: int
     final: bool  # the final flush (only skipped drafts, for their shadow betas)
 

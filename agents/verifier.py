@@ -266,7 +266,8 @@ class VerifierCore:
         """Queue an upload. A retransmitted one (the previous sequence number) gets the same
         verdict again, or nothing while it is still queued; any other unexpected sequence
         number is an OUT_OF_ORDER error. A final flush is answered at once (it carries no
-        draft and costs no emulated time)."""
+        draft and costs no emulated time) and closes the session; one with no piggyback (a device
+        whose sequence stopped at a verified token, agents.stop) runs no forward."""
         f, t_arrive = upload.frame, upload.stamp.t_arrive
         try:  # everything up to `next_seq += 1` only checks: a failure there is the client's, not the LLM's
             s = self.sessions.get(f.device)
@@ -310,8 +311,10 @@ class VerifierCore:
             if self.replay is not None:
                 frame = self.replay[(f.device, f.seq)]
             else:
-                with self.timings("llm.verify_forward", len(s.feed) + len(f.piggyback)):
-                    logits = self.llm.extend([(f.device, s.feed + list(f.piggyback))], all_positions=True)[0]
+                if f.piggyback:
+                    with self.timings("llm.verify_forward", len(s.feed) + len(f.piggyback)):
+                        logits = self.llm.extend([(f.device, s.feed + list(f.piggyback))], all_positions=True)[0]
+                # else: a sequence that stopped at a verified token only closes its session (no forward)
                 frame = protocol.Verdict(device=f.device, session=f.session, seq=f.seq, token_index=f.token_index,
                                          token=protocol.NO_TOKEN, shadow_betas=self._shadow_betas(s, f, logits))
                 if self.mode == "content":

@@ -103,6 +103,7 @@ def end_token_ids(tokenizer: Any) -> set[int]:
     elif isinstance(eos, (list, tuple)):
         ids.update(int(i) for i in eos)
     convert = getattr(tokenizer, "convert_tokens_to_ids", None)
+    back = getattr(tokenizer, "convert_ids_to_tokens", None)
     unk = getattr(tokenizer, "unk_token_id", None)
     if callable(convert):
         for text in END_TOKENS:
@@ -110,8 +111,13 @@ def end_token_ids(tokenizer: Any) -> set[int]:
                 i = convert(text)
             except Exception:  # noqa: BLE001 - a tokenizer without that token
                 continue
-            if isinstance(i, int) and i >= 0 and i != unk:
-                ids.add(i)
+            if not isinstance(i, int) or i < 0:
+                continue
+            # A token the tokenizer does not know converts to unk: not an end token, unless unk *is*
+            # that token (Qwen2.5's unk is <|endoftext|>, the end of text it writes).
+            if i == unk and not (callable(back) and back(i) == text):
+                continue
+            ids.add(i)
     return ids
 
 

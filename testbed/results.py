@@ -40,6 +40,9 @@ Summary definitions (summarize; computed by testbed.figures):
   the sum along its sequence, averaged over its randomness, bounds the TV distance between the
   law of its whole output and the LLM's for its prompt (the hybrid argument: swap one position's
   law at a time); one run gives one sample of that sum per device.
+- stops: how the devices' sequences ended (eos, a stop sequence, length = max_new_tokens;
+  unfinished = cut short) and the tokens each generated; tokens and throughput count the tokens
+  actually generated (a stopped device generates fewer than max_new_tokens).
 Undefined figures (e.g. acceptance with no uploads) are None (null in JSON).
 """
 from __future__ import annotations
@@ -100,14 +103,19 @@ class TokenRecord:
     # the TV of the branch that happened (agents.fidelity.branch_fidelity); NaN otherwise.
     fidelity_tv_branch: float = NAN
     # Link columns (schema 1 + these; -1 in files written before them). Of this token's upload and its
-    # verdict; on a device's last token (a skipped one) when the device ended with a final flush (its
-    # skipped drafts sent for the shadow betas), of that flush, whose uplink bytes and retransmissions
-    # are flush_bytes and flush_retransmissions (uplink_bytes and retransmissions stay 0 there).
+    # verdict; on a device's last token when the device ended with a final flush (its skipped drafts
+    # sent for the shadow betas, or an empty one closing a sequence that stopped at a verified token),
+    # plus that flush's, whose uplink bytes and retransmissions are flush_bytes and flush_retransmissions
+    # (uplink_bytes and retransmissions stay the token's own: 0 for a skipped one).
     uplink_lost: int = 0  # uplink copies the link dropped
     downlink_bytes: int = field(default=0, metadata=_INT64)  # every verdict copy put on the downlink
     downlink_lost: int = 0  # verdict copies the downlink dropped
     flush_bytes: int = field(default=0, metadata=_INT64)
     flush_retransmissions: int = 0
+    # Why the device's sequence ended, on its last token only: "eos" (an end-of-sequence token), "stop"
+    # (a stop sequence completed in the decoded text), "length" (max_new_tokens); "" on every other
+    # row (and in files written before it). agents.stop decides it from the committed tokens.
+    stop_reason: str = ""
 
 
 def _schema(record: type) -> pa.Schema:
@@ -121,8 +129,9 @@ TOKENS_SCHEMA = _schema(TokenRecord)
 TOKEN_COLUMNS = tuple(TOKENS_SCHEMA.names)
 # Columns added after schema 1, with the value that means "unknown": rows and files without them
 # (hand-built rows, older runs) read as unknown rather than failing.
-LATER_COLUMNS = {"fidelity_tv": NAN, "fidelity_tv_branch": NAN, **{c: -1 for c in ("uplink_lost", "downlink_bytes", "downlink_lost", "flush_bytes",
-                                                           "flush_retransmissions")}}
+LATER_COLUMNS = {"fidelity_tv": NAN, "fidelity_tv_branch": NAN,
+                 **{c: -1 for c in ("uplink_lost", "downlink_bytes", "downlink_lost", "flush_bytes",
+                                    "flush_retransmissions")}, "stop_reason": ""}
 
 
 def tokens_table(data: Any) -> pa.Table:
@@ -190,7 +199,7 @@ def read_tokens(path: str | Path, columns: Iterable[str] | None = None) -> pd.Da
 # The columns summarize (testbed.figures) reads.
 SUMMARY_COLUMNS = ("device", "tier", "policy", "transmitted", "draft_id", "accepted", "k", "payload_bytes", "uplink_bytes",
                    "beta", "beta_is_shadow", "retransmissions", "t_draft_start", "t_commit", "fidelity_tv",
-                   "fidelity_tv_branch")
+                   "fidelity_tv_branch", "stop_reason")
 # ... and the report (testbed.report: the same figures, plus u against beta)
 REPORT_COLUMNS = SUMMARY_COLUMNS + ("uncertainty",)
 
@@ -202,7 +211,9 @@ class ResultsWriter:
 
     A transmitted token's row is settled at its commit (its verdict came with it). A skipped token's
     row waits for its shadow beta (ShadowResolved); the device's last skipped token also takes the
-    final flush's link columns, whose events come just before its shadow beta.
+    final flush's link columns, whose events come just before its shadow beta. A transmitted token
+    that stopped its sequence (eos, stop) waits for them too, added to its own (its device flushes to
+    close its session, agents.device.Device.flush; they come together, with the flush's verdict).
 
     Memory: at most flush_rows settled rows (a shard's worth, ~1 kB each as dicts) plus at most
     max_pending skipped rows waiting for their verdict (a device's run of skips since its last upload;
@@ -218,6 +229,9 @@ class ResultsWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.flush_rows, self.flush_s, self.max_pending = flush_rows, flush_s, max_pending
         self.pending: dict[tuple[int, int], dict] = {}  # skipped rows waiting for their shadow beta
+        # transmitted rows that stopped their sequence, waiting for the final flush's link events (all
+        # emitted with the flush's verdict, so in one add): at most one per device, never spilled
+        self.closing: dict[tuple[int, int], dict] = {}
         self.spilled: set[int] = set()  # _key of the skipped rows written before their shadow beta
         self.patches = _Patches()  # ... and what came for them since
         self.settled: list[dict] = []
@@ -228,10 +242,13 @@ class ResultsWriter:
     def add(self, events: Iterable) -> None:
         from agents.events import LinkEvent, ShadowResolved, TokenCommitted, UploadSent, VerdictReceived
 
+        closed = []
         for e in events:
             if isinstance(e, TokenCommitted):
                 row = e.row
-                if row["transmitted"]:
+                if row["transmitted"] and row.get("stop_reason", "") not in ("", "length"):
+                    self.closing[(row["device"], row["token_index"])] = dict(row)  # its flush follows
+                elif row["transmitted"]:
                     self.settled.append(row)  # final: written as the event has it
                 else:  # completed below: a copy, the event's row stays as committed
                     self.pending[(row["device"], row["token_index"])] = dict(row)
@@ -255,11 +272,19 @@ class ResultsWriter:
                     update = {"downlink_bytes": e.bytes}
                 else:
                     update = {f"{e.direction}_lost": e.count}
+                if (row := self.closing.get((e.device, e.step - 1))) is not None:  # added to the token's own
+                    for k, n in update.items():
+                        row[k] += n
+                    if isinstance(e, VerdictReceived):
+                        closed.append((e.device, e.step - 1))
+                    continue
                 row = self.pending.get((e.device, e.step - 1))  # the flush bills the device's last token
                 if row is not None:
                     row.update(update)
                 elif (key := _key(e.device, e.step - 1)) in self.spilled:
                     self.patches.add(key, update)
+        for key in closed:  # the flush's MessageLost events came in this add too
+            self.settled.append(self.closing.pop(key))
         if len(self.pending) > self.max_pending:
             self.spilled.update(_key(*k) for k in self.pending)
             self.settled.extend(self.pending.values())  # written as they stand; patched when read
@@ -269,7 +294,7 @@ class ResultsWriter:
 
     def flush(self, pending: bool = False) -> None:
         """Write the settled rows as one shard (with `pending`, the unsettled ones too: a run cut short)."""
-        rows = self.settled + (list(self.pending.values()) if pending else [])
+        rows = self.settled + (list(self.pending.values()) + list(self.closing.values()) if pending else [])
         self._last_flush = time.monotonic()
         if not rows:
             return
@@ -281,7 +306,7 @@ class ResultsWriter:
         self.rows += len(rows)
         self.settled = []
         if pending:
-            self.pending = {}
+            self.pending, self.closing = {}, {}
 
     def close(self) -> None:
         self.flush(pending=True)
@@ -424,6 +449,7 @@ def summarize(tokens: Any, *, emulated_seconds: float, wall_seconds: float, voca
             "throughput_tokens_per_s": num(span_throughput(tdf, emulated_seconds)),
             "jain_fairness": num(jain(per_device[tdf["device"].unique()])),
             **token_figures(tdf, vocab_size),
+            "stops": stop_figures(tdf),
         }
     summary = {
         "emulated_seconds": num(emulated_seconds),
@@ -440,6 +466,7 @@ def summarize(tokens: Any, *, emulated_seconds: float, wall_seconds: float, voca
         "verifier_batch_size_mean": num(batches.mean()) if len(batches) else None,
         "verifier_batches": int(len(batches)),
         "vocab_size": int(vocab_size),
+        "stops": stop_figures(df, devices=True),
         "tiers": tiers,
     }
     for key, value in (extra or {}).items():
@@ -447,6 +474,31 @@ def summarize(tokens: Any, *, emulated_seconds: float, wall_seconds: float, voca
             raise ValueError(f"extra field {key!r} clashes with a computed summary field")
         summary[key] = value
     return summary
+
+
+STOP_REASONS = ("eos", "stop", "length")
+
+
+def stop_figures(df: pd.DataFrame, devices: bool = False) -> dict:
+    """How the devices' sequences ended (stop_reason of each device's last row): devices per reason
+    ("unfinished": no reason, a run cut short or a file from before stop_reason), and the tokens each
+    device generated (mean, min, max); with `devices`, each device's tokens and reason too."""
+    per_device = df.groupby("device", sort=True).size()
+    reasons = dict.fromkeys(STOP_REASONS, 0)
+    ended = pd.Series(dtype=str)
+    if "stop_reason" in df.columns:
+        ends = df["stop_reason"].astype(str)
+        ended = pd.Series(ends[ends != ""].to_numpy(), index=df.loc[ends != "", "device"].to_numpy())
+        for reason, n in ended.value_counts().items():
+            reasons[str(reason)] = int(n)
+    reasons["unfinished"] = int(len(per_device) - sum(reasons.values()))
+    tokens = {"mean": num(per_device.mean()), "min": int(per_device.min()), "max": int(per_device.max())} \
+        if len(per_device) else {"mean": None, "min": None, "max": None}
+    out = {"reasons": reasons, "tokens_per_device": tokens}
+    if devices:
+        out["devices"] = {str(d): {"tokens": int(n), "reason": str(ended.get(d, "unfinished"))}
+                          for d, n in per_device.items()}
+    return out
 
 
 def _json_safe(x: Any) -> Any:

@@ -35,8 +35,8 @@ class RunOptions:
     # by the group itself, at that many of its own devices' (so always mid-run, however busy the
     # driver). The runner then restarts it (_run_ray). Each fires once, on the first incarnation.
     chaos_kill: tuple[tuple[str, int], ...] = ()
-    # A "verifier" kill at or past the run's token count (devices x max_new_tokens) fires after every
-    # group has finished, before the verifier's content log is read.
+    # A "verifier" kill at or past the run's token count (devices x max_new_tokens, or fewer when a
+    # sequence stops early) fires after every group has finished, before the verifier's content log is read.
     # Chaos tests: kill -9 during a recovery, once each: "verifier" right before the next handover
     # (a group's restart) or restore (the verifier's), "group:<id>" the group's new incarnation as
     # soon as it is made.
@@ -91,10 +91,25 @@ def plan(s: Scenario, checked=None, *, engine: str = "ray", address: str | None 
         specs.append(DeviceSpec(d.device_id, d.tier, tier_label[d.tier], d.slm_ms_per_token, resolve_link(d.link),
                                 p.index, tuple(p.token_ids)))
     run = RunParams(seed=s.seed, max_new_tokens=s.generation.max_new_tokens,
-                    temperature=s.generation.temperature, vocab_size=vocab, batch_slm=s.actors.batch_slm)
+                    temperature=s.generation.temperature, vocab_size=vocab, batch_slm=s.actors.batch_slm,
+                    stop=stop_rule(s))
     return Plan(s, specs, run, s.server.profile(), policy_specs, s.models.slm, s.models.llm,
                 model_dtype(s.models.slm, s.models.dtype, s.actors.group_device),
                 model_dtype(s.models.llm, s.models.dtype, s.actors.verifier_device))
+
+
+def stop_rule(s: Scenario):
+    """The scenario's agents.stop.StopRule: the SLM tokenizer's end ids (testbed.accuracy.end_token_ids,
+    the ones scoring cuts at) when generation.stop_at_eos, and generation.stop, decoded with that
+    tokenizer (the pair shares it, preflight checks)."""
+    from agents.stop import StopRule
+    from testbed.accuracy import end_token_ids
+    from testbed.preflight import _key, _tokenizer
+
+    g = s.generation
+    tokenizer = _tokenizer(_key(s.models.slm)) if g.stop_at_eos or g.stop else None
+    eos = end_token_ids(tokenizer) if g.stop_at_eos else set()
+    return StopRule(frozenset(eos), tuple(g.stop or ()), _key(s.models.slm) if g.stop else None)
 
 
 def resolved_scenario(p: Plan) -> Scenario:
@@ -193,8 +208,10 @@ def run_scenario(s: Scenario, opts: RunOptions) -> dict:
 def _write(p: Plan, opts: RunOptions, df, batch_sizes: list[int], wall: float, status: dict) -> dict:
     """summary.json from tokens.parquet's rows (`df`, already written) and the verifier's batch sizes."""
     emulated = float(df["t_commit"].max()) if len(df) else 0.0
+    # complete: every device's sequence ended (eos, stop or length), not only max_new_tokens each
+    ended = int((df["stop_reason"] != "").sum()) if "stop_reason" in df.columns else 0
     extra = {"scenario": p.scenario.name, "engine": opts.engine, "clock": p.scenario.clock,
-             "complete": len(df) == len(p.specs) * p.run.max_new_tokens}
+             "complete": ended == len(p.specs) and df["device"].nunique() == len(p.specs)}
     extra.update(status)
     summary = results.summarize(df, emulated_seconds=emulated, wall_seconds=wall, vocab_size=p.run.vocab_size,
                                 verifier_batches=batch_sizes, extra=extra)

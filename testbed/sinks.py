@@ -41,9 +41,8 @@ class Sinks:
         self.served = self.collector  # what the exporter shows: timed events only
         self.t0 = time.time()
         self.codes_seen: dict[str, int] = {}  # protocol errors ingested, by reason (clock)
-        self.max_new_tokens = p.run.max_new_tokens
         self.tier_of = {d.device: d.tier for d in p.specs}
-        self.committed = {d.device: 0 for d in p.specs}  # timed tokens per device (active devices)
+        self.ended: set[int] = set()  # devices whose sequence ended in the timed trace (eos, stop, length)
         self.content_tokens = self.timed_tokens = 0
         self.batch_sizes: list[int] = []  # every verifier batch's size (summary.json)
         self.partial: dict = {}  # summary entries a failed run still reports (restarts)
@@ -79,8 +78,9 @@ class Sinks:
 
         for e in events:
             if isinstance(e, TokenCommitted):
-                self.committed[e.device] += 1
                 self.timed_tokens += 1
+                if e.row.get("stop_reason"):
+                    self.ended.add(e.device)
             elif isinstance(e, VerifierBatch):
                 self.batch_sizes.append(e.size)
         self.collector.ingest_events(events)
@@ -96,8 +96,8 @@ class Sinks:
         from agents.stats import ClockStat, ProtocolErrorStat
 
         active: dict[str, int] = {}
-        for device, n in self.committed.items():
-            active[self.tier_of[device]] = active.get(self.tier_of[device], 0) + (n < self.max_new_tokens)
+        for device, tier in self.tier_of.items():
+            active[tier] = active.get(tier, 0) + (device not in self.ended)
         stats = [ClockStat("runner", self.collector.emulated_time(), time.time() - self.t0, lag_s, active)]
         codes = {**(codes or {})}
         if errors > sum(codes.values()):
@@ -152,7 +152,7 @@ class Progress:
         import sys
 
         self.phase = phase
-        self.total = len(p.specs) * p.run.max_new_tokens
+        self.total = len(p.specs) * p.run.max_new_tokens  # at most: a sequence may stop before
         self.collector = collector
         self.tier_names = [t.name for t in p.scenario.tiers]
         self.live = None
@@ -186,14 +186,14 @@ class Progress:
         # The virtual clock's content pass has no emulated times yet (the replay computes them).
         parts = [f"{name}: {t.committed} tok, " + (f"{rate:.1f} tok/s emulated, " if rate > 0 else "")
                  + f"skip {t.skips / max(1, t.committed):.0%}" for name, t, rate in self._tiers(snap)]
-        print(f"[{time.time() - self.t0:6.0f}s] {self._phase()}tokens {done}/{self.total} ({done / max(1, self.total):.0%}) | "
+        print(f"[{time.time() - self.t0:6.0f}s] {self._phase()}tokens {done} (of at most {self.total}) | "
               + " | ".join(parts), file=sys.stderr, flush=True)
 
     def _table(self):
         from rich.table import Table
 
         snap = self.collector.snapshot()
-        table = Table(title=f"{self._phase()}tokens {snap.totals.committed}/{self.total}")
+        table = Table(title=f"{self._phase()}tokens {snap.totals.committed} (of at most {self.total})")
         for col in ("tier", "tokens", "emulated s", "tokens/s", "skip rate", "acceptance"):
             table.add_column(col, justify="right")
         for name, t, rate in self._tiers(snap):

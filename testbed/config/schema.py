@@ -135,8 +135,29 @@ class Prompts(_Config):
 
 
 class Generation(_Config):
+    """A device's sequence ends at max_new_tokens, at an end-of-sequence token (stop_at_eos: the
+    tokenizer's eos and the end markers testbed.accuracy.end_token_ids knows) or when a stop sequence
+    appears in its decoded completion, as a serving engine does (agents.stop). `stop` absent: the
+    HumanEval stop sequences (testbed.accuracy.STOP_SEQUENCES) for prompts.source humaneval, none
+    otherwise; the resolved scenario lists the stops in effect; [] disables them."""
+
     max_new_tokens: int = Field(32, ge=1)
     temperature: PositiveFloat = 1.0  # T in x = softmax(z / T); > 0 (speculative sampling needs a distribution)
+    stop: list[str] | None = None  # None until Scenario resolves it (see above)
+    stop_at_eos: bool = True
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _check_stop(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if not isinstance(v, (list, tuple)):
+            raise fail(f"expected a list of stop sequences (non-empty strings), got {type(v).__name__} {v!r}")
+        bad = [((i,), f"expected a non-empty string, got {type(x).__name__} {x!r}")
+               for i, x in enumerate(v) if not isinstance(x, str) or not x]
+        if bad:
+            raise fail_many(bad)
+        return list(v)
 
 
 class VerifyTime(_Config):
@@ -273,6 +294,17 @@ class Scenario(_Config):
     actors: Actors = Actors()
     metrics: Metrics = Metrics()
     sweep: dict[str, list[Any]] | None = None  # key -> values; one run per combination
+
+    @model_validator(mode="after")
+    def _resolve_stop(self) -> "Scenario":
+        # generation.stop unset: the HumanEval stops for HumanEval prompts, else none. Resolved here so
+        # the scenario a run writes (scenario.yaml) shows the stops in effect.
+        if self.generation.stop is None:
+            from testbed.accuracy import STOP_SEQUENCES
+
+            stop = list(STOP_SEQUENCES) if self.prompts.source == "humaneval" else []
+            object.__setattr__(self, "generation", self.generation.model_copy(update={"stop": stop}))
+        return self
 
     @model_validator(mode="after")
     def _check_tier_names(self) -> "Scenario":

@@ -74,6 +74,30 @@ def test_end_token_ids() -> None:
 
     assert A.end_token_ids(HF()) == {5, 7}
 
+    class QwenLike(HF):  # unk is <|endoftext|> itself (Qwen2.5): an end token, the others still map to it
+        unk_token_id = 5
+        names = {5: "<|endoftext|>", 7: "<|im_end|>"}
+
+        def convert_ids_to_tokens(self, i):
+            return self.names[i]
+
+    assert A.end_token_ids(QwenLike()) == {5, 7}
+
+
+def test_end_token_ids_of_the_qwen_tokenizer_include_its_endoftext() -> None:
+    """Regression: Qwen2.5's unk token is <|endoftext|>, so it was dropped as "unknown", and a completion
+    went on past the end of text the model wrote (HumanEval/0 failed with a SyntaxError on it)."""
+    from agents.models import ModelError, load_tokenizer
+
+    try:
+        tok = load_tokenizer("qwen2.5-coder:slm")
+    except (ModelError, OSError) as e:
+        pytest.skip(f"Qwen tokenizer not prepared: {e}")
+    ends = A.end_token_ids(tok)
+    assert tok.convert_tokens_to_ids("<|endoftext|>") in ends and tok.eos_token_id in ends
+    ids = tok.encode("    return x") + [tok.convert_tokens_to_ids("<|endoftext|>")] + tok.encode("# more\ndef g")
+    assert A.completion_text(ids, tok) == "    return x"
+
 
 # ---------------------------------------------------------------------------- the executor
 

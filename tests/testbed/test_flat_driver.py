@@ -169,3 +169,31 @@ def test_writer_buffers_a_bounded_number_of_rows(tmp_path):
     assert merge_shards(writer.shards, out, block_rows=100) == 800  # 8 blocks of devices
     want = tokens_frame(rows).sort_values(["device", "token_index"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(read_tokens(out), want)
+
+
+def test_a_stopped_device_flush_is_billed_to_its_last_row(tmp_path):
+    """A sequence that stops at a verified token flushes (empty) to close its session: the writer holds
+    that row for the flush's link columns, spilled or not, and writes what the device's own rows say."""
+    from agents.stop import StopRule
+
+    def fresh():  # new sessions: a BatchedLM keeps each device's cache from a previous run
+        return BatchedLM(load_model("tiny:slm")), BatchedLM(load_model("tiny:llm"))
+
+    specs, params = _fleet(24)
+    full = pd.DataFrame(run_local(specs, params, ServerProfile(), *fresh(), _policies()).rows)
+    by = full.set_index(["policy", "device", "token_index"]).token_id
+    eos = {int(by[("llm-only", 3, 4)]), int(by[("slm-only", 4, 9)])}
+    params = dataclasses.replace(params, stop=StopRule(frozenset(eos)))
+    rows = tokens_frame(run_local(specs, params, ServerProfile(), *fresh(), _policies()).rows)
+    rows = rows.sort_values(["device", "token_index"]).reset_index(drop=True)
+    content = run_local(specs, params, ServerProfile(), *fresh(), _policies(), mode="content").content.packed()
+    last = rows.groupby("device").tail(1)
+    stopped = last[last.stop_reason == "eos"]
+    assert stopped.transmitted.any() and (~stopped.transmitted).any() and (last.stop_reason == "length").any()
+    assert (stopped.flush_bytes > 0).all()  # every stopped device flushed, with or without skipped tokens
+    for max_pending in (0, 10**9):
+        _, writer = _replay_peak(specs, params, content, tmp_path / f"w{max_pending}", history=False,
+                                 max_pending=max_pending)
+        merged = writer.merge(tmp_path / f"w{max_pending}.parquet")
+        assert not writer.spilled
+        pd.testing.assert_frame_equal(merged, rows, check_exact=True)

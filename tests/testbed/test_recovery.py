@@ -116,10 +116,12 @@ def _drive(group, verifier, pause=None):
                 group.on_verdict(verdict)
 
 
-def test_restored_verifier_continues_bit_for_bit():
+@pytest.mark.parametrize("stops", [False, True], ids=["length", "stops"])
+def test_restored_verifier_continues_bit_for_bit(stops):
     """VerifierCore.restore from the devices' committed sessions, mid-run, with uploads in flight
     (resent): the content record and the verdict log equal an uninterrupted run's, bit for bit
-    (LLM caches re-fed in the original incremental calls), and so does the replayed trace."""
+    (LLM caches re-fed in the original incremental calls), and so does the replayed trace. With stops
+    (the tiny tokenizer's eos) too: sessions closed by a stop stay closed, the others go on."""
     from agents.device import DeviceGroupCore
     from agents.engine import Content, replay_content, run_local
     from agents.lm import BatchedLM
@@ -128,7 +130,7 @@ def test_restored_verifier_continues_bit_for_bit():
     from policies import load_policy
     from testbed.runner import plan
 
-    p = plan(scenario())
+    p = plan(scenario(**({"generation.stop_at_eos": True} if stops else {})))
     policies = lambda: {name: load_policy(spec) for name, spec in p.policy_specs.items()}  # noqa: E731
     slm, llm = (lambda: BatchedLM(load_model(p.slm))), (lambda: BatchedLM(load_model(p.llm)))
     ref = run_local(p.specs, p.run, p.server, slm(), llm(), policies(), mode="content").content
@@ -151,6 +153,8 @@ def test_restored_verifier_continues_bit_for_bit():
         assert got.devices[device] == record
     want = replay_content(p.specs, p.run, p.server, policies(), ref).rows
     assert replay_content(p.specs, p.run, p.server, policies(), got).rows == want
+    ended = [r["stop_reason"] for r in want if r["stop_reason"]]
+    assert len(ended) == len(p.specs) and ("eos" in ended) == stops and len(want) <= len(p.specs) * TOKENS
 
 
 def test_only_the_driver_can_hand_a_session_over(ray_session):
@@ -214,3 +218,15 @@ def test_wall_clock_recovers_every_token_once(ray_session, tmp_path):
     assert len(df) == 8 * TOKENS and not df.duplicated(["device", "token_index"]).any()
     for _, d in df.groupby("device"):
         assert list(d["token_index"]) == list(range(TOKENS))
+
+
+def test_a_run_that_stops_recovers_to_the_same_trace(ray_session, tmp_path):
+    """Restarted actors replay to the same stops: every actor killed once in a run whose devices stop
+    at the tiny tokenizer's eos."""
+    s = scenario(**{"generation.stop_at_eos": True})
+    want, ref = run(tmp_path, "ref", s)
+    assert ref["stops"]["reasons"]["eos"] > 0 and ref["complete"] and ref["tokens"] < 8 * TOKENS
+    kills = (("group:0", 20), ("group:1", 20), ("verifier", ref["tokens"] // 2))
+    df, summary = run(tmp_path, "all", s, chaos_kill=kills)
+    assert summary["restarts"]["total"] == 3 and summary["stops"] == ref["stops"]
+    assert_identical(df, want)

@@ -277,8 +277,61 @@ def test_progress_names_the_pass_of_a_virtual_clock_run(tmp_path, capsys):
     p = plan(small())
     sinks = Sinks(p, RunOptions(out_dir=tmp_path, progress=True, report=False, accuracy=False, engine="local"))
     sinks.progress.log_line()
-    assert "content pass: tokens 0/64" in capsys.readouterr().err
+    assert "content pass: tokens 0 (of at most 64)" in capsys.readouterr().err
     sinks.events([])
     sinks.progress.log_line()
-    assert "replay (emulated times): tokens 0/64" in capsys.readouterr().err
+    assert "replay (emulated times): tokens 0 (of at most 64)" in capsys.readouterr().err
     sinks.close()
+
+
+@pytest.fixture(scope="module")
+def stopping(tmp_path_factory):
+    """A smoke run that stops: at the tiny tokenizer's eos, and at a stop sequence, text a device of the
+    non-stopping run commits at token indices 3-4 (so at least that device provably stops mid-run)."""
+    from agents.models import ByteTokenizer
+
+    tmp = tmp_path_factory.mktemp("stop")
+    full = run(small(**{"generation.stop": [], "generation.stop_at_eos": False}), tmp, "full", engine="local")
+    tok, stop = ByteTokenizer(512), None
+    for _, g in full.groupby("device"):
+        text = tok.decode(g.token_id.tolist()[3:5])
+        if len(text) == 2 and text.isascii() and text.isprintable():
+            stop = text
+            break
+    assert stop is not None
+    s = small(**{"generation.stop": [stop], "generation.stop_at_eos": True})
+    return s, full, run(s, tmp, "local", engine="local"), tmp / "local"
+
+
+def test_a_run_that_stops_counts_what_was_generated(stopping):
+    s, full, df, out = stopping
+    summary = json.loads((out / "summary.json").read_text())
+    rows = results.read_tokens(out / "tokens.parquet")
+    ends = rows.groupby("device").stop_reason.agg(lambda r: [x for x in r if x])
+    assert (ends.str.len() == 1).all()  # one reason per device, on its last row
+    assert (rows.groupby("device").apply(lambda g: g.sort_values("token_index").stop_reason.iloc[-1]) != "").all()
+    reasons = rows.loc[rows.stop_reason != "", "stop_reason"].value_counts().to_dict()
+    assert reasons.get("stop", 0) >= 1 and len(rows) < s.n_devices * 8
+    assert summary["tokens"] == len(rows) and summary["complete"] is True
+    assert summary["stops"]["reasons"] == {"eos": reasons.get("eos", 0), "stop": reasons.get("stop", 0),
+                                           "length": reasons.get("length", 0), "unfinished": 0}
+    assert summary["stops"]["tokens_per_device"]["min"] < 8
+    last = rows.sort_values("token_index").groupby("device").tail(1).set_index("device")
+    assert summary["stops"]["devices"] == {str(d): {"tokens": int(r.token_index) + 1, "reason": r.stop_reason}
+                                           for d, r in last.sort_index().iterrows()}
+    assert summary["throughput_tokens_per_s"]["system"] == pytest.approx(len(rows) / summary["emulated_seconds"])
+    import yaml
+
+    assert yaml.safe_load((out / "scenario.yaml").read_text())["generation"]["stop"] == s.generation.stop
+    # the content (tokens, decisions) up to each device's stop is the non-stopping run's
+    content = ["device", "token_index", "token_id", "draft_id", "transmitted", "k", "accepted", "resampled", "beta",
+               "uncertainty", "fidelity_tv"]
+    merged = df[content].merge(full[content], on=["device", "token_index"], suffixes=("", "_full"))
+    assert len(merged) == len(df)
+    for c in content[2:]:
+        pd.testing.assert_series_equal(merged[c], merged[f"{c}_full"], check_names=False)
+
+
+def test_ray_engine_reproduces_a_run_that_stops(ray_session, stopping, tmp_path):
+    s, _, local, _ = stopping
+    assert_same_trace(run(s, tmp_path, "ray", engine="ray"), local)

@@ -130,6 +130,10 @@ BAD = [
     (("prompts",), {"texts": []}, "prompts.texts", "at least one"),
     (("prompts",), {"source": "file"}, "prompts.file", "required"),
     (("address",), "", "address", None),
+    (("generation", "stop"), "\ndef", "generation.stop", "expected a list of stop sequences"),
+    (("generation", "stop"), ["\ndef", ""], "generation.stop[1]", "non-empty string"),
+    (("generation", "stop"), [3], "generation.stop[0]", "non-empty string"),
+    (("generation", "stop_at_eos"), "sometimes", "generation.stop_at_eos", None),
 ]
 
 
@@ -438,3 +442,20 @@ def test_bare_tiny_models_take_the_role_of_their_slot():
                         "tiers": [{"name": "a", "count": 1, "slm_ms_per_token": 10.0, "link": "wifi-strong"}]})
     assert s.models.slm == "tiny:slm"
     assert s.models.llm == {"kind": "tiny", "vocab_size": 300, "role": "llm"}
+
+
+def test_stop_defaults_to_the_humaneval_stops_for_humaneval_prompts_and_shows_in_the_resolved_scenario(tmp_path):
+    from testbed.accuracy import STOP_SEQUENCES
+
+    d = base()
+    assert parse_scenario(d).generation.stop == []  # texts: no stop sequences unless asked
+    d["prompts"] = {"source": "humaneval", "count": 2}
+    s = parse_scenario(d)
+    assert s.generation.stop == list(STOP_SEQUENCES) and s.generation.stop_at_eos
+    path = dump_scenario(s, tmp_path / "scenario.yaml")
+    assert yaml.safe_load(path.read_text())["generation"]["stop"] == list(STOP_SEQUENCES)
+    assert load_scenario(path) == s
+    d["generation"] = {"max_new_tokens": 4, "stop": []}  # an explicit empty list disables them
+    assert parse_scenario(d).generation.stop == []
+    d["generation"] = {"max_new_tokens": 4, "stop": ["\n\n"], "stop_at_eos": False}
+    assert parse_scenario(d).generation.stop == ["\n\n"]
