@@ -694,26 +694,38 @@ def _row(point: Point, summary: dict, hlm_throughput: float | None, tokens: Any 
 
 
 def cu_hlm_frontier(rows: list[dict]) -> list[dict]:
-    """cu-hlm's threshold sweep (risk-averse, fixed u_th, risk-prone; theta at its default) as the
-    Pareto front of (fidelity, skip rate): sorted by fidelity, each point skipping more than every
-    point of lower fidelity (a dominated threshold is one no user would pick)."""
+    """cu-hlm's threshold sweep (risk-averse, fixed u_th, risk-prone; theta at its default) as the upper
+    concave hull of its (fidelity, skip rate) points: what cu-hlm can reach at each fidelity. Mixing two
+    thresholds at random (per sequence, with probability lam) skips lam s_1 + (1 - lam) s_2 and, as TV is
+    convex, costs at most lam f_1 + (1 - lam) f_2, so every point of a hull segment is attainable or
+    bettered; the Pareto staircase of the measured points lies at or below it and would understate
+    cu-hlm. Sorted by fidelity; a point under the hull (dominated, or beaten by a mixture) is left out."""
     pts = sorted((r for r in rows if r["policy"] == "cu-hlm" and r["group"] in ("policy", "u_th")
                   and r.get("fidelity_tv") is not None and r.get("skip_rate") is not None),
                  key=lambda r: (r["fidelity_tv"], -r["skip_rate"]))
-    front: list[dict] = []
+    hull: list[dict] = []
     for r in pts:
-        if not front or r["skip_rate"] > front[-1]["skip_rate"]:
-            front.append(r)
-    return front
+        if hull and r["skip_rate"] <= hull[-1]["skip_rate"]:
+            continue  # no more skipping for more distortion
+        while len(hull) >= 2 and _below_chord(hull[-2], hull[-1], r):
+            hull.pop()
+        hull.append(r)
+    return hull
+
+
+def _below_chord(a: dict, b: dict, c: dict) -> bool:
+    """b lies on or under the segment from a to c in the (fidelity, skip) plane."""
+    (fa, sa), (fb, sb), (fc, sc) = ((r["fidelity_tv"], r["skip_rate"]) for r in (a, b, c))
+    return (sb - sa) * (fc - fa) <= (sc - sa) * (fb - fa)
 
 
 def equal_fidelity(rows: list[dict]) -> list[dict]:
-    """Each cu-hlm-adaptive point against cu-hlm's threshold sweep at the same fidelity (issue 8): the
-    skip rate cu-hlm reaches at the adaptive point's fidelity, linearly interpolated along its Pareto
-    front (mixing two thresholds at random attains every point of that segment, so this is what
-    cu-hlm can do, not just what was measured); the pass@1 of the two bracketing cu-hlm points.
-    Below cu-hlm's lowest fidelity no threshold reaches it: `cu_hlm_skip_rate` is then that lowest
-    point's skip rate and `bound` says cu-hlm cannot do better than that at any fidelity so low."""
+    """Each cu-hlm-adaptive point against cu-hlm's threshold sweep at the same fidelity: the skip rate
+    cu-hlm reaches at the adaptive point's fidelity, linearly interpolated along the upper concave hull
+    of its points (cu_hlm_frontier: random mixing of thresholds attains it); the pass@1 of the two
+    bracketing cu-hlm points. Below cu-hlm's lowest fidelity no threshold reaches it: `cu_hlm_skip_rate`
+    is then that lowest point's skip rate and `bound` says cu-hlm cannot do better than that at any
+    fidelity so low."""
     front = cu_hlm_frontier(rows)
     out = []
     if not front:

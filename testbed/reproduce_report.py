@@ -98,7 +98,7 @@ def plot_reliability(calibration: dict, path: Path) -> Path:
 
 
 def plot_frontier(rows: list[dict], path: Path) -> Path:
-    """Skip rate against fidelity: cu-hlm's threshold sweep (its Pareto front) and cu-hlm-adaptive's
+    """Skip rate against fidelity: cu-hlm's threshold sweep (the upper concave hull of its points) and cu-hlm-adaptive's
     risk budgets per estimator; up and to the left is better. Left: every point (log fidelity);
     right: the adaptive points' neighbourhood (linear)."""
     fig, ax = new_figure(12, 4.6, ncols=2)
@@ -111,7 +111,7 @@ def plot_frontier(rows: list[dict], path: Path) -> Path:
     for a, zoom in zip(ax[0], (False, True)):
         if front:
             a.plot([r["fidelity_tv"] for r in front], [100 * r["skip_rate"] for r in front], marker="o",
-                   color="#d62728", label="cu-hlm, u_th sweep (Pareto front)")
+                   color="#d62728", label="cu-hlm, u_th sweep (upper concave hull)")
             for r in front:
                 if r.get("u_th") is not None:
                     a.annotate(f"u_th {r['u_th']:.2g}", (r["fidelity_tv"], 100 * r["skip_rate"]),

@@ -117,6 +117,20 @@ def test_equal_fidelity_interpolates_along_cu_hlms_pareto_front():
     assert v["a2"]["bound"] and v["a2"]["cu_hlm_skip_rate"] == pytest.approx(0.2)  # more faithful than any u_th
 
 
+def test_equal_fidelity_uses_the_upper_concave_hull_not_the_staircase():
+    """A threshold under the chord of its neighbours is beaten by mixing them: the hull skips it, and the
+    comparison is against the chord (here 0.5 at fidelity 0.03, where the staircase would say 0.3)."""
+    rows = [_row("cu-hlm", 0.02, 0.2, group="policy"), _row("cu-hlm-uth0.1", 0.03, 0.3),
+            _row("cu-hlm-uth0.5", 0.04, 0.8), _row("a", 0.03, 0.45, policy="cu-hlm-adaptive", risk=0.01)]
+    assert [r["point"] for r in reproduce.cu_hlm_frontier(rows)] == ["cu-hlm", "cu-hlm-uth0.5"]
+    (v,) = reproduce.equal_fidelity(rows)
+    assert v["cu_hlm_skip_rate"] == pytest.approx(0.5) and v["skip_gain"] == pytest.approx(-0.05)
+    # every measured point lies on or under the hull
+    f = [r["fidelity_tv"] for r in reproduce.cu_hlm_frontier(rows)]
+    s = [r["skip_rate"] for r in reproduce.cu_hlm_frontier(rows)]
+    assert all(r["skip_rate"] <= np.interp(r["fidelity_tv"], f, s) + 1e-12 for r in rows[:3])
+
+
 def test_paper_table_equals_point_summaries(paper):
     out, result = paper["out"], paper["result"]
     table = json.loads((out / "report/table.json").read_text())
