@@ -14,7 +14,10 @@ measurement. ``auto_dtype`` answers:
   recorded with every run (``machine_info``).
 
 Threads. ``resolve_threads("auto")`` is the cores this process may run on (its CPU affinity, not
-the machine's count: a container or taskset may allow fewer). Forwards in fp32 (MKL's sgemm) round
+the machine's count: a container or taskset may allow fewer), capped by OMP_NUM_THREADS where it is
+set (the usual way to say "share this machine"): on cores other processes keep busy, a forward split
+over 2 threads ran 5-13x *slower* than on 1 (measured, 2-core Xeon AVX512+BF16 at load 6-11), since
+every parallel region waits for its slowest thread's time slice. Forwards in fp32 (MKL's sgemm) round
 differently at different thread counts; bf16 (oneDNN) did not in our measurements. So a scenario
 resolves its count once and every engine computes its content at that count (testbed.runner).
 """
@@ -73,10 +76,16 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def auto_threads() -> int:
+    """What actors.threads auto resolves to: usable_cores(), at most OMP_NUM_THREADS where set."""
+    cap = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return min(usable_cores(), int(cap)) if cap.isdigit() and int(cap) >= 1 else usable_cores()
+
+
 def resolve_threads(threads: int | str | None) -> int:
-    """A torch thread count: auto/None -> usable_cores(). Raises ValueError on anything else."""
+    """A torch thread count: auto/None -> auto_threads(). Raises ValueError on anything else."""
     if threads in (None, "auto"):
-        return usable_cores()
+        return auto_threads()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be auto or a whole number >= 1, got {threads!r}")
     return threads

@@ -212,7 +212,8 @@ class Actors(_Config):
     devices_per_group: int = Field(4, ge=1)  # virtual devices per DeviceGroup actor (one SLM copy each)
     # torch threads of the content forwards (the virtual clock: the local engine, and on Ray every
     # actor, since groups and verifier take turns there and the one computing should have all the
-    # cores). auto = the cores this machine lets the driver use (agents.hardware.resolve_threads);
+    # cores). auto = the cores this machine lets the driver use, at most OMP_NUM_THREADS where set
+    # (agents.hardware.auto_threads; on a machine others share, pin 1: split forwards wait for time slices);
     # a run writes the count it resolved into its scenario.yaml. fp32 forwards round differently at
     # different counts, so every engine and layout computes a scenario's content at this one count.
     threads: Literal["auto"] | Annotated[int, Field(ge=1, strict=True)] = "auto"

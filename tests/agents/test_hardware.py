@@ -40,11 +40,16 @@ def test_probe_is_measured_once_then_cached(cache, monkeypatch):
     assert len(list((cache / "dtype-probe").glob("*.json"))) == 2
 
 
-def test_threads_resolve_to_the_usable_cores():
+def test_threads_resolve_to_the_usable_cores(monkeypatch):
     import os
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert hardware.resolve_threads("auto") == len(os.sched_getaffinity(0)) == hardware.usable_cores()
     assert hardware.resolve_threads(None) == hardware.usable_cores()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a shared machine's cap
+    assert hardware.resolve_threads("auto") == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "999")
+    assert hardware.resolve_threads("auto") == hardware.usable_cores()
     assert hardware.resolve_threads(3) == 3
     for bad in (0, -1, "many", 2.0, True):
         with pytest.raises(ValueError, match="auto or a whole number"):

@@ -294,7 +294,7 @@ def test_threads_resolve_once_and_every_engine_computes_at_that_count(ray_sessio
     """actors.threads: auto resolves to the usable cores, is pinned in scenario.yaml and recorded
     under compute.threads; the local engine and the Ray virtual clock (every actor at that count,
     as the models report) give the same trace, with a model whose fp32 bits depend on the count."""
-    from agents.hardware import usable_cores
+    from agents.hardware import auto_threads
 
     s = small(**WIDE_PAIR, **{"generation.max_new_tokens": 6})
     assert s.actors.threads == "auto"
@@ -304,11 +304,11 @@ def test_threads_resolve_once_and_every_engine_computes_at_that_count(ray_sessio
         summary = run_scenario(s, RunOptions(out_dir=out, progress=False, report=False, engine=engine, accuracy=False))
         traces[engine] = trace(out)
         threads = summary["compute"]["threads"]
-        assert threads["requested"] == "auto" and threads["content"] == usable_cores()
-        assert threads["slm"] == threads["llm"] == usable_cores()
+        assert threads["requested"] == "auto" and threads["content"] == auto_threads()
+        assert threads["slm"] == threads["llm"] == auto_threads()
         # what torch itself reported where the forwards ran (the Ray actors' processes)
-        assert summary["compute"]["slm"]["threads"] == summary["compute"]["llm"]["threads"] == usable_cores()
-        assert load_scenario(out / "scenario.yaml").actors.threads == usable_cores()
+        assert summary["compute"]["slm"]["threads"] == summary["compute"]["llm"]["threads"] == auto_threads()
+        assert load_scenario(out / "scenario.yaml").actors.threads == auto_threads()
     assert_same_trace(traces["ray"], traces["local"])
 
 
