@@ -305,6 +305,14 @@ def _add_compute_limit(p: Plan, status: dict, engine: str, slm, llm) -> None:
     prof["total_wall_over_compute_limit"] = round(prof["wall_s"] / limit["seconds"], 3) if limit["seconds"] else None
 
 
+def _turn_path() -> str:
+    """A lock file for one run's ComputeTurn, in each machine's temp folder (cores are per machine)."""
+    import secrets
+    import tempfile
+
+    return str(Path(tempfile.gettempdir()) / f"hlm-compute-turn-{secrets.token_hex(6)}.lock")
+
+
 def actor_resources(s: Scenario) -> dict[str, dict]:
     """What each actor asks Ray for: no CPU reservation (actors share cores; their torch threads
     are set explicitly) and the scenario's GPU share (fractional for groups)."""
@@ -490,6 +498,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
     a = s.actors
     clock = ClockParams(s.clock, s.time_scale, 0.0, opts.chaos_delay_s, opts.chaos_stall_group)
     actors = []
+    turn = None  # the ComputeTurn lock file, when the actors take the cores in turns
     try:
         host = s.server.host
         if opts.address and host == "127.0.0.1":
@@ -499,6 +508,9 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
         # Content pass: groups and verifier take turns, so each computes on all of actors.threads
         # (a restarted actor too: the same count, the same bits). Wall clock: the split.
         role_threads = forward_threads(s, p.threads, "ray")
+        # ... and where several actors have a forward ready at once (several groups), they take the
+        # cores in turns (agents.lm.ComputeTurn, a lock file per machine and run) instead of splitting them.
+        turn = _turn_path() if two_pass and p.threads > 1 else None
         resources = actor_resources(s)
         verifier_cls = ray.remote(**resources["verifier"])(Verifier)
         group_cls = ray.remote(**resources["group"])(DeviceGroup)
@@ -519,13 +531,13 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
                 p.llm, p.server, s.seed, p.run.vocab_size, clock, host, s.server.port,
                 threads=role_threads["llm"], expected_sessions=len(p.specs), dtype=p.llm_dtype,
                 device=a.verifier_device, allowed_devices=[d.device for d in p.specs],
-                mode="content" if two_pass else "emulate", curve=keys.for_server() if keys else None)
+                mode="content" if two_pass else "emulate", curve=keys.for_server() if keys else None, turn=turn)
             actors.append(v)
             return v
 
         def make_group(i: int, incarnation: int = 0):
             g = group_cls.remote(i, [p.specs[d] for d in members[i]], p.run, p.slm, p.policy_specs, None, clock,
-                                 role_threads["slm"], p.slm_dtype, a.group_device, two_pass, incarnation)
+                                 role_threads["slm"], p.slm_dtype, a.group_device, two_pass, incarnation, turn=turn)
             actors.append(g)
             return g
 
@@ -805,3 +817,5 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
                 pass
         if started:
             ray.shutdown()
+        if turn and not opts.address:  # local Ray: the actors' lock file is this machine's
+            Path(turn).unlink(missing_ok=True)

@@ -165,3 +165,32 @@ def test_real_qwen_pair_is_batch_invariant(real_models, role, threads):
     lm_factory = lambda: BatchedLM(model)  # noqa: E731
     assert lm_factory().forward == "packed"
     assert_invariant(lm_factory, 151_936, batches=(2, 8, 32), prompt_len=50, steps=3, max_prompt=40)
+
+
+def test_compute_turns_serialise_forwards_and_keep_the_bits(tmp_path):
+    """agents.lm.ComputeTurn: forwards hold the machine's cores in turns (a flock); a forward that
+    finds them taken waits, and a forward's bits are the same with or without turns."""
+    import fcntl
+    import os
+    import threading
+
+    from agents.lm import ComputeTurn
+
+    model = load_model(TINY)
+    plain = BatchedLM(model)
+    turned = BatchedLM(model)
+    turned.turn = ComputeTurn(str(tmp_path / "turn.lock"))
+    ids = list(range(1, 20))
+    assert np.array_equal(plain.extend([("s", ids)]), turned.extend([("s", ids)]))
+    assert turned.describe()["compute_turn"] == {"waits": 0}
+    # another holder (another process's lock: a separate open file description) keeps the cores
+    fd = os.open(tmp_path / "turn.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (turned.extend([("s", [5])]), done.set()))
+    worker.start()
+    assert not done.wait(0.5)  # the forward waits for its turn
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    worker.join(10)
+    assert done.is_set() and turned.describe()["compute_turn"] == {"waits": 1}

@@ -308,6 +308,9 @@ def test_threads_resolve_once_and_every_engine_computes_at_that_count(ray_sessio
         assert threads["slm"] == threads["llm"] == auto_threads()
         # what torch itself reported where the forwards ran (the Ray actors' processes)
         assert summary["compute"]["slm"]["threads"] == summary["compute"]["llm"]["threads"] == auto_threads()
+        if engine == "ray" and auto_threads() > 1:  # two groups and the verifier take the cores in turns
+            assert summary["compute"]["slm"]["compute_turn"] is not None
+            assert summary["compute"]["llm"]["compute_turn"] is not None
         assert load_scenario(out / "scenario.yaml").actors.threads == auto_threads()
     assert_same_trace(traces["ray"], traces["local"])
 
