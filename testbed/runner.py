@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
 import pickle
 import time
 from dataclasses import dataclass, field
@@ -135,7 +136,9 @@ def compute_info(p: Plan, lms: Mapping[str, Any], engine: str = "local") -> dict
     return {"machine": machine_info(), "dtype": {"requested": p.scenario.models.dtype, "slm": p.slm_dtype,
                                                  "llm": p.llm_dtype},
             "threads": {"requested": a.threads, "content": p.threads, **forward_threads(p.scenario, p.threads, engine),
-                        "group": a.group_threads, "verifier": a.verifier_threads},
+                        "group": a.group_threads, "verifier": a.verifier_threads,
+                        # other work on the cores slows split forwards many times (agents.hardware)
+                        "machine_load_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None},
             "device": {"group": a.group_device, "verifier": a.verifier_device},
             "batch_slm": a.batch_slm, **{role: lm for role, lm in lms.items() if lm}}
 
@@ -164,7 +167,6 @@ def run_scenario(s: Scenario, opts: RunOptions) -> dict:
         p, ray_owned, ray_s = _plan_while_ray_starts(s, opts, checked)
     else:
         p, ray_owned, ray_s = plan(s, checked, engine=opts.engine), False, 0.0
-    _warn_if_cores_are_busy(p)
     try:
         opts.out_dir.mkdir(parents=True, exist_ok=True)
         dump_scenario(resolved_scenario(p), opts.out_dir / "scenario.yaml")
@@ -210,24 +212,6 @@ def run_scenario(s: Scenario, opts: RunOptions) -> dict:
                 write_report([opts.out_dir], opts.out_dir / "report")
         sinks.linger(opts.linger_s)
     return json.loads((opts.out_dir / "summary.json").read_text())
-
-
-def _warn_if_cores_are_busy(p: Plan) -> None:
-    """One line on stderr when actors.threads auto gave several threads on a machine other work keeps
-    busy: there a forward split over threads waits for time slices and runs slower than on one."""
-    import os
-    import sys
-
-    from agents.hardware import usable_cores
-
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return
-    if p.scenario.actors.threads == "auto" and p.threads > 1 and load > usable_cores():
-        print(f"note: actors.threads auto = {p.threads} torch threads, but this machine's load is {load:.1f} on "
-              f"{usable_cores()} usable cores; shared cores make a split forward slower than one thread: set "
-              f"actors.threads: 1 (or OMP_NUM_THREADS=1) here", file=sys.stderr, flush=True)
 
 
 def _write(p: Plan, opts: RunOptions, df, batch_sizes: list[int], wall: float, status: dict) -> dict:

@@ -305,7 +305,7 @@ def test_threads_resolve_once_and_every_engine_computes_at_that_count(ray_sessio
         traces[engine] = trace(out)
         threads = summary["compute"]["threads"]
         assert threads["requested"] == "auto" and threads["content"] == auto_threads()
-        assert threads["slm"] == threads["llm"] == auto_threads()
+        assert threads["slm"] == threads["llm"] == auto_threads() and threads["machine_load_1m"] >= 0
         # what torch itself reported where the forwards ran (the Ray actors' processes)
         assert summary["compute"]["slm"]["threads"] == summary["compute"]["llm"]["threads"] == auto_threads()
         if engine == "ray" and auto_threads() > 1:  # two groups and the verifier take the cores in turns
