@@ -117,8 +117,8 @@ class DeviceGroup:
 
     def __init__(self, group_id: int, specs: list[DeviceSpec], run: RunParams, slm_spec, policy_specs: dict,
                  endpoint: str | None, clock: ClockParams, threads: int = 1, dtype: str | None = None, device: str = "cpu",
-                 record: bool = False, incarnation: int = 0):
-        from agents.lm import BatchedLM
+                 record: bool = False, incarnation: int = 0, turn: str | None = None):
+        from agents.lm import BatchedLM, ComputeTurn
         from agents.models import load_model
         from policies import load_policy
 
@@ -133,6 +133,8 @@ class DeviceGroup:
         policies = {name: load_policy(spec) for name, spec in policy_specs.items()}
         drafts = any(policies[s.policy_name].drafts for s in specs)
         slm = BatchedLM(load_model(slm_spec, dtype=dtype, device=device)) if drafts else None
+        if slm is not None and turn:  # the content pass: forwards take turns on the cores (agents.lm)
+            slm.turn = ComputeTurn(turn)
         # record: the virtual clock's content pass (agents.engine); run() returns what was emitted.
         self.core = DeviceGroupCore(specs, run, slm, policies, record=record)
         self.record = record
@@ -336,8 +338,9 @@ class Verifier:
                  lm=None, expected_sessions: int = 0, allowed_devices=None, max_sessions: int | None = None,
                  max_sessions_per_identity: int | None = None, max_prompt_tokens: int | None = None,
                  max_prefill_tokens_per_identity: int | None = None, max_messages_per_poll: int = 256,
-                 dtype: str | None = None, device: str = "cpu", mode: str = "emulate", curve: ServerKeys | None = None):
-        from agents.lm import BatchedLM
+                 dtype: str | None = None, device: str = "cpu", mode: str = "emulate", curve: ServerKeys | None = None,
+                 turn: str | None = None):
+        from agents.lm import BatchedLM, ComputeTurn
         from agents.models import load_model
 
         t0 = time.perf_counter()
@@ -345,6 +348,8 @@ class Verifier:
         # `lm`: an already loaded BatchedLM (benchmarks share one model between runs).
         self.core = VerifierCore(lm or BatchedLM(load_model(llm_spec, dtype=dtype, device=device)), server, seed,
                                  vocab_size, expected_sessions, mode=mode)
+        if turn and lm is None:  # the content pass: forwards take turns on the cores (agents.lm)
+            self.core.llm.turn = ComputeTurn(turn)
         self.core.timings.add("startup.model_load", time.perf_counter() - t0)
         self.clock = clock
         self.host, self.port = host, port

@@ -7,9 +7,19 @@ measurement. ``auto_dtype`` answers:
 - CUDA: bf16 where the GPU supports it natively, else fp16;
 - CPU: a short measured probe (a decode-shaped bf16 vs fp32 GEMM, the shapes real runs see) picks
   bf16 when it is at least as fast as fp32 (it also halves memory), else fp32. Without native
-  bf16 (AVX512-BF16 or AMX) the probe is skipped: fp32. The result is cached per machine (CPU
-  model, capability, torch version, threads) under the testbed cache, so later runs decide in
-  microseconds, and it is recorded with every run (``machine_info``).
+  bf16 (AVX512-BF16 or AMX) the probe is skipped: fp32. The probe runs at the torch thread count
+  the forwards will use (``resolve_threads``: the content pass computes on every usable core), since
+  the two kernels need not scale alike. The result is cached per machine (CPU model, capability,
+  torch version, threads) under the testbed cache, so later runs decide in microseconds, and it is
+  recorded with every run (``machine_info``).
+
+Threads. ``resolve_threads("auto")`` is the cores this process may run on (its CPU affinity, not
+the machine's count: a container or taskset may allow fewer), capped by OMP_NUM_THREADS where it is
+set (the usual way to say "share this machine"): on cores other processes keep busy, a forward split
+over 2 threads ran 5-13x *slower* than on 1 (measured, 2-core Xeon AVX512+BF16 at load 6-11), since
+every parallel region waits for its slowest thread's time slice. Forwards in fp32 (MKL's sgemm) round
+differently at different thread counts; bf16 (oneDNN) did not in our measurements. So a scenario
+resolves its count once and every engine computes its content at that count (testbed.runner).
 """
 from __future__ import annotations
 
@@ -23,7 +33,7 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROBE_SHAPE = (16, 1536, 4096)  # rows x in x out: a tile of the packed forward on a 1.5B layer
-PROBE_THREADS = 1  # as the actors run (actors.*_threads default): a busy second core cannot skew it
+PROBE_THREADS = 1  # the probe's default thread count, when the caller names none
 BF16_MARGIN = 1.25  # native bf16 is kept unless it measures 1.25x slower than fp32 (it halves memory)
 
 
@@ -58,15 +68,38 @@ def cpu_capability() -> str:
     return f"{cap}+BF16" if native_bf16() else cap
 
 
-def _time_gemms(dtypes: list[torch.dtype], reps: int = 7) -> list[float]:
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity; os.cpu_count where there is none)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def auto_threads() -> int:
+    """What actors.threads auto resolves to: usable_cores(), at most OMP_NUM_THREADS where set."""
+    cap = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return min(usable_cores(), int(cap)) if cap.isdigit() and int(cap) >= 1 else usable_cores()
+
+
+def resolve_threads(threads: int | str | None) -> int:
+    """A torch thread count: auto/None -> auto_threads(). Raises ValueError on anything else."""
+    if threads in (None, "auto"):
+        return auto_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be auto or a whole number >= 1, got {threads!r}")
+    return threads
+
+
+def _time_gemms(dtypes: list[torch.dtype], reps: int = 7, threads: int = PROBE_THREADS) -> list[float]:
     """Best-of-reps time of one PROBE_SHAPE GEMM per dtype, interleaved (so a burst of load hits
-    every dtype alike), on PROBE_THREADS threads."""
+    every dtype alike), on `threads` torch threads."""
     m, k, n = PROBE_SHAPE
     gen = torch.Generator().manual_seed(0)
     x32, w32 = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
     args = [(x32.to(d), w32.to(d)) for d in dtypes]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(PROBE_THREADS)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         for x, w in args:
             torch.nn.functional.linear(x, w)  # warm-up (oneDNN builds its kernel on first use)
@@ -77,34 +110,35 @@ def _time_gemms(dtypes: list[torch.dtype], reps: int = 7) -> list[float]:
                 torch.nn.functional.linear(x, w)
                 best[i] = min(best[i], time.perf_counter() - t0)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved)
     return best
 
 
-def _probe_path() -> Path:
+def _probe_path(threads: int = PROBE_THREADS) -> Path:
     from agents.models import cache_dir
 
-    key = f"{cpu_model()}|{cpu_capability()}|{torch.__version__}|{PROBE_THREADS}"
+    key = f"{cpu_model()}|{cpu_capability()}|{torch.__version__}|{threads}"
     safe = "".join(c if c.isalnum() else "-" for c in key)[:180]
     return cache_dir() / "dtype-probe" / f"{safe}.json"
 
 
-def probe_cpu_dtype(refresh: bool = False) -> dict:
-    """bf16 vs fp32 GEMM time on this CPU (cached per machine); {"dtype", "bf16_s", "fp32_s", ...}."""
-    path = _probe_path()
+def probe_cpu_dtype(refresh: bool = False, threads: int = PROBE_THREADS) -> dict:
+    """bf16 vs fp32 GEMM time on this CPU at `threads` torch threads (cached per machine and thread
+    count); {"dtype", "bf16_s", "fp32_s", ...}."""
+    path = _probe_path(threads)
     if not refresh:
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError):
             pass
     if native_bf16():
-        fp32, bf16 = _time_gemms([torch.float32, torch.bfloat16])
+        fp32, bf16 = _time_gemms([torch.float32, torch.bfloat16], threads=threads)
     else:
-        fp32, bf16 = _time_gemms([torch.float32])[0], None
+        fp32, bf16 = _time_gemms([torch.float32], threads=threads)[0], None
     choice = "bfloat16" if bf16 is not None and bf16 <= BF16_MARGIN * fp32 else "float32"
     result = {"dtype": choice, "bf16_s": bf16, "fp32_s": fp32, "shape": list(PROBE_SHAPE),
               "native_bf16": native_bf16(), "cpu": cpu_model(), "capability": cpu_capability(),
-              "threads": PROBE_THREADS, "torch": torch.__version__,
+              "threads": threads, "torch": torch.__version__,
               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,17 +150,17 @@ def probe_cpu_dtype(refresh: bool = False) -> dict:
     return result
 
 
-def auto_dtype(device: str = "cpu") -> str:
-    """The dtype `auto` resolves to on `device` (cpu, cuda, cuda:N)."""
+def auto_dtype(device: str = "cpu", threads: int = PROBE_THREADS) -> str:
+    """The dtype `auto` resolves to on `device` (cpu, cuda, cuda:N), for forwards at `threads`."""
     if str(device).startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return probe_cpu_dtype()["dtype"]
+    return probe_cpu_dtype(threads=threads)["dtype"]
 
 
-def resolve_dtype(dtype: str | None, device: str = "cpu") -> str:
-    """A dtype name (auto/None -> auto_dtype). Raises ValueError naming the accepted values."""
+def resolve_dtype(dtype: str | None, device: str = "cpu", threads: int = PROBE_THREADS) -> str:
+    """A dtype name (auto/None -> auto_dtype at `threads`). Raises ValueError naming the accepted values."""
     if dtype in (None, "auto"):
-        return auto_dtype(device)
+        return auto_dtype(device, threads)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     return dtype
@@ -150,7 +184,8 @@ def check_device(device: str) -> str | None:
 def machine_info() -> dict:
     """What every run records next to its figures."""
     info = {"cpu": cpu_model(), "cpu_capability": cpu_capability(), "native_bf16": native_bf16(),
-            "torch": torch.__version__, "cores": os.cpu_count(), "cuda_devices": torch.cuda.device_count()}
+            "torch": torch.__version__, "cores": os.cpu_count(), "usable_cores": usable_cores(),
+            "cuda_devices": torch.cuda.device_count()}
     if info["cuda_devices"]:
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -138,6 +138,36 @@ class PrefixCache:
             self.bytes -= dropped.nbytes
 
 
+class ComputeTurn:
+    """One machine's cores, taken in turns by several processes (an exclusive flock on `path`, held
+    for one forward). In the virtual clock's content pass every actor computes on all the cores
+    (actors.threads); when several of them have a forward ready at once (several device groups), they
+    take turns instead of splitting the cores, where each OpenMP region would wait for time slices.
+    Timing only: the bits do not depend on the order. The kernel drops the lock of a killed process."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._fd: int | None = None
+        self.waits = 0  # forwards that found the cores taken
+
+    def __enter__(self) -> "ComputeTurn":
+        import fcntl
+
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.waits += 1
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
 _PREFIX_CACHES: "weakref.WeakKeyDictionary[torch.nn.Module, PrefixCache]" = weakref.WeakKeyDictionary()
 
 
@@ -192,6 +222,8 @@ class BatchedLM:
         invariant = self.forward == "packed" and matmul == "tiled"
         self.prefixes = prefix_cache(model) if invariant else None  # bits must not depend on the call
         self.prefix_tokens_served = 0  # prompt tokens copied from the prefix cache instead of computed
+        # Held around every forward: a ComputeTurn where several processes share the cores in turns.
+        self.turn: contextlib.AbstractContextManager = contextlib.nullcontext()
         # hf forward: the per-call KV slab is reused between calls (grow-only).
         self._work_k = torch.empty(0, dtype=self.dtype, device=self.device)
         self._work_v = torch.empty(0, dtype=self.dtype, device=self.device)
@@ -210,6 +242,7 @@ class BatchedLM:
         return {"forward": self.forward, "matmul": self.matmul, "row_tile": ROW_TILE if self.matmul == "tiled" else None,
                 "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
                 "threads": torch.get_num_threads(),
+                "compute_turn": None if not isinstance(self.turn, ComputeTurn) else {"waits": self.turn.waits},
                 "batch_invariant": self.forward == "packed" and self.matmul == "tiled",
                 "prefix_cache": None if self.prefixes is None else {
                     "max_mib": round(self.prefixes.max_bytes / 2**20, 1), "tokens_served": self.prefix_tokens_served}}
@@ -307,9 +340,10 @@ class BatchedLM:
         ids, tokens = self._validate(items)
         if not ids:
             return []
-        if self.forward == "packed":
-            return self._extend_packed(ids, tokens, all_positions, logits)
-        return self._extend_hf(ids, tokens, all_positions, logits)
+        with self.turn:
+            if self.forward == "packed":
+                return self._extend_packed(ids, tokens, all_positions, logits)
+            return self._extend_hf(ids, tokens, all_positions, logits)
 
     # -- the packed, batch-invariant forward -------------------------------------------------------
 

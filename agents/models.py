@@ -482,16 +482,17 @@ def _dtype_name(dtype: torch.dtype | str | None) -> str | None:
     raise ModelError(f"dtype must be one of auto, float32, bfloat16, float16; got {dtype!r}")
 
 
-def model_dtype(spec, dtype: torch.dtype | str | None, device: str = "cpu") -> str:
-    """The dtype name a spec loads in: auto/None -> agents.hardware.auto_dtype for `device`, except
-    tiny models, which are test fixtures compared exactly in fp32 unless a dtype is named."""
+def model_dtype(spec, dtype: torch.dtype | str | None, device: str = "cpu", threads: int = 1) -> str:
+    """The dtype name a spec loads in: auto/None -> agents.hardware.auto_dtype for `device` at
+    `threads` torch threads, except tiny models, which are test fixtures compared exactly in fp32
+    unless a dtype is named."""
     from agents.hardware import resolve_dtype
 
     name = _dtype_name(dtype)
     if parse_spec(spec).kind == "tiny" and name in (None, "auto"):
         return "float32"
     try:
-        return resolve_dtype(name, device)
+        return resolve_dtype(name, device, threads)
     except ValueError as err:
         raise ModelError(str(err)) from None
 

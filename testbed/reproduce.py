@@ -433,7 +433,7 @@ def calibrate_point(s: Scenario, out_dir: Path, kstar_tokens: int, theta: float 
             return super().decide_batch(logits, ctxs)
 
     a = s.actors
-    torch.set_num_threads(a.group_threads)
+    torch.set_num_threads(p.threads)  # as the runs' content pass (testbed.runner._run_local)
     policy = Recorder(load_policy({"name": "hlm", "estimator": "none"}), {n: make_estimator(n) for n in ESTIMATORS})
     policy.kept = {}
     slm = BatchedLM(load_model(p.slm, dtype=p.slm_dtype, device=a.group_device))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
 import pickle
 import time
 from dataclasses import dataclass, field
@@ -65,11 +66,24 @@ class Plan:
     llm: object
     slm_dtype: str = "float32"  # resolved (never auto)
     llm_dtype: str = "float32"
+    threads: int = 1  # actors.threads resolved (never auto): torch threads of the content forwards
+
+
+def forward_threads(s: Scenario, threads: int, engine: str = "local") -> dict[str, int]:
+    """torch threads per role ("slm", "llm") as the run's forwards compute. The virtual clock's content
+    pass (the local engine, or Ray's actors in turn) runs every forward at `threads` (actors.threads
+    resolved): groups and verifier take turns, so the one computing has all the cores, and one count
+    for every engine and layout keeps the content equal (fp32 rounding depends on it). The Ray wall
+    clock computes groups and verifier at once: actors.group_threads / verifier_threads."""
+    if engine == "ray" and s.clock == "wall":
+        return {"slm": s.actors.group_threads, "llm": s.actors.verifier_threads}
+    return {"slm": threads, "llm": threads}
 
 
 def plan(s: Scenario, checked=None, *, engine: str = "ray", address: str | None = None) -> Plan:
     """Resolve `s` for the engines. Runs testbed.preflight first (unless `checked`, its result, is
     given), so a scenario that would fail at run time raises ScenarioError before any per-device work."""
+    from agents.hardware import resolve_threads
     from agents.models import model_dtype
     from testbed.preflight import preflight
     from testbed.prompts import prompt_index
@@ -93,9 +107,11 @@ def plan(s: Scenario, checked=None, *, engine: str = "ray", address: str | None 
     run = RunParams(seed=s.seed, max_new_tokens=s.generation.max_new_tokens,
                     temperature=s.generation.temperature, vocab_size=vocab, batch_slm=s.actors.batch_slm,
                     stop=stop_rule(s))
+    threads = resolve_threads(s.actors.threads)
+    role_threads = forward_threads(s, threads, engine)  # auto's dtype probe runs at the count used
     return Plan(s, specs, run, s.server.profile(), policy_specs, s.models.slm, s.models.llm,
-                model_dtype(s.models.slm, s.models.dtype, s.actors.group_device),
-                model_dtype(s.models.llm, s.models.dtype, s.actors.verifier_device))
+                model_dtype(s.models.slm, s.models.dtype, s.actors.group_device, role_threads["slm"]),
+                model_dtype(s.models.llm, s.models.dtype, s.actors.verifier_device, role_threads["llm"]), threads)
 
 
 def stop_rule(s: Scenario):
@@ -113,23 +129,31 @@ def stop_rule(s: Scenario):
 
 
 def resolved_scenario(p: Plan) -> Scenario:
-    """The scenario as run: models.dtype pinned to what auto chose (when both models agree), so
-    scenario.yaml repeats the run on another machine."""
+    """The scenario as run: models.dtype and actors.threads pinned to what auto chose (the dtype when
+    both models agree), so scenario.yaml repeats the run, content included, on another machine."""
     from testbed.scenario import override
 
+    changes: dict = {}
     if p.scenario.models.dtype == "auto" and p.slm_dtype == p.llm_dtype:
-        return override(p.scenario, {"models.dtype": p.slm_dtype})
-    return p.scenario
+        changes["models.dtype"] = p.slm_dtype
+    if p.scenario.actors.threads == "auto":
+        changes["actors.threads"] = p.threads
+    return override(p.scenario, changes) if changes else p.scenario
 
 
-def compute_info(p: Plan, lms: Mapping[str, Any]) -> dict:
-    """How the run computed: machine, dtypes, threads, each model's forward layout."""
+def compute_info(p: Plan, lms: Mapping[str, Any], engine: str = "local") -> dict:
+    """How the run computed: machine, dtypes, threads, each model's forward layout. threads: the
+    scenario's actors.threads ("requested"), what it resolved to ("content"), and the torch threads
+    each role's forwards ran at ("slm", "llm"; each model's own "threads" is what torch reported)."""
     from agents.hardware import machine_info
 
     a = p.scenario.actors
     return {"machine": machine_info(), "dtype": {"requested": p.scenario.models.dtype, "slm": p.slm_dtype,
                                                  "llm": p.llm_dtype},
-            "threads": {"group": a.group_threads, "verifier": a.verifier_threads},
+            "threads": {"requested": a.threads, "content": p.threads, **forward_threads(p.scenario, p.threads, engine),
+                        "group": a.group_threads, "verifier": a.verifier_threads,
+                        # other work on the cores slows split forwards many times (agents.hardware)
+                        "machine_load_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None},
             "device": {"group": a.group_device, "verifier": a.verifier_device},
             "batch_slm": a.batch_slm, **{role: lm for role, lm in lms.items() if lm}}
 
@@ -157,7 +181,7 @@ def run_scenario(s: Scenario, opts: RunOptions) -> dict:
     if opts.engine == "ray":
         p, ray_owned, ray_s = _plan_while_ray_starts(s, opts, checked)
     else:
-        p, ray_owned, ray_s = plan(s, checked), False, 0.0
+        p, ray_owned, ray_s = plan(s, checked, engine=opts.engine), False, 0.0
     try:
         opts.out_dir.mkdir(parents=True, exist_ok=True)
         dump_scenario(resolved_scenario(p), opts.out_dir / "scenario.yaml")
@@ -184,7 +208,7 @@ def run_scenario(s: Scenario, opts: RunOptions) -> dict:
         if "profile" in status:
             status["profile"]["wall_s"] = round(wall, 3)
             if opts.profile and ok:  # after the wall time: the yardstick does not count in it
-                _add_compute_limit(p, status, *(lms or _load_lms(p)))
+                _add_compute_limit(p, status, opts.engine, *(lms or _load_lms(p)))
         # The shards become tokens.parquet. Interrupted (Ctrl-C) or failed: what was committed so far
         # (in the virtual clock, the content pass's rows without times unless the replay ran).
         df = sinks.results(opts.out_dir / "tokens.parquet")
@@ -238,9 +262,10 @@ def _run_local(p: Plan, opts: RunOptions, sinks: "Sinks"):
 
     import torch
 
-    # The same torch thread count as the actors: kernels split work by thread count, and
-    # float rounding with it; equal counts make this engine's trace the Ray engine's.
-    torch.set_num_threads(p.scenario.actors.group_threads)
+    # actors.threads resolved, as the Ray engine's actors in the content pass: kernels split work by
+    # thread count, and fp32 rounding with it; equal counts make this engine's trace the Ray engine's.
+    # One process computes everything in turn, so it has every core the scenario gives it.
+    torch.set_num_threads(p.threads)
     a = p.scenario.actors
     t0 = time.perf_counter()
     policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
@@ -250,7 +275,7 @@ def _run_local(p: Plan, opts: RunOptions, sinks: "Sinks"):
     result = run_virtual(p.specs, p.run, p.server, slm, llm, policies, on_content_events=sinks.content,
                          on_events=sinks.events, on_step=lambda group, verifier: sinks.clock(0.0, 0), history=False)
     emulation = time.perf_counter() - t_loaded
-    status = {"compute": compute_info(p, {"slm": slm.describe(), "llm": llm.describe()}),
+    status = {"compute": compute_info(p, {"slm": slm.describe(), "llm": llm.describe()}, "local"),
               "profile": breakdown(0.0, emulation, {"model_load": t_loaded - t0}, result.group_timings,
                                    result.verifier_timings)}
     status["lms"] = (slm, llm)  # for the compute limit (run_scenario), popped before writing
@@ -266,21 +291,27 @@ def _load_lms(p: Plan):
             BatchedLM(load_model(p.llm, dtype=p.llm_dtype, device=a.verifier_device)))
 
 
-def _add_compute_limit(p: Plan, status: dict, slm, llm) -> None:
+def _add_compute_limit(p: Plan, status: dict, engine: str, slm, llm) -> None:
     from testbed.profile import compute_limit
 
     prof = status["profile"]
     lengths = [len(d.prompt_ids) for d in p.specs]
-    a = p.scenario.actors
     # prompt tokens the prefix caches served (as the run's models describe themselves; on Ray the
     # slm's is summed over every group, _every_group_served)
     served = {role: ((status.get("compute", {}).get(role) or {}).get("prefix_cache") or {}).get("tokens_served", 0)
               for role in ("slm", "llm")}
-    limit = compute_limit(slm, llm, prof, lengths, len(p.specs), {"slm": a.group_threads, "llm": a.verifier_threads},
-                          served)
+    limit = compute_limit(slm, llm, prof, lengths, len(p.specs), forward_threads(p.scenario, p.threads, engine), served)
     prof["compute_limit"] = limit
     prof["wall_over_compute_limit"] = round(prof["emulation_s"] / limit["seconds"], 3) if limit["seconds"] else None
     prof["total_wall_over_compute_limit"] = round(prof["wall_s"] / limit["seconds"], 3) if limit["seconds"] else None
+
+
+def _turn_path() -> str:
+    """A lock file for one run's ComputeTurn, in each machine's temp folder (cores are per machine)."""
+    import secrets
+    import tempfile
+
+    return str(Path(tempfile.gettempdir()) / f"hlm-compute-turn-{secrets.token_hex(6)}.lock")
 
 
 def actor_resources(s: Scenario) -> dict[str, dict]:
@@ -468,12 +499,19 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
     a = s.actors
     clock = ClockParams(s.clock, s.time_scale, 0.0, opts.chaos_delay_s, opts.chaos_stall_group)
     actors = []
+    turn = None  # the ComputeTurn lock file, when the actors take the cores in turns
     try:
         host = s.server.host
         if opts.address and host == "127.0.0.1":
             host = "0.0.0.0"  # reachable from other nodes of the cluster
         # Virtual clock: the actors run the content pass, the driver replays it (agents.engine).
         two_pass = s.clock == "virtual"
+        # Content pass: groups and verifier take turns, so each computes on all of actors.threads
+        # (a restarted actor too: the same count, the same bits). Wall clock: the split.
+        role_threads = forward_threads(s, p.threads, "ray")
+        # ... and where several actors have a forward ready at once (several groups), they take the
+        # cores in turns (agents.lm.ComputeTurn, a lock file per machine and run) instead of splitting them.
+        turn = _turn_path() if two_pass and p.threads > 1 else None
         resources = actor_resources(s)
         verifier_cls = ray.remote(**resources["verifier"])(Verifier)
         group_cls = ray.remote(**resources["group"])(DeviceGroup)
@@ -492,15 +530,15 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
         def make_verifier():
             v = verifier_cls.remote(
                 p.llm, p.server, s.seed, p.run.vocab_size, clock, host, s.server.port,
-                threads=a.verifier_threads, expected_sessions=len(p.specs), dtype=p.llm_dtype,
+                threads=role_threads["llm"], expected_sessions=len(p.specs), dtype=p.llm_dtype,
                 device=a.verifier_device, allowed_devices=[d.device for d in p.specs],
-                mode="content" if two_pass else "emulate", curve=keys.for_server() if keys else None)
+                mode="content" if two_pass else "emulate", curve=keys.for_server() if keys else None, turn=turn)
             actors.append(v)
             return v
 
         def make_group(i: int, incarnation: int = 0):
             g = group_cls.remote(i, [p.specs[d] for d in members[i]], p.run, p.slm, p.policy_specs, None, clock,
-                                 a.group_threads, p.slm_dtype, a.group_device, two_pass, incarnation)
+                                 role_threads["slm"], p.slm_dtype, a.group_device, two_pass, incarnation, turn=turn)
             actors.append(g)
             return g
 
@@ -768,7 +806,7 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
                "curve_refused": dict(refused) if refused is not None else None,
                "lag_s": status["lag_s"], "peak_rss_bytes": rss,
                "restarts": restarts.summary(), "curve": curve,
-               "compute": {**compute_info(p, {**lms, "llm": status["lm"]}),
+               "compute": {**compute_info(p, {**lms, "llm": status["lm"]}, "ray"),
                            "memory": {"verifier": status["memory"], **memory}},
                "profile": breakdown(0.0, t_end - t_ready, startup, groups_t, status["timings"])}
         return out
@@ -780,3 +818,5 @@ def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: fl
                 pass
         if started:
             ray.shutdown()
+        if turn and not opts.address:  # local Ray: the actors' lock file is this machine's
+            Path(turn).unlink(missing_ok=True)

@@ -24,6 +24,8 @@ def run(
     linger: float = typer.Option(0.0, "--linger", help="Keep serving metrics this many seconds after the end."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML/PNG report."),
     dtype: str = typer.Option(None, "--dtype", help="Override models.dtype: auto | bfloat16 | float32 | float16."),
+    threads: str = typer.Option(None, "--threads", help="Override actors.threads (the content forwards' torch "
+                                "threads): auto (every usable core) | N."),
     profile: bool = typer.Option(False, "--profile", help="Time the compute limit too and print the time breakdown."),
     no_accuracy: bool = typer.Option(False, "--no-accuracy", help="Skip executing HumanEval tests (pass@1)."),
     debug: bool = typer.Option(False, "--debug", help="On a failure, print the full traceback too."),
@@ -48,6 +50,8 @@ def run(
             changes["clock"] = clock
         if dtype:
             changes["models.dtype"] = dtype
+        if threads:
+            changes["actors.threads"] = int(threads) if threads.strip().isdigit() else threads
         if metrics_port not in (None, "off"):  # validated as metrics.port (an int 0..65535)
             changes["metrics.port"] = metrics_port
         if changes:

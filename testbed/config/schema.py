@@ -30,6 +30,7 @@ TIER_WIDE_KEYS = ("policy", "link", "slm_ms_per_token", "count")
 # CLI-friendly short names for nested fields, used by override().
 SHORTCUTS = {
     "devices_per_group": "actors.devices_per_group",
+    "threads": "actors.threads",
     "max_new_tokens": "generation.max_new_tokens",
     "temperature": "generation.temperature",
     "max_batch": "server.max_batch",
@@ -230,8 +231,17 @@ class Tier(_Config):
 
 class Actors(_Config):
     devices_per_group: int = Field(4, ge=1)  # virtual devices per DeviceGroup actor (one SLM copy each)
-    # torch threads per actor. 1 by default: actors share the machine's cores, and spinning
-    # OpenMP threads of several processes on too few cores slow every forward down many times.
+    # torch threads of the content forwards (the virtual clock: the local engine, and on Ray every
+    # actor, since groups and verifier take turns there and the one computing should have all the
+    # cores). auto = the cores this machine lets the driver use, at most OMP_NUM_THREADS where set
+    # (agents.hardware.auto_threads; on a machine others share, pin 1: split forwards wait for time slices);
+    # a run writes the count it resolved into its scenario.yaml. fp32 forwards round differently at
+    # different counts, so every engine and layout computes a scenario's content at this one count.
+    threads: Literal["auto"] | Annotated[int, Field(ge=1, strict=True)] = "auto"
+    # torch threads per actor in the wall clock, where groups and the verifier compute at once. 1 by
+    # default: actors share the machine's cores, and spinning OpenMP threads of several processes on
+    # too few cores slow every forward down many times. (Its content equals the virtual clock's
+    # where the counts agree, or the dtype's kernels do not depend on them.)
     group_threads: int = Field(1, ge=1)
     # One batched SLM forward per group step (prompts included) instead of one per device. Exact
     # with the packed forward (agents.lm: a session's logits do not depend on its batch); set

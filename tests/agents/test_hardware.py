@@ -21,9 +21,9 @@ def test_probe_is_measured_once_then_cached(cache, monkeypatch):
     calls = []
     real = hardware._time_gemms
 
-    def counting(dtypes, reps=7):
-        calls.append(tuple(dtypes))
-        return real(dtypes, reps=2)
+    def counting(dtypes, reps=7, threads=1):
+        calls.append((tuple(dtypes), threads))
+        return real(dtypes, reps=2, threads=threads)
 
     monkeypatch.setattr(hardware, "_time_gemms", counting)
     first = hardware.probe_cpu_dtype()
@@ -33,6 +33,28 @@ def test_probe_is_measured_once_then_cached(cache, monkeypatch):
     assert json.loads(next((cache / "dtype-probe").glob("*.json")).read_text()) == first
     hardware.probe_cpu_dtype(refresh=True)
     assert len(calls) == 2
+    # Probed at the thread count the forwards use, cached per count.
+    two = hardware.probe_cpu_dtype(threads=2)
+    assert two["threads"] == 2 and calls[-1][1] == 2 and len(calls) == 3
+    assert hardware.probe_cpu_dtype(threads=2) == two and len(calls) == 3
+    assert len(list((cache / "dtype-probe").glob("*.json"))) == 2
+
+
+def test_threads_resolve_to_the_usable_cores(monkeypatch):
+    import os
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert hardware.resolve_threads("auto") == len(os.sched_getaffinity(0)) == hardware.usable_cores()
+    assert hardware.resolve_threads(None) == hardware.usable_cores()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a shared machine's cap
+    assert hardware.resolve_threads("auto") == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "999")
+    assert hardware.resolve_threads("auto") == hardware.usable_cores()
+    assert hardware.resolve_threads(3) == 3
+    for bad in (0, -1, "many", 2.0, True):
+        with pytest.raises(ValueError, match="auto or a whole number"):
+            hardware.resolve_threads(bad)
+    assert hardware.machine_info()["usable_cores"] == hardware.usable_cores()
 
 
 @pytest.mark.parametrize("native, bf16_s, fp32_s, want", [
@@ -43,7 +65,7 @@ def test_probe_is_measured_once_then_cached(cache, monkeypatch):
 ])
 def test_probe_decision(cache, monkeypatch, native, bf16_s, fp32_s, want):
     monkeypatch.setattr(hardware, "native_bf16", lambda: native)
-    monkeypatch.setattr(hardware, "_time_gemms", lambda dtypes, reps=7: [fp32_s, bf16_s][: len(dtypes)])
+    monkeypatch.setattr(hardware, "_time_gemms", lambda dtypes, reps=7, threads=1: [fp32_s, bf16_s][: len(dtypes)])
     assert hardware.probe_cpu_dtype(refresh=True)["dtype"] == want
     assert hardware.resolve_dtype("auto") == want
     assert hardware.resolve_dtype("float16") == "float16"

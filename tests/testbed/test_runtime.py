@@ -335,3 +335,49 @@ def test_a_run_that_stops_counts_what_was_generated(stopping):
 def test_ray_engine_reproduces_a_run_that_stops(ray_session, stopping, tmp_path):
     s, _, local, _ = stopping
     assert_same_trace(run(s, tmp_path, "ray", engine="ray"), local)
+
+
+# A tiny pair wide enough that its fp32 logits differ between 1 and 2 torch threads here
+# (tests/agents/test_lm_invariance.py: test_fp32_logits_depend_on_the_thread_count).
+WIDE_PAIR = {"models.slm": {"kind": "tiny", "role": "slm", "layers": 1, "hidden": 512, "intermediate": 1024},
+             "models.llm": {"kind": "tiny", "role": "llm", "layers": 1, "hidden": 512, "intermediate": 1024}}
+
+
+def test_threads_resolve_once_and_every_engine_computes_at_that_count(ray_session, tmp_path):
+    """actors.threads: auto resolves to the usable cores, is pinned in scenario.yaml and recorded
+    under compute.threads; the local engine and the Ray virtual clock (every actor at that count,
+    as the models report) give the same trace, with a model whose fp32 bits depend on the count."""
+    from agents.hardware import auto_threads
+
+    s = small(**WIDE_PAIR, **{"generation.max_new_tokens": 6})
+    assert s.actors.threads == "auto"
+    traces = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / engine
+        summary = run_scenario(s, RunOptions(out_dir=out, progress=False, report=False, engine=engine, accuracy=False))
+        traces[engine] = trace(out)
+        threads = summary["compute"]["threads"]
+        assert threads["requested"] == "auto" and threads["content"] == auto_threads()
+        assert threads["slm"] == threads["llm"] == auto_threads() and threads["machine_load_1m"] >= 0
+        # what torch itself reported where the forwards ran (the Ray actors' processes)
+        assert summary["compute"]["slm"]["threads"] == summary["compute"]["llm"]["threads"] == auto_threads()
+        if engine == "ray" and auto_threads() > 1:  # two groups and the verifier take the cores in turns
+            assert summary["compute"]["slm"]["compute_turn"] is not None
+            assert summary["compute"]["llm"]["compute_turn"] is not None
+        assert load_scenario(out / "scenario.yaml").actors.threads == auto_threads()
+    assert_same_trace(traces["ray"], traces["local"])
+
+
+def test_a_pinned_thread_count_is_used_and_the_wall_clock_keeps_the_split(ray_session, tmp_path):
+    s = small(**{"actors.threads": 1, "generation.max_new_tokens": 4})
+    summary = run_scenario(s, RunOptions(out_dir=tmp_path / "one", progress=False, report=False, engine="ray",
+                                         accuracy=False))
+    assert summary["compute"]["threads"]["content"] == 1 and summary["compute"]["slm"]["threads"] == 1
+    assert summary["compute"]["llm"]["threads"] == 1
+    wall = small(**{"clock": "wall", "time_scale": 0.2, "actors.verifier_threads": 2,
+                    "generation.max_new_tokens": 3})
+    summary = run_scenario(wall, RunOptions(out_dir=tmp_path / "wall", progress=False, report=False, engine="ray",
+                                            accuracy=False))
+    t = summary["compute"]["threads"]
+    assert (t["slm"], t["llm"]) == (1, 2)
+    assert summary["compute"]["llm"]["threads"] == 2 and summary["compute"]["slm"]["threads"] == 1
