@@ -139,16 +139,17 @@ TINY = {"slm": "tiny:slm", "llm": "tiny:llm", "dtype": "float32"}
 SIZES: dict[str, Size] = {
     "smoke": Size("smoke", TINY, 0, 4, 8, 8, 32, (0.3, 1.0), (0.5,), (0.05,), (2, 6), 8,
                   "tiny random models, 4 problems x 8 tokens: the whole pipeline in seconds (CI)"),
-    "small": Size("small", None, 40, 16, 256, 16, 128, (0.25,), (0.5,), (0.01,), (4, 16), 24,
+    "small": Size("small", None, 40, 16, 256, 16, 128, (0.25,), (), (0.01,), (4, 16), 24,
                   "the Qwen pair on HumanEval/40..55, up to 256 new tokens ending at eos / the HumanEval stop "
                   "sequences (generation.stop), so completions can finish. 16 problems fill one 16-row GEMM tile "
                   "(the batch costs what batch 1 does), and a point costs its longest completion in token-steps: "
                   "of all 16-problem windows this one has the shortest longest canonical solution (74 Qwen "
                   "tokens), but at temperature 1 one completion in 16 runs on to 256 (measured), so most points "
-                  "cost ~256 steps (~7 min with bf16). Hence 12 points: calibration, every policy once, the "
+                  "cost ~256 steps (~7 min with bf16). Hence 13 points: calibration, every policy once, the "
                   "adaptive policy with the max estimator at risk 0.01 (the README's claim), the u_th sweep at "
-                  "risk-averse (cu-hlm), 0.25 and risk-prone, one theta (0.5): about an hour on a 2-core CPU "
-                  "with native bf16 (estimate). On 16 problems the paired exact test needs at least 6 "
+                  "risk-averse (cu-hlm), 0.25, risk-prone and both sides of the risk-averse flip (0: every u = 0 "
+                  "token skipped; -1: none), no theta sweep: about an hour on a 2-core CPU with native bf16 "
+                  "(estimate). On 16 problems the paired exact test needs at least 6 "
                   "discordant problems, all one way (p = 0.031): it tells apart large differences only; "
                   "--size medium for small ones",
                   adaptive_estimators=("max",)),

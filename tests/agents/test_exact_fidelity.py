@@ -161,7 +161,7 @@ def test_recorded_fidelity_is_the_law_of_the_committed_token(case, record_proper
           f"TV(empirical, P) {gap_law:.2e}, tolerance {tol:.1e}, branch mean {_branch_mean(draft_law, x):.5f}")
     assert p.sum() == pytest.approx(1.0, abs=1e-12)
     assert gap_law < tol and gap_tv < tol
-    if depends_on_draft:  # the old measure is measurably wrong here, so this test can tell them apart
+    if depends_on_draft and N_MC >= 1_000_000:  # the old measure is measurably wrong here: the test tells them apart
         assert abs(_branch_mean(draft_law, x) - recorded) > 2 * tol
     assert np.ptp(draft_law.skip) > 0 or not depends_on_draft or len(draft_law.groups) > 1
     if spec["name"] in ("cu-hlm-adaptive", "rand-hlm"):  # the rule's coins are part of the law
