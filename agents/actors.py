@@ -7,7 +7,7 @@ device and server would exchange (agents.protocol); the stamp carries what only 
 emulation has: emulated send/arrival times and the draft probabilities x_d used to
 measure beta; one type per message, agents.wire).
 
-Clocks (DESIGN.md section 2), one code path:
+Clocks (docs/design.md section 2), one code path:
 - virtual: uploads carry the emulated arrival the link model computed; the verifier
   releases a batch only when no earlier arrival can still come (VerifierCore.next_batch).
 - wall: emulated time = (real time - t0) * time_scale. Groups sleep until a device's
@@ -104,7 +104,7 @@ def _set_threads(n: int) -> None:
 class DeviceGroup:
     """Hosts many virtual devices with one SLM copy; talks DEALER to the verifier.
 
-    Recovery (DESIGN.md section 8; the runner drives it, testbed.runner._run_ray):
+    Recovery (docs/design.md section 9; the runner drives it, testbed.runner._run_ray):
     - this group died: a new incarnation for the same devices re-executes them from their prompts
       (deterministic: keyed randomness, batch-invariant SLM forwards, and the verifier, which forgot
       their sessions, verifies every upload anew). `skip_steps` keeps it from emitting again the
@@ -313,7 +313,7 @@ class DeviceGroup:
 class Verifier:
     """One LLM behind a ZeroMQ ROUTER. `start()` binds and serves in a background thread.
 
-    Client input can only ever produce an ERROR reply and a count in `errors` (DESIGN.md
+    Client input can only ever produce an ERROR reply and a count in `errors` (docs/design.md
     section 8): every message is decoded and checked on its own, and a session belongs to the
     ZeroMQ identity that opened it. Limits, each None for its default:
     - allowed_devices: the device ids the run has (None: any);

@@ -1,4 +1,4 @@
-"""The payload codec: what an upload says about the device's distribution x (DESIGN.md section
+"""The payload codec: what an upload says about the device's distribution x (docs/design.md section
 1 step 5, section 4), as bytes. The top-k entries of x, as indices bit-packed at
 ceil(log2 |V|) bits plus probabilities quantised to b_prob bits. The paper accounts
 k * (b_prob + ceil(log2 |V|)) bits; we add a 12-byte header. An UPLOAD frame carries these

@@ -2,21 +2,25 @@
 
 A `Device` is pure emulation state. It never reads a clock: every time it records comes
 from its profile (slm_ms_per_token) and its links, so the same device produces the same
-trace whichever process hosts it and however fast that process is (DESIGN.md section 2).
+trace whichever process hosts it and however fast that process is (docs/design.md section 2).
 
-Per token t (DESIGN.md section 1): the group runs the SLM for every device ready to draft
+Per token t (docs/design.md section 1): the group runs the SLM for every device ready to draft
 (one forward per device, or one batched forward with RunParams.batch_slm); each device
 samples its draft d ~ x = softmax(z/T), asks its policy, and either commits d at once
 (skip: piggybacked on the next upload) or sends an `Upload` that waits for a `Verdict` (the
 messages are agents.wire's: a protocol frame and an emulation stamp each).
 
-Fidelity (DESIGN.md section 7) is measured here, exactly: a device keeps the SLM logits of each
-token it sent or skipped until the verdict that covers it, the verifier returns the LLM's logits
-of those positions with that verdict (VerdictStamp.llm_logits, measurement only: never charged
-to the downlink), and the device computes TV(x, y) for a skipped token and TV(hybrid(x, x_hat, y), y)
-for a verified one (x_hat from its own payload). The value goes in the token's row and in its
-content record (Drafted.fidelity_tv), from which a replay copies it. Why this direction and not
-x up to the verifier: see Device._measure_fidelity.
+Fidelity (docs/design.md section 7) is measured here, exactly: a device keeps the SLM logits of each
+token it sent or skipped, with the policy's decision and its decision law (Decision.law: what the
+policy would have done for every other draft), until the verdict that covers it; the verifier returns
+the LLM's logits of those positions with that verdict (VerdictStamp.llm_logits, measurement only:
+never charged to the downlink), and the device computes TV(P, y) of the law P of the committed token
+over the draft and the policy's randomness (agents.fidelity), the same for a skipped token and a
+verified one. The TV of the branch that happened (TV(x, y) when skipped, TV(hybrid, y) when verified) is
+kept as fidelity_tv_branch for comparison; a decision without a law (a plug-in policy) has only that,
+and NaN as fidelity_tv. The values go in the token's row and in its content record
+(Drafted.fidelity_tv), from which a replay copies them. Why this direction and not x up to the
+verifier: see Device._measure_fidelity.
 
 Losses are resolved here, in emulated time, by the same rule in both clocks: the packets of an
 upload that did not get through are sent again every rto_s until all have (selective repeat,
@@ -478,12 +482,13 @@ class Device:
 
     @staticmethod
     def _fidelity(got: tuple, y: np.ndarray, payload: bytes | None) -> tuple[float, float]:
-        """(fidelity_tv, fidelity_tv_branch) of one token: the exact value when its decision has a law,
-        else NaN and the branch approximation (payload: the verified draft's upload; None: skipped)."""
+        """(fidelity_tv, fidelity_tv_branch) of one token: the exact value when its decision has a law
+        (else NaN), and the TV of the branch that happened (payload: the verified draft's upload; None:
+        skipped), kept for every token so that the two can be compared; only a token without the exact
+        value has to make do with it."""
         z, x, decision = got
-        if decision.law is not None:
-            return exact_fidelity(z, x, decision.law, y), math.nan
-        return math.nan, branch_fidelity(x, y, payload)
+        exact = exact_fidelity(z, x, decision.law, y) if decision.law is not None else math.nan
+        return exact, branch_fidelity(x, y, payload)
 
     def _set_fidelity(self, row: dict, value: float, branch: float) -> None:
         row["fidelity_tv"], row["fidelity_tv_branch"] = value, branch

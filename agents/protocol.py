@@ -16,7 +16,7 @@ Frames (issue 3): one ZeroMQ message each, little-endian, a 20-byte header then 
 
 str16 = u16 byte length + UTF-8. Token ids are u32 with 0xFFFFFFFF reserved for "no token"
 (NO_TOKEN = -1 in the dataclasses). "Measurement" fields sit at the end of a body: they let
-the verifier report beta = max(0, 1 - y_d / x_d) with the device's exact x_d (DESIGN.md step
+the verifier report beta = max(0, 1 - y_d / x_d) with the device's exact x_d (docs/design.md step
 3) but a deployment would not send them, so the link is charged `wire_size` (header and the
 rest of the body), not the full frame length. Float measurements are NaN (not applicable)
 or in [0, 1].

@@ -1,4 +1,4 @@
-"""ZeroMQ CURVE for the verifier socket (DESIGN.md section 8).
+"""ZeroMQ CURVE for the verifier socket (docs/design.md section 9).
 
 Key flow: the driver makes every key of a run in memory (`RunKeys.new`): one server keypair and
 one client keypair per DeviceGroup. The Verifier gets the server keypair and the allow-list of

@@ -1,4 +1,4 @@
-"""Speculative verification maths (DESIGN.md section 1, steps 1, 3, 6, 7).
+"""Speculative verification maths (docs/design.md section 1, steps 1, 3, 6, 7).
 
 Device: x = softmax(z / T), draft d ~ x. Server: x_hat = reconstruct(top-k of x), then accept
 d with probability min(1, y_d / x_hat_d), else resample from r = norm(max(0, y - x_hat)).
@@ -75,7 +75,7 @@ def sample_draft(probs, rng: np.random.Generator) -> int:
 
 def reconstruct(indices, probs, vocab_size: int) -> np.ndarray:
     """x_hat: the k sent entries as sent, the remaining mass 1 - sum spread uniformly over the
-    other V - k tokens (DESIGN.md step 6). k = V gives exactly the sent vector. Quantisation
+    other V - k tokens (docs/design.md step 6). k = V gives exactly the sent vector. Quantisation
     rounds to nearest, so the sent mass can exceed 1 slightly; then the rest get 0 and x_hat
     sums a little above 1 (verify does not assume normalisation)."""
     idx = np.asarray(indices, dtype=np.int64)
@@ -93,7 +93,7 @@ def reconstruct(indices, probs, vocab_size: int) -> np.ndarray:
 
 
 def rejection_prob(x, y, d):
-    """beta = max(0, 1 - y_d / x_d): the probability the LLM rejects draft d (DESIGN.md step 3).
+    """beta = max(0, 1 - y_d / x_d): the probability the LLM rejects draft d (docs/design.md step 3).
     x_d = 0 (a draft that could not have been drawn) counts as never rejected. Works on
     single rows (d an int: returns a float) and batches (x, y (B, V), d (B,))."""
     d = np.asarray(d)

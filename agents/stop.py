@@ -1,4 +1,4 @@
-"""Where a device's sequence ends (DESIGN.md section 1, step 8), as a serving engine decides it: at
+"""Where a device's sequence ends (docs/design.md section 1, step 8), as a serving engine decides it: at
 an end-of-sequence token, at a stop sequence (a string) in the decoded completion, or at
 max_new_tokens ("length", decided by the device itself).
 

@@ -11,12 +11,12 @@ arrived by S (up to max_batch), in (arrival, device, seq) order. In the virtual 
 released only when no earlier arrival can still come: every open session without a queued
 request has a lower bound on its next arrival (`bound`) and all bounds must exceed S.
 
-Fidelity (DESIGN.md section 7): every verdict computed from the LLM (not a replay) carries, as
+Fidelity (docs/design.md section 7): every verdict computed from the LLM (not a replay) carries, as
 measurement only, the LLM's logits at the positions it covers (VerdictStamp.llm_logits: each
 piggybacked token's, then the verified draft's); the device, which holds x, computes the exact
 TV distances from them (agents.device.Device._measure_fidelity says why there).
 
-Recovery (DESIGN.md section 8), by deterministic replay, never by checkpoints:
+Recovery (docs/design.md section 9), by deterministic replay, never by checkpoints:
 - a restarted device group re-executes its devices from their prompts: `reset` forgets their
   sessions, the group opens them again, and every upload is verified anew (same context, same
   keyed randomness, batch-invariant forwards: the same verdicts and LLM logits, bit for bit);

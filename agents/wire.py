@@ -10,7 +10,7 @@ message with named fields, little-endian:
     Verdict  VerdictStamp  t_sent f64, then optionally the LLM logits block
     ERROR    (empty stamp; decode raises it as a ProtocolError)
 
-max_new_tokens and the lookahead are emulation control (the verifier's batch release, DESIGN.md
+max_new_tokens and the lookahead are emulation control (the verifier's batch release, docs/design.md
 section 2); the times are emulated; retransmissions counts the copies lost before this one.
 A verdict's logits block (VerdictStamp.llm_logits, for the device's fidelity, agents.device):
 dtype u8 (4: float32, 8: float64), rows u32, cols u32, then rows x cols values. Measurement

@@ -68,7 +68,7 @@ skipped or not (q randomises the boundary bin); a continuous, deterministic u su
 `testbed reproduce paper --size small` (README): at cu-hlm's fidelity, 42.6% skipped with `max`
 against 22.9% for cu-hlm's fitted threshold (27.5% with temperature u at risk 0.01).
 
-Determinism (DESIGN.md section 2): one policy instance serves many devices; all state is
+Determinism (docs/design.md section 2): one policy instance serves many devices; all state is
 keyed by device, fed only by that device's decisions and verdicts (which arrive in its own
 order), and randomness comes only from keyed_rng(seed, device, token_index, "skip") (two
 uniforms: the boundary bin's q, then the probe). Decisions therefore do not depend on

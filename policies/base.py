@@ -1,6 +1,6 @@
 """The Policy interface: per token, skip or transmit, and when transmitting how much.
 
-A policy composes four swappable parts (DESIGN.md section 1, steps 2-5):
+A policy composes four swappable parts (docs/design.md section 1, steps 2-5):
 uncertainty estimator -> threshold rule (skip?) -> truncator (k) -> quantiser (bits).
 """
 from __future__ import annotations

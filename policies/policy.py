@@ -1,4 +1,4 @@
-"""The Policy composition and the named presets (DESIGN.md section 1 and its baselines).
+"""The Policy composition and the named presets (docs/design.md section 1 and its baselines).
 
 A HybridPolicy is estimator -> skip rule -> truncator -> quantiser, each a swappable part
 built from a flat PolicyConfig (or passed in directly). Per token it answers skip, or
@@ -17,7 +17,7 @@ Presets (each a PolicyConfig with documented defaults; every field can be overri
 | cu-hlm-offline | u <= u_th, risk-averse             | one k* (k=64, or calibrated) | 8     |
 
 Why these defaults: hlm/rand-hlm/u-hlm upload float32 (prob_bits=32), so with nothing
-skipped or truncated the hybrid output is exactly the LLM's (DESIGN.md step 7) and every
+skipped or truncated the hybrid output is exactly the LLM's (docs/design.md step 7) and every
 deviation of the others is measurable against them; the CU-HLM presets use the paper's
 b_prob = 8. Uncertainty is the paper's temperature perturbation (K=20, theta_max=2.0) with
 its rejection model a=0.815, b=-0.066 unless overridden (fit your own with

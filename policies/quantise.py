@@ -1,4 +1,4 @@
-"""Probability quantisation of uploads (DESIGN.md section 1, step 5; b_prob = 8 by default).
+"""Probability quantisation of uploads (docs/design.md section 1, step 5; b_prob = 8 by default).
 
 A policy only chooses the bit width (Decision.prob_bits); the payload codec
 (agents.codec) quantises: for 8 and 16 bits, code = rint(p * L), L = 2^bits - 1 (halves to

@@ -1,4 +1,4 @@
-"""Finding a policy by spec (DESIGN.md section 4): a bad spec fails here, at load time, with
+"""Finding a policy by spec (docs/design.md section 4): a bad spec fails here, at load time, with
 a PolicyError naming the spec and the reason, never in the middle of a run.
 
 A spec is

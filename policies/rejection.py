@@ -1,5 +1,5 @@
 """Rejection model beta ~ a*u + b, its least-squares fit, and the skip thresholds
-(DESIGN.md section 1, steps 3-4).
+(docs/design.md section 1, steps 3-4).
 
 beta = max(0, 1 - y_d / x_d) is the probability that the LLM rejects the draft d. The
 paper observes beta ~ a*u + b (a = 0.815, b = -0.066 for TinyLlama/Llama-2) and skips the

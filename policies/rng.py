@@ -1,6 +1,6 @@
 """Random draws keyed by (seed, device, token index, purpose).
 
-Token content must not depend on timing or placement (DESIGN.md section 2): every draw
+Token content must not depend on timing or placement (docs/design.md section 2): every draw
 comes from a generator derived from these four numbers alone, so the same scenario and
 seed give the same tokens however devices are spread over actors.
 """

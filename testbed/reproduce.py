@@ -634,7 +634,7 @@ def policy_spec(name: str, fit: Fit, **params: Any) -> dict:
 
 
 def tv_accuracy_bound(tokens: Any) -> float | None:
-    """The bound on |pass@1 - llm-only's pass@1| that fidelity implies (DESIGN.md section 7): a [0, 1]
+    """The bound on |pass@1 - llm-only's pass@1| that fidelity implies (docs/design.md section 7): a [0, 1]
     metric of a sequence moves by at most the TV distance between the sequence's law and the LLM's, which
     is at most min(1, sum of the per-token TVs); averaged over the devices (sequences) with a fidelity_tv
     for every token. None where no device has one (or the table has no fidelity_tv)."""
@@ -689,6 +689,7 @@ def _row(point: Point, summary: dict, hlm_throughput: float | None, tokens: Any 
         "acceptance_rate": summary.get("acceptance_rate"), "uplink_bytes_per_token": summary.get("uplink_bytes_per_token"),
         **_paired_cells(point, acc), "pass_at_1_relative": rel, "pass_at_1_relative_stderr": rel_se,
         "fidelity_tv": summary.get("fidelity_tv_mean"), "fidelity_tv_sequence": summary.get("fidelity_tv_sequence_mean"),
+        "fidelity_tv_branch": summary.get("fidelity_tv_branch_mean"),
         "pass_at_1_tv_bound": None if tokens is None else tv_accuracy_bound(tokens),
         "tokens": summary.get("tokens"), "devices": summary.get("devices"),
     }

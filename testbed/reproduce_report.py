@@ -415,7 +415,7 @@ def write_paper_report(study: Study, size: Size, base: Scenario, points: list[Po
                  "llm-only's per-problem pass rate ± sd / sqrt(problems), with its paired-t 95% interval. Exact test: "
                  "McNemar's (two-sided binomial on the discordant problems) with one sample per problem, the sign test "
                  "on the per-problem differences with several; 'distinguishable' = its p < 0.05. The bound: |Δ pass@1| "
-                 "≤ the mean over sequences of min(1, summed per-token TV) (DESIGN.md section 7), what fidelity alone "
+                 "≤ the mean over sequences of min(1, summed per-token TV) (docs/design.md section 7), what fidelity alone "
                  "guarantees; it bounds the expected difference, the measured Δ adds sampling noise.</p>")
     parts.append(html_table(ACCURACY_COLUMNS, [_accuracy_cells(r) for r in rows if r.get("pass_at_1") is not None]))
     parts.append("<h2>Every point</h2>")

@@ -99,8 +99,9 @@ class TokenRecord:
     t_verdict: float = NAN
     t_commit: float = NAN
     fidelity_tv: float = NAN  # exact TV(law the token was drawn from, LLM's y); NaN if unknown
-    # A policy that cannot state its decision law (a plug-in) gets fidelity_tv NaN and this approximation:
-    # the TV of the branch that happened (agents.fidelity.branch_fidelity); NaN otherwise.
+    # The TV of the branch that happened (agents.fidelity.branch_fidelity: TV(x, y) when skipped,
+    # TV(hybrid, y) when verified), the measure before exact fidelity: an approximation, kept for
+    # comparison; a policy that cannot state its decision law (a plug-in) has only this (fidelity_tv NaN).
     fidelity_tv_branch: float = NAN
     # Link columns (schema 1 + these; -1 in files written before them). Of this token's upload and its
     # verdict; on a device's last token when the device ended with a final flush (its skipped drafts

@@ -462,7 +462,7 @@ class Restarts:
 
 def _run_ray(p: Plan, opts: RunOptions, sinks: "Sinks", started: bool, ray_s: float):
     """The actors: one Verifier, the DeviceGroups. A dead actor (a RayActorError from any call) is
-    restarted, up to actors.max_restarts in all, by deterministic replay (DESIGN.md section 8;
+    restarted, up to actors.max_restarts in all, by deterministic replay (docs/design.md section 9;
     agents.actors.DeviceGroup and agents.verifier say how):
 
     - a group: a new incarnation for the same devices re-executes them from their prompts, the

@@ -1,4 +1,4 @@
-"""Fidelity (DESIGN.md section 7): per committed token, the exact TV distance between the law it
+"""Fidelity (docs/design.md section 7): per committed token, the exact TV distance between the law it
 was drawn from and the LLM's y at its position. Checked against an independent closed form
 (device + verifier on a fake LLM whose y is known), against a Monte-Carlo of the verification
 rule (the closed form is the right law), and through the whole engine on the tiny models.
@@ -32,7 +32,7 @@ def _softmax(z, T: float) -> np.ndarray:
 
 
 def _x_hat(x: np.ndarray, k: int, bits: int) -> np.ndarray:
-    """The server's reconstruction of the top-k of x at `bits` bits, written out from DESIGN.md
+    """The server's reconstruction of the top-k of x at `bits` bits, written out from docs/design.md
     steps 5-6 (not through the codec)."""
     top = np.argsort(-x, kind="stable")[:k]
     p = x[top]

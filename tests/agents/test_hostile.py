@@ -1,4 +1,4 @@
-"""Hostile clients against a live Verifier (DESIGN.md section 8, issue 11): whatever a client
+"""Hostile clients against a live Verifier (docs/design.md section 9, issue 11): whatever a client
 sends can only ever produce an ERROR reply and a count, never a crash, a hang or a takeover
 of another client's session. Every test talks ZeroMQ to a real Verifier on loopback (run it
 under shared/bin/offline) with a tiny LLM; a legitimate session then runs to completion with

@@ -1,4 +1,4 @@
-"""CURVE on the verifier socket (DESIGN.md section 8, issue 11 item 2): a real Verifier with
+"""CURVE on the verifier socket (docs/design.md section 9, issue 11 item 2): a real Verifier with
 CURVE on loopback (run under shared/bin/offline), real pyzmq clients. A client with no keys, one
 with the wrong server key and one whose key is not on the allow-list are all refused in the
 handshake; none reaches the verifier, and a legitimate CURVE session then gets exactly the

@@ -1,5 +1,5 @@
 """Chaos: actors killed with SIGKILL mid-run are restarted by deterministic replay, and the
-virtual clock's trace (tokens.parquet, every column) is the fault-free run's (DESIGN.md section 8).
+virtual clock's trace (tokens.parquet, every column) is the fault-free run's (docs/design.md section 9).
 
 The kills are real (`kill -9` of the actor's worker process, RunOptions.chaos_kill) and fire at a
 given number of committed tokens: a group's own, counted by the group; the run's, drained by the driver. Tiny random models; seconds each.

@@ -1,5 +1,5 @@
 """The distributed runtime against the single-process engine: same scenario and seed, same
-trace, in every actor layout and under real timing noise (DESIGN.md section 2)."""
+trace, in every actor layout and under real timing noise (docs/design.md section 2)."""
 from __future__ import annotations
 
 import json
