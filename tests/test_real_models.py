@@ -75,3 +75,30 @@ def test_pair_runs_batched_and_agrees(real_models, problems):
     batched = slm_first[1]
     assert int(alone.argmax()) == int(batched.argmax())
     assert np.abs(alone - batched).max() < 0.05 * np.abs(alone).max()
+
+
+# Issue 15's table: u-hlm without truncation at a fixed u_th of 0.5, the first token after each prompt,
+# fp32 forwards: the branch mean recorded before exact fidelity against TV(P, y) of the decision law.
+ISSUE_15 = {"x = [1, 2, 3]\nfor": (0.0884, 0.0000), "The best": (0.0555, 0.0000),
+            "import numpy as np\nimport": (0.1258, 0.1554), "# sort a list of words by length\ndef": (0.1684, 0.1896)}
+
+
+def test_exact_fidelity_on_the_qwen_pair_matches_the_issues_table(real_models):
+    import torch
+
+    from agents.fidelity import exact_fidelity
+    from agents.models import load_model
+    from agents.speculative import softmax_t, tv_distance
+    from policies.law import DecisionLaw, u_grid
+
+    tok = real_models.tokenizer()
+    slm, llm = (load_model(spec, dtype="float32") for spec in (real_models.slm_spec, real_models.llm_spec))
+    law = DecisionLaw((u_grid(20) <= 0.5).astype(float), 32, k=151936, K=20, theta_max=2.0)
+    for prompt, (branch_want, exact_want) in ISSUE_15.items():
+        ids = torch.tensor([tok.encode(prompt)])
+        with torch.no_grad():
+            z, zy = (m(ids).logits[0, -1].float().numpy() for m in (slm, llm))
+        x, y = softmax_t(z, 1.0), softmax_t(zy, 1.0)
+        skip = law.draft_law(z, x).skip
+        assert float(x @ skip) * tv_distance(x, y) == pytest.approx(branch_want, abs=1e-4), prompt  # a full upload's branch is y
+        assert exact_fidelity(z, x, law, y) == pytest.approx(exact_want, abs=1e-4), prompt
