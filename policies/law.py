@@ -32,9 +32,9 @@ from policies.uncertainty import perturbation_keep_prob
 
 # Temperature perturbation: drafts whose samples almost surely all differ from them (u = 1) are not
 # expanded over j. Treating d's u as 1 moves P by at most x_d P(j < K | d) <= x_d K p_d (p_d = 1 - q_d);
-# a draft is left out when that is below TAIL_TV / V, so all of them add up to <= TAIL_TV (DraftLaw.tail_tv:
-# their sum).
-TAIL_TV = 1e-10
+# the drafts left out are those with the smallest such bounds, as many as keep their sum <= TAIL_TV
+# (DraftLaw.tail_tv: the sum). On Qwen logits this leaves a few hundred to a few thousand to expand.
+TAIL_TV = 1e-8
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,9 @@ class DecisionLaw:
         # temperature perturbation: expand the head over j = 0..K; the tail has u = 1 (j = K)
         keep = perturbation_keep_prob(logits, self.theta_max)
         reach = self.K * x * keep
-        small = reach < TAIL_TV / V
-        head, tail = np.flatnonzero(~small), np.flatnonzero(small)
+        by_reach = np.argsort(reach, kind="stable")
+        n_tail = int(np.searchsorted(np.cumsum(reach[by_reach]), TAIL_TV, side="right"))
+        head, tail = np.sort(by_reach[n_tail:]), np.sort(by_reach[:n_tail])
         u_law = binomial_pmf(self.K, 1.0 - keep[head])  # [H, J]
         skip = np.full(V, float(self.p_skip[-1]))
         skip[head] = u_law @ self.p_skip

@@ -271,22 +271,35 @@ def calibrate_offline_truncator(probs: Sequence | np.ndarray, drafts, betas, the
 
 class KStarTable:
     """Online k* for every candidate draft of one token (the decision law, policies.law): x is sorted
-    once (`order`: token ids by x descending, ties by id; `rank`: its inverse) and N(k) computed from it;
-    a draft d with budget theta ((1 - x_d) l(-1) + x_d l(-beta)) gets the smallest k with N(k) <= budget.
-    The budget grows with x_d (l(-beta) >= l(-1)), so only the drafts above the step that the smallest
-    budget falls on can get a smaller k."""
+    once (`order`: token ids by x descending, ties by id; `rank`: its inverse); a draft d with budget
+    theta ((1 - x_d) l(-1) + x_d l(-beta)) gets the smallest k with N(k) <= budget. The budget grows with
+    x_d (l(-beta) >= l(-1)), so only the drafts above the step that the smallest budget falls on can get a
+    smaller k. N(k) is computed only as far as the smallest budget asked needs (doubling from 256), each
+    value in O(log V) from prefix sums: N(k) = 2 (sum_{k < i <= j} x_(i) - (j - k) c_k), j = #{x_(i) > c_k}."""
 
     def __init__(self, probs, theta: float, eta: float):
         _check(theta, eta)
         x = torch.as_tensor(np.asarray(probs)).double().reshape(-1)
         values, order = torch.sort(x, descending=True, stable=True)
-        total = values.sum()
+        total = float(values.sum())
         self.theta, self.eta = theta, eta
         self.order = order.numpy()
         self.rank = np.empty_like(self.order)
         self.rank[self.order] = np.arange(self.order.size)
-        self.n = tv_numerator((values / total)[None])[0].numpy()  # N(k) at column k - 1, non-increasing
-        self.x_d = (x / total).numpy()  # x_d as _draft_probs sees it
+        self.s = values.numpy() / total  # sorted, renormalised
+        self.prefix = np.concatenate([[0.0], np.cumsum(self.s)])  # prefix[k] = sum of the top k
+        self.n = np.zeros(0)  # N(k) at index k - 1, for k = 1..len(n)
+        self.x_d = x.numpy() / total  # x_d as _draft_probs sees it
+
+    def _extend(self, floor: float) -> None:
+        """Compute N(k) for k = 1, 2, ... until N(k) <= floor (or k = V, where N = 0)."""
+        V = self.s.size
+        while not (self.n.size and (self.n[-1] <= floor or self.n.size == V)):
+            k = np.arange(self.n.size + 1, min(V, max(256, 2 * self.n.size)) + 1)
+            rest = np.clip(1.0 - self.prefix[k], 0.0, None)
+            c = np.where(k < V, rest / np.maximum(V - k, 1), 0.0)
+            j = np.maximum(np.searchsorted(-self.s, -c, side="left"), k)  # entries above the tail mean
+            self.n = np.concatenate([self.n, np.clip(2.0 * ((self.prefix[j] - self.prefix[k]) - (j - k) * c), 0.0, None)])
 
     def _k(self, budget: np.ndarray) -> np.ndarray:
         return np.searchsorted(-self.n, -budget, side="left") + 1  # first k with N(k) <= budget
@@ -294,9 +307,11 @@ class KStarTable:
     def k_for(self, beta: float, drafts=None) -> np.ndarray:
         """k*(d) for each draft d of `drafts` (default: every token) at rejection probability beta."""
         x_d = self.x_d if drafts is None else self.x_d[drafts]
-        budget = self.theta * tv_denominator(torch.from_numpy(x_d), torch.tensor(float(beta)), self.eta).numpy()
+        l_1, l_beta = float(softplus_l(-1.0, self.eta)), float(softplus_l(-float(beta), self.eta))
+        budget = self.theta * ((1.0 - x_d) * l_1 + x_d * l_beta)  # tv_denominator with its two l values
         if not budget.size:
             return np.zeros(0, dtype=np.int64)
+        self._extend(float(budget.min()))
         k_hi = int(self._k(np.array([budget.min()]))[0])
         k = np.full(budget.shape, k_hi, dtype=np.int64)
         if k_hi > 1:

@@ -1,4 +1,6 @@
-"""`testbed bench policies`: per-token cost of the estimators and online k* (policies.benchmark)."""
+"""`testbed bench policies`: per-token cost of the estimators and online k* (policies.benchmark), and of
+the exact fidelity of each preset (its decision law expanded over every draft, agents.fidelity) next to
+the branch measure it replaced."""
 from __future__ import annotations
 
 import json
@@ -17,6 +19,7 @@ def command(
     from policies.benchmark import run
 
     out = run(vocab, batch, repeats, logits)
+    out["exact_fidelity"] = fidelity_cost(vocab, min(batch, 4), repeats)
     if json_out:
         print(json.dumps(out, indent=2))
         return
@@ -25,3 +28,57 @@ def command(
         print(f"[{kind}]")
         for name, value in rows.items():
             print(f"  {name:40s} {value}")
+    print("[exact fidelity: ms per token, lm-like logits; x branch = / the branch measure's cost]")
+    for name, r in out["exact_fidelity"].items():
+        print(f"  {name:40s} {r['exact_ms']:>9.2f} ms  (x{r['ratio_to_branch']:.0f} branch, {r['transmit_groups']} k groups)")
+
+
+PRESETS = {"hlm": {"name": "hlm"}, "u-hlm": {"name": "u-hlm", "threshold": "fixed", "u_th": 0.25},
+           "cu-hlm (online k*)": {"name": "cu-hlm", "threshold": "fixed", "u_th": 0.25},
+           "cu-hlm-offline": {"name": "cu-hlm-offline", "threshold": "fixed", "u_th": 0.25, "k": 14},
+           "cu-hlm-adaptive (max u)": {"name": "cu-hlm-adaptive", "estimator": "max"},
+           "rand-hlm": {"name": "rand-hlm", "skip_rate": 0.3}}
+
+
+def fidelity_cost(vocab: int, batch: int, repeats: int) -> dict:
+    """Per preset: process-CPU ms per token of agents.fidelity.exact_fidelity (the committed token's law
+    over every draft, then its TV to y) at one torch thread, and its ratio to the branch measure's."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from agents.fidelity import branch_fidelity, exact_fidelity
+    from agents.speculative import softmax_t
+    from policies import load_policy
+    from policies.base import DecisionContext
+    from policies.benchmark import lm_like_logits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        z = lm_like_logits(batch, vocab).numpy()
+        zy = z + np.random.default_rng(1).normal(0.0, 1.0, z.shape).astype(np.float32)  # the LLM: a nearby law
+        rows = [(z[b], softmax_t(z[b], 1.0), softmax_t(zy[b], 1.0)) for b in range(batch)]
+        out = {}
+        for name, spec in PRESETS.items():
+            policy = load_policy(spec)
+            laws = [policy.decide_batch(zb[None], [DecisionContext(0, b, 0, 1.0, int(x.argmax()), x)])[0].law
+                    for b, (zb, x, _) in enumerate(rows)]
+
+            def best(fn):
+                times = []
+                for _ in range(repeats):
+                    t = time.process_time()
+                    fn()
+                    times.append(time.process_time() - t)
+                return min(times) / batch * 1e3
+
+            exact = best(lambda: [exact_fidelity(zb, x, law, y) for (zb, x, y), law in zip(rows, laws)])
+            branch = best(lambda: [branch_fidelity(x, y, None) for _, x, y in rows])
+            groups = max(len(law.draft_law(zb, x).groups) for (zb, x, _), law in zip(rows, laws))
+            out[name] = {"exact_ms": round(exact, 3), "branch_ms": round(branch, 3),
+                         "ratio_to_branch": round(exact / max(branch, 1e-9), 1), "transmit_groups": groups}
+        return out
+    finally:
+        torch.set_num_threads(threads)
