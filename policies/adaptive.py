@@ -65,8 +65,8 @@ Which u: any estimator works (the rule needs no model of beta(u), only that skip
 is sensible). With temperature perturbation u takes K + 1 values, so a whole bin of tokens is
 skipped or not (q randomises the boundary bin); a continuous, deterministic u such as
 `estimator: max` (1 - max x) ranks tokens more finely and costs no perturbed draws. Measured in
-`testbed reproduce paper --size small` (README): at cu-hlm's fidelity, 42.6% skipped with `max`
-against 22.9% for cu-hlm's fitted threshold (27.5% with temperature u at risk 0.01).
+`testbed reproduce paper --size small` (README, exact fidelity): with `max` at risk 0.01, 49.6% skipped
+at a fidelity of 0.0177 TV/token, where the upper concave hull of cu-hlm's thresholds reaches 41.9%.
 
 Determinism (docs/design.md section 2): one policy instance serves many devices; all state is
 keyed by device, fed only by that device's decisions and verdicts (which arrive in its own

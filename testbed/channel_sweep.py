@@ -9,11 +9,12 @@ model gives its throughput at any uplink rate R (testbed.reproduce module docstr
 
 (slm = 0 for llm-only, which drafts nothing; llm is the LLM's batch-1 verification, which the
 study charges on the downlink delay, so d_down below already holds it.) A device's tokens are
-sequential, so its throughput is n_d / sum of its delays, and the study's throughput of a point is the
-harmonic mean over devices (testbed.reproduce.paper_throughput). Summed, every device's delay is
-F_d + W_d / R (F_d seconds that do not depend on R, W_d uplink bits), so
+sequential, so the study's throughput of a point is every device's tokens over the sum of their
+delays (testbed.reproduce.paper_throughput: devices stop at different lengths, so this is not the mean
+of the devices' throughputs). Summed over all N tokens, the delays are F N + W N / R (F seconds per
+token that do not depend on R, W uplink bits per token), so
 
-    throughput(R) = D / (F + W / R),  F = sum_d F_d / n_d,  W = sum_d W_d / n_d  (D devices)
+    throughput(R) = 1 / (F + W / R)
 
 and the ratio of two points, cu-hlm over hlm, is (F_hlm + W_hlm / R) / (F_cu + W_cu / R): a ratio of
 two affine functions of 1/R, hence monotone in R. Its two ends:
@@ -143,15 +144,15 @@ def uplink_bits(tokens, enc: Encoding, run_vocab: int, model: DelayModel) -> np.
 
 @dataclass(frozen=True)
 class Affine:
-    """A point's throughput(R) = devices / (F + W / R) (module docstring)."""
+    """A point's throughput(R) = 1 / (F + W / R) (module docstring)."""
 
-    F: float  # seconds per token (summed over devices of each device's mean), independent of R
+    F: float  # seconds per token, mean over every token of every device, independent of R
     W: float  # uplink bits per token (likewise)
     devices: int
 
     def throughput(self, rate_bps) -> np.ndarray:
         r = np.asarray(rate_bps, float)
-        return self.devices / (self.F + self.W / r)
+        return 1.0 / (self.F + self.W / r)
 
 
 def affine(tokens, model: DelayModel, enc: Encoding, run_vocab: int) -> Affine:
@@ -164,11 +165,7 @@ def affine(tokens, model: DelayModel, enc: Encoding, run_vocab: int) -> Affine:
     fixed = np.where(drafts, model.slm_s, 0.0) + np.where(
         tx, model.uplink_delay_s + 8.0 * down / model.downlink_rate_bps + model.downlink_delay_s, 0.0)
     bits = uplink_bits(tokens, enc, run_vocab, model)
-    dev = tokens["device"].to_numpy(np.int64)
-    _, idx, n = np.unique(dev, return_inverse=True, return_counts=True)
-    F = float((np.bincount(idx, weights=fixed) / n).sum())
-    W = float((np.bincount(idx, weights=bits) / n).sum())
-    return Affine(F, W, len(n))
+    return Affine(float(fixed.mean()), float(bits.mean()), int(np.unique(tokens["device"].to_numpy()).size))
 
 
 def device_throughputs(tokens, model: DelayModel, rate_bps: float, enc: Encoding = Encoding("ours"),
@@ -183,8 +180,8 @@ def device_throughputs(tokens, model: DelayModel, rate_bps: float, enc: Encoding
 
 def rate_reaching(h: Affine, c: Affine, target: float) -> float | None:
     """The highest uplink rate at which c's throughput is >= target x h's (None if at no rate)."""
-    num = h.W / h.devices - target * c.W / c.devices
-    den = target * c.F / c.devices - h.F / h.devices
+    num = h.W - target * c.W
+    den = target * c.F - h.F
     # ratio >= target  <=>  num / R >= den (both sides over 1/R > 0)
     if den < 0 or (den == 0 and num >= 0):  # the high-rate limit reaches it: up to R -> infinity
         return math.inf
@@ -197,8 +194,8 @@ def ratio(h: Affine, c: Affine, rate_bps) -> np.ndarray:
 
 def limits(h: Affine, c: Affine) -> tuple[float, float]:
     """(R -> 0, R -> infinity) limits of c's throughput over h's."""
-    low = math.inf if c.W == 0 else (h.W / h.devices) / (c.W / c.devices)
-    return low, (h.F / h.devices) / (c.F / c.devices)
+    low = math.inf if c.W == 0 else h.W / c.W
+    return low, h.F / c.F
 
 
 # --------------------------------------------------------------------------------------------- a study
@@ -275,7 +272,7 @@ def sweep(out: Path, vocabs: Sequence[int] = (PAPER_VOCAB,), rates: Sequence[flo
     for enc in encodings(run_vocab, vocabs):
         key = enc.key(run_vocab)
         ah = affine(h.tokens, model, enc, run_vocab)
-        e = {"label": enc.label(run_vocab), "hlm_bits_per_token": ah.W / ah.devices,
+        e = {"label": enc.label(run_vocab), "hlm_bits_per_token": ah.W,
              "hlm_throughput": ah.throughput(rates).tolist(), "curves": {}, "rows": []}
         for p in others:
             ac = affine(p.tokens, model, enc, run_vocab)
@@ -286,7 +283,7 @@ def sweep(out: Path, vocabs: Sequence[int] = (PAPER_VOCAB,), rates: Sequence[flo
             e["rows"].append({
                 "point": p.name, "policy": p.policy, "skip_rate": p.summary.get("skip_rate"),
                 "vocab_compression": p.summary.get("vocab_compression"),
-                "bits_per_token": ac.W / ac.devices, "ratio_at_study_rate": float(ratio(ah, ac, study_rate)),
+                "bits_per_token": ac.W, "ratio_at_study_rate": float(ratio(ah, ac, study_rate)),
                 "ratio_low_rate_limit": low, "ratio_high_rate_limit": high, "max_ratio": max(low, high),
                 "max_at": "R -> 0" if low >= high else "R -> infinity",
                 "rate_reaching_target_bps": reach, "reaches_target": reach is not None})

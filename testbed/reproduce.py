@@ -919,11 +919,13 @@ def _fleet_row(point: Point, s: dict) -> dict:
 # --------------------------------------------------------------------------------------------- estimate
 
 # One generated token-step (SLM + LLM, every device of a 16-row tile at once) on a 2-core CPU, per CPU
-# class. bf16: measured, the small study's first 14 points took 15 m 49 s on a 2-core AMD EPYC with
-# AVX512-BF16 (~1.7 s per step with prefill). fp32: a CPU without native bf16 (AVX2 only) runs the
-# forwards ~3-4x slower.
+# class. bf16: measured on a 2-core Intel Xeon with AVX512-BF16 and AMX at 2 threads (actors.threads
+# auto): the small study's hlm point, 146 token-steps with prefill and exact fidelity, took 71 s, and
+# the whole study about 19 min (~0.5 s a step; it was ~1.7 s at 1 thread on an AMD EPYC with
+# AVX512-BF16). fp32: a CPU without native bf16 (AVX2 only) runs the forwards ~3.5x slower (scaled,
+# not measured here).
 CPU_CLASSES = {"bf16": "native bf16 (AVX512-BF16 / AMX)", "fp32": "fp32 only (AVX2, no native bf16)"}
-STEP_S = {"bf16": 1.7, "fp32": 6.0}
+STEP_S = {"bf16": 0.5, "fp32": 1.8}
 PREFILL_TILE_S = {"bf16": 0.1, "fp32": 0.3}  # one 16-row tile of prompt prefill through both models (GEMMs only)
 STEP_WEIGHT = {"llm-only": 0.75, "slm-only": 0.25}  # by parameter count: the LLM ~3/4 of a step, the SLM ~1/4
 TILE = 16  # rows of one packed GEMM tile: up to 16 devices cost what one does

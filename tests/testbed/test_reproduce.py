@@ -297,12 +297,12 @@ def test_cli_resumes_and_estimates(paper, tmp_path):
     r = CliRunner().invoke(app, ["reproduce", "paper", "--size", "small", "--estimate", "--json"])
     assert r.exit_code == 0, r.output
     est = json.loads(r.stdout)
-    # small is sized for about an hour on 2 CPU cores with native bf16 (the step time is measured on such a
-    # machine): with a measured 1 in 16 completions running on to 256 tokens, most points cost the whole
-    # budget, so the expected end is about an hour and the pessimistic one (every point to 256) not far above
+    # small fits well within an hour on 2 CPU cores with native bf16 (the step time is measured on such a
+    # machine: about 19 min): with a measured 1 in 16 completions running on to 256 tokens, most points cost
+    # the whole budget; an fp32-only CPU takes a few times longer
     bf16, fp32 = est["cpu_classes"]["bf16"]["minutes"], est["cpu_classes"]["fp32"]["minutes"]
     assert est["size"] == "small" and est["max_new_tokens"] >= 256 and est["devices"] == 16
-    assert 40 < bf16[0] < 70 and bf16[0] <= bf16[1] < 80, bf16
+    assert 10 < bf16[0] < 40 and bf16[0] <= bf16[1] < 60, bf16
     assert bf16[1] <= est["cpu_classes"]["bf16"]["minutes_without_stops"] + 1e-9
     assert fp32[0] > 2 * bf16[0] and est["minutes"] == [bf16[0], fp32[1]]
     # over many tiles (medium: 164 problems) stopping is what makes 256 tokens affordable overnight
