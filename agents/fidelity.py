@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from agents import codec
-from agents.speculative import accept_prob, hybrid_distribution, reconstruct, residual_law, tv_distance
+from agents.speculative import accept_prob, reconstruct, residual_law, tv_distance, verified_fidelity
 from policies.law import DraftLaw
 
 
@@ -63,6 +63,10 @@ def _committed_sorted(xs: np.ndarray, law: DraftLaw, ys: np.ndarray, x: np.ndarr
     inside = np.maximum(ys - qs, 0.0)  # y - xhat where a token is among the sent entries
     inside_prefix = np.concatenate([[0.0], np.cumsum(inside)])
     p = xs * law.skip
+
+    def rest(k: int) -> float:  # xhat^k after the prefix: the unsent mass spread evenly (reconstruct)
+        return max(0.0, 1.0 - q_prefix[k]) / (V - k) if k < V else 0.0
+
     resampled: dict[int, float] = {}  # k -> mass that goes to r_k
     exact: dict[int, np.ndarray] = {}
     for k, pos, w in law.groups:
@@ -72,9 +76,8 @@ def _committed_sorted(xs: np.ndarray, law: DraftLaw, ys: np.ndarray, x: np.ndarr
         if x_hat is not None:
             xh = x_hat if pos is None else x_hat[pos]
         else:
-            c = max(0.0, 1.0 - q_prefix[k]) / (V - k) if k < V else 0.0
             at = np.arange(V) if pos is None else pos
-            xh = np.where(at < k, qs[at], c)
+            xh = np.where(at < k, qs[at], rest(k))
         at_y = ys if pos is None else ys[pos]
         at_x = xs if pos is None else xs[pos]
         a = accept_prob(xh, at_y)
@@ -90,8 +93,7 @@ def _committed_sorted(xs: np.ndarray, law: DraftLaw, ys: np.ndarray, x: np.ndarr
         if k in exact:
             p += mass * residual_law(exact[k], ys)
             continue
-        c = max(0.0, 1.0 - q_prefix[k]) / (V - k) if k < V else 0.0
-        after = np.maximum(ys[k:] - c, 0.0)
+        after = np.maximum(ys[k:] - rest(k), 0.0)
         total = inside_prefix[k] + float(after.sum())
         if total > 0:
             p[:k] += (mass / total) * inside[:k]
@@ -108,12 +110,11 @@ def exact_fidelity(logits: np.ndarray, x: np.ndarray, law, y: np.ndarray) -> flo
 
 
 def branch_fidelity(x: np.ndarray, y: np.ndarray, payload: bytes | None) -> float:
-    """The approximation recorded as fidelity_tv_branch for a policy that cannot state its decision
-    law (a plug-in): the TV of the branch that happened, TV(x, y) for a skipped token and
-    TV(hybrid(x, xhat, y), y) for a verified one (xhat from its payload). It equals the exact value
+    """fidelity_tv_branch, the measure before the decision law (kept for every token, and all that a
+    plug-in policy without a law gets): the TV of the branch that happened, TV(x, y) for a skipped token
+    and TV(hybrid(x, xhat, y), y) for a verified one (xhat from its payload). It equals the exact value
     only when neither the skip nor the truncation depends on the draft."""
     if payload is None:
         return tv_distance(x, y)
     p = codec.decode_payload_ex(payload)
-    x_hat = reconstruct(p.indices, p.probs, p.vocab_size)
-    return tv_distance(hybrid_distribution(x, x_hat, y), y)
+    return verified_fidelity(x, reconstruct(p.indices, p.probs, p.vocab_size), y)
