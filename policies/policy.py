@@ -242,8 +242,10 @@ class HybridPolicy(Policy):
         kind, value = trunc(batch, i, grid) if self.uses_llm else ("k", batch.vocab_size)
         online = kind == "beta"
         known = perturbed or self.estimator is None or isinstance(self.estimator, ProbsEstimator)
-        if not known and (np.ptp(p) > 0 or online):
-            return None  # a plug-in estimator's u may depend on the draft in ways we cannot see
+        if not known:  # a plug-in estimator's u may depend on the draft in ways we cannot see: only a
+            probe = np.array([0.0, 0.25, 0.5, 1.0, u])  # decision that ignores u has a law then
+            if online or np.ptp(np.asarray(p_skip(probe, batch.keys[i]), dtype=np.float64)) > 0:
+                return None
         c = self.config
         return DecisionLaw(p, c.prob_bits, k=None if online else int(value),
                            beta=np.asarray(value, dtype=np.float64) if online else None,

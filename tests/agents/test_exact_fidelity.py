@@ -179,4 +179,14 @@ def test_a_plug_in_without_a_law_records_the_branch_approximation_only():
     x = softmax_t(Z, 1.0)
     dec = policy.decide_batch(Z[None], [DecisionContext(0, 0, 0, 1.0, 0, x)])[0]
     assert dec.law is None
+    # a plug-in estimator (its u may depend on the draft): no law once the skip rule reads u ...
+    from policies.skip import NeverSkip, ThresholdSkip
+
+    def draft_u(batch):
+        return batch.drafts.double().numpy() / V
+
+    for rule, has_law in ((ThresholdSkip(0.3), False), (NeverSkip(), True)):  # ... a law where nothing reads u
+        plug = HybridPolicy("plug-u", PolicyConfig(estimator="max"), estimator=draft_u, skip_rule=rule)
+        dec = plug.decide_batch(Z[None], [DecisionContext(0, 0, 0, 1.0, 0, x)])[0]
+        assert (dec.law is not None) == has_law
     assert branch_fidelity(x, Y, None) == pytest.approx(tv_distance(x, Y))
