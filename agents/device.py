@@ -116,7 +116,12 @@ class Drafted:
     stop: int = 0  # in a record: agents.stop.REASON_CODES of the stop at this token (set at its commit)
 
     def recorded(self) -> "Drafted":
-        return self if isinstance(self.payload, int) else replace(self, payload=len(self.payload))
+        """As a content record keeps it: the payload's size, and no decision law (only the fidelity
+        at the verdict reads it, from what the device holds; a record of many tokens should not)."""
+        if isinstance(self.payload, int) and self.decision.law is None:
+            return self
+        size = self.payload if isinstance(self.payload, int) else len(self.payload)
+        return replace(self, payload=size, decision=replace(self.decision, law=None))
 
 
 def token_row(spec: DeviceSpec, index: int, **values) -> dict:
