@@ -20,7 +20,6 @@ verdict brings y. How u depends on d:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
