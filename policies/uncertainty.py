@@ -255,7 +255,8 @@ def perturbation_keep_prob(logits, theta_max: float = 2.0, *, panels: int = 4, o
 
     Quadrature (_perturbation_nodes, 32 nodes): against a 1,024-node rule, |error| <= 5e-9 on every
     entry for real Qwen2.5-Coder logits, and <= 2e-5 for adversarial logits whose top two differ by
-    1e-3 to 1e-2 (the integrand then steps at theta ~ the gap); tests/policies/test_law.py checks both.
+    1e-3 to 1e-2 (the integrand then steps at theta ~ the gap); tests/policies/test_law.py checks both
+    (lm-like logits at 1e-8).
     O(nodes x V) work in float64: one exp per node and token serves the normaliser and p alike."""
     z = torch.as_tensor(np.asarray(logits), dtype=torch.float64).reshape(-1)
     if not torch.isfinite(z.max()):

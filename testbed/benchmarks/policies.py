@@ -43,8 +43,6 @@ PRESETS = {"hlm": {"name": "hlm"}, "u-hlm": {"name": "u-hlm", "threshold": "fixe
 def fidelity_cost(vocab: int, batch: int, repeats: int) -> dict:
     """Per preset: process-CPU ms per token of agents.fidelity.exact_fidelity (the committed token's law
     over every draft, then its TV to y) at one torch thread, and its ratio to the branch measure's."""
-    import time
-
     import numpy as np
     import torch
 
@@ -52,7 +50,7 @@ def fidelity_cost(vocab: int, batch: int, repeats: int) -> dict:
     from agents.speculative import softmax_t
     from policies import load_policy
     from policies.base import DecisionContext
-    from policies.benchmark import lm_like_logits
+    from policies.benchmark import _best, lm_like_logits
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -66,13 +64,8 @@ def fidelity_cost(vocab: int, batch: int, repeats: int) -> dict:
             laws = [policy.decide_batch(zb[None], [DecisionContext(0, b, 0, 1.0, int(x.argmax()), x)])[0].law
                     for b, (zb, x, _) in enumerate(rows)]
 
-            def best(fn):
-                times = []
-                for _ in range(repeats):
-                    t = time.process_time()
-                    fn()
-                    times.append(time.process_time() - t)
-                return min(times) / batch * 1e3
+            def best(fn):  # ms per token, process CPU, best of `repeats` (as the estimators' rows)
+                return _best(fn, repeats) / batch * 1e3
 
             exact = best(lambda: [exact_fidelity(zb, x, law, y) for (zb, x, y), law in zip(rows, laws)])
             branch = best(lambda: [branch_fidelity(x, y, None) for _, x, y in rows])
