@@ -65,10 +65,12 @@ def capture(out: Path, only: list[str] | None) -> None:
         print(f"{name}: {len(df)} tokens, {len(df.columns)} columns, {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def compare(before: Path, after: Path) -> int:
+def compare(before: Path, after: Path, only: list[str] | None = None) -> int:
     bad = 0
     for fp in sorted(before.glob("*.json")):
         name = fp.stem
+        if only and name not in only:
+            continue
         a, b = before / name / "tokens.parquet", after / name / "tokens.parquet"
         if not b.exists():
             print(f"{name}: MISSING in {after}")
@@ -97,11 +99,13 @@ def main() -> None:
     m = sub.add_parser("compare")
     m.add_argument("before", type=Path)
     m.add_argument("after", type=Path)
+    m.add_argument("--only", default="")
     a = ap.parse_args()
+    only = [s for s in a.only.split(",") if s] or None
     if a.cmd == "capture":
-        capture(a.dir, [s for s in a.only.split(",") if s] or None)
+        capture(a.dir, only)
     else:
-        sys.exit(1 if compare(a.before, a.after) else 0)
+        sys.exit(1 if compare(a.before, a.after, only) else 0)
 
 
 if __name__ == "__main__":
