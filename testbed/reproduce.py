@@ -416,7 +416,7 @@ def calibrate_point(s: Scenario, out_dir: Path, kstar_tokens: int, theta: float 
     from policies.uncertainty import ESTIMATORS, make_estimator
     from testbed.calibrate import RecordingPolicy
     from testbed.calibration_ci import add_intervals
-    from testbed.runner import plan
+    from testbed.run import plan
 
     p = plan(s)
     n_tokens = len(p.specs) * p.run.max_new_tokens
@@ -434,7 +434,7 @@ def calibrate_point(s: Scenario, out_dir: Path, kstar_tokens: int, theta: float 
             return super().decide_batch(logits, ctxs)
 
     a = s.actors
-    torch.set_num_threads(p.threads)  # as the runs' content pass (testbed.runner._run_local)
+    torch.set_num_threads(p.threads)  # as the runs' content pass (testbed.run.local)
     policy = Recorder(load_policy({"name": "hlm", "estimator": "none"}), {n: make_estimator(n) for n in ESTIMATORS})
     policy.kept = {}
     slm = BatchedLM(load_model(p.slm, dtype=p.slm_dtype, device=a.group_device))
@@ -561,7 +561,7 @@ class Study:
         return doc
 
     def run_point(self, point: Point) -> dict:
-        from testbed.runner import RunOptions, run_scenario
+        from testbed.run import RunOptions, run_scenario
 
         s = point.build(self)
         d = self.point_dir(point.name)

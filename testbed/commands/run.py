@@ -39,7 +39,7 @@ def run(
 
     from testbed import results
     from testbed.preflight import preflight
-    from testbed.runner import RunOptions, run_scenario
+    from testbed.run import RunOptions, run_scenario
     from testbed.scenario import ScenarioError, expand_sweep, load_scenario, override
 
     err = Console(stderr=True)
