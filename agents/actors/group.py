@@ -137,10 +137,8 @@ class DeviceGroup:
         with self.handshake:
             self.running = True
         sock = self._connect()
-        wall = self.clock.kind == "wall"
         shaped = self.clock.shaped(sock)  # wall clock: uploads wait out their emulated arrival
         skip: dict[int, int] = dict(skip_steps or {})
-        timings = self.core.timings
         try:
             for o in self.core.opens():
                 sock.send_multipart(wire.encode(o))
@@ -150,42 +148,11 @@ class DeviceGroup:
                     sock = self._detach_point(sock)
                     shaped = self.clock.shaped(sock)
                     continue
-                # Wall clock: a device moves when its emulated time comes (after its SLM step
-                # or the downlink of its verdict); lag is how late real time is when it does.
-                now = self.clock.now() if wall else None
-                # Content pass: step in lockstep, every device at once (the largest SLM batch).
-                lockstep_wait = self.record and self.core.awaiting_verdicts()
-                if self.core.has_work() and not lockstep_wait and (not wall or self.core.next_time() <= now):
-                    if wall:
-                        self.lag_s = max(0.0, now - self.core.next_time())
-                    uploads = self.core.step(now)
-                    with timings("transport", len(uploads)):
-                        for upload in uploads:
-                            parts = wire.encode(upload)
-                            if wall:
-                                shaped.schedule(parts, [upload.stamp.t_arrive])
-                            else:
-                                sock.send_multipart(parts)
-                if wall:
-                    shaped.flush()
-                    timeout = min(self.clock.ms_until(self.core.next_time()), poll_ms(shaped.timeout()))
-                else:
-                    timeout = 0 if self.core.has_work() and not lockstep_wait else POLL_MS
-                with timings("wait"):
+                timeout = self._step(sock, shaped)
+                with self.core.timings("wait"):
                     incoming = sock.poll(timeout)
                 if incoming:
-                    t_recv = time.perf_counter()
-                    while True:
-                        try:
-                            parts = sock.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._received()
-                        msg = wire.decode(parts)
-                        if not isinstance(msg, wire.Verdict):
-                            raise protocol.ProtocolError(f"unexpected {type(msg).__name__} from the verifier")
-                        self.core.on_verdict(msg)
-                    timings.add("transport", time.perf_counter() - t_recv)
+                    self._receive(sock)
                 self._publish(skip)
             self._publish(skip)
         finally:
@@ -197,11 +164,51 @@ class DeviceGroup:
                     self.detached.set()
         # No rows: every token left as an event through drain().
         return {"lag_s": self.lag_s, "max_rss_bytes": max_rss_bytes(), "memory": memory(),
-                "timings": timings.snapshot(), "lm": self.core.slm.describe() if self.core.slm else None,
+                "timings": self.core.timings.snapshot(), "lm": self.core.slm.describe() if self.core.slm else None,
                 "content": pack_devices(self.core.recorded()) if self.record else None,  # ~60 B a token
                 # for a verifier restart after this group ended; pickled: the driver holds every group's
                 # until the end, ~30 bytes a token as bytes and ~300 as objects
                 "sessions": pickle.dumps(self.core.session_states(), protocol=pickle.HIGHEST_PROTOCOL)}
+
+    def _step(self, sock, shaped) -> int:
+        """Move every device that can, send their uploads; returns how long to wait for verdicts (ms).
+
+        Wall clock: a device moves when its emulated time comes (after its SLM step or the downlink
+        of its verdict); lag is how late real time is when it does. Content pass: devices step in
+        lockstep, every one at once (the largest SLM batch)."""
+        wall = self.clock.kind == "wall"
+        now = self.clock.now() if wall else None
+        lockstep_wait = self.record and self.core.awaiting_verdicts()
+        if self.core.has_work() and not lockstep_wait and (not wall or self.core.next_time() <= now):
+            if wall:
+                self.lag_s = max(0.0, now - self.core.next_time())
+            uploads = self.core.step(now)
+            with self.core.timings("transport", len(uploads)):
+                for upload in uploads:
+                    parts = wire.encode(upload)
+                    if wall:
+                        shaped.schedule(parts, [upload.stamp.t_arrive])
+                    else:
+                        sock.send_multipart(parts)
+        if wall:
+            shaped.flush()
+            return min(self.clock.ms_until(self.core.next_time()), poll_ms(shaped.timeout()))
+        return 0 if self.core.has_work() and not lockstep_wait else POLL_MS
+
+    def _receive(self, sock) -> None:
+        """Apply every verdict waiting on the socket."""
+        t_recv = time.perf_counter()
+        while True:
+            try:
+                parts = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self._received()
+            msg = wire.decode(parts)
+            if not isinstance(msg, wire.Verdict):
+                raise protocol.ProtocolError(f"unexpected {type(msg).__name__} from the verifier")
+            self.core.on_verdict(msg)
+        self.core.timings.add("transport", time.perf_counter() - t_recv)
 
     def _publish(self, skip: dict[int, int]) -> None:
         """Hand the devices' new events to drain(), less those of steps already delivered (a restart)."""

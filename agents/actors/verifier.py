@@ -195,7 +195,9 @@ class Verifier:
             self.failure = "".join(traceback.format_exception(exc))
 
     def _loop(self) -> None:
-        sock, core, wall = self.sock, self.core, self.clock.kind == "wall"
+        """Serve until stop(): the driver's calls, then the clients' messages (a bounded round, so a
+        flood cannot starve the batches), then every batch the batching rule releases."""
+        wall = self.clock.kind == "wall"
         while not self.stop_flag.is_set():
             while self.commands:
                 work, done, box = self.commands.popleft()
@@ -206,63 +208,73 @@ class Verifier:
                 done.set()
             timeout = POLL_MS
             if wall:
-                start = core.batch_start()
+                start = self.core.batch_start()
                 timeout = min(self.clock.ms_until(math.inf if start is None else start), poll_ms(self.shaped.timeout()))
-            opens = []
-            if sock.poll(timeout):
-                for _ in range(self.max_messages_per_poll):
-                    try:
-                        identity, parts, extra = self._recv()
-                    except zmq.Again:
-                        break
-                    self._received()
-                    # Decoding and checking one client's message: whatever fails is answered to
-                    # that client alone. What follows (prefill, the LLM forward) is not input
-                    # handling: its failure is a bug and ends the run (see _serve).
-                    try:
-                        msg = self.admission.admit(identity, parts, extra, opens)
-                    except protocol.ProtocolError as exc:
-                        self._error(identity, exc)
-                        continue
-                    except Exception as exc:
-                        self._error(identity, protocol.ProtocolError(
-                            f"internal error checking a message ({type(exc).__name__}: {exc})",
-                            protocol.ErrorCode.INTERNAL))
-                        continue
-                    if msg is None:  # an admitted OPEN: its prefill waits for the others of this round
-                        continue
-                    if opens:  # open sessions before anything that may refer to them
-                        core.open(opens)
-                        opens = []
-                    if wall:  # the verifier's clock, not the device's link model
-                        msg = replace(msg, stamp=replace(msg.stamp, t_arrive=self.clock.now()))
-                    try:
-                        verdict = core.submit(msg)
-                    except protocol.ProtocolError as exc:
-                        if exc.device is None:
-                            exc.device, exc.seq = msg.frame.device, msg.frame.seq
-                        self._error(identity, exc)
-                        continue
-                    if verdict is not None:
-                        sock.send_multipart([identity, *wire.encode(verdict)])
-            if opens:
-                core.open(opens)
-            while (ready := core.next_batch(self.clock.now() if wall else None)) is not None:
-                verdicts = core.verify(*ready)
-                if wall:  # real compute slower than the profile delays the verdicts: that is lag
-                    now = self.clock.now()
-                    self.lag_s = max(0.0, now - core.t_free)
-                    core.t_free = max(core.t_free, now)
-                for verdict in verdicts:
-                    if wall:
-                        verdict = replace(verdict, stamp=replace(verdict.stamp, t_sent=max(verdict.stamp.t_sent, now)))
-                    parts = [self.admission.owners[verdict.frame.device], *wire.encode(verdict)]
-                    if wall:
-                        self.shaped.schedule(parts, [verdict.stamp.t_sent])
-                    else:
-                        sock.send_multipart(parts)
+            if self.sock.poll(timeout):
+                self._read_round(wall)
+            self._verify_ready(wall)
             if wall:
                 self.shaped.flush()
+
+    def _read_round(self, wall: bool) -> None:
+        """Admit and submit up to max_messages_per_poll client messages. The OPENs of a round are
+        prefilled together, before anything that may refer to them."""
+        core, opens = self.core, []
+        for _ in range(self.max_messages_per_poll):
+            try:
+                identity, parts, extra = self._recv()
+            except zmq.Again:
+                break
+            self._received()
+            # Decoding and checking one client's message: whatever fails is answered to that client
+            # alone. What follows (prefill, the LLM forward) is not input handling: its failure is a
+            # bug and ends the run (see _serve).
+            try:
+                msg = self.admission.admit(identity, parts, extra, opens)
+            except protocol.ProtocolError as exc:
+                self._error(identity, exc)
+                continue
+            except Exception as exc:
+                self._error(identity, protocol.ProtocolError(
+                    f"internal error checking a message ({type(exc).__name__}: {exc})", protocol.ErrorCode.INTERNAL))
+                continue
+            if msg is None:  # an admitted OPEN: its prefill waits for the others of this round
+                continue
+            if opens:  # open sessions before anything that may refer to them
+                core.open(opens)
+                opens = []
+            if wall:  # the verifier's clock, not the device's link model
+                msg = replace(msg, stamp=replace(msg.stamp, t_arrive=self.clock.now()))
+            try:
+                verdict = core.submit(msg)
+            except protocol.ProtocolError as exc:
+                if exc.device is None:
+                    exc.device, exc.seq = msg.frame.device, msg.frame.seq
+                self._error(identity, exc)
+                continue
+            if verdict is not None:
+                self.sock.send_multipart([identity, *wire.encode(verdict)])
+        if opens:
+            core.open(opens)
+
+    def _verify_ready(self, wall: bool) -> None:
+        """Verify every batch the batching rule releases and send its verdicts (the wall clock holds
+        each until its emulated verification ends)."""
+        core = self.core
+        while (ready := core.next_batch(self.clock.now() if wall else None)) is not None:
+            verdicts = core.verify(*ready)
+            if wall:  # real compute slower than the profile delays the verdicts: that is lag
+                now = self.clock.now()
+                self.lag_s = max(0.0, now - core.t_free)
+                core.t_free = max(core.t_free, now)
+            for verdict in verdicts:
+                if wall:
+                    verdict = replace(verdict, stamp=replace(verdict.stamp, t_sent=max(verdict.stamp.t_sent, now)))
+                parts = [self.admission.owners[verdict.frame.device], *wire.encode(verdict)]
+                if wall:
+                    self.shaped.schedule(parts, [verdict.stamp.t_sent])
+                else:
+                    self.sock.send_multipart(parts)
 
     def _recv(self) -> tuple[bytes, list[bytes], int]:
         """One message: (identity, its first wire.PARTS parts, how many more it had). Parts
