@@ -23,9 +23,21 @@ The package reads as the report is made: `data` (what it reads: summary.json's f
 few only the tokens hold), `plots` (one function per figure), `html` (the page). The PNGs are
 written next to report.html, which embeds them (base64): the page stands alone.
 """
+
 from testbed.report.data import Run, expand_run_dirs, load_run, run_figures
 from testbed.report.html import format_value, html_figure, html_page, html_table, write_report
 from testbed.report.plots import PLOTS, new_figure
 
-__all__ = ["PLOTS", "Run", "expand_run_dirs", "format_value", "html_figure", "html_page", "html_table", "load_run",
-           "new_figure", "run_figures", "write_report"]
+__all__ = [
+    "PLOTS",
+    "Run",
+    "expand_run_dirs",
+    "format_value",
+    "html_figure",
+    "html_page",
+    "html_table",
+    "load_run",
+    "new_figure",
+    "run_figures",
+    "write_report",
+]

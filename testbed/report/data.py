@@ -8,14 +8,16 @@ and each tier's label. A run without summary.json, or with one from before a fig
 the missing figures from its tokens (testbed.figures, the functions summarize calls); vocabulary
 compression then needs summary.json's vocab_size.
 """
+
 from __future__ import annotations
 
 import copy
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 
@@ -106,10 +108,17 @@ def load_run(path: str | Path) -> Run:
     scen = path / "scenario.yaml"
     text = scen.read_text(encoding="utf-8") if scen.is_file() else ""
     tiers = list(dict.fromkeys(tokens["tier"].astype(str)))
-    return Run(path, tokens, fill_summary(summary, tokens), text, tiers=tiers,
-               device_tier=tokens.groupby("device", sort=True)["tier"].first().astype(str),
-               tier_labels={t: tier_label(tokens, t) for t in tiers},
-               llm_agreement=F.num(F.llm_agreement(tokens)), fit=F.beta_fit(tokens))
+    return Run(
+        path,
+        tokens,
+        fill_summary(summary, tokens),
+        text,
+        tiers=tiers,
+        device_tier=tokens.groupby("device", sort=True)["tier"].first().astype(str),
+        tier_labels={t: tier_label(tokens, t) for t in tiers},
+        llm_agreement=F.num(F.llm_agreement(tokens)),
+        fit=F.beta_fit(tokens),
+    )
 
 
 def tier_label(tokens: pd.DataFrame, tier: str) -> str:
@@ -134,10 +143,22 @@ def label_runs(runs: list[Run]) -> None:
 # ---------------------------------------------------------------------------------------------
 # The summary.json entries the report reads (key paths).
 SUMMARY_KEYS: tuple[tuple[str, ...], ...] = (
-    ("tokens",), ("devices",), ("skip_rate",), ("acceptance_rate",), ("vocab_compression",), ("uplink_bytes",),
-    ("uplink_bytes_per_token",), ("token_latency_s",), ("jain_fairness",), ("fidelity_tv_mean",),
-    ("fidelity_tv_sequence_mean",), ("fidelity_tv_branch_mean",), ("fidelity_approximate_tokens",),
-    ("throughput_tokens_per_s", "system"), ("throughput_tokens_per_s", "tiers"), ("throughput_tokens_per_s", "devices"),
+    ("tokens",),
+    ("devices",),
+    ("skip_rate",),
+    ("acceptance_rate",),
+    ("vocab_compression",),
+    ("uplink_bytes",),
+    ("uplink_bytes_per_token",),
+    ("token_latency_s",),
+    ("jain_fairness",),
+    ("fidelity_tv_mean",),
+    ("fidelity_tv_sequence_mean",),
+    ("fidelity_tv_branch_mean",),
+    ("fidelity_approximate_tokens",),
+    ("throughput_tokens_per_s", "system"),
+    ("throughput_tokens_per_s", "tiers"),
+    ("throughput_tokens_per_s", "devices"),
 )
 
 

@@ -5,11 +5,12 @@ Numbers come from the run's summary.json and its derived tables (testbed.report.
 read the tokens only to draw their distributions (timeline, rasters, scatter, histograms, CDF).
 Matplotlib is used through its object API (no pyplot, no global state).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -73,8 +74,12 @@ def plot_throughput(run: Run, path: Path) -> Path:
     c = [colors[dev_tier[d]] for d in order]
     if len(order) <= MAX_DEVICE_BARS:
         a1.bar(range(len(order)), y, color=c)
-        a1.set_xticks(range(len(order)), [str(d) for d in order], fontsize=7 if len(order) > 24 else 9,
-                      rotation=90 if len(order) > 24 else 0)
+        a1.set_xticks(
+            range(len(order)),
+            [str(d) for d in order],
+            fontsize=7 if len(order) > 24 else 9,
+            rotation=90 if len(order) > 24 else 0,
+        )
         a1.set_xlabel("device")
     else:
         a1.scatter(range(len(order)), y, c=c, s=6)
@@ -133,8 +138,10 @@ def plot_timeline(run: Run, path: Path) -> Path:
     a1.set_ylim(-0.7, len(devices) - 0.3)
     a1.invert_yaxis()
     a1.set_xlabel("emulated time (s)")
-    a1.set_title("Tokens per device (commit time)" + (f", {len(devices)} of {df['device'].nunique()} devices"
-                                                       if len(devices) < df["device"].nunique() else ""))
+    a1.set_title(
+        "Tokens per device (commit time)"
+        + (f", {len(devices)} of {df['device'].nunique()} devices" if len(devices) < df["device"].nunique() else "")
+    )
     a1.legend(loc="upper right", fontsize=8, ncols=2)
     return _save(fig, path)
 
@@ -163,12 +170,23 @@ def plot_uncertainty_beta(run: Run, path: Path) -> Path:
     fit = run.fit
     if fit is not None:
         fa, fb, n = fit.a, fit.b, fit.n
-        a.plot(xs, np.clip(fa * xs + fb, -0.05, 1.05), color="#d62728", lw=2,
-               label=f"fit: beta = {fa:.3f} u {'+' if fb >= 0 else '-'} {abs(fb):.3f}  (n={n})")
+        a.plot(
+            xs,
+            np.clip(fa * xs + fb, -0.05, 1.05),
+            color="#d62728",
+            lw=2,
+            label=f"fit: beta = {fa:.3f} u {'+' if fb >= 0 else '-'} {abs(fb):.3f}  (n={n})",
+        )
         if fa > 0 and 0 < -fb / fa < 1:
             a.axvline(-fb / fa, color="#d62728", ls=":", lw=1.2, label=f"risk-averse u_th = -b/a = {-fb / fa:.3f}")
-    a.plot(xs, np.clip(PAPER_A * xs + PAPER_B, -0.05, 1.05), color="gray", ls="--", lw=1.2,
-           label=f"paper: {PAPER_A} u - {abs(PAPER_B)}")
+    a.plot(
+        xs,
+        np.clip(PAPER_A * xs + PAPER_B, -0.05, 1.05),
+        color="gray",
+        ls="--",
+        lw=1.2,
+        label=f"paper: {PAPER_A} u - {abs(PAPER_B)}",
+    )
     a.set_xlim(-0.03, 1.03)
     a.set_ylim(-0.05, 1.05)
     a.set_xlabel("uncertainty u")
@@ -183,8 +201,10 @@ def plot_k_payload(run: Run, path: Path) -> Path:
     up = df[df["transmitted"].to_numpy(bool) & (df["k"].to_numpy() > 0)]
     colors = _tier_colors(run.tiers)
     fig, ax = new_figure(11, 4.2, ncols=2)
-    for a, col, xlabel, title in ((ax[0][0], "k", "vocabulary entries k per upload", "Entries per upload (k)"),
-                                  (ax[0][1], "payload_bytes", "payload bytes per upload", "Payload per upload")):
+    for a, col, xlabel, title in (
+        (ax[0][0], "k", "vocabulary entries k per upload", "Entries per upload (k)"),
+        (ax[0][1], "payload_bytes", "payload bytes per upload", "Payload per upload"),
+    ):
         vals = up[col].to_numpy(float)
         vals = vals[vals > 0]
         if len(vals) == 0:
@@ -234,7 +254,7 @@ def plot_latency_cdf(run: Run, path: Path) -> Path:
     if len(lat_all):
         s = np.sort(lat_all)
         a.step(*_cdf(s), where="post", color="k", lw=1.2, ls="--", label="all")
-        for q, ls in zip(F.LATENCY_QUANTILES, (":", "-.", (0, (6, 2)))):
+        for q, ls in zip(F.LATENCY_QUANTILES, (":", "-.", (0, (6, 2))), strict=True):
             v = 1000 * run.summary["token_latency_s"][f"p{q}"]  # summary.json's percentiles, in ms
             a.axvline(v, color="dimgray", ls=ls, lw=1.1, label=f"all p{q} = {v:.1f} ms")
         if s[-1] / max(s[0], 1e-9) > 50:
@@ -255,7 +275,7 @@ def plot_policies(runs: list[Run], figs: list[dict], path: Path) -> Path:
     upb = [f["uplink_bytes_per_token"] for f in figs]
     acc = [f["acceptance_rate"] for f in figs]
     agr = [f["llm_agreement"] for f in figs]
-    proxy = [g if g is not None else a for g, a in zip(agr, acc)]
+    proxy = [g if g is not None else a for g, a in zip(agr, acc, strict=True)]
     proxy_name = "LLM agreement (1 - mean beta)" if any(g is not None for g in agr) else "acceptance rate"
     markers = "osD^vP*X"
     # the trade-off: throughput against accuracy, and against uplink cost (same colours)
