@@ -30,7 +30,7 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry
@@ -69,6 +69,14 @@ from testbed.metrics.definitions import (
 from testbed.metrics.exporter import Exporter
 
 DEFAULT_WINDOW_S = 10.0
+# The tokens.parquet fields the fold reads (testbed.results.TokenRecord), and fidelity_tv where a row has it.
+TOKEN_FIELDS = ("device", "tier", "policy", "draft_id", "uncertainty", "transmitted", "k", "payload_bytes",
+                "uplink_bytes", "accepted", "resampled", "t_draft_start", "t_commit")
+
+
+def _row(record) -> dict:
+    """A row dict from a record with the fields as attributes (a TokenRecord, a frame's itertuples)."""
+    return {**{f: getattr(record, f) for f in TOKEN_FIELDS}, "fidelity_tv": getattr(record, "fidelity_tv", math.nan)}
 
 
 @dataclass
@@ -249,8 +257,8 @@ class Collector:
 
     def ingest_token_records(self, rows: Iterable) -> None:
         """Fold committed tokens given as tokens.parquet rows (testbed.results.TokenRecord or dicts
-        with its fields), as if each came in a TokenCommitted."""
-        self.ingest_events(TokenCommitted(r if isinstance(r, Mapping) else asdict(r)) for r in rows)
+        or any record with its fields as attributes), as if each came in a TokenCommitted."""
+        self.ingest_events(TokenCommitted(r if isinstance(r, Mapping) else _row(r)) for r in rows)
 
     def ingest_content(self, events: Iterable) -> None:
         """Fold the virtual clock's content pass: its tokens count in the content totals only
