@@ -303,7 +303,7 @@ class Collector:
         window = self.window_s
         touched: dict[int, _Device] = {}
         max_t = self._max_event_t
-        tier = self.exporter.tier
+        series = self.exporter.tier
         for row in rows:
             key = (str(row["tier"]), str(row["policy"]))
             d = deltas.get(key)
@@ -316,11 +316,11 @@ class Collector:
             drafted, transmitted = int(row["draft_id"]) >= 0, bool(row["transmitted"])
             u = float(row["uncertainty"])
             if drafted and u == u:  # not NaN
-                tier(UNCERTAINTY, key).observe(u)
+                series(UNCERTAINTY, key).observe(u)
             if transmitted and drafted:
-                tier(UPLOAD_K, key).observe(int(row["k"]))
-                tier(UPLOAD_PAYLOAD, key).observe(int(row["payload_bytes"]))
-            tier(TOKEN_LATENCY, key).observe(latency)
+                series(UPLOAD_K, key).observe(int(row["k"]))
+                series(UPLOAD_PAYLOAD, key).observe(int(row["payload_bytes"]))
+            series(TOKEN_LATENCY, key).observe(latency)
             f = float(row.get("fidelity_tv", math.nan))
             if math.isfinite(f):
                 fidelity.append((key, f))
@@ -349,9 +349,9 @@ class Collector:
                          (UPLINK_BYTES, d.uplink_bytes), (PAYLOAD_BYTES, d.payload_bytes),
                          (VOCAB_ENTRIES, d.vocab_entries)):
                 if v:
-                    tier(m, key).inc(v)
+                    series(m, key).inc(v)
         for key, f in fidelity:
-            tier(FIDELITY, key).observe(f)
+            series(FIDELITY, key).observe(f)
 
     def _fold_batch(self, b: VerifierBatch) -> None:
         verify_s = b.t_end - b.t_start
