@@ -44,6 +44,11 @@ Summary definitions (summarize; computed by testbed.figures):
   unfinished = cut short) and the tokens each generated; tokens and throughput count the tokens
   actually generated (a stopped device generates fewer than max_new_tokens).
 Undefined figures (e.g. acceptance with no uploads) are None (null in JSON).
+
+Each figure is computed once: summary.json by summarize, from tokens.parquet's rows only (so a run cut
+short, or a file from another machine, gives the same figures). The live collector (testbed.metrics)
+folds the same events for Prometheus and the progress display, with the same definitions
+(testbed.figures); nothing here reads it, and the progress display computes nothing itself.
 """
 from __future__ import annotations
 

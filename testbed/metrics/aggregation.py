@@ -148,6 +148,15 @@ class _Device:
         self.t_last_commit = -math.inf
         self.recent: deque[float] = deque()
 
+    def commit(self, t_start: float, t_commit: float, window_s: float) -> None:
+        """A token drafted from `t_start`, committed at `t_commit` (NaN, the content pass: no span)."""
+        self.n += 1
+        self.t_first_start = min(self.t_first_start, t_start)  # min/max keep the first on NaN
+        self.t_last_commit = max(self.t_last_commit, t_commit)
+        self.recent.append(t_commit)
+        while self.recent[0] <= t_commit - window_s:
+            self.recent.popleft()
+
 
 @dataclass
 class Snapshot:
@@ -329,13 +338,7 @@ class Collector:
             if dev is None:
                 dev = self._devices[device] = _Device(key)
             touched[device] = dev
-            dev.n += 1
-            dev.t_first_start = min(dev.t_first_start, t_commit - latency)
-            dev.t_last_commit = max(dev.t_last_commit, t_commit)
-            r = dev.recent
-            r.append(t_commit)
-            while r[0] <= t_commit - window:
-                r.popleft()
+            dev.commit(t_commit - latency, t_commit, window)
             max_t = max(max_t, t_commit)
         self._max_event_t = max_t
         for dev in touched.values():
