@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 class Sinks:
-    """Where the run's events (agents.events) go; the runner only forwards them here:
+    """Where the run's events (agents.events) go; testbed.run only forwards them here:
 
     - the metrics collector (testbed.metrics.Collector; served on metrics.port when asked),
     - the streaming results writer (testbed.results.ResultsWriter: parquet shards as the run goes,
@@ -92,7 +92,7 @@ class Sinks:
         self.progress.update()
 
     def clock(self, lag_s: float, errors: int, codes: Mapping[str, int] | None = None) -> None:
-        """The runner's clock, and the protocol errors so far (cumulative): `codes` by the verifier's
+        """The run's clock, and the protocol errors so far (cumulative): `codes` by the verifier's
         ErrorCode name (the reason label of hlm_protocol_errors_total); errors without one count as
         "malformed"."""
         active: dict[str, int] = {}

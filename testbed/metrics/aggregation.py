@@ -4,7 +4,7 @@ gauges read (docs/design.md section 3, the data flow, and section 4, "Metrics").
 
 Data flow::
 
-    device groups / the virtual clock's replay --agents.events--> runner --> testbed.sinks.Sinks
+    device groups / the virtual clock's replay --agents.events--> testbed.run --> testbed.sinks.Sinks
         -> Collector.ingest_events(events) -> the Exporter's metrics (HTTP /metrics)
                                            -> snapshot() (the progress display, the gauges)
         -> testbed.results.ResultsWriter (tokens.parquet): the same events, so every counter equals
@@ -12,7 +12,7 @@ Data flow::
 
 The virtual clock's content pass (tokens final, no times, no links) is folded apart
 (`ingest_content`): it moves only the content totals the progress display shows, never a metric;
-the timed figures come from the replay's events. The runner reports its clock (`clock`) and the
+the timed figures come from the replay's events. The run reports its clock (`clock`) and the
 verifier's protocol errors (`protocol_errors`) directly.
 
 Usage::
@@ -231,7 +231,7 @@ class Collector:
 
     # -- folding events --------------------------------------------------------------------
     def ingest_events(self, events: Iterable) -> None:
-        """Fold the run's timed events (agents.events), as the runner forwards them: tokens from
+        """Fold the run's timed events (agents.events), as testbed.run forwards them: tokens from
         TokenCommitted (fidelity where known at the commit), the fidelity of skipped tokens from
         ShadowResolved, link counters from UploadSent / VerdictReceived / MessageLost, verifier
         batches from VerifierBatch."""
@@ -292,7 +292,7 @@ class Collector:
             self.exporter.run(PROTOCOL_ERRORS, reason).inc(count)
 
     def actor_restart(self, actor: str) -> None:
-        """One actor restart (the runner: a dead verifier or device group brought back)."""
+        """One actor restart (testbed.run.recovery: a dead verifier or device group brought back)."""
         with self._lock:
             self.exporter.run(ACTOR_RESTARTS, actor).inc()
 
