@@ -224,9 +224,9 @@ def test_ingest_token_records_matches_summary_definitions() -> None:
             tx = u > 0.1
             acc = (not tx) or bool(rng.random() > u * 0.8)
             lat = step + (0.08 if tx else 0.0)
-            rows.append(dict(device=dev, tier=tier, policy=policy, prompt_index=0, token_index=i, token_id=5, draft_id=5,
-                             uncertainty=u, transmitted=tx, k=50 if tx else 0, prob_bits=8, payload_bytes=163 if tx else 0,
-                             uplink_bytes=190 if tx else 0, accepted=acc, resampled=tx and not acc, beta=0.1,
+            rows.append(dict(device=dev, tier=tier, policy=policy, prompt_index=0, token_index=i, token_id=5,
+                             draft_id=5, uncertainty=u, transmitted=tx, k=50 if tx else 0, prob_bits=8,
+                             payload_bytes=163 if tx else 0, uplink_bytes=190 if tx else 0, accepted=acc, resampled=tx and not acc, beta=0.1,
                              beta_is_shadow=not tx, retransmissions=0, t_draft_start=t, t_upload_sent=math.nan,
                              t_verdict=math.nan, t_commit=t + lat))
             t += lat
