@@ -1,11 +1,13 @@
 """Where a run's events go (testbed.run forwards them): the metrics collector, the streaming
 results writer and the live progress display."""
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, cast
 
 from testbed import results
 
@@ -31,12 +33,12 @@ class Sinks:
     def __init__(self, p: Plan, opts: RunOptions):
         from testbed.metrics import Collector
 
-        self.collector = opts.collector
-        self.own = False
-        if self.collector is None:
+        self.own = opts.collector is None  # else the caller's, which it serves and closes
+        if opts.collector is not None:
+            self.collector = cast(Collector, opts.collector)
+        else:
             tiers = {d.tier: d.policy_name for d in p.specs}
             self.collector = Collector(p.scenario.name, tiers=tiers, vocab_size=p.run.vocab_size)
-            self.own = True
             if opts.metrics_port is not None:
                 self.collector.serve(opts.metrics_port or -1, opts.metrics_host)  # Collector.serve: -1 = any free port
                 print(f"metrics: {self.collector.url}", flush=True)
@@ -186,10 +188,18 @@ class Progress:
 
         snap = self.collector.snapshot()
         tiers = self._tiers(snap)
-        parts = [f"{name}: {t.committed} tok, " + (f"{rate:.1f} tok/s emulated, " if rate > 0 else "")
-                 + f"skip {_pct(t.skip_rate, '.0%')}" for name, t, rate in tiers]
-        print(f"[{time.time() - self.t0:6.0f}s] {self._phase()}tokens {sum(t.committed for _, t, _ in tiers)} "
-              f"(of at most {self.total}) | " + " | ".join(parts), file=sys.stderr, flush=True)
+        parts = [
+            f"{name}: {t.committed} tok, "
+            + (f"{rate:.1f} tok/s emulated, " if rate > 0 else "")
+            + f"skip {_pct(t.skip_rate, '.0%')}"
+            for name, t, rate in tiers
+        ]
+        print(
+            f"[{time.time() - self.t0:6.0f}s] {self._phase()}tokens {sum(t.committed for _, t, _ in tiers)} "
+            f"(of at most {self.total}) | " + " | ".join(parts),
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _table(self):
         from rich.table import Table
@@ -200,8 +210,14 @@ class Progress:
         for col in ("tier", "tokens", "emulated s", "tokens/s", "skip rate", "acceptance"):
             table.add_column(col, justify="right")
         for name, t, rate in tiers:
-            table.add_row(name, str(t.committed), f"{snap.emulated_s:.2f}", f"{rate:.1f}", _pct(t.skip_rate),
-                          _pct(t.acceptance_rate))
+            table.add_row(
+                name,
+                str(t.committed),
+                f"{snap.emulated_s:.2f}",
+                f"{rate:.1f}",
+                _pct(t.skip_rate),
+                _pct(t.acceptance_rate),
+            )
         return table
 
     def _phase(self) -> str:

@@ -8,10 +8,26 @@
 What the rest of the testbed uses is importable from here (``from testbed.metrics import Collector,
 DERIVED, Sel``); one metric by name from its module (``testbed.metrics.definitions.TOKENS_COMMITTED``).
 """
+
 from testbed.metrics.aggregation import DEFAULT_WINDOW_S, Clock, Collector, Snapshot, TierTotals
 from testbed.metrics.definitions import DERIVED, METRICS, RUN_LABELS, TIER_LABELS, Derived, Metric
 from testbed.metrics.exporter import DEFAULT_METRICS_PORT, Exporter, free_port
 from testbed.metrics.promql import Sel
 
-__all__ = ["Clock", "Collector", "DEFAULT_METRICS_PORT", "DEFAULT_WINDOW_S", "DERIVED", "Derived", "Exporter",
-           "METRICS", "Metric", "RUN_LABELS", "Sel", "Snapshot", "TIER_LABELS", "TierTotals", "free_port"]
+__all__ = [
+    "Clock",
+    "Collector",
+    "DEFAULT_METRICS_PORT",
+    "DEFAULT_WINDOW_S",
+    "DERIVED",
+    "Derived",
+    "Exporter",
+    "METRICS",
+    "Metric",
+    "RUN_LABELS",
+    "Sel",
+    "Snapshot",
+    "TIER_LABELS",
+    "TierTotals",
+    "free_port",
+]

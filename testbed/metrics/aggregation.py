@@ -24,14 +24,15 @@ Usage::
     collector.linger(linger_seconds)         # keep serving so a scraper sees the final values
     collector.close()
 """
+
 from __future__ import annotations
 
 import math
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry
 
@@ -70,8 +71,21 @@ from testbed.metrics.exporter import Exporter
 
 DEFAULT_WINDOW_S = 10.0
 # The tokens.parquet fields the fold reads (testbed.results.TokenRecord), and fidelity_tv where a row has it.
-TOKEN_FIELDS = ("device", "tier", "policy", "draft_id", "uncertainty", "transmitted", "k", "payload_bytes",
-                "uplink_bytes", "accepted", "resampled", "t_draft_start", "t_commit")
+TOKEN_FIELDS = (
+    "device",
+    "tier",
+    "policy",
+    "draft_id",
+    "uncertainty",
+    "transmitted",
+    "k",
+    "payload_bytes",
+    "uplink_bytes",
+    "accepted",
+    "resampled",
+    "t_draft_start",
+    "t_commit",
+)
 
 
 def _row(record) -> dict:
@@ -203,8 +217,15 @@ class Collector:
     windowed throughput and fairness gauges. registry: defaults to a new CollectorRegistry.
     """
 
-    def __init__(self, scenario: str, *, tiers: Mapping[str, str] | None = None, vocab_size: int | None = None,
-                 window_s: float = DEFAULT_WINDOW_S, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        scenario: str,
+        *,
+        tiers: Mapping[str, str] | None = None,
+        vocab_size: int | None = None,
+        window_s: float = DEFAULT_WINDOW_S,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         if window_s <= 0:
             raise ValueError("window_s must be > 0")
         self.scenario = scenario
@@ -244,8 +265,9 @@ class Collector:
                 if math.isfinite(e.fidelity_tv):
                     shadows.append(e)
             elif isinstance(e, (UploadSent, VerdictReceived)):
-                acc = links.setdefault((e.tier, e.policy, "uplink" if isinstance(e, UploadSent) else "downlink"),
-                                       [0, 0, 0, 0])
+                acc = links.setdefault(
+                    (e.tier, e.policy, "uplink" if isinstance(e, UploadSent) else "downlink"), [0, 0, 0, 0]
+                )
                 acc[0] += 1
                 acc[1] += e.bytes
                 acc[3] += e.retransmissions if isinstance(e, UploadSent) else 0
@@ -267,7 +289,7 @@ class Collector:
     def ingest_token_records(self, rows: Iterable) -> None:
         """Fold committed tokens given as tokens.parquet rows (testbed.results.TokenRecord or dicts
         or any record with its fields as attributes), as if each came in a TokenCommitted."""
-        self.ingest_events(TokenCommitted(r if isinstance(r, Mapping) else _row(r)) for r in rows)
+        self.ingest_events(TokenCommitted(dict(r) if isinstance(r, Mapping) else _row(r)) for r in rows)
 
     def ingest_content(self, events: Iterable) -> None:
         """Fold the virtual clock's content pass: its tokens count in the content totals only
@@ -278,8 +300,14 @@ class Collector:
                     key = (str(e.row["tier"]), str(e.row["policy"]))
                     self._content.setdefault(key, TierTotals()).count(e.row)
 
-    def clock(self, source: str, emulated_s: float, wall_s: float, lag_s: float = 0.0,
-              active_devices: Mapping[str, int] | None = None) -> None:
+    def clock(
+        self,
+        source: str,
+        emulated_s: float,
+        wall_s: float,
+        lag_s: float = 0.0,
+        active_devices: Mapping[str, int] | None = None,
+    ) -> None:
         """A clock's progress (the runner's, or a group's): the latest report per source counts."""
         with self._lock:
             self._clocks[source] = Clock(emulated_s, wall_s, lag_s, dict(active_devices or {}))
@@ -304,7 +332,7 @@ class Collector:
             self.exporter.add_tier(key)
         return t
 
-    def _fold_tokens(self, rows: list[Mapping]) -> None:
+    def _fold_tokens(self, rows: list[dict]) -> None:
         """Committed tokens: totals per tier (counted once per call, then added to the counters),
         the histograms, and each device's span and recent commits."""
         deltas: dict[tuple[str, str], TierTotals] = {}
@@ -347,10 +375,17 @@ class Collector:
             span[1] = max(span[1], dev.t_last_commit)
         for key, d in deltas.items():
             self._totals[key].add(d)
-            for m, v in ((TOKENS_DRAFTED, d.drafted), (TOKENS_COMMITTED, d.committed), (UPLOADS, d.uploads),
-                         (SKIPS, d.skips), (ACCEPTED, d.accepted), (RESAMPLED, d.resampled),
-                         (UPLINK_BYTES, d.uplink_bytes), (PAYLOAD_BYTES, d.payload_bytes),
-                         (VOCAB_ENTRIES, d.vocab_entries)):
+            for m, v in (
+                (TOKENS_DRAFTED, d.drafted),
+                (TOKENS_COMMITTED, d.committed),
+                (UPLOADS, d.uploads),
+                (SKIPS, d.skips),
+                (ACCEPTED, d.accepted),
+                (RESAMPLED, d.resampled),
+                (UPLINK_BYTES, d.uplink_bytes),
+                (PAYLOAD_BYTES, d.payload_bytes),
+                (VOCAB_ENTRIES, d.vocab_entries),
+            ):
                 if v:
                     series(m, key).inc(v)
         for key, f in fidelity:
@@ -371,14 +406,18 @@ class Collector:
         if b.t_start == b.t_start:
             self._max_event_t = max(self._max_event_t, b.t_start + verify_s)
 
-    def _fold_link(self, key: tuple[str, str], direction: str, messages: int, nbytes: int, lost: int,
-                   retransmissions: int) -> None:
+    def _fold_link(
+        self, key: tuple[str, str], direction: str, messages: int, nbytes: int, lost: int, retransmissions: int
+    ) -> None:
         """One tier's link events in one direction, as increments."""
         self._key(key)
         up = direction == "uplink"
-        for m, v in (((UPLINK_MESSAGES if up else DOWNLINK_MESSAGES), messages),
-                     ((UPLINK_WIRE_BYTES if up else DOWNLINK_WIRE_BYTES), nbytes),
-                     (LOST, lost), (RETRANSMISSIONS, retransmissions)):
+        for m, v in (
+            ((UPLINK_MESSAGES if up else DOWNLINK_MESSAGES), messages),
+            ((UPLINK_WIRE_BYTES if up else DOWNLINK_WIRE_BYTES), nbytes),
+            (LOST, lost),
+            (RETRANSMISSIONS, retransmissions),
+        ):
             if v:
                 self.exporter.tier(m, key).inc(v)
 
@@ -440,8 +479,9 @@ class Collector:
                 jain_run=figures.jain(xs_run),
                 active_devices=active,
                 verifier_batches=self._verifier_batches,
-                verifier_batch_size_mean=(self._verifier_requests / self._verifier_batches
-                                          if self._verifier_batches else math.nan),
+                verifier_batch_size_mean=(
+                    self._verifier_requests / self._verifier_batches if self._verifier_batches else math.nan
+                ),
                 protocol_errors=dict(self._errors),
                 content={k: TierTotals(**vars(t)) for k, t in self._content.items()},
             )

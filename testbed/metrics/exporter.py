@@ -5,11 +5,12 @@ CollectorRegistry, the gauges computed at scrape time from the collector's snaps
 The collector (testbed.metrics.aggregation) owns one Exporter and moves its counters and
 histograms as it folds events; the exporter knows nothing of events.
 """
+
 from __future__ import annotations
 
 import math
 import socket
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -48,8 +49,9 @@ class Exporter:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.prom: dict[str, Counter | Histogram] = {}
         for m in METRICS:
-            base = dict(name=m.name.removesuffix("_total"), documentation=m.help, labelnames=m.labels,
-                        registry=self.registry)
+            base = dict(
+                name=m.name.removesuffix("_total"), documentation=m.help, labelnames=m.labels, registry=self.registry
+            )
             if m.kind == "counter":
                 self.prom[m.name] = Counter(**base)
             elif m.kind == "histogram":
@@ -97,8 +99,8 @@ class Exporter:
             raise RuntimeError(f"already serving on port {self.port}")
         from prometheus_client import start_http_server
 
-        self._server, self._server_thread = start_http_server(max(port, 0), addr=host, registry=self.registry)
-        self.port = self._server.server_port
+        server, self._server_thread = start_http_server(max(port, 0), addr=host, registry=self.registry)
+        self._server, self.port = server, server.server_port
         return self.port
 
     @property
@@ -143,7 +145,7 @@ class _Gauges:
         fams[LAG.name].add_metric([s], snap.lag_s)
         if self.vocab_size:
             fams[VOCAB_SIZE.name].add_metric([s], self.vocab_size)
-        for (tier, policy) in snap.per_tier:
+        for tier, policy in snap.per_tier:
             key = (tier, policy)
             fams[TIER_THROUGHPUT.name].add_metric([s, tier, policy], snap.tier_throughput_window.get(key, 0.0))
             fams[TIER_THROUGHPUT_RUN.name].add_metric([s, tier, policy], snap.tier_throughput.get(key, 0.0))

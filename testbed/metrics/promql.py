@@ -1,6 +1,7 @@
 """The PromQL builder: `Sel` says how a derived figure (testbed.metrics.definitions.DERIVED) is
 selected and grouped, and writes the queries the dashboards and tests run (docs/design.md
 section 4, "Metrics": a figure per emulated second divides by hlm_emulated_time_seconds)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,6 +1,7 @@
 """Where a run's events go (testbed.sinks): one collector and one results writer for both passes of
 the virtual clock. The content pass feeds progress (the collector's content totals, no metric) and the
 partial results of a run cut short; the replay's timed events replace them."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,23 +18,42 @@ from testbed.sinks import Sinks
 def plan(devices: int = 2, max_new_tokens: int = 2):
     specs = [SimpleNamespace(device=d, tier="phone", policy_name="cu-hlm") for d in range(devices)]
     scenario = SimpleNamespace(name="unit", clock="virtual", tiers=[SimpleNamespace(name="phone")])
-    return SimpleNamespace(specs=specs, scenario=scenario, run=SimpleNamespace(vocab_size=512,
-                                                                              max_new_tokens=max_new_tokens))
+    return SimpleNamespace(
+        specs=specs, scenario=scenario, run=SimpleNamespace(vocab_size=512, max_new_tokens=max_new_tokens)
+    )
 
 
 @pytest.fixture
 def sinks(tmp_path):
-    opts = SimpleNamespace(collector=None, metrics_port=None, metrics_host="127.0.0.1", out_dir=tmp_path,
-                           engine="local", progress=True)
+    opts = SimpleNamespace(
+        collector=None, metrics_port=None, metrics_host="127.0.0.1", out_dir=tmp_path, engine="local", progress=True
+    )
     s = Sinks(plan(), opts)  # type: ignore[arg-type]
     yield s
     s.close()
 
 
 def token(device: int, index: int, t: float, transmitted: bool = True) -> TokenCommitted:
-    return TokenCommitted(dataclasses.asdict(TokenRecord(
-        device, "phone", "cu-hlm", 0, index, 7, draft_id=7, uncertainty=0.5, transmitted=transmitted,
-        k=8 if transmitted else 0, accepted=True, beta=0.1, t_draft_start=t - 0.1, t_commit=t)))
+    return TokenCommitted(
+        dataclasses.asdict(
+            TokenRecord(
+                device,
+                "phone",
+                "cu-hlm",
+                0,
+                index,
+                7,
+                draft_id=7,
+                uncertainty=0.5,
+                transmitted=transmitted,
+                k=8 if transmitted else 0,
+                accepted=True,
+                beta=0.1,
+                t_draft_start=t - 0.1,
+                t_commit=t,
+            )
+        )
+    )
 
 
 def committed(s: Sinks, name: str) -> float | None:

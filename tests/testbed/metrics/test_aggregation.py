@@ -1,5 +1,6 @@
 """The collector (testbed.metrics.aggregation): it folds the run's events (agents.events) into the
 exported counters, histograms and gauges, and into the snapshot the progress display reads."""
+
 from __future__ import annotations
 
 import math
@@ -14,25 +15,55 @@ from testbed.metrics import Collector
 S = "unit"
 
 
-def tok(device=0, tier="phone", policy="cu-hlm", u=0.5, tx=True, k=32, acc=True, lat=0.1, t=1.0, drafted=True,
-        payload=None, uplink=None, fidelity=math.nan) -> TokenCommitted:
+def tok(
+    device=0,
+    tier="phone",
+    policy="cu-hlm",
+    u=0.5,
+    tx=True,
+    k=32,
+    acc=True,
+    lat=0.1,
+    t=1.0,
+    drafted=True,
+    payload=None,
+    uplink=None,
+    fidelity=math.nan,
+) -> TokenCommitted:
     """A committed token: uploaded (tx) or skipped, accepted or resampled, `lat` emulated seconds from its
     draft start to its commit at `t`."""
-    return TokenCommitted(dict(
-        device=device, tier=tier, policy=policy, token_index=0, draft_id=5 if drafted else -1, uncertainty=u,
-        transmitted=tx, k=k if tx else 0, payload_bytes=(104 if tx else 0) if payload is None else payload,
-        uplink_bytes=(130 if tx else 0) if uplink is None else uplink, accepted=acc, resampled=tx and not acc,
-        t_draft_start=t - lat, t_commit=t, fidelity_tv=fidelity))
+    return TokenCommitted(
+        dict(
+            device=device,
+            tier=tier,
+            policy=policy,
+            token_index=0,
+            draft_id=5 if drafted else -1,
+            uncertainty=u,
+            transmitted=tx,
+            k=k if tx else 0,
+            payload_bytes=(104 if tx else 0) if payload is None else payload,
+            uplink_bytes=(130 if tx else 0) if uplink is None else uplink,
+            accepted=acc,
+            resampled=tx and not acc,
+            t_draft_start=t - lat,
+            t_commit=t,
+            fidelity_tv=fidelity,
+        )
+    )
 
 
 def link(tier="phone", policy="cu-hlm", up=(), down=(), lost_up=0, lost_down=0, retransmissions=0) -> list:
     """One UploadSent per uplink byte count in `up` (the first with `retransmissions`), one VerdictReceived
     per downlink byte count in `down`, and the losses."""
-    base = dict(device=0, tier=tier, policy=policy, step=0, seq=0, final=False)
-    out: list = [UploadSent(**base, frame_bytes=b, copies=1 + (retransmissions if i == 0 else 0), t_sent=0.0,
-                            wire_bytes=b) for i, b in enumerate(up)]
-    out += [VerdictReceived(**base, frame_bytes=b, copies=1, t_arrive=0.0) for b in down]
-    out += [MessageLost(**base, direction=d, count=n) for d, n in (("uplink", lost_up), ("downlink", lost_down)) if n]
+    base = (0, tier, policy, 0, 0, False)  # device, tier, policy, step, seq, final
+    out: list = [
+        UploadSent(*base, frame_bytes=b, copies=1 + (retransmissions if i == 0 else 0), t_sent=0.0, wire_bytes=b)
+        for i, b in enumerate(up)
+    ]
+    out += [VerdictReceived(*base, frame_bytes=b, copies=1, t_arrive=0.0) for b in down]
+    out += [MessageLost(*base, direction="uplink", count=lost_up)] if lost_up else []
+    out += [MessageLost(*base, direction="downlink", count=lost_down)] if lost_down else []
     return out
 
 
@@ -45,13 +76,25 @@ def value(c: Collector, name: str, tier: str | None = "phone", policy: str = "cu
 
 def test_counters_and_histograms_count_each_token_once() -> None:
     c = Collector(S, tiers={"phone": "cu-hlm", "laptop": "u-hlm"}, vocab_size=1000)
-    c.ingest_events([
-        tok(device=0, u=0.05, tx=False, t=0.1),                    # skipped
-        tok(device=0, u=0.6, tx=True, k=40, acc=True, t=0.3),      # accepted upload
-        tok(device=1, u=0.9, tx=True, k=60, acc=False, t=0.35),    # rejected, resampled
-        tok(device=2, tier="laptop", policy="u-hlm", u=math.nan, tx=True, k=1000, acc=True, t=0.2, payload=3250,
-            uplink=3300),
-    ])
+    c.ingest_events(
+        [
+            tok(device=0, u=0.05, tx=False, t=0.1),  # skipped
+            tok(device=0, u=0.6, tx=True, k=40, acc=True, t=0.3),  # accepted upload
+            tok(device=1, u=0.9, tx=True, k=60, acc=False, t=0.35),  # rejected, resampled
+            tok(
+                device=2,
+                tier="laptop",
+                policy="u-hlm",
+                u=math.nan,
+                tx=True,
+                k=1000,
+                acc=True,
+                t=0.2,
+                payload=3250,
+                uplink=3300,
+            ),
+        ]
+    )
     assert value(c, "hlm_tokens_committed_total") == 3
     assert value(c, "hlm_tokens_drafted_total") == 3
     assert value(c, "hlm_skips_total") == 1
@@ -63,7 +106,7 @@ def test_counters_and_histograms_count_each_token_once() -> None:
     assert value(c, "hlm_payload_bytes_total") == 208
     assert value(c, "hlm_token_uncertainty_count") == 3
     assert value(c, "hlm_token_uncertainty_bucket", le="0.05") == 1
-    assert value(c, "hlm_upload_vocab_entries_count") == 2          # skipped token not observed
+    assert value(c, "hlm_upload_vocab_entries_count") == 2  # skipped token not observed
     assert value(c, "hlm_token_latency_seconds_count") == 3
     # NaN uncertainty is not observed, the token still counts
     assert value(c, "hlm_token_uncertainty_count", "laptop", "u-hlm") == 0
@@ -72,8 +115,9 @@ def test_counters_and_histograms_count_each_token_once() -> None:
     assert snap.totals.committed == 4 and snap.skip_rate == pytest.approx(1 / 4)
     assert snap.acceptance_rate == pytest.approx(2 / 3)
     # llm-only: a request without a draft is neither an upload nor a skip
-    c.ingest_events([tok(device=7, tier="cloud", policy="llm-only", u=math.nan, tx=True, k=0, acc=False,
-                         drafted=False)])
+    c.ingest_events(
+        [tok(device=7, tier="cloud", policy="llm-only", u=math.nan, tx=True, k=0, acc=False, drafted=False)]
+    )
     assert value(c, "hlm_uploads_total", "cloud", "llm-only") == 0
     assert value(c, "hlm_skips_total", "cloud", "llm-only") == 0
     assert value(c, "hlm_tokens_drafted_total", "cloud", "llm-only") == 0
@@ -89,22 +133,28 @@ def test_fidelity_at_the_commit_and_from_a_shadow_verdict() -> None:
     c = Collector(S, tiers={"phone": "cu-hlm"})
     c.ingest_events([tok(device=0, fidelity=0.25, t=0.1), tok(device=1, tx=False, t=0.2)])
     assert value(c, "hlm_fidelity_tv_count") == 1
-    c.ingest_events([ShadowResolved(device=1, token_index=0, step=1, beta=0.1, fidelity_tv=0.5),
-                     ShadowResolved(device=1, token_index=0, step=1, beta=0.1),  # NaN: unchanged, not observed
-                     ShadowResolved(device=9, token_index=0, step=1, beta=0.1, fidelity_tv=0.5)])  # never committed
+    c.ingest_events(
+        [
+            ShadowResolved(device=1, token_index=0, step=1, beta=0.1, fidelity_tv=0.5),
+            ShadowResolved(device=1, token_index=0, step=1, beta=0.1),  # NaN: unchanged, not observed
+            ShadowResolved(device=9, token_index=0, step=1, beta=0.1, fidelity_tv=0.5),
+        ]
+    )  # never committed
     assert value(c, "hlm_fidelity_tv_count") == 2 and value(c, "hlm_fidelity_tv_sum") == pytest.approx(0.75)
 
 
 def test_verifier_link_clock_and_error_events() -> None:
     c = Collector(S, tiers={"phone": "cu-hlm"}, vocab_size=1000)
-    c.ingest_events([
-        VerifierBatch(2.0, 2.04, 3, 9, (0.0, 0.002, 0.01)),
-        VerifierBatch(0.5, 0.52, 1, 1),
-        *link(up=(400, 300, 200, 100), down=(32, 32, 32, 32), lost_up=1, retransmissions=1),
-    ])
+    c.ingest_events(
+        [
+            VerifierBatch(2.0, 2.04, 3, 9, (0.0, 0.002, 0.01)),
+            VerifierBatch(0.5, 0.52, 1, 1),
+            *link(up=(400, 300, 200, 100), down=(32, 32, 32, 32), lost_up=1, retransmissions=1),
+        ]
+    )
     c.clock("group-0", 1.5, 0.7, 0.0, {"phone": 2})
     c.clock("group-1", 1.2, 0.9, 0.25, {"phone": 3})
-    c.clock("group-0", 1.8, 0.8, 0.1, {"phone": 1})   # replaces group-0's earlier report
+    c.clock("group-0", 1.8, 0.8, 0.1, {"phone": 1})  # replaces group-0's earlier report
     c.protocol_errors("malformed")
     assert value(c, "hlm_verifier_batch_size_count", tier=None) == 2
     assert value(c, "hlm_verifier_batch_size_sum", tier=None) == 4
@@ -155,8 +205,11 @@ def test_content_pass_counts_for_progress_only() -> None:
     # The virtual clock's content pass: its tokens (no times) count in the content totals, no metric moves.
     c = Collector(S, tiers={"phone": "cu-hlm"})
     nan = math.nan
-    content = [tok(device=0, tx=False, t=nan, lat=nan), tok(device=1, acc=False, t=nan, lat=nan),
-               ShadowResolved(device=0, token_index=0, step=1, beta=0.2)]
+    content = [
+        tok(device=0, tx=False, t=nan, lat=nan),
+        tok(device=1, acc=False, t=nan, lat=nan),
+        ShadowResolved(device=0, token_index=0, step=1, beta=0.2),
+    ]
     c.ingest_content(content)
     snap = c.snapshot()
     assert snap.content[("phone", "cu-hlm")].committed == 2 and snap.content[("phone", "cu-hlm")].skips == 1
@@ -190,8 +243,9 @@ def test_concurrent_ingest_and_scrape() -> None:
 
 def test_events_of_several_tiers_in_one_call() -> None:
     c = Collector(S)
-    c.ingest_events([tok(device=g, tier=["phone", "laptop", "phone"][g], policy=["cu-hlm", "u-hlm", "cu-hlm"][g])
-                     for g in range(3)])
+    c.ingest_events(
+        [tok(device=g, tier=["phone", "laptop", "phone"][g], policy=["cu-hlm", "u-hlm", "cu-hlm"][g]) for g in range(3)]
+    )
     assert value(c, "hlm_tokens_committed_total") == 2
     assert value(c, "hlm_tokens_committed_total", "laptop", "u-hlm") == 1
 
@@ -200,8 +254,9 @@ def test_ingest_is_fast_enough_for_fleets() -> None:
     import time
 
     c = Collector(S, tiers={"phone": "cu-hlm"}, vocab_size=151936)
-    events = [tok(device=i % 1000, u=(i % 21) / 20, tx=bool(i % 3), k=64, acc=bool(i % 5), t=i * 0.001)
-              for i in range(20_000)]
+    events = [
+        tok(device=i % 1000, u=(i % 21) / 20, tx=bool(i % 3), k=64, acc=bool(i % 5), t=i * 0.001) for i in range(20_000)
+    ]
     t0 = time.perf_counter()
     c.ingest_events(events)
     c.exposition()
@@ -224,11 +279,32 @@ def test_ingest_token_records_matches_summary_definitions() -> None:
             tx = u > 0.1
             acc = (not tx) or bool(rng.random() > u * 0.8)
             lat = step + (0.08 if tx else 0.0)
-            rows.append(dict(device=dev, tier=tier, policy=policy, prompt_index=0, token_index=i, token_id=5,
-                             draft_id=5, uncertainty=u, transmitted=tx, k=50 if tx else 0, prob_bits=8,
-                             payload_bytes=163 if tx else 0, uplink_bytes=190 if tx else 0, accepted=acc, resampled=tx and not acc, beta=0.1,
-                             beta_is_shadow=not tx, retransmissions=0, t_draft_start=t, t_upload_sent=math.nan,
-                             t_verdict=math.nan, t_commit=t + lat))
+            rows.append(
+                dict(
+                    device=dev,
+                    tier=tier,
+                    policy=policy,
+                    prompt_index=0,
+                    token_index=i,
+                    token_id=5,
+                    draft_id=5,
+                    uncertainty=u,
+                    transmitted=tx,
+                    k=50 if tx else 0,
+                    prob_bits=8,
+                    payload_bytes=163 if tx else 0,
+                    uplink_bytes=190 if tx else 0,
+                    accepted=acc,
+                    resampled=tx and not acc,
+                    beta=0.1,
+                    beta_is_shadow=not tx,
+                    retransmissions=0,
+                    t_draft_start=t,
+                    t_upload_sent=math.nan,
+                    t_verdict=math.nan,
+                    t_commit=t + lat,
+                )
+            )
             t += lat
     end = max(r["t_commit"] for r in rows)
     summary = results.summarize(rows, emulated_seconds=end, wall_seconds=1.0, vocab_size=1000, verifier_batches=[1])

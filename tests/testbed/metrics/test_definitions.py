@@ -1,5 +1,6 @@
 """The metric definitions (testbed.metrics.definitions) and the PromQL of each derived figure
 (testbed.metrics.promql.Sel)."""
+
 from __future__ import annotations
 
 import re
@@ -36,7 +37,9 @@ def test_derived_promql_builds_for_every_figure() -> None:
 def test_promql_of_a_figure_per_emulated_second() -> None:
     # a counter's increase over the window, divided by the emulated seconds that passed in it
     expr = DERIVED["throughput"].expr(Sel(window="5m", scenario="s", tier=".*", policy=".*"))
-    assert expr == ('sum by (scenario) (increase(hlm_tokens_committed_total{scenario=~"s", tier=~".*", '
-                    'policy=~".*"}[5m])) / on (scenario) group_left () max by (scenario) '
-                    '(delta(hlm_emulated_time_seconds{scenario=~"s"}[5m]))')
+    assert expr == (
+        'sum by (scenario) (increase(hlm_tokens_committed_total{scenario=~"s", tier=~".*", '
+        'policy=~".*"}[5m])) / on (scenario) group_left () max by (scenario) '
+        '(delta(hlm_emulated_time_seconds{scenario=~"s"}[5m]))'
+    )
     assert DERIVED["skip_rate"].expr(window=None, by=("tier",)).startswith("sum by (scenario, tier) (hlm_skips_total{")

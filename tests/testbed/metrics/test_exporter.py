@@ -1,5 +1,6 @@
 """The exporter (testbed.metrics.exporter): its own registry per collector, no device label, HTTP
 /metrics, and promtool's check of the exposition."""
+
 from __future__ import annotations
 
 import os
@@ -17,9 +18,23 @@ S = "unit"
 
 
 def token(device: int, t: float = 1.0) -> TokenCommitted:
-    return TokenCommitted(dict(device=device, tier="phone", policy="cu-hlm", draft_id=5, uncertainty=0.5,
-                               transmitted=True, k=32, payload_bytes=104, uplink_bytes=130, accepted=True,
-                               resampled=False, t_draft_start=t - 0.1, t_commit=t))
+    return TokenCommitted(
+        dict(
+            device=device,
+            tier="phone",
+            policy="cu-hlm",
+            draft_id=5,
+            uncertainty=0.5,
+            transmitted=True,
+            k=32,
+            payload_bytes=104,
+            uplink_bytes=130,
+            accepted=True,
+            resampled=False,
+            t_draft_start=t - 0.1,
+            t_commit=t,
+        )
+    )
 
 
 def value(c: Collector, name: str, **labels) -> float | None:
@@ -43,9 +58,10 @@ def test_serve_port_zero_is_off_and_http_serves_metrics() -> None:
     assert c.serve(0) is None and c.url is None
     port = c.serve(-1)
     try:
-        assert port and c.url == f"http://127.0.0.1:{port}/metrics"
+        url = c.url
+        assert port and url is not None and url == f"http://127.0.0.1:{port}/metrics"
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(c.url, timeout=5) as r:
+        with opener.open(url, timeout=5) as r:
             assert b"hlm_tokens_committed_total" in r.read()
         c.linger(0.05)
         wall = c.wall_time()
@@ -72,11 +88,14 @@ def test_promtool_check_metrics(with_data: bool) -> None:
         pytest.skip("promtool not installed (apt-get install prometheus)")
     c = Collector(S, tiers={"phone": "cu-hlm", "laptop": "u-hlm"}, vocab_size=151936)
     if with_data:
-        base = dict(device=0, tier="phone", policy="cu-hlm", step=0, seq=0, final=False)
-        c.ingest_events([token(device=d, t=0.1 * d + 0.1) for d in range(5)]
-                        + [VerifierBatch(0.0, 0.02, 2, 3, (0.0, 0.001)),
-                           UploadSent(**base, frame_bytes=100, copies=1, t_sent=0.0, wire_bytes=100),
-                           MessageLost(**base, direction="uplink", count=1)])
+        base = (0, "phone", "cu-hlm", 0, 0, False)  # device, tier, policy, step, seq, final
+        events: list = [token(device=d, t=0.1 * d + 0.1) for d in range(5)]
+        events += [
+            VerifierBatch(0.0, 0.02, 2, 3, (0.0, 0.001)),
+            UploadSent(*base, frame_bytes=100, copies=1, t_sent=0.0, wire_bytes=100),
+            MessageLost(*base, direction="uplink", count=1),
+        ]
+        c.ingest_events(events)
         c.clock("runner", 1.0, 1.0, 0.0, {"phone": 5})
         c.protocol_errors("malformed")
     out = subprocess.run([promtool, "check", "metrics"], input=c.exposition(), capture_output=True, timeout=60)
