@@ -374,22 +374,26 @@ class Collector:
             span[0] = min(span[0], dev.t_first_start)
             span[1] = max(span[1], dev.t_last_commit)
         for key, d in deltas.items():
-            self._totals[key].add(d)
-            for m, v in (
-                (TOKENS_DRAFTED, d.drafted),
-                (TOKENS_COMMITTED, d.committed),
-                (UPLOADS, d.uploads),
-                (SKIPS, d.skips),
-                (ACCEPTED, d.accepted),
-                (RESAMPLED, d.resampled),
-                (UPLINK_BYTES, d.uplink_bytes),
-                (PAYLOAD_BYTES, d.payload_bytes),
-                (VOCAB_ENTRIES, d.vocab_entries),
-            ):
-                if v:
-                    series(m, key).inc(v)
+            self._add_totals(key, d)
         for key, f in fidelity:
             series(FIDELITY, key).observe(f)
+
+    def _add_totals(self, key: tuple[str, str], d: TierTotals) -> None:
+        """A tier's counts of one call: to its totals and its counters."""
+        self._totals[key].add(d)
+        for m, v in (
+            (TOKENS_DRAFTED, d.drafted),
+            (TOKENS_COMMITTED, d.committed),
+            (UPLOADS, d.uploads),
+            (SKIPS, d.skips),
+            (ACCEPTED, d.accepted),
+            (RESAMPLED, d.resampled),
+            (UPLINK_BYTES, d.uplink_bytes),
+            (PAYLOAD_BYTES, d.payload_bytes),
+            (VOCAB_ENTRIES, d.vocab_entries),
+        ):
+            if v:
+                self.exporter.tier(m, key).inc(v)
 
     def _fold_batch(self, b: VerifierBatch) -> None:
         verify_s = b.t_end - b.t_start
