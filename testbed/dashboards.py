@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
-from testbed import metrics as M
+from testbed.metrics import definitions as M
 from testbed.metrics import DEFAULT_METRICS_PORT, DERIVED, Sel
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}

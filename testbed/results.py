@@ -44,6 +44,11 @@ Summary definitions (summarize; computed by testbed.figures):
   unfinished = cut short) and the tokens each generated; tokens and throughput count the tokens
   actually generated (a stopped device generates fewer than max_new_tokens).
 Undefined figures (e.g. acceptance with no uploads) are None (null in JSON).
+
+Each figure is computed once: summary.json by summarize, from tokens.parquet's rows only (so a run cut
+short, or a file from another machine, gives the same figures). The live collector (testbed.metrics)
+folds the same events for Prometheus and the progress display, with the same definitions
+(testbed.figures); nothing here reads it, and the progress display computes nothing itself.
 """
 from __future__ import annotations
 
@@ -227,8 +232,12 @@ class ResultsWriter:
     def __init__(self, shard_dir: str | Path, prefix: str = "tokens", flush_rows: int = 8192,
                  flush_s: float = 5.0, max_pending: int = 32768):
         self.dir, self.prefix = Path(shard_dir), prefix
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.flush_rows, self.flush_s, self.max_pending = flush_rows, flush_s, max_pending
+        self._start()
+
+    def _start(self) -> None:
+        """No row yet (a new writer, or one reset)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.pending: dict[tuple[int, int], dict] = {}  # skipped rows waiting for their shadow beta
         # transmitted rows that stopped their sequence, waiting for the final flush's link events (all
         # emitted with the flush's verdict, so in one add): at most one per device, never spilled
@@ -323,6 +332,12 @@ class ResultsWriter:
         n = merge_shards(self.shards, path, patches=self.patches.table())
         self.discard()
         return read_tokens(path) if frame else n
+
+    def reset(self) -> None:
+        """Drop every row so far, written or waiting, and start again (the virtual clock's replay
+        replaces the content pass's rows, kept until then for a run cut short)."""
+        self.discard()
+        self._start()
 
     def discard(self) -> None:
         for shard in self.shards:

@@ -132,6 +132,19 @@ def test_results_writer_keeps_unsettled_rows_of_a_run_cut_short(tmp_path):
     assert len(w.frame()) == 5
 
 
+def test_results_writer_reset_drops_every_row_and_starts_again(tmp_path):
+    # the virtual clock's replay replaces the content pass's rows (testbed.sinks)
+    from agents.events import TokenCommitted
+
+    w = ResultsWriter(tmp_path / "shards", flush_rows=2)
+    w.add([TokenCommitted(dataclasses.asdict(r)) for r in records()])  # shards written, a skipped row pending
+    assert w.shards and w.pending
+    w.reset()
+    assert (w.rows, w.shards, w.pending, w.settled) == (0, [], {}, []) and (tmp_path / "shards").is_dir()
+    w.add([TokenCommitted(dataclasses.asdict(records()[0]))])
+    assert w.merge(tmp_path / "tokens.parquet", frame=False) == 1
+
+
 # ------------------------------------------------------------------ summary figures
 
 
