@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from agents.hardware import _time_gemms, cpu_capability, cpu_model, usable_cores
+from agents.models.hardware import _time_gemms, cpu_capability, cpu_model, usable_cores
 from agents.lm import BatchedLM
 from agents.models import load_model
 

@@ -293,7 +293,7 @@ def check_policy(v: Any) -> Any:
 def device_problem(device: str) -> str | None:
     """Why `device` cannot be used on this machine (None if it can). Imports torch lazily."""
     try:
-        from agents.hardware import check_device
+        from agents.models.hardware import check_device
     except ImportError:
         return None
     return check_device(device)

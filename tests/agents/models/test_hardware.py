@@ -6,9 +6,8 @@ import json
 import pytest
 import torch
 
-from agents import hardware
-from agents.models import READY_FORMAT, READY_MARKER, build_tiny, dtype_folder, load_model, parse_spec
-from agents.models import TinyConfig
+from agents.models import READY_FORMAT, READY_MARKER, TinyConfig, build_tiny, dtype_folder, hardware, load_model
+from agents.models import parse_spec
 
 
 @pytest.fixture
