@@ -204,11 +204,12 @@ def _convert(member: BundledModel, work: Path, progress: ProgressFn) -> dict[str
     model.config.name_or_path = member.name
     # The GGUF's eos is <|im_end|> (end of an instruct turn) but the converted tokenizer says
     # <|endoftext|>: align the tokenizer with the GGUF, and let generation stop at either, as upstream.
-    eos_id = model.generation_config.eos_token_id
-    if isinstance(eos_id, int):
+    generation = model.generation_config
+    eos_id = generation.eos_token_id if generation is not None else None
+    if generation is not None and isinstance(eos_id, int):
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
         if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos_id:
-            model.generation_config.eos_token_id = [eos_id, tokenizer.pad_token_id]
+            generation.eos_token_id = [eos_id, tokenizer.pad_token_id]
     model.save_pretrained(work, safe_serialization=True)
     tokenizer.save_pretrained(work)
     return {

@@ -23,14 +23,22 @@ def _local_folder(spec: ModelSpec) -> str:
     first, so transformers only ever sees a local folder and never calls the hub."""
     if spec.kind == "bundled":
         return str(prepared_folder(spec))
-    if Path(spec.path).is_dir():
-        return spec.path
+    source = _source(spec)
+    if Path(source).is_dir():
+        return source
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(spec.path, local_files_only=True)
+        return snapshot_download(source, local_files_only=True)
     except Exception as err:  # LocalEntryNotFoundError, HFValidationError, ...
         raise _hf_error(spec, "the model files", err) from err
+
+
+def _source(spec: ModelSpec) -> str:
+    """The hub id or folder of a non-tiny spec (parse_spec always sets it)."""
+    if spec.path is None:
+        raise ModelError(f"model spec {spec.name!r} names no model folder or Hugging Face id")
+    return spec.path
 
 
 def _hf_error(spec: ModelSpec, what: str, err: Exception) -> ModelError:
@@ -56,7 +64,7 @@ def load_model(
     spec = parse_spec(spec)
     name = model_dtype(spec, dtype, str(device))
     torch_dtype = getattr(torch, name)
-    if spec.kind == "tiny":
+    if spec.tiny is not None:
         model = build_tiny(spec.tiny)
         if torch_dtype != torch.float32:
             model = model.to(torch_dtype)
@@ -77,11 +85,11 @@ def load_model(
 def vocab_size(spec: str | Mapping[str, Any] | ModelSpec | TinyConfig) -> int:
     """|V| of a spec without loading its weights: the LM head's rows (the config's vocab_size)."""
     spec = parse_spec(spec)
-    if spec.kind == "tiny":
+    if spec.tiny is not None:
         return spec.tiny.vocab_size
     from transformers import AutoConfig
 
-    path = str(prepared_folder(spec)) if spec.kind == "bundled" else spec.path
+    path = str(prepared_folder(spec)) if spec.kind == "bundled" else _source(spec)
     try:
         return int(AutoConfig.from_pretrained(path, local_files_only=True).vocab_size)
     except (OSError, ValueError) as err:
@@ -92,7 +100,7 @@ def model_facts(spec: str | Mapping[str, Any] | ModelSpec | TinyConfig) -> dict[
     """What validation needs of a model, from its config alone (no weights): vocab_size,
     max_positions (context length), layers, kv_heads and head_dim (KV cache bytes per token)."""
     spec = parse_spec(spec)
-    if spec.kind == "tiny":
+    if spec.tiny is not None:
         c = spec.tiny
         return {
             "vocab_size": c.vocab_size,
@@ -103,7 +111,7 @@ def model_facts(spec: str | Mapping[str, Any] | ModelSpec | TinyConfig) -> dict[
         }
     from transformers import AutoConfig
 
-    path = str(prepared_folder(spec)) if spec.kind == "bundled" else spec.path
+    path = str(prepared_folder(spec)) if spec.kind == "bundled" else _source(spec)
     try:
         c = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
@@ -121,7 +129,7 @@ def model_facts(spec: str | Mapping[str, Any] | ModelSpec | TinyConfig) -> dict[
 def load_tokenizer(spec: str | Mapping[str, Any] | ModelSpec | TinyConfig):
     """The tokenizer of a spec: the model's own (from its folder) or a ByteTokenizer for tiny models."""
     spec = parse_spec(spec)
-    if spec.kind == "tiny":
+    if spec.tiny is not None:
         return ByteTokenizer(spec.tiny.vocab_size)
     from transformers import AutoTokenizer
 

@@ -45,7 +45,7 @@ class ModelSpec:
 
     @property
     def role(self) -> str | None:
-        if self.kind == "tiny":
+        if self.tiny is not None:
             return self.tiny.role
         if self.kind == "bundled":
             return self.name.rsplit(":", 1)[1]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
 from agents.models import CACHE_ENV, DEFAULT_PAIR, ModelError
 from testbed import provision
@@ -18,7 +19,7 @@ app = typer.Typer(no_args_is_help=True)
 err = Console(stderr=True)
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -49,7 +50,7 @@ def prepare(
         TextColumn("{task.fields[amount]}"),
         TimeElapsedColumn(),
     ]
-    tasks: dict[str, int] = {}  # one row per member and stage
+    tasks: dict[str, TaskID] = {}  # one row per member and stage
     with Progress(*columns, console=err) as bar:
 
         def finish_previous(spec: str) -> None:
@@ -209,7 +210,7 @@ def bench(
     if threads:
         torch.set_num_threads(threads)
     names = [resolve_dtype(d.strip()) for d in dtypes.split(",")]
-    doc = {
+    doc: dict[str, Any] = {
         "machine": machine_info(),
         "threads": torch.get_num_threads(),
         "auto_dtype": auto_dtype(),
