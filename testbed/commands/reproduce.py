@@ -1,4 +1,4 @@
-"""`testbed reproduce paper|fleet`: the CU-HLM / U-HLM experiments end to end (testbed/reproduce.py)."""
+"""`testbed reproduce paper|fleet|sweep`: the CU-HLM / U-HLM experiments end to end (testbed/study/)."""
 from __future__ import annotations
 
 import json
@@ -36,18 +36,19 @@ def _run(kind: str, size: str, out: Path | None, engine: str, sets: list[str] | 
          samples: int | None = None) -> None:
     from rich.console import Console
 
-    from testbed import reproduce
     from testbed.scenario import ScenarioError
+    from testbed.study.estimate import estimate
+    from testbed.study.sizes import SIZES
 
     err = Console(stderr=True)
-    if size not in reproduce.SIZES:
-        raise typer.BadParameter(f"expected one of {', '.join(reproduce.SIZES)}, got {size!r}", param_hint="--size")
+    if size not in SIZES:
+        raise typer.BadParameter(f"expected one of {', '.join(SIZES)}, got {size!r}", param_hint="--size")
     if samples is not None and samples < 1:
         raise typer.BadParameter(f"expected >= 1, got {samples}", param_hint="--samples")
     if (a is None) != (b is None):
         raise typer.BadParameter("give both --a and --b (or neither: fit them in the calibration point)")
     if estimate_only:
-        est = reproduce.estimate(kind, _with_samples(reproduce.SIZES[size], samples))
+        est = estimate(kind, _with_samples(SIZES[size], samples))
         if json_out:
             print(json.dumps(est, indent=2))
         else:
@@ -64,9 +65,11 @@ def _run(kind: str, size: str, out: Path | None, engine: str, sets: list[str] | 
                           f"per token-step ({v['minutes_without_stops']:.0f} min without stops){here}")
         return
     out = out or Path("runs") / f"reproduce-{kind}-{size}"
-    fn = reproduce.run_paper if kind == "paper" else reproduce.run_fleet
-    sized = reproduce.SIZES[size]
-    if calibration_tokens is not None:  # more calibration tokens: a narrower interval for the fit (calibration_ci)
+    from testbed.study import fleet, paper
+
+    fn = paper.run_paper if kind == "paper" else fleet.run_fleet
+    sized = SIZES[size]
+    if calibration_tokens is not None:  # more calibration tokens: a narrower interval (testbed.study.bootstrap)
         import dataclasses
 
         sized = dataclasses.replace(sized, calibration_tokens=calibration_tokens)
@@ -113,8 +116,8 @@ def sweep(out: Path = typer.Argument(..., help="A `reproduce paper` study folder
     OUT/report/channel_sweep.png and channel_sweep.json."""
     from rich.console import Console
 
-    from testbed import channel_sweep
-    from testbed.reproduce import PAPER
+    from testbed.study import sweep as channel_sweep
+    from testbed.study.sizes import PAPER
 
     err = Console(stderr=True)
     try:

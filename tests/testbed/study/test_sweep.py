@@ -1,4 +1,4 @@
-"""The channel sweep (testbed.channel_sweep): the delay model against a smoke study's measured
+"""The channel sweep (testbed.study.sweep): the delay model against a smoke study's measured
 throughputs, its closed-form limits, the paper's accounting, the CLI."""
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import pandas as pd
 import pytest
 
 from agents.codec import paper_bits
-from testbed import channel_sweep as cs
-from testbed import reproduce
-from testbed.reproduce import paper_throughput
+from testbed.study import sweep as cs
+from testbed.study.analysis import paper_throughput
+from testbed.study.paper import run_paper
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "paper"
-    reproduce.run_paper("smoke", out, log=lambda line: None)
+    run_paper("smoke", out, log=lambda line: None)
     return out
 
 

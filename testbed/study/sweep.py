@@ -1,8 +1,9 @@
-"""The channel sweep: where the CU-HLM paper's "up to 206x HLM's throughput" lies (issue 15, item 6).
+"""The channel sweep: where the CU-HLM paper's "up to 206x HLM's throughput" lies (issue 15, item 6;
+docs/design.md section 7, channel sweep).
 
 No model is re-run. Token content never depends on timing, so a point's tokens.parquet (per token:
 transmitted or skipped, the bytes it put on each link, k) plus the paper study's per-token delay
-model gives its throughput at any uplink rate R (testbed.reproduce module docstring, isolate_devices):
+model gives its throughput at any uplink rate R (testbed.study.scenarios, isolate_devices):
 
     skipped token:      slm
     transmitted token:  slm + up_bits / R + d_up + down_bits / R_down + d_down + llm
@@ -10,7 +11,7 @@ model gives its throughput at any uplink rate R (testbed.reproduce module docstr
 (slm = 0 for llm-only, which drafts nothing; llm is the LLM's batch-1 verification, which the
 study charges on the downlink delay, so d_down below already holds it.) A device's tokens are
 sequential, so the study's throughput of a point is every device's tokens over the sum of their
-delays (testbed.reproduce.paper_throughput: devices stop at different lengths, so this is not the mean
+delays (testbed.study.analysis.paper_throughput: devices stop at different lengths, so this is not the mean
 of the devices' throughputs). Summed over all N tokens, the delays are F N + W N / R (F seconds per
 token that do not depend on R, W uplink bits per token), so
 
@@ -85,7 +86,7 @@ class DelayModel:
         v = s.server.verify_ms
         if v.base or v.per_token or v.per_sequence or s.server.max_wait_ms:
             raise SweepError(f"{where}: the verifier takes time (verify_ms {v}); the sweep needs the study's "
-                             f"isolated devices (testbed.reproduce.isolate_devices)")
+                             f"isolated devices (testbed.study.scenarios.isolate_devices)")
         return cls(t.slm_ms_per_token / 1000.0, _static_rate(up, f"{where}: uplink"), up.delay_s,
                    _static_rate(down, f"{where}: downlink"), down.delay_s, up.overhead_bytes, down.overhead_bytes,
                    up.mtu, down.mtu)

@@ -1,5 +1,6 @@
 """How sure the calibration is: a bootstrap over sequences for the rejection fit beta ~ a*u + b and
-the risk-averse threshold u_th = -b/a (issue 15, item 5).
+the risk-averse threshold u_th = -b/a (issue 15, item 5;
+docs/design.md section 7, calibration intervals).
 
 Why over sequences: the tokens of one device share a prompt and a context, so their (u, beta) are
 correlated; resampling tokens one by one would treat 256 tokens of 16 sequences as 256 independent
