@@ -3,6 +3,9 @@
 The reference engine decodes HumanEval prompts with `hlm` (every draft verified, full
 distribution) so beta = max(0, 1 - y_d/x_d) is observed for every token; alongside, every
 uncertainty estimator is evaluated on the same draft. One least-squares fit per estimator.
+
+This is the one calibration run (`record_betas`, `fit_estimators`): `testbed calibrate` (`calibrate`)
+and the studies' calibration point (testbed.study.calibration) both call it.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ class RecordingPolicy(Policy):
         return self.inner.decide_batch(logits, ctxs)
 
 
-SAMPLE_COLUMNS = ["device", "token_index", "token_id", "draft_id", "beta"]
+SAMPLE_COLUMNS = ("device", "token_index", "token_id", "draft_id", "beta")
 
 
 @dataclass
@@ -54,7 +57,7 @@ class Recording:
     kept: dict[tuple[int, int], np.ndarray]  # (device, token_index) -> x
 
 
-def record_betas(specs, run, slm, llm, labels, columns=SAMPLE_COLUMNS, keep_every: int = 0,
+def record_betas(specs, run, slm, llm, labels, columns: tuple[str, ...] = SAMPLE_COLUMNS, keep_every: int = 0,
                  progress=None) -> Recording:
     """The calibration run: `hlm` (every draft verified, full distribution) on every device of `specs`, so
     beta = max(0, 1 - y_d/x_d) is observed for every token, with every estimator's u of the same draft.

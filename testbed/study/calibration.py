@@ -16,7 +16,7 @@ import numpy as np
 from testbed.scenario import Scenario
 from testbed.study.sizes import DEFAULT_ETA, DEFAULT_THETA
 
-SAMPLE_COLUMNS = ["device", "prompt_index", "token_index", "token_id", "draft_id", "beta"]
+SAMPLE_COLUMNS = ("device", "prompt_index", "token_index", "token_id", "draft_id", "beta")
 
 
 def reliability(u: np.ndarray, beta: np.ndarray, a: float | None, b: float | None, bins: int = 10) -> list[dict]:

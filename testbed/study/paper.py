@@ -72,7 +72,7 @@ def paper_points(size: Size, base: Scenario) -> list[Point]:
             pts.append(pol("cu-hlm-adaptive", label, meta_fn=lambda st, r=r, est=est: {"risk": r, "estimator": est},
                            **params))
     pts.append(pol("cu-hlm", "cu-hlm-risk-prone", "u_th", meta_fn=thr("risk-prone"), threshold="risk-prone"))
-    # + both sides of the risk-averse flip, skip every u = 0 token / skip nothing (testbed.calibration_ci)
+    # + both sides of the risk-averse flip, skip every u = 0 token / skip nothing (testbed.study.bootstrap)
     for v in size.u_th + tuple(v for v in FLIP_U_TH if v not in size.u_th):
         pts.append(pol("cu-hlm", f"cu-hlm-uth{v:g}", "u_th", meta_fn=lambda st, v=v: {"u_th": v},
                        threshold="fixed", u_th=v))

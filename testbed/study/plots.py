@@ -47,7 +47,8 @@ def plot_vs_u_th(rows: list[dict], refs: dict[str, dict], key: str, ylabel: str,
         v = _val(r.get(key))
         if np.isfinite(v) and name in styles:
             c, ls = styles[name]
-            a.axhline(v * scale, color=c, ls=ls, lw=1.2, label=f"{name}" + (" (= u_th >= 1)" if name == "slm-only" else ""))
+            label = f"{name}" + (" (= u_th >= 1)" if name == "slm-only" else "")
+            a.axhline(v * scale, color=c, ls=ls, lw=1.2, label=label)
     if fit is not None:
         for v, lab in ((fit.u_th_risk_averse, "risk-averse"), (fit.u_th_risk_prone, "risk-prone")):
             if math.isfinite(v):
@@ -92,33 +93,53 @@ def plot_reliability(calibration: dict, path: Path) -> Path:
     return path
 
 
+def _frontier_lines(a, front: list[dict], by: dict[str, list]) -> None:
+    """cu-hlm's hull (red, labelled by u_th) and each estimator's adaptive risk budgets (dashed)."""
+    colors = {"temperature": "#1f77b4", "max": "#2ca02c"}
+    if front:
+        a.plot([r["fidelity_tv"] for r in front], [100 * r["skip_rate"] for r in front], marker="o",
+               color="#d62728", label="cu-hlm, u_th sweep (upper concave hull)")
+        for r in front:
+            if r.get("u_th") is not None:
+                a.annotate(f"u_th {r['u_th']:.2g}", (r["fidelity_tv"], 100 * r["skip_rate"]),
+                           textcoords="offset points", xytext=(5, -10), fontsize=7, color="#d62728")
+    for est, rs in by.items():
+        rs = sorted(rs, key=lambda r: r.get("risk") or 0.0)
+        c = colors.get(est, "#9467bd")
+        a.plot([r["fidelity_tv"] for r in rs], [100 * r["skip_rate"] for r in rs], marker="s", ls="--", color=c,
+               label=f"cu-hlm-adaptive ({est} u), risk budgets")
+        for r in rs:
+            a.annotate(f"{r['risk']:g}", (r["fidelity_tv"], 100 * r["skip_rate"]), textcoords="offset points",
+                       xytext=(4, 5), fontsize=7, color=c)
+
+
+def _zoom_to_adaptive(a, front: list[dict], by: dict[str, list]) -> None:
+    """Limits around the adaptive points and the nearest hull point beyond them."""
+    xs = [r["fidelity_tv"] for rs in by.values() for r in rs]
+    if not (xs and front):
+        return
+    beyond = [r["fidelity_tv"] for r in front if r["fidelity_tv"] > max(xs)]
+    hi = min(beyond) if beyond else max(xs)
+    lo = min(xs + [front[0]["fidelity_tv"]])
+    pad = 0.08 * (hi - lo or hi)
+    a.set_xlim(lo - pad, hi + pad)
+    ys = [100 * r["skip_rate"] for r in [*front, *(r for rs in by.values() for r in rs)]
+          if lo - pad <= r["fidelity_tv"] <= hi + pad]
+    a.set_ylim(min(ys) - 5, max(ys) + 5)
+
+
 def plot_frontier(rows: list[dict], path: Path) -> Path:
-    """Skip rate against fidelity: cu-hlm's threshold sweep (the upper concave hull of its points) and cu-hlm-adaptive's
-    risk budgets per estimator; up and to the left is better. Left: every point (log fidelity);
-    right: the adaptive points' neighbourhood (linear)."""
+    """Skip rate against fidelity: cu-hlm's threshold sweep (the upper concave hull of its points) and
+    cu-hlm-adaptive's risk budgets per estimator; up and to the left is better. Left: every point (log
+    fidelity); right: the adaptive points' neighbourhood (linear)."""
     fig, ax = new_figure(12, 4.6, ncols=2)
     front = cu_hlm_frontier(rows)
-    colors = {"temperature": "#1f77b4", "max": "#2ca02c"}
     by: dict[str, list] = {}
     for r in rows:
         if r["policy"] == "cu-hlm-adaptive" and r.get("fidelity_tv") is not None:
             by.setdefault(r.get("estimator") or ESTIMATOR, []).append(r)
     for a, zoom in zip(ax[0], (False, True)):
-        if front:
-            a.plot([r["fidelity_tv"] for r in front], [100 * r["skip_rate"] for r in front], marker="o",
-                   color="#d62728", label="cu-hlm, u_th sweep (upper concave hull)")
-            for r in front:
-                if r.get("u_th") is not None:
-                    a.annotate(f"u_th {r['u_th']:.2g}", (r["fidelity_tv"], 100 * r["skip_rate"]),
-                               textcoords="offset points", xytext=(5, -10), fontsize=7, color="#d62728")
-        for est, rs in by.items():
-            rs = sorted(rs, key=lambda r: r.get("risk") or 0.0)
-            c = colors.get(est, "#9467bd")
-            a.plot([r["fidelity_tv"] for r in rs], [100 * r["skip_rate"] for r in rs], marker="s", ls="--", color=c,
-                   label=f"cu-hlm-adaptive ({est} u), risk budgets")
-            for r in rs:
-                a.annotate(f"{r['risk']:g}", (r["fidelity_tv"], 100 * r["skip_rate"]), textcoords="offset points",
-                           xytext=(4, 5), fontsize=7, color=c)
+        _frontier_lines(a, front, by)
         if not zoom:
             for r in rows:
                 if r["point"] in ("u-hlm", "rand-hlm") and r.get("fidelity_tv"):
@@ -127,16 +148,7 @@ def plot_frontier(rows: list[dict], path: Path) -> Path:
             a.set_xlabel("fidelity: mean TV distance to the LLM per token (log; lower is better)")
             a.set_title("Skip rate vs fidelity: cu-hlm-adaptive and cu-hlm's thresholds")
         else:
-            xs = [r["fidelity_tv"] for rs in by.values() for r in rs]
-            if xs and front:
-                beyond = [r["fidelity_tv"] for r in front if r["fidelity_tv"] > max(xs)]
-                hi = min(beyond) if beyond else max(xs)
-                lo = min(xs + [front[0]["fidelity_tv"]])
-                pad = 0.08 * (hi - lo or hi)
-                a.set_xlim(lo - pad, hi + pad)
-                ys = [100 * r["skip_rate"] for r in [*front, *(r for rs in by.values() for r in rs)]
-                      if lo - pad <= r["fidelity_tv"] <= hi + pad]
-                a.set_ylim(min(ys) - 5, max(ys) + 5)
+            _zoom_to_adaptive(a, front, by)
             a.set_xlabel("fidelity: mean TV distance to the LLM per token (lower is better)")
             a.set_title("Around the adaptive points")
         if not front and not by:

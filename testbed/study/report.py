@@ -111,8 +111,8 @@ def paper_figures(study: Study, rows: list[dict], rep: Path) -> list[tuple[Path,
     sweep = [r for r in rows if r["policy"] == "cu-hlm" and r["group"] in ("policy", "u_th")]
     samples = pd.read_parquet(study.point_dir("calibration") / "samples.parquet")
     return [
-        (plot_vs_u_th(sweep, refs, "throughput_ratio_hlm", "token throughput / HLM's", "Throughput ratio to HLM vs u_th",
-                      rep / "uth_throughput_ratio.png", fit=fit),
+        (plot_vs_u_th(sweep, refs, "throughput_ratio_hlm", "token throughput / HLM's",
+                      "Throughput ratio to HLM vs u_th", rep / "uth_throughput_ratio.png", fit=fit),
          "Token throughput (1 / mean per-token delay) of cu-hlm over HLM's, vs its skip threshold. Vertical lines: "
          "risk-averse and risk-prone thresholds of the fit."),
         (plot_vs_u_th(sweep, refs, "skip_rate", "transmissions skipped", "Skip rate vs u_th", rep / "uth_skip_rate.png",
@@ -135,7 +135,8 @@ def paper_figures(study: Study, rows: list[dict], rep: Path) -> list[tuple[Path,
          "Binned reliability per estimator: mean observed beta against mean predicted beta of each u bin."),
         (plot_theta([r for r in rows if r["policy"] == "cu-hlm" and r["group"] in ("policy", "theta")],
                     rep / "theta_compression.png"),
-         "Vocabulary compression (and fidelity) of cu-hlm at the risk-averse threshold vs the distortion budget theta."),
+         "Vocabulary compression (and fidelity) of cu-hlm at the risk-averse threshold vs the distortion budget "
+         "theta."),
         (plot_policies([r for r in rows if r["group"] == "policy"], rep / "policies.png"),
          "Every policy: throughput over HLM's (log scale), skip rate and compression."),
         (plot_frontier(rows, rep / "skip_vs_fidelity.png"),
@@ -166,12 +167,14 @@ def _headline_rows(rows: list[dict], fit: Fit, cal: dict) -> list[list[str]]:
          f"up to {fmt(best and best['throughput_ratio_hlm'], 'x')} ({best['label'] if best else 'n/a'})"],
         ["CU-HLM transmissions skipped", "74.8%", fmt(cu.get("skip_rate"), "pct")],
         ["CU-HLM vocabulary compression", "97.4%", fmt(cu.get("vocab_compression"), "pct")],
-        ["CU-HLM accuracy (relative)", "97.4%", fmt(cu.get("pass_at_1_relative"), "pct", cu.get("pass_at_1_relative_stderr"))],
+        ["CU-HLM accuracy (relative)", "97.4%",
+         fmt(cu.get("pass_at_1_relative"), "pct", cu.get("pass_at_1_relative_stderr"))],
         ["CU-HLM pass@1 minus llm-only's (paired)", "-",
          f"{_signed(cu.get('pass_at_1_diff'), cu.get('pass_at_1_diff_stderr'))}; distinguishable at 95%: "
          f"{verdict(cu) if cu else 'n/a'}"],
         ["U-HLM uploads skipped", "45.93%", fmt(u.get("skip_rate"), "pct")],
-        ["U-HLM accuracy / LLM's", "97.54%", fmt(u.get("pass_at_1_relative"), "pct", u.get("pass_at_1_relative_stderr"))],
+        ["U-HLM accuracy / LLM's", "97.54%",
+         fmt(u.get("pass_at_1_relative"), "pct", u.get("pass_at_1_relative_stderr"))],
         ["U-HLM throughput vs HLM", "2.54x", fmt(u.get("throughput_ratio_hlm"), "x")],
         ["rejection fit beta ~ a u + b", "a = 0.815, b = -0.066 (TinyLlama / Llama-2)",
          f"a = {fit.a:.3f}, b = {fit.b:+.3f} ({fit.source}); `testbed calibrate` on the Qwen pair: "
@@ -179,7 +182,8 @@ def _headline_rows(rows: list[dict], fit: Fit, cal: dict) -> list[list[str]]:
         ["risk-averse / risk-prone u_th", "0.081 / 0.81",
          f"{fit.u_th_risk_averse:.3f} / {fit.u_th_risk_prone:.3f} (-b/a and ({RISK_PRONE_BETA_TOL} - b)/a; on the "
          f"paper's fit this rule gives 0.081 / {(RISK_PRONE_BETA_TOL - PAPER['fit']['b']) / PAPER['fit']['a']:.3f})"],
-        ["offline k*", "-", f"{fit.kstar} (theta {cal['kstar']['theta']}, {cal['kstar']['tokens']} calibration tokens)"],
+        ["offline k*", "-",
+         f"{fit.kstar} (theta {cal['kstar']['theta']}, {cal['kstar']['tokens']} calibration tokens)"],
         ["fidelity (mean TV / token) cu-hlm vs hlm", "-",
          f"{fmt(cu.get('fidelity_tv'), 'e')} vs {fmt(by.get('hlm', {}).get('fidelity_tv'), 'e')}"],
     ]
@@ -301,36 +305,51 @@ def _calibration_and_sweep(study: Study, cal: dict, fit: Fit, rows: list[dict], 
         return flip, {"error": str(e)}, ["<h2>Channel sweep</h2>", f"<p>Not computed: {html.escape(str(e))}</p>"]
 
 
+def fleet_figures(rows: list[dict], rep: Path) -> list[tuple[Path, str]]:
+    """Every figure of the fleet report, drawn into rep, with its caption."""
+    return [
+        (plot_fleet(rows, "system_throughput_tokens_per_s", "tokens / emulated s (all devices)",
+                    "System throughput vs fleet size", rep / "fleet_throughput.png", log=True),
+         "Tokens of the whole fleet per emulated second."),
+        (plot_fleet(rows, "jain_fairness", "Jain fairness of per-device throughput", "Fairness vs fleet size",
+                    rep / "fleet_fairness.png"), "Jain's index over devices' own throughput (1 = all served equally)."),
+        (plot_fleet(rows, "verifier_batch_size_mean", "mean verifier batch (sequences)",
+                    "Verifier batch size vs fleet size", rep / "fleet_batch.png"),
+         "Mean sequences per verifier batch (max_batch of the server profile caps it)."),
+    ]
+
+
+def _fleet_title(study: Study, size: Size) -> list[str]:
+    base = fleet_base(size, size.fleet_sizes[0])
+    tiers = ", ".join(f"{t.name} ({t.slm_ms_per_token} ms/token, "
+                      f"{t.link if isinstance(t.link, str) else 'custom link'})" for t in base.tiers)
+    return [f"<h1>CU-HLM on a fleet: --size {html.escape(size.name)}</h1>",
+            f"<p class='muted'>Heterogeneous devices ({html.escape(tiers)}; proportions 2 : 1 : 1) share one "
+            f"verifier (verify {base.server.verify_ms.base} + {base.server.verify_ms.per_token}/token + "
+            f"{base.server.verify_ms.per_sequence}/sequence ms, max batch {base.server.max_batch}). "
+            f"{size.fleet_tokens} tokens per device. Fit a = {study.fit.a:.3f}, b = {study.fit.b:+.3f} "
+            f"({html.escape(study.fit.source)}), offline k* = {study.fit.kstar}.</p>"]
+
+
+def _fleet_table(rows: list[dict]) -> str:
+    cells = [[r["label"], str(r["fleet_size"]), fmt(r["system_throughput_tokens_per_s"]),
+              fmt(r["jain_fairness"], "3"), fmt(r["verifier_batch_size_mean"]), fmt(r["skip_rate"], "pct"),
+              fmt(r["vocab_compression"], "pct"), fmt(r["uplink_bytes_per_token"], "bytes"),
+              "n/a" if r["latency_p95_s"] is None else f"{1000 * r['latency_p95_s']:.1f} ms",
+              fmt(r["fidelity_tv"], "e")]
+             for r in rows]
+    return html_table(["policy", "devices", "system throughput (tok/s)", "Jain", "verifier batch", "skip",
+                       "compression", "uplink / token", "latency p95", "fidelity (TV/token)"], cells)
+
+
 def write_fleet_report(study: Study, size: Size, rows: list[dict]) -> Path:
     """OUT/report: the figures, table.json and report.html of the fleet study."""
     rep = _fresh(study.out / "report")
-    figs = [
-        (plot_fleet(rows, "system_throughput_tokens_per_s", "tokens / emulated s (all devices)", "System throughput vs fleet size",
-                    rep / "fleet_throughput.png", log=True), "Tokens of the whole fleet per emulated second."),
-        (plot_fleet(rows, "jain_fairness", "Jain fairness of per-device throughput", "Fairness vs fleet size",
-                    rep / "fleet_fairness.png"), "Jain's index over devices' own throughput (1 = all served equally)."),
-        (plot_fleet(rows, "verifier_batch_size_mean", "mean verifier batch (sequences)", "Verifier batch size vs fleet size",
-                    rep / "fleet_batch.png"), "Mean sequences per verifier batch (max_batch of the server profile caps it)."),
-    ]
+    figs = fleet_figures(rows, rep)
     (rep / "table.json").write_text(json.dumps({"size": size.name, "fit": study.fit.__dict__, "rows": rows}, indent=2),
                                     encoding="utf-8")
-    base = fleet_base(size, size.fleet_sizes[0])
-    tiers = ", ".join(f"{t.name} ({t.slm_ms_per_token} ms/token, {t.link if isinstance(t.link, str) else 'custom link'})"
-                      for t in base.tiers)
-    parts = [f"<h1>CU-HLM on a fleet: --size {html.escape(size.name)}</h1>",
-             f"<p class='muted'>Heterogeneous devices ({html.escape(tiers)}; proportions 2 : 1 : 1) share one verifier "
-             f"(verify {base.server.verify_ms.base} + {base.server.verify_ms.per_token}/token + "
-             f"{base.server.verify_ms.per_sequence}/sequence ms, max batch {base.server.max_batch}). "
-             f"{size.fleet_tokens} tokens per device. Fit a = {study.fit.a:.3f}, b = {study.fit.b:+.3f} "
-             f"({html.escape(study.fit.source)}), offline k* = {study.fit.kstar}.</p>"]
-    cells = [[r["label"], str(r["fleet_size"]), fmt(r["system_throughput_tokens_per_s"]), fmt(r["jain_fairness"], "3"),
-              fmt(r["verifier_batch_size_mean"]), fmt(r["skip_rate"], "pct"), fmt(r["vocab_compression"], "pct"),
-              fmt(r["uplink_bytes_per_token"], "bytes"),
-              "n/a" if r["latency_p95_s"] is None else f"{1000 * r['latency_p95_s']:.1f} ms", fmt(r["fidelity_tv"], "e")]
-             for r in rows]
-    parts.append(html_table(["policy", "devices", "system throughput (tok/s)", "Jain", "verifier batch", "skip", "compression",
-                         "uplink / token", "latency p95", "fidelity (TV/token)"], cells))
-    parts.append("<h2>Figures</h2>" + "".join(html_figure(p, c) for p, c in figs))
+    parts = [*_fleet_title(study, size), _fleet_table(rows),
+             "<h2>Figures</h2>" + "".join(html_figure(p, c) for p, c in figs)]
     path = rep / "report.html"
     path.write_text(html_page(f"reproduce fleet ({size.name})", parts), encoding="utf-8")
     return path

@@ -228,7 +228,8 @@ def load_points(out: Path, only: Sequence[str] | None = None) -> dict[str, Point
             continue
         s = load_scenario(d / "scenario.yaml")
         pol = s.tiers[0].policy
-        name = pol if isinstance(pol, str) else pol.get("name", "?") if isinstance(pol, dict) else getattr(pol, "name", "?")
+        name = (pol if isinstance(pol, str) else pol.get("name", "?") if isinstance(pol, dict)
+                else getattr(pol, "name", "?"))
         cols = ["device", "transmitted", "draft_id", "k", "uplink_bytes", "downlink_bytes", "payload_bytes"]
         pts[d.name] = PointData(d.name, str(name), pd.read_parquet(d / "tokens.parquet", columns=cols),
                                 json.loads((d / "summary.json").read_text(encoding="utf-8")),
@@ -296,7 +297,8 @@ def sweep(out: Path, vocabs: Sequence[int] = (PAPER_VOCAB,), rates: Sequence[flo
         doc["paper_numbers"] = {"skip_rate": pp["skip_rate"], "vocab_compression": pp["vocab_compression"],
                                 "throughput_ratio_hlm": pp.get("throughput_ratio_hlm"), "vocab": PAPER_VOCAB,
                                 "curve": ratio(ph, pc, rates).tolist(), "ratio_low_rate_limit": low,
-                                "ratio_high_rate_limit": high, "rate_reaching_target_bps": rate_reaching(ph, pc, target)}
+                                "ratio_high_rate_limit": high,
+                                "rate_reaching_target_bps": rate_reaching(ph, pc, target)}
     return _finite(doc)
 
 
@@ -336,7 +338,8 @@ def _rate_text(r: float | None) -> str:
 def summary_lines(doc: dict) -> list[str]:
     """Plain-text findings (CLI and report)."""
     t = doc["target"]
-    lines = [f"study uplink rate {_rate_text(doc['study_rate_bps'])} (W log2(1 + SNR)); |V| of the run {doc['run_vocab']:,}"]
+    lines = [f"study uplink rate {_rate_text(doc['study_rate_bps'])} (W log2(1 + SNR)); "
+             f"|V| of the run {doc['run_vocab']:,}"]
     for h in headline(doc):
         for tag, r in (("cu-hlm (risk-averse)", h["point"]), ("best skipping point", h["best"])):
             if r is None:
@@ -348,7 +351,8 @@ def summary_lines(doc: dict) -> list[str]:
                          f"{100 * (r['vocab_compression'] or 0):.1f}%")
     p = doc.get("paper_numbers")
     if p:
-        lines.append(f"paper's own skip {100 * p['skip_rate']:.1f}% and compression {100 * p['vocab_compression']:.1f}% "
+        lines.append(f"paper's own skip {100 * p['skip_rate']:.1f}% and compression "
+                     f"{100 * p['vocab_compression']:.1f}% "
                      f"(|V| = {p['vocab']:,}) on this delay model: at most {p['ratio_low_rate_limit']:.3g}x "
                      f"(= 1 / ((1 - skip)(1 - compression)), as R -> 0); "
                      f"{'reaches' if p['rate_reaching_target_bps'] is not None else 'never reaches'} "
@@ -440,7 +444,8 @@ def html_section(doc: dict, figure: Path | None = None) -> list[str]:
             ["point", "skip", "compression", "uplink / token", "ratio at study rate", "ratio R -> 0",
              "ratio R -> inf", f"reaches {doc['target']:g}x below"],
             [[r["point"], format_value(r["skip_rate"], "pct", missing="n/a"),
-              format_value(r["vocab_compression"], "pct", missing="n/a"), format_value(r["bits_per_token"] / 8, "bytes"),
+              format_value(r["vocab_compression"], "pct", missing="n/a"),
+              format_value(r["bits_per_token"] / 8, "bytes"),
               f"{r['ratio_at_study_rate']:.3g}x", _x(r["ratio_low_rate_limit"]), _x(r["ratio_high_rate_limit"]),
               _rate_text(r["rate_reaching_target_bps"])] for r in rows]))
     if figure is not None:

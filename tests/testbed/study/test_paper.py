@@ -54,7 +54,8 @@ def test_paper_smoke_end_to_end(paper, figures_ok):
     # progress: one line per point, done/total and elapsed
     total = len(result.rows) + 1
     assert len(paper["lines"]) == total + 1  # + the header
-    assert all(re.match(rf"\[\s*\d+/{total}\] \S+: ran in [\d.]+ s \(elapsed [\d.]+ s\)$", l) for l in paper["lines"][1:])
+    line = rf"\[\s*\d+/{total}\] \S+: ran in [\d.]+ s \(elapsed [\d.]+ s\)$"
+    assert all(re.match(line, text) for text in paper["lines"][1:])
     # the runs are what the table says: the risk-prone point uses the fitted (a, b)
     fit = result.fit
     by = {r["point"]: r for r in result.rows}

@@ -32,7 +32,8 @@ def test_delay_model_reproduces_the_measured_throughputs(study):
         for d, v in measured.items():
             assert model[int(d)] == pytest.approx(v, rel=1e-9), (name, d)
         a = cs.affine(p.tokens, p.model, cs.Encoding("ours"), p.summary["vocab_size"])
-        assert float(a.throughput(rate)) == pytest.approx(paper_throughput(p.summary, study / "points" / name / "tokens.parquet"), rel=1e-9), name
+        measured = paper_throughput(p.summary, study / "points" / name / "tokens.parquet")
+        assert float(a.throughput(rate)) == pytest.approx(measured, rel=1e-9), name
     # and the study's own rate is the paper-uplink's W log2(1 + SNR) (10 MHz, 10 dB)
     assert pts["hlm"].model.uplink_rate_bps == pytest.approx(10e6 * math.log2(11))
 
