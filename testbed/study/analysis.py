@@ -180,7 +180,6 @@ def equal_fidelity(rows: list[dict]) -> list[dict]:
     return out
 
 
-
 def fleet_row(point: Point, s: dict) -> dict:
     lat = s.get("token_latency_s") or {}
     return {"point": point.name, "label": point.label, "policy": point.policy, **point.meta,
@@ -189,4 +188,3 @@ def fleet_row(point: Point, s: dict) -> dict:
             "skip_rate": s.get("skip_rate"), "vocab_compression": s.get("vocab_compression"),
             "uplink_bytes_per_token": s.get("uplink_bytes_per_token"), "latency_p95_s": lat.get("p95"),
             "fidelity_tv": s.get("fidelity_tv_mean"), "devices": s.get("devices"), "tokens": s.get("tokens")}
-

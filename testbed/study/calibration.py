@@ -44,7 +44,6 @@ def reliability(u: np.ndarray, beta: np.ndarray, a: float | None, b: float | Non
     return out
 
 
-
 def fit_entry(f, n_tokens: int) -> dict:
     """One estimator's entry of the study's calibration.json: a RejectionFit, or the error that says why
     there is none (testbed.calibrate.fit_estimators)."""

@@ -64,4 +64,3 @@ def run_fleet(size: str | Size = "smoke", out: str | Path = "runs/reproduce-flee
     rows = [fleet_row(p, study.summaries[p.name]) for p in points]
     report = write_fleet_report(study, size, rows)
     return StudyResult(out, report, rows, study.fit, study.statuses)
-

@@ -89,7 +89,6 @@ def _rand_rate(st: Study) -> float:
     return round(float(st.summaries["u-hlm"].get("skip_rate") or 0.0), 4)
 
 
-
 def run_paper(size: str | Size = "smoke", out: str | Path = "runs/reproduce-paper", *, engine: str = "local",
               sets: dict[str, Any] | None = None, a: float | None = None, b: float | None = None,
               log: Callable[[str], None] | None = None) -> StudyResult:
@@ -133,4 +132,3 @@ def paper_rows(points: list[Point], study: Study) -> list[dict]:
     tables = {p.name: _tokens_table(study.point_dir(p.name) / "tokens.parquet") for p in points}
     hlm = paper_throughput(study.summaries["hlm"], tables["hlm"])
     return [paper_row(p, study.summaries[p.name], hlm, tables[p.name]) for p in points]
-

@@ -133,7 +133,6 @@ class Study:
         return self.summaries[point.name]
 
 
-
 @dataclass
 class StudyResult:
     """What `testbed reproduce` prints: the report, the table rows, the fit and how each point went."""
@@ -143,4 +142,3 @@ class StudyResult:
     rows: list[dict]
     fit: Fit
     statuses: dict[str, str]
-

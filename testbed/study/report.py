@@ -22,6 +22,7 @@ from testbed.study.points import Study
 from testbed.study.scenarios import fleet_base
 from testbed.study.sizes import ESTIMATOR, PAPER, QWEN_CALIBRATE_FIT, RISK_PRONE_BETA_TOL, Size
 
+
 def fmt(v: Any, kind: str = "2", se: Any = None) -> str:
     """testbed.report.format_value, "n/a" where missing, with "± se" (one standard error) when given."""
     text = format_value(v, kind, missing="n/a")

@@ -196,5 +196,3 @@ def test_cli_resumes_and_estimates(paper, tmp_path):
     assert json.loads(r.stdout)["devices"] == 32
     r = CliRunner().invoke(app, ["reproduce", "paper", "--size", "huge"])
     assert r.exit_code != 0
-
-
