@@ -19,7 +19,7 @@ set (the usual way to say "share this machine"): on cores other processes keep b
 over 2 threads ran 5-13x *slower* than on 1 (measured, 2-core Xeon AVX512+BF16 at load 6-11), since
 every parallel region waits for its slowest thread's time slice. Forwards in fp32 (MKL's sgemm) round
 differently at different thread counts; bf16 (oneDNN) did not in our measurements. So a scenario
-resolves its count once and every engine computes its content at that count (testbed.runner).
+resolves its count once and every engine computes its content at that count (testbed.run).
 """
 from __future__ import annotations
 

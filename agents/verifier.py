@@ -249,7 +249,7 @@ class VerifierCore:
         return min((s.bound for s in self.sessions.values() if not s.queued and not s.closed), default=math.inf)
 
     def waiting_on(self) -> dict:
-        """Whom the verifier waits for (a stalled run names them, testbed.runner): `idle`, every open
+        """Whom the verifier waits for (a stalled run names them, testbed.run.failures): `idle`, every open
         session with no queued upload, as device -> the lower bound on its next arrival (emulated s;
         inf: at most a final flush may still come, which holds nothing back); `timed`, whether those
         bounds are emulated times (not in the content pass); `queued`, the devices whose upload waits

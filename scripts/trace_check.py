@@ -26,12 +26,16 @@ def _runs():
     from testbed.scenario import load_scenario, override
 
     def kill_opts():
-        # The chaos hook moved out of RunOptions in the pipeline refactor; support both.
+        # Fault injection lives with the tests (tests/testbed/chaos.py); before the pipeline refactor
+        # it was RunOptions.chaos_kill.
         try:
-            from testbed.run.chaos import Chaos  # type: ignore[import-not-found]
+            from testbed.run import RunOptions  # noqa: F401
         except ImportError:
             return {"chaos_kill": KILLS}
-        return {"chaos": Chaos(kill=KILLS)}
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "testbed"))
+        from chaos import Chaos, chaos_driver
+
+        return {"driver": chaos_driver(Chaos(kill=KILLS))}
 
     return {
         "smoke": (lambda: load_scenario("smoke"), {}),
@@ -49,9 +53,9 @@ def fingerprint(df: pd.DataFrame) -> dict[str, str]:
 
 def capture(out: Path, only: list[str] | None) -> None:
     try:
-        from testbed.run import RunOptions, run_scenario  # type: ignore[attr-defined]
+        from testbed.run import RunOptions, run_scenario
     except ImportError:
-        from testbed.runner import RunOptions, run_scenario
+        from testbed.run import RunOptions, run_scenario
     runs, kill_opts = _runs()
     out.mkdir(parents=True, exist_ok=True)
     for name, (make, opts) in runs.items():

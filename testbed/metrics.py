@@ -462,7 +462,7 @@ class Collector:
                 self._prom[PROTOCOL_ERRORS.name].labels(self.scenario, e.reason).inc(e.count)
 
     def actor_restart(self, actor: str) -> None:
-        """One actor restart (testbed.runner: a dead verifier or device group brought back)."""
+        """One actor restart (testbed.run.plan: a dead verifier or device group brought back)."""
         with self._lock:
             self._prom[ACTOR_RESTARTS.name].labels(self.scenario, actor).inc()
 

@@ -11,7 +11,7 @@ the server host's form. `preflight` adds what needs the models, the prompts or t
 
 Model facts come from the model configs and tokenizers (agents.models.model_facts), never from
 weights, so `testbed validate` stays quick. `testbed validate` and `testbed run` both call it;
-`testbed.runner.plan` calls it first, so nothing is expanded per device before it passes.
+`testbed.run.plan` calls it first, so nothing is expanded per device before it passes.
 """
 from __future__ import annotations
 

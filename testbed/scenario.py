@@ -31,7 +31,7 @@ This module is the public API; the code lives in testbed.config, one module per 
 from __future__ import annotations
 
 from testbed.config.checks import host_problem
-from testbed.config.devices import DeviceSpec, device_groups, devices, policy_name, resolve_link
+from testbed.config.devices import TierDevice, device_groups, devices, policy_name, resolve_link
 from testbed.config.errors import Problem, ScenarioError, format_path
 from testbed.config.io import (
     bundled_dir, bundled_scenarios, dump_scenario, load_scenario, parse_scenario, read_yaml, scenario_path,
@@ -55,5 +55,5 @@ __all__ = [
     # overrides and sweeps
     "override", "sweep_points", "expand_sweep",
     # devices
-    "DeviceSpec", "devices", "device_groups", "policy_name", "resolve_link",
+    "TierDevice", "devices", "device_groups", "policy_name", "resolve_link",
 ]

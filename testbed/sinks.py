@@ -1,4 +1,4 @@
-"""Where a run's events go (testbed.runner forwards them): the metrics collector, the streaming
+"""Where a run's events go (testbed.run forwards them): the metrics collector, the streaming
 results writer and the live progress display."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Mapping
 from testbed import results
 
 if TYPE_CHECKING:
-    from testbed.runner import Plan, RunOptions
+    from testbed.run import Plan, RunOptions
 
 
 class Sinks:

@@ -37,12 +37,27 @@ def run(
     (exit 1; the traceback with --debug). Ctrl-C keeps the partial results too (exit 130)."""
     from rich.console import Console
 
-    from testbed import results
+    err = Console(stderr=True)
+    points, base = _checked_points(scenario, out, clock, dtype, threads, metrics_port, engine, address)
+    summaries = {}
+    for point in points:
+        out_dir = base if len(points) == 1 else base / point.name
+        opts = _options(point, out_dir, engine, address, metrics_port, linger, no_report, profile, no_accuracy)
+        summaries[point.name] = _run_point(point, opts, summaries, base, debug)
+        _show(err, summaries[point.name], f"{point.name}  ({out_dir})", profile)
+    if len(points) > 1:
+        _show_sweep(err, summaries, base, report=not no_report)
+    if json_out:
+        print(json.dumps(summaries[points[0].name] if len(points) == 1 else summaries, indent=2))
+
+
+def _checked_points(scenario: str, out: Path | None, clock, dtype, threads, metrics_port, engine: str, address):
+    """The scenario with the command line's overrides, as its sweep's points, every one through
+    preflight before anything runs (a bad last run must not leave half a sweep behind); and the
+    results folder. Exits 2 on a bad scenario."""
     from testbed.preflight import preflight
-    from testbed.runner import RunOptions, run_scenario
     from testbed.scenario import ScenarioError, expand_sweep, load_scenario, override
 
-    err = Console(stderr=True)
     try:
         s = load_scenario(scenario)
         changes = {}
@@ -57,7 +72,7 @@ def run(
         if changes:
             s = override(s, changes)
         points = expand_sweep(s)
-        for point in points:  # all of a sweep first: a bad last run must not leave half a sweep behind
+        for point in points:
             preflight(point, engine=engine, address=address or s.address,
                       source=scenario if len(points) == 1 else f"{scenario} (sweep run {point.name})")
     except ScenarioError as e:
@@ -66,44 +81,61 @@ def run(
     except KeyboardInterrupt:
         _say("interrupted before the run started; nothing was written")
         raise typer.Exit(130)
-    base = out or Path("runs") / f"{s.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    summaries = {}
-    for point in points:
-        out_dir = base if len(points) == 1 else base / point.name
-        opts = RunOptions(out_dir=out_dir, engine=engine, address=address or s.address,
-                          progress=True, report=not no_report,
-                          metrics_port=None if metrics_port == "off" else point.metrics.port,
-                          metrics_host=point.metrics.host, linger_s=linger,
-                          profile=profile, accuracy=not no_accuracy)
-        t0 = time.time()
-        try:
-            summaries[point.name] = run_scenario(point, opts)
-        except KeyboardInterrupt:
-            _say(f"interrupted: {point.name} stopped after {time.time() - t0:.0f} s. {_partial(out_dir, summaries, base)}")
-            raise typer.Exit(130)
-        except ScenarioError as e:  # the plan's own checks (preflight passed above: only if the machine changed)
-            _say(str(e))
-            raise typer.Exit(2)
-        except Exception as e:  # noqa: BLE001 - one paragraph instead of a traceback
-            if debug:
-                traceback.print_exc()
-            _say(f"testbed run failed: {point.name} ({engine} engine) stopped after {time.time() - t0:.0f} s: "
-                 f"{describe_error(e).rstrip('.')}. {_partial(out_dir, summaries, base)}"
-                 + ("" if debug else " Run again with --debug for the full traceback."))
-            raise typer.Exit(1)
-        err.print(results.summary_table(summaries[point.name], title=f"{point.name}  ({out_dir})"))
-        if profile:
-            from testbed.profile import profile_table
+    return points, out or Path("runs") / f"{s.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
-            err.print(profile_table(summaries[point.name]))
-    if len(points) > 1:
-        err.print(results.comparison_table(summaries))
-        if not no_report:  # the sweep's points side by side
-            from testbed.report import write_report
 
-            err.print(f"report: {write_report([base / name for name in summaries], base / 'report')}")
-    if json_out:
-        print(json.dumps(summaries[points[0].name] if len(points) == 1 else summaries, indent=2))
+def _options(point, out_dir: Path, engine: str, address, metrics_port, linger: float, no_report: bool,
+             profile: bool, no_accuracy: bool):
+    from testbed.run import RunOptions
+
+    return RunOptions(out_dir=out_dir, engine=engine, address=address or point.address, progress=True,
+                      report=not no_report, metrics_port=None if metrics_port == "off" else point.metrics.port,
+                      metrics_host=point.metrics.host, linger_s=linger, profile=profile, accuracy=not no_accuracy)
+
+
+def _run_point(point, opts, summaries: dict, base: Path, debug: bool) -> dict:
+    """One run's summary; on Ctrl-C or a failure one paragraph (what, where the partial results are)
+    and the exit code: 130 interrupted, 2 a bad scenario, 1 a failure."""
+    from testbed.run import run_scenario
+    from testbed.scenario import ScenarioError
+
+    t0 = time.time()
+    try:
+        return run_scenario(point, opts)
+    except KeyboardInterrupt:
+        _say(f"interrupted: {point.name} stopped after {time.time() - t0:.0f} s. {_partial(opts.out_dir, summaries, base)}")
+        raise typer.Exit(130)
+    except ScenarioError as e:  # the plan's own checks (preflight passed above: only if the machine changed)
+        _say(str(e))
+        raise typer.Exit(2)
+    except Exception as e:  # noqa: BLE001 - one paragraph instead of a traceback
+        if debug:
+            traceback.print_exc()
+        _say(f"testbed run failed: {point.name} ({opts.engine} engine) stopped after {time.time() - t0:.0f} s: "
+             f"{describe_error(e).rstrip('.')}. {_partial(opts.out_dir, summaries, base)}"
+             + ("" if debug else " Run again with --debug for the full traceback."))
+        raise typer.Exit(1)
+
+
+def _show(err, summary: dict, title: str, profile: bool) -> None:
+    from testbed import results
+
+    err.print(results.summary_table(summary, title=title))
+    if profile:
+        from testbed.profile import profile_table
+
+        err.print(profile_table(summary))
+
+
+def _show_sweep(err, summaries: dict, base: Path, report: bool) -> None:
+    """The sweep's points side by side: a table, and the report."""
+    from testbed import results
+
+    err.print(results.comparison_table(summaries))
+    if report:
+        from testbed.report import write_report
+
+        err.print(f"report: {write_report([base / name for name in summaries], base / 'report')}")
 
 
 def _say(text: str) -> None:

@@ -8,7 +8,7 @@ Dependencies run one way (each module imports only those above it):
     schema   the pydantic models (Scenario and its parts) and set_key, the override/sweep keys
     io       YAML in (with line index) and out, bundled scenarios, parse/load/dump
     sweeps   override, sweep_points, expand_sweep
-    devices  DeviceSpec, devices, device_groups, resolve_link, policy_name
+    devices  TierDevice, devices, device_groups, resolve_link, policy_name
 
 testbed.prompts uses schema (Prompts) and errors; nothing here imports testbed.prompts.
 """

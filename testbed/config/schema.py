@@ -249,10 +249,10 @@ class Actors(_Config):
     batch_slm: bool = True
     verifier_threads: int = Field(1, ge=1)
     # Actor restarts a run may make, over all actors (a dead group or verifier is rebuilt by
-    # deterministic replay, testbed.runner._run_ray); past it the run stops with its partial results.
+    # deterministic replay, testbed.run.ray_driver); past it the run stops with its partial results.
     max_restarts: int = Field(3, ge=0)
     # No new rows and no verifier batch for this long: the run ends, naming the sessions that hold
-    # it up (testbed.runner._run_ray). 0 = never.
+    # it up (testbed.run.ray_driver). 0 = never.
     stall_timeout_s: NonNegativeFloat = 120.0
     # Placement: where the verifier's LLM and the groups' SLMs compute (cpu, cuda, cuda:N), and the
     # Ray GPU resources each actor asks for (fractional for groups: several share one GPU).

@@ -80,12 +80,12 @@ def calibrate_point(s: Scenario, out_dir: Path, kstar_tokens: int, theta: float 
     from agents.lm import BatchedLM
     from agents.models import load_model
     from testbed.calibrate import fit_estimators, record_betas
-    from testbed.runner import plan
+    from testbed.run import plan
     from testbed.study.bootstrap import add_intervals
 
     p = plan(s)
     stride = max(1, math.ceil(len(p.specs) * p.run.max_new_tokens / max(1, kstar_tokens)))
-    torch.set_num_threads(p.threads)  # as the runs' content pass (testbed.runner._run_local)
+    torch.set_num_threads(p.threads)  # as the runs' content pass (testbed.run.local)
     slm = BatchedLM(load_model(p.slm, dtype=p.slm_dtype, device=s.actors.group_device))
     llm = BatchedLM(load_model(p.llm, dtype=p.llm_dtype, device=s.actors.verifier_device))
     rec = record_betas(p.specs, p.run, slm, llm, list(p.policy_specs), SAMPLE_COLUMNS, keep_every=stride)

@@ -107,7 +107,7 @@ class Study:
         return doc
 
     def run_point(self, point: Point) -> dict:
-        from testbed.runner import RunOptions, run_scenario
+        from testbed.run import RunOptions, run_scenario
 
         s = point.build(self)
         d = self.point_dir(point.name)

@@ -211,7 +211,7 @@ def _upload() -> wire.Upload:
 # --- the whole engine on the tiny models -------------------------------------------------------
 def _run(tmp_path, phone: str, laptop: str):
     from testbed import results
-    from testbed.runner import RunOptions, plan, run_scenario
+    from testbed.run import RunOptions, plan, run_scenario
     from testbed.scenario import load_scenario, override
 
     s = override(load_scenario("smoke"), {"generation.max_new_tokens": 8, "tiers.phone.policy": phone,

@@ -127,17 +127,18 @@ def test_scenario_refuses_cuda_without_a_gpu_and_records_the_placement():
 def test_ray_resources_follow_the_placement(monkeypatch):
     """The actors ask Ray for the GPU shares the scenario names (checked without a GPU by letting
     validation believe in one: what is tested is the request, not CUDA)."""
-    from testbed import runner
+    from testbed.run import plan
+    from testbed.run.ray_setup import actor_resources
     from testbed.scenario import load_scenario, override
 
     s = load_scenario("smoke")
-    assert runner.actor_resources(s) == {"verifier": {"num_cpus": 0, "num_gpus": 0.0, "max_concurrency": 4},
+    assert actor_resources(s) == {"verifier": {"num_cpus": 0, "num_gpus": 0.0, "max_concurrency": 4},
                                          "group": {"num_cpus": 0, "num_gpus": 0.0, "max_concurrency": 2}}
     monkeypatch.setattr(hardware, "check_device", lambda device: None)
     gpu = override(s, {"actors.verifier_device": "cuda:0", "actors.verifier_gpus": 1,
                        "actors.group_device": "cuda", "actors.group_gpus": 0.25})
-    res = runner.actor_resources(gpu)
+    res = actor_resources(gpu)
     assert res["verifier"]["num_gpus"] == 1 and res["group"]["num_gpus"] == 0.25
     with pytest.raises(Exception, match="ask Ray for a GPU share"):
         override(s, {"actors.group_device": "cuda"})
-    assert runner.plan(s).slm_dtype == "float32"  # tiny models under auto
+    assert plan(s).slm_dtype == "float32"  # tiny models under auto

@@ -193,7 +193,7 @@ def test_a_bad_open_is_refused_and_the_device_can_then_open_properly(serve, lm, 
         c.send(open_parts(7, **kw))
         c.error(code, match)
         assert_serving(v, errors=1)
-        assert v.error_codes[code] == 1 and 7 not in v.owners and 7 not in v.core.sessions
+        assert v.error_codes[code] == 1 and 7 not in v.admission.owners and 7 not in v.core.sessions
         assert run_session(c, lm, [7]) == want  # the refused OPEN left nothing behind
         assert_serving(v, errors=1)
     finally:
@@ -209,7 +209,7 @@ def test_infinite_lookahead_is_a_legitimate_open(serve, lm):
         c.send(open_parts(8, lookahead=math.inf))
         assert run_session(c, lm, [7]) == want
         assert_serving(v, errors=0)
-        assert v.owners == {8: b"dev", 7: b"dev"}
+        assert v.admission.owners == {8: b"dev", 7: b"dev"}
     finally:
         c.close()
 
@@ -224,7 +224,7 @@ def test_a_second_open_is_refused_whoever_sends_it(serve, lm):
         a.error(ErrorCode.REFUSED, "already open")
         b.send(open_parts(7, prompt=[9, 9]))
         b.error(ErrorCode.REFUSED, "already open")
-        assert v.owners[7] == b"A"
+        assert v.admission.owners[7] == b"A"
         assert run_session(a, lm, [7], opened=True) == want
         assert_serving(v, errors=2)
         assert b.silent()
@@ -306,10 +306,10 @@ def test_sessions_per_identity_and_in_total_are_bounded(serve, lm):
             a.send(open_parts(d))
         a.error(ErrorCode.LIMIT, "this client holds its limit of 2")
         b.send(open_parts(3))
-        wait_for(lambda: 3 in v.owners)  # B's and C's connections are not ordered with each other
+        wait_for(lambda: 3 in v.admission.owners)  # B's and C's connections are not ordered with each other
         c.send(open_parts(4))
         c.error(ErrorCode.LIMIT, "limit of 3 sessions")
-        assert (v.owners[1], v.owners[2], v.owners[3]) == (b"A", b"A", b"B") and 4 not in v.owners
+        assert (v.admission.owners[1], v.admission.owners[2], v.admission.owners[3]) == (b"A", b"A", b"B") and 4 not in v.admission.owners
         assert_serving(v, errors=2)
     finally:
         for x in (a, b, c):
@@ -322,7 +322,7 @@ def test_expected_sessions_caps_the_total(serve, lm):
     try:
         a.send(open_parts(1))
         a.send(open_parts(2))
-        wait_for(lambda: len(v.owners) == 2)
+        wait_for(lambda: len(v.admission.owners) == 2)
         h.send(open_parts(99))
         h.error(ErrorCode.LIMIT)
         assert_serving(v, errors=1)
@@ -341,8 +341,8 @@ def test_prompt_length_and_prefill_tokens_per_identity_are_bounded(serve, lm):
         a.send(open_parts(3, prompt=[5] * 6))
         a.error(ErrorCode.LIMIT, "would total 12 tokens")
         b.send(open_parts(3, prompt=[5] * 6))  # another client's budget is its own
-        wait_for(lambda: v.identity_prefill == {b"A": 6, b"B": 6})
-        assert v.owners == {2: b"A", 3: b"B"}
+        wait_for(lambda: v.admission.identity_prefill == {b"A": 6, b"B": 6})
+        assert v.admission.owners == {2: b"A", 3: b"B"}
         assert_serving(v, errors=2)
     finally:
         a.close()
@@ -432,7 +432,7 @@ def test_an_open_outside_the_run_cannot_hold_batches_back(serve, lm, limits):
     try:
         a.send(open_parts(7))
         a.send(open_parts(8))
-        wait_for(lambda: len(v.owners) == 2)
+        wait_for(lambda: len(v.admission.owners) == 2)
         h.send(open_parts(99, lookahead=0.0))  # would hold every batch back forever
         h.error(ErrorCode.REFUSED if "allowed_devices" in limits else ErrorCode.LIMIT)
         assert run_session(a, lm, [7, 8], opened=True) == want
@@ -452,7 +452,7 @@ def test_messages_of_too_many_parts_are_refused_unread(serve, lm):
         c.error(ErrorCode.BAD_FRAME, "message of 1000 parts")
         c.send(open_parts(7) + [b""])  # a valid OPEN with one part too many: not decoded, not opened
         c.error(ErrorCode.BAD_FRAME, "3 parts")
-        assert 7 not in v.owners
+        assert 7 not in v.admission.owners
         c.send(open_parts(7)[:1])
         c.error(ErrorCode.BAD_FRAME, "got 1 parts")
         assert_serving(v, errors=3)

@@ -4,7 +4,7 @@ Each check runs one target session through a prefill and a few decode/verify ste
 then inside batches of 2..32 random companions (other lengths, other new-token counts, sessions
 joining late); every logit must match bit for bit. The same check runs on the tiny models in fp32
 and bf16, in both matmul layouts, and on the real Qwen pair where it is prepared, at every torch
-thread count the engines use: 1, 2 and what actors.threads "auto" resolves to here (testbed.runner:
+thread count the engines use: 1, 2 and what actors.threads "auto" resolves to here (testbed.run.plan:
 the content pass computes at that count).
 """
 from __future__ import annotations

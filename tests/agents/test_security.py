@@ -81,14 +81,14 @@ def test_curve_refuses_clients_without_the_run_keys_and_serves_the_legitimate_on
         print(f"\ncurve_refused after the three hostile clients: {refused}")
         # Nothing reached the verifier: no session, no error reply, no count.
         assert_serving(v, errors=0)
-        assert not v.core.sessions and not v.owners
+        assert not v.core.sessions and not v.admission.owners
         assert good.handshakes() == {"HANDSHAKE_SUCCEEDED"}
         assert run_session(good, lm, [7]) == want
         for c in clients.values():  # still refused, still silent, after the run
             c.try_send(open_parts(8))
             assert c.silent(0.3)
         assert_serving(v, errors=0)
-        assert set(v.owners) == {7}
+        assert set(v.admission.owners) == {7}
     finally:
         for c in [*clients.values(), good]:
             c.close()

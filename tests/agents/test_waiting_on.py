@@ -1,5 +1,5 @@
 """VerifierCore.waiting_on: in the virtual clock, the sessions that hold the next batch back (what
-the runner's stall message names, testbed.runner._stall_message)."""
+the runner's stall message names, testbed.run.failures.stall_message)."""
 from __future__ import annotations
 
 import math

@@ -276,7 +276,7 @@ def test_device_feeds_every_verdict_to_observe(tmp_path):
     from agents.lm import BatchedLM
     from agents.models import load_model
     from testbed import results
-    from testbed.runner import plan
+    from testbed.run import plan
 
     class Spy(AdaptivePolicy):
         def __init__(self):
@@ -303,7 +303,7 @@ def test_device_feeds_every_verdict_to_observe(tmp_path):
 
 
 def test_smoke_run_skips_after_warm_up_near_the_budget(tmp_path):
-    from testbed.runner import RunOptions, run_scenario
+    from testbed.run import RunOptions, run_scenario
 
     risk = 0.03
     run_scenario(smoke(risk=risk), RunOptions(out_dir=tmp_path, engine="local", progress=False, report=False))
@@ -334,7 +334,7 @@ def test_traces_are_identical_in_every_engine_and_layout(ray_here, tmp_path):
     device) give the same trace, bit for bit."""
     import pandas as pd
 
-    from testbed.runner import RunOptions, run_scenario
+    from testbed.run import RunOptions, run_scenario
     from testbed.scenario import override
 
     cols = ["device", "token_index", "token_id", "draft_id", "uncertainty", "transmitted", "k", "payload_bytes",

@@ -158,7 +158,7 @@ def test_relative_and_agreement_statistics() -> None:
 
 
 def _run(out: Path, **changes) -> Path:
-    from testbed.runner import RunOptions, run_scenario
+    from testbed.run import RunOptions, run_scenario
     from testbed.scenario import load_scenario, override
 
     s = load_scenario("smoke")

@@ -49,7 +49,7 @@ def _content(lms, tokens: int):
 
 
 def _replay_peak(specs, params, content, tmp_path, history: bool, max_pending: int = MAX_PENDING) -> tuple[int, ResultsWriter]:
-    """Peak Python memory of the driver's share: the replay feeding a results writer (as testbed.runner)."""
+    """Peak Python memory of the driver's share: the replay feeding a results writer (as testbed.run.ray_driver)."""
     writer = ResultsWriter(tmp_path, flush_rows=64, max_pending=max_pending)
     policies = _policies()
     tracemalloc.start()

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from testbed.metrics import Collector
 from testbed.results import read_tokens
-from testbed.runner import RunOptions, run_scenario
+from testbed.run import RunOptions, run_scenario
 from testbed.scenario import load_scenario, override
 
 LOSSY = {"uplink": {"rate_mbps": 5.0, "delay_ms": 10.0, "loss": 0.2},

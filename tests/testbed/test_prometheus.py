@@ -68,7 +68,7 @@ class LiveSource:
 def stat_source(ray_session, tmp_path_factory) -> LiveSource:
     """A real short wall-clock run of the smoke scenario (Ray actors, ZeroMQ verifier, tiny
     models) streaming into the collector; time_scale 0.4 stretches it over several scrapes."""
-    from testbed.runner import RunOptions, plan, run_scenario
+    from testbed.run import RunOptions, plan, run_scenario
     from testbed.scenario import load_scenario, override
 
     s = override(load_scenario("smoke"), {"clock": "wall", "time_scale": 0.4, "generation.max_new_tokens": 16})

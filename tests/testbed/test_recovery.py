@@ -1,7 +1,7 @@
 """Chaos: actors killed with SIGKILL mid-run are restarted by deterministic replay, and the
 virtual clock's trace (tokens.parquet, every column) is the fault-free run's (docs/design.md section 9).
 
-The kills are real (`kill -9` of the actor's worker process, RunOptions.chaos_kill) and fire at a
+The kills are real (`kill -9` of the actor's worker process, chaos.Chaos.kill) and fire at a
 given number of committed tokens: a group's own, counted by the group; the run's, drained by the driver. Tiny random models; seconds each.
 """
 from __future__ import annotations
@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from testbed.runner import RunFailed, RunOptions, run_scenario
+from chaos import Chaos, chaos_driver
+from testbed.run import RunFailed, RunOptions, run_scenario
 from testbed.scenario import load_scenario, override
 
 TOKENS = 24  # per device; 8 devices in 2 groups of 4 (smoke): 192 tokens
@@ -23,9 +24,10 @@ def scenario(**changes):
     return override(load_scenario("smoke"), {"generation.max_new_tokens": TOKENS, **changes})
 
 
-def run(tmp_path: Path, name: str, s=None, **opts) -> tuple[pd.DataFrame, dict]:
+def run(tmp_path: Path, name: str, s=None, chaos: Chaos | None = None, **opts) -> tuple[pd.DataFrame, dict]:
     out = tmp_path / name
-    summary = run_scenario(s or scenario(), RunOptions(out_dir=out, progress=False, report=False, accuracy=False, **opts))
+    summary = run_scenario(s or scenario(), RunOptions(out_dir=out, progress=False, report=False, accuracy=False,
+                                                       driver=chaos_driver(chaos) if chaos else None, **opts))
     return pd.read_parquet(out / "tokens.parquet"), summary
 
 
@@ -49,8 +51,8 @@ def test_killed_group_is_replayed_to_the_same_trace(fault_free, tmp_path):
     # And actors dying during that recovery: the group's new incarnation as soon as it is made, then
     # the verifier right before the handover to the next one. Each is restarted in turn (3 restarts,
     # the default actors.max_restarts), the group's devices handed over to the rebuilt verifier.
-    df, summary = run(tmp_path, "group", chaos_kill=(("group:1", 40),),  # of its 96
-                      chaos_kill_in_recovery=("group:1", "verifier"))
+    df, summary = run(tmp_path, "group", chaos=Chaos(kill=(("group:1", 40),),  # of its 96
+                                                        in_recovery=("group:1", "verifier")))
     r = summary["restarts"]
     assert (r["groups"], r["verifier"], r["total"]) == ({"1": 2}, 1, 3)
     assert [e["actor"] for e in r["events"]] == ["device group 1", "device group 1", "verifier"]
@@ -61,7 +63,7 @@ def test_killed_group_is_replayed_to_the_same_trace(fault_free, tmp_path):
 def test_killed_verifier_is_rebuilt_to_the_same_trace(fault_free, tmp_path):
     # Twice: mid-run, and after every group has finished, before its content log is read (the
     # rebuilt verifier's log, restored from the groups' final sessions, is the replay's input).
-    df, summary = run(tmp_path, "verifier", chaos_kill=(("verifier", 60), ("verifier", 8 * TOKENS)))
+    df, summary = run(tmp_path, "verifier", chaos=Chaos(kill=(("verifier", 60), ("verifier", 8 * TOKENS))))
     assert summary["restarts"]["verifier"] == 2 and summary["restarts"]["total"] == 2
     assert [e["tokens_committed"] for e in summary["restarts"]["events"]][1] == 8 * TOKENS
     assert_identical(df, fault_free[0])
@@ -73,7 +75,7 @@ def test_every_actor_restarted_once_in_one_run(fault_free, tmp_path):
     # a loaded machine once let group 1 finish before it was seen at 24). The verifier's threshold
     # counts the run's drained tokens (192); it is needed to the end, so it is always restarted.
     kills = (("group:0", 24), ("group:1", 24), ("verifier", 140))
-    df, summary = run(tmp_path, "all", chaos_kill=kills)
+    df, summary = run(tmp_path, "all", chaos=Chaos(kill=kills))
     r = summary["restarts"]
     assert (r["verifier"], r["groups"], r["total"]) == (1, {"0": 1, "1": 1}, 3)
     assert_identical(df, fault_free[0])
@@ -87,7 +89,7 @@ def test_past_max_restarts_the_run_fails_with_one_paragraph(ray_session, tmp_pat
     out = tmp_path / "bounded"
     with pytest.raises(RunFailed) as err:
         run_scenario(s, RunOptions(out_dir=out, progress=False, report=False, accuracy=False,
-                                   chaos_kill=(("group:0", 20),), chaos_kill_in_recovery=("group:0",)))
+                                   driver=chaos_driver(Chaos(kill=(("group:0", 20),), in_recovery=("group:0",)))))
     text = str(err.value)
     assert "\n" not in text and "device group 0" in text and "devices 0-3" in text
     assert "actors.max_restarts" in text and "died: ActorDiedError" in text
@@ -128,7 +130,7 @@ def test_restored_verifier_continues_bit_for_bit(stops):
     from agents.models import load_model
     from agents.verifier import VerifierCore
     from policies import load_policy
-    from testbed.runner import plan
+    from testbed.run import plan
 
     p = plan(scenario(**({"generation.stop_at_eos": True} if stops else {})))
     policies = lambda: {name: load_policy(spec) for name, spec in p.policy_specs.items()}  # noqa: E731
@@ -166,7 +168,7 @@ def test_only_the_driver_can_hand_a_session_over(ray_session):
 
     from agents import protocol, wire
     from agents.actors import ClockParams, Verifier
-    from testbed.runner import plan
+    from testbed.run import plan
 
     p = plan(scenario())
     verifier = ray.remote(num_cpus=0, max_concurrency=4)(Verifier).remote(
@@ -213,7 +215,7 @@ def test_wall_clock_recovers_every_token_once(ray_session, tmp_path):
     """Wall clock: the same recovery works (real timing differs, so the trace is not compared to a
     fault-free one): the run completes with every token exactly once."""
     s = scenario(**{"clock": "wall", "time_scale": 0.5})
-    df, summary = run(tmp_path, "wall", s, chaos_kill=(("group:0", 20), ("verifier", 100)))
+    df, summary = run(tmp_path, "wall", s, chaos=Chaos(kill=(("group:0", 20), ("verifier", 100))))
     assert (summary["restarts"]["groups"], summary["restarts"]["verifier"]) == ({"0": 1}, 1)
     assert len(df) == 8 * TOKENS and not df.duplicated(["device", "token_index"]).any()
     for _, d in df.groupby("device"):
@@ -227,6 +229,6 @@ def test_a_run_that_stops_recovers_to_the_same_trace(ray_session, tmp_path):
     want, ref = run(tmp_path, "ref", s)
     assert ref["stops"]["reasons"]["eos"] > 0 and ref["complete"] and ref["tokens"] < 8 * TOKENS
     kills = (("group:0", 20), ("group:1", 20), ("verifier", ref["tokens"] // 2))
-    df, summary = run(tmp_path, "all", s, chaos_kill=kills)
+    df, summary = run(tmp_path, "all", s, chaos=Chaos(kill=kills))
     assert summary["restarts"]["total"] == 3 and summary["stops"] == ref["stops"]
     assert_identical(df, want)

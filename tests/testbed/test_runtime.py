@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from chaos import Chaos, chaos_driver
 from testbed import results
-from testbed.runner import RunOptions, run_scenario
+from testbed.run import RunOptions, run_scenario
 from testbed.scenario import load_scenario, override
 
 TRACE = ["device", "token_index", "token_id", "draft_id", "uncertainty", "transmitted", "k", "payload_bytes",
@@ -72,7 +73,8 @@ def test_layout_does_not_change_the_trace(ray_session, tmp_path):
 
 
 def test_real_timing_noise_does_not_change_the_trace(ray_session, local_trace, tmp_path):
-    noisy = run(small(**{"actors.devices_per_group": 3}), tmp_path, "noisy", engine="ray", chaos_delay_s=0.02)
+    noisy = run(small(**{"actors.devices_per_group": 3}), tmp_path, "noisy", engine="ray",
+                driver=chaos_driver(Chaos(delay_s=0.02)))
     assert_same_trace(noisy, local_trace)
 
 
@@ -82,7 +84,7 @@ def test_malformed_frames_get_error_replies_and_the_run_continues(ray_session, t
 
     from agents import codec, protocol, wire
     from agents.actors import ClockParams, Verifier
-    from testbed.runner import plan
+    from testbed.run import plan
 
     p = plan(small())
     verifier = ray.remote(num_cpus=0, max_concurrency=4)(Verifier).remote(
@@ -144,7 +146,7 @@ def test_two_node_cluster_run_completes(tmp_path):
         import ray, json
         from pathlib import Path
         from ray.cluster_utils import Cluster
-        from testbed.runner import RunOptions, run_scenario
+        from testbed.run import RunOptions, run_scenario
         from testbed.scenario import load_scenario, override
         cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 2, "include_dashboard": False}})
         cluster.add_node(num_cpus=2)
@@ -255,7 +257,7 @@ def test_every_preset_runs_end_to_end(policy, tmp_path):
 def test_prefix_tokens_served_are_summed_over_every_group():
     # The compute limit (testbed.profile) leaves the prompt tokens the prefix caches served out of the
     # prefill bound; on Ray each group has its own cache, so the run's count is every group's.
-    from testbed.runner import _every_group_served
+    from testbed.run.ray_driver import _every_group_served
 
     def lm(served, layout="packed"):
         return {"forward": layout, "prefix_cache": None if served is None else {"max_mib": 512.0, "tokens_served": served}}
@@ -271,7 +273,7 @@ def test_prefix_tokens_served_are_summed_over_every_group():
 
 def test_progress_names_the_pass_of_a_virtual_clock_run(tmp_path, capsys):
     # Both passes count every token, so the count starts again at the replay: the line says which.
-    from testbed.runner import plan
+    from testbed.run import plan
     from testbed.sinks import Sinks
 
     p = plan(small())

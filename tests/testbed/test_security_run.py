@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from testbed.runner import RunFailed, RunOptions, run_scenario
+from chaos import Chaos, chaos_driver
+from testbed.run import RunFailed, RunOptions, run_scenario
 from testbed.scenario import load_scenario, override
 from test_runtime import assert_same_trace, run, small
 
@@ -33,7 +34,8 @@ def test_a_stalled_run_ends_with_a_message_naming_the_sessions_holding_it_up(ray
     s = small(**{"actors.devices_per_group": 2, "actors.stall_timeout_s": 3})
     out = tmp_path / "stalled"
     with pytest.raises(RunFailed) as err:
-        run_scenario(s, RunOptions(out_dir=out, engine="ray", progress=False, report=False, chaos_stall_group=1))
+        run_scenario(s, RunOptions(out_dir=out, engine="ray", progress=False, report=False,
+                                   driver=chaos_driver(Chaos(stall_group=1))))
     text = str(err.value)
     assert "stalled" in text and "actors.stall_timeout_s" in text and "\n" not in text
     assert "Groups still running: 1 (devices 2-3)" in text
@@ -51,7 +53,7 @@ def test_restarted_actors_keep_their_curve_keys(ray_session, tmp_path):
 
     want, _ = run_chaos(tmp_path, "plain", scenario(**{"server.curve": "off"}))
     got, summary = run_chaos(tmp_path, "curve", scenario(**{"server.curve": "on"}),
-                             chaos_kill=(("group:1", 30), ("verifier", 80)))
+                             chaos=Chaos(kill=(("group:1", 30), ("verifier", 80))))
     assert summary["curve"] is True and summary["restarts"]["total"] == 2
     assert_identical(got, want)
 

@@ -16,7 +16,7 @@ from testbed.study.sizes import SIZES
 def test_paper_devices_do_not_distort_each_other(tmp_path):
     """The isolated setting: a device's trace is the one it has alone, and the summary's per-device
     throughput is 1 / mean per-token delay = SLM + uplink + LLM + downlink per transmitted token."""
-    from testbed.runner import RunOptions, run_scenario
+    from testbed.run import RunOptions, run_scenario
 
     fit = Fit(0.815, -0.066, "paper", 16)
     spec = scenarios.policy_spec("cu-hlm", fit, threshold="fixed", u_th=0.5)
