@@ -1,4 +1,4 @@
-"""`testbed reproduce paper|fleet`: the CU-HLM / U-HLM experiments end to end (testbed/reproduce.py)."""
+"""`testbed reproduce paper|fleet|sweep`: the CU-HLM / U-HLM experiments end to end (testbed/study/)."""
 from __future__ import annotations
 
 import json
@@ -31,42 +31,48 @@ def _with_samples(size, samples: int | None):
     return size if samples is None else dataclasses.replace(size, samples=samples)
 
 
+def _print_estimate(est: dict, json_out: bool, err) -> None:
+    """The estimate as JSON on stdout, or in words on stderr (one line per CPU class)."""
+    if json_out:
+        print(json.dumps(est, indent=2))
+        return
+    st = est["token_steps"]
+    err.print(f"reproduce {est['kind']} --size {est['size']}: {est['runs']} runs, {est['devices']} devices "
+              f"({est['samples']} per problem), up to {est['max_new_tokens']} tokens each ending at eos / "
+              f"stop sequences: {st[0]:.0f}-{st[1]:.0f} token-steps (expected-pessimistic completion "
+              f"lengths; {est['token_steps_without_stops']:.0f} if generation never stopped), "
+              f"{est['prefill_tiles']} prefill tiles ({est['prompt_tokens']} prompt tokens, "
+              f"{est['prompt_tokens_from']}). On a 2-core CPU:")
+    for c, v in est["cpu_classes"].items():
+        here = "  <- this machine" if c == est["this_cpu"] else ""
+        err.print(f"  {v['cpu']}: {v['minutes'][0]:.0f}-{v['minutes'][1]:.0f} min at {v['token_step_s']:g} s "
+                  f"per token-step ({v['minutes_without_stops']:.0f} min without stops){here}")
+
+
 def _run(kind: str, size: str, out: Path | None, engine: str, sets: list[str] | None, a: float | None,
          b: float | None, estimate_only: bool, json_out: bool, calibration_tokens: int | None = None,
          samples: int | None = None) -> None:
     from rich.console import Console
 
-    from testbed import reproduce
     from testbed.scenario import ScenarioError
+    from testbed.study import fleet, paper
+    from testbed.study.estimate import estimate
+    from testbed.study.sizes import SIZES
 
     err = Console(stderr=True)
-    if size not in reproduce.SIZES:
-        raise typer.BadParameter(f"expected one of {', '.join(reproduce.SIZES)}, got {size!r}", param_hint="--size")
+    if size not in SIZES:
+        raise typer.BadParameter(f"expected one of {', '.join(SIZES)}, got {size!r}", param_hint="--size")
     if samples is not None and samples < 1:
         raise typer.BadParameter(f"expected >= 1, got {samples}", param_hint="--samples")
     if (a is None) != (b is None):
         raise typer.BadParameter("give both --a and --b (or neither: fit them in the calibration point)")
     if estimate_only:
-        est = reproduce.estimate(kind, _with_samples(reproduce.SIZES[size], samples))
-        if json_out:
-            print(json.dumps(est, indent=2))
-        else:
-            st = est["token_steps"]
-            err.print(f"reproduce {kind} --size {size}: {est['runs']} runs, {est['devices']} devices "
-                      f"({est['samples']} per problem), up to {est['max_new_tokens']} tokens each ending at eos / "
-                      f"stop sequences: {st[0]:.0f}-{st[1]:.0f} token-steps (expected-pessimistic completion "
-                      f"lengths; {est['token_steps_without_stops']:.0f} if generation never stopped), "
-                      f"{est['prefill_tiles']} prefill tiles ({est['prompt_tokens']} prompt tokens, "
-                      f"{est['prompt_tokens_from']}). On a 2-core CPU:")
-            for c, v in est["cpu_classes"].items():
-                here = "  <- this machine" if c == est["this_cpu"] else ""
-                err.print(f"  {v['cpu']}: {v['minutes'][0]:.0f}-{v['minutes'][1]:.0f} min at {v['token_step_s']:g} s "
-                          f"per token-step ({v['minutes_without_stops']:.0f} min without stops){here}")
+        _print_estimate(estimate(kind, _with_samples(SIZES[size], samples)), json_out, err)
         return
     out = out or Path("runs") / f"reproduce-{kind}-{size}"
-    fn = reproduce.run_paper if kind == "paper" else reproduce.run_fleet
-    sized = reproduce.SIZES[size]
-    if calibration_tokens is not None:  # more calibration tokens: a narrower interval for the fit (calibration_ci)
+    fn = paper.run_paper if kind == "paper" else fleet.run_fleet
+    sized = SIZES[size]
+    if calibration_tokens is not None:  # more calibration tokens: a narrower interval (testbed.study.bootstrap)
         import dataclasses
 
         sized = dataclasses.replace(sized, calibration_tokens=calibration_tokens)
@@ -113,8 +119,8 @@ def sweep(out: Path = typer.Argument(..., help="A `reproduce paper` study folder
     OUT/report/channel_sweep.png and channel_sweep.json."""
     from rich.console import Console
 
-    from testbed import channel_sweep
-    from testbed.reproduce import PAPER
+    from testbed.study import sweep as channel_sweep
+    from testbed.study.sizes import PAPER
 
     err = Console(stderr=True)
     try:

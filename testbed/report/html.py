@@ -1,7 +1,7 @@
 """The report's page: one self-contained HTML file (report.html) with the figures' table, the
 per-tier table and the plots embedded as base64 PNGs; and the helpers the other reports share
-(format_value, html_figure, html_table, html_page: testbed.reproduce_report, channel_sweep,
-calibration_ci).
+(format_value, html_figure, html_table, html_page: testbed.study.report, testbed.study.sweep,
+testbed.study.bootstrap).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from testbed.results import format_bytes
 
 
 def format_value(v: Any, kind: str = "2", missing: str = "-") -> str:
-    """One figure as the reports print it (this report and testbed.reproduce_report's): kind pct, bytes,
+    """One figure as the reports print it (this report and testbed.study.report's): kind pct, bytes,
     ms, s, int, x (a ratio), 3 or 2 (decimals), e (scientific); `missing` for None or not finite."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return missing

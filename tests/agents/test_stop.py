@@ -106,7 +106,7 @@ MAX_NEW = 24
 
 @pytest.fixture(scope="module")
 def fleet():
-    """Isolated devices (the paper setting, as testbed.reproduce isolate_devices: every request is
+    """Isolated devices (the paper setting, as testbed.study.scenarios isolate_devices: every request is
     served on arrival by a zero-time server), so a device's timing depends on it alone."""
     link = DuplexProfile.from_dict({"uplink": {"rate_mbps": 2.0, "delay_ms": 20.0, "jitter_ms": 3.0, "loss": 0.1},
                                     "downlink": {"rate_mbps": 20.0, "delay_ms": 10.0}})

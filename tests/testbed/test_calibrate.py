@@ -28,8 +28,8 @@ def test_calibrate_tiny_pair(tmp_path):
         assert np.isclose(fit["pearson_r"], np.corrcoef(samples[f"u_{name}"], samples["beta"])[0, 1])
         if fit["a"] > 0:
             assert np.isclose(fit["u_th_risk_averse"], -fit["b"] / fit["a"])
-        if fit["a"] is not None:  # the bootstrap over prompts (testbed.calibration_ci), seeded
-            from testbed.calibration_ci import bootstrap_fit
+        if fit["a"] is not None:  # the bootstrap over prompts (testbed.study.bootstrap), seeded
+            from testbed.study.bootstrap import bootstrap_fit
 
             ci = bootstrap_fit(samples[f"u_{name}"], samples["beta"], samples["device"])
             assert fit["ci"]["groups"] == 3 and fit["ci"]["a"] == list(ci.a) and fit["ci"]["b"] == list(ci.b)

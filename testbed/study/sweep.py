@@ -1,8 +1,9 @@
-"""The channel sweep: where the CU-HLM paper's "up to 206x HLM's throughput" lies (issue 15, item 6).
+"""The channel sweep: where the CU-HLM paper's "up to 206x HLM's throughput" lies (issue 15, item 6;
+docs/design.md section 7, channel sweep).
 
 No model is re-run. Token content never depends on timing, so a point's tokens.parquet (per token:
 transmitted or skipped, the bytes it put on each link, k) plus the paper study's per-token delay
-model gives its throughput at any uplink rate R (testbed.reproduce module docstring, isolate_devices):
+model gives its throughput at any uplink rate R (testbed.study.scenarios, isolate_devices):
 
     skipped token:      slm
     transmitted token:  slm + up_bits / R + d_up + down_bits / R_down + d_down + llm
@@ -10,7 +11,7 @@ model gives its throughput at any uplink rate R (testbed.reproduce module docstr
 (slm = 0 for llm-only, which drafts nothing; llm is the LLM's batch-1 verification, which the
 study charges on the downlink delay, so d_down below already holds it.) A device's tokens are
 sequential, so the study's throughput of a point is every device's tokens over the sum of their
-delays (testbed.reproduce.paper_throughput: devices stop at different lengths, so this is not the mean
+delays (testbed.study.analysis.paper_throughput: devices stop at different lengths, so this is not the mean
 of the devices' throughputs). Summed over all N tokens, the delays are F N + W N / R (F seconds per
 token that do not depend on R, W uplink bits per token), so
 
@@ -85,7 +86,7 @@ class DelayModel:
         v = s.server.verify_ms
         if v.base or v.per_token or v.per_sequence or s.server.max_wait_ms:
             raise SweepError(f"{where}: the verifier takes time (verify_ms {v}); the sweep needs the study's "
-                             f"isolated devices (testbed.reproduce.isolate_devices)")
+                             f"isolated devices (testbed.study.scenarios.isolate_devices)")
         return cls(t.slm_ms_per_token / 1000.0, _static_rate(up, f"{where}: uplink"), up.delay_s,
                    _static_rate(down, f"{where}: downlink"), down.delay_s, up.overhead_bytes, down.overhead_bytes,
                    up.mtu, down.mtu)
@@ -227,7 +228,8 @@ def load_points(out: Path, only: Sequence[str] | None = None) -> dict[str, Point
             continue
         s = load_scenario(d / "scenario.yaml")
         pol = s.tiers[0].policy
-        name = pol if isinstance(pol, str) else pol.get("name", "?") if isinstance(pol, dict) else getattr(pol, "name", "?")
+        name = (pol if isinstance(pol, str) else pol.get("name", "?") if isinstance(pol, dict)
+                else getattr(pol, "name", "?"))
         cols = ["device", "transmitted", "draft_id", "k", "uplink_bytes", "downlink_bytes", "payload_bytes"]
         pts[d.name] = PointData(d.name, str(name), pd.read_parquet(d / "tokens.parquet", columns=cols),
                                 json.loads((d / "summary.json").read_text(encoding="utf-8")),
@@ -295,7 +297,8 @@ def sweep(out: Path, vocabs: Sequence[int] = (PAPER_VOCAB,), rates: Sequence[flo
         doc["paper_numbers"] = {"skip_rate": pp["skip_rate"], "vocab_compression": pp["vocab_compression"],
                                 "throughput_ratio_hlm": pp.get("throughput_ratio_hlm"), "vocab": PAPER_VOCAB,
                                 "curve": ratio(ph, pc, rates).tolist(), "ratio_low_rate_limit": low,
-                                "ratio_high_rate_limit": high, "rate_reaching_target_bps": rate_reaching(ph, pc, target)}
+                                "ratio_high_rate_limit": high,
+                                "rate_reaching_target_bps": rate_reaching(ph, pc, target)}
     return _finite(doc)
 
 
@@ -335,7 +338,8 @@ def _rate_text(r: float | None) -> str:
 def summary_lines(doc: dict) -> list[str]:
     """Plain-text findings (CLI and report)."""
     t = doc["target"]
-    lines = [f"study uplink rate {_rate_text(doc['study_rate_bps'])} (W log2(1 + SNR)); |V| of the run {doc['run_vocab']:,}"]
+    lines = [f"study uplink rate {_rate_text(doc['study_rate_bps'])} (W log2(1 + SNR)); "
+             f"|V| of the run {doc['run_vocab']:,}"]
     for h in headline(doc):
         for tag, r in (("cu-hlm (risk-averse)", h["point"]), ("best skipping point", h["best"])):
             if r is None:
@@ -347,7 +351,8 @@ def summary_lines(doc: dict) -> list[str]:
                          f"{100 * (r['vocab_compression'] or 0):.1f}%")
     p = doc.get("paper_numbers")
     if p:
-        lines.append(f"paper's own skip {100 * p['skip_rate']:.1f}% and compression {100 * p['vocab_compression']:.1f}% "
+        lines.append(f"paper's own skip {100 * p['skip_rate']:.1f}% and compression "
+                     f"{100 * p['vocab_compression']:.1f}% "
                      f"(|V| = {p['vocab']:,}) on this delay model: at most {p['ratio_low_rate_limit']:.3g}x "
                      f"(= 1 / ((1 - skip)(1 - compression)), as R -> 0); "
                      f"{'reaches' if p['rate_reaching_target_bps'] is not None else 'never reaches'} "
@@ -439,7 +444,8 @@ def html_section(doc: dict, figure: Path | None = None) -> list[str]:
             ["point", "skip", "compression", "uplink / token", "ratio at study rate", "ratio R -> 0",
              "ratio R -> inf", f"reaches {doc['target']:g}x below"],
             [[r["point"], format_value(r["skip_rate"], "pct", missing="n/a"),
-              format_value(r["vocab_compression"], "pct", missing="n/a"), format_value(r["bits_per_token"] / 8, "bytes"),
+              format_value(r["vocab_compression"], "pct", missing="n/a"),
+              format_value(r["bits_per_token"] / 8, "bytes"),
               f"{r['ratio_at_study_rate']:.3g}x", _x(r["ratio_low_rate_limit"]), _x(r["ratio_high_rate_limit"]),
               _rate_text(r["rate_reaching_target_bps"])] for r in rows]))
     if figure is not None:

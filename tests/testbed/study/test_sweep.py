@@ -1,4 +1,4 @@
-"""The channel sweep (testbed.channel_sweep): the delay model against a smoke study's measured
+"""The channel sweep (testbed.study.sweep): the delay model against a smoke study's measured
 throughputs, its closed-form limits, the paper's accounting, the CLI."""
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import pandas as pd
 import pytest
 
 from agents.codec import paper_bits
-from testbed import channel_sweep as cs
-from testbed import reproduce
-from testbed.reproduce import paper_throughput
+from testbed.study import sweep as cs
+from testbed.study.analysis import paper_throughput
+from testbed.study.paper import run_paper
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "paper"
-    reproduce.run_paper("smoke", out, log=lambda line: None)
+    run_paper("smoke", out, log=lambda line: None)
     return out
 
 
@@ -32,7 +32,8 @@ def test_delay_model_reproduces_the_measured_throughputs(study):
         for d, v in measured.items():
             assert model[int(d)] == pytest.approx(v, rel=1e-9), (name, d)
         a = cs.affine(p.tokens, p.model, cs.Encoding("ours"), p.summary["vocab_size"])
-        assert float(a.throughput(rate)) == pytest.approx(paper_throughput(p.summary, study / "points" / name / "tokens.parquet"), rel=1e-9), name
+        measured = paper_throughput(p.summary, study / "points" / name / "tokens.parquet")
+        assert float(a.throughput(rate)) == pytest.approx(measured, rel=1e-9), name
     # and the study's own rate is the paper-uplink's W log2(1 + SNR) (10 MHz, 10 dB)
     assert pts["hlm"].model.uplink_rate_bps == pytest.approx(10e6 * math.log2(11))
 

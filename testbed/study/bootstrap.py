@@ -1,5 +1,6 @@
 """How sure the calibration is: a bootstrap over sequences for the rejection fit beta ~ a*u + b and
-the risk-averse threshold u_th = -b/a (issue 15, item 5).
+the risk-averse threshold u_th = -b/a (issue 15, item 5;
+docs/design.md section 7, calibration intervals).
 
 Why over sequences: the tokens of one device share a prompt and a context, so their (u, beta) are
 correlated; resampling tokens one by one would treat 256 tokens of 16 sequences as 256 independent
@@ -181,7 +182,8 @@ def flip_summary(calibration: dict, rows: list[dict], estimator: str = "temperat
             "calibration_sequences": calibration.get("devices"),
             "tokens_per_sequence": calibration.get("max_new_tokens"), "K": K,
             "text": flip_text(ci, u_th, K), "sides": sides,
-            "used": None if used is None else {"u_th": used[0], "source": used[1]}, "fitted": pick(by["cu-hlm"]) if "cu-hlm" in by else None,
+            "used": None if used is None else {"u_th": used[0], "source": used[1]},
+            "fitted": pick(by["cu-hlm"]) if "cu-hlm" in by else None,
             "adaptive": adaptive}
 
 
@@ -200,15 +202,64 @@ def _where(skip: float | None, sides: list[dict]) -> str:
     return "beyond the u = 0 side (it skips tokens with u > 0 too)"
 
 
-def html_section(flip: dict, fits: dict) -> list[str]:
-    """The report's section on the calibration's uncertainty and the flip."""
+def _interval_text(ci: dict | None, key: str, kind: str = "3") -> str:
+    from testbed.report import format_value
+
+    v = (ci or {}).get(key)
+    return "n/a" if not v else f"[{format_value(v[0], kind)}, {format_value(v[1], kind)}]"
+
+
+def _intervals_table(fits: dict) -> str:
+    """Every estimator's fit with its intervals and whether u_th's straddles 0."""
+    from testbed.report import format_value, html_table
+
+    rows = []
+    for name, f in fits.items():
+        ci = f.get("ci") if f.get("ci") and "error" not in f["ci"] else None
+        rows.append([name, format_value(f.get("a"), "3", missing="n/a"), _interval_text(ci, "a"),
+                     format_value(f.get("b"), "3", missing="n/a"), _interval_text(ci, "b"),
+                     format_value(f.get("u_th_risk_averse"), "3", missing="n/a"),
+                     _interval_text(ci, "u_th_risk_averse"),
+                     "n/a" if not ci else ("yes" if ci.get("straddles_zero") else "no"),
+                     "n/a" if not ci or ci.get("nonneg_fraction") is None else f"{100 * ci['nonneg_fraction']:.1f}%",
+                     "n/a" if not ci else f"{ci['bootstrap']} x {ci['groups']} seq."])
+    return html_table(["estimator", "a", "95% CI", "b", "95% CI", "u_th = -b/a", "95% CI", "straddles 0",
+                       "replicates u_th >= 0", "bootstrap"], rows)
+
+
+def _sides_section(flip: dict) -> list[str]:
+    """Both sides of the flip, the fitted cu-hlm and cu-hlm-adaptive (which needs no fit), side by side."""
     import html as H
 
     from testbed.report import format_value, html_table
 
-    def iv(ci, key, kind="3"):
-        v = (ci or {}).get(key)
-        return "n/a" if not v else f"[{format_value(v[0], kind)}, {format_value(v[1], kind)}]"
+    show = [*flip["sides"], *([flip["fitted"]] if flip.get("fitted") else []), *flip["adaptive"]]
+    if not show:
+        return []
+    parts = ["<p>Both sides of the flip (cu-hlm at fixed u_th = -1: truncation only, nothing skipped; at "
+             "fixed u_th = 0: every u = 0 token skipped; run in every study, so the flip is visible whatever "
+             "the fit), the fitted cu-hlm, and cu-hlm-adaptive, which needs no fit: it learns from its own "
+             "verdicts which u it can skip within a risk budget.</p>",
+             html_table(
+                 ["point", "u_th", "skip", "fidelity (TV/token)", "pass@1", "ratio to HLM", "where"],
+                 [[r["label"], format_value(r.get("u_th"), "3", missing="-"),
+                   format_value(r.get("skip_rate"), "pct", missing="n/a"),
+                   format_value(r.get("fidelity_tv"), "e", missing="n/a"),
+                   format_value(r.get("pass_at_1"), "3", missing="n/a"),
+                   format_value(r.get("throughput_ratio_hlm"), "x", missing="n/a"),
+                   _where(r.get("skip_rate"), flip["sides"]) if r.get("policy") == "cu-hlm-adaptive" else ""]
+                  for r in show])]
+    for r in flip["adaptive"]:
+        parts.append(f"<p class='muted'>{H.escape(r['label'])} reaches skip "
+                     f"{format_value(r.get('skip_rate'), 'pct', missing='n/a')} at fidelity "
+                     f"{format_value(r.get('fidelity_tv'), 'e', missing='n/a')} without any fit: "
+                     f"{H.escape(_where(r.get('skip_rate'), flip['sides']) or 'n/a')}.</p>")
+    return parts
+
+
+def html_section(flip: dict, fits: dict) -> list[str]:
+    """The report's section on the calibration's uncertainty and the flip."""
+    import html as H
 
     parts = ["<h2>How sure the calibration is</h2>", f"<p>{H.escape(flip['text'])}</p>"]
     used = flip.get("used")
@@ -223,34 +274,4 @@ def html_section(flip: dict, fits: dict) -> list[str]:
                  f"risk-averse decision is {'stable' if stable else '<b>not stable</b>'} at this size: "
                  f"{'n/a' if share is None else f'{100 * share:.1f}%'} of the bootstrap replicates give u_th >= 0 "
                  f"(skip the u = 0 tokens), the rest u_th < 0 (skip nothing).</p>")
-    rows = []
-    for name, f in fits.items():
-        ci = f.get("ci") if f.get("ci") and "error" not in f["ci"] else None
-        rows.append([name, format_value(f.get("a"), "3", missing="n/a"), iv(ci, "a"),
-                     format_value(f.get("b"), "3", missing="n/a"), iv(ci, "b"),
-                     format_value(f.get("u_th_risk_averse"), "3", missing="n/a"), iv(ci, "u_th_risk_averse"),
-                     "n/a" if not ci else ("yes" if ci.get("straddles_zero") else "no"),
-                     "n/a" if not ci or ci.get("nonneg_fraction") is None else f"{100 * ci['nonneg_fraction']:.1f}%",
-                     "n/a" if not ci else f"{ci['bootstrap']} x {ci['groups']} seq."])
-    parts.append(html_table(["estimator", "a", "95% CI", "b", "95% CI", "u_th = -b/a", "95% CI", "straddles 0",
-                             "replicates u_th >= 0", "bootstrap"], rows))
-    show = [*flip["sides"], *([flip["fitted"]] if flip.get("fitted") else []), *flip["adaptive"]]
-    if show:
-        parts.append("<p>Both sides of the flip (cu-hlm at fixed u_th = -1: truncation only, nothing skipped; at "
-                     "fixed u_th = 0: every u = 0 token skipped; run in every study, so the flip is visible whatever "
-                     "the fit), the fitted cu-hlm, and cu-hlm-adaptive, which needs no fit: it learns from its own "
-                     "verdicts which u it can skip within a risk budget.</p>")
-        parts.append(html_table(
-            ["point", "u_th", "skip", "fidelity (TV/token)", "pass@1", "ratio to HLM", "where"],
-            [[r["label"], format_value(r.get("u_th"), "3", missing="-"),
-              format_value(r.get("skip_rate"), "pct", missing="n/a"), format_value(r.get("fidelity_tv"), "e", missing="n/a"),
-              format_value(r.get("pass_at_1"), "3", missing="n/a"),
-              format_value(r.get("throughput_ratio_hlm"), "x", missing="n/a"),
-              _where(r.get("skip_rate"), flip["sides"]) if r.get("policy") == "cu-hlm-adaptive" else ""]
-             for r in show]))
-        for r in flip["adaptive"]:
-            parts.append(f"<p class='muted'>{H.escape(r['label'])} reaches skip "
-                         f"{format_value(r.get('skip_rate'), 'pct', missing='n/a')} at fidelity "
-                         f"{format_value(r.get('fidelity_tv'), 'e', missing='n/a')} without any fit: "
-                         f"{H.escape(_where(r.get('skip_rate'), flip['sides']) or 'n/a')}.</p>")
-    return parts
+    return [*parts, _intervals_table(fits), *_sides_section(flip)]

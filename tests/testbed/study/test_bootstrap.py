@@ -1,4 +1,4 @@
-"""The calibration's bootstrap over sequences (testbed.calibration_ci): coverage against Monte Carlo,
+"""The calibration's bootstrap over sequences (testbed.study.bootstrap): coverage against Monte Carlo,
 the straddle rule on hand-made intervals, determinism."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from policies.rejection import fit_rejection_model
-from testbed.calibration_ci import bootstrap_fit, fits_from_stats, group_stats, straddles
+from testbed.study.bootstrap import bootstrap_fit, fits_from_stats, group_stats, straddles
 
 A, B, K = 0.5, 0.02, 20
 
