@@ -22,31 +22,35 @@ and NaN as fidelity_tv. The values go in the token's row and in its content reco
 (Drafted.fidelity_tv), from which a replay copies them. Why this direction and not x up to the
 verifier: see Device._measure_fidelity.
 
-Losses are resolved here, in emulated time, by the same rule in both clocks: the packets of an
-upload that did not get through are sent again every rto_s until all have (selective repeat,
-as the TCP under ZeroMQ does: netem.Delivery); a lost verdict makes the device resend its
-upload every rto_s, and the verifier answers a repeat that arrives after the verdict left
-with the same verdict (earlier repeats find the request still queued and are ignored).
+Composition, not modes (docs/design.md section 2): a device takes its content from a content source
+(agents.content: the models, the models recording for a replay, or a record) and its time from a link
+model (agents.links: its links, or none in the content pass, whose times mean nothing). The state
+machine below is the same in every pass: the one-pass emulation (and the wall clock) is the models
+over links, the virtual clock's content pass the models recording over no links, its timing replay
+the record over links.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import InitVar, dataclass, field
 
 import numpy as np
 
 from agents import codec, protocol
-from agents.wire import SESSION, Open, OpenStamp, Upload, UploadStamp, Verdict
-from agents.events import MessageLost, ShadowResolved, TokenCommitted, UploadSent, VerdictReceived
+from agents.content import ContentSource, Drafted, ModelContent, RecordingContent, ReplayContent
+from agents.events import ShadowResolved, TokenCommitted
 from agents.fidelity import branch_fidelity, exact_fidelity, truncate_for_upload
+from agents.links import MAX_RETRANSMISSIONS as MAX_RETRANSMISSIONS  # its old home (testbed.config.checks)
+from agents.links import Answer, Links, NoLinks
 from agents.speculative import sample_draft, softmax_t
-from agents.stop import CODE_REASONS, LENGTH, REASON_CODES, StopRule
+from agents.stop import LENGTH, StopRule
 from agents.timing import Timings
-from netem import DuplexProfile, Link, link_seed
+from agents.wire import SESSION, Open, OpenStamp, Upload, Verdict
+from netem import DuplexProfile
 from policies.base import Decision, DecisionContext, Policy
 from policies.rng import keyed_rng
 
-MAX_RETRANSMISSIONS = 32
 # Fidelity: SLM logits a device may hold for tokens whose verdict has not come back (float32, |V|
 # entries each: 64 MiB is ~110 tokens of the Qwen pair). A token past the budget keeps NaN.
 FIDELITY_HOLD_BYTES = 64 << 20
@@ -72,10 +76,11 @@ class RunParams:
     temperature: float
     vocab_size: int
     rto_s: float = 0.2  # retransmission timeout for a lost upload or verdict (emulated)
-    # True: one batched SLM forward per group step (prompts included). Exact: agents.lm's packed
-    # forward gives a session the same bits alone or in any batch, so a draft never depends on
-    # which devices shared its forward. False: one forward per device (for models on the hf
-    # forward, which is not batch invariant; BatchedLM.describe() says which one runs).
+    # True: one batched SLM forward per group step (prompts included), where the forward is batch
+    # invariant (agents.lm's packed forward gives a session the same bits alone or in any batch, so a
+    # draft never depends on which devices shared its forward). A forward that is not (the hf forward;
+    # BatchedLM.describe() says which one runs) gets one forward per device anyway (agents.content).
+    # False: one forward per device.
     batch_slm: bool = True
     # What ends a sequence before max_new_tokens (agents.stop): eos ids, stop strings. Empty: nothing.
     stop: StopRule = StopRule()
@@ -102,28 +107,6 @@ class SessionState:
     answered: tuple[Answered, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Drafted:
-    """What the SLM and the policy produced for one token: all a replay needs of it (the virtual
-    clock computes content first and timing after; see agents.engine)."""
-
-    decision: Decision
-    draft: int  # -1 without a draft (llm-only)
-    draft_prob: float  # x_d as the wire carries it (NaN without a draft)
-    payload: bytes | int  # the encoded top-k, or in a record only its size
-    fidelity_tv: float = math.nan  # in a record: set when the token's verdict came (Device.on_verdict)
-    fidelity_tv_branch: float = math.nan  # ... the approximation, for a policy without a decision law
-    stop: int = 0  # in a record: agents.stop.REASON_CODES of the stop at this token (set at its commit)
-
-    def recorded(self) -> "Drafted":
-        """As a content record keeps it: the payload's size, and no decision law (only the fidelity
-        at the verdict reads it, from what the device holds; a record of many tokens should not)."""
-        if isinstance(self.payload, int) and self.decision.law is None:
-            return self
-        size = self.payload if isinstance(self.payload, int) else len(self.payload)
-        return replace(self, payload=size, decision=replace(self.decision, law=None))
-
-
 def token_row(spec: DeviceSpec, index: int, **values) -> dict:
     """One row of tokens.parquet (columns as in testbed.results)."""
     row = dict(
@@ -148,8 +131,9 @@ class Device:
     spec: DeviceSpec
     run: RunParams
     policy: Policy
-    uplink: Link = field(init=False)
-    downlink: Link = field(init=False)
+    content: ContentSource = field(default_factory=ModelContent)  # where each token comes from (agents.content)
+    link_model: InitVar[type[Links | NoLinks]] = Links  # how long its messages take (agents.links)
+    links: Links | NoLinks = field(init=False)
     t: float = 0.0  # emulated time at which the device is ready for its next step
     index: int = 0  # index of the token being generated
     seq: int = 0
@@ -165,7 +149,6 @@ class Device:
     waiting_bytes: int = 0  # what the uplink carried of it so far (every round, every resend)
     pending_row: dict | None = None
     flushed: bool = False
-    record: list | None = None  # content pass: every token's Drafted (payload as its size), in order
     # Fidelity: what x of a token is recomputed from until its verdict, (array, is_logits): the SLM
     # logits (x = softmax(z/T), bit for bit) or x itself; None when not held (budget, replay).
     held_draft: tuple | None = None  # the waiting upload's draft
@@ -174,18 +157,14 @@ class Device:
     events: list = field(default_factory=list)  # agents.events emitted since the group last drained them
     _drafted_logits: tuple | None = field(default=None, repr=False)  # (token index, logits) from draft()
     # Why the sequence ended ("eos", "stop", "length"; "" while it goes on): at the committed token
-    # that ended it, by the stop detector (agents.stop), or in a replay by the record (`replaying`).
+    # that ended it, as the content source says (ContentSource.stop), or at max_new_tokens.
     stop_reason: str = ""
-    replaying: bool = False
-    pending_stop: int = 0  # a replay: the recorded stop of the token waiting for its verdict
-    detector: object = field(default=None, repr=False)
+    pending_stop: int = 0  # the stop a record holds for the token waiting for its verdict (Drafted.stop)
 
-    def __post_init__(self) -> None:
-        seed = self.run.seed
-        self.uplink = Link(self.spec.link.uplink, link_seed(seed, self.spec.device, "uplink"))
-        self.downlink = Link(self.spec.link.downlink, link_seed(seed, self.spec.device, "downlink"))
+    def __post_init__(self, link_model: type[Links | NoLinks]) -> None:
+        self.links = link_model(self.spec, self.run)
         self.feed = list(self.spec.prompt_ids)
-        self.detector = self.run.stop.detector()
+        self.content.start(self)
 
     # --- state -------------------------------------------------------------------------
     @property
@@ -197,13 +176,7 @@ class Device:
         """Decide whether the token just committed (row, not emitted yet) ends the sequence: a stop
         first (as a serving engine, an eos on the last allowed token is an eos), then length. Only the
         committed tokens decide; a replay takes the content pass's decision from the record."""
-        if self.replaying:
-            reason = CODE_REASONS[recorded]
-        else:
-            reason = self.detector.push(token) if self.detector is not None else ""
-            if reason and self.record is not None:
-                i = row["token_index"]
-                self.record[i] = replace(self.record[i], stop=REASON_CODES[reason])
+        reason = self.content.stop(self, row["token_index"], token, recorded)
         if not reason and row["token_index"] + 1 >= self.run.max_new_tokens:
             reason = LENGTH
         if reason:
@@ -284,15 +257,15 @@ class Device:
     def commit(self, c: Drafted, held: tuple | None = None) -> Upload | None:
         """Advance the state machine by one token with its content `c` (from drafted, or from a
         content pass in a replay); an Upload when transmitting. `held`: from _hold, for fidelity."""
-        if self.record is not None:
-            self.record.append(c.recorded())
+        self.content.committed(self, c)
         decision = c.decision
         slm_s = self.spec.slm_ms_per_token / 1000.0 if self.policy.drafts else 0.0
         t_start, t_drafted = self.t, self.t + slm_s
         self.feed = []
         # fidelity_tv: a replay's from the record; else NaN until the verdict (llm-only: drawn from y)
         row = token_row(self.spec, self.index, uncertainty=decision.uncertainty, t_draft_start=t_start,
-                        fidelity_tv=0.0 if decision.llm_samples else c.fidelity_tv, fidelity_tv_branch=c.fidelity_tv_branch)
+                        fidelity_tv=0.0 if decision.llm_samples else c.fidelity_tv,
+                        fidelity_tv_branch=c.fidelity_tv_branch)
         if c.draft >= 0:
             row["draft_id"] = c.draft
         if not decision.transmit:
@@ -341,120 +314,68 @@ class Device:
         return self._send(frame, self.t)
 
     def _send(self, frame: protocol.Upload | protocol.Flush, t_sent: float) -> Upload:
-        """Send `frame` up at t_sent, and every rto_s its packets that did not get through."""
-        if self.record is not None:  # content pass: no time, no links (the replay runs them)
-            upload = Upload(frame, UploadStamp(t_sent, t_sent))
-            self.waiting_bytes = protocol.wire_size(frame)
-        else:  # every rto_s, the packets not through yet go again (netem.Delivery: selective repeat)
-            delivery, t, arrive = self.uplink.message(protocol.wire_size(frame)), t_sent, None
-            for retransmissions in range(MAX_RETRANSMISSIONS + 1):
-                arrive = delivery.round(t)
-                if arrive is not None:
-                    break
-                t += self.run.rto_s
-            if arrive is None:
-                raise RuntimeError(f"device {self.spec.device}: upload {frame.seq} lost {MAX_RETRANSMISSIONS + 1} times")
-            upload = Upload(frame, UploadStamp(t_sent, arrive, retransmissions))
-            self.waiting_bytes = delivery.wire_bytes
+        """Send `frame` up at t_sent (agents.links: every rto_s its packets that did not get through)."""
+        upload, self.waiting_bytes = self.links.send(frame, t_sent)
         self.waiting = upload
         self.seq += 1
         return upload
 
     # --- verdicts ------------------------------------------------------------------------
     def on_verdict(self, verdict: Verdict) -> None:
+        """Apply the verdict on the waiting upload: it reaches the device over the downlink (agents.links,
+        resending the upload while it is lost), the fidelity of the tokens it covers is measured, their
+        betas go back to the content source, and the verified token (none after a final flush) commits."""
         upload = self.waiting
         if upload is None or verdict.frame.seq != upload.frame.seq:
             return  # a duplicate of a verdict already applied
-        v, t_sent = verdict.frame, verdict.stamp.t_sent
-        up_bytes, down_bytes = protocol.wire_size(upload.frame), protocol.wire_size(v)
-        retx = upload.stamp.retransmissions
-        t_last = upload.stamp.t_sent + retx * self.run.rto_s  # the copy that reached the verifier
-        # content pass: no links (verdict time is meaningless there; the replay runs the links)
-        arrive = self.downlink.send(down_bytes, t_sent) if self.record is None else t_sent
-        # Link accounting (events and the row's link columns): each retransmission in _send followed a
-        # lost copy; every downlink send is a copy of the verdict.
-        up_lost, down_copies, down_lost = upload.stamp.retransmissions, int(self.record is None), int(arrive is None)
-        # The verdict was lost: resend the upload every rto_s until a repeat is answered. Only
-        # tries that could have been answered count toward the limit: a copy that reached the
-        # verifier before the verdict left (the request was still queued, so it was ignored), or
-        # a lost copy sent before then, is no lost transmission. Without this a verifier queue
-        # longer than MAX_RETRANSMISSIONS * rto_s ended a device on its first lost verdict. Every
-        # copy is still sent (the link's state and the uplink bytes count it), so a run that
-        # never reached the limit keeps its trace bit for bit.
-        # A resend is a new message; its packets that did not get through go again at the next
-        # rto_s (selective repeat, as in _send) until it is through, then the next resend is new.
-        lost, resend = 0, None
-        while arrive is None:
-            if lost >= MAX_RETRANSMISSIONS:
-                raise RuntimeError(f"device {self.spec.device}: verdict {v.seq} lost {MAX_RETRANSMISSIONS} times")
-            t_last += self.run.rto_s
-            retx += 1
-            resend = resend or self.uplink.message(up_bytes)
-            before = resend.wire_bytes
-            again = resend.round(t_last)
-            self.waiting_bytes += resend.wire_bytes - before
-            up_lost += again is None
-            if again is not None:
-                resend = None
-            if (t_last if again is None else again) < t_sent:
-                continue  # too early to be answered: not a loss (t_last grows, so this ends)
-            lost += 1
-            if again is not None:
-                arrive = self.downlink.send(down_bytes, again)
-                down_copies += 1
-                down_lost += arrive is None
+        got = self.links.answer(self.spec, upload, verdict, self.waiting_bytes)
+        self.waiting_bytes = got.wire_bytes
+        self.events.extend(got.events)
         self._measure_fidelity(upload, verdict.stamp.llm_logits)
-        links = dict(uplink_lost=up_lost, downlink_bytes=down_bytes * down_copies, downlink_lost=down_lost)
-        if self.record is None:  # a content pass has no links: the replay emits them
-            self._emit_links(upload, up_bytes, down_bytes, retx, down_copies, up_lost, down_lost, arrive)
         if self.history:
-            self.answered.append(Answered(upload.frame.piggyback, upload.final, v))
+            self.answered.append(Answered(upload.frame.piggyback, upload.final, verdict.frame))
         if upload.final:  # billed to the device's last token: a skipped one, or (a stop) a verified one,
             # whose own link counts stay in it: the flush's are added
-            self.last_row.update(flush_bytes=self.waiting_bytes, flush_retransmissions=retx)
-            for k, n in links.items():
+            self.last_row.update(flush_bytes=self.waiting_bytes, flush_retransmissions=got.retransmissions)
+            for k, n in got.columns.items():
                 self.last_row[k] += n
-        measured = verdict.stamp.llm_logits is not None  # else the fidelity came with the commit (a replay)
+        # the fidelity came with the verdict's logits, or (a replay) with each token's commit
+        self._resolve_shadows(upload, verdict.frame, measured=verdict.stamp.llm_logits is not None)
+        self.waiting = None
+        if upload.final:
+            self.flushed = True
+        else:
+            self._commit_verified(verdict.frame, got)
+
+    def _resolve_shadows(self, upload: Upload, v: protocol.Verdict, measured: bool) -> None:
+        """The shadow betas of the skipped tokens this upload piggybacked: into their rows, to the policy."""
         for (_, _, skipped, _), beta in zip(self.piggyback, v.shadow_betas):
             skipped.update(beta=beta, beta_is_shadow=True)
-            self.policy.observe(self.spec.device, skipped["token_index"], skipped["uncertainty"], beta, True)
+            self.content.observe(self, skipped["token_index"], skipped["uncertainty"], beta, True)
             self.events.append(ShadowResolved(self.spec.device, skipped["token_index"], upload.frame.token_index, beta,
                                               skipped["fidelity_tv"] if measured else math.nan,
                                               skipped["fidelity_tv_branch"] if measured else math.nan))
         self.piggyback = []
-        self.waiting = None
-        if upload.final:
-            self.flushed = True
-            return
+
+    def _commit_verified(self, v: protocol.Verdict, got: Answer) -> None:
+        """Commit the token the verdict decided (the draft accepted, or the resampled one) when it arrives."""
         row = self.pending_row
         row.update(token_id=v.token, accepted=v.accepted, resampled=v.resampled,
-                   beta=v.beta, uplink_bytes=self.waiting_bytes, retransmissions=retx,
-                   t_verdict=arrive, t_commit=arrive, **links)
-        self.policy.observe(self.spec.device, row["token_index"], row["uncertainty"], v.beta, False)
+                   beta=v.beta, uplink_bytes=self.waiting_bytes, retransmissions=got.retransmissions,
+                   t_verdict=got.arrive, t_commit=got.arrive, **got.columns)
+        self.content.observe(self, row["token_index"], row["uncertainty"], v.beta, False)
         self._ends(row, v.token, self.pending_stop)
         self._keep(row)
         self.events.append(TokenCommitted(dict(row)))
         self.pending_row = None
         self.feed = [v.token]
         self.index += 1
-        self.t = arrive
+        self.t = got.arrive
 
     def _keep(self, row: dict) -> None:
         self.last_row = row
         if self.history:
             self.rows.append(row)
-
-    def _emit_links(self, upload: Upload, up_bytes: int, down_bytes: int, retx: int, down_copies: int,
-                    up_lost: int, down_lost: int, arrive: float) -> None:
-        """The link events of one resolved upload (before its shadow betas: a results writer completes
-        a flush's row with them). up_bytes, down_bytes: one copy of the upload and of its verdict."""
-        s = self.spec
-        key = (s.device, s.tier, s.policy_name, upload.frame.token_index, upload.frame.seq, upload.final)
-        self.events.append(UploadSent(*key, up_bytes, 1 + retx, upload.stamp.t_sent, self.waiting_bytes))
-        self.events.append(VerdictReceived(*key, down_bytes, down_copies, arrive))
-        for direction, n in (("uplink", up_lost), ("downlink", down_lost)):
-            if n:
-                self.events.append(MessageLost(*key, direction, n))
 
     def _measure_fidelity(self, upload: Upload, llm_logits: np.ndarray | None) -> None:
         """Fidelity of the tokens this verdict covers, from the LLM logits it carries (row i: the
@@ -483,7 +404,8 @@ class Device:
                 self._set_fidelity(row, *self._fidelity(got, softmax_t(llm_logits[i], T), None))
         got = self._release(draft)
         if got is not None and not upload.final and not upload.frame.llm_samples and len(llm_logits) > n:
-            self._set_fidelity(self.pending_row, *self._fidelity(got, softmax_t(llm_logits[n], T), upload.frame.payload))
+            y = softmax_t(llm_logits[n], T)
+            self._set_fidelity(self.pending_row, *self._fidelity(got, y, upload.frame.payload))
 
     @staticmethod
     def _fidelity(got: tuple, y: np.ndarray, payload: bytes | None) -> tuple[float, float]:
@@ -497,42 +419,49 @@ class Device:
 
     def _set_fidelity(self, row: dict, value: float, branch: float) -> None:
         row["fidelity_tv"], row["fidelity_tv_branch"] = value, branch
-        if self.record is not None:  # content pass: the replay takes it from the record
-            i = row["token_index"]
-            self.record[i] = replace(self.record[i], fidelity_tv=value, fidelity_tv_branch=branch)
+        self.content.measured(self, row["token_index"], value, branch)
 
 
 class DeviceGroupCore:
     """Many virtual devices sharing one SLM: one batched forward per step over every device
     ready to draft. Transport-free: callers deliver uploads and verdicts."""
 
-    def __init__(self, specs: list[DeviceSpec], run: RunParams, slm, policies: dict[str, Policy],
-                 record: bool = False, replay: dict[int, list[Drafted]] | None = None, history: bool = True):
-        """record: keep every token's content (Device.record) for a later replay. replay: the
-        recorded content per device; the SLM and the policies are then not consulted (slm may
-        be None), only the state machine and the links run. history=False: rows() and
-        session_states() stay empty (Device.history), the events are the only output."""
+    def __init__(self, specs: list[DeviceSpec], run: RunParams, slm, policies: dict[str, Policy], history: bool = True,
+                 content: ContentSource | None = None, links: type[Links | NoLinks] = Links):
+        """The one-pass emulation by default: content from the models (slm, the policies) over each
+        device's links. `content`, `links`: other pieces (content_pass, replay). history=False: rows()
+        and session_states() stay empty (Device.history), the events are the only output."""
         self.run = run
-        self.slm = slm  # agents.lm.BatchedLM (None when no device drafts, or in a replay)
-        self.devices = {s.device: Device(s, run, policies[s.policy_name], history=history) for s in specs}
+        self.content = content if content is not None else ModelContent(slm, run.batch_slm)
+        self.slm = self.content.slm  # agents.lm.BatchedLM (None when no device drafts, or in a replay)
+        self.devices = {s.device: Device(s, run, policies[s.policy_name], self.content, links, history=history)
+                        for s in specs}
         # Devices a step may move (ready, or to flush) and devices that may hold events: a step and a
         # drain visit these, in device order, not the whole fleet (with 10,000 devices and a few
         # hundred moving per step, visiting all made the replay quadratic in devices).
         self._order = {device: i for i, device in enumerate(self.devices)}
         self._awake = set(self.devices)
         self._noisy = set(self.devices)
-        self.replay = replay
-        if replay is not None:
-            for d in self.devices.values():
-                d.replaying, d.detector = True, None
-        if record:
-            for d in self.devices.values():
-                d.record = []
         self.timings = Timings()
 
+    @classmethod
+    def content_pass(cls, specs: list[DeviceSpec], run: RunParams, slm, policies: dict[str, Policy],
+                     history: bool = True) -> DeviceGroupCore:
+        """The virtual clock's content pass (agents.engine): the models' content, recorded (recorded()),
+        over no links (its times mean nothing)."""
+        return cls(specs, run, slm, policies, history, RecordingContent(slm, run.batch_slm), NoLinks)
+
+    @classmethod
+    def replay(cls, specs: list[DeviceSpec], run: RunParams, policies: dict[str, Policy],
+               record: Mapping[int, Sequence[Drafted]], history: bool = True) -> DeviceGroupCore:
+        """The virtual clock's timing replay: each device's content from `record` (a content pass's), over
+        its links; no model runs, the policies are asked nothing and told nothing."""
+        return cls(specs, run, None, policies, history, ReplayContent(record))
+
     def recorded(self) -> dict[int, list[Drafted]]:
-        """The content recorded so far (record=True), per device."""
-        return {device: d.record for device, d in self.devices.items()}
+        """The content recorded so far (content_pass), per device."""
+        assert isinstance(self.content, RecordingContent), "only a content pass records its content"
+        return self.content.record
 
     @property
     def done(self) -> bool:
@@ -564,42 +493,11 @@ class DeviceGroupCore:
         """Advance every device that can move without the verifier by one token (or flush
         it when it has generated all its tokens); with `until` (wall clock) only those whose
         emulated time has come. Returns the uploads to deliver."""
-        uploads: list[Upload] = []
         due = (lambda d: True) if until is None else (lambda d: d.t <= until)
         movable = self._in_order(self._awake)  # every device that is ready or must flush is in _awake
         self._noisy.update(self._awake)
         ready = [d for d in movable if d.ready and due(d)]
-        if self.replay is not None:
-            for d in ready:
-                if (u := d.commit(self.replay[d.spec.device][d.index])) is not None:
-                    uploads.append(u)
-            ready = []
-        drafting = [d for d in ready if d.policy.drafts]
-        if drafting:
-            timings = self.timings
-            phase = "slm.prefill" if any(len(d.feed) > 1 for d in drafting) else "slm.decode"
-            with timings(phase, sum(len(d.feed) for d in drafting)):
-                if self.run.batch_slm:
-                    logits = self.slm.extend([(d.spec.device, d.feed) for d in drafting])
-                else:
-                    logits = [self.slm.extend([(d.spec.device, d.feed)])[0] for d in drafting]
-            by_policy: dict[int, list[tuple[Device, DecisionContext, np.ndarray]]] = {}
-            with timings("draft", len(drafting)):
-                for d, z in zip(drafting, logits):
-                    ctx = d.draft(z)
-                    by_policy.setdefault(id(d.policy), []).append((d, ctx, z))
-            for members in by_policy.values():
-                policy = members[0][0].policy
-                with timings("policy", len(members)):
-                    decisions = policy.decide_batch(np.stack([m[2] for m in members]), [m[1] for m in members])
-                with timings("codec", len(members)):
-                    for (d, ctx, _), decision in zip(members, decisions):
-                        if (u := d.apply(decision, ctx)) is not None:
-                            uploads.append(u)
-        for d in ready:
-            if not d.policy.drafts:
-                decision = d.policy.decide(None, None)
-                uploads.append(d.apply(decision, None))
+        uploads = self.content.produce(ready, self.timings)
         for d in movable:  # those that just committed their last token included
             if self._must_flush(d) and due(d):
                 if (u := d.flush()) is not None:
@@ -631,15 +529,6 @@ class DeviceGroupCore:
     def unanswered(self) -> list[Upload]:
         """Uploads waiting for their verdict (resent to a restarted verifier)."""
         return [d.waiting for d in self.devices.values() if d.waiting is not None]
-
-    def rows_since(self, seen: dict[int, int]) -> list[dict]:
-        """Rows committed since the last call with the same `seen` (updated in place): the
-        live feed for progress and metrics."""
-        fresh = []
-        for device, d in self.devices.items():
-            fresh.extend(d.rows[seen.get(device, 0):])
-            seen[device] = len(d.rows)
-        return fresh
 
     def rows(self) -> list[dict]:
         return [r for d in self.devices.values() for r in d.rows]

@@ -22,20 +22,29 @@ verdict only on the device's own context (the forwards are batch invariant, agen
    reason at its last one (Drafted.stop): the replay consumes exactly the recorded tokens and takes
    the stop from the record, without a tokenizer.
 
-The trace is the one the single-pass emulation (`run_local(mode="emulate")`, what the wall clock
-does) gives: same content, same timing rule (tests/testbed/test_runtime.py compares them).
+The trace is the one the single-pass emulation (`run_local`, what the wall clock does) gives: same
+content, same timing rule (tests/testbed/test_runtime.py compares them). The three runs are the same
+loop (`drive`) over the same state machines, composed of other pieces (docs/design.md section 2):
+
+    run_local        DeviceGroupCore(...)               ModelContent over Links
+                     VerifierCore(...)                  LLMVerdicts, BatchingRule
+    run_content      DeviceGroupCore.content_pass(...)  RecordingContent over NoLinks
+                     VerifierCore.content_pass(...)     RecordingVerdicts, AllAtOnce
+    replay_content   DeviceGroupCore.replay(...)        ReplayContent over Links
+                     VerifierCore.replay(...)           ReplayVerdicts, BatchingRule
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from agents import protocol
-from agents.device import DeviceGroupCore, DeviceSpec, Drafted, RunParams
+from agents.content import Drafted
+from agents.device import DeviceGroupCore, DeviceSpec, RunParams
 from agents.events import VerifierBatch
 from agents.timing import merge
 from agents.verifier import BatchRecord, ServerProfile, VerifierCore
@@ -49,11 +58,11 @@ class Content:
     devices: dict[int, list[Drafted]] = field(default_factory=dict)
     verdicts: dict[tuple[int, int], protocol.Verdict] = field(default_factory=dict)
 
-    def update(self, other: "Content") -> None:
+    def update(self, other: Content) -> None:
         self.devices.update(other.devices)
         self.verdicts.update(other.verdicts)
 
-    def packed(self) -> "Content":
+    def packed(self) -> Content:
         """The same record in numpy arrays (PackedDrafted, PackedVerdicts)."""
         return Content(pack_devices(self.devices), PackedVerdicts.of(self.verdicts))
 
@@ -111,7 +120,7 @@ class PackedVerdicts(Mapping):
         self.rows = {int(devices[s]): (int(s), int(e)) for s, e in zip(starts, ends)}  # device -> its slice
 
     @classmethod
-    def of(cls, log: Mapping) -> "PackedVerdicts":
+    def of(cls, log: Mapping) -> PackedVerdicts:
         if isinstance(log, PackedVerdicts):
             return log
         keys = sorted(log)
@@ -160,31 +169,15 @@ class EngineResult:
     batches: list[BatchRecord]
     group_timings: dict  # agents.timing snapshots
     verifier_timings: dict
-    content: Content | None = None  # mode="content": the record for a replay
+    content: Content | None = None  # run_content: the record for a replay
 
 
-def run_local(
-    specs: list[DeviceSpec],
-    run: RunParams,
-    server: ServerProfile,
-    slm,
-    llm,
-    policies: dict[str, Policy],
-    on_step: Callable[[DeviceGroupCore, VerifierCore], None] | None = None,
-    mode: str = "emulate",
-    replay: Content | None = None,
-    on_events: Callable[[list], None] | None = None,
-    history: bool = True,
-) -> EngineResult:
-    """Emulate every device to the end in the virtual clock; `on_step` sees progress, `on_events`
-    gets the events of each step (agents.events: the devices', then the verifier's batches; a content
-    pass has no batch events, its batches are not timed). mode: emulate (one pass), content or replay
-    (the passes of run_virtual). history=False: no rows or batch records kept (EngineResult.rows and
-    .batches are empty; the events are the trace), so memory does not grow with devices x tokens."""
-    group = DeviceGroupCore(specs, run, slm, policies, record=mode == "content",
-                            replay=replay.devices if replay is not None else None, history=history)
-    verifier = VerifierCore(llm, server, run.seed, run.vocab_size, mode=mode,
-                            replay=replay.verdicts if replay is not None else None)
+def drive(group: DeviceGroupCore, verifier: VerifierCore, on_step: Callable | None = None,
+          on_events: Callable[[list], None] | None = None, history: bool = True) -> EngineResult:
+    """Run `group` against `verifier` to the end in the virtual clock; `on_step(group, verifier)` sees
+    progress, `on_events` gets the events of each step (agents.events: the devices', then the
+    verifier's batches; a content pass keeps no batch, its batches are not timed). history=False: no
+    batch records kept either (the events carry them)."""
     verifier.open(group.opens())
     batches_seen = 0
     while not group.done:
@@ -196,21 +189,58 @@ def run_local(
             for verdict in verifier.verify(*ready):
                 group.on_verdict(verdict)
         events = group.drain_events()  # drained every step: devices hold none for long
-        if mode != "content":
-            events.extend(VerifierBatch.of(b) for b in verifier.batches[batches_seen:])
-            if history:
-                batches_seen = len(verifier.batches)
-            else:  # emitted: the events carry them (every request's queue wait: one float a token)
-                verifier.batches.clear()
+        events.extend(VerifierBatch.of(b) for b in verifier.batches[batches_seen:])
+        if history:
+            batches_seen = len(verifier.batches)
+        else:  # emitted: the events carry them (every request's queue wait: one float a token)
+            verifier.batches.clear()
         if on_events is not None and events:
             on_events(events)
         if on_step is not None:
             on_step(group, verifier)
         if not group.has_work() and not verifier.queue and not group.done:
             raise RuntimeError("engine stalled: no device can move and nothing is queued")
-    content = Content(group.recorded(), verifier.log) if mode == "content" else None
-    return EngineResult(group.rows(), verifier.batches, group.timings.snapshot(), verifier.timings.snapshot(),
-                        content)
+    return EngineResult(group.rows(), verifier.batches, group.timings.snapshot(), verifier.timings.snapshot())
+
+
+def run_local(
+    specs: list[DeviceSpec],
+    run: RunParams,
+    server: ServerProfile,
+    slm,
+    llm,
+    policies: dict[str, Policy],
+    on_step: Callable[[DeviceGroupCore, VerifierCore], None] | None = None,
+    on_events: Callable[[list], None] | None = None,
+    history: bool = True,
+) -> EngineResult:
+    """The one-pass emulation: every device to the end in the virtual clock, content from the models
+    and time from the links and the batching rule at once (as the wall clock composes them). on_step,
+    on_events, history: as in drive (history=False: EngineResult.rows and .batches are empty, the
+    events are the trace, so memory does not grow with devices x tokens)."""
+    group = DeviceGroupCore(specs, run, slm, policies, history)
+    verifier = VerifierCore(llm, server, run.seed, run.vocab_size)
+    return drive(group, verifier, on_step, on_events, history)
+
+
+def run_content(
+    specs: list[DeviceSpec],
+    run: RunParams,
+    server: ServerProfile,
+    slm,
+    llm,
+    policies: dict[str, Policy],
+    on_step: Callable[[DeviceGroupCore, VerifierCore], None] | None = None,
+    on_events: Callable[[list], None] | None = None,
+    history: bool = True,
+) -> EngineResult:
+    """Pass 1 of run_virtual (module docstring): content at full batch, untimed; EngineResult.content
+    is its record. on_step, on_events, history: as in drive."""
+    group = DeviceGroupCore.content_pass(specs, run, slm, policies, history)
+    verifier = VerifierCore.content_pass(llm, server, run.seed, run.vocab_size)
+    result = drive(group, verifier, on_step, on_events, history)
+    result.content = Content(group.recorded(), verifier.log)
+    return result
 
 
 def run_virtual(
@@ -230,8 +260,7 @@ def run_virtual(
     replay in emulated time. The timings are the content pass's, plus "replay" (its wall time).
     on_content/on_content_events see the content pass (untimed), on_step/on_events the replay.
     history as in run_local (both passes)."""
-    content = run_local(specs, run, server, slm, llm, policies, on_content, mode="content",
-                        on_events=on_content_events, history=history)
+    content = run_content(specs, run, server, slm, llm, policies, on_content, on_content_events, history)
     record, content.content = content.content.packed(), None  # the objects go: the replay holds ~60 B a token
     return replay_content(specs, run, server, policies, record, on_step, content, on_events, history)
 
@@ -239,12 +268,13 @@ def run_virtual(
 def replay_content(specs: list[DeviceSpec], run: RunParams, server: ServerProfile, policies: dict[str, Policy],
                    content: Content, on_step=None, timed: EngineResult | None = None,
                    on_events: Callable[[list], None] | None = None, history: bool = True) -> EngineResult:
-    """Pass 2 of run_virtual on a content record (from run_local or from the actors; packed or not).
+    """Pass 2 of run_virtual on a content record (from run_content or from the actors; packed or not).
     `timed`: the content pass's result, whose timings are carried over (the replay's own time is
-    "replay"). history as in run_local."""
+    "replay"). history as in drive."""
     t0 = time.perf_counter()
-    result = run_local(specs, run, server, None, None, policies, on_step, mode="replay", replay=content,
-                       on_events=on_events, history=history)
+    group = DeviceGroupCore.replay(specs, run, policies, content.devices, history)
+    verifier = VerifierCore.replay(content.verdicts, server, run.seed, run.vocab_size)
+    result = drive(group, verifier, on_step, on_events, history)
     items = sum(len(c) for c in content.devices.values())  # tokens replayed (result.rows may be empty)
     replay = {"replay": {"seconds": time.perf_counter() - t0, "calls": 1, "items": items}}
     if timed is not None:

@@ -219,8 +219,7 @@ class BatchedLM:
             # (measured: 114 vs 24 us per head group at 100 keys), and a bf16 key is exact in fp32.
             self.kv_dtype = torch.float32
         self.matmul = matmul
-        invariant = self.forward == "packed" and matmul == "tiled"
-        self.prefixes = prefix_cache(model) if invariant else None  # bits must not depend on the call
+        self.prefixes = prefix_cache(model) if self.batch_invariant else None  # bits must not depend on the call
         self.prefix_tokens_served = 0  # prompt tokens copied from the prefix cache instead of computed
         # Held around every forward: a ComputeTurn where several processes share the cores in turns.
         self.turn: contextlib.AbstractContextManager = contextlib.nullcontext()
@@ -237,13 +236,19 @@ class BatchedLM:
         return (getattr(c, "model_type", None) in PACKED_TYPES and hasattr(self.decoder, "layers")
                 and not windowed and rope not in ("dynamic", "longrope"))
 
+    @property
+    def batch_invariant(self) -> bool:
+        """A session's logits are the same bits alone or in any batch (the packed forward, tiled GEMMs).
+        Callers batch sessions only then (agents.content.batch_invariant)."""
+        return self.forward == "packed" and self.matmul == "tiled"
+
     def describe(self) -> dict:
         """How this runner computes (recorded with every run)."""
         return {"forward": self.forward, "matmul": self.matmul, "row_tile": ROW_TILE if self.matmul == "tiled" else None,
                 "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
                 "threads": torch.get_num_threads(),
                 "compute_turn": None if not isinstance(self.turn, ComputeTurn) else {"waits": self.turn.waits},
-                "batch_invariant": self.forward == "packed" and self.matmul == "tiled",
+                "batch_invariant": self.batch_invariant,
                 "prefix_cache": None if self.prefixes is None else {
                     "max_mib": round(self.prefixes.max_bytes / 2**20, 1), "tokens_served": self.prefix_tokens_served}}
 

@@ -92,16 +92,14 @@ def reconstruct(indices, probs, vocab_size: int) -> np.ndarray:
     return x_hat
 
 
-def rejection_prob(x, y, d):
-    """beta = max(0, 1 - y_d / x_d): the probability the LLM rejects draft d (docs/design.md step 3).
-    x_d = 0 (a draft that could not have been drawn) counts as never rejected. Works on
-    single rows (d an int: returns a float) and batches (x, y (B, V), d (B,))."""
-    d = np.asarray(d)
-    x_d = np.take_along_axis(np.asarray(x, dtype=np.float64), d[..., None], axis=-1)[..., 0]
-    y_d = np.take_along_axis(np.asarray(y, dtype=np.float64), d[..., None], axis=-1)[..., 0]
+def rejection_prob(x_d, y_d) -> np.ndarray:
+    """beta = max(0, 1 - y_d / x_d): the probability the LLM rejects a draft d with x_d = x[d] under the
+    SLM and y_d = y[d] under the LLM (docs/design.md section 1, step 3). x_d = 0 (a draft that could not
+    have been drawn, or whose x_d underflowed to 0 in float32 on the wire) counts as never rejected.
+    Elementwise over numbers or arrays, in float64 (the verifier rounds it as the wire carries it)."""
+    x_d, y_d = np.asarray(x_d, dtype=np.float64), np.asarray(y_d, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        beta = np.where(x_d > 0, np.maximum(0.0, 1.0 - y_d / x_d), 0.0)
-    return float(beta) if beta.ndim == 0 else beta
+        return np.where(x_d > 0, np.maximum(0.0, 1.0 - y_d / x_d), 0.0)
 
 
 def verify_from_uniforms(drafts, x_hats, ys, u_accept, u_resample) -> tuple[np.ndarray, np.ndarray]:

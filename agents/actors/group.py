@@ -53,7 +53,7 @@ class DeviceGroup:
         if slm is not None and turn:  # the content pass: forwards take turns on the cores (agents.lm)
             slm.turn = ComputeTurn(turn)
         # record: the virtual clock's content pass (agents.engine); run() returns what was emitted.
-        self.core = DeviceGroupCore(specs, run, slm, policies, record=record)
+        self.core = (DeviceGroupCore.content_pass if record else DeviceGroupCore)(specs, run, slm, policies)
         self.record = record
         self.core.timings.add("startup.model_load", time.perf_counter() - t0)
         self.stats_lock = threading.Lock()

@@ -55,8 +55,10 @@ class Verifier:
         t0 = time.perf_counter()
         set_threads(threads)
         # `lm`: an already loaded BatchedLM (benchmarks share one model between runs).
-        self.core = VerifierCore(lm or BatchedLM(load_model(llm_spec, dtype=dtype, device=device)), server, seed,
-                                 vocab_size, expected_sessions, mode=mode)
+        # mode: "content", the virtual clock's content pass (agents.engine); "emulate", the wall clock's one pass
+        core = {"emulate": VerifierCore, "content": VerifierCore.content_pass}[mode]
+        self.core = core(lm or BatchedLM(load_model(llm_spec, dtype=dtype, device=device)), server, seed,
+                         vocab_size, expected_sessions)
         if turn and lm is None:  # the content pass: forwards take turns on the cores (agents.lm)
             self.core.llm.turn = ComputeTurn(turn)
         self.core.timings.add("startup.model_load", time.perf_counter() - t0)

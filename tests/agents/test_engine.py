@@ -210,7 +210,7 @@ def test_a_long_verifier_queue_with_a_lossy_downlink_is_no_lost_verdict():
     commits, and the one-pass and two-pass engines give the same trace."""
     import pandas as pd
 
-    from agents.device import MAX_RETRANSMISSIONS
+    from agents.links import MAX_RETRANSMISSIONS
     from agents.engine import run_virtual
 
     link = DuplexProfile.from_dict({"uplink": {"rate_mbps": 10.0, "delay_ms": 5.0},

@@ -2,6 +2,8 @@
 and agreement between the single, batched and uniform-driven forms."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -219,12 +221,27 @@ def test_reconstruct():
 
 def test_rejection_prob():
     x, y = np.array([0.5, 0.3, 0.2, 0.0]), np.array([0.25, 0.6, 0.15, 0.0])
-    assert rejection_prob(x, y, 0) == pytest.approx(0.5)
-    assert rejection_prob(x, y, 1) == 0.0
-    assert rejection_prob(x, y, 2) == pytest.approx(0.25)
-    assert rejection_prob(x, y, 3) == 0.0  # x_d = 0: never drawn, never rejected
-    batch = rejection_prob(np.stack([x, x]), np.stack([y, y]), np.array([0, 2]))
-    assert np.allclose(batch, [0.5, 0.25])
+    assert rejection_prob(x[0], y[0]) == pytest.approx(0.5)
+    assert rejection_prob(x[1], y[1]) == 0.0
+    assert rejection_prob(x[2], y[2]) == pytest.approx(0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no division warning either
+        assert rejection_prob(x[3], y[3]) == 0.0  # x_d = 0: never drawn, never rejected
+        assert rejection_prob(0.0, 0.1) == 0.0
+    assert np.allclose(rejection_prob(x, y), [0.5, 0.0, 0.25, 0.0])
+
+
+def test_the_verifier_measures_beta_with_rejection_prob():
+    """The verifier's betas (verdict and shadows) are rejection_prob of the wire's x_d, rounded to
+    float32 as the wire carries them, bit for bit; an x_d that underflowed to 0 gives 0, not NaN."""
+    from agents.verifier import _wire_beta
+
+    rng = np.random.default_rng(3)
+    x_d, y_d = np.float32(rng.random(64)).astype(np.float64), rng.random(64)
+    want = np.maximum(0.0, 1.0 - y_d / x_d).astype(np.float32)  # the formula, written out
+    assert _wire_beta(x_d, y_d).tobytes() == want.tobytes()
+    assert float(_wire_beta(float(x_d[0]), y_d[0])) == float(want[0])
+    assert _wire_beta(np.array([0.0]), np.array([0.0])).tolist() == [0.0]
 
 
 def test_verify_degenerate_residual_falls_back_to_y():

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from agents.device import DeviceSpec, RunParams
-from agents.engine import PackedDrafted, PackedVerdicts, replay_content, run_local
+from agents.engine import PackedDrafted, PackedVerdicts, replay_content, run_content, run_local
 from agents.events import MessageLost, ShadowResolved, TokenCommitted, UploadSent, VerdictReceived
 from agents.lm import BatchedLM
 from agents.models import load_model
@@ -45,7 +45,7 @@ def _policies():
 
 def _content(lms, tokens: int):
     specs, params = _fleet(tokens)
-    return specs, params, run_local(specs, params, ServerProfile(), *lms, _policies(), mode="content").content
+    return specs, params, run_content(specs, params, ServerProfile(), *lms, _policies()).content
 
 
 def _replay_peak(specs, params, content, tmp_path, history: bool, max_pending: int = MAX_PENDING) -> tuple[int, ResultsWriter]:
@@ -186,7 +186,7 @@ def test_a_stopped_device_flush_is_billed_to_its_last_row(tmp_path):
     params = dataclasses.replace(params, stop=StopRule(frozenset(eos)))
     rows = tokens_frame(run_local(specs, params, ServerProfile(), *fresh(), _policies()).rows)
     rows = rows.sort_values(["device", "token_index"]).reset_index(drop=True)
-    content = run_local(specs, params, ServerProfile(), *fresh(), _policies(), mode="content").content.packed()
+    content = run_content(specs, params, ServerProfile(), *fresh(), _policies()).content.packed()
     last = rows.groupby("device").tail(1)
     stopped = last[last.stop_reason == "eos"]
     assert stopped.transmitted.any() and (~stopped.transmitted).any() and (last.stop_reason == "length").any()

@@ -105,7 +105,7 @@ def test_past_max_restarts_the_run_fails_with_one_paragraph(ray_session, tmp_pat
 
 
 def _drive(group, verifier, pause=None):
-    """run_local's loop (agents.engine) in the content mode; returns early when `pause(group)` holds
+    """agents.engine.drive's loop, for a content pass; returns early when `pause(group)` holds
     after the uploads of a step were submitted and before their batch is verified."""
     while not group.done:
         for upload in group.step():
@@ -125,7 +125,7 @@ def test_restored_verifier_continues_bit_for_bit(stops):
     (LLM caches re-fed in the original incremental calls), and so does the replayed trace. With stops
     (the tiny tokenizer's eos) too: sessions closed by a stop stay closed, the others go on."""
     from agents.device import DeviceGroupCore
-    from agents.engine import Content, replay_content, run_local
+    from agents.engine import Content, replay_content, run_content
     from agents.lm import BatchedLM
     from agents.models import load_model
     from agents.verifier import VerifierCore
@@ -135,14 +135,14 @@ def test_restored_verifier_continues_bit_for_bit(stops):
     p = plan(scenario(**({"generation.stop_at_eos": True} if stops else {})))
     policies = lambda: {name: load_policy(spec) for name, spec in p.policy_specs.items()}  # noqa: E731
     slm, llm = (lambda: BatchedLM(load_model(p.slm))), (lambda: BatchedLM(load_model(p.llm)))
-    ref = run_local(p.specs, p.run, p.server, slm(), llm(), policies(), mode="content").content
+    ref = run_content(p.specs, p.run, p.server, slm(), llm(), policies()).content
 
-    group = DeviceGroupCore(p.specs, p.run, slm(), policies(), record=True)
-    lost = VerifierCore(llm(), p.server, p.run.seed, p.run.vocab_size, mode="content")
+    group = DeviceGroupCore.content_pass(p.specs, p.run, slm(), policies())
+    lost = VerifierCore.content_pass(llm(), p.server, p.run.seed, p.run.vocab_size)
     lost.open(group.opens())
     _drive(group, lost, pause=lambda g: sum(len(d.rows) for d in g.devices.values()) >= 60 and g.unanswered())
     assert group.unanswered() and not group.done  # uploads in flight when the verifier is lost
-    new = VerifierCore(llm(), p.server, p.run.seed, p.run.vocab_size, mode="content")
+    new = VerifierCore.content_pass(llm(), p.server, p.run.seed, p.run.vocab_size)
     new.restore(group.session_states())
     assert {k: v for k, v in new.log.items()} == {k: v for k, v in lost.log.items() if k in new.log}
     for upload in group.unanswered():  # the groups resend what is unanswered
