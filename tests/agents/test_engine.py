@@ -235,3 +235,82 @@ def test_a_long_verifier_queue_with_a_lossy_downlink_is_no_lost_verdict():
     assert one["retransmissions"].max() > MAX_RETRANSMISSIONS
     frame_bytes = one["uplink_bytes"] / (1 + one["retransmissions"])
     assert (frame_bytes == frame_bytes.iloc[0]).all()  # every copy's bytes are counted
+
+
+def _fleet(policies: list[str], n: int, seed: int = 4) -> list[DeviceSpec]:
+    link = DuplexProfile.from_dict({"uplink": {"rate_mbps": 2.0, "delay_ms": 20.0, "jitter_ms": 5.0},
+                                    "downlink": {"rate_mbps": 20.0, "delay_ms": 10.0}})
+    rng = np.random.default_rng(seed)
+    return [DeviceSpec(i, "t", policies[i % len(policies)], 10.0 + 7 * (i % 3), link, i % 3,
+                       tuple(rng.integers(0, 256, 3 + i % 4).tolist())) for i in range(n)]
+
+
+def test_a_virtual_clock_run_tells_the_adaptive_policy_each_beta_once():
+    """Regression: the timing replay fed Policy.observe every beta a second time, so after run_virtual a
+    cu-hlm-adaptive policy's statistics counted each verdict twice (and its rule followed). Now the
+    content pass alone tells the policy: its per-device statistics after run_virtual equal those after
+    the content pass alone and after a one-pass run (each device's betas arrive in its own order in
+    every engine)."""
+    from agents.engine import run_content, run_virtual
+
+    specs = _fleet(["cu-hlm-adaptive"], 6)
+    run = RunParams(seed=3, max_new_tokens=24, temperature=1.0, vocab_size=V)
+
+    def stats(engine) -> dict:
+        policy = load_policy({"name": "cu-hlm-adaptive", "min_samples": 4, "risk": 0.1})
+        engine(specs, run, ServerProfile(max_batch=4), BatchedLM(load_model("tiny:slm")),
+               BatchedLM(load_model("tiny:llm")), {"cu-hlm-adaptive": policy})
+        return {s.device: policy.skip_rule.stats(s.device) for s in specs}
+
+    virtual = stats(run_virtual)
+    assert virtual == stats(run_content) == stats(run_local)
+    assert [s["observed"] for s in virtual.values()] == [run.max_new_tokens] * len(specs)  # each beta once
+
+
+class BatchDependent:
+    """A model runner whose forward is not batch invariant: a forward over n sessions scales every
+    logit by 1 + 1e-3 (n - 1) (alone, a session gets the model's own bits), as the transformers forward
+    rounds differently in other batch layouts, only more. `batch_invariant`: what it claims to be.
+    `widest`: the most sessions one forward took."""
+
+    def __init__(self, lm: BatchedLM, claims_invariant: bool):
+        self.lm, self.batch_invariant, self.widest = lm, claims_invariant, 0
+
+    def __getattr__(self, name):  # length, drop, max_positions, vocab_size, ...
+        return getattr(self.lm, name)
+
+    def extend(self, items, all_positions: bool = False, logits: bool = True):
+        self.widest = max(self.widest, len(items))
+        out = self.lm.extend(items, all_positions=all_positions, logits=logits)
+        scale = np.float32(1.0 + 1e-3 * (len(items) - 1))
+        return None if out is None else [z * scale for z in out]
+
+
+@pytest.mark.parametrize("claims_invariant", [False, True], ids=["says-not-invariant", "negative-control"])
+def test_a_forward_that_is_not_batch_invariant_gives_the_one_pass_content(claims_invariant):
+    """The content pass forwards every device at once, a one-pass run whoever is ready: the same content
+    only if a session's logits do not depend on its companions. A runner that does not claim batch
+    invariance gets one sequence per forward, SLM and LLM (prefill, verification, flush), in both
+    engines, and the two-pass trace equals the one-pass trace, every column. Negative control: the same
+    runner claiming invariance is batched, and the traces differ."""
+    import pandas as pd
+
+    from agents.engine import run_virtual
+
+    names = ["cu-hlm", "u-hlm", "llm-only", "slm-only"]
+    specs = _fleet(names, 8)
+    run = RunParams(seed=7, max_new_tokens=8, temperature=1.0, vocab_size=V)
+
+    def trace(engine):
+        slm, llm = (BatchDependent(BatchedLM(load_model(m)), claims_invariant) for m in ("tiny:slm", "tiny:llm"))
+        result = engine(specs, run, ServerProfile(max_batch=4, max_wait_ms=3.0), slm, llm,
+                        {n: load_policy(n) for n in names})
+        rows = pd.DataFrame(result.rows).sort_values(["device", "token_index"]).reset_index(drop=True)
+        return rows, max(slm.widest, llm.widest)
+
+    (one, one_widest), (two, two_widest) = trace(run_local), trace(run_virtual)
+    if claims_invariant:
+        assert two_widest > 1 and not one.equals(two)
+    else:
+        assert one_widest == two_widest == 1
+        pd.testing.assert_frame_equal(one, two, check_exact=True)
