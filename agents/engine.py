@@ -36,9 +36,8 @@ loop (`drive`) over the same state machines, composed of other pieces (docs/desi
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from collections.abc import Callable
 
 import numpy as np
 

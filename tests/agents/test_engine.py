@@ -210,8 +210,8 @@ def test_a_long_verifier_queue_with_a_lossy_downlink_is_no_lost_verdict():
     commits, and the one-pass and two-pass engines give the same trace."""
     import pandas as pd
 
-    from agents.links import MAX_RETRANSMISSIONS
     from agents.engine import run_virtual
+    from agents.links import MAX_RETRANSMISSIONS
 
     link = DuplexProfile.from_dict({"uplink": {"rate_mbps": 10.0, "delay_ms": 5.0},
                                     "downlink": {"rate_mbps": 10.0, "delay_ms": 5.0, "loss": 0.3}})

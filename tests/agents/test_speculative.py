@@ -10,8 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents import codec, speculative
-from agents.speculative import (hybrid_distribution, reconstruct, rejection_prob, sample_draft, sample_from_uniforms,
-                                softmax_t, verify, verify_from_uniforms)
+from agents.speculative import (
+    hybrid_distribution,
+    reconstruct,
+    rejection_prob,
+    sample_draft,
+    sample_from_uniforms,
+    softmax_t,
+    verify,
+    verify_from_uniforms,
+)
 from policies.rng import keyed_rng
 
 # A small vocabulary with a clear gap between x and y, so wrong rules are visibly wrong.
@@ -234,7 +242,7 @@ def test_rejection_prob():
 def test_the_verifier_measures_beta_with_rejection_prob():
     """The verifier's betas (verdict and shadows) are rejection_prob of the wire's x_d, rounded to
     float32 as the wire carries them, bit for bit; an x_d that underflowed to 0 gives 0, not NaN."""
-    from agents.verifier import _wire_beta
+    from agents.verdicts import _wire_beta
 
     rng = np.random.default_rng(3)
     x_d, y_d = np.float32(rng.random(64)).astype(np.float64), rng.random(64)
