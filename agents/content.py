@@ -65,7 +65,9 @@ class ContentSource(Protocol):
     """What a device's state machine asks of where its content comes from (the hooks, in the order a
     token meets them)."""
 
-    slm: object  # the SLM runner (agents.lm.BatchedLM), None without one
+    @property
+    def slm(self) -> object:
+        """The SLM runner (agents.lm.BatchedLM), None without one."""
 
     def start(self, d: Device) -> None:
         """A device joins (before its first token)."""

@@ -171,7 +171,8 @@ class EngineResult:
     content: Content | None = None  # run_content: the record for a replay
 
 
-def drive(group: DeviceGroupCore, verifier: VerifierCore, on_step: Callable | None = None,
+def drive(group: DeviceGroupCore, verifier: VerifierCore,
+          on_step: Callable[[DeviceGroupCore, VerifierCore], None] | None = None,
           on_events: Callable[[list], None] | None = None, history: bool = True) -> EngineResult:
     """Run `group` against `verifier` to the end in the virtual clock; `on_step(group, verifier)` sees
     progress, `on_events` gets the events of each step (agents.events: the devices', then the
@@ -202,17 +203,8 @@ def drive(group: DeviceGroupCore, verifier: VerifierCore, on_step: Callable | No
     return EngineResult(group.rows(), verifier.batches, group.timings.snapshot(), verifier.timings.snapshot())
 
 
-def run_local(
-    specs: list[DeviceSpec],
-    run: RunParams,
-    server: ServerProfile,
-    slm,
-    llm,
-    policies: dict[str, Policy],
-    on_step: Callable[[DeviceGroupCore, VerifierCore], None] | None = None,
-    on_events: Callable[[list], None] | None = None,
-    history: bool = True,
-) -> EngineResult:
+def run_local(specs: list[DeviceSpec], run: RunParams, server: ServerProfile, slm, llm, policies: dict[str, Policy],
+              on_step: Callable | None = None, on_events: Callable | None = None, history: bool = True) -> EngineResult:
     """The one-pass emulation: every device to the end in the virtual clock, content from the models
     and time from the links and the batching rule at once (as the wall clock composes them). on_step,
     on_events, history: as in drive (history=False: EngineResult.rows and .batches are empty, the
@@ -222,17 +214,9 @@ def run_local(
     return drive(group, verifier, on_step, on_events, history)
 
 
-def run_content(
-    specs: list[DeviceSpec],
-    run: RunParams,
-    server: ServerProfile,
-    slm,
-    llm,
-    policies: dict[str, Policy],
-    on_step: Callable[[DeviceGroupCore, VerifierCore], None] | None = None,
-    on_events: Callable[[list], None] | None = None,
-    history: bool = True,
-) -> EngineResult:
+def run_content(specs: list[DeviceSpec], run: RunParams, server: ServerProfile, slm, llm, policies: dict[str, Policy],
+                on_step: Callable | None = None, on_events: Callable | None = None,
+                history: bool = True) -> EngineResult:
     """Pass 1 of run_virtual (module docstring): content at full batch, untimed; EngineResult.content
     is its record. on_step, on_events, history: as in drive."""
     group = DeviceGroupCore.content_pass(specs, run, slm, policies, history)

@@ -86,7 +86,7 @@ class LLMVerdicts:
                                          protocol.ErrorCode.LIMIT)
         return payload
 
-    def of_flush(self, s: Session, f: protocol.Flush) -> tuple[protocol.Verdict, np.ndarray | None]:
+    def of_flush(self, s: Session, f: protocol.Upload | protocol.Flush) -> tuple[protocol.Verdict, np.ndarray | None]:
         """The verdict on a final flush (the shadow betas of its piggyback) and the LLM's logits at those
         positions; a flush with no piggyback (a sequence that stopped at a verified token) runs no forward."""
         logits = None
@@ -124,7 +124,8 @@ class LLMVerdicts:
         queued (up to EAGER_ROWS token rows), and later batches find their logits ready: real
         forwards run at the largest batch the arrivals allow, emulated batches stay as the
         server profile forms them."""
-        todo, rows = [], 0
+        todo: list[protocol.Upload | protocol.Flush] = []
+        rows = 0
         for f in (u.frame for u in required + extra):
             if (f.device, f.seq) in self.computed:
                 continue
@@ -161,6 +162,7 @@ class LLMVerdicts:
         measured though the token was never verified."""
         if not f.piggyback:
             return []
+        assert z is not None, "piggybacked tokens come with their logits"
         y = softmax_t(z[: len(f.piggyback)], s.temperature)
         tokens = np.asarray(f.piggyback)
         return _wire_beta(np.asarray(f.piggyback_probs), y[np.arange(len(tokens)), tokens]).tolist()
@@ -180,7 +182,7 @@ class RecordingVerdicts(LLMVerdicts):
         super().__init__(llm, seed, vocab_size)
         self.log: dict[tuple[int, int], protocol.Verdict] = {}
 
-    def of_flush(self, s: Session, f: protocol.Flush) -> tuple[protocol.Verdict, np.ndarray | None]:
+    def of_flush(self, s: Session, f: protocol.Upload | protocol.Flush) -> tuple[protocol.Verdict, np.ndarray | None]:
         frame, logits = super().of_flush(s, f)
         self.log[(f.device, f.seq)] = frame
         return frame, logits
@@ -214,7 +216,7 @@ class ReplayVerdicts:
     def check(self, f: protocol.Upload | protocol.Flush, s: Session):
         return None
 
-    def of_flush(self, s: Session, f: protocol.Flush) -> tuple[protocol.Verdict, None]:
+    def of_flush(self, s: Session, f: protocol.Upload | protocol.Flush) -> tuple[protocol.Verdict, None]:
         return self.log[(f.device, f.seq)], None
 
     def of_batch(self, requests: list[tuple[Upload, object]], sessions: dict[int, Session],

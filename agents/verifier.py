@@ -117,7 +117,7 @@ class BatchingRule:
             return None
         if now is not None and now < start:
             return None
-        batch = []
+        batch: list[tuple[Upload, object]] = []
         while core.queue and len(batch) < core.server.max_batch and core.queue[0][0] <= start:
             batch.append(heapq.heappop(core.queue)[3:])
         return batch
@@ -350,7 +350,7 @@ class VerifierCore:
                                          f"and >= 0", protocol.ErrorCode.BAD_BODY)
         return self.verdicts.check(f, s)  # bad ids, payload or context: rejected here, alone
 
-    def _close(self, s: Session, f: protocol.Flush, t_arrive: float) -> Verdict:
+    def _close(self, s: Session, f: protocol.Upload | protocol.Flush, t_arrive: float) -> Verdict:
         """Answer a final flush (the shadow betas of its piggyback) and close its session."""
         frame, logits = self.verdicts.of_flush(s, f)
         s.last_verdict = Verdict(frame, VerdictStamp(t_arrive))  # a repeat comes without the logits
