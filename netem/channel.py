@@ -17,6 +17,7 @@ E[W log2(1 + SNR |h|^2)], which is below W log2(1 + SNR) (Jensen).
 (seed, k) alone (counter-based Philox, in chunks of 256 blocks), so any time can be looked up
 in O(1) without replaying history or storing it: a link jumping to t = 1 hour never stalls.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,13 +65,30 @@ def coherence_time(speed_mps: float, carrier_hz: float) -> float:
 
 # Scenario-friendly keys -> (field, scale to SI).
 _UNIT_KEYS = {
-    "bandwidth_hz": ("bandwidth_hz", 1.0), "bandwidth_khz": ("bandwidth_hz", 1e3), "bandwidth_mhz": ("bandwidth_hz", 1e6),
-    "distance_m": ("distance_m", 1.0), "distance_km": ("distance_m", 1e3),
-    "carrier_hz": ("carrier_hz", 1.0), "carrier_mhz": ("carrier_hz", 1e6), "carrier_ghz": ("carrier_hz", 1e9),
-    "coherence_s": ("coherence_s", 1.0), "coherence_ms": ("coherence_s", 1e-3),
+    "bandwidth_hz": ("bandwidth_hz", 1.0),
+    "bandwidth_khz": ("bandwidth_hz", 1e3),
+    "bandwidth_mhz": ("bandwidth_hz", 1e6),
+    "distance_m": ("distance_m", 1.0),
+    "distance_km": ("distance_m", 1e3),
+    "carrier_hz": ("carrier_hz", 1.0),
+    "carrier_mhz": ("carrier_hz", 1e6),
+    "carrier_ghz": ("carrier_hz", 1e9),
+    "coherence_s": ("coherence_s", 1.0),
+    "coherence_ms": ("coherence_s", 1e-3),
 }
-_PLAIN_KEYS = ("snr_db", "tx_power_dbm", "path_loss_exponent", "ref_distance_m", "ref_loss_db",
-               "noise_psd_dbm_hz", "noise_figure_db", "fading", "rician_k", "rician_k_db", "efficiency")
+_PLAIN_KEYS = (
+    "snr_db",
+    "tx_power_dbm",
+    "path_loss_exponent",
+    "ref_distance_m",
+    "ref_loss_db",
+    "noise_psd_dbm_hz",
+    "noise_figure_db",
+    "fading",
+    "rician_k",
+    "rician_k_db",
+    "efficiency",
+)
 
 
 def _num(where: str, key: str, value, *, positive=False, nonneg=False, optional=False) -> float | None:
@@ -126,7 +144,9 @@ class ChannelProfile:
         _num(w, "coherence_s", self.coherence_s, positive=True)
         _num(w, "efficiency", self.efficiency, positive=True)
         if self.efficiency > 1:
-            raise ValueError(f"channel.efficiency: expected a fraction in (0, 1] of the Shannon rate, got {self.efficiency!r}")
+            raise ValueError(
+                f"channel.efficiency: expected a fraction in (0, 1] of the Shannon rate, got {self.efficiency!r}"
+            )
         if self.fading not in FADING_KINDS:
             raise ValueError(f"channel.fading: expected one of {', '.join(FADING_KINDS)}, got {self.fading!r}")
         budget = self.tx_power_dbm is not None or self.distance_m is not None

@@ -31,6 +31,7 @@ stream derived from the link's seed, so e.g. turning on duplication does not cha
 packets are lost. `link_seed(seed, device, direction)` keys a link by scenario seed, device
 and direction, so links are independent and each is reproducible on its own.
 """
+
 from __future__ import annotations
 
 import collections
@@ -104,8 +105,13 @@ class _Varying:
         cols = p.trace.columns() if p.trace else []
         self.rate_varies = self.channel is not None or "rate_bps" in cols
         self.delay_varies = "delay_s" in cols
-        self.rate_segment = (self.channel.rate_segment if self.channel else
-                             self._trace_rate if "rate_bps" in cols else self.static.rate_segment)
+        self.rate_segment = (
+            self.channel.rate_segment
+            if self.channel
+            else self._trace_rate
+            if "rate_bps" in cols
+            else self.static.rate_segment
+        )
         self.delay_at = self._trace_delay if self.delay_varies else self.static.delay_at
         self.loss_at = self._trace_loss if "loss" in cols else self.static.loss_at
 
@@ -212,7 +218,7 @@ class Link:
         arrivals = self.transmit(nbytes, t_send)
         return arrivals[0] if arrivals else None
 
-    def message(self, nbytes: int) -> "Delivery":
+    def message(self, nbytes: int) -> Delivery:
         """A message of `nbytes` to deliver reliably: its rounds (Delivery.round) go in time order."""
         return Delivery(self, nbytes)
 
@@ -220,19 +226,11 @@ class Link:
         """Arrival times of every complete copy of the message: () if lost, two if duplicated."""
         self._start(nbytes, t_send)
         mtu, over = self._mtu, self._overhead
-        if nbytes <= mtu and not self._dup:  # one packet, no copies
-            a = self._packet(nbytes + over, t_send)
-            if a is None:
-                self.stats.messages_lost += 1
-                return ()
-            return (a,)
         npk = max(1, -(-nbytes // mtu))
         first = second = -math.inf
         complete, twice = True, True
         for i in range(npk):
-            wire = (mtu if i < npk - 1 else nbytes - mtu * (npk - 1)) + over
-            a = self._packet(wire, t_send)
-            b = self._packet(wire, t_send) if self._dup and self._dup_u() < self._dup else None
+            a, b = self._copies((mtu if i < npk - 1 else nbytes - mtu * (npk - 1)) + over, t_send)
             if a is None and b is None:
                 complete = False
                 continue
@@ -251,10 +249,15 @@ class Link:
             return (first, max(first, second))
         return (first,)
 
-    def _copy(self, wire: int, t: float) -> float | None:
-        """One packet and, when the link duplicates it, its copy: the earliest arrival, or None."""
+    def _copies(self, wire: int, t: float) -> tuple[float | None, float | None]:
+        """One packet and, when the link duplicates it, its copy: both arrivals (None: lost, or no copy)."""
         a = self._packet(wire, t)
         b = self._packet(wire, t) if self._dup and self._dup_u() < self._dup else None
+        return a, b
+
+    def _copy(self, wire: int, t: float) -> float | None:
+        """The earliest arrival of a packet and its copy (_copies), or None when neither arrives."""
+        a, b = self._copies(wire, t)
         if a is None or b is None:
             return a if b is None else b
         return a if a <= b else b

@@ -32,6 +32,7 @@ fractions 0..1 instead of percents:
 ...) and raises ValueError naming the offending key; `to_dict` writes the same form back.
 `DuplexProfile(uplink, downlink)`: uplink = device -> verifier, downlink = verifier -> device.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,13 +45,25 @@ JITTER_DISTS = ("uniform", "normal", "pareto")
 
 # Scenario-friendly keys with units -> (field, scale to SI).
 _UNIT_KEYS = {
-    "rate_bps": ("rate_bps", 1.0), "rate_kbps": ("rate_bps", 1e3),
-    "rate_mbps": ("rate_bps", 1e6), "rate_gbps": ("rate_bps", 1e9),
-    "delay_s": ("delay_s", 1.0), "delay_ms": ("delay_s", 1e-3),
-    "jitter_s": ("jitter_s", 1.0), "jitter_ms": ("jitter_s", 1e-3),
+    "rate_bps": ("rate_bps", 1.0),
+    "rate_kbps": ("rate_bps", 1e3),
+    "rate_mbps": ("rate_bps", 1e6),
+    "rate_gbps": ("rate_bps", 1e9),
+    "delay_s": ("delay_s", 1.0),
+    "delay_ms": ("delay_s", 1e-3),
+    "jitter_s": ("jitter_s", 1.0),
+    "jitter_ms": ("jitter_s", 1e-3),
 }
-_PROBABILITIES = ("jitter_correlation", "loss", "loss_correlation", "ge_p", "ge_r", "ge_loss_bad",
-                  "ge_loss_good", "duplicate")
+_PROBABILITIES = (
+    "jitter_correlation",
+    "loss",
+    "loss_correlation",
+    "ge_p",
+    "ge_r",
+    "ge_loss_bad",
+    "ge_loss_good",
+    "duplicate",
+)
 _PLAIN_KEYS = (*_PROBABILITIES, "jitter_dist", "queue_bytes", "mtu", "overhead_bytes", "channel", "trace")
 
 
@@ -109,8 +122,10 @@ class LinkProfile:
         _check_int("overhead_bytes", self.overhead_bytes, 0)
         _check_int("queue_bytes", self.queue_bytes, 1, optional=True)
         if self.queue_bytes is not None and self.queue_bytes < self.mtu + self.overhead_bytes:
-            raise ValueError(f"queue_bytes: {self.queue_bytes} cannot hold one full packet "
-                             f"(mtu {self.mtu} + overhead_bytes {self.overhead_bytes})")
+            raise ValueError(
+                f"queue_bytes: {self.queue_bytes} cannot hold one full packet "
+                f"(mtu {self.mtu} + overhead_bytes {self.overhead_bytes})"
+            )
         if self.channel is not None and not isinstance(self.channel, ChannelProfile):
             raise ValueError(f"channel: expected a netem.channel.ChannelProfile, got {type(self.channel).__name__}")
         if self.trace is not None and not isinstance(self.trace, Trace):
@@ -123,8 +138,11 @@ class LinkProfile:
             raise ValueError("rate_bps and channel both set; with a channel the rate comes from the channel")
         if self.trace is not None:
             cols = self.trace.columns()
-            for col, static in (("rate_bps", math.isfinite(self.rate_bps)), ("delay_s", self.delay_s > 0),
-                                ("loss", self.loss > 0)):
+            for col, static in (
+                ("rate_bps", math.isfinite(self.rate_bps)),
+                ("delay_s", self.delay_s > 0),
+                ("loss", self.loss > 0),
+            ):
                 if col in cols and static:
                     raise ValueError(f"{col} is set and trace {self.trace.source!r} also gives {col}; use one")
             if "loss" in cols and self.ge_p > 0:
@@ -201,8 +219,10 @@ class LinkProfile:
         parts = []
         if self.channel is not None:
             c = self.channel
-            parts.append(f"channel {c.bandwidth_hz / 1e6:g} MHz, SNR {c.mean_snr_db():.1f} dB, {c.fading} "
-                         f"(~{c.awgn_rate_bps() / 1e6:.3g} Mbit/s unfaded)")
+            parts.append(
+                f"channel {c.bandwidth_hz / 1e6:g} MHz, SNR {c.mean_snr_db():.1f} dB, {c.fading} "
+                f"(~{c.awgn_rate_bps() / 1e6:.3g} Mbit/s unfaded)"
+            )
         elif self.trace is not None and "rate_bps" in self.trace.columns():
             parts.append(f"trace {self.trace.source}")
         else:
@@ -276,9 +296,11 @@ class DuplexProfile:
         for name in ("uplink", "downlink"):
             if name not in d:
                 raise ValueError(f"{name}: missing; a duplex profile needs both uplink and downlink")
-        return cls(LinkProfile.from_dict(d["uplink"], where="uplink"),
-                   LinkProfile.from_dict(d["downlink"], where="downlink"),
-                   str(d.get("description", "")))
+        return cls(
+            LinkProfile.from_dict(d["uplink"], where="uplink"),
+            LinkProfile.from_dict(d["downlink"], where="downlink"),
+            str(d.get("description", "")),
+        )
 
     def to_dict(self) -> dict:
         out = {"uplink": self.uplink.to_dict(), "downlink": self.downlink.to_dict()}

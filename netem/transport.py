@@ -33,6 +33,7 @@ behind their due times messages were delivered (the wall clock's lag when this m
 cannot keep up). `close()` stops the thread/timers and drops what is still pending;
 `drain(timeout)` first waits (blocking; not for use on an event loop) until nothing is pending.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -40,7 +41,8 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from netem.link import Link
 from netem.profile import LinkProfile
@@ -72,9 +74,16 @@ def zmq_deliver(socket, flags: int = 0, copy: bool = True) -> Callable[[Any], No
 class ShapedSender:
     """Deliver messages when their Link says they arrive. See the module docstring."""
 
-    def __init__(self, deliver: Callable[[Any], None], link: Link | None = None, *, time_scale: float = 1.0,
-                 epoch: float | None = None, clock: Callable[[], float] = time.monotonic,
-                 size: Callable[[Any], int] = message_size):
+    def __init__(
+        self,
+        deliver: Callable[[Any], None],
+        link: Link | None = None,
+        *,
+        time_scale: float = 1.0,
+        epoch: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        size: Callable[[Any], int] = message_size,
+    ):
         if not time_scale > 0:
             raise ValueError(f"time_scale: expected real seconds per emulated second > 0, got {time_scale!r}")
         self.link = link
@@ -90,8 +99,14 @@ class ShapedSender:
         self._loop = None
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._counts = {"sent": 0, "dropped": 0, "delivered": 0, "duplicates": 0, "deliver_errors": 0,
-                        "late_over_1ms": 0}
+        self._counts = {
+            "sent": 0,
+            "dropped": 0,
+            "delivered": 0,
+            "duplicates": 0,
+            "deliver_errors": 0,
+            "late_over_1ms": 0,
+        }
         self._late_max = 0.0
         self._late_sum = 0.0
 

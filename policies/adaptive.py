@@ -75,6 +75,7 @@ uniforms: the boundary bin's q, then the probe). Decisions therefore do not depe
 which devices share the instance, the process or a batch. A device whose token index goes
 back (a replayed or repeated run on the same instance) starts from a fresh state.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -84,7 +85,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from policies.base import Policy, TokenBatch
-from policies.policy import HybridPolicy, PolicyConfig, _coerce, in_effect, validate
+from policies.policy import HybridPolicy, PolicyConfig, _coerce, as_checked, in_effect, validate
 from policies.rejection import RejectionModel
 from policies.rng import keyed_rng
 from policies.truncation import OnlineKStar
@@ -133,8 +134,9 @@ def check_adaptive(risk, epsilon, feedback, min_samples, prior_strength, bin_wid
     if feedback not in FEEDBACK:
         raise ValueError(f"feedback must be one of {', '.join(FEEDBACK)}; got {feedback!r}")
     if feedback == "transmitted" and not epsilon > 0:
-        raise ValueError("epsilon must be > 0 with feedback='transmitted': probes are then its only view of beta "
-                         "where it skips")
+        raise ValueError(
+            "epsilon must be > 0 with feedback='transmitted': probes are then its only view of beta where it skips"
+        )
     if isinstance(min_samples, bool) or not isinstance(min_samples, (int, np.integer)) or min_samples < 1:
         raise ValueError(f"min_samples must be an integer >= 1, got {min_samples!r}")
     number("prior_strength", prior_strength)
@@ -152,8 +154,15 @@ class AdaptiveSkip:
     """The skip rule of cu-hlm-adaptive (see the module docstring): callable (u, batch) ->
     skip [B] like the rules in policies.skip, plus `observe` for the verdicts."""
 
-    def __init__(self, risk: float = 0.02, epsilon: float = 0.05, feedback: str = "shadow", min_samples: int = 8,
-                 prior_strength: float = 2.0, bin_width: float = 0.05):
+    def __init__(
+        self,
+        risk: float = 0.02,
+        epsilon: float = 0.05,
+        feedback: str = "shadow",
+        min_samples: int = 8,
+        prior_strength: float = 2.0,
+        bin_width: float = 0.05,
+    ):
         check_adaptive(risk, epsilon, feedback, min_samples, prior_strength, bin_width, "learned")
         self.risk = float(risk)
         self.epsilon = float(epsilon)
@@ -219,8 +228,15 @@ class AdaptiveSkip:
 
     def stats(self, device: int) -> dict:
         st = self._st(device)
-        return dict(decided=st.decided, observed=st.observed, would_skip=st.would_skip, probes=st.probes,
-                    skipped=st.skipped, u_threshold=self.u_threshold(device), rule=self.rule(device))
+        return dict(
+            decided=st.decided,
+            observed=st.observed,
+            would_skip=st.would_skip,
+            probes=st.probes,
+            skipped=st.skipped,
+            u_threshold=self.u_threshold(device),
+            rule=self.rule(device),
+        )
 
     # --- the rule --------------------------------------------------------------------------
     def __call__(self, u: np.ndarray, batch: TokenBatch) -> np.ndarray:
@@ -346,8 +362,9 @@ class LearnedKStar:
 
 # Parameters: the PolicyConfig fields of estimator and upload, then the rule's own.
 CONFIG_PARAMS = ("estimator", "K", "theta_max", "truncation", "k", "top_p", "theta", "eta", "a", "b", "prob_bits")
-ADAPTIVE_DEFAULTS = dict(risk=0.02, epsilon=0.05, feedback="shadow", min_samples=8, prior_strength=2.0,
-                         bin_width=None, kstar_beta="learned")
+ADAPTIVE_DEFAULTS = dict(
+    risk=0.02, epsilon=0.05, feedback="shadow", min_samples=8, prior_strength=2.0, bin_width=None, kstar_beta="learned"
+)
 PARAMS = (*CONFIG_PARAMS, *ADAPTIVE_DEFAULTS)
 
 
@@ -355,20 +372,33 @@ def _check_config(c: PolicyConfig) -> None:
     if c.estimator == "none":
         raise ValueError("estimator must name an uncertainty estimator for cu-hlm-adaptive, got 'none'")
     if c.truncation == "offline":
-        raise ValueError("truncation 'offline' needs an offline calibration, which this policy does without; "
-                         "use online, top-k, top-p or full")
+        raise ValueError(
+            "truncation 'offline' needs an offline calibration, which this policy does without; "
+            "use online, top-k, top-p or full"
+        )
 
 
 class AdaptivePolicy(HybridPolicy):
     """cu-hlm with a self-calibrating skip rule: estimator -> AdaptiveSkip -> truncator
     (online k* by default) -> quantiser. `observe` feeds the rule (see module docstring)."""
 
-    def __init__(self, name: str = "cu-hlm-adaptive", config: PolicyConfig | None = None, *, risk: float = 0.02,
-                 epsilon: float = 0.05, feedback: str = "shadow", min_samples: int = 8, prior_strength: float = 2.0,
-                 bin_width: float | None = None, kstar_beta: str = "learned", estimator=None):
+    def __init__(
+        self,
+        name: str = "cu-hlm-adaptive",
+        config: PolicyConfig | None = None,
+        *,
+        risk: float = 0.02,
+        epsilon: float = 0.05,
+        feedback: str = "shadow",
+        min_samples: int = 8,
+        prior_strength: float = 2.0,
+        bin_width: float | None = None,
+        kstar_beta: str = "learned",
+        estimator=None,
+    ):
         config = dataclasses.replace(config or PolicyConfig(truncation="online"), skip="never")
         check_adaptive(risk, epsilon, feedback, min_samples, prior_strength, bin_width, kstar_beta)
-        _check_config(config if estimator is None else dataclasses.replace(config, estimator="temperature"))
+        _check_config(as_checked(config, estimator))
         if bin_width is None:
             bin_width = 1.0 / config.K if config.estimator == "temperature" else 0.02
         self.kstar_beta = kstar_beta
@@ -387,8 +417,14 @@ class AdaptivePolicy(HybridPolicy):
         effect = set(in_effect(c))
         out = {n: full[n] for n in CONFIG_PARAMS if n in effect}
         s = self.skip_rule
-        out.update(risk=s.risk, epsilon=s.epsilon, feedback=s.feedback, min_samples=s.min_samples,
-                   prior_strength=s.prior_strength, bin_width=s.bin_width)
+        out.update(
+            risk=s.risk,
+            epsilon=s.epsilon,
+            feedback=s.feedback,
+            min_samples=s.min_samples,
+            prior_strength=s.prior_strength,
+            bin_width=s.bin_width,
+        )
         if c.truncation == "online":
             out["kstar_beta"] = self.kstar_beta
         return out
@@ -421,8 +457,9 @@ class AdaptivePreset:
         effect = set(in_effect(cfg)) | ({"kstar_beta"} if cfg.truncation == "online" else set())
         idle = sorted(n for n in params if n not in effect and (n in CONFIG_PARAMS or n == "kstar_beta"))
         if idle:  # as for the other presets: a parameter without effect is almost always a mistake
-            raise ValueError(f"parameter {idle[0]!r} has no effect here (truncation={cfg.truncation!r}, "
-                             f"estimator={cfg.estimator!r})")
+            raise ValueError(
+                f"parameter {idle[0]!r} has no effect here (truncation={cfg.truncation!r}, estimator={cfg.estimator!r})"
+            )
         validate(cfg)  # the PolicyConfig value checks (K, theta, prob_bits, ...)
         rule = {**ADAPTIVE_DEFAULTS, **{n: given[n] for n in ADAPTIVE_DEFAULTS if n in given}}
         return AdaptivePolicy(self.name, cfg, **rule)

@@ -3,17 +3,24 @@
 A policy composes four swappable parts (docs/design.md section 1, steps 2-5):
 uncertainty estimator -> threshold rule (skip?) -> truncator (k) -> quantiser (bits).
 """
+
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 Key = tuple[int, int, int]  # (seed, device, token_index): what every random draw is keyed by
+
+# The bit widths a policy may choose for the uploaded probabilities (docs/design.md section 1, step 5;
+# b_prob = 8 by default). A policy only chooses; the payload codec (agents.codec) quantises and
+# speaks exactly these widths.
+PROB_BITS = (8, 16, 32)  # 32 = float32, no quantisation
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +73,7 @@ class TokenBatch:
     rows: Sequence[np.ndarray]  # x = softmax(z / T) per device, [V] each
 
     @staticmethod
-    def from_contexts(logits, ctxs: Sequence["DecisionContext"]) -> "TokenBatch":
+    def from_contexts(logits, ctxs: Sequence[DecisionContext]) -> TokenBatch:
         z = None
         if logits is not None:
             z = torch.as_tensor(logits)
@@ -88,7 +95,7 @@ class TokenBatch:
     def vocab_size(self) -> int:
         return int(self.logits.shape[1]) if self.logits is not None else int(np.asarray(self.rows[0]).shape[-1])
 
-    def select(self, rows) -> "TokenBatch":
+    def select(self, rows) -> TokenBatch:
         """The sub-batch of the given row indices (or boolean mask)."""
         rows = np.asarray(rows)
         idx = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)

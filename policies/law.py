@@ -18,6 +18,7 @@ verdict brings y. How u depends on d:
 - temperature perturbation: u = j / K with j ~ Binomial(K, q_d), q_d = 1 - E_theta[softmax(z / theta)_d]
   (policies.uncertainty.perturbation_keep_prob), so the law holds one entry per j (J = K + 1).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ import torch
 
 from policies.truncation import KStarTable
 from policies.uncertainty import perturbation_keep_prob
-
 
 # Temperature perturbation: drafts whose samples almost surely all differ from them (u = 1) are not
 # expanded over j. Treating d's u as 1 moves P by at most x_d P(j < K | d) <= x_d K p_d (p_d = 1 - q_d);

@@ -26,20 +26,21 @@ spread of 0.1 * D, D in [l(-1), l(0)] = [0.31, 0.69], i.e. 0.031 .. 0.069 (a tes
 choice; the paper's values were not at hand). The offline k=64 is a placeholder until
 calibrated (the `calibration` parameter, or calibration data passed by the caller).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from policies.base import Decision, DecisionContext, Policy, TokenBatch
+from policies.base import PROB_BITS, Decision, DecisionContext, Policy, TokenBatch
 from policies.law import DecisionLaw, u_grid
-from policies.quantise import PROB_BITS
 from policies.rejection import PAPER_A, PAPER_B, THRESHOLD_RULES, RejectionModel, threshold
 from policies.skip import SKIP_RULES, AlwaysSkip, NeverSkip, RandomSkip, ThresholdSkip
 from policies.truncation import TRUNCATIONS, Full, OnlineKStar, TopK, TopP, calibrate_offline_k
@@ -129,7 +130,9 @@ def validate(c: PolicyConfig, given: frozenset[str] = frozenset(), calibrated: b
         raise ValueError(f"eta must be > 0, got {c.eta}")
     needs_u = c.skip == "uncertainty" or c.truncation == "online"
     if needs_u and c.estimator == "none":
-        raise ValueError(f"skip={c.skip!r}/truncation={c.truncation!r} needs an uncertainty estimator, got estimator='none'")
+        raise ValueError(
+            f"skip={c.skip!r}/truncation={c.truncation!r} needs an uncertainty estimator, got estimator='none'"
+        )
     if c.skip == "uncertainty":
         if c.threshold == "fixed" and c.u_th is None:
             raise ValueError("threshold 'fixed' needs u_th")
@@ -144,7 +147,16 @@ def validate(c: PolicyConfig, given: frozenset[str] = frozenset(), calibrated: b
     relevant = in_effect(c, calibrated)
     for name in sorted(given):
         if name not in relevant:
-            raise ValueError(f"parameter {name!r} has no effect here (skip={c.skip!r}, truncation={c.truncation!r}, estimator={c.estimator!r})")
+            raise ValueError(
+                f"parameter {name!r} has no effect here "
+                f"(skip={c.skip!r}, truncation={c.truncation!r}, estimator={c.estimator!r})"
+            )
+
+
+def as_checked(c: PolicyConfig, estimator: Callable[..., Any] | None) -> PolicyConfig:
+    """The config that validation sees: a supplied estimator stands in for the one the config names,
+    so check it as if it named a working one (temperature) rather than, say, 'none'."""
+    return c if estimator is None else dataclasses.replace(c, estimator="temperature")
 
 
 def in_effect(c: PolicyConfig, calibrated: bool = False) -> list[str]:
@@ -202,12 +214,13 @@ class HybridPolicy(Policy):
         truncator: Callable | None = None,
     ):
         config = config or PolicyConfig()
-        # Fail at construction, not mid-run; a supplied estimator stands in for the configured one.
-        validate(config if estimator is None else dataclasses.replace(config, estimator="temperature"))
+        validate(as_checked(config, estimator))  # fail at construction, not mid-run
         self.name = name
         self.config = config
         self.uses_llm = config.skip != "always"
-        self.estimator = estimator or (None if config.estimator == "none" else make_estimator(config.estimator, config.K, config.theta_max))
+        self.estimator = estimator or (
+            None if config.estimator == "none" else make_estimator(config.estimator, config.K, config.theta_max)
+        )
         self.skip_rule = skip_rule or _skip_rule(config)
         self.truncator = truncator or _truncator(config)
 
@@ -247,10 +260,16 @@ class HybridPolicy(Policy):
             if online or np.ptp(np.asarray(p_skip(probe, batch.keys[i]), dtype=np.float64)) > 0:
                 return None
         c = self.config
-        return DecisionLaw(p, c.prob_bits, k=None if online else int(value),
-                           beta=np.asarray(value, dtype=np.float64) if online else None,
-                           theta=c.theta, eta=c.eta, K=self.estimator.K if perturbed else 0,
-                           theta_max=self.estimator.theta_max if perturbed else c.theta_max)
+        return DecisionLaw(
+            p,
+            c.prob_bits,
+            k=None if online else int(value),
+            beta=np.asarray(value, dtype=np.float64) if online else None,
+            theta=c.theta,
+            eta=c.eta,
+            K=self.estimator.K if perturbed else 0,
+            theta_max=self.estimator.theta_max if perturbed else c.theta_max,
+        )
 
     def params(self) -> dict:
         return dataclasses.asdict(self.config)
@@ -311,7 +330,9 @@ class Preset:
         accept every other PolicyConfig field, which may bring more into effect."""
         c = self.config()
         full = dataclasses.asdict(c)
-        names = in_effect(c) if self.params is None else [n for n in self.params if n in in_effect(c) or n == "estimator"]
+        names = (
+            in_effect(c) if self.params is None else [n for n in self.params if n in in_effect(c) or n == "estimator"]
+        )
         return {n: full[n] for n in names}
 
     def build(self, params: dict | None = None, calibration=None) -> Policy:
@@ -321,7 +342,9 @@ class Preset:
         allowed = self.params if self.params is not None else tuple(FIELDS)
         unknown = sorted(set(params) - set(allowed))
         if unknown:
-            raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; {self.name} takes: {', '.join(allowed) or 'none'}")
+            raise ValueError(
+                f"unknown parameter(s) {', '.join(unknown)}; {self.name} takes: {', '.join(allowed) or 'none'}"
+            )
         if self.name == "llm-only":
             return LLMOnlyPolicy()
         values = {n: _coerce(n, v) for n, v in params.items()}
@@ -345,7 +368,11 @@ _EST = ("estimator", "K", "theta_max")
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        Preset("llm-only", "No SLM: the LLM samples every token itself (drafts=False); no probabilities are uploaded.", params=()),
+        Preset(
+            "llm-only",
+            "No SLM: the LLM samples every token itself (drafts=False); no probabilities are uploaded.",
+            params=(),
+        ),
         Preset(
             "slm-only",
             "SLM alone: every draft is accepted on the device and nothing is sent (uses_llm=False). "
@@ -353,14 +380,24 @@ PRESETS: dict[str, Preset] = {
             {"skip": "always", "estimator": "none"},
             params=_EST,
         ),
-        Preset("hlm", "Always upload the full distribution (float32); exact speculative sampling.", {"skip": "never", "prob_bits": 32}),
+        Preset(
+            "hlm",
+            "Always upload the full distribution (float32); exact speculative sampling.",
+            {"skip": "never", "prob_bits": 32},
+        ),
         Preset(
             "rand-hlm",
             "Skip at random with rate skip_rate (keyed 'skip' draws), else upload the full distribution.",
             {"skip": "random", "prob_bits": 32},
         ),
-        Preset("u-hlm", "Skip when u <= u_th (risk-averse -b/a), else upload the full distribution.", {"prob_bits": 32}),
-        Preset("cu-hlm", "Skip when u <= u_th (risk-averse); else upload the online top-k*(t), 8-bit.", {"truncation": "online"}),
+        Preset(
+            "u-hlm", "Skip when u <= u_th (risk-averse -b/a), else upload the full distribution.", {"prob_bits": 32}
+        ),
+        Preset(
+            "cu-hlm",
+            "Skip when u <= u_th (risk-averse); else upload the online top-k*(t), 8-bit.",
+            {"truncation": "online"},
+        ),
         Preset(
             "cu-hlm-offline",
             "Skip when u <= u_th (risk-averse); else upload one fixed top-k* (k, or calibrated from a set), 8-bit.",

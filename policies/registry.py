@@ -13,13 +13,15 @@ Parameters go to the preset, or as keyword arguments to the class/factory. `cont
 the runner knows, e.g. `calibration`) is passed only to factories that name it in their
 signature; presets use `calibration` for the offline k*.
 """
+
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from policies.adaptive import ADAPTIVE_PRESETS
 from policies.base import Policy
@@ -53,7 +55,9 @@ class _Registered:
 _REGISTRY: dict[str, _Registered] = {}
 
 
-def register_policy(name: str, factory: Callable[..., Policy], *, description: str | None = None, replace: bool = False) -> None:
+def register_policy(
+    name: str, factory: Callable[..., Policy], *, description: str | None = None, replace: bool = False
+) -> None:
     """Make `factory(**params)` (a Policy subclass or a function returning a Policy)
     loadable as `name`. Preset names cannot be taken; re-registering needs replace=True."""
     if not isinstance(name, str) or not name or ":" in name:
@@ -124,7 +128,9 @@ def _instantiate(spec: Any, target: Any, params: dict, context: dict) -> Policy:
     the context entries its signature names); a Policy instance as is (no params)."""
     if isinstance(target, Policy):
         if params:
-            raise PolicyError(spec, f"{target!r} is a Policy instance and takes no parameters (got {', '.join(params)})")
+            raise PolicyError(
+                spec, f"{target!r} is a Policy instance and takes no parameters (got {', '.join(params)})"
+            )
         return target
     if inspect.isclass(target) and not issubclass(target, Policy):
         raise PolicyError(spec, f"{target.__module__}.{target.__qualname__} is not a policies.base.Policy subclass")
@@ -140,7 +146,9 @@ def _instantiate(spec: Any, target: Any, params: dict, context: dict) -> Policy:
         named = {n for n, p in ps.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
         unknown = sorted(set(params) - named) if not takes_any else []
         if unknown:
-            raise PolicyError(spec, f"unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(sorted(named)) or 'none'}")
+            raise PolicyError(
+                spec, f"unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(sorted(named)) or 'none'}"
+            )
         extra = {n: v for n, v in context.items() if n in named and n not in params}
     else:
         extra = {}
@@ -184,8 +192,12 @@ def load_policy(spec: Any, **context: Any) -> Policy:
         try:
             target = eps[name].load()
         except Exception as e:
-            raise PolicyError(spec, f"entry point {name} = {eps[name].value} failed to load: {type(e).__name__}: {e}") from e
+            raise PolicyError(
+                spec, f"entry point {name} = {eps[name].value} failed to load: {type(e).__name__}: {e}"
+            ) from e
         return _instantiate(spec, target, params, context)
     if ":" in name:
         return _instantiate(spec, _import_target(spec, name), params, context)
-    raise PolicyError(spec, f"unknown policy {name!r}; known: {', '.join(known_names())} (or a dotted path package.module:ClassName)")
+    raise PolicyError(
+        spec, f"unknown policy {name!r}; known: {', '.join(known_names())} (or a dotted path package.module:ClassName)"
+    )

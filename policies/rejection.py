@@ -17,6 +17,7 @@ the uncertainty at which the predicted rejection probability reaches beta_tol:
 A threshold below 0 means never skip (u >= 0); uncertainty scales differ per estimator
 (entropy is in nats), so a and b must be fitted for the estimator in use.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -100,7 +101,9 @@ def risk_prone_threshold(a: float = PAPER_A, b: float = PAPER_B, beta_tol: float
     return u_threshold(a, b, beta_tol)
 
 
-def threshold(rule: str, a: float = PAPER_A, b: float = PAPER_B, *, u_th: float | None = None, beta_tol: float = 0.5) -> float:
+def threshold(
+    rule: str, a: float = PAPER_A, b: float = PAPER_B, *, u_th: float | None = None, beta_tol: float = 0.5
+) -> float:
     """u_th for a rule in THRESHOLD_RULES."""
     if rule == "risk-averse":
         return risk_averse_threshold(a, b)

@@ -18,10 +18,10 @@ a prefix of the sorted order, found by binary search. The numerator is non-incre
 k (removing the largest tail entry never increases it), so k*(t) shrinks as theta grows.
 Probabilities are renormalised to sum 1 in float64 first.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -129,24 +129,25 @@ def _head_k_star(x: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     out[a == M] = 0  # every k <= M surely above the budget: k* > M
     for r in ((a < b) & (a < M)).nonzero()[:, 0].tolist():
         row = x[r].double() / total[r]
-
-        def within(i: int) -> bool:  # exact N(k = i + 1) <= budget
-            g = (row - c[r, i]).clamp_(min=0.0).sum()
-            return bool(2.0 * (g - (P[r, i] - (i + 1) * c[r, i])) <= budget[r])
-
         lo, hi = int(a[r]), int(b[r])
         if hi == M:  # no k <= M surely within: is the last one?
-            if not within(M - 1):
+            if not _within(row, c[r], P[r], budget[r], M - 1):
                 continue  # k* > M
             hi = M - 1
         while lo < hi:  # first i in [lo, hi] within; i = hi is
             mid = (lo + hi) // 2
-            if within(mid):
+            if _within(row, c[r], P[r], budget[r], mid):
                 hi = mid
             else:
                 lo = mid + 1
         out[r] = lo + 1
     return out
+
+
+def _within(row: torch.Tensor, c: torch.Tensor, P: torch.Tensor, budget: torch.Tensor, i: int) -> bool:
+    """Exact N(k = i + 1) <= budget for one row: one pass, N(k) = 2 (G(c_k) - (P_k - k c_k))."""
+    g = (row - c[i]).clamp_(min=0.0).sum()
+    return bool(2.0 * (g - (P[i] - (i + 1) * c[i])) <= budget)
 
 
 def online_k_star(probs, drafts, beta_d, theta: float, eta: float) -> np.ndarray:
@@ -265,10 +266,6 @@ class OnlineKStar:
         return "beta", self.model.beta(u)
 
 
-def calibrate_offline_truncator(probs: Sequence | np.ndarray, drafts, betas, theta: float, eta: float) -> TopK:
-    return TopK(calibrate_offline_k(probs, drafts, betas, theta, eta))
-
-
 class KStarTable:
     """Online k* for every candidate draft of one token (the decision law, policies.law): x is sorted
     once (`order`: token ids by x descending, ties by id; `rank`: its inverse); a draft d with budget
@@ -299,7 +296,9 @@ class KStarTable:
             rest = np.clip(1.0 - self.prefix[k], 0.0, None)
             c = np.where(k < V, rest / np.maximum(V - k, 1), 0.0)
             j = np.maximum(np.searchsorted(-self.s, -c, side="left"), k)  # entries above the tail mean
-            self.n = np.concatenate([self.n, np.clip(2.0 * ((self.prefix[j] - self.prefix[k]) - (j - k) * c), 0.0, None)])
+            self.n = np.concatenate(
+                [self.n, np.clip(2.0 * ((self.prefix[j] - self.prefix[k]) - (j - k) * c), 0.0, None)]
+            )
 
     def _k(self, budget: np.ndarray) -> np.ndarray:
         return np.searchsorted(-self.n, -budget, side="left") + 1  # first k with N(k) <= budget

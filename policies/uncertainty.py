@@ -12,11 +12,12 @@ Every estimator maps a batch of B devices to u [B] (float64), larger = more unce
 x is the draft distribution softmax(z / T) at the sampling temperature; temperature
 perturbation uses the raw logits z, as in the paper.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -111,10 +112,18 @@ def _log_p_draft_bounds(z: torch.Tensor, drafts: torch.Tensor, thetas: torch.Ten
     slack = 1e-5 * (1.0 + lo.abs()) + 1e-3 * width  # >> float32 rounding of e and of bin indices
     inv = 1.0 / thetas  # [R, K]
     neg_inf = torch.tensor(-math.inf, dtype=torch.float64)
-    known = torch.cat([top64[:, None, :] * inv[:, :, None], torch.where(d_in_top[:, None], neg_inf, e_d64[:, None] * inv)[:, :, None]], dim=2)
+    known = torch.cat(
+        [
+            top64[:, None, :] * inv[:, :, None],
+            torch.where(d_in_top[:, None], neg_inf, e_d64[:, None] * inv)[:, :, None],
+        ],
+        dim=2,
+    )
     log_known = torch.logsumexp(known, dim=2)
     q = torch.exp(-width[:, None] * inv)  # [R, K], in (0, 1]
-    powers = torch.cat([torch.ones(R, thetas.shape[1], 1, dtype=torch.float64), q[:, :, None].expand(-1, -1, n_bins - 1)], dim=2).cumprod(dim=2)
+    powers = torch.cat(
+        [torch.ones(R, thetas.shape[1], 1, dtype=torch.float64), q[:, :, None].expand(-1, -1, n_bins - 1)], dim=2
+    ).cumprod(dim=2)
     log_q = torch.bmm(powers, binned[:, :, None])[:, :, 0].log()  # -inf when the rest is empty
     log_rest_hi = (tau + slack)[:, None] * inv + log_q
     log_rest_lo = (tau - width - slack)[:, None] * inv + log_q
@@ -126,9 +135,7 @@ def _log_p_draft_bounds(z: torch.Tensor, drafts: torch.Tensor, thetas: torch.Ten
     return num - log_s_hi, num - log_s_lo
 
 
-def temperature_perturbation(
-    logits, drafts, keys: Sequence[Key], K: int = 20, theta_max: float = 2.0
-) -> np.ndarray:
+def temperature_perturbation(logits, drafts, keys: Sequence[Key], K: int = 20, theta_max: float = 2.0) -> np.ndarray:
     """u = (1/K) #{k : s_k != d}, s_k ~ softmax(z / theta_k), theta_k ~ U(0, theta_max].
 
     Exact sampling, only of what u needs: order the vocabulary with d first and sample by

@@ -31,6 +31,7 @@ lte-drive-{up,down}.csv -- 120 s of an LTE device in a car, as a random but seed
     capped at 250 ms (our choice).
   * Loss: 0.05% normally, 5% during a handover (our choice).
 """
+
 from __future__ import annotations
 
 import math
@@ -86,8 +87,11 @@ def lte_drive(median_mbps: float, seed: int) -> list[tuple]:
 
 
 def write(name: str, rows: list[tuple], header: str) -> None:
-    lines = [f"# {header}", "# Synthetic; see netem/data/make_traces.py for the model and sources.",
-             "time_s,rate_mbps,delay_ms,loss"]
+    lines = [
+        f"# {header}",
+        "# Synthetic; see netem/data/make_traces.py for the model and sources.",
+        "time_s,rate_mbps,delay_ms,loss",
+    ]
     lines += [",".join(f"{v:g}" for v in row) for row in rows]
     (HERE / f"{name}.csv").write_text("\n".join(lines) + "\n")
 
