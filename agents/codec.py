@@ -38,7 +38,7 @@ from __future__ import annotations
 import enum
 import struct
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -57,7 +57,7 @@ MAX_VOCAB = 2**32 - 1
 # Slack on the sent mass beyond the rounding bound: softmax outputs sum to 1 only up to
 # float error. Its job is to reject garbage, not to police precision.
 SUM_TOLERANCE = 1e-3
-_CODE_DTYPE = {8: np.dtype("<u1"), 16: np.dtype("<u2"), 32: np.dtype("<f4")}
+_CODE_DTYPE: dict[int, np.dtype[Any]] = {8: np.dtype("<u1"), 16: np.dtype("<u2"), 32: np.dtype("<f4")}
 # Up to this k, Python ints and lists beat numpy's per-call overhead (the common CU-HLM
 # case, k of a few tens); above it numpy's vectorised paths win. Both give the same bytes.
 _SMALL_K = 64
@@ -174,7 +174,7 @@ def _check_indices(idx: np.ndarray, V: int, where, signed: bool = True) -> list[
     signed=False skips the test for negatives (unpacked bit fields cannot be). Returns the
     indices as a Python list when k is small (the packer's fast path reuses it), else None."""
     k = idx.shape[0]
-    values = None
+    values: list[int] | None = None
     if k <= _SMALL_K:
         values = idx.tolist()
         bad_range = k and (max(values) >= V or (signed and min(values) < 0))
@@ -183,7 +183,7 @@ def _check_indices(idx: np.ndarray, V: int, where, signed: bool = True) -> list[
     if bad_range:
         pos = int(np.flatnonzero((idx < 0) | (idx >= V))[0])
         raise PayloadError(f"payload index {pos} ({where(pos)}) is {int(idx[pos])}, outside [0, {V})")
-    if k <= _SMALL_K:
+    if values is not None:  # k <= _SMALL_K
         bad_dup = len(set(values)) != k
     elif V <= 64 * k:  # a presence mask costs O(V), cheaper than sorting many indices
         mask = np.zeros(V, dtype=np.bool_)

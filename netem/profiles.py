@@ -40,14 +40,16 @@ choice. One-way delays are device <-> verifier (radio plus a short path to an ed
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from netem.profile import DuplexProfile
 
-_PROFILES: dict[str, dict] = {
+# A table, laid out by hand: one direction a line.
+# fmt: off
+_PROFILES: dict[str, dict[str, Any]] = {
     "ideal": {
         "description": "No shaping: infinite rate, zero delay, no loss.",
-        "uplink": {},
-        "downlink": {},
+        "uplink": {}, "downlink": {},
     },
     "5g-good": {
         "description": "Mid-band 5G NR, good coverage (Ookla/Opensignal medians; 3GPP TR 38.913 latency).",
@@ -56,24 +58,10 @@ _PROFILES: dict[str, dict] = {
     },
     "lte-edge": {
         "description": "LTE cell edge, loaded urban macro (ITU-R M.2134 cell-edge efficiency x 20 MHz).",
-        "uplink": {
-            "rate_mbps": 0.6,
-            "delay_ms": 40,
-            "jitter_ms": 15,
-            "jitter_dist": "pareto",
-            "ge_p": 0.01,
-            "ge_r": 0.3,
-            "ge_loss_bad": 0.5,
-        },
-        "downlink": {
-            "rate_mbps": 1.2,
-            "delay_ms": 40,
-            "jitter_ms": 15,
-            "jitter_dist": "pareto",
-            "ge_p": 0.01,
-            "ge_r": 0.3,
-            "ge_loss_bad": 0.5,
-        },
+        "uplink": {"rate_mbps": 0.6, "delay_ms": 40, "jitter_ms": 15, "jitter_dist": "pareto",
+                   "ge_p": 0.01, "ge_r": 0.3, "ge_loss_bad": 0.5},
+        "downlink": {"rate_mbps": 1.2, "delay_ms": 40, "jitter_ms": 15, "jitter_dist": "pareto",
+                     "ge_p": 0.01, "ge_r": 0.3, "ge_loss_bad": 0.5},
     },
     "wifi-strong": {
         "description": "802.11ac 80 MHz 2x2 near the AP (IEEE 802.11 VHT MCS 9).",
@@ -82,22 +70,10 @@ _PROFILES: dict[str, dict] = {
     },
     "wifi-weak": {
         "description": "802.11n HT20 1x1 at the coverage edge (IEEE 802.11 HT MCS 1-2).",
-        "uplink": {
-            "rate_mbps": 6,
-            "delay_ms": 5,
-            "jitter_ms": 4,
-            "jitter_dist": "pareto",
-            "loss": 0.01,
-            "loss_correlation": 0.3,
-        },
-        "downlink": {
-            "rate_mbps": 8,
-            "delay_ms": 5,
-            "jitter_ms": 4,
-            "jitter_dist": "pareto",
-            "loss": 0.01,
-            "loss_correlation": 0.3,
-        },
+        "uplink": {"rate_mbps": 6, "delay_ms": 5, "jitter_ms": 4, "jitter_dist": "pareto",
+                   "loss": 0.01, "loss_correlation": 0.3},
+        "downlink": {"rate_mbps": 8, "delay_ms": 5, "jitter_ms": 4, "jitter_dist": "pareto",
+                     "loss": 0.01, "loss_correlation": 0.3},
     },
     "paper-uplink": {
         "description": "U-HLM/CU-HLM papers' rate = W log2(1+SNR); W = 10 MHz, SNR = 10 dB (our choice).",
@@ -106,38 +82,14 @@ _PROFILES: dict[str, dict] = {
     },
     "cell-rayleigh": {
         "description": "Macro cell, Rayleigh block fading, 3GPP TR 36.814 link budget at 300 m.",
-        "uplink": {
-            "delay_ms": 15,
-            "channel": {
-                "bandwidth_mhz": 10,
-                "tx_power_dbm": 23,
-                "distance_m": 300,
-                "path_loss_exponent": 3.76,
-                "ref_distance_m": 1000,
-                "ref_loss_db": 128.1,
-                "noise_figure_db": 5,
-                "carrier_ghz": 2,
-                "fading": "rayleigh",
-                "coherence_ms": 75,
-                "efficiency": 0.6,
-            },
-        },
-        "downlink": {
-            "delay_ms": 15,
-            "channel": {
-                "bandwidth_mhz": 10,
-                "tx_power_dbm": 46,
-                "distance_m": 300,
-                "path_loss_exponent": 3.76,
-                "ref_distance_m": 1000,
-                "ref_loss_db": 128.1,
-                "noise_figure_db": 9,
-                "carrier_ghz": 2,
-                "fading": "rayleigh",
-                "coherence_ms": 75,
-                "efficiency": 0.6,
-            },
-        },
+        "uplink": {"delay_ms": 15, "channel": {
+            "bandwidth_mhz": 10, "tx_power_dbm": 23, "distance_m": 300, "path_loss_exponent": 3.76,
+            "ref_distance_m": 1000, "ref_loss_db": 128.1, "noise_figure_db": 5, "carrier_ghz": 2,
+            "fading": "rayleigh", "coherence_ms": 75, "efficiency": 0.6}},
+        "downlink": {"delay_ms": 15, "channel": {
+            "bandwidth_mhz": 10, "tx_power_dbm": 46, "distance_m": 300, "path_loss_exponent": 3.76,
+            "ref_distance_m": 1000, "ref_loss_db": 128.1, "noise_figure_db": 9, "carrier_ghz": 2,
+            "fading": "rayleigh", "coherence_ms": 75, "efficiency": 0.6}},
     },
     "wifi-walk": {
         "description": "Trace: walking away from an 802.11n AP and back (synthetic; ITU-R P.1238).",
@@ -150,6 +102,7 @@ _PROFILES: dict[str, dict] = {
         "downlink": {"trace": {"name": "lte-drive-down", "random_start": True}},
     },
 }
+# fmt: on
 
 
 @functools.cache

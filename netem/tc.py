@@ -32,6 +32,7 @@ import secrets
 import shutil
 import subprocess
 from dataclasses import dataclass, field
+from typing import Any
 
 from netem.profile import LinkProfile
 
@@ -70,7 +71,7 @@ class Capabilities:
             )
 
 
-def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
+def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
     p = subprocess.run(argv, capture_output=True, text=True)
     if check and p.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}): {p.stderr.strip() or p.stdout.strip()}")
@@ -224,13 +225,13 @@ class NetnsPair:
     A context manager: the namespaces (and with them the veth) are deleted on exit.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         n = next(_counter) % 250
         tag = f"{os.getpid() % 100000}{secrets.token_hex(2)}"
         self.ns_a, self.ns_b = f"hlm{tag}a", f"hlm{tag}b"
         self.dev_a, self.dev_b = f"hlm{n}a{tag[-4:]}"[:15], f"hlm{n}b{tag[-4:]}"[:15]
         self.ip_a, self.ip_b = f"10.213.{n}.1", f"10.213.{n}.2"
-        self._procs: list[subprocess.Popen] = []
+        self._procs: list[subprocess.Popen[Any]] = []
         self._up = False
 
     def __enter__(self) -> NetnsPair:
@@ -267,7 +268,7 @@ class NetnsPair:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _side(self, side: str) -> tuple[str, str]:
@@ -302,7 +303,7 @@ class NetnsPair:
             "rx_packets": info["rx"]["packets"],
         }
 
-    def popen(self, side: str, argv: list[str], **kw) -> subprocess.Popen:
+    def popen(self, side: str, argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
         """Start a process inside side's namespace (ended when the pair closes)."""
         ns, _ = self._side(side)
         p = subprocess.Popen(["ip", "netns", "exec", ns, *argv], **kw)

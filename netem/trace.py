@@ -25,6 +25,7 @@ import csv
 import functools
 import io
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -73,7 +74,7 @@ class Trace:
         return i, end
 
     def value_at(self, column: str, t: float) -> float:
-        values = getattr(self, column)
+        values: tuple[float, ...] = getattr(self, column)
         return values[self.index(t)[0]]
 
     def columns(self) -> list[str]:
@@ -138,12 +139,15 @@ def parse_trace(text: str, source: str = "<trace>") -> Trace:
     if not times:
         raise ValueError(f"{source}: the trace has a header but no rows")
     duration = times[-1] + (times[-1] - times[-2]) if len(times) > 1 else 0.0
+    columns = {f: tuple(v) for f, v in values.items()}
     return Trace(
         source=source,
         times=tuple(times),
         duration_s=duration,
         loop=len(times) > 1,
-        **{f: tuple(v) for f, v in values.items()},
+        rate_bps=columns.get("rate_bps"),
+        delay_s=columns.get("delay_s"),
+        loss=columns.get("loss"),
     )
 
 
@@ -188,7 +192,11 @@ def load_trace(name_or_path: str) -> Trace:
     )
 
 
-def trace_from_rows(rows, columns=("time_s", "rate_mbps", "delay_ms", "loss"), source="<rows>") -> Trace:
+def trace_from_rows(
+    rows: Iterable[Sequence[object]],
+    columns: Sequence[str] = ("time_s", "rate_mbps", "delay_ms", "loss"),
+    source: str = "<rows>",
+) -> Trace:
     """Build a trace from in-memory rows (same rules as the CSV form)."""
     buf = io.StringIO()
     csv.writer(buf).writerows([columns, *rows])

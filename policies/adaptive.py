@@ -81,10 +81,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from policies.base import Policy, TokenBatch
+from policies.base import Estimator, Key, Policy, TokenBatch
 from policies.policy import HybridPolicy, PolicyConfig, _coerce, as_checked, in_effect, validate
 from policies.rejection import RejectionModel
 from policies.rng import keyed_rng
@@ -117,12 +119,20 @@ class _DeviceState:
             self.n, self.w, self.s = (np.concatenate([a, np.zeros(pad)]) for a in (self.n, self.w, self.s))
 
 
-def check_adaptive(risk, epsilon, feedback, min_samples, prior_strength, bin_width, kstar_beta) -> None:
-    """ValueError naming the parameter for any value the rule cannot run with."""
+def check_adaptive(
+    risk: float,
+    epsilon: float,
+    feedback: str,
+    min_samples: int,
+    prior_strength: float,
+    bin_width: float | None,
+    kstar_beta: str,
+) -> None:
+    """ValueError naming the parameter for any value the rule cannot run with (they come from
+    scenarios: the types are checked here too)."""
 
-    def number(name, v):
-        real = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-        if not real or not math.isfinite(float(v)):
+    def number(name: str, v: object) -> None:
+        if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, bool) or not math.isfinite(v):
             raise ValueError(f"{name} must be a finite number, got {v!r}")
 
     number("risk", risk)
@@ -226,7 +236,7 @@ class AdaptiveSkip:
         j = self._bin(u)
         return PRIOR_BETA if j >= est[1].size else float(min(max(est[1][j], 0.0), 1.0))
 
-    def stats(self, device: int) -> dict:
+    def stats(self, device: int) -> dict[str, Any]:
         st = self._st(device)
         return dict(
             decided=st.decided,
@@ -273,7 +283,7 @@ class AdaptiveSkip:
             out[i] = skip
         return out
 
-    def p_skip(self, u: np.ndarray, key) -> np.ndarray:
+    def p_skip(self, u: np.ndarray, key: Key) -> np.ndarray:
         """P(skip | u) for each u, from the device's evidence before this token (the decision law,
         policies.law): the rule's bins below c for sure, bin c with probability q, times the chance
         of no probe. Called before __call__ for the same token."""
@@ -331,7 +341,7 @@ class _GivenBeta:
 
     values: np.ndarray
 
-    def beta(self, u) -> np.ndarray:
+    def beta(self, u: npt.ArrayLike) -> np.ndarray:
         return self.values
 
 
@@ -382,6 +392,8 @@ class AdaptivePolicy(HybridPolicy):
     """cu-hlm with a self-calibrating skip rule: estimator -> AdaptiveSkip -> truncator
     (online k* by default) -> quantiser. `observe` feeds the rule (see module docstring)."""
 
+    skip_rule: AdaptiveSkip
+
     def __init__(
         self,
         name: str = "cu-hlm-adaptive",
@@ -394,7 +406,7 @@ class AdaptivePolicy(HybridPolicy):
         prior_strength: float = 2.0,
         bin_width: float | None = None,
         kstar_beta: str = "learned",
-        estimator=None,
+        estimator: Estimator | None = None,
     ):
         config = dataclasses.replace(config or PolicyConfig(truncation="online"), skip="never")
         check_adaptive(risk, epsilon, feedback, min_samples, prior_strength, bin_width, kstar_beta)
@@ -403,7 +415,7 @@ class AdaptivePolicy(HybridPolicy):
             bin_width = 1.0 / config.K if config.estimator == "temperature" else 0.02
         self.kstar_beta = kstar_beta
         skip = AdaptiveSkip(risk, epsilon, feedback, min_samples, prior_strength, bin_width)
-        truncator = None
+        truncator: LearnedKStar | None = None
         if config.truncation == "online" and kstar_beta == "learned":
             truncator = LearnedKStar(OnlineKStar(config.theta, config.eta, RejectionModel(config.a, config.b)), skip)
         super().__init__(name, config, estimator=estimator, skip_rule=skip, truncator=truncator)
@@ -411,7 +423,7 @@ class AdaptivePolicy(HybridPolicy):
     def observe(self, device: int, token_index: int, uncertainty: float, beta: float, skipped: bool) -> None:
         self.skip_rule.observe(device, token_index, uncertainty, beta, skipped)
 
-    def params(self) -> dict:
+    def params(self) -> dict[str, Any]:
         c = self.config
         full = dataclasses.asdict(c)
         effect = set(in_effect(c))
@@ -440,12 +452,12 @@ class AdaptivePreset:
 
     name: str
     description: str
-    defaults: dict = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
 
-    def param_defaults(self) -> dict:
+    def param_defaults(self) -> dict[str, Any]:
         return self.build().params()
 
-    def build(self, params: dict | None = None, calibration=None) -> Policy:
+    def build(self, params: dict[str, Any] | None = None, calibration: object = None) -> Policy:
         params = dict(params or {})
         unknown = sorted(set(params) - set(PARAMS))
         if unknown:

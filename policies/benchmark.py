@@ -11,12 +11,14 @@ references are the straightforward full-vocabulary computations, for ratios.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
 import policies.uncertainty as unc
+from policies.base import Key
 from policies.truncation import online_k_star, sorted_probs, tv_denominator, tv_numerator
 
 
@@ -35,7 +37,7 @@ def flat_logits(batch: int, vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(seed).normal(0.0, 2.5, (batch, vocab)).astype(np.float32))
 
 
-def _best(fn, repeats: int) -> float:
+def _best(fn: Callable[[], object], repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
@@ -45,7 +47,7 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def _naive_tp(z, d, keys, K=20, theta_max=2.0):
+def _naive_tp(z: torch.Tensor, d: torch.Tensor, keys: list[Key], K: int = 20, theta_max: float = 2.0) -> np.ndarray:
     thetas, r = unc.tp_draws(keys, K, theta_max)
     out = []
     for b in range(z.shape[0]):
@@ -54,16 +56,21 @@ def _naive_tp(z, d, keys, K=20, theta_max=2.0):
     return np.array(out)
 
 
-def _naive_k_star(x, d, beta, theta=0.1, eta=1.0):
+def _naive_k_star(
+    x: torch.Tensor, d: torch.Tensor, beta: torch.Tensor, theta: float = 0.1, eta: float = 1.0
+) -> torch.Tensor:
     budget = theta * tv_denominator(x.double().gather(1, d[:, None])[:, 0], beta, eta)
     return (tv_numerator(sorted_probs(x)) <= budget[:, None]).int().argmax(dim=1) + 1
 
 
-def run(vocab: int = 151936, batch: int = 32, repeats: int = 3, logits_file: str | None = None) -> dict:
+def run(vocab: int = 151936, batch: int = 32, repeats: int = 3, logits_file: str | None = None) -> dict[str, Any]:
     """`logits_file`: an .npy [N, V] of real SLM logits, measured as a third kind "file"."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    kinds = [("lm", lambda: lm_like_logits(batch, vocab)), ("flat", lambda: flat_logits(batch, vocab))]
+    kinds: list[tuple[str, Callable[[], torch.Tensor]]] = [
+        ("lm", lambda: lm_like_logits(batch, vocab)),
+        ("flat", lambda: flat_logits(batch, vocab)),
+    ]
     if logits_file:
         kinds.append(("file", lambda: torch.from_numpy(np.load(logits_file)[:batch].astype(np.float32))))
     try:
@@ -84,7 +91,12 @@ def _measure(z: torch.Tensor, repeats: int) -> dict[str, Any]:
     beta = torch.full((batch,), 0.2, dtype=torch.float64)
     calls: list[int] = []
     real = unc.log_p_draft_exact
-    unc.log_p_draft_exact = lambda *a: calls.append(1) or real(*a)  # count the exact fallbacks
+
+    def counted(e: torch.Tensor, draft: int, thetas: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return real(e, draft, thetas)
+
+    unc.log_p_draft_exact = counted  # count the exact fallbacks
     try:
         u = unc.temperature_perturbation(z, d, keys)
     finally:

@@ -23,13 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from policies.adaptive import ADAPTIVE_PRESETS
+from policies.adaptive import ADAPTIVE_PRESETS, AdaptivePreset
 from policies.base import Policy
-from policies.policy import PRESETS
+from policies.policy import PRESETS, Preset
 
 # Built-in names: the HybridPolicy presets and the presets of other built-in policies
 # (cu-hlm-adaptive, policies.adaptive); each has description, param_defaults() and build().
-BUILTIN = {**PRESETS, **ADAPTIVE_PRESETS}
+BUILTIN: dict[str, Preset | AdaptivePreset] = {**PRESETS, **ADAPTIVE_PRESETS}
 
 ENTRY_POINT_GROUP = "hlm_testbed.policies"
 
@@ -42,7 +42,7 @@ class PolicyError(ValueError):
         self.reason = reason
         super().__init__(f"policy {spec!r}: {reason}")
 
-    def __reduce__(self):  # picklable across Ray actors
+    def __reduce__(self) -> tuple[type[PolicyError], tuple[Any, str]]:  # picklable across Ray actors
         return (PolicyError, (self.spec, self.reason))
 
 
@@ -84,7 +84,7 @@ def known_names() -> list[str]:
     return [*BUILTIN, *sorted(_REGISTRY), *sorted(set(_entry_points()) - set(BUILTIN) - set(_REGISTRY))]
 
 
-def _factory_params(factory: Callable) -> dict:
+def _factory_params(factory: Callable[..., Policy]) -> dict[str, Any]:
     """Documented defaults of a factory's keyword parameters (for listings)."""
     try:
         sig = inspect.signature(factory)
@@ -97,10 +97,12 @@ def _factory_params(factory: Callable) -> dict:
     }
 
 
-def policy_catalog() -> dict:
+def policy_catalog() -> dict[str, Any]:
     """{"presets": {name: {"description", "params"}}} for presets and registered policies;
     entry points are listed by target without importing them."""
-    presets = {n: {"description": p.description, "params": p.param_defaults()} for n, p in BUILTIN.items()}
+    presets: dict[str, dict[str, Any]] = {
+        n: {"description": p.description, "params": p.param_defaults()} for n, p in BUILTIN.items()
+    }
     for n, r in sorted(_REGISTRY.items()):
         presets[n] = {"description": r.description, "params": _factory_params(r.factory)}
     eps = {n: ep.value for n, ep in sorted(_entry_points().items()) if n not in presets}
@@ -123,7 +125,7 @@ def _import_target(spec: Any, path: str) -> Any:
     return obj
 
 
-def _instantiate(spec: Any, target: Any, params: dict, context: dict) -> Policy:
+def _instantiate(spec: Any, target: Any, params: dict[str, Any], context: dict[str, Any]) -> Policy:
     """A Policy from a loaded target: a Policy subclass or a factory, called with params (+
     the context entries its signature names); a Policy instance as is (no params)."""
     if isinstance(target, Policy):
