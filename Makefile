@@ -7,7 +7,7 @@ TESTBED := $(VENV)/bin/testbed
 OFFLINE ?= $(shell test -x ../shared/bin/offline && echo ../shared/bin/offline)
 SCENARIO ?= default
 
-.PHONY: install run test models clean
+.PHONY: install run test lint models clean
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,13 @@ run: models
 # The tests include the real-model ones: prepare the pair first (instant when it is ready).
 test: models
 	$(OFFLINE) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff (lint and format, check only) and mypy: strict on policies/ and netem/, lenient elsewhere
+# (pyproject.toml). `$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .` fixes most of it.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -32,31 +32,32 @@ Anything malformed raises PayloadError (a ValueError) saying what and where; nev
 exception type, never garbage. The verifier answers it with an ERROR frame of code BAD_PAYLOAD
 (agents.protocol.check_upload).
 """
+
 from __future__ import annotations
 
 import enum
 import struct
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+
+from policies.base import PROB_BITS  # the widths a policy may choose: the codec speaks each
 
 
 class PayloadError(ValueError):
     """A malformed payload, or arguments that would make one."""
 
 
-
 PAYLOAD_MAGIC = 0x48
 PAYLOAD_VERSION = 1
 _PAYLOAD_HEADER = struct.Struct("<BBBBII")
 PAYLOAD_HEADER_BYTES = _PAYLOAD_HEADER.size  # 12
-PROB_BITS = (8, 16, 32)
 MAX_VOCAB = 2**32 - 1
 # Slack on the sent mass beyond the rounding bound: softmax outputs sum to 1 only up to
 # float error. Its job is to reject garbage, not to police precision.
 SUM_TOLERANCE = 1e-3
-_CODE_DTYPE = {8: np.dtype("<u1"), 16: np.dtype("<u2"), 32: np.dtype("<f4")}
+_CODE_DTYPE: dict[int, np.dtype[Any]] = {8: np.dtype("<u1"), 16: np.dtype("<u2"), 32: np.dtype("<f4")}
 # Up to this k, Python ints and lists beat numpy's per-call overhead (the common CU-HLM
 # case, k of a few tens); above it numpy's vectorised paths win. Both give the same bytes.
 _SMALL_K = 64
@@ -113,11 +114,6 @@ def payload_form(k: int, vocab_size: int) -> PayloadForm:
     return _layout(k, vocab_size)[0]
 
 
-def payload_size(k: int, vocab_size: int, prob_bits: int = 8) -> int:
-    """Exact encoded size in bytes of a k-entry payload."""
-    return PAYLOAD_HEADER_BYTES + _layout(k, vocab_size)[2] + k * prob_bits // 8
-
-
 def quantise_probs(probs, prob_bits: int = 8) -> np.ndarray:
     """The probabilities the server will see after a round trip (float64)."""
     prob_bits = _check_prob_bits(prob_bits)
@@ -146,8 +142,11 @@ def _check_prob_bits(bits) -> int:
 
 
 def _check_vocab(vocab_size) -> int:
-    if not isinstance(vocab_size, (int, np.integer)) or isinstance(vocab_size, bool) \
-            or not 2 <= vocab_size <= MAX_VOCAB:
+    if (
+        not isinstance(vocab_size, (int, np.integer))
+        or isinstance(vocab_size, bool)
+        or not 2 <= vocab_size <= MAX_VOCAB
+    ):
         raise PayloadError(f"payload vocab_size must be an int in [2, {MAX_VOCAB}], got {vocab_size!r}")
     return int(vocab_size)
 
@@ -164,8 +163,10 @@ def _check_sum(codes: np.ndarray, k: int, bits: int) -> None:
         ok, shown = total <= levels * (1.0 + SUM_TOLERANCE) + k / 2, int(total) / levels
         limit = 1.0 + SUM_TOLERANCE + k / (2 * levels)
     if not ok:
-        raise PayloadError(f"payload probabilities sum to {shown:.6g} > {limit:.6g} "
-                            f"(1 + tolerance + k half-LSBs, k={k}, prob_bits={bits})")
+        raise PayloadError(
+            f"payload probabilities sum to {shown:.6g} > {limit:.6g} "
+            f"(1 + tolerance + k half-LSBs, k={k}, prob_bits={bits})"
+        )
 
 
 def _check_indices(idx: np.ndarray, V: int, where, signed: bool = True) -> list[int] | None:
@@ -173,7 +174,7 @@ def _check_indices(idx: np.ndarray, V: int, where, signed: bool = True) -> list[
     signed=False skips the test for negatives (unpacked bit fields cannot be). Returns the
     indices as a Python list when k is small (the packer's fast path reuses it), else None."""
     k = idx.shape[0]
-    values = None
+    values: list[int] | None = None
     if k <= _SMALL_K:
         values = idx.tolist()
         bad_range = k and (max(values) >= V or (signed and min(values) < 0))
@@ -182,7 +183,7 @@ def _check_indices(idx: np.ndarray, V: int, where, signed: bool = True) -> list[
     if bad_range:
         pos = int(np.flatnonzero((idx < 0) | (idx >= V))[0])
         raise PayloadError(f"payload index {pos} ({where(pos)}) is {int(idx[pos])}, outside [0, {V})")
-    if k <= _SMALL_K:
+    if values is not None:  # k <= _SMALL_K
         bad_dup = len(set(values)) != k
     elif V <= 64 * k:  # a presence mask costs O(V), cheaper than sorting many indices
         mask = np.zeros(V, dtype=np.bool_)
@@ -253,8 +254,9 @@ def encode_payload(indices, probs, vocab_size: int, prob_bits: int = 8) -> bytes
     prob_bits = _check_prob_bits(prob_bits)
     idx, p = np.asarray(indices), np.asarray(probs, dtype=np.float64)
     if idx.ndim != 1 or p.ndim != 1 or idx.shape[0] != p.shape[0]:
-        raise PayloadError(f"payload indices and probs must be 1-D and equally long, got shapes "
-                            f"{idx.shape} and {p.shape}")
+        raise PayloadError(
+            f"payload indices and probs must be 1-D and equally long, got shapes {idx.shape} and {p.shape}"
+        )
     k = idx.shape[0]
     if k > V:
         raise PayloadError(f"payload has k={k} entries > vocab_size {V}")
@@ -299,12 +301,15 @@ def decode_payload_ex(data) -> Payload:
         raise PayloadError(f"payload bytes 8-11 (k) are {k} > vocab_size {V}")
     expected_form, ib, where_bytes = _layout(k, V)
     if form != expected_form:
-        raise PayloadError(f"payload byte 3 (form) is {form}, but k={k} of vocab_size {V} is always sent "
-                            f"{expected_form.name.lower()} ({expected_form.value})")
+        raise PayloadError(
+            f"payload byte 3 (form) is {form}, but k={k} of vocab_size {V} is always sent "
+            f"{expected_form.name.lower()} ({expected_form.value})"
+        )
     off = PAYLOAD_HEADER_BYTES + where_bytes
     if n != off + k * bits // 8:
-        raise PayloadError(f"payload is {n} bytes, its header (k={k}, vocab_size={V}, prob_bits={bits}) "
-                            f"says {off + k * bits // 8}")
+        raise PayloadError(
+            f"payload is {n} bytes, its header (k={k}, vocab_size={V}, prob_bits={bits}) says {off + k * bits // 8}"
+        )
     buf = np.frombuffer(data, dtype=np.uint8)
     region = buf[PAYLOAD_HEADER_BYTES:off]
     if form == PayloadForm.SPARSE:
@@ -315,8 +320,9 @@ def decode_payload_ex(data) -> Payload:
         _check_padding(data, where_bytes * 8 - V, off - 1, "bitmap")
         idx = np.flatnonzero(np.unpackbits(region, count=V))
         if idx.shape[0] != k:
-            raise PayloadError(f"payload bitmap (bytes {PAYLOAD_HEADER_BYTES}..{off - 1}) marks {idx.shape[0]} "
-                                f"tokens, header k is {k}")
+            raise PayloadError(
+                f"payload bitmap (bytes {PAYLOAD_HEADER_BYTES}..{off - 1}) marks {idx.shape[0]} tokens, header k is {k}"
+            )
     else:
         idx = np.arange(V, dtype=np.int64)
     codes = buf[off:].view(_CODE_DTYPE[bits])

@@ -11,6 +11,7 @@
 
 Imports only numpy/pyzmq and the standard library; never policies, agents or testbed.
 """
+
 from netem.channel import ChannelProcess, ChannelProfile, shannon_rate
 from netem.link import Delivery, Link, LinkStats, link_seed
 from netem.profile import DuplexProfile, LinkProfile, gilbert_elliott_loss
@@ -18,7 +19,20 @@ from netem.profiles import get_profile, list_profiles
 from netem.trace import Trace, list_traces, load_trace, parse_trace
 
 __all__ = [
-    "ChannelProcess", "ChannelProfile", "Delivery", "DuplexProfile", "Link", "LinkProfile", "LinkStats", "Trace",
-    "get_profile", "gilbert_elliott_loss", "link_seed", "list_profiles", "list_traces", "load_trace",
-    "parse_trace", "shannon_rate",
+    "ChannelProcess",
+    "ChannelProfile",
+    "Delivery",
+    "DuplexProfile",
+    "Link",
+    "LinkProfile",
+    "LinkStats",
+    "Trace",
+    "get_profile",
+    "gilbert_elliott_loss",
+    "link_seed",
+    "list_profiles",
+    "list_traces",
+    "load_trace",
+    "parse_trace",
+    "shannon_rate",
 ]

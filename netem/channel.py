@@ -17,12 +17,15 @@ E[W log2(1 + SNR |h|^2)], which is below W log2(1 + SNR) (Jensen).
 (seed, k) alone (counter-based Philox, in chunks of 256 blocks), so any time can be looked up
 in O(1) without replaying history or storing it: a link jumping to t = 1 hour never stalls.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any, overload
 
 import numpy as np
+import numpy.typing as npt
 
 SPEED_OF_LIGHT = 299_792_458.0
 THERMAL_NOISE_DBM_HZ = -174.0  # kT at 290 K
@@ -30,15 +33,19 @@ FADING_KINDS = ("none", "rayleigh", "rician")
 _CHUNK = 256  # fading blocks generated per numpy call
 
 
-def db_to_linear(db):
+def db_to_linear(db: npt.ArrayLike) -> np.ndarray:
     return 10.0 ** (np.asarray(db, dtype=float) / 10.0)
 
 
-def shannon_rate(bandwidth_hz, snr_db):
+@overload
+def shannon_rate(bandwidth_hz: float, snr_db: float) -> float: ...
+@overload
+def shannon_rate(bandwidth_hz: npt.ArrayLike, snr_db: npt.ArrayLike) -> np.ndarray | float: ...
+def shannon_rate(bandwidth_hz: Any, snr_db: Any) -> np.ndarray | float:  # the overloads type it
     """W * log2(1 + SNR) in bit/s; SNR given in dB. Works on scalars and numpy arrays."""
     if np.ndim(bandwidth_hz) or np.ndim(snr_db):
         return np.asarray(bandwidth_hz, dtype=float) * np.log2(1.0 + db_to_linear(snr_db))
-    return bandwidth_hz * math.log2(1.0 + 10.0 ** (snr_db / 10.0))
+    return float(bandwidth_hz * math.log2(1.0 + 10.0 ** (snr_db / 10.0)))
 
 
 def free_space_loss_db(distance_m: float, carrier_hz: float) -> float:
@@ -62,20 +69,21 @@ def coherence_time(speed_mps: float, carrier_hz: float) -> float:
     return 0.423 / (speed_mps * carrier_hz / SPEED_OF_LIGHT)
 
 
-# Scenario-friendly keys -> (field, scale to SI).
+# Scenario-friendly keys -> (field, scale to SI). Tables, laid out by hand: one quantity a line.
+# fmt: off
 _UNIT_KEYS = {
-    "bandwidth_hz": ("bandwidth_hz", 1.0), "bandwidth_khz": ("bandwidth_hz", 1e3), "bandwidth_mhz": ("bandwidth_hz", 1e6),
+    "bandwidth_hz": ("bandwidth_hz", 1.0), "bandwidth_khz": ("bandwidth_hz", 1e3),
+    "bandwidth_mhz": ("bandwidth_hz", 1e6),
     "distance_m": ("distance_m", 1.0), "distance_km": ("distance_m", 1e3),
     "carrier_hz": ("carrier_hz", 1.0), "carrier_mhz": ("carrier_hz", 1e6), "carrier_ghz": ("carrier_hz", 1e9),
     "coherence_s": ("coherence_s", 1.0), "coherence_ms": ("coherence_s", 1e-3),
 }
 _PLAIN_KEYS = ("snr_db", "tx_power_dbm", "path_loss_exponent", "ref_distance_m", "ref_loss_db",
                "noise_psd_dbm_hz", "noise_figure_db", "fading", "rician_k", "rician_k_db", "efficiency")
+# fmt: on
 
 
-def _num(where: str, key: str, value, *, positive=False, nonneg=False, optional=False) -> float | None:
-    if value is None and optional:
-        return None
+def _num(where: str, key: str, value: object, *, positive: bool = False, nonneg: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{where}{key}: expected a finite number, got {value!r}")
     if positive and value <= 0:
@@ -83,6 +91,21 @@ def _num(where: str, key: str, value, *, positive=False, nonneg=False, optional=
     if nonneg and value < 0:
         raise ValueError(f"{where}{key}: expected a number >= 0, got {value!r}")
     return float(value)
+
+
+def unit_field(key: str, units: dict[str, tuple[str, float]], given: dict[str, str], where: str) -> tuple[str, float]:
+    """(field, scale to SI) that a scenario key with a unit sets (`units[key]`); ValueError when
+    another key of `given` (field -> key) already set that field. Records this one."""
+    field, scale = units[key]
+    if field in given:
+        raise ValueError(f"{where}{key}: {given[field]!r} already gives {field}; use one")
+    given[field] = key
+    return field, scale
+
+
+def _maybe_num(where: str, key: str, value: object, *, positive: bool = False) -> float | None:
+    """_num for an optional field: None passes."""
+    return None if value is None else _num(where, key, value, positive=positive)
 
 
 @dataclass(frozen=True)
@@ -110,15 +133,15 @@ class ChannelProfile:
     coherence_s: float = 0.01
     efficiency: float = 1.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         w = "channel."
         _num(w, "bandwidth_hz", self.bandwidth_hz, positive=True)
-        _num(w, "snr_db", self.snr_db, optional=True)
-        _num(w, "tx_power_dbm", self.tx_power_dbm, optional=True)
-        _num(w, "distance_m", self.distance_m, positive=True, optional=True)
+        _maybe_num(w, "snr_db", self.snr_db)
+        _maybe_num(w, "tx_power_dbm", self.tx_power_dbm)
+        _maybe_num(w, "distance_m", self.distance_m, positive=True)
         _num(w, "path_loss_exponent", self.path_loss_exponent, positive=True)
         _num(w, "ref_distance_m", self.ref_distance_m, positive=True)
-        _num(w, "ref_loss_db", self.ref_loss_db, optional=True)
+        _maybe_num(w, "ref_loss_db", self.ref_loss_db)
         _num(w, "carrier_hz", self.carrier_hz, positive=True)
         _num(w, "noise_psd_dbm_hz", self.noise_psd_dbm_hz)
         _num(w, "noise_figure_db", self.noise_figure_db, nonneg=True)
@@ -126,7 +149,9 @@ class ChannelProfile:
         _num(w, "coherence_s", self.coherence_s, positive=True)
         _num(w, "efficiency", self.efficiency, positive=True)
         if self.efficiency > 1:
-            raise ValueError(f"channel.efficiency: expected a fraction in (0, 1] of the Shannon rate, got {self.efficiency!r}")
+            raise ValueError(
+                f"channel.efficiency: expected a fraction in (0, 1] of the Shannon rate, got {self.efficiency!r}"
+            )
         if self.fading not in FADING_KINDS:
             raise ValueError(f"channel.fading: expected one of {', '.join(FADING_KINDS)}, got {self.fading!r}")
         budget = self.tx_power_dbm is not None or self.distance_m is not None
@@ -136,17 +161,14 @@ class ChannelProfile:
             raise ValueError("channel: expected snr_db, or both tx_power_dbm and distance_m for a link budget")
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "channel") -> ChannelProfile:
+    def from_dict(cls, d: object, where: str = "channel") -> ChannelProfile:
         if not isinstance(d, dict):
             raise ValueError(f"{where}: expected a mapping of channel parameters, got {d!r}")
-        kw: dict = {}
+        kw: dict[str, Any] = {}
         given: dict[str, str] = {}
         for key, value in d.items():
             if key in _UNIT_KEYS:
-                field, scale = _UNIT_KEYS[key]
-                if field in given:
-                    raise ValueError(f"{where}: {given[field]!r} and {key!r} both given; use one")
-                given[field] = key
+                field, scale = unit_field(key, _UNIT_KEYS, given, f"{where}.")
                 kw[field] = _num(f"{where}.", key, value, positive=True) * scale  # all such fields are > 0
             elif key == "rician_k_db":
                 if "rician_k" in given:
@@ -168,7 +190,7 @@ class ChannelProfile:
         except ValueError as e:
             raise ValueError(str(e).replace("channel", where, 1)) from None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if v is not None}
         return d
 
@@ -181,6 +203,7 @@ class ChannelProfile:
         """Mean SNR (before fading): given directly, or from the link budget."""
         if self.snr_db is not None:
             return self.snr_db
+        assert self.distance_m is not None and self.tx_power_dbm is not None  # __post_init__: a link budget
         pl = path_loss_db(self.distance_m, self.path_loss_exponent, self.ref_distance_m, self.reference_loss_db())
         return self.tx_power_dbm - pl - noise_dbm(self.bandwidth_hz, self.noise_figure_db, self.noise_psd_dbm_hz)
 

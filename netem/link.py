@@ -31,16 +31,19 @@ stream derived from the link's seed, so e.g. turning on duplication does not cha
 packets are lost. `link_seed(seed, device, direction)` keys a link by scenario seed, device
 and direction, so links are independent and each is reproducible on its own.
 """
+
 from __future__ import annotations
 
 import collections
 import hashlib
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from netem.channel import ChannelProcess
 from netem.profile import LinkProfile
+from netem.trace import Trace
 
 DIRECTIONS = ("uplink", "downlink")
 _SQRT_HALF = math.sqrt(0.5)
@@ -50,13 +53,13 @@ _PARETO_XM = (_PARETO_SHAPE - 1) / math.sqrt(_PARETO_SHAPE / (_PARETO_SHAPE - 2)
 _PARETO_MEAN = _PARETO_SHAPE * _PARETO_XM / (_PARETO_SHAPE - 1)
 
 
-def _derive(seed: int, *parts) -> int:
+def _derive(seed: int, *parts: object) -> int:
     """A 63-bit integer from a seed and labels (stable across runs and platforms)."""
     text = ":".join(str(p) for p in (int(seed), *parts))
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
 
 
-def link_seed(seed: int, device, direction: str) -> int:
+def link_seed(seed: int, device: object, direction: str) -> int:
     """The seed of device `device`'s link in `direction` ('uplink' or 'downlink')."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction: expected 'uplink' or 'downlink', got {direction!r}")
@@ -77,39 +80,30 @@ class LinkStats:
 class _Static:
     """Constant conditions."""
 
+    rate_varies = delay_varies = False
+
     def __init__(self, p: LinkProfile):
         self.rate, self.delay, self.loss = p.rate_bps, p.delay_s, p.loss
 
-    def rate_segment(self, t):
+    def rate_segment(self, t: float) -> tuple[float, float]:
         return self.rate, math.inf
 
-    def delay_at(self, t):
+    def delay_at(self, t: float) -> float:
         return self.delay
 
-    def loss_at(self, t):
+    def loss_at(self, t: float) -> float:
         return self.loss
 
 
-class _Varying:
-    """Conditions from a channel or a trace; static profile values fill what they lack."""
+class _TraceRows:
+    """A trace's rows by emulated time, shifted by the link's random start `offset`."""
 
-    def __init__(self, p: LinkProfile, seed: int):
-        self.static = _Static(p)
-        self.channel = ChannelProcess(p.channel, _derive(seed, "channel")) if p.channel else None
-        self.trace = p.trace
+    def __init__(self, trace: Trace, offset: float):
+        self.trace, self.offset = trace, offset
+        self.rate, self.delay, self.loss = trace.rate_bps or (), trace.delay_s or (), trace.loss or ()
         self._i, self._lo, self._hi = 0, math.inf, -math.inf  # empty row cache
-        self.offset = 0.0
-        if p.trace is not None and p.trace.random_start and p.trace.duration_s > 0:
-            self.offset = random.Random(_derive(seed, "trace")).random() * p.trace.duration_s
-        cols = p.trace.columns() if p.trace else []
-        self.rate_varies = self.channel is not None or "rate_bps" in cols
-        self.delay_varies = "delay_s" in cols
-        self.rate_segment = (self.channel.rate_segment if self.channel else
-                             self._trace_rate if "rate_bps" in cols else self.static.rate_segment)
-        self.delay_at = self._trace_delay if self.delay_varies else self.static.delay_at
-        self.loss_at = self._trace_loss if "loss" in cols else self.static.loss_at
 
-    def _row(self, t):
+    def row(self, t: float) -> tuple[int, float]:
         """(trace row in force at t, when it ends), cached: sends mostly stay within one row."""
         if self._lo <= t < self._hi:
             return self._i, self._hi
@@ -117,15 +111,37 @@ class _Varying:
         self._i, self._lo, self._hi = i, t, end - self.offset  # row i holds on [t, end)
         return i, self._hi
 
-    def _trace_rate(self, t):
-        i, end = self._row(t)
-        return self.trace.rate_bps[i], end
+    def rate_segment(self, t: float) -> tuple[float, float]:
+        i, end = self.row(t)
+        return self.rate[i], end
 
-    def _trace_delay(self, t):
-        return self.trace.delay_s[self._row(t)[0]]
+    def delay_at(self, t: float) -> float:
+        return self.delay[self.row(t)[0]]
 
-    def _trace_loss(self, t):
-        return self.trace.loss[self._row(t)[0]]
+    def loss_at(self, t: float) -> float:
+        return self.loss[self.row(t)[0]]
+
+
+class _Varying:
+    """Conditions from a channel or a trace; static profile values fill what they lack."""
+
+    def __init__(self, p: LinkProfile, seed: int):
+        static = _Static(p)
+        self.channel = ChannelProcess(p.channel, _derive(seed, "channel")) if p.channel else None
+        offset = 0.0
+        if p.trace is not None and p.trace.random_start and p.trace.duration_s > 0:
+            offset = random.Random(_derive(seed, "trace")).random() * p.trace.duration_s
+        rows = _TraceRows(p.trace, offset) if p.trace is not None else None
+        cols = p.trace.columns() if p.trace else []
+        self.rate_varies = self.channel is not None or "rate_bps" in cols
+        self.delay_varies = "delay_s" in cols
+        self.rate_segment: Callable[[float], tuple[float, float]] = static.rate_segment
+        if self.channel is not None:
+            self.rate_segment = self.channel.rate_segment
+        elif rows is not None and "rate_bps" in cols:
+            self.rate_segment = rows.rate_segment
+        self.delay_at = rows.delay_at if rows is not None and self.delay_varies else static.delay_at
+        self.loss_at = rows.loss_at if rows is not None and "loss" in cols else static.loss_at
 
 
 class _Uniform:
@@ -136,7 +152,8 @@ class _Uniform:
     __slots__ = ("seed", "draw")
 
     def __init__(self, seed: int):
-        self.seed, self.draw = seed, None
+        self.seed = seed
+        self.draw: Callable[[], float] | None = None
 
     def __call__(self) -> float:
         if self.draw is None:
@@ -160,12 +177,12 @@ class Link:
         self._dup_u = _Uniform(_derive(seed, "duplicate"))
         self._busy = -math.inf  # when the serialiser has sent everything queued so far
         self._last_t = -math.inf
-        self._queue = collections.deque()  # (depart time, wire bytes) not yet fully sent
+        self._queue: collections.deque[tuple[float, int]] = collections.deque()  # (depart, wire bytes) unsent
         self._queued_bytes = 0
         self._lost_last = False  # previous packet's fate (correlated loss)
         self._ge_bad = False  # Gilbert-Elliott state
-        self._z = None  # jitter AR(1) state; the first draw comes from the stationary N(0, 1)
-        self._spare = None  # second Box-Muller normal
+        self._z: float | None = None  # jitter AR(1) state; the first draw comes from the stationary N(0, 1)
+        self._spare: float | None = None  # second Box-Muller normal
         self.stats = LinkStats()
         self.set_profile(profile)
 
@@ -212,7 +229,7 @@ class Link:
         arrivals = self.transmit(nbytes, t_send)
         return arrivals[0] if arrivals else None
 
-    def message(self, nbytes: int) -> "Delivery":
+    def message(self, nbytes: int) -> Delivery:
         """A message of `nbytes` to deliver reliably: its rounds (Delivery.round) go in time order."""
         return Delivery(self, nbytes)
 
@@ -220,25 +237,18 @@ class Link:
         """Arrival times of every complete copy of the message: () if lost, two if duplicated."""
         self._start(nbytes, t_send)
         mtu, over = self._mtu, self._overhead
-        if nbytes <= mtu and not self._dup:  # one packet, no copies
-            a = self._packet(nbytes + over, t_send)
-            if a is None:
-                self.stats.messages_lost += 1
-                return ()
-            return (a,)
         npk = max(1, -(-nbytes // mtu))
         first = second = -math.inf
         complete, twice = True, True
         for i in range(npk):
-            wire = (mtu if i < npk - 1 else nbytes - mtu * (npk - 1)) + over
-            a = self._packet(wire, t_send)
-            b = self._packet(wire, t_send) if self._dup and self._dup_u() < self._dup else None
-            if a is None and b is None:
-                complete = False
-                continue
-            if a is None or b is None:
-                twice = False
-                early = a if b is None else b
+            a, b = self._copies((mtu if i < npk - 1 else nbytes - mtu * (npk - 1)) + over, t_send)
+            if a is None:
+                if b is None:
+                    complete = False
+                    continue
+                twice, early = False, b
+            elif b is None:
+                twice, early = False, a
             else:
                 early, late = (a, b) if a <= b else (b, a)
                 second = max(second, late)
@@ -251,10 +261,15 @@ class Link:
             return (first, max(first, second))
         return (first,)
 
-    def _copy(self, wire: int, t: float) -> float | None:
-        """One packet and, when the link duplicates it, its copy: the earliest arrival, or None."""
+    def _copies(self, wire: int, t: float) -> tuple[float | None, float | None]:
+        """One packet and, when the link duplicates it, its copy: both arrivals (None: lost, or no copy)."""
         a = self._packet(wire, t)
         b = self._packet(wire, t) if self._dup and self._dup_u() < self._dup else None
+        return a, b
+
+    def _copy(self, wire: int, t: float) -> float | None:
+        """The earliest arrival of a packet and its copy (_copies), or None when neither arrives."""
+        a, b = self._copies(wire, t)
         if a is None or b is None:
             return a if b is None else b
         return a if a <= b else b
@@ -360,7 +375,8 @@ class Link:
         if self._jdist == "uniform":
             return self._jscale * math.erf(z * _SQRT_HALF)  # 2 Phi(z) - 1: uniform on (-1, 1)
         tail = 0.5 * math.erfc(z * _SQRT_HALF)  # 1 - Phi(z), > 0 even far in the tail
-        return self._jscale * (_PARETO_XM * tail ** (-1.0 / _PARETO_SHAPE) - _PARETO_MEAN)
+        root = float(tail ** (-1.0 / _PARETO_SHAPE))  # float ** float is typed Any: say it is a float
+        return self._jscale * (_PARETO_XM * root - _PARETO_MEAN)
 
 
 class Delivery:

@@ -32,17 +32,20 @@ fractions 0..1 instead of percents:
 ...) and raises ValueError naming the offending key; `to_dict` writes the same form back.
 `DuplexProfile(uplink, downlink)`: uplink = device -> verifier, downlink = verifier -> device.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Any
 
-from netem.channel import ChannelProfile
+from netem.channel import ChannelProfile, unit_field
 from netem.trace import Trace, load_trace
 
 JITTER_DISTS = ("uniform", "normal", "pareto")
 
-# Scenario-friendly keys with units -> (field, scale to SI).
+# Scenario-friendly keys with units -> (field, scale to SI). Tables, laid out by hand: one quantity a line.
+# fmt: off
 _UNIT_KEYS = {
     "rate_bps": ("rate_bps", 1.0), "rate_kbps": ("rate_bps", 1e3),
     "rate_mbps": ("rate_bps", 1e6), "rate_gbps": ("rate_bps", 1e9),
@@ -52,23 +55,24 @@ _UNIT_KEYS = {
 _PROBABILITIES = ("jitter_correlation", "loss", "loss_correlation", "ge_p", "ge_r", "ge_loss_bad",
                   "ge_loss_good", "duplicate")
 _PLAIN_KEYS = (*_PROBABILITIES, "jitter_dist", "queue_bytes", "mtu", "overhead_bytes", "channel", "trace")
+# fmt: on
 
 
-def _check_number(key: str, value, *, positive=False, allow_inf=False) -> None:
+def _check_number(key: str, value: object, *, positive: bool = False, allow_inf: bool = False) -> None:
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
-    if ok and math.isinf(value):
+    if ok and isinstance(value, (int, float)) and math.isinf(value):
         ok = allow_inf and value > 0
-    if not ok or value < 0 or (positive and value == 0):
+    if not ok or not isinstance(value, (int, float)) or value < 0 or (positive and value == 0):
         want = "a number > 0" if positive else "a number >= 0"
         raise ValueError(f"{key}: expected {want}, got {value!r}")
 
 
-def _check_probability(key: str, value) -> None:
+def _check_probability(key: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise ValueError(f"{key}: expected a probability in [0, 1], got {value!r}")
 
 
-def _check_int(key: str, value, minimum: int, optional=False) -> None:
+def _check_int(key: str, value: object, minimum: int, optional: bool = False) -> None:
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -97,7 +101,7 @@ class LinkProfile:
     channel: ChannelProfile | None = None
     trace: Trace | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_number("rate_bps", self.rate_bps, positive=True, allow_inf=True)
         _check_number("delay_s", self.delay_s)
         _check_number("jitter_s", self.jitter_s)
@@ -109,8 +113,10 @@ class LinkProfile:
         _check_int("overhead_bytes", self.overhead_bytes, 0)
         _check_int("queue_bytes", self.queue_bytes, 1, optional=True)
         if self.queue_bytes is not None and self.queue_bytes < self.mtu + self.overhead_bytes:
-            raise ValueError(f"queue_bytes: {self.queue_bytes} cannot hold one full packet "
-                             f"(mtu {self.mtu} + overhead_bytes {self.overhead_bytes})")
+            raise ValueError(
+                f"queue_bytes: {self.queue_bytes} cannot hold one full packet "
+                f"(mtu {self.mtu} + overhead_bytes {self.overhead_bytes})"
+            )
         if self.channel is not None and not isinstance(self.channel, ChannelProfile):
             raise ValueError(f"channel: expected a netem.channel.ChannelProfile, got {type(self.channel).__name__}")
         if self.trace is not None and not isinstance(self.trace, Trace):
@@ -123,8 +129,11 @@ class LinkProfile:
             raise ValueError("rate_bps and channel both set; with a channel the rate comes from the channel")
         if self.trace is not None:
             cols = self.trace.columns()
-            for col, static in (("rate_bps", math.isfinite(self.rate_bps)), ("delay_s", self.delay_s > 0),
-                                ("loss", self.loss > 0)):
+            for col, static in (
+                ("rate_bps", math.isfinite(self.rate_bps)),
+                ("delay_s", self.delay_s > 0),
+                ("loss", self.loss > 0),
+            ):
                 if col in cols and static:
                     raise ValueError(f"{col} is set and trace {self.trace.source!r} also gives {col}; use one")
             if "loss" in cols and self.ge_p > 0:
@@ -136,19 +145,16 @@ class LinkProfile:
         return self.channel is not None or self.trace is not None
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "") -> LinkProfile:
+    def from_dict(cls, d: object, where: str = "") -> LinkProfile:
         """Build from scenario units; ValueError names the offending key (prefixed by `where`)."""
         pre = f"{where}." if where else ""
         if not isinstance(d, dict):
             raise ValueError(f"{where or 'link profile'}: expected a mapping of link parameters, got {d!r}")
-        kw: dict = {}
+        kw: dict[str, Any] = {}
         given: dict[str, str] = {}
         for key, value in d.items():
             if key in _UNIT_KEYS:
-                field, scale = _UNIT_KEYS[key]
-                if field in given:
-                    raise ValueError(f"{pre}{key}: {given[field]!r} already gives {field}; use one")
-                given[field] = key
+                field, scale = unit_field(key, _UNIT_KEYS, given, pre)
                 if field == "rate_bps" and value is None:  # null rate = unlimited
                     kw[field] = math.inf
                     continue
@@ -176,10 +182,10 @@ class LinkProfile:
         except ValueError as e:
             raise ValueError(f"{pre}{e}") from None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Scenario units; only fields that differ from the defaults (from_dict reads it back)."""
         default = LinkProfile()
-        out: dict = {}
+        out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if v == getattr(default, f.name):
@@ -201,8 +207,10 @@ class LinkProfile:
         parts = []
         if self.channel is not None:
             c = self.channel
-            parts.append(f"channel {c.bandwidth_hz / 1e6:g} MHz, SNR {c.mean_snr_db():.1f} dB, {c.fading} "
-                         f"(~{c.awgn_rate_bps() / 1e6:.3g} Mbit/s unfaded)")
+            parts.append(
+                f"channel {c.bandwidth_hz / 1e6:g} MHz, SNR {c.mean_snr_db():.1f} dB, {c.fading} "
+                f"(~{c.awgn_rate_bps() / 1e6:.3g} Mbit/s unfaded)"
+            )
         elif self.trace is not None and "rate_bps" in self.trace.columns():
             parts.append(f"trace {self.trace.source}")
         else:
@@ -232,7 +240,7 @@ def gilbert_elliott_loss(p: LinkProfile) -> float:
     return (1 - bad) * p.ge_loss_good + bad * p.ge_loss_bad
 
 
-def _trace_from(value, where: str) -> Trace:
+def _trace_from(value: object, where: str) -> Trace:
     """`trace: NAME_OR_PATH` or `trace: {name: NAME_OR_PATH, loop: bool, random_start: bool}`."""
     if isinstance(value, str):
         return load_trace(value)
@@ -261,13 +269,13 @@ class DuplexProfile:
     downlink: LinkProfile
     description: str = ""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("uplink", "downlink"):
             if not isinstance(getattr(self, name), LinkProfile):
                 raise ValueError(f"{name}: expected a LinkProfile, got {type(getattr(self, name)).__name__}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> DuplexProfile:
+    def from_dict(cls, d: object) -> DuplexProfile:
         if not isinstance(d, dict):
             raise ValueError(f"link profile: expected a mapping with 'uplink' and 'downlink', got {d!r}")
         unknown = set(d) - {"uplink", "downlink", "description"}
@@ -276,12 +284,14 @@ class DuplexProfile:
         for name in ("uplink", "downlink"):
             if name not in d:
                 raise ValueError(f"{name}: missing; a duplex profile needs both uplink and downlink")
-        return cls(LinkProfile.from_dict(d["uplink"], where="uplink"),
-                   LinkProfile.from_dict(d["downlink"], where="downlink"),
-                   str(d.get("description", "")))
+        return cls(
+            LinkProfile.from_dict(d["uplink"], where="uplink"),
+            LinkProfile.from_dict(d["downlink"], where="downlink"),
+            str(d.get("description", "")),
+        )
 
-    def to_dict(self) -> dict:
-        out = {"uplink": self.uplink.to_dict(), "downlink": self.downlink.to_dict()}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"uplink": self.uplink.to_dict(), "downlink": self.downlink.to_dict()}
         if self.description:
             out["description"] = self.description
         return out
@@ -289,4 +299,4 @@ class DuplexProfile:
     def direction(self, name: str) -> LinkProfile:
         if name not in ("uplink", "downlink"):
             raise ValueError(f"direction: expected 'uplink' or 'downlink', got {name!r}")
-        return getattr(self, name)
+        return self.uplink if name == "uplink" else self.downlink

@@ -36,13 +36,17 @@ choice. One-way delays are device <-> verifier (radio plus a short path to an ed
 - lte-drive: the bundled lte-drive-up / lte-drive-down traces (120 s in a car), each link
   starting at its own seeded offset so devices do not fade in lockstep.
 """
+
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from netem.profile import DuplexProfile
 
-_PROFILES: dict[str, dict] = {
+# A table, laid out by hand: one direction a line.
+# fmt: off
+_PROFILES: dict[str, dict[str, Any]] = {
     "ideal": {
         "description": "No shaping: infinite rate, zero delay, no loss.",
         "uplink": {}, "downlink": {},
@@ -98,6 +102,7 @@ _PROFILES: dict[str, dict] = {
         "downlink": {"trace": {"name": "lte-drive-down", "random_start": True}},
     },
 }
+# fmt: on
 
 
 @functools.cache

@@ -20,6 +20,7 @@ Only namespaces this module creates are touched (names start with `hlm`, plus th
 only traffic between them is shaped. Everything needs root; `capabilities().reason` says why
 probing was impossible otherwise.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,12 +32,16 @@ import secrets
 import shutil
 import subprocess
 from dataclasses import dataclass, field
+from typing import Any
 
 from netem.profile import LinkProfile
 
 QDISCS = ("tbf", "htb", "netem", "bfifo", "pfifo", "fq_codel", "sfq")
-_PROBE_ARGS = {"tbf": ["rate", "1mbit", "burst", "10k", "latency", "50ms"], "htb": ["default", "1"],
-               "netem": ["delay", "10ms"]}
+_PROBE_ARGS = {
+    "tbf": ["rate", "1mbit", "burst", "10k", "latency", "50ms"],
+    "htb": ["default", "1"],
+    "netem": ["delay", "10ms"],
+}
 _ETH_HEADER = 14  # tc's packet length on a veth includes the Ethernet header
 _counter = itertools.count()
 
@@ -61,11 +66,12 @@ class Capabilities:
         if self.reason:
             raise QdiscUnavailable(f"cannot use qdisc {kind!r}{why}: {self.reason}")
         if not self.has(kind):
-            raise QdiscUnavailable(f"this kernel does not offer the {kind!r} qdisc{why} "
-                                   f"(offered: {', '.join(self.offered()) or 'none'})")
+            raise QdiscUnavailable(
+                f"this kernel does not offer the {kind!r} qdisc{why} (offered: {', '.join(self.offered()) or 'none'})"
+            )
 
 
-def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
+def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
     p = subprocess.run(argv, capture_output=True, text=True)
     if check and p.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}): {p.stderr.strip() or p.stdout.strip()}")
@@ -76,8 +82,7 @@ def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
 def capabilities() -> Capabilities:
     """Which qdiscs the kernel offers, probed in a throwaway namespace (cached)."""
     if os.geteuid() != 0:
-        return Capabilities(False, reason="needs root (creating namespaces and qdiscs); running as uid "
-                                          f"{os.geteuid()}")
+        return Capabilities(False, reason=f"needs root (creating namespaces and qdiscs); running as uid {os.geteuid()}")
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             return Capabilities(True, reason=f"the {tool!r} command (iproute2) is not installed")
@@ -87,8 +92,9 @@ def capabilities() -> Capabilities:
         _run(["ip", "netns", "add", ns])
         _run(["ip", "-n", ns, "link", "add", "p0", "type", "veth", "peer", "name", "p1"])
         for kind in QDISCS:
-            p = _run(["tc", "-n", ns, "qdisc", "replace", "dev", "p0", "root", kind, *_PROBE_ARGS.get(kind, [])],
-                     check=False)
+            p = _run(
+                ["tc", "-n", ns, "qdisc", "replace", "dev", "p0", "root", kind, *_PROBE_ARGS.get(kind, [])], check=False
+            )
             found[kind] = p.returncode == 0
     except RuntimeError as e:
         return Capabilities(True, reason=f"could not create a probe namespace: {e}")
@@ -126,8 +132,10 @@ def plan(profile: LinkProfile, dev: str, rate_qdisc: str = "tbf", caps: Capabili
     """
     p = profile
     if p.varies:
-        raise ValueError("the kernel backend shapes fixed conditions only; a channel or trace "
-                         "(conditions over time) needs the model (netem.Link)")
+        raise ValueError(
+            "the kernel backend shapes fixed conditions only; a channel or trace "
+            "(conditions over time) needs the model (netem.Link)"
+        )
     if rate_qdisc not in ("tbf", "htb"):
         raise ValueError(f"rate_qdisc: expected 'tbf' or 'htb', got {rate_qdisc!r}")
     netem = _netem_args(p)
@@ -150,15 +158,64 @@ def plan(profile: LinkProfile, dev: str, rate_qdisc: str = "tbf", caps: Capabili
         burst = max(int(p.rate_bps / 8 * 0.004), 2 * frame)
         if rate_qdisc == "tbf":
             limit = p.queue_bytes or int(p.rate_bps / 8 * 0.1) + burst
-            cmds.append(["qdisc", "add", "dev", dev, *parent, "handle", "10:", *stab, "tbf", "rate", rate,
-                         "burst", str(burst), "limit", str(limit)])
+            cmds.append(
+                [
+                    "qdisc",
+                    "add",
+                    "dev",
+                    dev,
+                    *parent,
+                    "handle",
+                    "10:",
+                    *stab,
+                    "tbf",
+                    "rate",
+                    rate,
+                    "burst",
+                    str(burst),
+                    "limit",
+                    str(limit),
+                ]
+            )
         else:
             cmds.append(["qdisc", "add", "dev", dev, *parent, "handle", "10:", *stab, "htb", "default", "1"])
-            cmds.append(["class", "add", "dev", dev, "parent", "10:", "classid", "10:1", "htb", "rate", rate,
-                         "ceil", rate, "burst", str(burst), "cburst", str(burst)])
+            cmds.append(
+                [
+                    "class",
+                    "add",
+                    "dev",
+                    dev,
+                    "parent",
+                    "10:",
+                    "classid",
+                    "10:1",
+                    "htb",
+                    "rate",
+                    rate,
+                    "ceil",
+                    rate,
+                    "burst",
+                    str(burst),
+                    "cburst",
+                    str(burst),
+                ]
+            )
             if p.queue_bytes:
-                cmds.append(["qdisc", "add", "dev", dev, "parent", "10:1", "handle", "20:", "bfifo",
-                             "limit", str(p.queue_bytes)])
+                cmds.append(
+                    [
+                        "qdisc",
+                        "add",
+                        "dev",
+                        dev,
+                        "parent",
+                        "10:1",
+                        "handle",
+                        "20:",
+                        "bfifo",
+                        "limit",
+                        str(p.queue_bytes),
+                    ]
+                )
     return cmds
 
 
@@ -168,13 +225,13 @@ class NetnsPair:
     A context manager: the namespaces (and with them the veth) are deleted on exit.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         n = next(_counter) % 250
         tag = f"{os.getpid() % 100000}{secrets.token_hex(2)}"
         self.ns_a, self.ns_b = f"hlm{tag}a", f"hlm{tag}b"
         self.dev_a, self.dev_b = f"hlm{n}a{tag[-4:]}"[:15], f"hlm{n}b{tag[-4:]}"[:15]
         self.ip_a, self.ip_b = f"10.213.{n}.1", f"10.213.{n}.2"
-        self._procs: list[subprocess.Popen] = []
+        self._procs: list[subprocess.Popen[Any]] = []
         self._up = False
 
     def __enter__(self) -> NetnsPair:
@@ -185,8 +242,23 @@ class NetnsPair:
         try:
             _run(["ip", "netns", "add", self.ns_a])
             _run(["ip", "netns", "add", self.ns_b])
-            _run(["ip", "-n", self.ns_a, "link", "add", self.dev_a, "type", "veth", "peer", "name", self.dev_b,
-                  "netns", self.ns_b])
+            _run(
+                [
+                    "ip",
+                    "-n",
+                    self.ns_a,
+                    "link",
+                    "add",
+                    self.dev_a,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    self.dev_b,
+                    "netns",
+                    self.ns_b,
+                ]
+            )
             for ns, dev, ip in ((self.ns_a, self.dev_a, self.ip_a), (self.ns_b, self.dev_b, self.ip_b)):
                 _run(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev])
                 _run(["ip", "-n", ns, "link", "set", dev, "up"])
@@ -196,7 +268,7 @@ class NetnsPair:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _side(self, side: str) -> tuple[str, str]:
@@ -224,10 +296,14 @@ class NetnsPair:
         """Byte and packet counters of side's veth end: tx_bytes, rx_bytes, tx_packets, rx_packets."""
         ns, dev = self._side(side)
         info = json.loads(_run(["ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev]).stdout)[0]["stats64"]
-        return {"tx_bytes": info["tx"]["bytes"], "rx_bytes": info["rx"]["bytes"],
-                "tx_packets": info["tx"]["packets"], "rx_packets": info["rx"]["packets"]}
+        return {
+            "tx_bytes": info["tx"]["bytes"],
+            "rx_bytes": info["rx"]["bytes"],
+            "tx_packets": info["tx"]["packets"],
+            "rx_packets": info["rx"]["packets"],
+        }
 
-    def popen(self, side: str, argv: list[str], **kw) -> subprocess.Popen:
+    def popen(self, side: str, argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
         """Start a process inside side's namespace (ended when the pair closes)."""
         ns, _ = self._side(side)
         p = subprocess.Popen(["ip", "netns", "exec", ns, *argv], **kw)

@@ -17,6 +17,7 @@ CSV format (one header line, '#' lines are comments, blank lines ignored):
 Bundled traces live in netem/data/<name>.csv (see `list_traces()`); netem/data/make_traces.py
 says how each was made and from which sources its numbers come.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -24,14 +25,18 @@ import csv
 import functools
 import io
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
 _TIME_COLUMNS = {"time_s": 1.0, "time_ms": 1e-3}
 _VALUE_COLUMNS = {
-    "rate_bps": ("rate_bps", 1.0), "rate_kbps": ("rate_bps", 1e3), "rate_mbps": ("rate_bps", 1e6),
-    "delay_s": ("delay_s", 1.0), "delay_ms": ("delay_s", 1e-3),
+    "rate_bps": ("rate_bps", 1.0),
+    "rate_kbps": ("rate_bps", 1e3),
+    "rate_mbps": ("rate_bps", 1e6),
+    "delay_s": ("delay_s", 1.0),
+    "delay_ms": ("delay_s", 1e-3),
     "loss": ("loss", 1.0),
 }
 
@@ -69,35 +74,43 @@ class Trace:
         return i, end
 
     def value_at(self, column: str, t: float) -> float:
-        values = getattr(self, column)
+        values: tuple[float, ...] = getattr(self, column)
         return values[self.index(t)[0]]
 
     def columns(self) -> list[str]:
         return [c for c in ("rate_bps", "delay_s", "loss") if getattr(self, c) is not None]
 
     def with_options(self, *, loop: bool | None = None, random_start: bool | None = None) -> Trace:
-        return replace(self, loop=self.loop if loop is None else loop,
-                       random_start=self.random_start if random_start is None else random_start)
+        return replace(
+            self,
+            loop=self.loop if loop is None else loop,
+            random_start=self.random_start if random_start is None else random_start,
+        )
 
 
 def parse_trace(text: str, source: str = "<trace>") -> Trace:
     """Parse trace CSV text; errors name the source, line and column."""
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1)
-             if line.strip() and not line.lstrip().startswith("#")]
+    lines = [
+        (n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip() and not line.lstrip().startswith("#")
+    ]
     if not lines:
         raise ValueError(f"{source}: empty trace (expected a header line such as 'time_s,rate_mbps,delay_ms,loss')")
     header_line, header = lines[0]
     names = [h.strip() for h in next(csv.reader([header]))]
     time_cols = [c for c in names if c in _TIME_COLUMNS]
     if len(time_cols) != 1:
-        raise ValueError(f"{source}:{header_line}: expected exactly one time column (time_s or time_ms), got header {names}")
+        raise ValueError(
+            f"{source}:{header_line}: expected exactly one time column (time_s or time_ms), got header {names}"
+        )
     fields: dict[str, str] = {}
     for c in names:
         if c in _TIME_COLUMNS:
             continue
         if c not in _VALUE_COLUMNS:
-            raise ValueError(f"{source}:{header_line}: unknown column {c!r}; expected "
-                             f"{', '.join(list(_TIME_COLUMNS) + list(_VALUE_COLUMNS))}")
+            raise ValueError(
+                f"{source}:{header_line}: unknown column {c!r}; expected "
+                f"{', '.join(list(_TIME_COLUMNS) + list(_VALUE_COLUMNS))}"
+            )
         field = _VALUE_COLUMNS[c][0]
         if field in fields:
             raise ValueError(f"{source}:{header_line}: columns {fields[field]!r} and {c!r} both give {field}")
@@ -126,8 +139,16 @@ def parse_trace(text: str, source: str = "<trace>") -> Trace:
     if not times:
         raise ValueError(f"{source}: the trace has a header but no rows")
     duration = times[-1] + (times[-1] - times[-2]) if len(times) > 1 else 0.0
-    return Trace(source=source, times=tuple(times), duration_s=duration,
-                 loop=len(times) > 1, **{f: tuple(v) for f, v in values.items()})
+    columns = {f: tuple(v) for f, v in values.items()}
+    return Trace(
+        source=source,
+        times=tuple(times),
+        duration_s=duration,
+        loop=len(times) > 1,
+        rate_bps=columns.get("rate_bps"),
+        delay_s=columns.get("delay_s"),
+        loss=columns.get("loss"),
+    )
 
 
 def _cell(source: str, line: int, column: str, text: str) -> float:
@@ -166,10 +187,16 @@ def load_trace(name_or_path: str) -> Trace:
         if not p.exists():
             raise ValueError(f"trace file {name_or_path!r} does not exist")
         return _load_file(str(p.resolve()))
-    raise ValueError(f"unknown trace {name_or_path!r}; bundled traces: {', '.join(list_traces())} (or give a .csv path)")
+    raise ValueError(
+        f"unknown trace {name_or_path!r}; bundled traces: {', '.join(list_traces())} (or give a .csv path)"
+    )
 
 
-def trace_from_rows(rows, columns=("time_s", "rate_mbps", "delay_ms", "loss"), source="<rows>") -> Trace:
+def trace_from_rows(
+    rows: Iterable[Sequence[object]],
+    columns: Sequence[str] = ("time_s", "rate_mbps", "delay_ms", "loss"),
+    source: str = "<rows>",
+) -> Trace:
     """Build a trace from in-memory rows (same rules as the CSV form)."""
     buf = io.StringIO()
     csv.writer(buf).writerows([columns, *rows])

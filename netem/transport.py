@@ -33,34 +33,43 @@ behind their due times messages were delivered (the wall clock's lag when this m
 cannot keep up). `close()` stops the thread/timers and drops what is still pending;
 `drain(timeout)` first waits (blocking; not for use on an event loop) until nothing is pending.
 """
+
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from netem.link import Link
 from netem.profile import LinkProfile
 
+if TYPE_CHECKING:
+    import zmq
+
 log = logging.getLogger(__name__)
 _EPS = 1e-9  # due within a nanosecond counts as due (float rounding of epoch + t * scale)
+# What is shaped: bytes-like, or a list/tuple of frames (a multipart message). Anything works that
+# the deliver function takes and `size` measures, hence Any.
+Message = Any
 
 
-def message_size(msg) -> int:
+def message_size(msg: Message) -> int:
     """Bytes of a bytes-like message or of a list/tuple of frames."""
     if isinstance(msg, (list, tuple)):
         return sum(len(f) for f in msg)
     return len(msg)
 
 
-def zmq_deliver(socket, flags: int = 0, copy: bool = True) -> Callable[[Any], None]:
+def zmq_deliver(socket: zmq.Socket[Any], flags: int = 0, copy: bool = True) -> Callable[[Message], None]:
     """A deliver function for a pyzmq socket: lists/tuples go as multipart messages.
     (copy=True is faster for small messages; pass copy=False for large zero-copy buffers.)"""
 
-    def deliver(msg) -> None:
+    def deliver(msg: Message) -> None:
         if isinstance(msg, (list, tuple)):
             socket.send_multipart(msg, flags=flags, copy=copy)
         else:
@@ -72,9 +81,16 @@ def zmq_deliver(socket, flags: int = 0, copy: bool = True) -> Callable[[Any], No
 class ShapedSender:
     """Deliver messages when their Link says they arrive. See the module docstring."""
 
-    def __init__(self, deliver: Callable[[Any], None], link: Link | None = None, *, time_scale: float = 1.0,
-                 epoch: float | None = None, clock: Callable[[], float] = time.monotonic,
-                 size: Callable[[Any], int] = message_size):
+    def __init__(
+        self,
+        deliver: Callable[[Message], None],
+        link: Link | None = None,
+        *,
+        time_scale: float = 1.0,
+        epoch: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        size: Callable[[Message], int] = message_size,
+    ):
         if not time_scale > 0:
             raise ValueError(f"time_scale: expected real seconds per emulated second > 0, got {time_scale!r}")
         self.link = link
@@ -83,15 +99,21 @@ class ShapedSender:
         self.epoch = clock() if epoch is None else float(epoch)
         self._deliver = deliver
         self._size = size
-        self._heap: list = []  # (due real time, sequence, message)
+        self._heap: list[tuple[float, int, Message]] = []  # (due real time, sequence, message)
         self._seq = itertools.count()
         self._cv = threading.Condition(threading.Lock())  # never re-entered; a plain lock is cheaper
         self._mode = "caller"
-        self._loop = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._counts = {"sent": 0, "dropped": 0, "delivered": 0, "duplicates": 0, "deliver_errors": 0,
-                        "late_over_1ms": 0}
+        self._counts: dict[str, int] = {
+            "sent": 0,
+            "dropped": 0,
+            "delivered": 0,
+            "duplicates": 0,
+            "deliver_errors": 0,
+            "late_over_1ms": 0,
+        }
         self._late_max = 0.0
         self._late_sum = 0.0
 
@@ -103,7 +125,7 @@ class ShapedSender:
 
     # -- sending ------------------------------------------------------------------------
 
-    def send(self, msg, link: Link | None = None) -> float | None:
+    def send(self, msg: Message, link: Link | None = None) -> float | None:
         """Schedule msg through `link` (default: the sender's link). Returns its real due time
         (first copy), or None when the link model lost it."""
         link = link or self.link
@@ -113,7 +135,7 @@ class ShapedSender:
             arrivals = link.transmit(self._size(msg), (self.clock() - self.epoch) / self.time_scale)
         return self.schedule(msg, arrivals)
 
-    def schedule(self, msg, arrivals: list[float]) -> float | None:
+    def schedule(self, msg: Message, arrivals: Sequence[float]) -> float | None:
         """Deliver msg at each emulated arrival time given (a caller that already ran the link
         model, e.g. the runtime, whose devices compute arrivals in both clocks). An empty list
         is a lost message. Returns the real due time of the first copy, or None."""
@@ -148,6 +170,8 @@ class ShapedSender:
     def set_profile(self, profile: LinkProfile, link: Link | None = None) -> None:
         """Switch a link's profile for every later send."""
         link = link or self.link
+        if link is None:
+            raise ValueError("set_profile: no link given and the sender has no default link")
         with self._cv:
             link.set_profile(profile)
 
@@ -171,7 +195,7 @@ class ShapedSender:
 
     # -- drivers ------------------------------------------------------------------------
 
-    def attach(self, loop) -> ShapedSender:
+    def attach(self, loop: asyncio.AbstractEventLoop) -> ShapedSender:
         """Drive delivery from an asyncio loop (send() must then run on the loop's thread)."""
         with self._cv:
             self._mode, self._loop = "loop", loop
@@ -213,10 +237,10 @@ class ShapedSender:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, float]:
         """Counts, pending messages and delivery lateness (seconds behind the due time)."""
         with self._cv:
-            out = dict(self._counts)
+            out: dict[str, float] = dict(self._counts)
             out["pending"] = len(self._heap)
             out["late_max_s"] = self._late_max
             out["late_mean_s"] = self._late_sum / out["delivered"] if out["delivered"] else 0.0
@@ -224,7 +248,7 @@ class ShapedSender:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _pop_due(self, now: float) -> list:
+    def _pop_due(self, now: float) -> list[tuple[float, Message]]:
         out = []
         heap = self._heap
         while heap and heap[0][0] <= now + _EPS:
@@ -232,7 +256,7 @@ class ShapedSender:
             out.append((due, msg))
         return out
 
-    def _deliver_all(self, items: list, now: float) -> int:
+    def _deliver_all(self, items: list[tuple[float, Message]], now: float) -> int:
         # Runs on the one delivering thread (caller, loop or worker), so the delivery counters
         # have a single writer and need no lock.
         counts = self._counts
@@ -256,13 +280,15 @@ class ShapedSender:
 
     def _schedule_timer(self, due: float) -> None:
         # loop.time() and our clock may differ by an offset; convert through "now".
-        self._loop.call_at(self._loop.time() + (due - self.clock()), self._on_timer, due)
+        loop = self._loop
+        assert loop is not None, "timers run only once attach() gave a loop"
+        loop.call_at(loop.time() + (due - self.clock()), self._on_timer, due)
 
     def _on_timer(self, due: float) -> None:
         self.flush()
         with self._cv:  # asyncio may fire a timer a hair early: then try again for that message
             early = not self._closed and bool(self._heap) and self._heap[0][0] <= due
-        if early:
+        if early and self._loop is not None:
             self._loop.call_later(max(0.0, due - self.clock()), self._on_timer, due)
 
     def _run(self) -> None:

@@ -3,9 +3,9 @@ truncators, quantisers, their composition into a Policy, and the registry of pre
 
 Pure numpy/torch; never imports agents, netem or testbed.
 """
-from policies.base import Decision, DecisionContext, Key, Policy, TokenBatch
+
+from policies.base import PROB_BITS, Decision, DecisionContext, Key, Policy, TokenBatch
 from policies.policy import PRESETS, HybridPolicy, LLMOnlyPolicy, PolicyConfig, Preset
-from policies.quantise import PROB_BITS
 from policies.registry import (
     ENTRY_POINT_GROUP,
     PolicyError,
@@ -44,6 +44,45 @@ from policies.uncertainty import (
     top2_margin,
 )
 
-import types as _types
-
-__all__ = [n for n, v in dict(globals()).items() if not n.startswith("_") and not isinstance(v, _types.ModuleType)]
+__all__ = [
+    "Decision",
+    "DecisionContext",
+    "DegenerateFitError",
+    "ENTRY_POINT_GROUP",
+    "ESTIMATORS",
+    "HybridPolicy",
+    "Key",
+    "LLMOnlyPolicy",
+    "PAPER_A",
+    "PAPER_B",
+    "PRESETS",
+    "PROB_BITS",
+    "Policy",
+    "PolicyConfig",
+    "PolicyError",
+    "Preset",
+    "RejectionFit",
+    "RejectionModel",
+    "TokenBatch",
+    "calibrate_offline_k",
+    "entropy",
+    "fit_rejection_model",
+    "keyed_rng",
+    "known_names",
+    "load_policy",
+    "make_estimator",
+    "one_minus_max",
+    "online_k_star",
+    "policy_catalog",
+    "register_policy",
+    "risk_averse_threshold",
+    "risk_prone_threshold",
+    "temperature_perturbation",
+    "threshold",
+    "top2_margin",
+    "top_p_k",
+    "tv_denominator",
+    "tv_numerator",
+    "u_tv",
+    "unregister_policy",
+]

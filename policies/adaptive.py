@@ -75,16 +75,19 @@ uniforms: the boundary bin's q, then the probe). Decisions therefore do not depe
 which devices share the instance, the process or a batch. A device whose token index goes
 back (a replayed or repeated run on the same instance) starts from a fresh state.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from policies.base import Policy, TokenBatch
-from policies.policy import HybridPolicy, PolicyConfig, _coerce, in_effect, validate
+from policies.base import Estimator, Key, Policy, TokenBatch
+from policies.policy import HybridPolicy, PolicyConfig, _coerce, as_checked, in_effect, validate
 from policies.rejection import RejectionModel
 from policies.rng import keyed_rng
 from policies.truncation import OnlineKStar
@@ -116,12 +119,20 @@ class _DeviceState:
             self.n, self.w, self.s = (np.concatenate([a, np.zeros(pad)]) for a in (self.n, self.w, self.s))
 
 
-def check_adaptive(risk, epsilon, feedback, min_samples, prior_strength, bin_width, kstar_beta) -> None:
-    """ValueError naming the parameter for any value the rule cannot run with."""
+def check_adaptive(
+    risk: float,
+    epsilon: float,
+    feedback: str,
+    min_samples: int,
+    prior_strength: float,
+    bin_width: float | None,
+    kstar_beta: str,
+) -> None:
+    """ValueError naming the parameter for any value the rule cannot run with (they come from
+    scenarios: the types are checked here too)."""
 
-    def number(name, v):
-        real = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-        if not real or not math.isfinite(float(v)):
+    def number(name: str, v: object) -> None:
+        if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, bool) or not math.isfinite(v):
             raise ValueError(f"{name} must be a finite number, got {v!r}")
 
     number("risk", risk)
@@ -133,8 +144,9 @@ def check_adaptive(risk, epsilon, feedback, min_samples, prior_strength, bin_wid
     if feedback not in FEEDBACK:
         raise ValueError(f"feedback must be one of {', '.join(FEEDBACK)}; got {feedback!r}")
     if feedback == "transmitted" and not epsilon > 0:
-        raise ValueError("epsilon must be > 0 with feedback='transmitted': probes are then its only view of beta "
-                         "where it skips")
+        raise ValueError(
+            "epsilon must be > 0 with feedback='transmitted': probes are then its only view of beta where it skips"
+        )
     if isinstance(min_samples, bool) or not isinstance(min_samples, (int, np.integer)) or min_samples < 1:
         raise ValueError(f"min_samples must be an integer >= 1, got {min_samples!r}")
     number("prior_strength", prior_strength)
@@ -152,8 +164,15 @@ class AdaptiveSkip:
     """The skip rule of cu-hlm-adaptive (see the module docstring): callable (u, batch) ->
     skip [B] like the rules in policies.skip, plus `observe` for the verdicts."""
 
-    def __init__(self, risk: float = 0.02, epsilon: float = 0.05, feedback: str = "shadow", min_samples: int = 8,
-                 prior_strength: float = 2.0, bin_width: float = 0.05):
+    def __init__(
+        self,
+        risk: float = 0.02,
+        epsilon: float = 0.05,
+        feedback: str = "shadow",
+        min_samples: int = 8,
+        prior_strength: float = 2.0,
+        bin_width: float = 0.05,
+    ):
         check_adaptive(risk, epsilon, feedback, min_samples, prior_strength, bin_width, "learned")
         self.risk = float(risk)
         self.epsilon = float(epsilon)
@@ -217,10 +236,17 @@ class AdaptiveSkip:
         j = self._bin(u)
         return PRIOR_BETA if j >= est[1].size else float(min(max(est[1][j], 0.0), 1.0))
 
-    def stats(self, device: int) -> dict:
+    def stats(self, device: int) -> dict[str, Any]:
         st = self._st(device)
-        return dict(decided=st.decided, observed=st.observed, would_skip=st.would_skip, probes=st.probes,
-                    skipped=st.skipped, u_threshold=self.u_threshold(device), rule=self.rule(device))
+        return dict(
+            decided=st.decided,
+            observed=st.observed,
+            would_skip=st.would_skip,
+            probes=st.probes,
+            skipped=st.skipped,
+            u_threshold=self.u_threshold(device),
+            rule=self.rule(device),
+        )
 
     # --- the rule --------------------------------------------------------------------------
     def __call__(self, u: np.ndarray, batch: TokenBatch) -> np.ndarray:
@@ -257,7 +283,7 @@ class AdaptiveSkip:
             out[i] = skip
         return out
 
-    def p_skip(self, u: np.ndarray, key) -> np.ndarray:
+    def p_skip(self, u: np.ndarray, key: Key) -> np.ndarray:
         """P(skip | u) for each u, from the device's evidence before this token (the decision law,
         policies.law): the rule's bins below c for sure, bin c with probability q, times the chance
         of no probe. Called before __call__ for the same token."""
@@ -315,7 +341,7 @@ class _GivenBeta:
 
     values: np.ndarray
 
-    def beta(self, u) -> np.ndarray:
+    def beta(self, u: npt.ArrayLike) -> np.ndarray:
         return self.values
 
 
@@ -346,8 +372,9 @@ class LearnedKStar:
 
 # Parameters: the PolicyConfig fields of estimator and upload, then the rule's own.
 CONFIG_PARAMS = ("estimator", "K", "theta_max", "truncation", "k", "top_p", "theta", "eta", "a", "b", "prob_bits")
-ADAPTIVE_DEFAULTS = dict(risk=0.02, epsilon=0.05, feedback="shadow", min_samples=8, prior_strength=2.0,
-                         bin_width=None, kstar_beta="learned")
+ADAPTIVE_DEFAULTS = dict(
+    risk=0.02, epsilon=0.05, feedback="shadow", min_samples=8, prior_strength=2.0, bin_width=None, kstar_beta="learned"
+)
 PARAMS = (*CONFIG_PARAMS, *ADAPTIVE_DEFAULTS)
 
 
@@ -355,25 +382,40 @@ def _check_config(c: PolicyConfig) -> None:
     if c.estimator == "none":
         raise ValueError("estimator must name an uncertainty estimator for cu-hlm-adaptive, got 'none'")
     if c.truncation == "offline":
-        raise ValueError("truncation 'offline' needs an offline calibration, which this policy does without; "
-                         "use online, top-k, top-p or full")
+        raise ValueError(
+            "truncation 'offline' needs an offline calibration, which this policy does without; "
+            "use online, top-k, top-p or full"
+        )
 
 
 class AdaptivePolicy(HybridPolicy):
     """cu-hlm with a self-calibrating skip rule: estimator -> AdaptiveSkip -> truncator
     (online k* by default) -> quantiser. `observe` feeds the rule (see module docstring)."""
 
-    def __init__(self, name: str = "cu-hlm-adaptive", config: PolicyConfig | None = None, *, risk: float = 0.02,
-                 epsilon: float = 0.05, feedback: str = "shadow", min_samples: int = 8, prior_strength: float = 2.0,
-                 bin_width: float | None = None, kstar_beta: str = "learned", estimator=None):
+    skip_rule: AdaptiveSkip
+
+    def __init__(
+        self,
+        name: str = "cu-hlm-adaptive",
+        config: PolicyConfig | None = None,
+        *,
+        risk: float = 0.02,
+        epsilon: float = 0.05,
+        feedback: str = "shadow",
+        min_samples: int = 8,
+        prior_strength: float = 2.0,
+        bin_width: float | None = None,
+        kstar_beta: str = "learned",
+        estimator: Estimator | None = None,
+    ):
         config = dataclasses.replace(config or PolicyConfig(truncation="online"), skip="never")
         check_adaptive(risk, epsilon, feedback, min_samples, prior_strength, bin_width, kstar_beta)
-        _check_config(config if estimator is None else dataclasses.replace(config, estimator="temperature"))
+        _check_config(as_checked(config, estimator))
         if bin_width is None:
             bin_width = 1.0 / config.K if config.estimator == "temperature" else 0.02
         self.kstar_beta = kstar_beta
         skip = AdaptiveSkip(risk, epsilon, feedback, min_samples, prior_strength, bin_width)
-        truncator = None
+        truncator: LearnedKStar | None = None
         if config.truncation == "online" and kstar_beta == "learned":
             truncator = LearnedKStar(OnlineKStar(config.theta, config.eta, RejectionModel(config.a, config.b)), skip)
         super().__init__(name, config, estimator=estimator, skip_rule=skip, truncator=truncator)
@@ -381,14 +423,20 @@ class AdaptivePolicy(HybridPolicy):
     def observe(self, device: int, token_index: int, uncertainty: float, beta: float, skipped: bool) -> None:
         self.skip_rule.observe(device, token_index, uncertainty, beta, skipped)
 
-    def params(self) -> dict:
+    def params(self) -> dict[str, Any]:
         c = self.config
         full = dataclasses.asdict(c)
         effect = set(in_effect(c))
         out = {n: full[n] for n in CONFIG_PARAMS if n in effect}
         s = self.skip_rule
-        out.update(risk=s.risk, epsilon=s.epsilon, feedback=s.feedback, min_samples=s.min_samples,
-                   prior_strength=s.prior_strength, bin_width=s.bin_width)
+        out.update(
+            risk=s.risk,
+            epsilon=s.epsilon,
+            feedback=s.feedback,
+            min_samples=s.min_samples,
+            prior_strength=s.prior_strength,
+            bin_width=s.bin_width,
+        )
         if c.truncation == "online":
             out["kstar_beta"] = self.kstar_beta
         return out
@@ -404,12 +452,12 @@ class AdaptivePreset:
 
     name: str
     description: str
-    defaults: dict = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
 
-    def param_defaults(self) -> dict:
+    def param_defaults(self) -> dict[str, Any]:
         return self.build().params()
 
-    def build(self, params: dict | None = None, calibration=None) -> Policy:
+    def build(self, params: dict[str, Any] | None = None, calibration: object = None) -> Policy:
         params = dict(params or {})
         unknown = sorted(set(params) - set(PARAMS))
         if unknown:
@@ -421,8 +469,9 @@ class AdaptivePreset:
         effect = set(in_effect(cfg)) | ({"kstar_beta"} if cfg.truncation == "online" else set())
         idle = sorted(n for n in params if n not in effect and (n in CONFIG_PARAMS or n == "kstar_beta"))
         if idle:  # as for the other presets: a parameter without effect is almost always a mistake
-            raise ValueError(f"parameter {idle[0]!r} has no effect here (truncation={cfg.truncation!r}, "
-                             f"estimator={cfg.estimator!r})")
+            raise ValueError(
+                f"parameter {idle[0]!r} has no effect here (truncation={cfg.truncation!r}, estimator={cfg.estimator!r})"
+            )
         validate(cfg)  # the PolicyConfig value checks (K, theta, prob_bits, ...)
         rule = {**ADAPTIVE_DEFAULTS, **{n: given[n] for n in ADAPTIVE_DEFAULTS if n in given}}
         return AdaptivePolicy(self.name, cfg, **rule)

@@ -3,17 +3,26 @@
 A policy composes four swappable parts (docs/design.md section 1, steps 2-5):
 uncertainty estimator -> threshold rule (skip?) -> truncator (k) -> quantiser (bits).
 """
+
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 Key = tuple[int, int, int]  # (seed, device, token_index): what every random draw is keyed by
+Array = np.ndarray | torch.Tensor  # what the parts take: numpy or torch, [B, V] rows or one [V] row
+
+# The bit widths a policy may choose for the uploaded probabilities (docs/design.md section 1, step 5;
+# b_prob = 8 by default). A policy only chooses; the payload codec (agents.codec) quantises and
+# speaks exactly these widths.
+PROB_BITS = (8, 16, 32)  # 32 = float32, no quantisation
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +75,7 @@ class TokenBatch:
     rows: Sequence[np.ndarray]  # x = softmax(z / T) per device, [V] each
 
     @staticmethod
-    def from_contexts(logits, ctxs: Sequence["DecisionContext"]) -> "TokenBatch":
+    def from_contexts(logits: Array | None, ctxs: Sequence[DecisionContext]) -> TokenBatch:
         z = None
         if logits is not None:
             z = torch.as_tensor(logits)
@@ -88,17 +97,25 @@ class TokenBatch:
     def vocab_size(self) -> int:
         return int(self.logits.shape[1]) if self.logits is not None else int(np.asarray(self.rows[0]).shape[-1])
 
-    def select(self, rows) -> "TokenBatch":
+    def select(self, rows: npt.ArrayLike) -> TokenBatch:
         """The sub-batch of the given row indices (or boolean mask)."""
-        rows = np.asarray(rows)
-        idx = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
+        which = np.asarray(rows)
+        idx = np.flatnonzero(which) if which.dtype == bool else which.astype(np.int64)
         t = torch.from_numpy(idx)
+        ids = idx.tolist()
         return TokenBatch(
             None if self.logits is None else self.logits[t],
             self.drafts[t],
-            [self.keys[i] for i in idx],
-            [self.rows[i] for i in idx],
+            [self.keys[i] for i in ids],
+            [self.rows[i] for i in ids],
         )
+
+
+# The swappable parts of a policy (policies.uncertainty, policies.skip, policies.truncation), as
+# HybridPolicy calls them. A part may also state its decision law (skip rules: p_skip; truncators: law).
+Estimator = Callable[[TokenBatch], np.ndarray]  # the batch -> u [B]
+SkipRule = Callable[[np.ndarray, TokenBatch], np.ndarray]  # (u, batch) -> skip [B], bool
+Truncator = Callable[[TokenBatch, np.ndarray], np.ndarray]  # (the transmitted rows, their u) -> k [B]
 
 
 class Policy(abc.ABC):
@@ -110,13 +127,13 @@ class Policy(abc.ABC):
     uses_llm: bool = True
 
     @abc.abstractmethod
-    def decide(self, logits: np.ndarray, ctx: DecisionContext) -> Decision: ...
+    def decide(self, logits: Array | None, ctx: DecisionContext) -> Decision: ...
 
-    def decide_batch(self, logits: np.ndarray, ctxs: list[DecisionContext]) -> list[Decision]:
+    def decide_batch(self, logits: Array | None, ctxs: list[DecisionContext]) -> list[Decision]:
         """Batched form over devices; policies override it when they can vectorise."""
-        return [self.decide(logits[i], c) for i, c in enumerate(ctxs)]
+        return [self.decide(None if logits is None else logits[i], c) for i, c in enumerate(ctxs)]
 
-    def params(self) -> dict:
+    def params(self) -> dict[str, Any]:
         """The parameters that define this policy (shown by `testbed policies --json`,
         written into resolved scenarios)."""
         return {}

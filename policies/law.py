@@ -18,6 +18,7 @@ verdict brings y. How u depends on d:
 - temperature perturbation: u = j / K with j ~ Binomial(K, q_d), q_d = 1 - E_theta[softmax(z / theta)_d]
   (policies.uncertainty.perturbation_keep_prob), so the law holds one entry per j (J = K + 1).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from policies.base import Array
 from policies.truncation import KStarTable
 from policies.uncertainty import perturbation_keep_prob
-
 
 # Temperature perturbation: drafts whose samples almost surely all differ from them (u = 1) are not
 # expanded over j. Treating d's u as 1 moves P by at most x_d P(j < K | d) <= x_d K p_d (p_d = 1 - q_d);
@@ -56,8 +57,13 @@ class DraftLaw:
         V = self.skip.shape[0]
         out = np.zeros(V)
         for kk, pos, w in self.groups:
-            if kk == k:
-                np.add.at(out, slice(None) if pos is None else pos, w)
+            if kk != k:
+                continue
+            if pos is None:
+                out += w
+            else:
+                np.add.at(out, pos, w)
+
         return out if self.order is None else out[_inverse(self.order)]
 
     def skip_by_token(self) -> np.ndarray:
@@ -89,7 +95,7 @@ class DecisionLaw:
         if (self.k is None) == (self.beta is None):
             raise ValueError("a DecisionLaw needs exactly one of k (fixed) and beta (online k*)")
 
-    def draft_law(self, logits, x: np.ndarray) -> DraftLaw:
+    def draft_law(self, logits: Array, x: np.ndarray) -> DraftLaw:
         """Per-draft skip and transmission probabilities for this token (z: the SLM logits the policy
         saw, x = softmax(z / T) the draft was sampled from)."""
         x = np.asarray(x, dtype=np.float64)
@@ -99,6 +105,7 @@ class DecisionLaw:
             skip = np.full(V, float(self.p_skip[0]))
             if self.k is not None:
                 return DraftLaw(None, skip, ((int(min(self.k, V)), None, 1.0 - skip),), self.prob_bits)
+            assert self.beta is not None  # __post_init__: exactly one of k and beta
             table = KStarTable(x, self.theta, self.eta)
             return _online(table, skip, [(None, np.full(V, 1.0 - self.p_skip[0]), float(self.beta[0]))], self.prob_bits)
         # temperature perturbation: expand the head over j = 0..K; the tail has u = 1 (j = K)
@@ -113,19 +120,28 @@ class DecisionLaw:
         tail_tv = float(reach[tail].sum())
         if self.k is not None:
             return DraftLaw(None, skip, ((int(min(self.k, V)), None, 1.0 - skip),), self.prob_bits, tail_tv)
+        assert self.beta is not None  # __post_init__: exactly one of k and beta
         table = KStarTable(x, self.theta, self.eta)
-        parts = [(head, u_law[:, j] * (1.0 - self.p_skip[j]), float(self.beta[j])) for j in range(self.K + 1)]
+        parts: list[OnlinePart] = [
+            (head, u_law[:, j] * (1.0 - self.p_skip[j]), float(self.beta[j])) for j in range(self.K + 1)
+        ]
         parts.append((tail, np.full(tail.size, 1.0 - self.p_skip[-1]), float(self.beta[-1])))
         return _online(table, skip, parts, self.prob_bits, tail_tv)
 
 
-def _online(table: KStarTable, skip: np.ndarray, parts, prob_bits: int, tail_tv: float = 0.0) -> DraftLaw:
+OnlinePart = tuple[np.ndarray | None, np.ndarray, float]  # (drafts, or None for all; weights; beta_d)
+
+
+def _online(
+    table: KStarTable, skip: np.ndarray, parts: list[OnlinePart], prob_bits: int, tail_tv: float = 0.0
+) -> DraftLaw:
     """Group online k*'s transmissions by k: parts = (drafts or None for all, weights, beta); in the
     table's order. Each part's drafts mostly share one k (KStarTable.k_for): that bulk stays a dense
     group, the few drafts with another k become sparse ones."""
     V = table.order.size
     dense: dict[int, np.ndarray] = {}
-    keys, weights = [], []
+    keys: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
     for drafts, w, beta in parts:
         if drafts is not None and not drafts.size:
             continue
@@ -152,10 +168,10 @@ def _online(table: KStarTable, skip: np.ndarray, parts, prob_bits: int, tail_tv:
 def binomial_pmf(K: int, q: np.ndarray) -> np.ndarray:
     """P(j | q) for j = 0..K, per row of q [V]: [V, K + 1], float64, in log space (0 log 0 = 0, so exact
     at q = 0 and q = 1)."""
-    q = torch.as_tensor(np.clip(np.asarray(q, dtype=np.float64), 0.0, 1.0))[:, None]
+    qt = torch.as_tensor(np.clip(np.asarray(q, dtype=np.float64), 0.0, 1.0))[:, None]
     j = torch.arange(K + 1, dtype=torch.float64)
     log_comb = torch.lgamma(torch.tensor(K + 1.0, dtype=torch.float64)) - torch.lgamma(j + 1) - torch.lgamma(K - j + 1)
-    return torch.exp(log_comb + torch.xlogy(j, q) + torch.xlogy(K - j, 1.0 - q)).numpy()
+    return torch.exp(log_comb + torch.xlogy(j, qt) + torch.xlogy(K - j, 1.0 - qt)).numpy()
 
 
 def u_grid(K: int) -> np.ndarray:

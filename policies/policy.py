@@ -26,22 +26,33 @@ spread of 0.1 * D, D in [l(-1), l(0)] = [0.31, 0.69], i.e. 0.031 .. 0.069 (a tes
 choice; the paper's values were not at hand). The offline k=64 is a placeholder until
 calibrated (the `calibration` parameter, or calibration data passed by the caller).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from policies.base import Decision, DecisionContext, Policy, TokenBatch
+from policies.base import (
+    PROB_BITS,
+    Array,
+    Decision,
+    DecisionContext,
+    Estimator,
+    Policy,
+    SkipRule,
+    TokenBatch,
+    Truncator,
+)
 from policies.law import DecisionLaw, u_grid
-from policies.quantise import PROB_BITS
 from policies.rejection import PAPER_A, PAPER_B, THRESHOLD_RULES, RejectionModel, threshold
-from policies.skip import SKIP_RULES, AlwaysSkip, NeverSkip, RandomSkip, ThresholdSkip
+from policies.skip import SKIP_RULES, AlwaysSkip, ConstantSkip, NeverSkip, RandomSkip, ThresholdSkip
 from policies.truncation import TRUNCATIONS, Full, OnlineKStar, TopK, TopP, calibrate_offline_k
 from policies.uncertainty import ESTIMATORS, ProbsEstimator, TemperaturePerturbation, make_estimator
 
@@ -96,7 +107,7 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-def _one_of(name: str, value: str, allowed) -> None:
+def _one_of(name: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
@@ -129,7 +140,9 @@ def validate(c: PolicyConfig, given: frozenset[str] = frozenset(), calibrated: b
         raise ValueError(f"eta must be > 0, got {c.eta}")
     needs_u = c.skip == "uncertainty" or c.truncation == "online"
     if needs_u and c.estimator == "none":
-        raise ValueError(f"skip={c.skip!r}/truncation={c.truncation!r} needs an uncertainty estimator, got estimator='none'")
+        raise ValueError(
+            f"skip={c.skip!r}/truncation={c.truncation!r} needs an uncertainty estimator, got estimator='none'"
+        )
     if c.skip == "uncertainty":
         if c.threshold == "fixed" and c.u_th is None:
             raise ValueError("threshold 'fixed' needs u_th")
@@ -144,7 +157,16 @@ def validate(c: PolicyConfig, given: frozenset[str] = frozenset(), calibrated: b
     relevant = in_effect(c, calibrated)
     for name in sorted(given):
         if name not in relevant:
-            raise ValueError(f"parameter {name!r} has no effect here (skip={c.skip!r}, truncation={c.truncation!r}, estimator={c.estimator!r})")
+            raise ValueError(
+                f"parameter {name!r} has no effect here "
+                f"(skip={c.skip!r}, truncation={c.truncation!r}, estimator={c.estimator!r})"
+            )
+
+
+def as_checked(c: PolicyConfig, estimator: Callable[..., Any] | None) -> PolicyConfig:
+    """The config that validation sees: a supplied estimator stands in for the one the config names,
+    so check it as if it named a working one (temperature) rather than, say, 'none'."""
+    return c if estimator is None else dataclasses.replace(c, estimator="temperature")
 
 
 def in_effect(c: PolicyConfig, calibrated: bool = False) -> list[str]:
@@ -175,7 +197,7 @@ def in_effect(c: PolicyConfig, calibrated: bool = False) -> list[str]:
     return [n for n in FIELDS if effect[n]]
 
 
-def load_calibration(source) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_calibration(source: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(probs [N, V], drafts [N], betas [N]) from an .npz path or a mapping/object with those."""
     if isinstance(source, (str, os.PathLike)):
         with np.load(source) as f:
@@ -197,24 +219,25 @@ class HybridPolicy(Policy):
         name: str = "hybrid",
         config: PolicyConfig | None = None,
         *,
-        estimator: Callable | None = None,
-        skip_rule: Callable | None = None,
-        truncator: Callable | None = None,
+        estimator: Estimator | None = None,
+        skip_rule: SkipRule | None = None,
+        truncator: Truncator | None = None,
     ):
         config = config or PolicyConfig()
-        # Fail at construction, not mid-run; a supplied estimator stands in for the configured one.
-        validate(config if estimator is None else dataclasses.replace(config, estimator="temperature"))
+        validate(as_checked(config, estimator))  # fail at construction, not mid-run
         self.name = name
         self.config = config
         self.uses_llm = config.skip != "always"
-        self.estimator = estimator or (None if config.estimator == "none" else make_estimator(config.estimator, config.K, config.theta_max))
-        self.skip_rule = skip_rule or _skip_rule(config)
-        self.truncator = truncator or _truncator(config)
+        self.estimator: Estimator | None = estimator or (
+            None if config.estimator == "none" else make_estimator(config.estimator, config.K, config.theta_max)
+        )
+        self.skip_rule: SkipRule = skip_rule or _skip_rule(config)
+        self.truncator: Truncator = truncator or _truncator(config)
 
-    def decide(self, logits, ctx: DecisionContext) -> Decision:
+    def decide(self, logits: Array | None, ctx: DecisionContext) -> Decision:
         return self.decide_batch(None if logits is None else torch.as_tensor(logits).reshape(1, -1), [ctx])[0]
 
-    def decide_batch(self, logits, ctxs: list[DecisionContext]) -> list[Decision]:
+    def decide_batch(self, logits: Array | None, ctxs: list[DecisionContext]) -> list[Decision]:
         if not ctxs:
             return []
         batch = TokenBatch.from_contexts(logits, ctxs)
@@ -232,8 +255,8 @@ class HybridPolicy(Policy):
         """Row i's decision as a function of the u its draft could have had (policies.law); None when
         a part cannot say (a plug-in estimator whose u matters, a skip rule without p_skip, a
         truncator without law)."""
-        perturbed = isinstance(self.estimator, TemperaturePerturbation)
-        grid = u_grid(self.estimator.K) if perturbed else np.array([u])
+        tp = self.estimator if isinstance(self.estimator, TemperaturePerturbation) else None
+        grid = u_grid(tp.K) if tp is not None else np.array([u])
         p_skip = getattr(self.skip_rule, "p_skip", None)
         trunc = getattr(self.truncator, "law", None)
         if p_skip is None or trunc is None:
@@ -241,18 +264,24 @@ class HybridPolicy(Policy):
         p = np.asarray(p_skip(grid, batch.keys[i]), dtype=np.float64)
         kind, value = trunc(batch, i, grid) if self.uses_llm else ("k", batch.vocab_size)
         online = kind == "beta"
-        known = perturbed or self.estimator is None or isinstance(self.estimator, ProbsEstimator)
+        known = tp is not None or self.estimator is None or isinstance(self.estimator, ProbsEstimator)
         if not known:  # a plug-in estimator's u may depend on the draft in ways we cannot see: only a
             probe = np.array([0.0, 0.25, 0.5, 1.0, u])  # decision that ignores u has a law then
             if online or np.ptp(np.asarray(p_skip(probe, batch.keys[i]), dtype=np.float64)) > 0:
                 return None
         c = self.config
-        return DecisionLaw(p, c.prob_bits, k=None if online else int(value),
-                           beta=np.asarray(value, dtype=np.float64) if online else None,
-                           theta=c.theta, eta=c.eta, K=self.estimator.K if perturbed else 0,
-                           theta_max=self.estimator.theta_max if perturbed else c.theta_max)
+        return DecisionLaw(
+            p,
+            c.prob_bits,
+            k=None if online else int(value),
+            beta=np.asarray(value, dtype=np.float64) if online else None,
+            theta=c.theta,
+            eta=c.eta,
+            K=tp.K if tp is not None else 0,
+            theta_max=tp.theta_max if tp is not None else c.theta_max,
+        )
 
-    def params(self) -> dict:
+    def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
 
     def __repr__(self) -> str:
@@ -266,14 +295,14 @@ class LLMOnlyPolicy(Policy):
     name = "llm-only"
     drafts = False
 
-    def decide(self, logits, ctx: DecisionContext) -> Decision:
+    def decide(self, logits: Array | None, ctx: DecisionContext) -> Decision:
         return Decision(transmit=True, uncertainty=float("nan"), k=0, prob_bits=0, llm_samples=True)
 
-    def decide_batch(self, logits, ctxs: list[DecisionContext]) -> list[Decision]:
+    def decide_batch(self, logits: Array | None, ctxs: list[DecisionContext]) -> list[Decision]:
         return [self.decide(None, c) for c in ctxs]
 
 
-def _skip_rule(c: PolicyConfig):
+def _skip_rule(c: PolicyConfig) -> ConstantSkip | RandomSkip | ThresholdSkip:
     if c.skip == "never":
         return NeverSkip()
     if c.skip == "always":
@@ -283,13 +312,15 @@ def _skip_rule(c: PolicyConfig):
     return ThresholdSkip(c.u_th_value())
 
 
-def _truncator(c: PolicyConfig):
+def _truncator(c: PolicyConfig) -> Full | TopP | OnlineKStar | TopK:
     if c.truncation == "full":
         return Full()
     if c.truncation == "top-p":
         return TopP(c.top_p)
     if c.truncation == "online":
         return OnlineKStar(c.theta, c.eta, RejectionModel(c.a, c.b))
+    if c.k is None:  # validate lets offline + calibration through: Preset.build calibrates k first
+        raise ValueError(f"truncation {c.truncation!r} needs k (calibrate an offline k* first)")
     return TopK(c.k)  # top-k, and offline once k is known
 
 
@@ -300,28 +331,32 @@ def _truncator(c: PolicyConfig):
 class Preset:
     name: str
     description: str
-    defaults: dict = field(default_factory=dict)  # overrides of PolicyConfig defaults
+    defaults: dict[str, Any] = field(default_factory=dict)  # overrides of PolicyConfig defaults
     params: tuple[str, ...] | None = None  # overridable parameters; None = every PolicyConfig field
 
     def config(self) -> PolicyConfig:
         return dataclasses.replace(PolicyConfig(), **self.defaults)
 
-    def param_defaults(self) -> dict:
+    def param_defaults(self) -> dict[str, Any]:
         """The parameters in effect with their defaults (for listings). Hybrid presets also
         accept every other PolicyConfig field, which may bring more into effect."""
         c = self.config()
         full = dataclasses.asdict(c)
-        names = in_effect(c) if self.params is None else [n for n in self.params if n in in_effect(c) or n == "estimator"]
+        names = (
+            in_effect(c) if self.params is None else [n for n in self.params if n in in_effect(c) or n == "estimator"]
+        )
         return {n: full[n] for n in names}
 
-    def build(self, params: dict | None = None, calibration=None) -> Policy:
+    def build(self, params: dict[str, Any] | None = None, calibration: object = None) -> Policy:
         """The policy with `params` overriding the defaults; ValueError on a bad parameter.
         `calibration` (arrays, see load_calibration) sets the offline k* when k is not given."""
         params = dict(params or {})
         allowed = self.params if self.params is not None else tuple(FIELDS)
         unknown = sorted(set(params) - set(allowed))
         if unknown:
-            raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; {self.name} takes: {', '.join(allowed) or 'none'}")
+            raise ValueError(
+                f"unknown parameter(s) {', '.join(unknown)}; {self.name} takes: {', '.join(allowed) or 'none'}"
+            )
         if self.name == "llm-only":
             return LLMOnlyPolicy()
         values = {n: _coerce(n, v) for n, v in params.items()}
@@ -345,7 +380,11 @@ _EST = ("estimator", "K", "theta_max")
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        Preset("llm-only", "No SLM: the LLM samples every token itself (drafts=False); no probabilities are uploaded.", params=()),
+        Preset(
+            "llm-only",
+            "No SLM: the LLM samples every token itself (drafts=False); no probabilities are uploaded.",
+            params=(),
+        ),
         Preset(
             "slm-only",
             "SLM alone: every draft is accepted on the device and nothing is sent (uses_llm=False). "
@@ -353,14 +392,24 @@ PRESETS: dict[str, Preset] = {
             {"skip": "always", "estimator": "none"},
             params=_EST,
         ),
-        Preset("hlm", "Always upload the full distribution (float32); exact speculative sampling.", {"skip": "never", "prob_bits": 32}),
+        Preset(
+            "hlm",
+            "Always upload the full distribution (float32); exact speculative sampling.",
+            {"skip": "never", "prob_bits": 32},
+        ),
         Preset(
             "rand-hlm",
             "Skip at random with rate skip_rate (keyed 'skip' draws), else upload the full distribution.",
             {"skip": "random", "prob_bits": 32},
         ),
-        Preset("u-hlm", "Skip when u <= u_th (risk-averse -b/a), else upload the full distribution.", {"prob_bits": 32}),
-        Preset("cu-hlm", "Skip when u <= u_th (risk-averse); else upload the online top-k*(t), 8-bit.", {"truncation": "online"}),
+        Preset(
+            "u-hlm", "Skip when u <= u_th (risk-averse -b/a), else upload the full distribution.", {"prob_bits": 32}
+        ),
+        Preset(
+            "cu-hlm",
+            "Skip when u <= u_th (risk-averse); else upload the online top-k*(t), 8-bit.",
+            {"truncation": "online"},
+        ),
         Preset(
             "cu-hlm-offline",
             "Skip when u <= u_th (risk-averse); else upload one fixed top-k* (k, or calibrated from a set), 8-bit.",

@@ -13,21 +13,23 @@ Parameters go to the preset, or as keyword arguments to the class/factory. `cont
 the runner knows, e.g. `calibration`) is passed only to factories that name it in their
 signature; presets use `calibration` for the offline k*.
 """
+
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from policies.adaptive import ADAPTIVE_PRESETS
+from policies.adaptive import ADAPTIVE_PRESETS, AdaptivePreset
 from policies.base import Policy
-from policies.policy import PRESETS
+from policies.policy import PRESETS, Preset
 
 # Built-in names: the HybridPolicy presets and the presets of other built-in policies
 # (cu-hlm-adaptive, policies.adaptive); each has description, param_defaults() and build().
-BUILTIN = {**PRESETS, **ADAPTIVE_PRESETS}
+BUILTIN: dict[str, Preset | AdaptivePreset] = {**PRESETS, **ADAPTIVE_PRESETS}
 
 ENTRY_POINT_GROUP = "hlm_testbed.policies"
 
@@ -40,7 +42,7 @@ class PolicyError(ValueError):
         self.reason = reason
         super().__init__(f"policy {spec!r}: {reason}")
 
-    def __reduce__(self):  # picklable across Ray actors
+    def __reduce__(self) -> tuple[type[PolicyError], tuple[Any, str]]:  # picklable across Ray actors
         return (PolicyError, (self.spec, self.reason))
 
 
@@ -53,7 +55,9 @@ class _Registered:
 _REGISTRY: dict[str, _Registered] = {}
 
 
-def register_policy(name: str, factory: Callable[..., Policy], *, description: str | None = None, replace: bool = False) -> None:
+def register_policy(
+    name: str, factory: Callable[..., Policy], *, description: str | None = None, replace: bool = False
+) -> None:
     """Make `factory(**params)` (a Policy subclass or a function returning a Policy)
     loadable as `name`. Preset names cannot be taken; re-registering needs replace=True."""
     if not isinstance(name, str) or not name or ":" in name:
@@ -80,7 +84,7 @@ def known_names() -> list[str]:
     return [*BUILTIN, *sorted(_REGISTRY), *sorted(set(_entry_points()) - set(BUILTIN) - set(_REGISTRY))]
 
 
-def _factory_params(factory: Callable) -> dict:
+def _factory_params(factory: Callable[..., Policy]) -> dict[str, Any]:
     """Documented defaults of a factory's keyword parameters (for listings)."""
     try:
         sig = inspect.signature(factory)
@@ -93,10 +97,12 @@ def _factory_params(factory: Callable) -> dict:
     }
 
 
-def policy_catalog() -> dict:
+def policy_catalog() -> dict[str, Any]:
     """{"presets": {name: {"description", "params"}}} for presets and registered policies;
     entry points are listed by target without importing them."""
-    presets = {n: {"description": p.description, "params": p.param_defaults()} for n, p in BUILTIN.items()}
+    presets: dict[str, dict[str, Any]] = {
+        n: {"description": p.description, "params": p.param_defaults()} for n, p in BUILTIN.items()
+    }
     for n, r in sorted(_REGISTRY.items()):
         presets[n] = {"description": r.description, "params": _factory_params(r.factory)}
     eps = {n: ep.value for n, ep in sorted(_entry_points().items()) if n not in presets}
@@ -119,12 +125,14 @@ def _import_target(spec: Any, path: str) -> Any:
     return obj
 
 
-def _instantiate(spec: Any, target: Any, params: dict, context: dict) -> Policy:
+def _instantiate(spec: Any, target: Any, params: dict[str, Any], context: dict[str, Any]) -> Policy:
     """A Policy from a loaded target: a Policy subclass or a factory, called with params (+
     the context entries its signature names); a Policy instance as is (no params)."""
     if isinstance(target, Policy):
         if params:
-            raise PolicyError(spec, f"{target!r} is a Policy instance and takes no parameters (got {', '.join(params)})")
+            raise PolicyError(
+                spec, f"{target!r} is a Policy instance and takes no parameters (got {', '.join(params)})"
+            )
         return target
     if inspect.isclass(target) and not issubclass(target, Policy):
         raise PolicyError(spec, f"{target.__module__}.{target.__qualname__} is not a policies.base.Policy subclass")
@@ -140,7 +148,9 @@ def _instantiate(spec: Any, target: Any, params: dict, context: dict) -> Policy:
         named = {n for n, p in ps.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
         unknown = sorted(set(params) - named) if not takes_any else []
         if unknown:
-            raise PolicyError(spec, f"unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(sorted(named)) or 'none'}")
+            raise PolicyError(
+                spec, f"unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(sorted(named)) or 'none'}"
+            )
         extra = {n: v for n, v in context.items() if n in named and n not in params}
     else:
         extra = {}
@@ -184,8 +194,12 @@ def load_policy(spec: Any, **context: Any) -> Policy:
         try:
             target = eps[name].load()
         except Exception as e:
-            raise PolicyError(spec, f"entry point {name} = {eps[name].value} failed to load: {type(e).__name__}: {e}") from e
+            raise PolicyError(
+                spec, f"entry point {name} = {eps[name].value} failed to load: {type(e).__name__}: {e}"
+            ) from e
         return _instantiate(spec, target, params, context)
     if ":" in name:
         return _instantiate(spec, _import_target(spec, name), params, context)
-    raise PolicyError(spec, f"unknown policy {name!r}; known: {', '.join(known_names())} (or a dotted path package.module:ClassName)")
+    raise PolicyError(
+        spec, f"unknown policy {name!r}; known: {', '.join(known_names())} (or a dotted path package.module:ClassName)"
+    )

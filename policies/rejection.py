@@ -17,11 +17,13 @@ the uncertainty at which the predicted rejection probability reaches beta_tol:
 A threshold below 0 means never skip (u >= 0); uncertainty scales differ per estimator
 (entropy is in nats), so a and b must be fitted for the estimator in use.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 PAPER_A = 0.815
 PAPER_B = -0.066
@@ -37,7 +39,7 @@ class RejectionModel:
     a: float = PAPER_A
     b: float = PAPER_B
 
-    def beta(self, u) -> np.ndarray:
+    def beta(self, u: npt.ArrayLike) -> np.ndarray:
         """Predicted rejection probability clip(a*u + b, 0, 1)."""
         return np.clip(self.a * np.asarray(u, dtype=np.float64) + self.b, 0.0, 1.0)
 
@@ -57,11 +59,12 @@ class RejectionFit:
         return RejectionModel(self.a, self.b)
 
 
-def fit_rejection_model(u, beta) -> RejectionFit:
+def fit_rejection_model(us: npt.ArrayLike, betas: npt.ArrayLike) -> RejectionFit:
     """Fit beta ~ a*u + b by least squares; raises DegenerateFitError when a is undefined
     (fewer than 2 samples, non-finite values, or constant u)."""
-    u = np.asarray(u, dtype=np.float64).ravel()
-    beta = np.asarray(beta, dtype=np.float64).ravel()
+    u = np.asarray(us, dtype=np.float64).ravel()
+    beta = np.asarray(betas, dtype=np.float64).ravel()
+
     if u.shape != beta.shape:
         raise DegenerateFitError(f"u and beta differ in length ({u.size} vs {beta.size})")
     if u.size < 2:
@@ -100,7 +103,9 @@ def risk_prone_threshold(a: float = PAPER_A, b: float = PAPER_B, beta_tol: float
     return u_threshold(a, b, beta_tol)
 
 
-def threshold(rule: str, a: float = PAPER_A, b: float = PAPER_B, *, u_th: float | None = None, beta_tol: float = 0.5) -> float:
+def threshold(
+    rule: str, a: float = PAPER_A, b: float = PAPER_B, *, u_th: float | None = None, beta_tol: float = 0.5
+) -> float:
     """u_th for a rule in THRESHOLD_RULES."""
     if rule == "risk-averse":
         return risk_averse_threshold(a, b)

@@ -4,6 +4,7 @@ Token content must not depend on timing or placement (docs/design.md section 2):
 comes from a generator derived from these four numbers alone, so the same scenario and
 seed give the same tokens however devices are spread over actors.
 """
+
 from __future__ import annotations
 
 import zlib

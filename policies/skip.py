@@ -2,6 +2,7 @@
 the upload (the draft is accepted on the device). A rule is any callable
 (u, batch) -> bool [B]. A rule that can say P(skip | u) for the values u may take (`p_skip`) gives
 its policy a decision law (policies.law), hence exact fidelity; the built-in rules all can."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,21 +16,24 @@ SKIP_RULES = ("never", "always", "random", "uncertainty")
 
 
 @dataclass(frozen=True)
-class NeverSkip:
+class ConstantSkip:
+    """Skip every token (skip=True: slm-only) or none (skip=False: hlm), whatever u."""
+
+    skip: bool
+
     def __call__(self, u: np.ndarray, batch: TokenBatch) -> np.ndarray:
-        return np.zeros(len(batch), dtype=bool)
+        return np.full(len(batch), self.skip, dtype=bool)
 
     def p_skip(self, u: np.ndarray, key: Key) -> np.ndarray:
-        return np.zeros(len(u))
+        return np.full(len(u), float(self.skip))
 
 
-@dataclass(frozen=True)
-class AlwaysSkip:
-    def __call__(self, u: np.ndarray, batch: TokenBatch) -> np.ndarray:
-        return np.ones(len(batch), dtype=bool)
+def NeverSkip() -> ConstantSkip:
+    return ConstantSkip(False)
 
-    def p_skip(self, u: np.ndarray, key: Key) -> np.ndarray:
-        return np.ones(len(u))
+
+def AlwaysSkip() -> ConstantSkip:
+    return ConstantSkip(True)
 
 
 @dataclass(frozen=True)

@@ -18,15 +18,18 @@ a prefix of the sorted order, found by binary search. The numerator is non-incre
 k (removing the largest tail entry never increases it), so k*(t) shrinks as theta grows.
 Probabilities are renormalised to sum 1 in float64 first.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
-from policies.base import TokenBatch
+from policies.base import Array, TokenBatch
 from policies.rejection import RejectionModel
 
 TRUNCATIONS = ("full", "top-k", "top-p", "online", "offline")
@@ -34,18 +37,18 @@ _ELEMENTS_PER_CHUNK = 1 << 21  # rows x V per chunk: bounds memory at ~16 MB per
 _HEAD_M = 256  # online k* / top-p: entries looked at before falling back to a full sort
 
 
-def _rows(probs) -> torch.Tensor:
+def _rows(probs: Array) -> torch.Tensor:
     x = torch.as_tensor(probs)
     return x[None, :] if x.dim() == 1 else x
 
 
-def _chunks(n_rows: int, vocab: int):
+def _chunks(n_rows: int, vocab: int) -> Iterator[slice]:
     step = max(1, _ELEMENTS_PER_CHUNK // max(vocab, 1))
     for start in range(0, n_rows, step):
         yield slice(start, start + step)
 
 
-def sorted_probs(probs) -> torch.Tensor:
+def sorted_probs(probs: Array) -> torch.Tensor:
     """x sorted descending, float64, renormalised to sum 1 per row."""
     s = torch.sort(_rows(probs), dim=1, descending=True).values.double()
     return s / s.sum(dim=1, keepdim=True)
@@ -66,26 +69,26 @@ def tv_numerator(s: torch.Tensor) -> torch.Tensor:
     return (2.0 * (above - (j - k) * c)).clamp(min=0.0)
 
 
-def softplus_l(z, eta: float):
+def softplus_l(z: float | Array, eta: float) -> torch.Tensor:
     """l(z) = log(1 + exp(eta z)) / eta."""
-    z = torch.as_tensor(z, dtype=torch.float64) * eta
-    return torch.logaddexp(torch.zeros_like(z), z) / eta  # log1p-accurate for very negative eta*z
+    ez = torch.as_tensor(z, dtype=torch.float64) * eta
+    return torch.logaddexp(torch.zeros_like(ez), ez) / eta  # log1p-accurate for very negative eta*z
 
 
-def tv_denominator(x_d, beta_d, eta: float) -> torch.Tensor:
+def tv_denominator(x_d: float | Array, beta_d: float | Array, eta: float) -> torch.Tensor:
     """(1 - x_d) l(-1) + x_d l(-beta_d); > 0 for every eta > 0."""
-    x_d = torch.as_tensor(x_d, dtype=torch.float64)
-    beta_d = torch.as_tensor(beta_d, dtype=torch.float64)
-    return (1.0 - x_d) * softplus_l(-1.0, eta) + x_d * softplus_l(-beta_d, eta)
+    x = torch.as_tensor(x_d, dtype=torch.float64)
+    beta = torch.as_tensor(beta_d, dtype=torch.float64)
+    return (1.0 - x) * softplus_l(-1.0, eta) + x * softplus_l(-beta, eta)
 
 
-def _draft_probs(probs: torch.Tensor, drafts) -> torch.Tensor:
+def _draft_probs(probs: torch.Tensor, drafts: Array) -> torch.Tensor:
     x = probs.double()
     d = torch.as_tensor(drafts, dtype=torch.long).reshape(-1, 1)
     return (x.gather(1, d)[:, 0]) / x.sum(dim=1)
 
 
-def u_tv(probs, drafts, beta_d, eta: float) -> torch.Tensor:
+def u_tv(probs: Array, drafts: Array, beta_d: float | Array, eta: float) -> torch.Tensor:
     """U_TV(k) for k = 1..V (column k-1), float64 [B, V]. Materialises B x V; for whole
     batches prefer online_k_star, which works in chunks."""
     x = _rows(probs)
@@ -129,19 +132,14 @@ def _head_k_star(x: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     out[a == M] = 0  # every k <= M surely above the budget: k* > M
     for r in ((a < b) & (a < M)).nonzero()[:, 0].tolist():
         row = x[r].double() / total[r]
-
-        def within(i: int) -> bool:  # exact N(k = i + 1) <= budget
-            g = (row - c[r, i]).clamp_(min=0.0).sum()
-            return bool(2.0 * (g - (P[r, i] - (i + 1) * c[r, i])) <= budget[r])
-
         lo, hi = int(a[r]), int(b[r])
         if hi == M:  # no k <= M surely within: is the last one?
-            if not within(M - 1):
+            if not _within(row, c[r], P[r], budget[r], M - 1):
                 continue  # k* > M
             hi = M - 1
         while lo < hi:  # first i in [lo, hi] within; i = hi is
             mid = (lo + hi) // 2
-            if within(mid):
+            if _within(row, c[r], P[r], budget[r], mid):
                 hi = mid
             else:
                 lo = mid + 1
@@ -149,7 +147,13 @@ def _head_k_star(x: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def online_k_star(probs, drafts, beta_d, theta: float, eta: float) -> np.ndarray:
+def _within(row: torch.Tensor, c: torch.Tensor, P: torch.Tensor, budget: torch.Tensor, i: int) -> bool:
+    """Exact N(k = i + 1) <= budget for one row: one pass, N(k) = 2 (G(c_k) - (P_k - k c_k))."""
+    g = (row - c[i]).clamp_(min=0.0).sum()
+    return bool(2.0 * (g - (P[i] - (i + 1) * c[i])) <= budget)
+
+
+def online_k_star(probs: Array, drafts: Array, beta_d: npt.ArrayLike, theta: float, eta: float) -> np.ndarray:
     """k*(t) = smallest k in 1..V with U_TV(k) <= theta, per row. [B] int64.
 
     Decided from the top entries where they suffice (see _head_k_star), else by the full
@@ -157,13 +161,13 @@ def online_k_star(probs, drafts, beta_d, theta: float, eta: float) -> np.ndarray
     """
     _check(theta, eta)
     x = _rows(probs)
-    beta_d = torch.as_tensor(np.asarray(beta_d, dtype=np.float64)).reshape(-1)
-    if torch.isnan(beta_d).any():
+    beta = torch.as_tensor(np.asarray(beta_d, dtype=np.float64)).reshape(-1)
+    if torch.isnan(beta).any():
         raise ValueError("beta_d is NaN: online truncation needs an uncertainty estimate")
-    drafts = np.asarray(drafts).reshape(-1)
+    d = np.asarray(drafts).reshape(-1)
     out = np.empty(x.shape[0], dtype=np.int64)
     for sl in _chunks(x.shape[0], x.shape[1]):
-        budget = theta * tv_denominator(_draft_probs(x[sl], drafts[sl]), beta_d[sl], eta)
+        budget = theta * tv_denominator(_draft_probs(x[sl], d[sl]), beta[sl], eta)
         k = _head_k_star(x[sl], budget)
         rest = (k == 0).nonzero()[:, 0]
         if len(rest):
@@ -173,7 +177,9 @@ def online_k_star(probs, drafts, beta_d, theta: float, eta: float) -> np.ndarray
     return out
 
 
-def calibrate_offline_k(probs, drafts, betas, theta: float, eta: float) -> int:
+def calibrate_offline_k(
+    probs: Array | Sequence[np.ndarray], drafts: npt.ArrayLike, betas: npt.ArrayLike, theta: float, eta: float
+) -> int:
     """Offline k*: the smallest k whose mean U_TV(k) over the calibration tokens is <= theta.
 
     probs: [N, V] matrix or a list of N [V] vectors (same V); drafts: [N] draft ids; betas:
@@ -181,20 +187,19 @@ def calibrate_offline_k(probs, drafts, betas, theta: float, eta: float) -> int:
     or predicted as clip(a*u + b, 0, 1)).
     """
     _check(theta, eta)
-    x = torch.as_tensor(np.stack([np.asarray(p) for p in probs]) if isinstance(probs, (list, tuple)) else probs)
-    x = _rows(x)
-    drafts = np.asarray(drafts).reshape(-1)
-    betas = np.asarray(betas, dtype=np.float64).reshape(-1)
-    if not (x.shape[0] == drafts.size == betas.size) or x.shape[0] == 0:
-        raise ValueError(f"need matching non-empty probs/drafts/betas, got {x.shape[0]}/{drafts.size}/{betas.size}")
+    x = _rows(probs if isinstance(probs, (np.ndarray, torch.Tensor)) else np.stack([np.asarray(p) for p in probs]))
+    d = np.asarray(drafts).reshape(-1)
+    beta = np.asarray(betas, dtype=np.float64).reshape(-1)
+    if not (x.shape[0] == d.size == beta.size) or x.shape[0] == 0:
+        raise ValueError(f"need matching non-empty probs/drafts/betas, got {x.shape[0]}/{d.size}/{beta.size}")
     total = torch.zeros(x.shape[1], dtype=torch.float64)
     for sl in _chunks(x.shape[0], x.shape[1]):
-        total += u_tv(x[sl], drafts[sl], betas[sl], eta).sum(dim=0)
+        total += u_tv(x[sl], d[sl], beta[sl], eta).sum(dim=0)
     ok = total / x.shape[0] <= theta
     return int(ok.int().argmax()) + 1 if bool(ok.any()) else int(x.shape[1])
 
 
-def top_p_k(probs, p: float) -> np.ndarray:
+def top_p_k(probs: Array, p: float) -> np.ndarray:
     """Smallest k whose top-k mass reaches p (nucleus), per row; from the top entries when
     they reach p, else by a full sort."""
     if not 0 < p <= 1:
@@ -217,6 +222,7 @@ def top_p_k(probs, p: float) -> np.ndarray:
 # A truncator is called with the transmitted rows and their uncertainties and returns k [B]. Its
 # `law(batch, i, u)` (for the decision law, policies.law) gives row i's k for every value u may take:
 # ("k", k) when one k serves every draft, ("beta", beta [J]) for online k* at each u.
+TruncationLaw = tuple[str, int | np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -224,7 +230,7 @@ class Full:
     def __call__(self, batch: TokenBatch, u: np.ndarray) -> np.ndarray:
         return np.full(len(batch), batch.vocab_size, dtype=np.int64)
 
-    def law(self, batch: TokenBatch, i: int, u: np.ndarray) -> tuple[str, object]:
+    def law(self, batch: TokenBatch, i: int, u: np.ndarray) -> TruncationLaw:
         return "k", batch.vocab_size
 
 
@@ -237,7 +243,7 @@ class TopK:
     def __call__(self, batch: TokenBatch, u: np.ndarray) -> np.ndarray:
         return np.full(len(batch), min(self.k, batch.vocab_size), dtype=np.int64)
 
-    def law(self, batch: TokenBatch, i: int, u: np.ndarray) -> tuple[str, object]:
+    def law(self, batch: TokenBatch, i: int, u: np.ndarray) -> TruncationLaw:
         return "k", min(self.k, batch.vocab_size)
 
 
@@ -248,25 +254,27 @@ class TopP:
     def __call__(self, batch: TokenBatch, u: np.ndarray) -> np.ndarray:
         return top_p_k(batch.probs, self.p)
 
-    def law(self, batch: TokenBatch, i: int, u: np.ndarray) -> tuple[str, object]:
+    def law(self, batch: TokenBatch, i: int, u: np.ndarray) -> TruncationLaw:
         return "k", int(top_p_k(batch.rows[i], self.p)[0])  # a function of x alone
+
+
+class BetaModel(Protocol):
+    """What online k* needs of a rejection model: beta_d for each u (RejectionModel: clip(a*u + b, 0, 1))."""
+
+    def beta(self, u: npt.ArrayLike) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
 class OnlineKStar:
     theta: float
     eta: float
-    model: RejectionModel = field(default_factory=RejectionModel)
+    model: BetaModel = field(default_factory=RejectionModel)
 
     def __call__(self, batch: TokenBatch, u: np.ndarray) -> np.ndarray:
         return online_k_star(batch.probs, batch.drafts, self.model.beta(u), self.theta, self.eta)
 
-    def law(self, batch: TokenBatch, i: int, u: np.ndarray) -> tuple[str, object]:
+    def law(self, batch: TokenBatch, i: int, u: np.ndarray) -> TruncationLaw:
         return "beta", self.model.beta(u)
-
-
-def calibrate_offline_truncator(probs: Sequence | np.ndarray, drafts, betas, theta: float, eta: float) -> TopK:
-    return TopK(calibrate_offline_k(probs, drafts, betas, theta, eta))
 
 
 class KStarTable:
@@ -277,7 +285,7 @@ class KStarTable:
     smaller k. N(k) is computed only as far as the smallest budget asked needs (doubling from 256), each
     value in O(log V) from prefix sums: N(k) = 2 (sum_{k < i <= j} x_(i) - (j - k) c_k), j = #{x_(i) > c_k}."""
 
-    def __init__(self, probs, theta: float, eta: float):
+    def __init__(self, probs: Array, theta: float, eta: float):
         _check(theta, eta)
         x = torch.as_tensor(np.asarray(probs)).double().reshape(-1)
         values, order = torch.sort(x, descending=True, stable=True)
@@ -299,12 +307,14 @@ class KStarTable:
             rest = np.clip(1.0 - self.prefix[k], 0.0, None)
             c = np.where(k < V, rest / np.maximum(V - k, 1), 0.0)
             j = np.maximum(np.searchsorted(-self.s, -c, side="left"), k)  # entries above the tail mean
-            self.n = np.concatenate([self.n, np.clip(2.0 * ((self.prefix[j] - self.prefix[k]) - (j - k) * c), 0.0, None)])
+            self.n = np.concatenate(
+                [self.n, np.clip(2.0 * ((self.prefix[j] - self.prefix[k]) - (j - k) * c), 0.0, None)]
+            )
 
     def _k(self, budget: np.ndarray) -> np.ndarray:
         return np.searchsorted(-self.n, -budget, side="left") + 1  # first k with N(k) <= budget
 
-    def k_for(self, beta: float, drafts=None) -> np.ndarray:
+    def k_for(self, beta: float, drafts: np.ndarray | None = None) -> np.ndarray:
         """k*(d) for each draft d of `drafts` (default: every token) at rejection probability beta."""
         x_d = self.x_d if drafts is None else self.x_d[drafts]
         l_1, l_beta = float(softplus_l(-1.0, self.eta)), float(softplus_l(-float(beta), self.eta))

@@ -12,16 +12,17 @@ Every estimator maps a batch of B devices to u [B] (float64), larger = more unce
 x is the draft distribution softmax(z / T) at the sampling temperature; temperature
 perturbation uses the raw logits z, as in the paper.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from policies.base import Key, TokenBatch
+from policies.base import Array, Key, TokenBatch
 from policies.rng import keyed_rng
 
 # Temperature perturbation: exact top entries + a histogram bound on the rest. See
@@ -33,7 +34,7 @@ _LOG_MARGIN = 1e-9  # slack on log-probabilities, far above float64 summation er
 _SPAN = 200.0  # entries more than this below the top-M go to the underflow bin
 
 
-def _as_tensor(a, dtype=torch.float32) -> torch.Tensor:
+def _as_tensor(a: Array, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     t = torch.as_tensor(a)
     if t.dim() == 1:
         t = t[None, :]
@@ -61,7 +62,9 @@ def log_p_draft_exact(e: torch.Tensor, draft: int, thetas: torch.Tensor) -> torc
     return scaled[:, draft] - torch.logsumexp(scaled, dim=1)
 
 
-def _log_p_draft_bounds(z: torch.Tensor, drafts: torch.Tensor, thetas: torch.Tensor):
+def _log_p_draft_bounds(
+    z: torch.Tensor, drafts: torch.Tensor, thetas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower/upper bounds on log softmax(z / theta)_d for a chunk of rows, in O(V) per row.
 
     With e = z - max(z) <= 0, the normaliser S(theta) = sum_i exp(e_i / theta) is split into
@@ -111,10 +114,18 @@ def _log_p_draft_bounds(z: torch.Tensor, drafts: torch.Tensor, thetas: torch.Ten
     slack = 1e-5 * (1.0 + lo.abs()) + 1e-3 * width  # >> float32 rounding of e and of bin indices
     inv = 1.0 / thetas  # [R, K]
     neg_inf = torch.tensor(-math.inf, dtype=torch.float64)
-    known = torch.cat([top64[:, None, :] * inv[:, :, None], torch.where(d_in_top[:, None], neg_inf, e_d64[:, None] * inv)[:, :, None]], dim=2)
+    known = torch.cat(
+        [
+            top64[:, None, :] * inv[:, :, None],
+            torch.where(d_in_top[:, None], neg_inf, e_d64[:, None] * inv)[:, :, None],
+        ],
+        dim=2,
+    )
     log_known = torch.logsumexp(known, dim=2)
     q = torch.exp(-width[:, None] * inv)  # [R, K], in (0, 1]
-    powers = torch.cat([torch.ones(R, thetas.shape[1], 1, dtype=torch.float64), q[:, :, None].expand(-1, -1, n_bins - 1)], dim=2).cumprod(dim=2)
+    powers = torch.cat(
+        [torch.ones(R, thetas.shape[1], 1, dtype=torch.float64), q[:, :, None].expand(-1, -1, n_bins - 1)], dim=2
+    ).cumprod(dim=2)
     log_q = torch.bmm(powers, binned[:, :, None])[:, :, 0].log()  # -inf when the rest is empty
     log_rest_hi = (tau + slack)[:, None] * inv + log_q
     log_rest_lo = (tau - width - slack)[:, None] * inv + log_q
@@ -127,7 +138,7 @@ def _log_p_draft_bounds(z: torch.Tensor, drafts: torch.Tensor, thetas: torch.Ten
 
 
 def temperature_perturbation(
-    logits, drafts, keys: Sequence[Key], K: int = 20, theta_max: float = 2.0
+    logits: Array, drafts: Array | Sequence[int], keys: Sequence[Key], K: int = 20, theta_max: float = 2.0
 ) -> np.ndarray:
     """u = (1/K) #{k : s_k != d}, s_k ~ softmax(z / theta_k), theta_k ~ U(0, theta_max].
 
@@ -167,25 +178,25 @@ def temperature_perturbation(
 # --------------------------------------------------------------------------- closed-form estimators
 
 
-def _probs(probs) -> torch.Tensor:
+def _probs(probs: Array) -> torch.Tensor:
     x = torch.as_tensor(probs)
     x = x[None, :] if x.dim() == 1 else x
     return x if x.is_floating_point() else x.double()
 
 
-def entropy(probs) -> np.ndarray:
+def entropy(probs: Array) -> np.ndarray:
     """H(x) = -sum_i x_i log x_i in nats (0 log 0 = 0), in x's precision (torch's cascade
     summation keeps float32 within ~1e-6 relative)."""
     x = _probs(probs)
     return (-(x * x.clamp(min=torch.finfo(x.dtype).tiny).log()).sum(dim=1)).double().numpy()
 
 
-def one_minus_max(probs) -> np.ndarray:
+def one_minus_max(probs: Array) -> np.ndarray:
     """1 - max_i x_i."""
     return (1.0 - _probs(probs).max(dim=1).values.double()).numpy()
 
 
-def top2_margin(probs) -> np.ndarray:
+def top2_margin(probs: Array) -> np.ndarray:
     """1 - (x_(1) - x_(2)): the complement of the gap between the two most likely tokens, so
     larger = more uncertain like every other estimator. With V == 1 it is 0."""
     x = _probs(probs)
@@ -224,7 +235,7 @@ CLOSED_FORM = {"entropy": entropy, "max": one_minus_max, "margin": top2_margin}
 ESTIMATORS = ("temperature", *CLOSED_FORM)
 
 
-def make_estimator(name: str, K: int = 20, theta_max: float = 2.0):
+def make_estimator(name: str, K: int = 20, theta_max: float = 2.0) -> TemperaturePerturbation | ProbsEstimator:
     """The estimator called `name` (one of ESTIMATORS)."""
     if name == "temperature":
         return TemperaturePerturbation(K, theta_max)
@@ -247,7 +258,7 @@ def _perturbation_nodes(theta_max: float, panels: int = 4, order: int = 8) -> tu
     return theta_max * t * t, 2.0 * t * wt  # d theta / theta_max = 2 t dt
 
 
-def perturbation_keep_prob(logits, theta_max: float = 2.0, *, panels: int = 4, order: int = 8) -> np.ndarray:
+def perturbation_keep_prob(logits: Array, theta_max: float = 2.0, *, panels: int = 4, order: int = 8) -> np.ndarray:
     """p_d = E_theta[softmax(z / theta)_d], theta ~ U(0, theta_max], for every token d: the probability
     that one perturbed sample of temperature perturbation equals d. Given the draft d, the K samples
     differ from it independently with probability q_d = 1 - p_d, so u = j / K with j ~ Binomial(K, q_d)

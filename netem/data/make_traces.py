@@ -31,6 +31,7 @@ lte-drive-{up,down}.csv -- 120 s of an LTE device in a car, as a random but seed
     capped at 250 ms (our choice).
   * Loss: 0.05% normally, 5% during a handover (our choice).
 """
+
 from __future__ import annotations
 
 import math
@@ -55,13 +56,13 @@ def _ar1(rng: np.random.Generator, n: int, corr: float) -> np.ndarray:
     return out
 
 
-def wifi_walk(tx_dbm: float, seed: int) -> list[tuple]:
+def wifi_walk(tx_dbm: float, seed: int) -> list[tuple[float, ...]]:
     t = np.arange(0.0, 84.0, STEP)
     distance = np.where(t < 42.0, 3.0 + t, 45.0 - (t - 42.0))
     shadow = 4.0 * _ar1(np.random.default_rng(seed), len(t), math.exp(-STEP * 1.0 / 5.0))  # 1 m/s, 5 m
     loss_db = 20 * math.log10(5200) + 31 * np.log10(distance) - 28 + shadow
     rx = tx_dbm - loss_db
-    rows = []
+    rows: list[tuple[float, ...]] = []
     for ti, p in zip(t, rx):
         ok = [i for i, s in enumerate(MCS_SENSITIVITY_DBM) if p >= s]
         if not ok:
@@ -75,7 +76,7 @@ def wifi_walk(tx_dbm: float, seed: int) -> list[tuple]:
     return rows
 
 
-def lte_drive(median_mbps: float, seed: int) -> list[tuple]:
+def lte_drive(median_mbps: float, seed: int) -> list[tuple[float, ...]]:
     t = np.arange(0.0, 120.0, STEP)
     rate = median_mbps * np.exp(0.8 * _ar1(np.random.default_rng(seed), len(t), math.exp(-STEP / 2.0)))
     handover = ((t >= 40.0) & (t < 40.5)) | ((t >= 95.0) & (t < 95.5))
@@ -85,9 +86,12 @@ def lte_drive(median_mbps: float, seed: int) -> list[tuple]:
     return [(round(a, 1), round(b, 3), round(c, 2), d) for a, b, c, d in zip(t, rate, delay, loss)]
 
 
-def write(name: str, rows: list[tuple], header: str) -> None:
-    lines = [f"# {header}", "# Synthetic; see netem/data/make_traces.py for the model and sources.",
-             "time_s,rate_mbps,delay_ms,loss"]
+def write(name: str, rows: list[tuple[float, ...]], header: str) -> None:
+    lines = [
+        f"# {header}",
+        "# Synthetic; see netem/data/make_traces.py for the model and sources.",
+        "time_s,rate_mbps,delay_ms,loss",
+    ]
     lines += [",".join(f"{v:g}" for v in row) for row in rows]
     (HERE / f"{name}.csv").write_text("\n".join(lines) + "\n")
 

@@ -48,7 +48,7 @@ def test_one_device_timeline_matches_the_closed_form(lms):
         assert r["t_commit"] == pytest.approx(commit, abs=1e-9)
         t = commit
     # hlm sends the full distribution as float32: 4 bytes per entry plus headers.
-    assert rows[0]["payload_bytes"] == codec.payload_size(V, V, 32)
+    assert rows[0]["payload_bytes"] == codec.PAYLOAD_HEADER_BYTES + 4 * V
 
 
 def _upload(device: int, t_arrive: float) -> wire.Upload:
@@ -149,7 +149,7 @@ def test_lossy_links_retransmit_and_every_token_arrives(lms):
     retx = np.array([r["retransmissions"] for r in rows])
     assert retx.sum() > 0 and (retx == 0).sum() > 0
     frame = protocol.wire_size(protocol.Upload(device=0, session=1, seq=0, token_index=0, draft=3,
-                                               payload=b"x" * codec.payload_size(V, V, 32)))
+                                               payload=b"x" * (codec.PAYLOAD_HEADER_BYTES + 4 * V)))
     packets = [1500] * (frame // 1500) + [frame % 1500]  # the upload's packets (mtu 1500)
     assert len(packets) == 2
     for r in rows:
