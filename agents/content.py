@@ -15,6 +15,7 @@ mode:
 
 The verifier is composed the same way (agents.verifier: LLMVerdicts, RecordingVerdicts, ReplayVerdicts).
 """
+
 from __future__ import annotations
 
 import math

@@ -29,6 +29,7 @@ machine below is the same in every pass: the one-pass emulation (and the wall cl
 over links, the virtual clock's content pass the models recording over no links, its timing replay
 the record over links.
 """
+
 from __future__ import annotations
 
 import math
@@ -110,12 +111,36 @@ class SessionState:
 def token_row(spec: DeviceSpec, index: int, **values) -> dict:
     """One row of tokens.parquet (columns as in testbed.results)."""
     row = dict(
-        device=spec.device, tier=spec.tier, policy=spec.policy_name, prompt_index=spec.prompt_index,
-        token_index=index, token_id=-1, draft_id=-1, uncertainty=math.nan, transmitted=False, k=0,
-        prob_bits=0, payload_bytes=0, uplink_bytes=0, accepted=False, resampled=False, beta=math.nan,
-        beta_is_shadow=False, retransmissions=0, t_draft_start=math.nan, t_upload_sent=math.nan,
-        t_verdict=math.nan, t_commit=math.nan, fidelity_tv=math.nan, fidelity_tv_branch=math.nan, uplink_lost=0,
-        downlink_bytes=0, downlink_lost=0, flush_bytes=0, flush_retransmissions=0, stop_reason="",
+        device=spec.device,
+        tier=spec.tier,
+        policy=spec.policy_name,
+        prompt_index=spec.prompt_index,
+        token_index=index,
+        token_id=-1,
+        draft_id=-1,
+        uncertainty=math.nan,
+        transmitted=False,
+        k=0,
+        prob_bits=0,
+        payload_bytes=0,
+        uplink_bytes=0,
+        accepted=False,
+        resampled=False,
+        beta=math.nan,
+        beta_is_shadow=False,
+        retransmissions=0,
+        t_draft_start=math.nan,
+        t_upload_sent=math.nan,
+        t_verdict=math.nan,
+        t_commit=math.nan,
+        fidelity_tv=math.nan,
+        fidelity_tv_branch=math.nan,
+        uplink_lost=0,
+        downlink_bytes=0,
+        downlink_lost=0,
+        flush_bytes=0,
+        flush_retransmissions=0,
+        stop_reason="",
     )
     row.update(values)
     return row
@@ -263,9 +288,14 @@ class Device:
         t_start, t_drafted = self.t, self.t + slm_s
         self.feed = []
         # fidelity_tv: a replay's from the record; else NaN until the verdict (llm-only: drawn from y)
-        row = token_row(self.spec, self.index, uncertainty=decision.uncertainty, t_draft_start=t_start,
-                        fidelity_tv=0.0 if decision.llm_samples else c.fidelity_tv,
-                        fidelity_tv_branch=c.fidelity_tv_branch)
+        row = token_row(
+            self.spec,
+            self.index,
+            uncertainty=decision.uncertainty,
+            t_draft_start=t_start,
+            fidelity_tv=0.0 if decision.llm_samples else c.fidelity_tv,
+            fidelity_tv_branch=c.fidelity_tv_branch,
+        )
         if c.draft >= 0:
             row["draft_id"] = c.draft
         if not decision.transmit:
@@ -276,8 +306,11 @@ class Device:
             self.events.append(TokenCommitted(dict(row)))  # a copy: the shadow beta comes as its own event
             # what the verdict needs of it; the whole row only when rows are kept (a slm-only
             # device's skips wait here for the final flush: ~1 kB a token otherwise)
-            kept = row if self.history else {k: row[k] for k in ("token_index", "uncertainty", "fidelity_tv",
-                                                                        "fidelity_tv_branch")}
+            kept = (
+                row
+                if self.history
+                else {k: row[k] for k in ("token_index", "uncertainty", "fidelity_tv", "fidelity_tv_branch")}
+            )
             self.piggyback.append((c.draft, c.draft_prob, kept, held))
             self.feed = [c.draft]
             self.index += 1
@@ -290,11 +323,24 @@ class Device:
         self.pending_stop = c.stop
         payload = c.payload if isinstance(c.payload, bytes) else bytes(c.payload)  # replay: its size
         frame = protocol.Upload(
-            device=self.spec.device, session=SESSION, seq=self.seq, token_index=self.index, draft=c.draft,
-            draft_prob=c.draft_prob, piggyback=[p[0] for p in self.piggyback],
-            piggyback_probs=[p[1] for p in self.piggyback], payload=payload, llm_samples=decision.llm_samples)
-        row.update(transmitted=True, k=decision.k, prob_bits=decision.prob_bits if payload else 0,
-                   payload_bytes=len(payload), t_upload_sent=t_drafted)
+            device=self.spec.device,
+            session=SESSION,
+            seq=self.seq,
+            token_index=self.index,
+            draft=c.draft,
+            draft_prob=c.draft_prob,
+            piggyback=[p[0] for p in self.piggyback],
+            piggyback_probs=[p[1] for p in self.piggyback],
+            payload=payload,
+            llm_samples=decision.llm_samples,
+        )
+        row.update(
+            transmitted=True,
+            k=decision.k,
+            prob_bits=decision.prob_bits if payload else 0,
+            payload_bytes=len(payload),
+            t_upload_sent=t_drafted,
+        )
         self.pending_row = row
         return self._send(frame, t_drafted)
 
@@ -309,8 +355,13 @@ class Device:
             self.flushed = True
             return None
         frame = protocol.Flush(
-            device=self.spec.device, session=SESSION, seq=self.seq, token_index=self.index,
-            piggyback=[p[0] for p in self.piggyback], piggyback_probs=[p[1] for p in self.piggyback])
+            device=self.spec.device,
+            session=SESSION,
+            seq=self.seq,
+            token_index=self.index,
+            piggyback=[p[0] for p in self.piggyback],
+            piggyback_probs=[p[1] for p in self.piggyback],
+        )
         return self._send(frame, self.t)
 
     def _send(self, frame: protocol.Upload | protocol.Flush, t_sent: float) -> Upload:
@@ -352,17 +403,32 @@ class Device:
         for (_, _, skipped, _), beta in zip(self.piggyback, v.shadow_betas):
             skipped.update(beta=beta, beta_is_shadow=True)
             self.content.observe(self, skipped["token_index"], skipped["uncertainty"], beta, True)
-            self.events.append(ShadowResolved(self.spec.device, skipped["token_index"], upload.frame.token_index, beta,
-                                              skipped["fidelity_tv"] if measured else math.nan,
-                                              skipped["fidelity_tv_branch"] if measured else math.nan))
+            self.events.append(
+                ShadowResolved(
+                    self.spec.device,
+                    skipped["token_index"],
+                    upload.frame.token_index,
+                    beta,
+                    skipped["fidelity_tv"] if measured else math.nan,
+                    skipped["fidelity_tv_branch"] if measured else math.nan,
+                )
+            )
         self.piggyback = []
 
     def _commit_verified(self, v: protocol.Verdict, got: Answer) -> None:
         """Commit the token the verdict decided (the draft accepted, or the resampled one) when it arrives."""
         row = self.pending_row
-        row.update(token_id=v.token, accepted=v.accepted, resampled=v.resampled,
-                   beta=v.beta, uplink_bytes=self.waiting_bytes, retransmissions=got.retransmissions,
-                   t_verdict=got.arrive, t_commit=got.arrive, **got.columns)
+        row.update(
+            token_id=v.token,
+            accepted=v.accepted,
+            resampled=v.resampled,
+            beta=v.beta,
+            uplink_bytes=self.waiting_bytes,
+            retransmissions=got.retransmissions,
+            t_verdict=got.arrive,
+            t_commit=got.arrive,
+            **got.columns,
+        )
         self.content.observe(self, row["token_index"], row["uncertainty"], v.beta, False)
         self._ends(row, v.token, self.pending_stop)
         self._keep(row)
@@ -426,16 +492,25 @@ class DeviceGroupCore:
     """Many virtual devices sharing one SLM: one batched forward per step over every device
     ready to draft. Transport-free: callers deliver uploads and verdicts."""
 
-    def __init__(self, specs: list[DeviceSpec], run: RunParams, slm, policies: dict[str, Policy], history: bool = True,
-                 content: ContentSource | None = None, links: type[Links | NoLinks] = Links):
+    def __init__(
+        self,
+        specs: list[DeviceSpec],
+        run: RunParams,
+        slm,
+        policies: dict[str, Policy],
+        history: bool = True,
+        content: ContentSource | None = None,
+        links: type[Links | NoLinks] = Links,
+    ):
         """The one-pass emulation by default: content from the models (slm, the policies) over each
         device's links. `content`, `links`: other pieces (content_pass, replay). history=False: rows()
         and session_states() stay empty (Device.history), the events are the only output."""
         self.run = run
         self.content = content if content is not None else ModelContent(slm, run.batch_slm)
         self.slm = self.content.slm  # agents.lm.BatchedLM (None when no device drafts, or in a replay)
-        self.devices = {s.device: Device(s, run, policies[s.policy_name], self.content, links, history=history)
-                        for s in specs}
+        self.devices = {
+            s.device: Device(s, run, policies[s.policy_name], self.content, links, history=history) for s in specs
+        }
         # Devices a step may move (ready, or to flush) and devices that may hold events: a step and a
         # drain visit these, in device order, not the whole fleet (with 10,000 devices and a few
         # hundred moving per step, visiting all made the replay quadratic in devices).
@@ -445,15 +520,22 @@ class DeviceGroupCore:
         self.timings = Timings()
 
     @classmethod
-    def content_pass(cls, specs: list[DeviceSpec], run: RunParams, slm, policies: dict[str, Policy],
-                     history: bool = True) -> DeviceGroupCore:
+    def content_pass(
+        cls, specs: list[DeviceSpec], run: RunParams, slm, policies: dict[str, Policy], history: bool = True
+    ) -> DeviceGroupCore:
         """The virtual clock's content pass (agents.engine): the models' content, recorded (recorded()),
         over no links (its times mean nothing)."""
         return cls(specs, run, slm, policies, history, RecordingContent(slm, run.batch_slm), NoLinks)
 
     @classmethod
-    def replay(cls, specs: list[DeviceSpec], run: RunParams, policies: dict[str, Policy],
-               record: Mapping[int, Sequence[Drafted]], history: bool = True) -> DeviceGroupCore:
+    def replay(
+        cls,
+        specs: list[DeviceSpec],
+        run: RunParams,
+        policies: dict[str, Policy],
+        record: Mapping[int, Sequence[Drafted]],
+        history: bool = True,
+    ) -> DeviceGroupCore:
         """The virtual clock's timing replay: each device's content from `record` (a content pass's), over
         its links; no model runs, the policies are asked nothing and told nothing."""
         return cls(specs, run, None, policies, history, ReplayContent(record))
@@ -515,11 +597,22 @@ class DeviceGroupCore:
     def opens(self) -> list[Open]:
         """Each device's OPEN (VerifierCore.open)."""
         run = self.run
-        return [Open(protocol.Open(device=d.spec.device, session=SESSION, seq=0, prompt=d.spec.prompt_ids,
-                                   seed=run.seed, temperature=run.temperature, tier=d.spec.tier,
-                                   policy=d.spec.policy_name),
-                     OpenStamp(run.max_new_tokens, d.lookahead_s))
-                for d in self.devices.values()]
+        return [
+            Open(
+                protocol.Open(
+                    device=d.spec.device,
+                    session=SESSION,
+                    seq=0,
+                    prompt=d.spec.prompt_ids,
+                    seed=run.seed,
+                    temperature=run.temperature,
+                    tier=d.spec.tier,
+                    policy=d.spec.policy_name,
+                ),
+                OpenStamp(run.max_new_tokens, d.lookahead_s),
+            )
+            for d in self.devices.values()
+        ]
 
     def session_states(self) -> list[SessionState]:
         """Every device's session as committed here: what a restarted verifier re-opens and
@@ -542,4 +635,3 @@ class DeviceGroupCore:
                 d.events = []
         self._noisy = set()
         return out
-

@@ -33,6 +33,7 @@ loop (`drive`) over the same state machines, composed of other pieces (docs/desi
     replay_content   DeviceGroupCore.replay(...)        ReplayContent over Links
                      VerifierCore.replay(...)           ReplayVerdicts, BatchingRule
 """
+
 from __future__ import annotations
 
 import time
@@ -71,9 +72,21 @@ class Content:
 # it. Packed in numpy records it is ~60 bytes a token, and pickles (Ray) as a few buffers. Every
 # field is stored at its exact width (floats as float64, as Python holds them), so an item rebuilt
 # from a record equals the original.
-_DRAFTED = np.dtype([("transmit", "?"), ("llm_samples", "?"), ("prob_bits", "i2"), ("k", "i4"), ("draft", "i4"),
-                     ("payload", "i8"), ("uncertainty", "f8"), ("draft_prob", "f8"), ("fidelity_tv", "f8"),
-                     ("fidelity_tv_branch", "f8"), ("stop", "i1")])
+_DRAFTED = np.dtype(
+    [
+        ("transmit", "?"),
+        ("llm_samples", "?"),
+        ("prob_bits", "i2"),
+        ("k", "i4"),
+        ("draft", "i4"),
+        ("payload", "i8"),
+        ("uncertainty", "f8"),
+        ("draft_prob", "f8"),
+        ("fidelity_tv", "f8"),
+        ("fidelity_tv_branch", "f8"),
+        ("stop", "i1"),
+    ]
+)
 
 
 class PackedDrafted(Sequence):
@@ -83,9 +96,25 @@ class PackedDrafted(Sequence):
     __slots__ = ("a",)
 
     def __init__(self, items: Sequence[Drafted]):
-        self.a = np.array([(c.decision.transmit, c.decision.llm_samples, c.decision.prob_bits, c.decision.k, c.draft,
-                            c.payload if isinstance(c.payload, int) else len(c.payload), c.decision.uncertainty,
-                            c.draft_prob, c.fidelity_tv, c.fidelity_tv_branch, c.stop) for c in items], dtype=_DRAFTED)
+        self.a = np.array(
+            [
+                (
+                    c.decision.transmit,
+                    c.decision.llm_samples,
+                    c.decision.prob_bits,
+                    c.decision.k,
+                    c.draft,
+                    c.payload if isinstance(c.payload, int) else len(c.payload),
+                    c.decision.uncertainty,
+                    c.draft_prob,
+                    c.fidelity_tv,
+                    c.fidelity_tv_branch,
+                    c.stop,
+                )
+                for c in items
+            ],
+            dtype=_DRAFTED,
+        )
 
     def __len__(self) -> int:
         return len(self.a)
@@ -94,17 +123,29 @@ class PackedDrafted(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         transmit, llm_samples, prob_bits, k, draft, payload, u, draft_prob, fidelity, branch, stop = self.a[i].tolist()
-        return Drafted(Decision(transmit, u, k, prob_bits, llm_samples), draft, draft_prob, payload, fidelity, branch,
-                       stop)
+        return Drafted(
+            Decision(transmit, u, k, prob_bits, llm_samples), draft, draft_prob, payload, fidelity, branch, stop
+        )
 
 
 def pack_devices(devices: Mapping[int, Sequence[Drafted]]) -> dict[int, PackedDrafted]:
     return {d: c if isinstance(c, PackedDrafted) else PackedDrafted(c) for d, c in devices.items()}
 
 
-_VERDICT = np.dtype([("device", "i8"), ("seq", "i8"), ("session", "i8"), ("token_index", "i8"), ("token", "i8"),
-                     ("accepted", "?"), ("resampled", "?"), ("beta", "f8"), ("shadow_start", "i8"),
-                     ("shadow_end", "i8")])
+_VERDICT = np.dtype(
+    [
+        ("device", "i8"),
+        ("seq", "i8"),
+        ("session", "i8"),
+        ("token_index", "i8"),
+        ("token", "i8"),
+        ("accepted", "?"),
+        ("resampled", "?"),
+        ("beta", "f8"),
+        ("shadow_start", "i8"),
+        ("shadow_end", "i8"),
+    ]
+)
 
 
 class PackedVerdicts(Mapping):
@@ -126,8 +167,20 @@ class PackedVerdicts(Mapping):
         shadow, recs = [], []
         for key in keys:
             v = log[key]
-            recs.append((v.device, v.seq, v.session, v.token_index, v.token, v.accepted, v.resampled, v.beta,
-                         len(shadow), len(shadow) + len(v.shadow_betas)))
+            recs.append(
+                (
+                    v.device,
+                    v.seq,
+                    v.session,
+                    v.token_index,
+                    v.token,
+                    v.accepted,
+                    v.resampled,
+                    v.beta,
+                    len(shadow),
+                    len(shadow) + len(v.shadow_betas),
+                )
+            )
             shadow.extend(v.shadow_betas)
         return cls(np.array(recs, dtype=_VERDICT), np.array(shadow, dtype=np.float64))
 
@@ -144,9 +197,17 @@ class PackedVerdicts(Mapping):
 
     def __getitem__(self, key) -> protocol.Verdict:
         device, seq, session, token_index, token, accepted, resampled, beta, lo, hi = self.a[self._index(key)].tolist()
-        return protocol.Verdict(device=device, session=session, seq=seq, token_index=token_index, token=token,
-                                accepted=accepted, resampled=resampled, beta=beta,
-                                shadow_betas=tuple(self.shadow[lo:hi].tolist()))
+        return protocol.Verdict(
+            device=device,
+            session=session,
+            seq=seq,
+            token_index=token_index,
+            token=token,
+            accepted=accepted,
+            resampled=resampled,
+            beta=beta,
+            shadow_betas=tuple(self.shadow[lo:hi].tolist()),
+        )
 
     def __contains__(self, key) -> bool:
         try:
@@ -171,9 +232,13 @@ class EngineResult:
     content: Content | None = None  # run_content: the record for a replay
 
 
-def drive(group: DeviceGroupCore, verifier: VerifierCore,
-          on_step: Callable[[DeviceGroupCore, VerifierCore], None] | None = None,
-          on_events: Callable[[list], None] | None = None, history: bool = True) -> EngineResult:
+def drive(
+    group: DeviceGroupCore,
+    verifier: VerifierCore,
+    on_step: Callable[[DeviceGroupCore, VerifierCore], None] | None = None,
+    on_events: Callable[[list], None] | None = None,
+    history: bool = True,
+) -> EngineResult:
     """Run `group` against `verifier` to the end in the virtual clock; `on_step(group, verifier)` sees
     progress, `on_events` gets the events of each step (agents.events: the devices', then the
     verifier's batches; a content pass keeps no batch, its batches are not timed). history=False: no
@@ -203,8 +268,17 @@ def drive(group: DeviceGroupCore, verifier: VerifierCore,
     return EngineResult(group.rows(), verifier.batches, group.timings.snapshot(), verifier.timings.snapshot())
 
 
-def run_local(specs: list[DeviceSpec], run: RunParams, server: ServerProfile, slm, llm, policies: dict[str, Policy],
-              on_step: Callable | None = None, on_events: Callable | None = None, history: bool = True) -> EngineResult:
+def run_local(
+    specs: list[DeviceSpec],
+    run: RunParams,
+    server: ServerProfile,
+    slm,
+    llm,
+    policies: dict[str, Policy],
+    on_step: Callable | None = None,
+    on_events: Callable | None = None,
+    history: bool = True,
+) -> EngineResult:
     """The one-pass emulation: every device to the end in the virtual clock, content from the models
     and time from the links and the batching rule at once (as the wall clock composes them). on_step,
     on_events, history: as in drive (history=False: EngineResult.rows and .batches are empty, the
@@ -214,9 +288,17 @@ def run_local(specs: list[DeviceSpec], run: RunParams, server: ServerProfile, sl
     return drive(group, verifier, on_step, on_events, history)
 
 
-def run_content(specs: list[DeviceSpec], run: RunParams, server: ServerProfile, slm, llm, policies: dict[str, Policy],
-                on_step: Callable | None = None, on_events: Callable | None = None,
-                history: bool = True) -> EngineResult:
+def run_content(
+    specs: list[DeviceSpec],
+    run: RunParams,
+    server: ServerProfile,
+    slm,
+    llm,
+    policies: dict[str, Policy],
+    on_step: Callable | None = None,
+    on_events: Callable | None = None,
+    history: bool = True,
+) -> EngineResult:
     """Pass 1 of run_virtual (module docstring): content at full batch, untimed; EngineResult.content
     is its record. on_step, on_events, history: as in drive."""
     group = DeviceGroupCore.content_pass(specs, run, slm, policies, history)
@@ -248,9 +330,17 @@ def run_virtual(
     return replay_content(specs, run, server, policies, record, on_step, content, on_events, history)
 
 
-def replay_content(specs: list[DeviceSpec], run: RunParams, server: ServerProfile, policies: dict[str, Policy],
-                   content: Content, on_step=None, timed: EngineResult | None = None,
-                   on_events: Callable[[list], None] | None = None, history: bool = True) -> EngineResult:
+def replay_content(
+    specs: list[DeviceSpec],
+    run: RunParams,
+    server: ServerProfile,
+    policies: dict[str, Policy],
+    content: Content,
+    on_step=None,
+    timed: EngineResult | None = None,
+    on_events: Callable[[list], None] | None = None,
+    history: bool = True,
+) -> EngineResult:
     """Pass 2 of run_virtual on a content record (from run_content or from the actors; packed or not).
     `timed`: the content pass's result, whose timings are carried over (the replay's own time is
     "replay"). history as in drive."""

@@ -16,14 +16,24 @@ driver's replay (agents.engine.replay_content) emits the timed events, link even
 
 Only the standard library here (actors import it; events are pickled to the driver).
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
-__all__ = ["TokenCommitted", "ShadowResolved", "LinkEvent", "UploadSent", "VerdictReceived", "MessageLost", "VerifierBatch",
-           "Event", "DeviceEvent"]
+__all__ = [
+    "TokenCommitted",
+    "ShadowResolved",
+    "LinkEvent",
+    "UploadSent",
+    "VerdictReceived",
+    "MessageLost",
+    "VerifierBatch",
+    "Event",
+    "DeviceEvent",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +131,9 @@ class VerifierBatch:
     queue_waits: tuple[float, ...] = ()
 
     @classmethod
-    def of(cls, record) -> "VerifierBatch":
+    def of(cls, record) -> VerifierBatch:
         return cls(record.t_start, record.t_end, record.size, record.n_tokens, tuple(record.queue_waits))
 
 
-DeviceEvent = Union[TokenCommitted, ShadowResolved, UploadSent, VerdictReceived, MessageLost]
-Event = Union[DeviceEvent, VerifierBatch]
+DeviceEvent = TokenCommitted | ShadowResolved | UploadSent | VerdictReceived | MessageLost
+Event = DeviceEvent | VerifierBatch

@@ -11,6 +11,7 @@ the xhat the server reconstructs from the top-k the device would send for that d
 so each distinct k costs a few O(V) passes, whatever the number of drafts. This is the same for a
 skipped token and a verified one: both were drawn from P; the branch that happened says nothing more.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,7 +27,7 @@ def truncate_for_upload(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
     k = min(max(k, 0), v)
     if k == v:
         return np.arange(v), probs
-    top = np.argpartition(probs, v - k)[v - k:] if k else np.empty(0, dtype=np.int64)
+    top = np.argpartition(probs, v - k)[v - k :] if k else np.empty(0, dtype=np.int64)
     top = top[np.argsort(-probs[top], kind="stable")]
     return top, probs[top]
 
@@ -43,7 +44,7 @@ def committed_law(x: np.ndarray, law: DraftLaw, y: np.ndarray) -> tuple[np.ndarr
     docstring, float64 [V]."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if law.order is None:  # one k: the server's xhat directly
-        (k, _, w), = law.groups
+        ((k, _, w),) = law.groups
         w = x * w
         x_hat = server_x_hat(x, k, law.prob_bits)
         a = accept_prob(x_hat, y)

@@ -13,6 +13,7 @@ A device composes one of two link models with its content source (agents.content
 - `NoLinks`: no time and no links, an upload arrives when it is sent and its verdict when it leaves,
   and no link event: the virtual clock's content pass (the replay runs the links).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ class Links:
         """Send `frame` up at t_sent, and every rto_s its packets that did not get through. Returns the
         upload stamped with its arrival and the bytes the uplink carried."""
         delivery, t, arrive = self.uplink.message(protocol.wire_size(frame)), t_sent, None
-        for retransmissions in range(MAX_RETRANSMISSIONS + 1):
+        for retransmissions in range(MAX_RETRANSMISSIONS + 1):  # noqa: B007 - read after the loop
             arrive = delivery.round(t)
             if arrive is not None:
                 break
@@ -100,8 +101,10 @@ class Links:
                 down_lost += arrive is None
         # The link events, before the shadow betas (a results writer completes a flush's row with them)
         key = (spec.device, spec.tier, spec.policy_name, upload.frame.token_index, upload.frame.seq, upload.final)
-        events: list = [UploadSent(*key, up_bytes, 1 + retx, upload.stamp.t_sent, wire_bytes),
-                        VerdictReceived(*key, down_bytes, down_copies, arrive)]
+        events: list = [
+            UploadSent(*key, up_bytes, 1 + retx, upload.stamp.t_sent, wire_bytes),
+            VerdictReceived(*key, down_bytes, down_copies, arrive),
+        ]
         for direction, n in (("uplink", up_lost), ("downlink", down_lost)):
             if n:
                 events.append(MessageLost(*key, direction, n))

@@ -39,14 +39,15 @@ changes but the time. One cache per model object, per process, bounded in bytes
 ``vocab_size`` is the logits dimension, i.e. the lm head's rows (``config.vocab_size``): 151936 for
 Qwen2.5, the |V| of docs/design.md. Logits come back as float32 numpy arrays.
 """
+
 from __future__ import annotations
 
 import collections
 import contextlib
 import os
 import weakref
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Sequence
 
 import numpy as np
 import torch
@@ -150,7 +151,7 @@ class ComputeTurn:
         self._fd: int | None = None
         self.waits = 0  # forwards that found the cores taken
 
-    def __enter__(self) -> "ComputeTurn":
+    def __enter__(self) -> ComputeTurn:
         import fcntl
 
         if self._fd is None:
@@ -168,7 +169,7 @@ class ComputeTurn:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
-_PREFIX_CACHES: "weakref.WeakKeyDictionary[torch.nn.Module, PrefixCache]" = weakref.WeakKeyDictionary()
+_PREFIX_CACHES: weakref.WeakKeyDictionary[torch.nn.Module, PrefixCache] = weakref.WeakKeyDictionary()
 
 
 def prefix_cache(model) -> PrefixCache | None:
@@ -211,8 +212,10 @@ class BatchedLM:
             raise LMError(f"forward must be auto|packed|hf and matmul plain|tiled, got {forward!r}, {matmul!r}")
         packable = self._packable()
         if forward == "packed" and not packable:
-            raise LMError(f"the packed forward does not support model_type {config.model_type!r} "
-                          f"(supported: {', '.join(PACKED_TYPES)}, default rotary, no sliding window)")
+            raise LMError(
+                f"the packed forward does not support model_type {config.model_type!r} "
+                f"(supported: {', '.join(PACKED_TYPES)}, default rotary, no sliding window)"
+            )
         self.forward = "packed" if forward == "packed" or (forward == "auto" and packable) else "hf"
         if self.forward == "packed" and self.device.type == "cpu":
             # Attention in fp32 on CPU: its bf16 kernels run 5-8x slower than fp32 at decode shapes
@@ -233,8 +236,12 @@ class BatchedLM:
         c = self.config
         rope = (getattr(c, "rope_scaling", None) or {}).get("rope_type", "default")
         windowed = getattr(c, "use_sliding_window", True) and getattr(c, "sliding_window", None)
-        return (getattr(c, "model_type", None) in PACKED_TYPES and hasattr(self.decoder, "layers")
-                and not windowed and rope not in ("dynamic", "longrope"))
+        return (
+            getattr(c, "model_type", None) in PACKED_TYPES
+            and hasattr(self.decoder, "layers")
+            and not windowed
+            and rope not in ("dynamic", "longrope")
+        )
 
     @property
     def batch_invariant(self) -> bool:
@@ -244,13 +251,19 @@ class BatchedLM:
 
     def describe(self) -> dict:
         """How this runner computes (recorded with every run)."""
-        return {"forward": self.forward, "matmul": self.matmul, "row_tile": ROW_TILE if self.matmul == "tiled" else None,
-                "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
-                "threads": torch.get_num_threads(),
-                "compute_turn": None if not isinstance(self.turn, ComputeTurn) else {"waits": self.turn.waits},
-                "batch_invariant": self.batch_invariant,
-                "prefix_cache": None if self.prefixes is None else {
-                    "max_mib": round(self.prefixes.max_bytes / 2**20, 1), "tokens_served": self.prefix_tokens_served}}
+        return {
+            "forward": self.forward,
+            "matmul": self.matmul,
+            "row_tile": ROW_TILE if self.matmul == "tiled" else None,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "compute_turn": None if not isinstance(self.turn, ComputeTurn) else {"waits": self.turn.waits},
+            "batch_invariant": self.batch_invariant,
+            "prefix_cache": None
+            if self.prefixes is None
+            else {"max_mib": round(self.prefixes.max_bytes / 2**20, 1), "tokens_served": self.prefix_tokens_served},
+        }
 
     @contextlib.contextmanager
     def uncached(self):
@@ -386,8 +399,12 @@ class BatchedLM:
         logits = dict(zip(run, out)) if want_logits else {}
         for prompt, i in computing.items():
             s, n = self._sessions[ids[i]], len(tokens[i])
-            cache.put(prompt, _Prefix(s.keys[:, :, :n].clone(), s.values[:, :, :n].clone(),
-                                      logits[i].copy() if want_logits else None))
+            cache.put(
+                prompt,
+                _Prefix(
+                    s.keys[:, :, :n].clone(), s.values[:, :, :n].clone(), logits[i].copy() if want_logits else None
+                ),
+            )
         for i, src in enumerate(source):
             if src is None:
                 continue
@@ -427,14 +444,17 @@ class BatchedLM:
             out = torch.empty_like(q)
             for i, s in enumerate(sessions):
                 a, b, p, n = starts[i], starts[i + 1], past[i], new[i]
-                s.keys[li, :, p:p + n] = k[a:b].transpose(0, 1)
-                s.values[li, :, p:p + n] = v[a:b].transpose(0, 1)
-                out[a:b] = _attend(q[a:b].to(self.kv_dtype), s.keys[li, :, :p + n], s.values[li, :, :p + n], p,
-                                   attn.scaling)
+                s.keys[li, :, p : p + n] = k[a:b].transpose(0, 1)
+                s.values[li, :, p : p + n] = v[a:b].transpose(0, 1)
+                out[a:b] = _attend(
+                    q[a:b].to(self.kv_dtype), s.keys[li, :, : p + n], s.values[li, :, : p + n], p, attn.scaling
+                )
             x = x + self._linear(out.view(-1, H * D), attn.o_proj)
             h = self._rms_norm(x, layer.post_attention_layernorm)
             mlp = layer.mlp
-            x = x + self._linear(mlp.act_fn(self._linear(h, mlp.gate_proj)) * self._linear(h, mlp.up_proj), mlp.down_proj)
+            x = x + self._linear(
+                mlp.act_fn(self._linear(h, mlp.gate_proj)) * self._linear(h, mlp.up_proj), mlp.down_proj
+            )
         result: list[np.ndarray] = []
         if want_logits:
             rows = list(range(len(flat))) if all_positions else [e - 1 for e in starts[1:]]

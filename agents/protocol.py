@@ -24,6 +24,7 @@ or in [0, 1].
 Anything malformed raises ProtocolError (a ValueError) saying what and where; never
 another exception type, never garbage.
 """
+
 from __future__ import annotations
 
 import enum
@@ -58,8 +59,15 @@ class ProtocolError(ValueError):
     the frame header could be read (so the reply can be addressed), else None.
     """
 
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.BAD_FRAME, *,
-                 device: int | None = None, session: int | None = None, seq: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        code: ErrorCode = ErrorCode.BAD_FRAME,
+        *,
+        device: int | None = None,
+        session: int | None = None,
+        seq: int | None = None,
+    ):
         super().__init__(message)
         self.code = ErrorCode(code)
         self.device, self.session, self.seq = device, session, seq
@@ -207,13 +215,17 @@ def encode_frame(msg: Message, max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
     try:
         _validate(msg)
         body = encode_body(msg)
-        header = _FRAME_HEADER.pack(FRAME_MAGIC, PROTOCOL_VERSION, msg.TYPE, msg.device, msg.session, msg.seq,
-                                    len(body))
+        header = _FRAME_HEADER.pack(
+            FRAME_MAGIC, PROTOCOL_VERSION, msg.TYPE, msg.device, msg.session, msg.seq, len(body)
+        )
     except (struct.error, OverflowError, TypeError, AttributeError) as exc:
         raise ProtocolError(f"cannot encode {msg.TYPE.name}: {exc}", ErrorCode.BAD_BODY, **where) from None
     if FRAME_HEADER_BYTES + len(body) > max_frame_bytes:
-        raise ProtocolError(f"{msg.TYPE.name} frame of {FRAME_HEADER_BYTES + len(body)} bytes exceeds the "
-                            f"{max_frame_bytes}-byte limit", ErrorCode.OVERSIZED, **where)
+        raise ProtocolError(
+            f"{msg.TYPE.name} frame of {FRAME_HEADER_BYTES + len(body)} bytes exceeds the {max_frame_bytes}-byte limit",
+            ErrorCode.OVERSIZED,
+            **where,
+        )
     return header + body
 
 
@@ -227,8 +239,9 @@ def _token(value: int, field: str) -> int:
     if value == NO_TOKEN:
         return _WIRE_NO_TOKEN
     if not 0 <= value < _WIRE_NO_TOKEN:
-        raise ProtocolError(f"{field}: token id {value} outside [0, {_WIRE_NO_TOKEN}) and not NO_TOKEN",
-                            ErrorCode.BAD_BODY)
+        raise ProtocolError(
+            f"{field}: token id {value} outside [0, {_WIRE_NO_TOKEN}) and not NO_TOKEN", ErrorCode.BAD_BODY
+        )
     return value
 
 
@@ -240,29 +253,49 @@ def _str16(text: str, field: str, limit: int = 0xFFFF) -> bytes:
 
 
 def _encode_open(m: Open) -> bytes:
-    return b"".join((_OPEN.pack(m.seed, m.temperature, len(m.prompt)), _ids(m.prompt, "OPEN prompt"),
-                     _str16(m.tier, "OPEN tier"), _str16(m.policy, "OPEN policy")))
+    return b"".join(
+        (
+            _OPEN.pack(m.seed, m.temperature, len(m.prompt)),
+            _ids(m.prompt, "OPEN prompt"),
+            _str16(m.tier, "OPEN tier"),
+            _str16(m.policy, "OPEN policy"),
+        )
+    )
 
 
 def _encode_upload(m: Upload) -> bytes:
     n = len(m.piggyback)
     flags = _UPLOAD_LLM_SAMPLES if m.llm_samples else 0
-    return b"".join((_UPLOAD.pack(m.token_index, flags, _token(m.draft, "UPLOAD draft"), n),
-                     _ids(m.piggyback, "UPLOAD piggyback"), _U32.pack(len(m.payload)), m.payload,
-                     _F32.pack(m.draft_prob), struct.pack(f"<{n}f", *m.piggyback_probs)))
+    return b"".join(
+        (
+            _UPLOAD.pack(m.token_index, flags, _token(m.draft, "UPLOAD draft"), n),
+            _ids(m.piggyback, "UPLOAD piggyback"),
+            _U32.pack(len(m.payload)),
+            m.payload,
+            _F32.pack(m.draft_prob),
+            struct.pack(f"<{n}f", *m.piggyback_probs),
+        )
+    )
 
 
 def _encode_flush(m: Flush) -> bytes:
     n = len(m.piggyback)
-    return b"".join((_FLUSH.pack(m.token_index, n), _ids(m.piggyback, "FLUSH piggyback"),
-                     struct.pack(f"<{n}f", *m.piggyback_probs)))
+    return b"".join(
+        (_FLUSH.pack(m.token_index, n), _ids(m.piggyback, "FLUSH piggyback"), struct.pack(f"<{n}f", *m.piggyback_probs))
+    )
 
 
 def _encode_verdict(m: Verdict) -> bytes:
     flags = (_VERDICT_ACCEPTED if m.accepted else 0) | (_VERDICT_RESAMPLED if m.resampled else 0)
     n = len(m.shadow_betas)
-    return b"".join((_VERDICT.pack(m.token_index, _token(m.token, "VERDICT token"), flags),
-                     _F32.pack(m.beta), _U32.pack(n), struct.pack(f"<{n}f", *m.shadow_betas)))
+    return b"".join(
+        (
+            _VERDICT.pack(m.token_index, _token(m.token, "VERDICT token"), flags),
+            _F32.pack(m.beta),
+            _U32.pack(n),
+            struct.pack(f"<{n}f", *m.shadow_betas),
+        )
+    )
 
 
 def _encode_error(m: Error) -> bytes:
@@ -272,8 +305,13 @@ def _encode_error(m: Error) -> bytes:
     return _ERROR.pack(m.code, bad_seq) + _str16(text, "ERROR message")
 
 
-_ENCODERS = {Open: _encode_open, Upload: _encode_upload, Flush: _encode_flush, Verdict: _encode_verdict,
-             Error: _encode_error}
+_ENCODERS = {
+    Open: _encode_open,
+    Upload: _encode_upload,
+    Flush: _encode_flush,
+    Verdict: _encode_verdict,
+    Error: _encode_error,
+}
 
 
 def _is_measure(v: float) -> bool:
@@ -299,8 +337,10 @@ def _validate(m: Message) -> None:
             fail("piggyback_probs must be NaN or in [0, 1]")
         if isinstance(m, Upload):
             if m.llm_samples != (m.draft == NO_TOKEN):
-                fail(f"draft must be NO_TOKEN exactly when llm_samples is set (draft={m.draft}, "
-                     f"llm_samples={m.llm_samples})")
+                fail(
+                    f"draft must be NO_TOKEN exactly when llm_samples is set (draft={m.draft}, "
+                    f"llm_samples={m.llm_samples})"
+                )
             if m.llm_samples and m.payload:
                 fail(f"with llm_samples carries no payload, got {len(m.payload)} bytes")
             if not m.llm_samples and not m.payload:
@@ -343,14 +383,19 @@ def read_header(data, max_frame_bytes: int = MAX_FRAME_BYTES) -> FrameHeader:
         raise ProtocolError(f"frame bytes 0-1 (magic) are {magic!r}, expected {FRAME_MAGIC!r}")
     where = dict(device=device, session=session, seq=seq)
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"frame byte 2 (version) is {version}, this side speaks {PROTOCOL_VERSION}",
-                            ErrorCode.BAD_VERSION, **where)
+        raise ProtocolError(
+            f"frame byte 2 (version) is {version}, this side speaks {PROTOCOL_VERSION}", ErrorCode.BAD_VERSION, **where
+        )
     if msg_type not in _DECODERS:
-        raise ProtocolError(f"frame byte 3 (type) is {msg_type}, not a known message type",
-                            ErrorCode.UNKNOWN_TYPE, **where)
+        raise ProtocolError(
+            f"frame byte 3 (type) is {msg_type}, not a known message type", ErrorCode.UNKNOWN_TYPE, **where
+        )
     if FRAME_HEADER_BYTES + body_len > max_frame_bytes:
-        raise ProtocolError(f"frame bytes 16-19 (body_len) announce {body_len} bytes, over the "
-                            f"{max_frame_bytes}-byte frame limit", ErrorCode.OVERSIZED, **where)
+        raise ProtocolError(
+            f"frame bytes 16-19 (body_len) announce {body_len} bytes, over the {max_frame_bytes}-byte frame limit",
+            ErrorCode.OVERSIZED,
+            **where,
+        )
     if n != FRAME_HEADER_BYTES + body_len:
         raise ProtocolError(f"frame is {n} bytes, its header says {FRAME_HEADER_BYTES} + {body_len}", **where)
     return FrameHeader(version, MsgType(msg_type), device, session, seq, body_len)
@@ -374,8 +419,13 @@ class _Reader:
         self.data, self.h, self.off = data, h, FRAME_HEADER_BYTES
 
     def fail(self, text: str):
-        raise ProtocolError(f"{self.h.msg_type.name} body: {text}", ErrorCode.BAD_BODY,
-                            device=self.h.device, session=self.h.session, seq=self.h.seq)
+        raise ProtocolError(
+            f"{self.h.msg_type.name} body: {text}",
+            ErrorCode.BAD_BODY,
+            device=self.h.device,
+            session=self.h.session,
+            seq=self.h.seq,
+        )
 
     def need(self, size: int, field: str) -> None:
         left = len(self.data) - self.off
@@ -402,7 +452,7 @@ class _Reader:
     def raw(self, n: int, field: str) -> bytes:
         self.need(n, field)
         self.off += n
-        return bytes(self.data[self.off - n:self.off])
+        return bytes(self.data[self.off - n : self.off])
 
     def text(self, field: str) -> str:
         (n,) = self.fixed(_U16, field + " length")
@@ -428,8 +478,9 @@ def _wire_token(v: int) -> int:
 def _decode_open(r: _Reader, where: dict) -> Open:
     seed, temperature, n = r.fixed(_OPEN, "seed/temperature/n")
     prompt = r.array("I", n, "prompt")
-    return Open(**where, prompt=prompt, seed=seed, temperature=temperature, tier=r.text("tier"),
-                policy=r.text("policy"))
+    return Open(
+        **where, prompt=prompt, seed=seed, temperature=temperature, tier=r.text("tier"), policy=r.text("policy")
+    )
 
 
 def _decode_upload(r: _Reader, where: dict) -> Upload:
@@ -441,8 +492,16 @@ def _decode_upload(r: _Reader, where: dict) -> Upload:
     payload = r.raw(size, "payload")
     draft_prob = r.f32("draft_prob")
     probs = r.array("f", n, "piggyback_probs")
-    return Upload(**where, token_index=token_index, draft=_wire_token(draft), piggyback=piggyback, payload=payload,
-                  llm_samples=bool(flags), draft_prob=draft_prob, piggyback_probs=probs)
+    return Upload(
+        **where,
+        token_index=token_index,
+        draft=_wire_token(draft),
+        piggyback=piggyback,
+        payload=payload,
+        llm_samples=bool(flags),
+        draft_prob=draft_prob,
+        piggyback_probs=probs,
+    )
 
 
 def _decode_flush(r: _Reader, where: dict) -> Flush:
@@ -458,8 +517,15 @@ def _decode_verdict(r: _Reader, where: dict) -> Verdict:
         r.fail(f"flags byte {flags:#04x} at byte {FRAME_HEADER_BYTES + 8} has unknown bits")
     beta = r.f32("beta")
     (n,) = r.fixed(_U32, "shadow_betas length")
-    return Verdict(**where, token_index=token_index, token=_wire_token(token), accepted=bool(flags & _VERDICT_ACCEPTED),
-                   resampled=bool(flags & _VERDICT_RESAMPLED), beta=beta, shadow_betas=r.array("f", n, "shadow_betas"))
+    return Verdict(
+        **where,
+        token_index=token_index,
+        token=_wire_token(token),
+        accepted=bool(flags & _VERDICT_ACCEPTED),
+        resampled=bool(flags & _VERDICT_RESAMPLED),
+        beta=beta,
+        shadow_betas=r.array("f", n, "shadow_betas"),
+    )
 
 
 def _decode_error(r: _Reader, where: dict) -> Error:
@@ -467,13 +533,19 @@ def _decode_error(r: _Reader, where: dict) -> Error:
     return Error(**where, code=code, bad_seq=-1 if bad_seq == _WIRE_NO_TOKEN else bad_seq, message=r.text("message"))
 
 
-_DECODERS = {MsgType.OPEN: _decode_open, MsgType.UPLOAD: _decode_upload, MsgType.FLUSH: _decode_flush,
-             MsgType.VERDICT: _decode_verdict, MsgType.ERROR: _decode_error}
+_DECODERS = {
+    MsgType.OPEN: _decode_open,
+    MsgType.UPLOAD: _decode_upload,
+    MsgType.FLUSH: _decode_flush,
+    MsgType.VERDICT: _decode_verdict,
+    MsgType.ERROR: _decode_error,
+}
 
 
 # ----------------------------------------------------------------------------------------
 # Sizes the link is charged, replies, sequence numbers
 # ----------------------------------------------------------------------------------------
+
 
 def wire_size(msg: Message) -> int:
     """The part of encode_frame(msg) a deployment would send, without the measurement fields:
@@ -497,15 +569,17 @@ def check_upload(frame: Upload | Flush, vocab_size: int) -> codec.Payload | None
     if isinstance(frame, Flush) or frame.llm_samples:
         return None
     if not 0 <= frame.draft < vocab_size:
-        raise ProtocolError(f"draft token {frame.draft} outside the vocabulary [0, {vocab_size})",
-                            ErrorCode.BAD_BODY, **where)
+        raise ProtocolError(
+            f"draft token {frame.draft} outside the vocabulary [0, {vocab_size})", ErrorCode.BAD_BODY, **where
+        )
     try:
         payload = codec.decode_payload_ex(frame.payload)
     except codec.PayloadError as exc:
         raise ProtocolError(str(exc), ErrorCode.BAD_PAYLOAD, **where) from None
     if payload.vocab_size != vocab_size:
-        raise ProtocolError(f"payload vocab_size {payload.vocab_size} != the verifier's {vocab_size}",
-                            ErrorCode.BAD_PAYLOAD, **where)
+        raise ProtocolError(
+            f"payload vocab_size {payload.vocab_size} != the verifier's {vocab_size}", ErrorCode.BAD_PAYLOAD, **where
+        )
     return payload
 
 
@@ -520,8 +594,14 @@ def error_reply(exc: ProtocolError, device: int | None = None, session: int | No
     but bad_seq reserves 0xFFFFFFFF for "unknown", so a seq of 0xFFFFFFFF (or anything that is
     not a u32) is reported as unknown (-1) rather than making the reply itself invalid."""
     seq = _u32_or(exc.seq, -1)
-    return Error(device=_u32_or(exc.device, _u32_or(device, 0)), session=_u32_or(exc.session, _u32_or(session, 0)),
-                 seq=max(seq, 0), code=exc.code, message=str(exc), bad_seq=seq if seq < _WIRE_NO_TOKEN else -1)
+    return Error(
+        device=_u32_or(exc.device, _u32_or(device, 0)),
+        session=_u32_or(exc.session, _u32_or(session, 0)),
+        seq=max(seq, 0),
+        code=exc.code,
+        message=str(exc),
+        bad_seq=seq if seq < _WIRE_NO_TOKEN else -1,
+    )
 
 
 class SeqStatus(enum.Enum):

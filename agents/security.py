@@ -10,6 +10,7 @@ The server authenticates clients with a ZAP handler on its own ZeroMQ context
 without CURVE (NULL mechanism) or with the wrong server public key cannot complete the
 handshake at all. A refused peer never reaches the verifier's message loop.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -22,9 +23,11 @@ MODES = ("auto", "on", "off")
 
 def require_curve() -> None:
     if not zmq.has("curve"):
-        raise RuntimeError(f"CURVE is needed (server.curve or a non-loopback verifier address) but this libzmq "
-                           f"({zmq.zmq_version()}, pyzmq {zmq.__version__}) was built without it: install a pyzmq "
-                           f"wheel (bundles libsodium) or a libzmq built with libsodium/tweetnacl")
+        raise RuntimeError(
+            f"CURVE is needed (server.curve or a non-loopback verifier address) but this libzmq "
+            f"({zmq.zmq_version()}, pyzmq {zmq.__version__}) was built without it: install a pyzmq "
+            f"wheel (bundles libsodium) or a libzmq built with libsodium/tweetnacl"
+        )
 
 
 def is_loopback(host: str) -> bool:
@@ -43,8 +46,10 @@ def curve_on(mode: str, host: str) -> bool:
     if mode not in MODES:
         raise ValueError(f"server.curve must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "off" and not is_loopback(host):
-        raise ValueError(f"server.curve is off but the verifier binds {host}, which other machines can reach: "
-                         f"use curve auto or on (off is for loopback only)")
+        raise ValueError(
+            f"server.curve is off but the verifier binds {host}, which other machines can reach: "
+            f"use curve auto or on (off is for loopback only)"
+        )
     return mode == "on" or (mode == "auto" and not is_loopback(host))
 
 
@@ -54,7 +59,7 @@ class Keypair:
     secret: bytes = field(repr=False)  # never in a repr or a log line
 
     @classmethod
-    def new(cls) -> "Keypair":
+    def new(cls) -> Keypair:
         require_curve()
         return cls(*zmq.curve_keypair())
 
@@ -83,7 +88,7 @@ class RunKeys:
     clients: tuple[Keypair, ...]
 
     @classmethod
-    def new(cls, n_clients: int) -> "RunKeys":
+    def new(cls, n_clients: int) -> RunKeys:
         return cls(Keypair.new(), tuple(Keypair.new() for _ in range(n_clients)))
 
     def for_server(self) -> ServerKeys:
@@ -122,8 +127,11 @@ class AllowList:
       mismatch) or the wrong server public key (the HELLO does not decrypt). A client that keeps
       reconnecting counts once per attempt."""
 
-    HANDSHAKE_FAILED = ("EVENT_HANDSHAKE_FAILED_NO_DETAIL", "EVENT_HANDSHAKE_FAILED_PROTOCOL",
-                        "EVENT_HANDSHAKE_FAILED_AUTH")
+    HANDSHAKE_FAILED = (
+        "EVENT_HANDSHAKE_FAILED_NO_DETAIL",
+        "EVENT_HANDSHAKE_FAILED_PROTOCOL",
+        "EVENT_HANDSHAKE_FAILED_AUTH",
+    )
 
     def __init__(self, ctx: zmq.Context, allowed: frozenset[bytes]):
         from zmq.auth.thread import ThreadAuthenticator
@@ -151,7 +159,11 @@ class AllowList:
         if not events:  # libzmq < 4.3: no handshake events; `denied` still counts
             return
         mon = sock.get_monitor_socket(events)
-        self._monitor = (sock, mon, threading.Thread(target=self._count, args=(mon,), name="curve-monitor", daemon=True))
+        self._monitor = (
+            sock,
+            mon,
+            threading.Thread(target=self._count, args=(mon,), name="curve-monitor", daemon=True),
+        )
         self._monitor[2].start()
 
     def _count(self, mon: zmq.Socket) -> None:

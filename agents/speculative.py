@@ -19,6 +19,7 @@ batch.
 
 All maths is float64; per token the cost is a few O(V) numpy passes (no Python loops over V).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,6 +27,7 @@ import math
 import numpy as np
 
 _SMALL_VOCAB = 256  # up to here one vectorised compare beats a binary search per row
+
 
 def softmax_t(logits, temperature: float) -> np.ndarray:
     """x = softmax(z / T) over the last axis, float64. T = 0 is greedy: one-hot on the
@@ -82,8 +84,10 @@ def reconstruct(indices, probs, vocab_size: int) -> np.ndarray:
     p = np.asarray(probs, dtype=np.float64)
     k = idx.shape[0]
     if idx.ndim != 1 or p.shape != idx.shape or k > vocab_size:
-        raise ValueError(f"reconstruct: need 1-D indices and probs of equal length <= vocab_size {vocab_size}, "
-                         f"got shapes {idx.shape} and {p.shape}")
+        raise ValueError(
+            f"reconstruct: need 1-D indices and probs of equal length <= vocab_size {vocab_size}, "
+            f"got shapes {idx.shape} and {p.shape}"
+        )
     if k and (idx.min() < 0 or idx.max() >= vocab_size):
         raise ValueError(f"reconstruct: indices must lie in [0, {vocab_size})")
     rest = max(0.0, 1.0 - float(p.sum())) / (vocab_size - k) if k < vocab_size else 0.0
@@ -132,8 +136,9 @@ def verify_from_uniforms(drafts, x_hats, ys, u_accept, u_resample) -> tuple[np.n
 def verify(draft: int, x_hat, y, rng: np.random.Generator) -> tuple[int, bool]:
     """Verify one draft against the LLM distribution y; two uniforms from rng."""
     u = rng.random(2)
-    tokens, accepted = verify_from_uniforms(np.array([draft]), np.asarray(x_hat)[None], np.asarray(y)[None],
-                                            u[:1], u[1:])
+    tokens, accepted = verify_from_uniforms(
+        np.array([draft]), np.asarray(x_hat)[None], np.asarray(y)[None], u[:1], u[1:]
+    )
     return int(tokens[0]), bool(accepted[0])
 
 

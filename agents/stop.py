@@ -12,6 +12,7 @@ costs two decodes of a handful of ids, however long the completion.
 Only the standard library at import (actors pickle a StopRule inside RunParams); the tokenizer is
 loaded where a detector is made, once per process.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,7 +49,7 @@ class StopRule:
     def active(self) -> bool:
         return bool(self.eos_ids or self.stops)
 
-    def detector(self) -> "StopDetector | None":
+    def detector(self) -> StopDetector | None:
         """A fresh detector for one sequence (None when nothing but length ends it)."""
         if not self.active:
             return None
@@ -106,9 +107,9 @@ class StopDetector:
         new = _decode(self.tokenizer, self.ids)
         if len(new) <= len(old) or new.endswith("\ufffd"):  # an incomplete character: wait for its bytes
             return ""
-        delta = new[len(old):]
+        delta = new[len(old) :]
         self.ids = self.ids[n:]
         self.n_prefix = len(self.ids)
         tail = self.text + delta
-        self.text = tail[len(tail) - self.keep:] if self.keep else ""
+        self.text = tail[len(tail) - self.keep :] if self.keep else ""
         return STOP if any(s in tail for s in self.stops) else ""

@@ -4,11 +4,12 @@ Cheap enough to stay on (one perf_counter pair per use). Names are "<role>.<phas
 "slm.prefill", "slm.decode", "llm.prefill", "llm.verify_forward", "policy", "codec", "verify_math",
 "transport"; `items` counts tokens (forwards) or requests, so rates come out of the same record.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Iterator, Mapping
 
 
 class Timings:

@@ -10,6 +10,7 @@ step 7) and the measured betas. The forward runs many sessions at once only wher
 (every queued request in one forward) would differ from a one-pass run. A model on another forward gets
 one sequence per forward, as RunParams.batch_slm does for the SLM.
 """
+
 from __future__ import annotations
 
 import math
@@ -81,9 +82,11 @@ class LLMVerdicts:
         positions = getattr(self.llm, "max_positions", None)
         context = self.llm.length(f.device) + len(s.feed) + len(f.piggyback)
         if positions is not None and context > positions:
-            raise protocol.ProtocolError(f"device {f.device}: {len(f.piggyback)} piggybacked tokens take "
-                                         f"the context to {context}, over the model's {positions} positions",
-                                         protocol.ErrorCode.LIMIT)
+            raise protocol.ProtocolError(
+                f"device {f.device}: {len(f.piggyback)} piggybacked tokens take "
+                f"the context to {context}, over the model's {positions} positions",
+                protocol.ErrorCode.LIMIT,
+            )
         return payload
 
     def of_flush(self, s: Session, f: protocol.Upload | protocol.Flush) -> tuple[protocol.Verdict, np.ndarray | None]:
@@ -93,12 +96,19 @@ class LLMVerdicts:
         if f.piggyback:
             with self.timings("llm.verify_forward", len(s.feed) + len(f.piggyback)):
                 logits = self.llm.extend([(f.device, s.feed + list(f.piggyback))], all_positions=True)[0]
-        frame = protocol.Verdict(device=f.device, session=f.session, seq=f.seq, token_index=f.token_index,
-                                 token=protocol.NO_TOKEN, shadow_betas=self._shadow_betas(s, f, logits))
+        frame = protocol.Verdict(
+            device=f.device,
+            session=f.session,
+            seq=f.seq,
+            token_index=f.token_index,
+            token=protocol.NO_TOKEN,
+            shadow_betas=self._shadow_betas(s, f, logits),
+        )
         return frame, logits
 
-    def of_batch(self, requests: list[tuple[Upload, object]], sessions: dict[int, Session],
-                 queue: list) -> tuple[list[protocol.Verdict], list[np.ndarray | None]]:
+    def of_batch(
+        self, requests: list[tuple[Upload, object]], sessions: dict[int, Session], queue: list
+    ) -> tuple[list[protocol.Verdict], list[np.ndarray | None]]:
         """The verdicts on one batch, and the LLM logits each carries for the device's fidelity: the rows
         of its piggybacked tokens, then the verified draft's (none for a token the LLM sampled). The
         forward is shared with the rest of the `queue` (compute)."""
@@ -106,8 +116,9 @@ class LLMVerdicts:
         self.compute([u for u, _ in requests], [q[3] for q in in_arrival_order(queue)], sessions)
         logits = [self.computed.pop((f.device, f.seq)) for f in batch]
         with self.timings("verify_math", len(batch)):
-            frames = [self._verdict(sessions[f.device], f, payload, z)
-                      for f, (_, payload), z in zip(batch, requests, logits)]
+            frames = [
+                self._verdict(sessions[f.device], f, payload, z) for f, (_, payload), z in zip(batch, requests, logits)
+            ]
         return frames, [z[: len(f.piggyback) + (not f.llm_samples)] for f, z in zip(batch, logits)]
 
     def restored(self, device: int, seq: int, frame: protocol.Verdict) -> None:
@@ -152,9 +163,17 @@ class LLMVerdicts:
             rng = keyed_rng(self.seed, f.device, f.token_index, "verify")
             token, accepted = verify(f.draft, x_hat, y, rng)
             beta = float(_wire_beta(f.draft_prob, y[f.draft]))
-        return protocol.Verdict(device=f.device, session=f.session, seq=f.seq, token_index=f.token_index,
-                                token=int(token), accepted=bool(accepted), resampled=not accepted and not f.llm_samples,
-                                beta=beta, shadow_betas=shadows)
+        return protocol.Verdict(
+            device=f.device,
+            session=f.session,
+            seq=f.seq,
+            token_index=f.token_index,
+            token=int(token),
+            accepted=bool(accepted),
+            resampled=not accepted and not f.llm_samples,
+            beta=beta,
+            shadow_betas=shadows,
+        )
 
     @staticmethod
     def _shadow_betas(s: Session, f: protocol.Upload | protocol.Flush, z: np.ndarray | None) -> list[float]:
@@ -219,8 +238,9 @@ class ReplayVerdicts:
     def of_flush(self, s: Session, f: protocol.Upload | protocol.Flush) -> tuple[protocol.Verdict, None]:
         return self.log[(f.device, f.seq)], None
 
-    def of_batch(self, requests: list[tuple[Upload, object]], sessions: dict[int, Session],
-                 queue: list) -> tuple[list[protocol.Verdict], list[None]]:
+    def of_batch(
+        self, requests: list[tuple[Upload, object]], sessions: dict[int, Session], queue: list
+    ) -> tuple[list[protocol.Verdict], list[None]]:
         return [self.log[(u.frame.device, u.frame.seq)] for u, _ in requests], [None] * len(requests)
 
     def restored(self, device: int, seq: int, frame: protocol.Verdict) -> None:

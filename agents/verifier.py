@@ -34,6 +34,7 @@ Recovery (docs/design.md section 9), by deterministic replay, never by checkpoin
 - a restarted verifier is rebuilt from the devices' committed state (`restore`): sessions are
   re-opened and each LLM cache re-fed in the same incremental calls as the first time.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -152,9 +153,12 @@ def _client_checks(f: protocol.Upload | protocol.Flush) -> Iterator[None]:
             exc.device, exc.seq = f.device, f.seq
         raise
     except Exception as exc:
-        raise protocol.ProtocolError(f"device {f.device}: upload could not be checked "
-                                     f"({type(exc).__name__}: {exc})", protocol.ErrorCode.INTERNAL,
-                                     device=f.device, seq=f.seq) from exc
+        raise protocol.ProtocolError(
+            f"device {f.device}: upload could not be checked ({type(exc).__name__}: {exc})",
+            protocol.ErrorCode.INTERNAL,
+            device=f.device,
+            seq=f.seq,
+        ) from exc
 
 
 class VerifierCore:
@@ -164,9 +168,16 @@ class VerifierCore:
     (a repeat, a flush) and verify.
     """
 
-    def __init__(self, llm, server: ServerProfile, seed: int, vocab_size: int, expected_sessions: int = 0,
-                 verdicts: LLMVerdicts | ReplayVerdicts | None = None,
-                 batching: BatchingRule | AllAtOnce | None = None):
+    def __init__(
+        self,
+        llm,
+        server: ServerProfile,
+        seed: int,
+        vocab_size: int,
+        expected_sessions: int = 0,
+        verdicts: LLMVerdicts | ReplayVerdicts | None = None,
+        batching: BatchingRule | AllAtOnce | None = None,
+    ):
         self.verdicts = verdicts if verdicts is not None else LLMVerdicts(llm, seed, vocab_size)
         self.batching = batching if batching is not None else BatchingRule()
         self.llm = self.verdicts.llm  # agents.lm.BatchedLM (None in a replay)
@@ -183,16 +194,19 @@ class VerifierCore:
         self.timings = self.verdicts.timings
 
     @classmethod
-    def content_pass(cls, llm, server: ServerProfile, seed: int, vocab_size: int,
-                     expected_sessions: int = 0) -> VerifierCore:
+    def content_pass(
+        cls, llm, server: ServerProfile, seed: int, vocab_size: int, expected_sessions: int = 0
+    ) -> VerifierCore:
         """The virtual clock's content pass (agents.engine): verdicts from the LLM, logged (`log`), every
         queued request at once."""
-        return cls(llm, server, seed, vocab_size, expected_sessions, RecordingVerdicts(llm, seed, vocab_size),
-                   AllAtOnce())
+        return cls(
+            llm, server, seed, vocab_size, expected_sessions, RecordingVerdicts(llm, seed, vocab_size), AllAtOnce()
+        )
 
     @classmethod
-    def replay(cls, log: Mapping[tuple[int, int], protocol.Verdict], server: ServerProfile, seed: int,
-               vocab_size: int) -> VerifierCore:
+    def replay(
+        cls, log: Mapping[tuple[int, int], protocol.Verdict], server: ServerProfile, seed: int, vocab_size: int
+    ) -> VerifierCore:
         """The virtual clock's timing replay: the verdicts of a content pass's `log`, batched by the rule."""
         return cls(None, server, seed, vocab_size, verdicts=ReplayVerdicts(log))
 
@@ -240,15 +254,23 @@ class VerifierCore:
         for o in opens:
             self.check_open(o)
             if o.frame.device in devices:
-                raise protocol.ProtocolError(f"device {o.frame.device}: OPEN twice", protocol.ErrorCode.REFUSED,
-                                             device=o.frame.device, seq=0)
+                raise protocol.ProtocolError(
+                    f"device {o.frame.device}: OPEN twice", protocol.ErrorCode.REFUSED, device=o.frame.device, seq=0
+                )
             devices.add(o.frame.device)
         for o in opens:
             f = o.frame
-            self.sessions[f.device] = Session(f.device, f.temperature, o.stamp.max_new_tokens, o.stamp.lookahead_s,
-                                              [f.prompt[-1]], o.stamp.lookahead_s)
-        self.verdicts.prefill([(o.frame.device, list(o.frame.prompt[:-1])) for o in opens if len(o.frame.prompt) > 1],
-                              "llm.prefill")
+            self.sessions[f.device] = Session(
+                f.device,
+                f.temperature,
+                o.stamp.max_new_tokens,
+                o.stamp.lookahead_s,
+                [f.prompt[-1]],
+                o.stamp.lookahead_s,
+            )
+        self.verdicts.prefill(
+            [(o.frame.device, list(o.frame.prompt[:-1])) for o in opens if len(o.frame.prompt) > 1], "llm.prefill"
+        )
 
     def reset(self, devices) -> None:
         """Forget the sessions of `devices`: LLM caches, queued requests, eagerly computed logits (their
@@ -277,8 +299,9 @@ class VerifierCore:
         for st in states:
             device, o = st.open.frame.device, st.open
             if device in done:
-                self.sessions[device] = Session(device, o.frame.temperature, o.stamp.max_new_tokens,
-                                                o.stamp.lookahead_s, [], math.inf, closed=True)
+                self.sessions[device] = Session(
+                    device, o.frame.temperature, o.stamp.max_new_tokens, o.stamp.lookahead_s, [], math.inf, closed=True
+                )
             s = self.sessions[device]
             for seq, a in enumerate(st.answered):
                 if device not in done:
@@ -320,8 +343,9 @@ class VerifierCore:
         with _client_checks(f):  # up to `next_seq += 1` only checks: a failure there is the client's
             s = self.sessions.get(f.device)
             if s is None:
-                raise protocol.ProtocolError(f"device {f.device}: upload before open",
-                                             protocol.ErrorCode.UNKNOWN_SESSION)
+                raise protocol.ProtocolError(
+                    f"device {f.device}: upload before open", protocol.ErrorCode.UNKNOWN_SESSION
+                )
             status = protocol.check_sequence(s.next_seq, f.seq)
             if status is protocol.SeqStatus.REPEAT:
                 last = s.last_verdict
@@ -338,16 +362,19 @@ class VerifierCore:
         """ProtocolError unless the upload may be queued now; its payload, decoded (verdicts.check)."""
         f, t_arrive = upload.frame, upload.stamp.t_arrive
         if status is not protocol.SeqStatus.NEXT:
-            raise protocol.ProtocolError(f"device {f.device}: seq {f.seq} {status.value}, expected "
-                                         f"{s.next_seq}", protocol.ErrorCode.OUT_OF_ORDER)
+            raise protocol.ProtocolError(
+                f"device {f.device}: seq {f.seq} {status.value}, expected {s.next_seq}", protocol.ErrorCode.OUT_OF_ORDER
+            )
         if s.closed:
             raise protocol.ProtocolError(f"device {f.device}: upload after the session closed")
         if s.queued:
-            raise protocol.ProtocolError(f"device {f.device}: seq {f.seq} before the verdict of "
-                                         f"{f.seq - 1}", protocol.ErrorCode.OUT_OF_ORDER)
+            raise protocol.ProtocolError(
+                f"device {f.device}: seq {f.seq} before the verdict of {f.seq - 1}", protocol.ErrorCode.OUT_OF_ORDER
+            )
         if not (math.isfinite(t_arrive) and t_arrive >= 0.0):  # would corrupt the queue order
-            raise protocol.ProtocolError(f"device {f.device}: arrival time {t_arrive!r} is not finite "
-                                         f"and >= 0", protocol.ErrorCode.BAD_BODY)
+            raise protocol.ProtocolError(
+                f"device {f.device}: arrival time {t_arrive!r} is not finite and >= 0", protocol.ErrorCode.BAD_BODY
+            )
         return self.verdicts.check(f, s)  # bad ids, payload or context: rejected here, alone
 
     def _close(self, s: Session, f: protocol.Upload | protocol.Flush, t_arrive: float) -> Verdict:

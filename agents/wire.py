@@ -23,6 +23,7 @@ and >= 0, an OPEN's max_new_tokens >= 1 and its lookahead >= 0 (+inf allowed: a 
 never asks the LLM), a logits block of exactly the size it declares. Like decode_frame it
 raises nothing but ProtocolError.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,13 @@ _E = protocol.ErrorCode
 
 
 def _fail(text: str, frame: protocol.Message, code=_E.BAD_BODY) -> protocol.ProtocolError:
-    return protocol.ProtocolError(f"device {frame.device}: {frame.TYPE.name} stamp: {text}", code,
-                                  device=frame.device, session=frame.session, seq=frame.seq)
+    return protocol.ProtocolError(
+        f"device {frame.device}: {frame.TYPE.name} stamp: {text}",
+        code,
+        device=frame.device,
+        session=frame.session,
+        seq=frame.seq,
+    )
 
 
 def _fixed(st: struct.Struct, data, frame: protocol.Message) -> tuple:
@@ -58,7 +64,7 @@ class OpenStamp:
         return _OPEN.pack(self.max_new_tokens, self.lookahead_s)
 
     @staticmethod
-    def unpack(data, frame: protocol.Open) -> "OpenStamp":
+    def unpack(data, frame: protocol.Open) -> OpenStamp:
         max_new, lookahead = _fixed(_OPEN, data, frame)
         if max_new < 1:
             raise _fail(f"max_new_tokens {max_new} is not >= 1", frame)
@@ -77,7 +83,7 @@ class UploadStamp:
         return _UPLOAD.pack(self.t_sent, self.t_arrive, self.retransmissions)
 
     @staticmethod
-    def unpack(data, frame: protocol.Upload | protocol.Flush) -> "UploadStamp":
+    def unpack(data, frame: protocol.Upload | protocol.Flush) -> UploadStamp:
         t_sent, t_arrive, retx = _fixed(_UPLOAD, data, frame)
         if not all(math.isfinite(t) and t >= 0.0 for t in (t_sent, t_arrive)):
             raise _fail(f"times must be finite and >= 0, got t_sent {t_sent!r}, t_arrive {t_arrive!r}", frame)
@@ -100,18 +106,23 @@ class VerdictStamp:
         return _VERDICT.pack(self.t_sent) + _LOGITS.pack(dtype.itemsize, *z.shape) + z.tobytes()
 
     @staticmethod
-    def unpack(data, frame: protocol.Verdict) -> "VerdictStamp":
+    def unpack(data, frame: protocol.Verdict) -> VerdictStamp:
         if len(data) == _VERDICT.size:
             return VerdictStamp(*_VERDICT.unpack(data))
-        block = memoryview(data)[_VERDICT.size:]
+        block = memoryview(data)[_VERDICT.size :]
         if len(block) < _LOGITS.size:
-            raise _fail(f"{len(data)} bytes: {_VERDICT.size}, or more with a {_LOGITS.size}-byte logits header",
-                        frame, _E.BAD_FRAME)
+            raise _fail(
+                f"{len(data)} bytes: {_VERDICT.size}, or more with a {_LOGITS.size}-byte logits header",
+                frame,
+                _E.BAD_FRAME,
+            )
         size, rows, cols = _LOGITS.unpack_from(block)
         dtype = _LOGITS_DTYPES.get(size)
         if dtype is None or len(block) != _LOGITS.size + rows * cols * size:
-            raise _fail(f"logits block of {len(block)} bytes does not match its header (itemsize {size}, "
-                        f"{rows} x {cols})", frame)
+            raise _fail(
+                f"logits block of {len(block)} bytes does not match its header (itemsize {size}, {rows} x {cols})",
+                frame,
+            )
         (t_sent,) = _VERDICT.unpack_from(data)
         return VerdictStamp(t_sent, np.frombuffer(block, dtype=dtype, offset=_LOGITS.size).reshape(rows, cols))
 
@@ -153,8 +164,12 @@ class Verdict:
 
 
 Message = Open | Upload | Verdict
-_KINDS = {protocol.Open: (Open, OpenStamp), protocol.Upload: (Upload, UploadStamp),
-          protocol.Flush: (Upload, UploadStamp), protocol.Verdict: (Verdict, VerdictStamp)}
+_KINDS = {
+    protocol.Open: (Open, OpenStamp),
+    protocol.Upload: (Upload, UploadStamp),
+    protocol.Flush: (Upload, UploadStamp),
+    protocol.Verdict: (Verdict, VerdictStamp),
+}
 
 
 def encode(msg: Message) -> list[bytes]:
@@ -166,8 +181,9 @@ def error_message(exc: protocol.ProtocolError) -> list[bytes]:
     try:
         frame = protocol.encode_frame(protocol.error_reply(exc))
     except protocol.ProtocolError:  # not expected (error_reply keeps every field encodable): answer anyway
-        frame = protocol.encode_frame(protocol.Error(device=0, session=0, seq=0, code=_E.INTERNAL,
-                                                     message="the error reply could not be encoded"))
+        frame = protocol.encode_frame(
+            protocol.Error(device=0, session=0, seq=0, code=_E.INTERNAL, message="the error reply could not be encoded")
+        )
     return [frame, b""]
 
 

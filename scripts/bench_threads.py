@@ -5,6 +5,7 @@ forward many times slower: read the ratio, not the absolute times, and repeat on
 
     PYTHONPATH=. python scripts/bench_threads.py [bfloat16|float32] [slm,llm]
 """
+
 import json
 import os
 import statistics
@@ -14,9 +15,9 @@ import time
 import numpy as np
 import torch
 
-from agents.models.hardware import _time_gemms, cpu_capability, cpu_model, usable_cores
 from agents.lm import BatchedLM
 from agents.models import load_model
+from agents.models.hardware import _time_gemms, cpu_capability, cpu_model, usable_cores
 
 DTYPE = sys.argv[1] if len(sys.argv) > 1 else "bfloat16"
 ROLES = sys.argv[2].split(",") if len(sys.argv) > 2 else ["slm", "llm"]
@@ -24,8 +25,14 @@ B, PROMPT, ROUNDS, STEPS, COUNTS = 16, 64, 3, 2, (1, 2)
 
 
 def main() -> None:
-    out = {"load_1m_at_start": os.getloadavg()[0], "cpu": cpu_model(), "capability": cpu_capability(),
-           "usable_cores": usable_cores(), "dtype": DTYPE, "batch": B}
+    out = {
+        "load_1m_at_start": os.getloadavg()[0],
+        "cpu": cpu_model(),
+        "capability": cpu_capability(),
+        "usable_cores": usable_cores(),
+        "dtype": DTYPE,
+        "batch": B,
+    }
     probe: dict = {}
     for n in COUNTS * 2:
         fp32, bf16 = _time_gemms([torch.float32, torch.bfloat16], reps=5, threads=n)
@@ -51,8 +58,10 @@ def main() -> None:
                     lms[n].extend([(i, [int(rng.integers(0, 150000))]) for i in range(B)])
                     times.setdefault(role, {}).setdefault(n, []).append(time.perf_counter() - t)
         med = {n: statistics.median(v) for n, v in times[role].items()}
-        out[role] = {"ms_per_step": {n: round(1e3 * m, 1) for n, m in med.items()},
-                     "speedup_2_over_1": round(med[1] / med[2], 3)}
+        out[role] = {
+            "ms_per_step": {n: round(1e3 * m, 1) for n, m in med.items()},
+            "speedup_2_over_1": round(med[1] / med[2], 3),
+        }
     step = {n: sum(statistics.median(times[r][n]) for r in ROLES) for n in COUNTS}
     out["content_step_ms"] = {n: round(1e3 * v, 1) for n, v in step.items()}
     out["content_step_speedup_2_over_1"] = round(step[1] / step[2], 3)

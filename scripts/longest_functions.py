@@ -1,7 +1,8 @@
 """The N longest functions (and methods, nested ones included) of the project's source, by lines.
 
-    python scripts/longest_functions.py [N] [--all]    # --all: tests and scripts too
+python scripts/longest_functions.py [N] [--all]    # --all: tests and scripts too
 """
+
 from __future__ import annotations
 
 import ast

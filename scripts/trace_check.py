@@ -7,6 +7,7 @@ tokens.parquet, or compare two such captures bit for bit.
 A refactor that must not change behaviour captures before and after (same seed, same machine)
 and compares: every run's frame must be equal with check_exact, column by column.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,10 @@ def _runs():
 
 
 def fingerprint(df: pd.DataFrame) -> dict[str, str]:
-    return {c: hashlib.sha256(pd.util.hash_pandas_object(df[c], index=True).values.tobytes()).hexdigest()[:16]
-            for c in df.columns}
+    return {
+        c: hashlib.sha256(pd.util.hash_pandas_object(df[c], index=True).values.tobytes()).hexdigest()[:16]
+        for c in df.columns
+    }
 
 
 def capture(out: Path, only: list[str] | None) -> None:

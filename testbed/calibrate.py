@@ -7,6 +7,7 @@ uncertainty estimator is evaluated on the same draft. One least-squares fit per 
 This is the one calibration run (`record_betas`, `fit_estimators`): `testbed calibrate` (`calibrate`)
 and the studies' calibration point (testbed.study.calibration) both call it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,8 +58,9 @@ class Recording:
     kept: dict[tuple[int, int], np.ndarray]  # (device, token_index) -> x
 
 
-def record_betas(specs, run, slm, llm, labels, columns: tuple[str, ...] = SAMPLE_COLUMNS, keep_every: int = 0,
-                 progress=None) -> Recording:
+def record_betas(
+    specs, run, slm, llm, labels, columns: tuple[str, ...] = SAMPLE_COLUMNS, keep_every: int = 0, progress=None
+) -> Recording:
     """The calibration run: `hlm` (every draft verified, full distribution) on every device of `specs`, so
     beta = max(0, 1 - y_d/x_d) is observed for every token, with every estimator's u of the same draft.
     Timing is irrelevant here (a generic server profile); every tier label in `labels` runs the recorder.
@@ -69,13 +71,22 @@ def record_betas(specs, run, slm, llm, labels, columns: tuple[str, ...] = SAMPLE
     from policies.uncertainty import ESTIMATORS, make_estimator
 
     # hlm without its own estimator: the recorder computes every estimator once per token.
-    policy = RecordingPolicy(load_policy({"name": "hlm", "estimator": "none"}),
-                             {name: make_estimator(name) for name in ESTIMATORS}, keep_every, run.max_new_tokens)
-    result = run_virtual(specs, run, ServerProfile(), slm, llm, {label: policy for label in labels},
-                         on_content=progress)
+    policy = RecordingPolicy(
+        load_policy({"name": "hlm", "estimator": "none"}),
+        {name: make_estimator(name) for name in ESTIMATORS},
+        keep_every,
+        run.max_new_tokens,
+    )
+    result = run_virtual(
+        specs, run, ServerProfile(), slm, llm, {label: policy for label in labels}, on_content=progress
+    )
     rows = pd.DataFrame(result.rows)
-    u = pd.DataFrame([{"device": d, "token_index": t, **{f"u_{k}": v for k, v in vals.items()}}
-                      for (d, t), vals in policy.samples.items()])
+    u = pd.DataFrame(
+        [
+            {"device": d, "token_index": t, **{f"u_{k}": v for k, v in vals.items()}}
+            for (d, t), vals in policy.samples.items()
+        ]
+    )
     return Recording(rows[list(columns)].merge(u, on=["device", "token_index"]), policy.kept)
 
 
@@ -105,14 +116,28 @@ def _fit_entry(f, n_tokens: int) -> dict:
     from policies.rejection import risk_averse_threshold
 
     if isinstance(f, Exception):
-        return {"a": None, "b": None, "pearson_r": None, "u_th_risk_averse": None, "n_tokens": n_tokens,
-                "error": str(f)}
+        return {
+            "a": None,
+            "b": None,
+            "pearson_r": None,
+            "u_th_risk_averse": None,
+            "n_tokens": n_tokens,
+            "error": str(f),
+        }
     u_th = risk_averse_threshold(f.a, f.b) if f.a > 0 else float("nan")
     return {"a": f.a, "b": f.b, "pearson_r": f.pearson_r, "u_th_risk_averse": u_th, "n_tokens": f.n}
 
 
-def calibrate(slm_spec, llm_spec, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-              seed: int = 0, progress=None, dtype: str = "auto") -> Calibration:
+def calibrate(
+    slm_spec,
+    llm_spec,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    progress=None,
+    dtype: str = "auto",
+) -> Calibration:
     """`testbed calibrate`: the calibration run on the prompts, one fit per estimator with its bootstrap
     interval over prompts (testbed.study.bootstrap)."""
     from agents.device import DeviceSpec, RunParams
@@ -122,8 +147,9 @@ def calibrate(slm_spec, llm_spec, prompt_ids: list[list[int]], max_new_tokens: i
     from testbed.study.bootstrap import add_intervals
 
     slm, llm = BatchedLM(load_model(slm_spec, dtype=dtype)), BatchedLM(load_model(llm_spec, dtype=dtype))
-    link = DuplexProfile.from_dict({"uplink": {"rate_mbps": 100.0, "delay_ms": 1.0},
-                                    "downlink": {"rate_mbps": 100.0, "delay_ms": 1.0}})
+    link = DuplexProfile.from_dict(
+        {"uplink": {"rate_mbps": 100.0, "delay_ms": 1.0}, "downlink": {"rate_mbps": 100.0, "delay_ms": 1.0}}
+    )
     specs = [DeviceSpec(i, "calibration", "hlm", 10.0, link, i, tuple(ids)) for i, ids in enumerate(prompt_ids)]
     run = RunParams(seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, vocab_size=llm.vocab_size)
     samples = record_betas(specs, run, slm, llm, ["hlm"], progress=progress).samples
@@ -132,8 +158,9 @@ def calibrate(slm_spec, llm_spec, prompt_ids: list[list[int]], max_new_tokens: i
     return Calibration(samples, fits)
 
 
-def plot_beta_fits(samples: pd.DataFrame, fits: dict[str, dict], path: Path,
-                   paper_estimator: str = "temperature") -> Path:
+def plot_beta_fits(
+    samples: pd.DataFrame, fits: dict[str, dict], path: Path, paper_estimator: str = "temperature"
+) -> Path:
     """One panel per estimator: observed beta of every token against its u (columns u_<name>),
     the fitted line, and for `paper_estimator` the paper's line. Used by `testbed calibrate`
     and `testbed reproduce`."""
@@ -158,11 +185,21 @@ def plot_beta_fits(samples: pd.DataFrame, fits: dict[str, dict], path: Path,
         grid = np.linspace(float(u[m].min()), float(u[m].max()), 50)
         if f.get("a") is not None:
             r = num(f.get("pearson_r"))
-            a.plot(grid, np.clip(f["a"] * grid + f["b"], 0, 1), color="#d62728", lw=2,
-                   label=f"fit: {f['a']:.3f} u {f['b']:+.3f}" + ("" if r is None else f", r={r:.2f}"))
+            a.plot(
+                grid,
+                np.clip(f["a"] * grid + f["b"], 0, 1),
+                color="#d62728",
+                lw=2,
+                label=f"fit: {f['a']:.3f} u {f['b']:+.3f}" + ("" if r is None else f", r={r:.2f}"),
+            )
         if name == paper_estimator:
-            a.plot(grid, np.clip(PAPER_A * grid + PAPER_B, 0, 1), color="gray", ls="--",
-                   label=f"paper: {PAPER_A} u {PAPER_B:+}")
+            a.plot(
+                grid,
+                np.clip(PAPER_A * grid + PAPER_B, 0, 1),
+                color="gray",
+                ls="--",
+                label=f"paper: {PAPER_A} u {PAPER_B:+}",
+            )
         a.set_title(name)
         a.set_xlabel("uncertainty u")
         a.set_ylabel("rejection probability beta")

@@ -1,9 +1,22 @@
 """The `testbed` command line. Each command group lives in testbed/commands/<name>.py."""
+
 from __future__ import annotations
 
 import typer
 
-from testbed.commands import accuracy, bench, calibrate, dashboards, links, models, policies, report, reproduce, run, validate
+from testbed.commands import (
+    accuracy,
+    bench,
+    calibrate,
+    dashboards,
+    links,
+    models,
+    policies,
+    report,
+    reproduce,
+    run,
+    validate,
+)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Hybrid language model emulation testbed.")
 app.add_typer(models.app, name="models", help="Prepare and list model pairs.")

@@ -9,15 +9,17 @@ test checks it equals what this module renders (`testbed dashboards export grafa
 Variables: ``datasource`` (a Prometheus data source), ``scenario``, ``tier``, ``policy``
 (multi-value, "All" = ``.*``); every query filters with ``=~"$var"``.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
-from testbed.metrics import definitions as M
 from testbed.metrics import DEFAULT_METRICS_PORT, DERIVED, Sel
+from testbed.metrics import definitions as M
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 PROMETHEUS_PORT = 9090
@@ -97,10 +99,16 @@ class Dashboard:
         next_id = 1
         y = 0
         for row in self.rows:
-            out_panels.append({
-                "collapsed": False, "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "id": next_id,
-                "panels": [], "title": row.title, "type": "row",
-            })
+            out_panels.append(
+                {
+                    "collapsed": False,
+                    "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+                    "id": next_id,
+                    "panels": [],
+                    "title": row.title,
+                    "type": "row",
+                }
+            )
             next_id += 1
             y += 1
             x, row_h = 0, 0
@@ -139,8 +147,17 @@ class Dashboard:
 
 def _datasource_variable() -> dict:
     return {
-        "current": {}, "hide": 0, "includeAll": False, "label": "Data source", "multi": False,
-        "name": "datasource", "options": [], "query": "prometheus", "refresh": 1, "regex": "", "type": "datasource",
+        "current": {},
+        "hide": 0,
+        "includeAll": False,
+        "label": "Data source",
+        "multi": False,
+        "name": "datasource",
+        "options": [],
+        "query": "prometheus",
+        "refresh": 1,
+        "regex": "",
+        "type": "datasource",
     }
 
 
@@ -174,28 +191,65 @@ def _render_panel(p: Panel, pid: int, grid: dict) -> dict:
         defaults["decimals"] = p.decimals
     reduce = {"calcs": ["lastNotNull"], "fields": "", "values": False}
     if p.kind == "timeseries":
-        defaults["custom"] = {"drawStyle": "line", "fillOpacity": 10, "lineWidth": 1, "showPoints": "never", "spanNulls": True}
-        options = {"legend": {"calcs": ["lastNotNull", "mean"], "displayMode": "table", "placement": "bottom", "showLegend": True},
-                   "tooltip": {"mode": "multi", "sort": "desc"}}
+        defaults["custom"] = {
+            "drawStyle": "line",
+            "fillOpacity": 10,
+            "lineWidth": 1,
+            "showPoints": "never",
+            "spanNulls": True,
+        }
+        options = {
+            "legend": {
+                "calcs": ["lastNotNull", "mean"],
+                "displayMode": "table",
+                "placement": "bottom",
+                "showLegend": True,
+            },
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        }
     elif p.kind == "stat":
-        options = {"colorMode": "value", "graphMode": "area", "justifyMode": "auto", "orientation": "auto",
-                   "reduceOptions": reduce, "textMode": "auto"}
+        options = {
+            "colorMode": "value",
+            "graphMode": "area",
+            "justifyMode": "auto",
+            "orientation": "auto",
+            "reduceOptions": reduce,
+            "textMode": "auto",
+        }
     elif p.kind == "bargauge":
-        options = {"displayMode": "gradient", "orientation": "horizontal", "reduceOptions": reduce,
-                   "showUnfilled": True, "valueMode": "color"}
+        options = {
+            "displayMode": "gradient",
+            "orientation": "horizontal",
+            "reduceOptions": reduce,
+            "showUnfilled": True,
+            "valueMode": "color",
+        }
     elif p.kind == "heatmap":
-        options = {"calculate": False, "cellGap": 1, "color": {"mode": "scheme", "scheme": "Oranges", "steps": 64},
-                   "legend": {"show": True}, "tooltip": {"mode": "single", "yHistogram": True},
-                   "yAxis": {"axisPlacement": "left", "unit": p.unit}, "rowsFrame": {"layout": "auto"}}
+        options = {
+            "calculate": False,
+            "cellGap": 1,
+            "color": {"mode": "scheme", "scheme": "Oranges", "steps": 64},
+            "legend": {"show": True},
+            "tooltip": {"mode": "single", "yHistogram": True},
+            "yAxis": {"axisPlacement": "left", "unit": p.unit},
+            "rowsFrame": {"layout": "auto"},
+        }
     else:  # pragma: no cover - Literal guards this
         raise ValueError(p.kind)
     targets = []
     for i, t in enumerate(p.targets):
-        targets.append({
-            "datasource": DATASOURCE, "editorMode": "code", "expr": t.expr, "format": t.format,
-            "instant": t.instant, "legendFormat": t.legend or "__auto", "range": not t.instant,
-            "refId": chr(ord("A") + i),
-        })
+        targets.append(
+            {
+                "datasource": DATASOURCE,
+                "editorMode": "code",
+                "expr": t.expr,
+                "format": t.format,
+                "instant": t.instant,
+                "legendFormat": t.legend or "__auto",
+                "range": not t.instant,
+                "refId": chr(ord("A") + i),
+            }
+        )
     return {
         "datasource": DATASOURCE,
         "description": p.description,
@@ -244,84 +298,256 @@ def _help(*names: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # The dashboards
 # ---------------------------------------------------------------------------------------------
-RATE_NOTE = ("Per emulated second: increase of the counter divided by the increase of hlm_emulated_time_seconds "
-             "over the same range (right in both clocks).")
+RATE_NOTE = (
+    "Per emulated second: increase of the counter divided by the increase of hlm_emulated_time_seconds "
+    "over the same range (right in both clocks)."
+)
 
 OVERVIEW = Dashboard(
     uid="hlm-overview",
     title="HLM testbed: overview",
     description="Live view of a hybrid language model emulation: throughput, uploads, accuracy, uplink cost, latency, "
-                "fairness and the verifier. Times are emulated seconds unless the title says wall.",
+    "fairness and the verifier. Times are emulated seconds unless the title says wall.",
     rows=(
-        Row("Run", (
-            Panel("Emulated time", (g(M.EMULATED_TIME, agg="max"),), "stat", "s", width=4, height=4),
-            Panel("Wall time", (g(M.WALL_TIME, agg="max"),), "stat", "s", width=4, height=4),
-            Panel("Lag (wall clock)", (g(M.LAG, agg="max"),), "stat", "s", "Real seconds behind schedule.", width=4, height=4),
-            Panel("Tokens committed", (g(M.TOKENS_COMMITTED),), "stat", "short", width=4, height=4),
-            Panel("Throughput (run)", (d("throughput", window=False),), "stat", "short",
-                  "Tokens per emulated second over the whole run so far.", width=4, height=4),
-            Panel("Jain fairness (run)", (g(M.JAIN_RUN, agg="max"),), "stat", "percentunit", M.JAIN_RUN.help,
-                  width=4, height=4, min=0, max=1, decimals=3),
-        )),
-        Row("Throughput", (
-            Panel("Throughput (tokens / emulated s)", (d("throughput", (), "system"), d("throughput", TIER, TIER_LEGEND)),
-                  unit="short", description=RATE_NOTE),
-            Panel("Throughput, collector window (tokens / emulated s)", (g(M.TIER_THROUGHPUT, TIER, TIER_LEGEND),),
-                  unit="short", description=M.TIER_THROUGHPUT.help),
-            Panel("Emulation speed", (d("emulation_speed", (), "emulated s / wall s"),),
-                  unit="short", description=DERIVED["emulation_speed"].help),
-            Panel("Tokens / wall s", (d("wall_throughput", TIER, TIER_LEGEND),), unit="short",
-                  description=DERIVED["wall_throughput"].help),
-            Panel("Active devices", (g(M.ACTIVE_DEVICES, TIER, TIER_LEGEND),), unit="short", description=M.ACTIVE_DEVICES.help),
-            Panel("Lag", (g(M.LAG, agg="max", legend="lag"),), unit="s", description=M.LAG.help),
-        )),
-        Row("Uploads and accuracy", (
-            Panel("Skip rate", (d("skip_rate", TIER, TIER_LEGEND),), unit="percentunit", min=0, max=1,
-                  description=_help("skip_rate"), width=6),
-            Panel("Acceptance rate", (d("acceptance_rate", TIER, TIER_LEGEND),), unit="percentunit", min=0, max=1,
-                  description=_help("acceptance_rate"), width=6),
-            Panel("Vocabulary compression", (d("vocab_compression", TIER, TIER_LEGEND),), unit="percentunit", min=0, max=1,
-                  description=_help("vocab_compression"), width=6),
-            Panel("Entries per upload (mean k)", (d("mean_k", TIER, TIER_LEGEND),), unit="short",
-                  description=_help("mean_k"), width=6),
-            Panel("Fidelity: TV to the LLM per token (mean)", (d("mean_fidelity_tv", TIER, TIER_LEGEND),), unit="short",
-                  min=0, description=_help("mean_fidelity_tv") + " " + M.FIDELITY.help, width=12),
-        )),
-        Row("Uplink", (
-            Panel("Uplink bytes / emulated s", (d("uplink_bytes_rate", (), "system"), d("uplink_bytes_rate", TIER, TIER_LEGEND)),
-                  unit="Bps", description=_help("uplink_bytes_rate") + " " + RATE_NOTE, width=6),
-            Panel("Uplink bytes per token", (d("uplink_bytes_per_token", TIER, TIER_LEGEND),), unit="bytes",
-                  description=_help("uplink_bytes_per_token"), width=6),
-            Panel("Link bytes / emulated s", (d("wire_bytes_rate", (), "uplink (wire)"), d("downlink_bytes_rate", (), "downlink (wire)")),
-                  unit="Bps", description=_help("wire_bytes_rate", "downlink_bytes_rate"), width=6),
-            Panel("Loss and retransmissions", (d("loss_rate", TIER, "loss {{tier}}"),
-                                               d("retransmission_rate", TIER, "retransmissions/s {{tier}}")),
-                  unit="short", description=_help("loss_rate", "retransmission_rate"), width=6),
-        )),
-        Row("Latency and fairness", (
-            Panel("Token latency (emulated)", (d("latency_p50", (), "p50"), d("latency_p95", (), "p95"), d("latency_p99", (), "p99")),
-                  unit="s", description="Draft start to commit, emulated seconds."),
-            Panel("Token latency p95 per tier", (d("latency_p95", TIER, TIER_LEGEND),), unit="s"),
-            Panel("Jain fairness", (g(M.JAIN, agg="max", legend="window"), g(M.JAIN_RUN, agg="max", legend="run")),
-                  unit="percentunit", min=0, max=1, description=M.JAIN.help + " / " + M.JAIN_RUN.help),
-        )),
-        Row("Verifier", (
-            Panel("Batch size", (d("verifier_batch_size_mean", (), "requests / batch"), d("verifier_batch_tokens_mean", (), "tokens / batch")),
-                  unit="short", width=6),
-            Panel("Batches / emulated s", (d("verifier_batches_rate", (), "batches/s"),), unit="short", width=6),
-            Panel("Queue wait (emulated)", (d("queue_wait_p50", (), "p50"), d("queue_wait_p95", (), "p95")), unit="s", width=6),
-            Panel("Verifier utilisation", (d("verifier_utilisation", (), "busy"),), unit="percentunit", min=0,
-                  description=_help("verifier_utilisation"), width=6),
-            Panel("Protocol errors", (g(M.PROTOCOL_ERRORS, legend="errors"),), "stat", "short",
-                  M.PROTOCOL_ERRORS.help, width=6, height=4),
-        )),
-        Row("Distributions", (
-            Panel("Uncertainty u(t)", (heat(M.UNCERTAINTY),), "heatmap", "short", M.UNCERTAINTY.help, width=12),
-            Panel("Entries per upload k", (heat(M.UPLOAD_K),), "heatmap", "short", M.UPLOAD_K.help, width=12),
-            Panel("Payload bytes per upload", (heat(M.UPLOAD_PAYLOAD),), "heatmap", "bytes", M.UPLOAD_PAYLOAD.help, width=12),
-            Panel("Token latency", (heat(M.TOKEN_LATENCY),), "heatmap", "s", M.TOKEN_LATENCY.help, width=12),
-            Panel("Fidelity: TV to the LLM per token", (heat(M.FIDELITY),), "heatmap", "short", M.FIDELITY.help, width=12),
-        )),
+        Row(
+            "Run",
+            (
+                Panel("Emulated time", (g(M.EMULATED_TIME, agg="max"),), "stat", "s", width=4, height=4),
+                Panel("Wall time", (g(M.WALL_TIME, agg="max"),), "stat", "s", width=4, height=4),
+                Panel(
+                    "Lag (wall clock)",
+                    (g(M.LAG, agg="max"),),
+                    "stat",
+                    "s",
+                    "Real seconds behind schedule.",
+                    width=4,
+                    height=4,
+                ),
+                Panel("Tokens committed", (g(M.TOKENS_COMMITTED),), "stat", "short", width=4, height=4),
+                Panel(
+                    "Throughput (run)",
+                    (d("throughput", window=False),),
+                    "stat",
+                    "short",
+                    "Tokens per emulated second over the whole run so far.",
+                    width=4,
+                    height=4,
+                ),
+                Panel(
+                    "Jain fairness (run)",
+                    (g(M.JAIN_RUN, agg="max"),),
+                    "stat",
+                    "percentunit",
+                    M.JAIN_RUN.help,
+                    width=4,
+                    height=4,
+                    min=0,
+                    max=1,
+                    decimals=3,
+                ),
+            ),
+        ),
+        Row(
+            "Throughput",
+            (
+                Panel(
+                    "Throughput (tokens / emulated s)",
+                    (d("throughput", (), "system"), d("throughput", TIER, TIER_LEGEND)),
+                    unit="short",
+                    description=RATE_NOTE,
+                ),
+                Panel(
+                    "Throughput, collector window (tokens / emulated s)",
+                    (g(M.TIER_THROUGHPUT, TIER, TIER_LEGEND),),
+                    unit="short",
+                    description=M.TIER_THROUGHPUT.help,
+                ),
+                Panel(
+                    "Emulation speed",
+                    (d("emulation_speed", (), "emulated s / wall s"),),
+                    unit="short",
+                    description=DERIVED["emulation_speed"].help,
+                ),
+                Panel(
+                    "Tokens / wall s",
+                    (d("wall_throughput", TIER, TIER_LEGEND),),
+                    unit="short",
+                    description=DERIVED["wall_throughput"].help,
+                ),
+                Panel(
+                    "Active devices",
+                    (g(M.ACTIVE_DEVICES, TIER, TIER_LEGEND),),
+                    unit="short",
+                    description=M.ACTIVE_DEVICES.help,
+                ),
+                Panel("Lag", (g(M.LAG, agg="max", legend="lag"),), unit="s", description=M.LAG.help),
+            ),
+        ),
+        Row(
+            "Uploads and accuracy",
+            (
+                Panel(
+                    "Skip rate",
+                    (d("skip_rate", TIER, TIER_LEGEND),),
+                    unit="percentunit",
+                    min=0,
+                    max=1,
+                    description=_help("skip_rate"),
+                    width=6,
+                ),
+                Panel(
+                    "Acceptance rate",
+                    (d("acceptance_rate", TIER, TIER_LEGEND),),
+                    unit="percentunit",
+                    min=0,
+                    max=1,
+                    description=_help("acceptance_rate"),
+                    width=6,
+                ),
+                Panel(
+                    "Vocabulary compression",
+                    (d("vocab_compression", TIER, TIER_LEGEND),),
+                    unit="percentunit",
+                    min=0,
+                    max=1,
+                    description=_help("vocab_compression"),
+                    width=6,
+                ),
+                Panel(
+                    "Entries per upload (mean k)",
+                    (d("mean_k", TIER, TIER_LEGEND),),
+                    unit="short",
+                    description=_help("mean_k"),
+                    width=6,
+                ),
+                Panel(
+                    "Fidelity: TV to the LLM per token (mean)",
+                    (d("mean_fidelity_tv", TIER, TIER_LEGEND),),
+                    unit="short",
+                    min=0,
+                    description=_help("mean_fidelity_tv") + " " + M.FIDELITY.help,
+                    width=12,
+                ),
+            ),
+        ),
+        Row(
+            "Uplink",
+            (
+                Panel(
+                    "Uplink bytes / emulated s",
+                    (d("uplink_bytes_rate", (), "system"), d("uplink_bytes_rate", TIER, TIER_LEGEND)),
+                    unit="Bps",
+                    description=_help("uplink_bytes_rate") + " " + RATE_NOTE,
+                    width=6,
+                ),
+                Panel(
+                    "Uplink bytes per token",
+                    (d("uplink_bytes_per_token", TIER, TIER_LEGEND),),
+                    unit="bytes",
+                    description=_help("uplink_bytes_per_token"),
+                    width=6,
+                ),
+                Panel(
+                    "Link bytes / emulated s",
+                    (d("wire_bytes_rate", (), "uplink (wire)"), d("downlink_bytes_rate", (), "downlink (wire)")),
+                    unit="Bps",
+                    description=_help("wire_bytes_rate", "downlink_bytes_rate"),
+                    width=6,
+                ),
+                Panel(
+                    "Loss and retransmissions",
+                    (
+                        d("loss_rate", TIER, "loss {{tier}}"),
+                        d("retransmission_rate", TIER, "retransmissions/s {{tier}}"),
+                    ),
+                    unit="short",
+                    description=_help("loss_rate", "retransmission_rate"),
+                    width=6,
+                ),
+            ),
+        ),
+        Row(
+            "Latency and fairness",
+            (
+                Panel(
+                    "Token latency (emulated)",
+                    (d("latency_p50", (), "p50"), d("latency_p95", (), "p95"), d("latency_p99", (), "p99")),
+                    unit="s",
+                    description="Draft start to commit, emulated seconds.",
+                ),
+                Panel("Token latency p95 per tier", (d("latency_p95", TIER, TIER_LEGEND),), unit="s"),
+                Panel(
+                    "Jain fairness",
+                    (g(M.JAIN, agg="max", legend="window"), g(M.JAIN_RUN, agg="max", legend="run")),
+                    unit="percentunit",
+                    min=0,
+                    max=1,
+                    description=M.JAIN.help + " / " + M.JAIN_RUN.help,
+                ),
+            ),
+        ),
+        Row(
+            "Verifier",
+            (
+                Panel(
+                    "Batch size",
+                    (
+                        d("verifier_batch_size_mean", (), "requests / batch"),
+                        d("verifier_batch_tokens_mean", (), "tokens / batch"),
+                    ),
+                    unit="short",
+                    width=6,
+                ),
+                Panel("Batches / emulated s", (d("verifier_batches_rate", (), "batches/s"),), unit="short", width=6),
+                Panel(
+                    "Queue wait (emulated)",
+                    (d("queue_wait_p50", (), "p50"), d("queue_wait_p95", (), "p95")),
+                    unit="s",
+                    width=6,
+                ),
+                Panel(
+                    "Verifier utilisation",
+                    (d("verifier_utilisation", (), "busy"),),
+                    unit="percentunit",
+                    min=0,
+                    description=_help("verifier_utilisation"),
+                    width=6,
+                ),
+                Panel(
+                    "Protocol errors",
+                    (g(M.PROTOCOL_ERRORS, legend="errors"),),
+                    "stat",
+                    "short",
+                    M.PROTOCOL_ERRORS.help,
+                    width=6,
+                    height=4,
+                ),
+            ),
+        ),
+        Row(
+            "Distributions",
+            (
+                Panel("Uncertainty u(t)", (heat(M.UNCERTAINTY),), "heatmap", "short", M.UNCERTAINTY.help, width=12),
+                Panel("Entries per upload k", (heat(M.UPLOAD_K),), "heatmap", "short", M.UPLOAD_K.help, width=12),
+                Panel(
+                    "Payload bytes per upload",
+                    (heat(M.UPLOAD_PAYLOAD),),
+                    "heatmap",
+                    "bytes",
+                    M.UPLOAD_PAYLOAD.help,
+                    width=12,
+                ),
+                Panel("Token latency", (heat(M.TOKEN_LATENCY),), "heatmap", "s", M.TOKEN_LATENCY.help, width=12),
+                Panel(
+                    "Fidelity: TV to the LLM per token",
+                    (heat(M.FIDELITY),),
+                    "heatmap",
+                    "short",
+                    M.FIDELITY.help,
+                    width=12,
+                ),
+            ),
+        ),
     ),
 )
 
@@ -329,33 +555,88 @@ POLICIES = Dashboard(
     uid="hlm-policies",
     title="HLM testbed: policy comparison",
     description="Policies side by side: throughput against accuracy proxy (LLM acceptance) against uplink cost. "
-                "Bars cover the whole run so far; time series the recent range.",
+    "Bars cover the whole run so far; time series the recent range.",
     rows=(
-        Row("Whole run so far", (
-            Panel("Throughput (tokens / emulated s)", (d("throughput", POLICY, "{{policy}}", window=False, instant=True),),
-                  "bargauge", "short", width=8),
-            Panel("Acceptance rate", (d("acceptance_rate", POLICY, "{{policy}}", window=False, instant=True),),
-                  "bargauge", "percentunit", min=0, max=1, width=8),
-            Panel("Uplink bytes per token", (d("uplink_bytes_per_token", POLICY, "{{policy}}", window=False, instant=True),),
-                  "bargauge", "bytes", width=8),
-            Panel("Skip rate", (d("skip_rate", POLICY, "{{policy}}", window=False, instant=True),),
-                  "bargauge", "percentunit", min=0, max=1, width=8),
-            Panel("Vocabulary compression", (d("vocab_compression", POLICY, "{{policy}}", window=False, instant=True),),
-                  "bargauge", "percentunit", min=0, max=1, width=8),
-            Panel("Token latency p95", (d("latency_p95", POLICY, "{{policy}}", window=False, instant=True),),
-                  "bargauge", "s", width=8),
-            Panel("Fidelity: TV to the LLM per token (mean)",
-                  (d("mean_fidelity_tv", POLICY, "{{policy}}", window=False, instant=True),),
-                  "bargauge", "short", _help("mean_fidelity_tv"), width=8, min=0),
-        )),
-        Row("Over time", (
-            Panel("Throughput (tokens / emulated s)", (d("throughput", POLICY, "{{policy}}"),), unit="short", description=RATE_NOTE),
-            Panel("Acceptance rate", (d("acceptance_rate", POLICY, "{{policy}}"),), unit="percentunit", min=0, max=1),
-            Panel("Uplink bytes / emulated s", (d("uplink_bytes_rate", POLICY, "{{policy}}"),), unit="Bps"),
-            Panel("Skip rate", (d("skip_rate", POLICY, "{{policy}}"),), unit="percentunit", min=0, max=1),
-            Panel("Entries per upload (mean k)", (d("mean_k", POLICY, "{{policy}}"),), unit="short"),
-            Panel("Token latency p95", (d("latency_p95", POLICY, "{{policy}}"),), unit="s"),
-        )),
+        Row(
+            "Whole run so far",
+            (
+                Panel(
+                    "Throughput (tokens / emulated s)",
+                    (d("throughput", POLICY, "{{policy}}", window=False, instant=True),),
+                    "bargauge",
+                    "short",
+                    width=8,
+                ),
+                Panel(
+                    "Acceptance rate",
+                    (d("acceptance_rate", POLICY, "{{policy}}", window=False, instant=True),),
+                    "bargauge",
+                    "percentunit",
+                    min=0,
+                    max=1,
+                    width=8,
+                ),
+                Panel(
+                    "Uplink bytes per token",
+                    (d("uplink_bytes_per_token", POLICY, "{{policy}}", window=False, instant=True),),
+                    "bargauge",
+                    "bytes",
+                    width=8,
+                ),
+                Panel(
+                    "Skip rate",
+                    (d("skip_rate", POLICY, "{{policy}}", window=False, instant=True),),
+                    "bargauge",
+                    "percentunit",
+                    min=0,
+                    max=1,
+                    width=8,
+                ),
+                Panel(
+                    "Vocabulary compression",
+                    (d("vocab_compression", POLICY, "{{policy}}", window=False, instant=True),),
+                    "bargauge",
+                    "percentunit",
+                    min=0,
+                    max=1,
+                    width=8,
+                ),
+                Panel(
+                    "Token latency p95",
+                    (d("latency_p95", POLICY, "{{policy}}", window=False, instant=True),),
+                    "bargauge",
+                    "s",
+                    width=8,
+                ),
+                Panel(
+                    "Fidelity: TV to the LLM per token (mean)",
+                    (d("mean_fidelity_tv", POLICY, "{{policy}}", window=False, instant=True),),
+                    "bargauge",
+                    "short",
+                    _help("mean_fidelity_tv"),
+                    width=8,
+                    min=0,
+                ),
+            ),
+        ),
+        Row(
+            "Over time",
+            (
+                Panel(
+                    "Throughput (tokens / emulated s)",
+                    (d("throughput", POLICY, "{{policy}}"),),
+                    unit="short",
+                    description=RATE_NOTE,
+                ),
+                Panel(
+                    "Acceptance rate", (d("acceptance_rate", POLICY, "{{policy}}"),), unit="percentunit", min=0, max=1
+                ),
+                Panel("Uplink bytes / emulated s", (d("uplink_bytes_rate", POLICY, "{{policy}}"),), unit="Bps"),
+                Panel("Skip rate", (d("skip_rate", POLICY, "{{policy}}"),), unit="percentunit", min=0, max=1),
+                Panel("Entries per upload (mean k)", (d("mean_k", POLICY, "{{policy}}"),), unit="short"),
+                Panel("Token latency p95", (d("latency_p95", POLICY, "{{policy}}"),), unit="s"),
+            ),
+        ),
     ),
 )
 
@@ -365,8 +646,10 @@ DASHBOARDS: tuple[Dashboard, ...] = (OVERVIEW, POLICIES)
 # ---------------------------------------------------------------------------------------------
 # Provisioning tree (grafana/)
 # ---------------------------------------------------------------------------------------------
-def prometheus_config(targets: list[str] | tuple[str, ...] = (f"127.0.0.1:{DEFAULT_METRICS_PORT}",),
-                      scrape_interval: str = SCRAPE_INTERVAL) -> str:
+def prometheus_config(
+    targets: list[str] | tuple[str, ...] = (f"127.0.0.1:{DEFAULT_METRICS_PORT}",),
+    scrape_interval: str = SCRAPE_INTERVAL,
+) -> str:
     """A Prometheus config scraping the run's exporter(s); nothing else (no remote write, no alerting)."""
     tlist = ", ".join(f'"{t}"' for t in targets)
     return (

@@ -7,6 +7,7 @@ Two conventions: the scalar helpers (jain, ratio, the rates) return NaN when a f
 undefined, so they compose in arithmetic; `token_figures` returns the JSON-ready block of
 summary.json, where undefined is None.
 """
+
 from __future__ import annotations
 
 import math
@@ -87,8 +88,9 @@ def token_latency(df: pd.DataFrame) -> np.ndarray:
 
 def latency_percentiles(lat: np.ndarray) -> dict[str, float | None]:
     """p50 / p95 / p99 and the mean of the latencies; None when there are none."""
-    out: dict[str, float | None] = {f"p{q}": num(np.percentile(lat, q)) if len(lat) else None
-                                    for q in LATENCY_QUANTILES}
+    out: dict[str, float | None] = {
+        f"p{q}": num(np.percentile(lat, q)) if len(lat) else None for q in LATENCY_QUANTILES
+    }
     out["mean"] = num(lat.mean()) if len(lat) else None
     return out
 
@@ -101,8 +103,11 @@ def fidelity(df: pd.DataFrame) -> np.ndarray:
 def sequence_fidelity(df: pd.DataFrame) -> pd.Series:
     """Per device, the sum of fidelity_tv over its sequence, for devices with a value at every
     token (the bound on the TV distance of the whole output, testbed.results)."""
-    seq = pd.Series(fidelity(df)).groupby(df["device"].to_numpy()).agg(
-        lambda f: f.sum() if np.isfinite(f).all() else np.nan)
+    seq = (
+        pd.Series(fidelity(df))
+        .groupby(df["device"].to_numpy())
+        .agg(lambda f: f.sum() if np.isfinite(f).all() else np.nan)
+    )
     return seq[np.isfinite(seq)]
 
 
@@ -147,7 +152,8 @@ def token_figures(df: pd.DataFrame, vocab_size: int | None) -> dict:
         "skip_rate": num(skip_rate(n - int(transmitted.sum()), n)),
         "acceptance_rate": num(acceptance_rate(int(df["accepted"].to_numpy()[uploads].sum()), n_up)),
         "vocab_compression": num(vocab_compression(df["k"].to_numpy()[uploads].sum(dtype=np.int64), n_up, vocab_size))
-        if vocab_size else None,
+        if vocab_size
+        else None,
         "uplink_bytes": uplink,
         "uplink_bytes_per_token": num(ratio(uplink, n)),
         "payload_bytes": int(df["payload_bytes"].sum()),

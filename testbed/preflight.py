@@ -13,6 +13,7 @@ Model facts come from the model configs and tokenizers (agents.models.model_fact
 weights, so `testbed validate` stays quick. `testbed validate` and `testbed run` both call it;
 `testbed.run.plan` calls it first, so nothing is expanded per device before it passes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,8 +51,7 @@ class Checked:
     llm: dict[str, int]
 
 
-def preflight(s: Scenario, *, engine: str = "ray", address: str | None = None,
-              source: str | None = None) -> Checked:
+def preflight(s: Scenario, *, engine: str = "ray", address: str | None = None, source: str | None = None) -> Checked:
     """Check `s` for everything that would otherwise fail at run time; raise ScenarioError listing
     every problem (field path, the figures, what to change). `engine`/`address` as in RunOptions:
     with a cluster address the actors' memory and the bind address are the cluster's, not ours."""
@@ -81,10 +81,15 @@ def preflight(s: Scenario, *, engine: str = "ray", address: str | None = None,
     if "slm" in facts and "llm" in facts:
         vs, vl = facts["slm"]["vocab_size"], facts["llm"]["vocab_size"]
         if vs != vl:
-            problems.append(Problem("models", f"models.slm ({_name(s.models.slm)}) has a vocabulary of {vs} tokens "
-                                              f"and models.llm ({_name(s.models.llm)}) of {vl}; the verifier compares "
-                                              f"their distributions token by token, so both need the same tokenizer"))
-    used = prompts[:s.n_devices] if tokenizer is not None else []  # device i gets prompt i mod n
+            problems.append(
+                Problem(
+                    "models",
+                    f"models.slm ({_name(s.models.slm)}) has a vocabulary of {vs} tokens "
+                    f"and models.llm ({_name(s.models.llm)}) of {vl}; the verifier compares "
+                    f"their distributions token by token, so both need the same tokenizer",
+                )
+            )
+    used = prompts[: s.n_devices] if tokenizer is not None else []  # device i gets prompt i mod n
     if used and "slm" in facts and "llm" in facts:
         problems += _prompt_problems(s, used, facts)
     longest = max((len(p.token_ids) for p in used), default=0)
@@ -123,8 +128,12 @@ def _prompt_problems(s: Scenario, used: list, facts: dict) -> list[Problem]:
     for p in used:
         top = max(p.token_ids)
         if top >= vocab:
-            out.append(Problem("prompts", f"prompt {p.index} ({p.id}) has token id {top}, outside the models' "
-                                          f"vocabulary of {vocab}"))
+            out.append(
+                Problem(
+                    "prompts",
+                    f"prompt {p.index} ({p.id}) has token id {top}, outside the models' vocabulary of {vocab}",
+                )
+            )
             break
     n_new = s.generation.max_new_tokens
     limit_role = min(("slm", "llm"), key=lambda r: facts[r]["max_positions"])
@@ -134,15 +143,20 @@ def _prompt_problems(s: Scenario, used: list, facts: dict) -> list[Problem]:
         worst = max(over, key=lambda p: len(p.token_ids))
         n = len(worst.token_ids)
         k = len(over) - 1
-        others = f"; {k} more of the {len(used)} prompts in use {'is' if k == 1 else 'are'} too long as well" if k else ""
+        others = (
+            f"; {k} more of the {len(used)} prompts in use {'is' if k == 1 else 'are'} too long as well" if k else ""
+        )
         fits = limit - n
-        hint = (f"generation.max_new_tokens <= {fits} fits it" if fits >= 1
-                else f"the prompt alone is over the limit")
-        out.append(Problem("generation.max_new_tokens",
-                           f"prompt {worst.index} ({worst.id}) is {n} tokens; with generation.max_new_tokens {n_new} "
-                           f"a device needs {n + n_new} positions, over the {limit} max positions of models.{limit_role} "
-                           f"({_name(getattr(s.models, limit_role))}; models.{'llm' if limit_role == 'slm' else 'slm'}: "
-                           f"{facts['llm' if limit_role == 'slm' else 'slm']['max_positions']}); {hint}{others}"))
+        hint = f"generation.max_new_tokens <= {fits} fits it" if fits >= 1 else "the prompt alone is over the limit"
+        out.append(
+            Problem(
+                "generation.max_new_tokens",
+                f"prompt {worst.index} ({worst.id}) is {n} tokens; with generation.max_new_tokens {n_new} "
+                f"a device needs {n + n_new} positions, over the {limit} max positions of models.{limit_role} "
+                f"({_name(getattr(s.models, limit_role))}; models.{'llm' if limit_role == 'slm' else 'slm'}: "
+                f"{facts['llm' if limit_role == 'slm' else 'slm']['max_positions']}); {hint}{others}",
+            )
+        )
     return out
 
 
@@ -172,8 +186,9 @@ def _kv_bytes(f: dict[str, int], positions: int) -> int:
     return int(2 * f["layers"] * f["kv_heads"] * f["head_dim"] * 4 * max(64, 1.5 * positions))
 
 
-def estimate_memory(s: Scenario, facts: dict[str, dict[str, int]], longest_prompt: int,
-                    engine: str = "ray", cluster: bool = False) -> dict[str, float]:
+def estimate_memory(
+    s: Scenario, facts: dict[str, dict[str, int]], longest_prompt: int, engine: str = "ray", cluster: bool = False
+) -> dict[str, float]:
     """Bytes a run of `s` needs on this machine, by part, from the figures measured above: per
     device (bookkeeping, its token rows, both KV caches) and per actor process. On a cluster the
     actors and their caches live elsewhere: the driver keeps the per-device part. Model weights
@@ -184,8 +199,13 @@ def estimate_memory(s: Scenario, facts: dict[str, dict[str, int]], longest_promp
     kv = 0 if cluster else sum(_kv_bytes(f, positions) for role, f in facts.items() if on_cpu[role])
     per_device = DEVICE_BYTES + s.generation.max_new_tokens * TOKEN_BYTES + kv
     actors = 0 if (cluster or engine == "local") else n_groups(s) + 1  # the groups and the verifier
-    return {"per_device": per_device, "kv_per_device": kv, "devices": per_device * s.n_devices,
-            "actors": actors, "actor_bytes": actors * ACTOR_BYTES}
+    return {
+        "per_device": per_device,
+        "kv_per_device": kv,
+        "devices": per_device * s.n_devices,
+        "actors": actors,
+        "actor_bytes": actors * ACTOR_BYTES,
+    }
 
 
 def n_groups(s: Scenario) -> int:
@@ -193,8 +213,14 @@ def n_groups(s: Scenario) -> int:
     return math.ceil(s.n_devices / s.actors.devices_per_group)
 
 
-def max_devices(s: Scenario, facts: dict[str, dict[str, int]], longest_prompt: int, available: int,
-                engine: str = "ray", cluster: bool = False) -> int:
+def max_devices(
+    s: Scenario,
+    facts: dict[str, dict[str, int]],
+    longest_prompt: int,
+    available: int,
+    engine: str = "ray",
+    cluster: bool = False,
+) -> int:
     """The most devices a run shaped like `s` fits in USABLE x `available` bytes (groups of
     actors.devices_per_group, each group an actor process)."""
     e = estimate_memory(s, facts, longest_prompt, engine, cluster)
@@ -214,21 +240,32 @@ def _memory_problems(s: Scenario, facts: dict, longest: int, engine: str, addres
     if need <= budget:
         return []
     bound = max_devices(s, facts, longest, available, engine, cluster)
-    parts = (f"{s.n_devices} devices x {e['per_device'] / KiB:.0f} KiB ({DEVICE_BYTES // KiB} KiB + "
-             f"{s.generation.max_new_tokens} tokens x {TOKEN_BYTES // KiB} KiB"
-             + (f" + KV caches {e['kv_per_device'] / KiB:.0f} KiB" if e["kv_per_device"] else "") + ")"
-             + (f" + {e['actors']} actor processes x {ACTOR_BYTES // MiB} MiB" if e["actors"] else ""))
+    parts = (
+        f"{s.n_devices} devices x {e['per_device'] / KiB:.0f} KiB ({DEVICE_BYTES // KiB} KiB + "
+        f"{s.generation.max_new_tokens} tokens x {TOKEN_BYTES // KiB} KiB"
+        + (f" + KV caches {e['kv_per_device'] / KiB:.0f} KiB" if e["kv_per_device"] else "")
+        + ")"
+        + (f" + {e['actors']} actor processes x {ACTOR_BYTES // MiB} MiB" if e["actors"] else "")
+    )
     where = f"{USABLE:.0%} of the {available / GiB:.1f} GiB available on this machine"
     layout = f"in groups of {s.actors.devices_per_group}" if e["actors"] else "here"
-    msg = (f"{s.n_devices} devices need about {need / GiB:.1f} GiB ({parts}), over {where} ({budget / GiB:.1f} GiB); "
-           f"at most {bound} devices fit {layout}")
+    msg = (
+        f"{s.n_devices} devices need about {need / GiB:.1f} GiB ({parts}), over {where} ({budget / GiB:.1f} GiB); "
+        f"at most {bound} devices fit {layout}"
+    )
     if e["actors"]:
-        big = max_devices(override(s, {"actors.devices_per_group": max(1, s.n_devices)}), facts, longest, available, engine)
+        big = max_devices(
+            override(s, {"actors.devices_per_group": max(1, s.n_devices)}), facts, longest, available, engine
+        )
         msg += f" ({big} in one group)"
     groups = int((budget - e["devices"]) // ACTOR_BYTES) - 1  # room for this many groups beside the verifier
     if e["actors"] and groups >= 1:  # the devices fit; their actor processes do not
-        return [Problem("actors.devices_per_group", f"{msg}; devices_per_group >= "
-                                                    f"{math.ceil(s.n_devices / groups)} would fit (fewer actor processes)")]
+        return [
+            Problem(
+                "actors.devices_per_group",
+                f"{msg}; devices_per_group >= {math.ceil(s.n_devices / groups)} would fit (fewer actor processes)",
+            )
+        ]
     return [Problem("tiers", f"{msg}; lower the tiers' counts")]
 
 
@@ -248,8 +285,13 @@ def bind_problem(host: str, port: int) -> tuple[str, str] | None:
             sock.bind(addr)
         except OSError as e:
             if port and e.errno in (98, 48):  # EADDRINUSE (Linux, macOS)
-                return "server.port", f"port {port} on {host} is in use ({e.strerror}); use another port or 0 (any free port)"
-            return "server.host", (f"{host!r} ({addr[0]}) cannot be bound on this machine ({e.strerror}); the "
-                                   f"verifier of a local run binds here: use an address of this machine, e.g. "
-                                   f"127.0.0.1 or 0.0.0.0")
+                return (
+                    "server.port",
+                    f"port {port} on {host} is in use ({e.strerror}); use another port or 0 (any free port)",
+                )
+            return "server.host", (
+                f"{host!r} ({addr[0]}) cannot be bound on this machine ({e.strerror}); the "
+                f"verifier of a local run binds here: use an address of this machine, e.g. "
+                f"127.0.0.1 or 0.0.0.0"
+            )
     return None

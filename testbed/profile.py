@@ -12,10 +12,11 @@ run's dtype and thread count, SLM then LLM (one after the other: a device's draf
 verdict). Its headline figure is `wall / compute limit`, with wall the emulation phase (actors up to
 last token); the whole wall, start-up included, is reported next to it.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -24,12 +25,21 @@ MATHS = ("draft", "policy", "codec", "verify_math")
 BATCHES = (1, 2, 4, 8, 16, 32)
 
 
-def breakdown(wall_s: float, emulation_s: float, startup: Mapping[str, float], groups: Mapping[str, Mapping],
-              verifier: Mapping[str, Mapping]) -> dict:
+def breakdown(
+    wall_s: float,
+    emulation_s: float,
+    startup: Mapping[str, float],
+    groups: Mapping[str, Mapping],
+    verifier: Mapping[str, Mapping],
+) -> dict:
     """The profile block from merged group timings and the verifier's timings."""
+
     def pick(src, names):
-        return {n: {"seconds": round(src[n]["seconds"], 4), "calls": src[n]["calls"], "tokens": src[n]["items"]}
-                for n in names if n in src}
+        return {
+            n: {"seconds": round(src[n]["seconds"], 4), "calls": src[n]["calls"], "tokens": src[n]["items"]}
+            for n in names
+            if n in src
+        }
 
     both = {**groups, **verifier}
     compute = pick(both, COMPUTE)
@@ -40,10 +50,14 @@ def breakdown(wall_s: float, emulation_s: float, startup: Mapping[str, float], g
         "compute": compute,
         "compute_s": round(sum(c["seconds"] for c in compute.values()), 3),
         "maths": pick(both, MATHS),
-        "transport_s": {"groups": round(groups.get("transport", {}).get("seconds", 0.0), 3),
-                        "verifier": round(verifier.get("transport", {}).get("seconds", 0.0), 3)},
-        "wait_s": {"groups": round(groups.get("wait", {}).get("seconds", 0.0), 3),
-                   "verifier": round(verifier.get("wait", {}).get("seconds", 0.0), 3)},
+        "transport_s": {
+            "groups": round(groups.get("transport", {}).get("seconds", 0.0), 3),
+            "verifier": round(verifier.get("transport", {}).get("seconds", 0.0), 3),
+        },
+        "wait_s": {
+            "groups": round(groups.get("wait", {}).get("seconds", 0.0), 3),
+            "verifier": round(verifier.get("wait", {}).get("seconds", 0.0), 3),
+        },
     }
 
 
@@ -66,8 +80,15 @@ def _rate_prefill(lm, lengths: list[int]) -> float:
     return sum(lengths) / dt
 
 
-def compute_limit(slm, llm, profile: Mapping, prompt_lengths: list[int], n_devices: int,
-                  threads: Mapping[str, int], served: Mapping[str, int] | None = None) -> dict:
+def compute_limit(
+    slm,
+    llm,
+    profile: Mapping,
+    prompt_lengths: list[int],
+    n_devices: int,
+    threads: Mapping[str, int],
+    served: Mapping[str, int] | None = None,
+) -> dict:
     """Seconds the run's forwards need at the best batch sizes. slm/llm: BatchedLM (None when the
     role did no compute); profile: the breakdown block of the run; threads: torch threads per role
     ("slm", "llm"), as the run's actors had them; served: prompt tokens per role that the run's
@@ -81,8 +102,10 @@ def compute_limit(slm, llm, profile: Mapping, prompt_lengths: list[int], n_devic
     batches = [b for b in BATCHES if b <= max(1, n_devices)]
     out: dict = {"batches_tried": batches}
     total = 0.0
-    for role, lm, prefill, step in (("slm", slm, "slm.prefill", "slm.decode"),
-                                    ("llm", llm, "llm.prefill", "llm.verify_forward")):
+    for role, lm, prefill, step in (
+        ("slm", slm, "slm.prefill", "slm.decode"),
+        ("llm", llm, "llm.prefill", "llm.verify_forward"),
+    ):
         # prompt tokens the prefix cache served were copied, not computed: no compute to bound
         need_prefill = max(0, compute.get(prefill, {}).get("tokens", 0) - (served or {}).get(role, 0))
         need_step = compute.get(step, {}).get("tokens", 0)
@@ -93,11 +116,17 @@ def compute_limit(slm, llm, profile: Mapping, prompt_lengths: list[int], n_devic
         rates = {b: raw_tokens_per_s(lm, b, context, steps=3) for b in batches} if need_step else {}
         best = max(rates, key=rates.get) if rates else None
         seconds = (need_prefill / prefill_rate if prefill_rate else 0.0) + (need_step / rates[best] if best else 0.0)
-        out[role] = {"prefill_tokens": need_prefill, "prefill_tokens_per_s": prefill_rate,
-                     "step_tokens": need_step, "best_batch": best,
-                     "step_tokens_per_s": {str(b): round(r, 2) for b, r in rates.items()},
-                     "seconds": round(seconds, 3), "measured_s": round(
-                         compute.get(prefill, {}).get("seconds", 0.0) + compute.get(step, {}).get("seconds", 0.0), 3)}
+        out[role] = {
+            "prefill_tokens": need_prefill,
+            "prefill_tokens_per_s": prefill_rate,
+            "step_tokens": need_step,
+            "best_batch": best,
+            "step_tokens_per_s": {str(b): round(r, 2) for b, r in rates.items()},
+            "seconds": round(seconds, 3),
+            "measured_s": round(
+                compute.get(prefill, {}).get("seconds", 0.0) + compute.get(step, {}).get("seconds", 0.0), 3
+            ),
+        }
         total += seconds
     out["seconds"] = round(total, 3)
     return out
@@ -111,8 +140,10 @@ def profile_table(summary: Mapping):
     info = summary.get("compute") or {}
     machine = info.get("machine", {})
     dtype = info.get("dtype", {})
-    t = Table(title=f"where the time went ({machine.get('cpu_capability', '?')}, slm {dtype.get('slm')}, "
-                    f"llm {dtype.get('llm')})")
+    t = Table(
+        title=f"where the time went ({machine.get('cpu_capability', '?')}, slm {dtype.get('slm')}, "
+        f"llm {dtype.get('llm')})"
+    )
     for col in ("part", "seconds", "calls", "tokens", "tokens/s"):
         t.add_column(col, justify="right")
     t.add_row("wall (all)", f"{prof.get('wall_s', 0):.2f}", "", "", "")
@@ -130,6 +161,11 @@ def profile_table(summary: Mapping):
     if limit:
         t.add_row("compute limit (best batches)", f"{limit['seconds']:.2f}", "", "", "")
         t.add_row("emulation / compute limit", f"{prof.get('wall_over_compute_limit')}", "", "", "")
-        t.add_row("wall (all) / compute limit", f"{prof['wall_s'] / limit['seconds']:.2f}" if limit["seconds"] else "",
-                  "", "", "")
+        t.add_row(
+            "wall (all) / compute limit",
+            f"{prof['wall_s'] / limit['seconds']:.2f}" if limit["seconds"] else "",
+            "",
+            "",
+            "",
+        )
     return t

@@ -3,6 +3,7 @@
 Assignment: device i gets prompt i mod n (prompt_index), so a fleet larger than the prompt
 set reuses prompts round-robin and the mapping never depends on how devices are grouped.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,16 @@ from pydantic import ValidationError
 from testbed.config.errors import problems_of
 from testbed.config.schema import HUMANEVAL_SIZE, Prompts
 
-__all__ = ["HUMANEVAL_SIZE", "Prompt", "PromptError", "humaneval_path", "humaneval_problems", "load_prompts",
-           "prompt_index", "read_jsonl"]
+__all__ = [
+    "HUMANEVAL_SIZE",
+    "Prompt",
+    "PromptError",
+    "humaneval_path",
+    "humaneval_problems",
+    "load_prompts",
+    "prompt_index",
+    "read_jsonl",
+]
 
 
 class PromptError(ValueError):
@@ -69,8 +78,9 @@ def read_jsonl(path: str | Path) -> list[tuple[str, str]]:
         except json.JSONDecodeError as e:
             raise PromptError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-            raise PromptError(f"{path}:{lineno}: expected an object with a string field \"prompt\", "
-                              f"got {json.dumps(obj)[:80]}")
+            raise PromptError(
+                f'{path}:{lineno}: expected an object with a string field "prompt", got {json.dumps(obj)[:80]}'
+            )
         if not obj["prompt"].strip():
             raise PromptError(f"{path}:{lineno}: empty prompt")
         out.append((str(obj.get("task_id", f"{path.name}:{lineno}")), obj["prompt"]))
@@ -105,10 +115,12 @@ def load_prompts(spec: Any, tokenizer: Any = None, *, base_dir: str | Path | Non
         items = read_jsonl(spec.file)
     stop = len(items) if spec.count is None else spec.offset + spec.count
     if spec.offset >= len(items) or stop > len(items):
-        raise PromptError(f"prompts: offset {spec.offset} + count {spec.count} exceeds the "
-                          f"{len(items)} prompts of {spec.file or spec.source}")
+        raise PromptError(
+            f"prompts: offset {spec.offset} + count {spec.count} exceeds the "
+            f"{len(items)} prompts of {spec.file or spec.source}"
+        )
     out = []
-    for i, (pid, text) in enumerate(items[spec.offset:stop]):
+    for i, (pid, text) in enumerate(items[spec.offset : stop]):
         ids = None
         if tokenizer is not None:
             ids = _encode(tokenizer, text)

@@ -28,32 +28,76 @@ starts, so a scenario that validates will not fail mid-run for these reasons.
 This module is the public API; the code lives in testbed.config, one module per concern
 (errors, checks, schema, io, sweeps, devices: see its docstring).
 """
+
 from __future__ import annotations
 
 from testbed.config.checks import host_problem
 from testbed.config.devices import TierDevice, device_groups, devices, policy_name, resolve_link
 from testbed.config.errors import Problem, ScenarioError, format_path
 from testbed.config.io import (
-    bundled_dir, bundled_scenarios, dump_scenario, load_scenario, parse_scenario, read_yaml, scenario_path,
+    bundled_dir,
+    bundled_scenarios,
+    dump_scenario,
+    load_scenario,
+    parse_scenario,
+    read_yaml,
+    scenario_path,
     scenario_yaml,
 )
 from testbed.config.schema import (
-    HUMANEVAL_SIZE, NAME_PATTERN, SHORTCUTS, TIER_WIDE_KEYS, Actors, Generation, Metrics, Models, Prompts,
-    Scenario, Server, Tier, VerifyTime,
+    HUMANEVAL_SIZE,
+    NAME_PATTERN,
+    SHORTCUTS,
+    TIER_WIDE_KEYS,
+    Actors,
+    Generation,
+    Metrics,
+    Models,
+    Prompts,
+    Scenario,
+    Server,
+    Tier,
+    VerifyTime,
 )
 from testbed.config.sweeps import expand_sweep, override, sweep_points
 
 __all__ = [
     # schema
-    "Scenario", "Models", "Prompts", "Generation", "VerifyTime", "Server", "Tier", "Actors", "Metrics",
-    "NAME_PATTERN", "SHORTCUTS", "TIER_WIDE_KEYS", "HUMANEVAL_SIZE", "host_problem",
+    "Scenario",
+    "Models",
+    "Prompts",
+    "Generation",
+    "VerifyTime",
+    "Server",
+    "Tier",
+    "Actors",
+    "Metrics",
+    "NAME_PATTERN",
+    "SHORTCUTS",
+    "TIER_WIDE_KEYS",
+    "HUMANEVAL_SIZE",
+    "host_problem",
     # errors
-    "Problem", "ScenarioError", "format_path",
+    "Problem",
+    "ScenarioError",
+    "format_path",
     # files
-    "load_scenario", "parse_scenario", "read_yaml", "scenario_path", "scenario_yaml", "dump_scenario",
-    "bundled_dir", "bundled_scenarios",
+    "load_scenario",
+    "parse_scenario",
+    "read_yaml",
+    "scenario_path",
+    "scenario_yaml",
+    "dump_scenario",
+    "bundled_dir",
+    "bundled_scenarios",
     # overrides and sweeps
-    "override", "sweep_points", "expand_sweep",
+    "override",
+    "sweep_points",
+    "expand_sweep",
     # devices
-    "TierDevice", "devices", "device_groups", "policy_name", "resolve_link",
+    "TierDevice",
+    "devices",
+    "device_groups",
+    "policy_name",
+    "resolve_link",
 ]

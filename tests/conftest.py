@@ -1,4 +1,5 @@
 """Shared pytest fixtures. Keep each one small; append new fixtures below."""
+
 from __future__ import annotations
 
 import functools
@@ -16,19 +17,19 @@ class RealModels:
     slm_spec: object  # agents.models.ModelSpec
     llm_spec: object
 
-    @functools.cache
+    @functools.cache  # noqa: B019 - one model pair per test session: kept on purpose
     def slm(self):
         from agents.models import load_model
 
         return load_model(self.slm_spec)
 
-    @functools.cache
+    @functools.cache  # noqa: B019 - one model pair per test session: kept on purpose
     def llm(self):
         from agents.models import load_model
 
         return load_model(self.llm_spec)
 
-    @functools.cache
+    @functools.cache  # noqa: B019 - one model pair per test session: kept on purpose
     def tokenizer(self):
         from agents.models import load_tokenizer
 

@@ -1,6 +1,7 @@
 """Smoke test of the prepared Qwen2.5-Coder pair (`testbed models prepare`): tokenizer, BatchedLM on
 both models, sensible greedy code continuations. Skips when the pair is not prepared, unless
 HLM_REQUIRE_REAL_MODELS=1 (see tests/conftest.py)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -79,8 +80,12 @@ def test_pair_runs_batched_and_agrees(real_models, problems):
 
 # Issue 15's table: u-hlm without truncation at a fixed u_th of 0.5, the first token after each prompt,
 # fp32 forwards: the branch mean recorded before exact fidelity against TV(P, y) of the decision law.
-ISSUE_15 = {"x = [1, 2, 3]\nfor": (0.0884, 0.0000), "The best": (0.0555, 0.0000),
-            "import numpy as np\nimport": (0.1258, 0.1554), "# sort a list of words by length\ndef": (0.1684, 0.1896)}
+ISSUE_15 = {
+    "x = [1, 2, 3]\nfor": (0.0884, 0.0000),
+    "The best": (0.0555, 0.0000),
+    "import numpy as np\nimport": (0.1258, 0.1554),
+    "# sort a list of words by length\ndef": (0.1684, 0.1896),
+}
 
 
 def test_exact_fidelity_on_the_qwen_pair_matches_the_issues_table(real_models):
@@ -100,5 +105,7 @@ def test_exact_fidelity_on_the_qwen_pair_matches_the_issues_table(real_models):
             z, zy = (m(ids).logits[0, -1].float().numpy() for m in (slm, llm))
         x, y = softmax_t(z, 1.0), softmax_t(zy, 1.0)
         skip = law.draft_law(z, x).skip
-        assert float(x @ skip) * tv_distance(x, y) == pytest.approx(branch_want, abs=1e-4), prompt  # a full upload's branch is y
+        assert float(x @ skip) * tv_distance(x, y) == pytest.approx(branch_want, abs=1e-4), (
+            prompt
+        )  # a full upload's branch is y
         assert exact_fidelity(z, x, law, y) == pytest.approx(exact_want, abs=1e-4), prompt

@@ -13,6 +13,7 @@ device and server would exchange (agents.protocol); the stamp carries what only 
 emulation has: emulated send/arrival times and the draft probabilities x_d used to
 measure beta; one type per message, agents.wire).
 """
+
 from agents.actors.clock import ClockParams
 from agents.actors.group import DeviceGroup
 from agents.actors.process import max_rss_bytes, memory

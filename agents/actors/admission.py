@@ -5,6 +5,7 @@ they came from, and answers whatever it refuses (a ProtocolError) to that client
 A session belongs to the identity that opened it. After a group's restart the driver reserves its
 devices for the new incarnation's identity (handover): no other client can open them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,8 +40,10 @@ class Admission:
         to refuse it. An OPEN that passes is appended to `opens` (None is returned); an upload of the
         identity's own session is returned for VerifierCore.submit."""
         if extra:
-            raise protocol.ProtocolError(f"message of {len(parts) + extra} parts, the protocol has {wire.PARTS} "
-                                         f"([frame, stamp]); not decoded", protocol.ErrorCode.BAD_FRAME)
+            raise protocol.ProtocolError(
+                f"message of {len(parts) + extra} parts, the protocol has {wire.PARTS} ([frame, stamp]); not decoded",
+                protocol.ErrorCode.BAD_FRAME,
+            )
         msg = wire.decode(parts)
         if isinstance(msg, wire.Open):
             self._admit_open(identity, msg, len(opens))
@@ -50,8 +53,12 @@ class Admission:
         if not isinstance(msg, wire.Upload):
             raise protocol.ProtocolError(f"unexpected {f.TYPE.name} from a device", device=f.device, seq=f.seq)
         if self.owners.get(f.device) != identity:  # never open, or another client's: the same answer
-            raise protocol.ProtocolError(f"device {f.device}: no session of this client",
-                                         protocol.ErrorCode.UNKNOWN_SESSION, device=f.device, seq=f.seq)
+            raise protocol.ProtocolError(
+                f"device {f.device}: no session of this client",
+                protocol.ErrorCode.UNKNOWN_SESSION,
+                device=f.device,
+                seq=f.seq,
+            )
         return msg
 
     def _admit_open(self, identity: bytes, o: wire.Open, pending: int) -> None:
@@ -77,8 +84,10 @@ class Admission:
         if len(prompt) > lim.max_prompt_tokens:
             refuse(f"prompt of {len(prompt)} tokens, the limit is {lim.max_prompt_tokens}")
         if prefilled + len(prompt) > lim.max_prefill_tokens:
-            refuse(f"this client's prompts would total {prefilled + len(prompt)} tokens, the limit is "
-                   f"{lim.max_prefill_tokens}")
+            refuse(
+                f"this client's prompts would total {prefilled + len(prompt)} tokens, the limit is "
+                f"{lim.max_prefill_tokens}"
+            )
         self.core.check_open(o)
         self.reserved.pop(d, None)
         self.owners[d] = identity

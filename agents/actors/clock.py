@@ -7,6 +7,7 @@
   with the real clock, releases batches when the clock reaches their start, and holds verdicts
   until the emulated verification ends.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """DeviceGroup: many virtual devices with one SLM copy, talking DEALER to the verifier."""
+
 from __future__ import annotations
 
 import os
@@ -32,9 +33,22 @@ class DeviceGroup:
       `reattach` connects to the new endpoint and resends every upload still unanswered.
     """
 
-    def __init__(self, group_id: int, specs: list[DeviceSpec], run: RunParams, slm_spec, policy_specs: dict,
-                 endpoint: str | None, clock: ClockParams, threads: int = 1, dtype: str | None = None, device: str = "cpu",
-                 record: bool = False, incarnation: int = 0, turn: str | None = None):
+    def __init__(
+        self,
+        group_id: int,
+        specs: list[DeviceSpec],
+        run: RunParams,
+        slm_spec,
+        policy_specs: dict,
+        endpoint: str | None,
+        clock: ClockParams,
+        threads: int = 1,
+        dtype: str | None = None,
+        device: str = "cpu",
+        record: bool = False,
+        incarnation: int = 0,
+        turn: str | None = None,
+    ):
         from agents.lm import BatchedLM, ComputeTurn
         from agents.models import load_model
         from policies import load_policy
@@ -120,8 +134,13 @@ class DeviceGroup:
             sock.send_multipart(wire.encode(upload))
         return sock
 
-    def run(self, t0: float | None = None, endpoint: str | None = None, curve: ClientKeys | None = None,
-            skip_steps: dict[int, int] | None = None) -> dict:
+    def run(
+        self,
+        t0: float | None = None,
+        endpoint: str | None = None,
+        curve: ClientKeys | None = None,
+        skip_steps: dict[int, int] | None = None,
+    ) -> dict:
         """Emulate every device to the end. `t0`: the wall clock's emulated zero (real time),
         given once every actor is up so model loading does not count as lag. `endpoint`: the
         verifier's, when it was not known at construction (groups start while the verifier loads).
@@ -163,12 +182,17 @@ class DeviceGroup:
                     self.snapshot = self.core.session_states()
                     self.detached.set()
         # No rows: every token left as an event through drain().
-        return {"lag_s": self.lag_s, "max_rss_bytes": max_rss_bytes(), "memory": memory(),
-                "timings": self.core.timings.snapshot(), "lm": self.core.slm.describe() if self.core.slm else None,
-                "content": pack_devices(self.core.recorded()) if self.record else None,  # ~60 B a token
-                # for a verifier restart after this group ended; pickled: the driver holds every group's
-                # until the end, ~30 bytes a token as bytes and ~300 as objects
-                "sessions": pickle.dumps(self.core.session_states(), protocol=pickle.HIGHEST_PROTOCOL)}
+        return {
+            "lag_s": self.lag_s,
+            "max_rss_bytes": max_rss_bytes(),
+            "memory": memory(),
+            "timings": self.core.timings.snapshot(),
+            "lm": self.core.slm.describe() if self.core.slm else None,
+            "content": pack_devices(self.core.recorded()) if self.record else None,  # ~60 B a token
+            # for a verifier restart after this group ended; pickled: the driver holds every group's
+            # until the end, ~30 bytes a token as bytes and ~300 as objects
+            "sessions": pickle.dumps(self.core.session_states(), protocol=pickle.HIGHEST_PROTOCOL),
+        }
 
     def _step(self, sock, shaped) -> int:
         """Move every device that can, send their uploads; returns how long to wait for verdicts (ms).

@@ -1,4 +1,5 @@
 """A worker process's torch threads and memory, as the actors report them."""
+
 from __future__ import annotations
 
 

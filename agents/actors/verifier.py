@@ -1,4 +1,5 @@
 """Verifier: one LLM behind a ZeroMQ ROUTER, serving in a background thread."""
+
 from __future__ import annotations
 
 import collections
@@ -42,13 +43,31 @@ class Verifier:
     RCVHWM = 64  # messages queued per connection before libzmq stops reading it (back-pressure, no loss)
     MAX_ERROR_LOG = 1000
 
-    def __init__(self, llm_spec, server: ServerProfile, seed: int, vocab_size: int, clock: ClockParams,
-                 host: str = "127.0.0.1", port: int = 0, threads: int = 2, max_frame_bytes: int = protocol.MAX_FRAME_BYTES,
-                 lm=None, expected_sessions: int = 0, allowed_devices=None, max_sessions: int | None = None,
-                 max_sessions_per_identity: int | None = None, max_prompt_tokens: int | None = None,
-                 max_prefill_tokens_per_identity: int | None = None, max_messages_per_poll: int = 256,
-                 dtype: str | None = None, device: str = "cpu", mode: str = "emulate", curve: ServerKeys | None = None,
-                 turn: str | None = None):
+    def __init__(
+        self,
+        llm_spec,
+        server: ServerProfile,
+        seed: int,
+        vocab_size: int,
+        clock: ClockParams,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        threads: int = 2,
+        max_frame_bytes: int = protocol.MAX_FRAME_BYTES,
+        lm=None,
+        expected_sessions: int = 0,
+        allowed_devices=None,
+        max_sessions: int | None = None,
+        max_sessions_per_identity: int | None = None,
+        max_prompt_tokens: int | None = None,
+        max_prefill_tokens_per_identity: int | None = None,
+        max_messages_per_poll: int = 256,
+        dtype: str | None = None,
+        device: str = "cpu",
+        mode: str = "emulate",
+        curve: ServerKeys | None = None,
+        turn: str | None = None,
+    ):
         from agents.lm import BatchedLM, ComputeTurn
         from agents.models import load_model
 
@@ -57,8 +76,13 @@ class Verifier:
         # `lm`: an already loaded BatchedLM (benchmarks share one model between runs).
         # mode: "content", the virtual clock's content pass (agents.engine); "emulate", the wall clock's one pass
         core = {"emulate": VerifierCore, "content": VerifierCore.content_pass}[mode]
-        self.core = core(lm or BatchedLM(load_model(llm_spec, dtype=dtype, device=device)), server, seed,
-                         vocab_size, expected_sessions)
+        self.core = core(
+            lm or BatchedLM(load_model(llm_spec, dtype=dtype, device=device)),
+            server,
+            seed,
+            vocab_size,
+            expected_sessions,
+        )
         if turn and lm is None:  # the content pass: forwards take turns on the cores (agents.lm)
             self.core.llm.turn = ComputeTurn(turn)
         self.core.timings.add("startup.model_load", time.perf_counter() - t0)
@@ -66,11 +90,16 @@ class Verifier:
         self.host, self.port = host, port
         self.max_frame_bytes = max_frame_bytes
         sessions = max_sessions or expected_sessions or self.DEFAULT_MAX_SESSIONS
-        self.admission = Admission(self.core, Limits(
-            allowed_devices=None if allowed_devices is None else frozenset(int(d) for d in allowed_devices),
-            max_sessions=sessions, max_sessions_per_identity=max_sessions_per_identity or sessions,
-            max_prompt_tokens=max_prompt_tokens or getattr(self.core.llm, "max_positions", 1 << 20),
-            max_prefill_tokens=max_prefill_tokens_per_identity or self.DEFAULT_MAX_PREFILL_TOKENS))
+        self.admission = Admission(
+            self.core,
+            Limits(
+                allowed_devices=None if allowed_devices is None else frozenset(int(d) for d in allowed_devices),
+                max_sessions=sessions,
+                max_sessions_per_identity=max_sessions_per_identity or sessions,
+                max_prompt_tokens=max_prompt_tokens or getattr(self.core.llm, "max_positions", 1 << 20),
+                max_prefill_tokens=max_prefill_tokens_per_identity or self.DEFAULT_MAX_PREFILL_TOKENS,
+            ),
+        )
         self.max_messages_per_poll = max(1, max_messages_per_poll)
         self.commands: collections.deque = collections.deque()  # driver calls run in the serving thread (_in_loop)
         self.errors = 0
@@ -118,12 +147,19 @@ class Verifier:
         """`errors`: protocol errors answered, in all and by ErrorCode name (`error_codes`, the reason
         label of hlm_protocol_errors_total); `curve_refused`: clients CURVE refused (AllowList.counts;
         None without CURVE)."""
-        return {"errors": self.errors, "error_codes": {getattr(c, "name", str(c)): n for c, n in sorted(self.error_codes.items())},
-                "curve_refused": self.allow_list.counts() if self.allow_list is not None else None,
-                "lag_s": self.lag_s, "max_rss_bytes": max_rss_bytes(), "memory": memory(),
-                "error_log": self.error_log[-20:], "failure": self.failure,
-                "batches": len(self.core.batches), "timings": self.core.timings.snapshot(),
-                "lm": self.core.llm.describe() if hasattr(self.core.llm, "describe") else None}
+        return {
+            "errors": self.errors,
+            "error_codes": {getattr(c, "name", str(c)): n for c, n in sorted(self.error_codes.items())},
+            "curve_refused": self.allow_list.counts() if self.allow_list is not None else None,
+            "lag_s": self.lag_s,
+            "max_rss_bytes": max_rss_bytes(),
+            "memory": memory(),
+            "error_log": self.error_log[-20:],
+            "failure": self.failure,
+            "batches": len(self.core.batches),
+            "timings": self.core.timings.snapshot(),
+            "lm": self.core.llm.describe() if hasattr(self.core.llm, "describe") else None,
+        }
 
     def waiting_on(self) -> dict:
         """VerifierCore.waiting_on, plus `unopened`: the run's devices with no session yet."""
@@ -138,6 +174,7 @@ class Verifier:
         """Driver-authorised, through Ray only (never a client message): the group that hosted
         `devices` died. Their sessions are forgotten (VerifierCore.reset) and reserved for
         `identity`, the restarted group's, which opens them again; no other client can."""
+
         def work():
             self.core.reset(devices)
             self.admission.handover(devices, identity)
@@ -167,7 +204,7 @@ class Verifier:
             raise box["error"]
 
     def drain_batches(self) -> list:
-        new = self.core.batches[self.batches_seen:]
+        new = self.core.batches[self.batches_seen :]
         self.batches_seen += len(new)
         return new
 
@@ -237,8 +274,12 @@ class Verifier:
                 self._error(identity, exc)
                 continue
             except Exception as exc:
-                self._error(identity, protocol.ProtocolError(
-                    f"internal error checking a message ({type(exc).__name__}: {exc})", protocol.ErrorCode.INTERNAL))
+                self._error(
+                    identity,
+                    protocol.ProtocolError(
+                        f"internal error checking a message ({type(exc).__name__}: {exc})", protocol.ErrorCode.INTERNAL
+                    ),
+                )
                 continue
             if msg is None:  # an admitted OPEN: its prefill waits for the others of this round
                 continue

@@ -1,10 +1,11 @@
 """Task accuracy of a finished run: HumanEval pass@1 from the problems' own unit tests.
 
-    completion   a device's committed tokens as the completion its tests run
-    sandbox      each program in its own limited interpreter (not a security sandbox)
-    statistics   pass rates, unbiased pass@k, paired comparisons against a reference run
-    score        score_run: accuracy.parquet and summary.json's accuracy block
+completion   a device's committed tokens as the completion its tests run
+sandbox      each program in its own limited interpreter (not a security sandbox)
+statistics   pass rates, unbiased pass@k, paired comparisons against a reference run
+score        score_run: accuracy.parquet and summary.json's accuracy block
 """
+
 from testbed.accuracy.completion import (
     END_TOKENS,
     STOP_SEQUENCES,
@@ -37,9 +38,32 @@ from testbed.accuracy.statistics import (
 )
 
 __all__ = [
-    "ACCURACY_FILE", "ACCURACY_VERSION", "DEFAULT_TIMEOUT_S", "END_TOKENS", "PASSED", "PASS_AT_K", "ROW_COLUMNS",
-    "STOP_SEQUENCES", "TIMED_OUT", "AccuracyError", "AccuracyResult", "agreement", "binomial_two_sided_p",
-    "check_program", "completion_text", "cut_at_stop", "end_token_ids", "paired", "pass_at_k", "pass_stats",
-    "problem_counts", "read_accuracy", "relative", "run_program", "run_programs", "score_run", "t_quantile",
+    "ACCURACY_FILE",
+    "ACCURACY_VERSION",
+    "DEFAULT_TIMEOUT_S",
+    "END_TOKENS",
+    "PASSED",
+    "PASS_AT_K",
+    "ROW_COLUMNS",
+    "STOP_SEQUENCES",
+    "TIMED_OUT",
+    "AccuracyError",
+    "AccuracyResult",
+    "agreement",
+    "binomial_two_sided_p",
+    "check_program",
+    "completion_text",
+    "cut_at_stop",
+    "end_token_ids",
+    "paired",
+    "pass_at_k",
+    "pass_stats",
+    "problem_counts",
+    "read_accuracy",
+    "relative",
+    "run_program",
+    "run_programs",
+    "score_run",
+    "t_quantile",
     "unbiased_pass",
 ]

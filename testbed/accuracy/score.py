@@ -4,13 +4,15 @@
 ``prompt + completion + "\\n" + test + "\\ncheck(<entry_point>)\\n"`` for each, and writes
 accuracy.parquet (one row per device) plus an ``accuracy`` block in summary.json.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
@@ -26,7 +28,6 @@ class AccuracyError(ValueError):
     """A run that cannot be scored (not HumanEval, missing files, mismatched reference)."""
 
 
-
 @dataclass
 class AccuracyResult:
     """What score_run measured: per-device rows (as accuracy.parquet) and the summary block."""
@@ -34,7 +35,7 @@ class AccuracyResult:
     run_dir: Path
     rows: pd.DataFrame
     block: dict[str, Any]
-    reference: "AccuracyResult | None" = field(default=None, repr=False)
+    reference: AccuracyResult | None = field(default=None, repr=False)
 
     @property
     def pass_at_1(self) -> float | None:
@@ -49,8 +50,18 @@ class AccuracyResult:
         return self.block.get("pass_at_1_relative")
 
 
-ROW_COLUMNS = ("device", "tier", "policy", "prompt_index", "task_id", "passed", "result", "completion_chars",
-               "n_tokens", "completion")
+ROW_COLUMNS = (
+    "device",
+    "tier",
+    "policy",
+    "prompt_index",
+    "task_id",
+    "passed",
+    "result",
+    "completion_chars",
+    "n_tokens",
+    "completion",
+)
 
 
 def _load_run(run_dir: Path):
@@ -65,9 +76,11 @@ def _load_run(run_dir: Path):
         raise AccuracyError(f"{run_dir}: cannot read scenario.yaml: {e}") from None
     if s.prompts.source != "humaneval":
         what = f"file {s.prompts.file}" if s.prompts.source == "file" else f"{len(s.prompts.texts or [])} inline texts"
-        raise AccuracyError(f"{run_dir}: accuracy needs HumanEval prompts (their unit tests), but this run's "
-                            f"prompts source is {s.prompts.source!r} ({what}); only runs with "
-                            f"prompts.source: humaneval can be scored")
+        raise AccuracyError(
+            f"{run_dir}: accuracy needs HumanEval prompts (their unit tests), but this run's "
+            f"prompts source is {s.prompts.source!r} ({what}); only runs with "
+            f"prompts.source: humaneval can be scored"
+        )
     return s
 
 
@@ -76,7 +89,7 @@ def _problems(s) -> list[dict]:
 
     problems = list(humaneval_problems())
     stop = len(problems) if s.prompts.count is None else s.prompts.offset + s.prompts.count
-    return problems[s.prompts.offset:stop]
+    return problems[s.prompts.offset : stop]
 
 
 def _prompt_desc(s) -> str:
@@ -109,11 +122,21 @@ def _device_table(run_dir: Path, s, problems: list[dict]) -> pd.DataFrame:
             tier, pi, ids = spec.tier, prompt_index(dev, len(problems)), []
             policy = tier_policy.get(tier, policy_name(spec.policy_spec))
         if not 0 <= pi < len(problems):
-            raise AccuracyError(f"{run_dir}: device {dev} has prompt_index {pi}, but the run has "
-                                f"{len(problems)} prompts ({_prompt_desc(s)})")
-        rows.append({"device": dev, "tier": tier, "policy": policy, "prompt_index": pi,
-                     "task_id": problems[pi]["task_id"], "n_tokens": len(ids),
-                     "completion": completion_text(ids, tokenizer, end_ids=ends)})
+            raise AccuracyError(
+                f"{run_dir}: device {dev} has prompt_index {pi}, but the run has "
+                f"{len(problems)} prompts ({_prompt_desc(s)})"
+            )
+        rows.append(
+            {
+                "device": dev,
+                "tier": tier,
+                "policy": policy,
+                "prompt_index": pi,
+                "task_id": problems[pi]["task_id"],
+                "n_tokens": len(ids),
+                "completion": completion_text(ids, tokenizer, end_ids=ends),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -125,22 +148,40 @@ def _block(rows: pd.DataFrame, s, timeout_s: float) -> dict[str, Any]:
     for r in rows["result"]:
         key = r if r in (PASSED, TIMED_OUT) else "failed"
         counts[key] += 1
-    return {"version": ACCURACY_VERSION, "metric": "pass@1", "prompts": _prompt_desc(s),
-            "n_prompts": int(rows["task_id"].nunique()) if len(rows) else 0, **pass_stats(rows["passed"]),
-            "unbiased": unbiased_pass(rows), "tiers": by("tier"), "policies": by("policy"), "results": counts,
-            "timeout_s": float(timeout_s),
-            "stop_sequences": list(STOP_SEQUENCES)}
+    return {
+        "version": ACCURACY_VERSION,
+        "metric": "pass@1",
+        "prompts": _prompt_desc(s),
+        "n_prompts": int(rows["task_id"].nunique()) if len(rows) else 0,
+        **pass_stats(rows["passed"]),
+        "unbiased": unbiased_pass(rows),
+        "tiers": by("tier"),
+        "policies": by("policy"),
+        "results": counts,
+        "timeout_s": float(timeout_s),
+        "stop_sequences": list(STOP_SEQUENCES),
+    }
 
 
 def _write_rows(rows: pd.DataFrame, path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([("device", pa.int32()), ("tier", pa.string()), ("policy", pa.string()),
-                        ("prompt_index", pa.int32()), ("task_id", pa.string()), ("passed", pa.bool_()),
-                        ("result", pa.string()), ("completion_chars", pa.int32()), ("n_tokens", pa.int32()),
-                        ("completion", pa.string())],
-                       metadata={"hlm_testbed.accuracy": str(ACCURACY_VERSION)})
+    schema = pa.schema(
+        [
+            ("device", pa.int32()),
+            ("tier", pa.string()),
+            ("policy", pa.string()),
+            ("prompt_index", pa.int32()),
+            ("task_id", pa.string()),
+            ("passed", pa.bool_()),
+            ("result", pa.string()),
+            ("completion_chars", pa.int32()),
+            ("n_tokens", pa.int32()),
+            ("completion", pa.string()),
+        ],
+        metadata={"hlm_testbed.accuracy": str(ACCURACY_VERSION)},
+    )
     table = pa.Table.from_pydict({c: rows[c].tolist() for c in ROW_COLUMNS}, schema=schema)
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp)
@@ -177,14 +218,23 @@ def _cached(run_dir: Path, timeout_s: float) -> AccuracyResult | None:
         return None
     if len(rows) != block.get("n"):
         return None
-    block = {k: v for k, v in block.items() if k not in ("reference", "pass_at_1_relative",
-                                                          "pass_at_1_relative_stderr", "agreement", "paired")}
+    block = {
+        k: v
+        for k, v in block.items()
+        if k not in ("reference", "pass_at_1_relative", "pass_at_1_relative_stderr", "agreement", "paired")
+    }
     return AccuracyResult(run_dir, rows, block)
 
 
-def score_run(run_dir: str | Path, *, reference: str | Path | None = None, workers: int | None = None,
-              timeout_s: float = DEFAULT_TIMEOUT_S, progress: Callable[[int, int, float], None] | bool = True,
-              write: bool = True) -> AccuracyResult:
+def score_run(
+    run_dir: str | Path,
+    *,
+    reference: str | Path | None = None,
+    workers: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    progress: Callable[[int, int, float], None] | bool = True,
+    write: bool = True,
+) -> AccuracyResult:
     """Score a finished HumanEval run: execute every device's completion against its problem's tests.
 
     Writes RUN_DIR/accuracy.parquet and merges an `accuracy` block into RUN_DIR/summary.json
@@ -203,9 +253,11 @@ def score_run(run_dir: str | Path, *, reference: str | Path | None = None, worke
     if ref_dir is not None:  # check before the (long) scoring
         rs = _load_run(ref_dir)
         if [p["task_id"] for p in _problems(rs)] != [p["task_id"] for p in problems]:
-            raise AccuracyError(f"reference {ref_dir} has other prompts than {run_dir}: "
-                                f"{_prompt_desc(rs)} vs {_prompt_desc(s)}; score against an llm-only run on the "
-                                f"same prompts")
+            raise AccuracyError(
+                f"reference {ref_dir} has other prompts than {run_dir}: "
+                f"{_prompt_desc(rs)} vs {_prompt_desc(s)}; score against an llm-only run on the "
+                f"same prompts"
+            )
     rows = _device_table(run_dir, s, problems)
     programs = [check_program(problems[pi], c) for pi, c in zip(rows["prompt_index"], rows["completion"])]
     results = run_programs(programs, workers=workers, timeout_s=timeout_s, progress=progress)
@@ -221,8 +273,9 @@ def score_run(run_dir: str | Path, *, reference: str | Path | None = None, worke
         if ref_dir.resolve() == run_dir.resolve():
             ref = AccuracyResult(run_dir, rows, dict(block))
         else:
-            ref = _cached(ref_dir, timeout_s) or score_run(ref_dir, workers=workers, timeout_s=timeout_s,
-                                                          progress=progress, write=write)
+            ref = _cached(ref_dir, timeout_s) or score_run(
+                ref_dir, workers=workers, timeout_s=timeout_s, progress=progress, write=write
+            )
         rel, rel_se = relative(block["pass_at_1"], block["stderr"], ref.block["pass_at_1"], ref.block["stderr"])
         warnings = []
         if rs.seed != s.seed:
@@ -230,9 +283,16 @@ def score_run(run_dir: str | Path, *, reference: str | Path | None = None, worke
         ref_policies = sorted(ref.block["policies"])
         if ref_policies != ["llm-only"]:
             warnings.append(f"reference policies are {', '.join(ref_policies)}, not llm-only")
-        block["reference"] = {"run_dir": str(ref_dir), "n": ref.block["n"], "passed": ref.block["passed"],
-                              "pass_at_1": ref.block["pass_at_1"], "stderr": ref.block["stderr"],
-                              "policies": ref_policies, "seed": rs.seed, "warnings": warnings}
+        block["reference"] = {
+            "run_dir": str(ref_dir),
+            "n": ref.block["n"],
+            "passed": ref.block["passed"],
+            "pass_at_1": ref.block["pass_at_1"],
+            "stderr": ref.block["stderr"],
+            "policies": ref_policies,
+            "seed": rs.seed,
+            "warnings": warnings,
+        }
         block["pass_at_1_relative"] = rel
         block["pass_at_1_relative_stderr"] = rel_se
         block["agreement"] = agreement(rows, ref.rows)

@@ -29,11 +29,13 @@ Statistics (`pass_stats`, `unbiased_pass`, `paired`):
   chance that a random device of each agrees); `agreement` is the mean over prompts, so with
   one device per prompt it is the fraction of prompts where both pass or both fail.
 """
+
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -48,8 +50,9 @@ def pass_stats(passed: Iterable[bool]) -> dict[str, Any]:
     return {"n": n, "passed": k, "pass_at_1": p, "stderr": math.sqrt(p * (1 - p) / n)}
 
 
-def relative(p: float | None, se_p: float | None, q: float | None,
-             se_q: float | None) -> tuple[float | None, float | None]:
+def relative(
+    p: float | None, se_p: float | None, q: float | None, se_q: float | None
+) -> tuple[float | None, float | None]:
     """r = p / q and its delta-method standard error, p and q independent (None when q = 0)."""
     if p is None or q is None or q == 0 or se_p is None or se_q is None:
         return None, None
@@ -105,10 +108,18 @@ def unbiased_pass(rows: pd.DataFrame) -> dict[str, Any]:
     per = [pass_at_k(int(n), int(c), 1) for n, c in zip(pc["n"], pc["c"])]
     mean, se = _mean_se(per)
     lo = int(pc["n"].min())
-    at_k = {str(k): math.fsum(pass_at_k(int(n), int(c), k) for n, c in zip(pc["n"], pc["c"])) / len(pc)
-            for k in PASS_AT_K if k <= lo}
-    return {"n_problems": int(len(pc)), "samples_per_problem": [lo, int(pc["n"].max())], "pass_at_1": mean,
-            "stderr": se, "pass_at_k": at_k}
+    at_k = {
+        str(k): math.fsum(pass_at_k(int(n), int(c), k) for n, c in zip(pc["n"], pc["c"])) / len(pc)
+        for k in PASS_AT_K
+        if k <= lo
+    }
+    return {
+        "n_problems": int(len(pc)),
+        "samples_per_problem": [lo, int(pc["n"].max())],
+        "pass_at_1": mean,
+        "stderr": se,
+        "pass_at_k": at_k,
+    }
 
 
 def binomial_two_sided_p(b: int, c: int) -> float:
@@ -156,8 +167,16 @@ def paired(run: pd.DataFrame, ref: pd.DataFrame, level: float = 0.95) -> dict[st
     r, q = problem_counts(run), problem_counts(ref)
     common = [t for t in r.index if t in q.index]
     if not common:
-        return {"n_problems": 0, "diff": None, "stderr": None, "ci95": None, "test": None, "mcnemar_p": None,
-                "discordant": [0, 0], "distinguishable_95": False}
+        return {
+            "n_problems": 0,
+            "diff": None,
+            "stderr": None,
+            "ci95": None,
+            "test": None,
+            "mcnemar_p": None,
+            "discordant": [0, 0],
+            "distinguishable_95": False,
+        }
     rp = (r.loc[common, "c"] / r.loc[common, "n"]).to_numpy(float)
     qp = (q.loc[common, "c"] / q.loc[common, "n"]).to_numpy(float)
     d = (rp - qp).tolist()
@@ -169,9 +188,16 @@ def paired(run: pd.DataFrame, ref: pd.DataFrame, level: float = 0.95) -> dict[st
     b, c = sum(x > 0 for x in d), sum(x < 0 for x in d)
     single = bool((r.loc[common, "n"] == 1).all() and (q.loc[common, "n"] == 1).all())
     p = binomial_two_sided_p(b, c)
-    return {"n_problems": len(common), "diff": diff, "stderr": se, "ci95": ci,
-            "test": "mcnemar-exact" if single else "sign-test", "mcnemar_p": p, "discordant": [int(b), int(c)],
-            "distinguishable_95": bool(p < 1 - level)}
+    return {
+        "n_problems": len(common),
+        "diff": diff,
+        "stderr": se,
+        "ci95": ci,
+        "test": "mcnemar-exact" if single else "sign-test",
+        "mcnemar_p": p,
+        "discordant": [int(b), int(c)],
+        "distinguishable_95": bool(p < 1 - level),
+    }
 
 
 def agreement(run: pd.DataFrame, ref: pd.DataFrame) -> dict[str, Any]:
@@ -180,13 +206,24 @@ def agreement(run: pd.DataFrame, ref: pd.DataFrame) -> dict[str, Any]:
     q = ref.groupby("task_id", sort=False)["passed"].mean()
     common = [t for t in r.index if t in q.index]
     if not common:
-        return {"n_prompts": 0, "agreement": None, "both_passed": 0, "only_run_passed": 0,
-                "only_reference_passed": 0, "neither_passed": 0}
+        return {
+            "n_prompts": 0,
+            "agreement": None,
+            "both_passed": 0,
+            "only_run_passed": 0,
+            "only_reference_passed": 0,
+            "neither_passed": 0,
+        }
     rp, qp = r[common].astype(float), q[common].astype(float)
     both = float((rp * qp).sum())
     only_run = float((rp * (1 - qp)).sum())
     only_ref = float(((1 - rp) * qp).sum())
     neither = float(((1 - rp) * (1 - qp)).sum())
-    return {"n_prompts": len(common), "agreement": (both + neither) / len(common), "both_passed": _count(both),
-            "only_run_passed": _count(only_run), "only_reference_passed": _count(only_ref),
-            "neither_passed": _count(neither)}
+    return {
+        "n_prompts": len(common),
+        "agreement": (both + neither) / len(common),
+        "both_passed": _count(both),
+        "only_run_passed": _count(only_run),
+        "only_reference_passed": _count(only_ref),
+        "neither_passed": _count(neither),
+    }

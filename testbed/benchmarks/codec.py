@@ -7,6 +7,7 @@ bytes, the paper's k * (b_prob + ceil(log2 V)) bits, and encodes, decodes and ro
 timed repeats; round_trip_wall_per_s is the same in wall time (what a shared, loaded
 machine actually delivered; load_average_1m says how loaded it was).
 """
+
 from __future__ import annotations
 
 import json
@@ -57,21 +58,33 @@ def measure(vocab_size: int = VOCAB_SIZE, ks=KS, prob_bits=PROB_BITS, budget_s: 
     rows = []
     for k in ks:
         indices, probs = order[:k], x[order[:k]]
-        for bits in prob_bits:
-            data = encode_payload(indices, probs, vocab_size, bits)
-            rows.append(dict(
-                k=k, prob_bits=bits, form=payload_form(k, vocab_size).name.lower(), bytes=len(data),
-                paper_bits=paper_bits(k, vocab_size, bits),
-                encode_per_s=round(_per_second(lambda: encode_payload(indices, probs, vocab_size, bits), budget_s), 1),
-                decode_per_s=round(_per_second(lambda: decode_payload(data), budget_s), 1),
-                round_trip_per_s=round(_per_second(
-                    lambda: decode_payload(encode_payload(indices, probs, vocab_size, bits)), budget_s), 1),
-                round_trip_wall_per_s=round(_per_second(
-                    lambda: decode_payload(encode_payload(indices, probs, vocab_size, bits)), budget_s,
-                    clock=time.perf_counter), 1),
-            ))
+        rows += [_row(indices, probs, vocab_size, bits, budget_s) for bits in prob_bits]
     # The machine is shared: the load average tells how much the figures were disturbed.
     return {"vocab_size": vocab_size, "rows": rows, "load_average_1m": round(os.getloadavg()[0], 2)}
+
+
+def _row(indices: np.ndarray, probs: np.ndarray, vocab_size: int, bits: int, budget_s: float) -> dict:
+    """Sizes and speeds of one (k, prob_bits) payload."""
+    k = len(indices)
+    data = encode_payload(indices, probs, vocab_size, bits)
+
+    def encode() -> bytes:
+        return encode_payload(indices, probs, vocab_size, bits)
+
+    def round_trip() -> object:
+        return decode_payload(encode())
+
+    return dict(
+        k=k,
+        prob_bits=bits,
+        form=payload_form(k, vocab_size).name.lower(),
+        bytes=len(data),
+        paper_bits=paper_bits(k, vocab_size, bits),
+        encode_per_s=round(_per_second(encode, budget_s), 1),
+        decode_per_s=round(_per_second(lambda: decode_payload(data), budget_s), 1),
+        round_trip_per_s=round(_per_second(round_trip, budget_s), 1),
+        round_trip_wall_per_s=round(_per_second(round_trip, budget_s, clock=time.perf_counter), 1),
+    )
 
 
 def command(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
@@ -80,10 +93,16 @@ def command(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) 
     if json_out:
         typer.echo(json.dumps(result))
         return
-    typer.echo(f"payload codec, vocab_size {result['vocab_size']} (goal: bytes <= paper/8 + 16; "
-               f">= 50,000 round trips/s at k=30); load average {result['load_average_1m']}")
-    typer.echo(f"{'k':>7} {'bits':>4} {'form':>6} {'bytes':>8} {'paper/8':>9} {'encode/s':>10} {'decode/s':>10} "
-               f"{'round trip/s':>12}")
+    typer.echo(
+        f"payload codec, vocab_size {result['vocab_size']} (goal: bytes <= paper/8 + 16; "
+        f">= 50,000 round trips/s at k=30); load average {result['load_average_1m']}"
+    )
+    typer.echo(
+        f"{'k':>7} {'bits':>4} {'form':>6} {'bytes':>8} {'paper/8':>9} {'encode/s':>10} {'decode/s':>10} "
+        f"{'round trip/s':>12}"
+    )
     for r in result["rows"]:
-        typer.echo(f"{r['k']:>7} {r['prob_bits']:>4} {r['form']:>6} {r['bytes']:>8} {r['paper_bits'] / 8:>9.1f} "
-                   f"{r['encode_per_s']:>10,.0f} {r['decode_per_s']:>10,.0f} {r['round_trip_per_s']:>12,.0f}")
+        typer.echo(
+            f"{r['k']:>7} {r['prob_bits']:>4} {r['form']:>6} {r['bytes']:>8} {r['paper_bits'] / 8:>9.1f} "
+            f"{r['encode_per_s']:>10,.0f} {r['decode_per_s']:>10,.0f} {r['round_trip_per_s']:>12,.0f}"
+        )

@@ -5,6 +5,7 @@ that BatchedLM uses because of these figures).
 Per op, a target row (or session) is computed alone and inside batches of other rows; the table
 gives the largest |difference| over batch sizes and the share of differing values. 0 means
 bit-identical."""
+
 from __future__ import annotations
 
 import json
@@ -67,7 +68,7 @@ def attention_sessions(heads: int, kv_heads: int, head_dim: int, dtype) -> dict:
     mask = torch.arange(L)[None, :] >= (L - torch.tensor(lengths))[:, None]  # left padding
     batched = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], enable_gqa=True)
     n = lengths[0]
-    alone = F.scaled_dot_product_attention(q[:1], k[:1, :, L - n:], v[:1, :, L - n:], enable_gqa=True)
+    alone = F.scaled_dot_product_attention(q[:1], k[:1, :, L - n :], v[:1, :, L - n :], enable_gqa=True)
     d, s = _diff(batched[:1], alone)
     return {"max_abs_diff": d, "max_share_differing": s}
 
@@ -82,7 +83,9 @@ def forward_sessions(model, forward: str, matmul: str = "tiled") -> dict:
     alone = BatchedLM(model, forward=forward, matmul=matmul)
     a = [alone.extend([("t", prompt)])[0], alone.extend([("t", [17])])[0]]
     crowd = BatchedLM(model, forward=forward, matmul=matmul)
-    others = [(("o", i), rng.integers(0, min(vocab, 30000), n).tolist()) for i, n in enumerate((3, 70, 12, 55, 9, 31, 64))]
+    others = [
+        (("o", i), rng.integers(0, min(vocab, 30000), n).tolist()) for i, n in enumerate((3, 70, 12, 55, 9, 31, 64))
+    ]
     b = [crowd.extend(others + [("t", prompt)])[-1], crowd.extend([(o, [5]) for o, _ in others] + [("t", [17])])[-1]]
     worst = max(float(np.abs(x - y).max()) for x, y in zip(a, b))
     share = max(float((x != y).mean()) for x, y in zip(a, b))
@@ -115,16 +118,19 @@ def command(
                 ops = {
                     "linear mlp.up, one call": linear_rows(layer.mlp.up_proj.weight, None, dtype, tiled=False),
                     "linear mlp.up, row tiles": linear_rows(layer.mlp.up_proj.weight, None, dtype, tiled=True),
-                    "linear q_proj+bias, one call": linear_rows(layer.self_attn.q_proj.weight,
-                                                                layer.self_attn.q_proj.bias, dtype, tiled=False),
-                    "linear q_proj+bias, row tiles": linear_rows(layer.self_attn.q_proj.weight,
-                                                                 layer.self_attn.q_proj.bias, dtype, tiled=True),
+                    "linear q_proj+bias, one call": linear_rows(
+                        layer.self_attn.q_proj.weight, layer.self_attn.q_proj.bias, dtype, tiled=False
+                    ),
+                    "linear q_proj+bias, row tiles": linear_rows(
+                        layer.self_attn.q_proj.weight, layer.self_attn.q_proj.bias, dtype, tiled=True
+                    ),
                     "lm head, one call": linear_rows(model.get_output_embeddings().weight, None, dtype, tiled=False),
                     "lm head, row tiles": linear_rows(model.get_output_embeddings().weight, None, dtype, tiled=True),
                     "rmsnorm, one call": rms_norm_rows(layer.input_layernorm, cfg.hidden_size, dtype, tiled=False),
                     "rmsnorm, row tiles": rms_norm_rows(layer.input_layernorm, cfg.hidden_size, dtype, tiled=True),
-                    "attention, padded batch": attention_sessions(cfg.num_attention_heads, cfg.num_key_value_heads,
-                                                                  head_dim, dtype),
+                    "attention, padded batch": attention_sessions(
+                        cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, dtype
+                    ),
                     "forward, hf (left-padded slab)": forward_sessions(model, "hf"),
                     "forward, packed, one-call matmuls": forward_sessions(model, "packed", "plain"),
                     "forward, packed (default)": forward_sessions(model, "packed"),

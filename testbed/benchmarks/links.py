@@ -9,6 +9,7 @@
   caller-driven and the background-thread drivers.
   Rounds are interleaved and the median kept, so load on the machine hits all variants alike.
 """
+
 from __future__ import annotations
 
 import json
@@ -133,7 +134,10 @@ def transport_overhead(n: int = 4000, rounds: int = 3, payload_bytes: int = 64) 
     s = {m: statistics.median(v) for m, v in stream.items()}
     r = {m: statistics.median(v) for m, v in rtt.items()}
     return {
-        "messages": n, "round_trips": max(1, n // 4), "rounds": rounds, "payload_bytes": payload_bytes,
+        "messages": n,
+        "round_trips": max(1, n // 4),
+        "rounds": rounds,
+        "payload_bytes": payload_bytes,
         "stream_us_per_msg": {"raw_zmq": s["raw"], "shaped_caller": s["caller"], "shaped_thread": s["thread"]},
         "stream_overhead_us_per_msg": {"caller": s["caller"] - s["raw"], "thread": s["thread"] - s["raw"]},
         "rtt_us": {"raw_zmq": r["raw"], "shaped_caller": r["caller"], "shaped_thread": r["thread"]},
@@ -149,8 +153,11 @@ def run(model_sends: int = 100_000, transport_messages: int = 4000, rounds: int 
     big = model_sends_per_s(netem.get_profile("5g-good").uplink, max(1, model_sends // 10), nbytes=10_000)
     return {
         "model": {
-            "message_bytes": 64, "sends_per_profile": model_sends, "sends_per_s": speeds,
-            "min_sends_per_s": min(speeds.values()), "goal_sends_per_s": GOAL_SENDS_PER_S,
+            "message_bytes": 64,
+            "sends_per_profile": model_sends,
+            "sends_per_s": speeds,
+            "min_sends_per_s": min(speeds.values()),
+            "goal_sends_per_s": GOAL_SENDS_PER_S,
             "meets_goal": min(speeds.values()) >= GOAL_SENDS_PER_S,
             "sends_per_s_10kB_messages_5g_good": big,
         },
@@ -165,12 +172,16 @@ def command(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) 
         typer.echo(json.dumps(result, indent=2))
         return
     m, t = result["model"], result["transport"]
-    typer.echo(f"model: min {m['min_sends_per_s']:,.0f} sends/s over bundled profiles "
-               f"(goal {m['goal_sends_per_s']:,}; {'met' if m['meets_goal'] else 'NOT met'})")
+    typer.echo(
+        f"model: min {m['min_sends_per_s']:,.0f} sends/s over bundled profiles "
+        f"(goal {m['goal_sends_per_s']:,}; {'met' if m['meets_goal'] else 'NOT met'})"
+    )
     for name, v in m["sends_per_s"].items():
         typer.echo(f"  {name:14s} {v:12,.0f} sends/s")
     typer.echo(f"transport ({t['payload_bytes']} B messages, median of {t['rounds']} rounds):")
     for key, label in (("stream_us_per_msg", "stream us/msg"), ("rtt_us", "round trip us")):
         v = t[key]
-        typer.echo(f"  {label:14s} raw {v['raw_zmq']:8.1f}  shaped(caller) {v['shaped_caller']:8.1f}  "
-                   f"shaped(thread) {v['shaped_thread']:8.1f}")
+        typer.echo(
+            f"  {label:14s} raw {v['raw_zmq']:8.1f}  shaped(caller) {v['shaped_caller']:8.1f}  "
+            f"shaped(thread) {v['shaped_thread']:8.1f}"
+        )

@@ -1,6 +1,7 @@
 """`testbed bench policies`: per-token cost of the estimators and online k* (policies.benchmark), and of
 the exact fidelity of each preset (its decision law expanded over every draft, agents.fidelity) next to
 the branch measure it replaced."""
+
 from __future__ import annotations
 
 import json
@@ -30,14 +31,20 @@ def command(
             print(f"  {name:40s} {value}")
     print("[exact fidelity: ms per token, lm-like logits; x branch = / the branch measure's cost]")
     for name, r in out["exact_fidelity"].items():
-        print(f"  {name:40s} {r['exact_ms']:>9.2f} ms  (x{r['ratio_to_branch']:.0f} branch, {r['transmit_groups']} k groups)")
+        print(
+            f"  {name:40s} {r['exact_ms']:>9.2f} ms  "
+            f"(x{r['ratio_to_branch']:.0f} branch, {r['transmit_groups']} k groups)"
+        )
 
 
-PRESETS = {"hlm": {"name": "hlm"}, "u-hlm": {"name": "u-hlm", "threshold": "fixed", "u_th": 0.25},
-           "cu-hlm (online k*)": {"name": "cu-hlm", "threshold": "fixed", "u_th": 0.25},
-           "cu-hlm-offline": {"name": "cu-hlm-offline", "threshold": "fixed", "u_th": 0.25, "k": 14},
-           "cu-hlm-adaptive (max u)": {"name": "cu-hlm-adaptive", "estimator": "max"},
-           "rand-hlm": {"name": "rand-hlm", "skip_rate": 0.3}}
+PRESETS = {
+    "hlm": {"name": "hlm"},
+    "u-hlm": {"name": "u-hlm", "threshold": "fixed", "u_th": 0.25},
+    "cu-hlm (online k*)": {"name": "cu-hlm", "threshold": "fixed", "u_th": 0.25},
+    "cu-hlm-offline": {"name": "cu-hlm-offline", "threshold": "fixed", "u_th": 0.25, "k": 14},
+    "cu-hlm-adaptive (max u)": {"name": "cu-hlm-adaptive", "estimator": "max"},
+    "rand-hlm": {"name": "rand-hlm", "skip_rate": 0.3},
+}
 
 
 def fidelity_cost(vocab: int, batch: int, repeats: int) -> dict:
@@ -61,17 +68,25 @@ def fidelity_cost(vocab: int, batch: int, repeats: int) -> dict:
         out = {}
         for name, spec in PRESETS.items():
             policy = load_policy(spec)
-            laws = [policy.decide_batch(zb[None], [DecisionContext(0, b, 0, 1.0, int(x.argmax()), x)])[0].law
-                    for b, (zb, x, _) in enumerate(rows)]
+            laws = [
+                policy.decide_batch(zb[None], [DecisionContext(0, b, 0, 1.0, int(x.argmax()), x)])[0].law
+                for b, (zb, x, _) in enumerate(rows)
+            ]
 
             def best(fn):  # ms per token, process CPU, best of `repeats` (as the estimators' rows)
                 return _best(fn, repeats) / batch * 1e3
 
-            exact = best(lambda: [exact_fidelity(zb, x, law, y) for (zb, x, y), law in zip(rows, laws)])
-            branch = best(lambda: [branch_fidelity(x, y, None) for _, x, y in rows])
+            exact = best(
+                lambda rows=rows, laws=laws: [exact_fidelity(zb, x, law, y) for (zb, x, y), law in zip(rows, laws)]
+            )
+            branch = best(lambda rows=rows: [branch_fidelity(x, y, None) for _, x, y in rows])
             groups = max(len(law.draft_law(zb, x).groups) for (zb, x, _), law in zip(rows, laws))
-            out[name] = {"exact_ms": round(exact, 3), "branch_ms": round(branch, 3),
-                         "ratio_to_branch": round(exact / max(branch, 1e-9), 1), "transmit_groups": groups}
+            out[name] = {
+                "exact_ms": round(exact, 3),
+                "branch_ms": round(branch, 3),
+                "ratio_to_branch": round(exact / max(branch, 1e-9), 1),
+                "transmit_groups": groups,
+            }
         return out
     finally:
         torch.set_num_threads(threads)

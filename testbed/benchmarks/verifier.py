@@ -1,6 +1,7 @@
 """`testbed bench verifier`: verified tokens/s through the Verifier (ZeroMQ ROUTER, sessions,
 batching, payload decode, speculative verification) next to the raw batched forward of the
 same model, both measured in this run on the same weights."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,15 @@ def verifier_tokens_per_s(lm, batch: int, prompt_len: int, steps: int, k: int = 
     from agents.verifier import ServerProfile
 
     vocab = lm.vocab_size
-    verifier = Verifier(None, ServerProfile(max_batch=batch, max_wait_ms=1e6), 0, vocab, ClockParams(), lm=lm,
-                        threads=torch.get_num_threads())
+    verifier = Verifier(
+        None,
+        ServerProfile(max_batch=batch, max_wait_ms=1e6),
+        0,
+        vocab,
+        ClockParams(),
+        lm=lm,
+        threads=torch.get_num_threads(),
+    )
     endpoint = verifier.start()
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -51,14 +59,22 @@ def verifier_tokens_per_s(lm, batch: int, prompt_len: int, steps: int, k: int = 
     devices = [10_000 * batch + i for i in range(batch)]  # distinct from other runs' sessions
     try:
         for i, d in enumerate(devices):
-            frame = protocol.Open(device=d, session=wire.SESSION, seq=0, prompt=_prompt(prompt_len, vocab, i), seed=0,
-                                  temperature=1.0)
+            frame = protocol.Open(
+                device=d, session=wire.SESSION, seq=0, prompt=_prompt(prompt_len, vocab, i), seed=0, temperature=1.0
+            )
             sock.send_multipart(wire.encode(wire.Open(frame, wire.OpenStamp(steps + 2, 0.0))))
 
         def step(n: int) -> None:
             for d in devices:
-                frame = protocol.Upload(device=d, session=wire.SESSION, seq=n, token_index=n, draft=100,
-                                        draft_prob=float(probs[0]), payload=payload)
+                frame = protocol.Upload(
+                    device=d,
+                    session=wire.SESSION,
+                    seq=n,
+                    token_index=n,
+                    draft=100,
+                    draft_prob=float(probs[0]),
+                    payload=payload,
+                )
                 sock.send_multipart(wire.encode(wire.Upload(frame, wire.UploadStamp(n * 10.0, n * 10.0 + 1.0))))
             for _ in devices:
                 if not sock.poll(600_000):
@@ -101,13 +117,27 @@ def command(
     for b in [int(x) for x in batches.split(",")]:
         raw = raw_tokens_per_s(lm, b, prompt_len, steps)
         ver = verifier_tokens_per_s(lm, b, prompt_len, steps)
-        rows.append({"batch": b, "verifier_tokens_per_s": round(ver, 2), "raw_tokens_per_s": round(raw, 2),
-                     "verifier_vs_raw": round(ver / raw, 3)})
+        rows.append(
+            {
+                "batch": b,
+                "verifier_tokens_per_s": round(ver, 2),
+                "raw_tokens_per_s": round(raw, 2),
+                "verifier_vs_raw": round(ver / raw, 3),
+            }
+        )
     base = rows[0]["verifier_tokens_per_s"]
     for r in rows:
         r["speedup_vs_batch1"] = round(r["verifier_tokens_per_s"] / base, 2) if base else math.nan
-    doc = {"model": model, "dtype": dtype, "threads": threads, "machine": machine_info(), "lm": lm.describe(),
-           "steps": steps, "prompt_len": prompt_len, "rows": rows}
+    doc = {
+        "model": model,
+        "dtype": dtype,
+        "threads": threads,
+        "machine": machine_info(),
+        "lm": lm.describe(),
+        "steps": steps,
+        "prompt_len": prompt_len,
+        "rows": rows,
+    }
     if json_out:
         print(json.dumps(doc, indent=2))
         return
@@ -118,6 +148,11 @@ def command(
     for col in ("batch", "verifier tok/s", "raw tok/s", "verifier/raw", "vs batch 1"):
         t.add_column(col, justify="right")
     for r in rows:
-        t.add_row(str(r["batch"]), f"{r['verifier_tokens_per_s']:.1f}", f"{r['raw_tokens_per_s']:.1f}",
-                  f"{r['verifier_vs_raw']:.2f}", f"{r['speedup_vs_batch1']:.2f}x")
+        t.add_row(
+            str(r["batch"]),
+            f"{r['verifier_tokens_per_s']:.1f}",
+            f"{r['raw_tokens_per_s']:.1f}",
+            f"{r['verifier_vs_raw']:.2f}",
+            f"{r['speedup_vs_batch1']:.2f}x",
+        )
     Console().print(t)

@@ -1,9 +1,9 @@
 """`testbed accuracy RUN_DIR`: HumanEval pass@1 of a finished run (re-scored from its tokens)."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,12 +14,16 @@ def _fmt(p: float | None, se: float | None) -> str:
 
 def accuracy(
     run_dir: Path = typer.Argument(..., help="A finished run directory with HumanEval prompts."),
-    reference: Optional[Path] = typer.Option(None, "--reference", "-r",
-                                             help="An llm-only run on the same prompts and seed: adds pass@1 "
-                                                  "relative to it and the per-prompt agreement."),
+    reference: Path | None = typer.Option(
+        None,
+        "--reference",
+        "-r",
+        help="An llm-only run on the same prompts and seed: adds pass@1 relative to it and the per-prompt agreement.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the accuracy block as JSON."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1,
-                                          help="Programs run at once (default: the usable CPUs)."),
+    workers: int | None = typer.Option(
+        None, "--workers", "-j", min=1, help="Programs run at once (default: the usable CPUs)."
+    ),
     timeout: float = typer.Option(10.0, "--timeout", min=0.1, help="Seconds per program."),
 ) -> None:
     """Execute every device's completion against its HumanEval tests (sandboxed subprocesses);
@@ -33,7 +37,7 @@ def accuracy(
         result = score_run(run_dir, reference=reference, workers=workers, timeout_s=timeout)
     except AccuracyError as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     b = result.block
     if json_out:
         print(json.dumps(b, indent=2))
@@ -48,25 +52,35 @@ def accuracy(
     if "reference" in b:
         ref = b["reference"]
         table.add_section()
-        table.add_row("reference run", str(ref["n"]), str(ref["passed"]),
-                      _fmt(ref["pass_at_1"], ref["stderr"]))
+        table.add_row("reference run", str(ref["n"]), str(ref["passed"]), _fmt(ref["pass_at_1"], ref["stderr"]))
         rel, se = b["pass_at_1_relative"], b["pass_at_1_relative_stderr"]
-        table.add_row("relative to reference", "", "", "n/a (reference pass@1 is 0)" if rel is None
-                      else f"{rel:.3f} ± {se:.3f}")
+        table.add_row(
+            "relative to reference", "", "", "n/a (reference pass@1 is 0)" if rel is None else f"{rel:.3f} ± {se:.3f}"
+        )
         pr = b.get("paired") or {}
         if pr.get("diff") is not None:
             se = "n/a" if pr["stderr"] is None else f"{pr['stderr']:.3f}"
-            table.add_row("paired difference (run - reference)", str(pr["n_problems"]), "",
-                          f"{pr['diff']:+.3f} ± {se}, {pr['test']} p = {pr['mcnemar_p']:.3g} "
-                          f"({'distinguishable' if pr['distinguishable_95'] else 'not distinguishable'} at 95%)")
+            table.add_row(
+                "paired difference (run - reference)",
+                str(pr["n_problems"]),
+                "",
+                f"{pr['diff']:+.3f} ± {se}, {pr['test']} p = {pr['mcnemar_p']:.3g} "
+                f"({'distinguishable' if pr['distinguishable_95'] else 'not distinguishable'} at 95%)",
+            )
         ag = b["agreement"]
-        table.add_row("per-prompt agreement", str(ag["n_prompts"]), "",
-                      "n/a" if ag["agreement"] is None else f"{100 * ag['agreement']:.1f}%")
+        table.add_row(
+            "per-prompt agreement",
+            str(ag["n_prompts"]),
+            "",
+            "n/a" if ag["agreement"] is None else f"{100 * ag['agreement']:.1f}%",
+        )
     console = Console()
     console.print(table)
     r = b["results"]
-    console.print(f"  {r['passed']} passed, {r['failed']} failed, {r['timed out']} timed out "
-                  f"(timeout {b['timeout_s']:g} s)  -> {run_dir / 'accuracy.parquet'}")
+    console.print(
+        f"  {r['passed']} passed, {r['failed']} failed, {r['timed out']} timed out "
+        f"(timeout {b['timeout_s']:g} s)  -> {run_dir / 'accuracy.parquet'}"
+    )
     if "reference" in b:
         console.print(f"  reference: {b['reference']['run_dir']}")
     for w in b.get("reference", {}).get("warnings", []):

@@ -1,4 +1,5 @@
 """`testbed bench ...`: each benchmark lives in testbed/benchmarks/<name>.py and prints JSON."""
+
 from __future__ import annotations
 
 import typer

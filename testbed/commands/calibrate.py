@@ -28,19 +28,33 @@ def calibrate(
 
     err = Console(stderr=True)
     slm, llm = pair_specs(pair)
-    spec = {"source": "humaneval", "count": n_prompts} if prompts == "humaneval" else {"file": prompts, "count": n_prompts}
+    spec = (
+        {"source": "humaneval", "count": n_prompts} if prompts == "humaneval" else {"file": prompts, "count": n_prompts}
+    )
     texts = load_prompts(spec, load_tokenizer(slm))
     total = n_prompts * max_new_tokens
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("calibrating (hlm, every draft verified)", total=total)
-        result = cal.calibrate(slm, llm, [list(p.token_ids) for p in texts], max_new_tokens, temperature, seed,
-                               progress=lambda g, v: bar.update(task, completed=sum(len(d.rows) for d in g.devices.values())),
-                               dtype=dtype)
+        result = cal.calibrate(
+            slm,
+            llm,
+            [list(p.token_ids) for p in texts],
+            max_new_tokens,
+            temperature,
+            seed,
+            progress=lambda g, v: bar.update(task, completed=sum(len(d.rows) for d in g.devices.values())),
+            dtype=dtype,
+        )
     out.mkdir(parents=True, exist_ok=True)
     result.samples.to_csv(out / "samples.csv", index=False)
     cal.plot(result, out / "beta_vs_u.png")
-    doc = {"pair": pair, "n_prompts": n_prompts, "max_new_tokens": max_new_tokens, "temperature": temperature,
-           "estimators": result.fits}
+    doc = {
+        "pair": pair,
+        "n_prompts": n_prompts,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "estimators": result.fits,
+    }
     (out / "calibration.json").write_text(json.dumps(doc, indent=2))
     table = Table(title=f"beta ~ a*u + b on {pair} ({len(result.samples)} tokens)  -> {out}")
     for col in ("estimator", "a", "b", "pearson r", "u_th risk-averse (-b/a)", "u_th 95% CI (bootstrap)"):
@@ -48,7 +62,9 @@ def calibrate(
     for name, f in result.fits.items():
         fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
         ci = (f.get("ci") or {}).get("u_th_risk_averse")
-        ci_text = "n/a" if not ci else f"[{ci[0]:.4f}, {ci[1]:.4f}]" + (" straddles 0" if f["ci"]["straddles_zero"] else "")
+        ci_text = (
+            "n/a" if not ci else f"[{ci[0]:.4f}, {ci[1]:.4f}]" + (" straddles 0" if f["ci"]["straddles_zero"] else "")
+        )
         table.add_row(name, fmt(f["a"]), fmt(f["b"]), fmt(f["pearson_r"]), fmt(f["u_th_risk_averse"]), ci_text)
     err.print(table)
     if json_out:

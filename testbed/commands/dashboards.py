@@ -4,6 +4,7 @@
   prometheus.yml, docker-compose.yml); ``export grafana`` refreshes the committed copy.
 - ``up``: start the installed ``prometheus`` binary scraping a run's exporter and print the URLs.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -14,7 +15,6 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -42,11 +42,15 @@ def export(out_dir: Path = typer.Argument(..., help="Directory to write the prov
 
 @app.command("up")
 def up(
-    target: list[str] = typer.Option([f"127.0.0.1:{DEFAULT_METRICS_PORT}"], "--target", "-t",
-                                     help="host:port of a run's metrics exporter (repeatable)."),
+    target: list[str] = typer.Option(
+        [f"127.0.0.1:{DEFAULT_METRICS_PORT}"],
+        "--target",
+        "-t",
+        help="host:port of a run's metrics exporter (repeatable).",
+    ),
     port: int = typer.Option(D.PROMETHEUS_PORT, help="Port Prometheus listens on (127.0.0.1)."),
     scrape_interval: str = typer.Option(D.SCRAPE_INTERVAL, help="Prometheus scrape interval, e.g. 1s."),
-    data_dir: Optional[Path] = typer.Option(None, help="Config and TSDB directory (default: a temporary one)."),
+    data_dir: Path | None = typer.Option(None, help="Config and TSDB directory (default: a temporary one)."),
     prometheus: str = typer.Option("prometheus", help="Prometheus binary."),
 ) -> None:
     """Start a local Prometheus scraping the run and print the URLs (Ctrl-C stops it)."""
@@ -63,9 +67,16 @@ def up(
     config.write_text(D.prometheus_config(target, scrape_interval))
     listen = f"127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={data_dir / 'tsdb'}",
-         f"--web.listen-address={listen}", "--log.level=warn"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={data_dir / 'tsdb'}",
+            f"--web.listen-address={listen}",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         base = f"http://{listen}"
@@ -77,8 +88,10 @@ def up(
         typer.echo(f"  targets: {base}/targets")
         typer.echo(f"  query:   {base}/graph?g0.expr=hlm_tokens_committed_total")
         typer.echo(f"  config:  {config}")
-        typer.echo("Grafana (not started here): docker compose -f grafana/docker-compose.yml up grafana, or import "
-                   f"grafana/dashboards/*.json with a Prometheus data source at {base}")
+        typer.echo(
+            "Grafana (not started here): docker compose -f grafana/docker-compose.yml up grafana, or import "
+            f"grafana/dashboards/*.json with a Prometheus data source at {base}"
+        )
         typer.echo("Ctrl-C stops Prometheus.")
         sys.stdout.flush()
         while proc.poll() is None:

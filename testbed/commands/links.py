@@ -1,4 +1,5 @@
 """`testbed links`: the bundled link profiles; `testbed links plot`: one profile over time."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,10 @@ def links(ctx: typer.Context, json_out: bool = typer.Option(False, "--json", hel
 
     profiles = netem.list_profiles()
     if json_out:
-        out = {name: {**p.to_dict(), "summary": {"uplink": p.uplink.summary(), "downlink": p.downlink.summary()}}
-               for name, p in profiles.items()}
+        out = {
+            name: {**p.to_dict(), "summary": {"uplink": p.uplink.summary(), "downlink": p.downlink.summary()}}
+            for name, p in profiles.items()
+        }
         typer.echo(json.dumps(out, indent=2))
         return
     from rich.console import Console
@@ -50,10 +53,12 @@ def timeline(profile, seed: int, seconds: float, probes: int = 1000, probe_bytes
 
 
 @app.command("plot")
-def plot(name: str = typer.Argument(..., help="Profile name (see `testbed links`)."),
-         seconds: float = typer.Option(10.0, "--seconds", min=0.001, help="Emulated seconds to show."),
-         out: Path = typer.Option(..., "--out", help="PNG file to write."),
-         seed: int = typer.Option(0, "--seed", help="Scenario seed (device 0's links are shown).")) -> None:
+def plot(
+    name: str = typer.Argument(..., help="Profile name (see `testbed links`)."),
+    seconds: float = typer.Option(10.0, "--seconds", min=0.001, help="Emulated seconds to show."),
+    out: Path = typer.Option(..., "--out", help="PNG file to write."),
+    seed: int = typer.Option(0, "--seed", help="Scenario seed (device 0's links are shown)."),
+) -> None:
     """Rate and one-way delay of profile NAME over time, both directions, as a PNG."""
     import matplotlib
 

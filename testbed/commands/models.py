@@ -79,7 +79,7 @@ def prepare(
         except (provision.ProvisionError, ModelError) as e:
             bar.stop()
             err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)  # keep commands copyable
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
     seconds = round(time.monotonic() - start, 1)
     sizes = {r["spec"]: provision.folder_bytes(Path(r["folder"])) for r in results}
     if json_out:

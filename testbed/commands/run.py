@@ -19,13 +19,20 @@ def run(
     address: str = typer.Option(None, "--address", help="Join an existing Ray cluster (e.g. auto or host:6379)."),
     engine: str = typer.Option("ray", "--engine", help="ray (actors + ZeroMQ) or local (single process)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
-    metrics_port: str = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on this port, as "
-                                     "metrics.port: 0 = any free port, off = none (default: the scenario's)."),
+    metrics_port: str = typer.Option(
+        None,
+        "--metrics-port",
+        help="Serve Prometheus metrics on this port, as "
+        "metrics.port: 0 = any free port, off = none (default: the scenario's).",
+    ),
     linger: float = typer.Option(0.0, "--linger", help="Keep serving metrics this many seconds after the end."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML/PNG report."),
     dtype: str = typer.Option(None, "--dtype", help="Override models.dtype: auto | bfloat16 | float32 | float16."),
-    threads: str = typer.Option(None, "--threads", help="Override actors.threads (the content forwards' torch "
-                                "threads): auto (every usable core) | N."),
+    threads: str = typer.Option(
+        None,
+        "--threads",
+        help="Override actors.threads (the content forwards' torch threads): auto (every usable core) | N.",
+    ),
     profile: bool = typer.Option(False, "--profile", help="Time the compute limit too and print the time breakdown."),
     no_accuracy: bool = typer.Option(False, "--no-accuracy", help="Skip executing HumanEval tests (pass@1)."),
     debug: bool = typer.Option(False, "--debug", help="On a failure, print the full traceback too."),
@@ -73,24 +80,46 @@ def _checked_points(scenario: str, out: Path | None, clock, dtype, threads, metr
             s = override(s, changes)
         points = expand_sweep(s)
         for point in points:
-            preflight(point, engine=engine, address=address or s.address,
-                      source=scenario if len(points) == 1 else f"{scenario} (sweep run {point.name})")
+            preflight(
+                point,
+                engine=engine,
+                address=address or s.address,
+                source=scenario if len(points) == 1 else f"{scenario} (sweep run {point.name})",
+            )
     except ScenarioError as e:
         _say(str(e))
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         _say("interrupted before the run started; nothing was written")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     return points, out or Path("runs") / f"{s.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _options(point, out_dir: Path, engine: str, address, metrics_port, linger: float, no_report: bool,
-             profile: bool, no_accuracy: bool):
+def _options(
+    point,
+    out_dir: Path,
+    engine: str,
+    address,
+    metrics_port,
+    linger: float,
+    no_report: bool,
+    profile: bool,
+    no_accuracy: bool,
+):
     from testbed.run import RunOptions
 
-    return RunOptions(out_dir=out_dir, engine=engine, address=address or point.address, progress=True,
-                      report=not no_report, metrics_port=None if metrics_port == "off" else point.metrics.port,
-                      metrics_host=point.metrics.host, linger_s=linger, profile=profile, accuracy=not no_accuracy)
+    return RunOptions(
+        out_dir=out_dir,
+        engine=engine,
+        address=address or point.address,
+        progress=True,
+        report=not no_report,
+        metrics_port=None if metrics_port == "off" else point.metrics.port,
+        metrics_host=point.metrics.host,
+        linger_s=linger,
+        profile=profile,
+        accuracy=not no_accuracy,
+    )
 
 
 def _run_point(point, opts, summaries: dict, base: Path, debug: bool) -> dict:
@@ -103,18 +132,23 @@ def _run_point(point, opts, summaries: dict, base: Path, debug: bool) -> dict:
     try:
         return run_scenario(point, opts)
     except KeyboardInterrupt:
-        _say(f"interrupted: {point.name} stopped after {time.time() - t0:.0f} s. {_partial(opts.out_dir, summaries, base)}")
-        raise typer.Exit(130)
+        _say(
+            f"interrupted: {point.name} stopped after {time.time() - t0:.0f} s. "
+            f"{_partial(opts.out_dir, summaries, base)}"
+        )
+        raise typer.Exit(130) from None
     except ScenarioError as e:  # the plan's own checks (preflight passed above: only if the machine changed)
         _say(str(e))
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     except Exception as e:  # noqa: BLE001 - one paragraph instead of a traceback
         if debug:
             traceback.print_exc()
-        _say(f"testbed run failed: {point.name} ({opts.engine} engine) stopped after {time.time() - t0:.0f} s: "
-             f"{describe_error(e).rstrip('.')}. {_partial(opts.out_dir, summaries, base)}"
-             + ("" if debug else " Run again with --debug for the full traceback."))
-        raise typer.Exit(1)
+        _say(
+            f"testbed run failed: {point.name} ({opts.engine} engine) stopped after {time.time() - t0:.0f} s: "
+            f"{describe_error(e).rstrip('.')}. {_partial(opts.out_dir, summaries, base)}"
+            + ("" if debug else " Run again with --debug for the full traceback.")
+        )
+        raise typer.Exit(1) from None
 
 
 def _show(err, summary: dict, title: str, profile: bool) -> None:

@@ -7,6 +7,7 @@ the sub-path at fault. The packages are imported lazily and skipped when absent,
 loads (and `testbed validate` stays quick) without torch. What needs the models, the prompts or
 this machine's resources is testbed.preflight's, not this module's.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +27,12 @@ def _split_error(message: str, d: dict) -> tuple[tuple, str]:
     m = re.match(r"^([\w.-]+): (.*)$", message, re.S)
     if m and m.group(1).split(".")[0] in d:
         return tuple(m.group(1).split(".")), m.group(2)
-    hits = [(mm.start(), -len(k), k) for k in d for mm in [re.search(rf"(?<![\w]){re.escape(str(k))}(?![\w])", message)] if mm]
+    hits = [
+        (mm.start(), -len(k), k)
+        for k in d
+        for mm in [re.search(rf"(?<![\w]){re.escape(str(k))}(?![\w])", message)]
+        if mm
+    ]
     return ((min(hits)[2],) if hits else ()), message
 
 
@@ -46,8 +52,10 @@ def _agents_models():
 
 
 def check_model_spec(v: Any, base_dir: str | None) -> Any:
-    expected = ("expected a model: a bundled pair member like qwen2.5-coder:slm, a Hugging Face id, "
-                "a local folder, tiny (tiny:slm, tiny:llm), or {kind: tiny, <params>}")
+    expected = (
+        "expected a model: a bundled pair member like qwen2.5-coder:slm, a Hugging Face id, "
+        "a local folder, tiny (tiny:slm, tiny:llm), or {kind: tiny, <params>}"
+    )
     if isinstance(v, str):
         if not v or v != v.strip() or any(c.isspace() for c in v):
             raise fail(f"{expected}, got {v!r}")
@@ -64,8 +72,9 @@ def check_model_spec(v: Any, base_dir: str | None) -> Any:
         known = [f.name for f in dataclasses.fields(models.TinyConfig)]
         unknown = [k for k in v if k != "kind" and k not in known]
         if unknown:
-            raise fail_many([((k,), f"unknown tiny model parameter; expected one of: {', '.join(known)}")
-                             for k in unknown])
+            raise fail_many(
+                [((k,), f"unknown tiny model parameter; expected one of: {', '.join(known)}") for k in unknown]
+            )
     if models is not None:
         try:
             models.parse_spec(v)
@@ -80,8 +89,10 @@ def check_model_spec(v: Any, base_dir: str | None) -> Any:
 
 # A DNS host name: labels of letters, digits and inner hyphens. Checked before any lookup, so
 # text like "not a host" is refused without asking a resolver.
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
 
 
 @functools.lru_cache(maxsize=64)  # overrides and sweeps re-validate the same host many times
@@ -141,8 +152,10 @@ def _all_lost(p) -> tuple[str, str] | None:
         rate = bad * p.ge_loss_bad + (1 - bad) * p.ge_loss_good
         if rate >= 1:
             field = "ge_loss_good" if p.ge_loss_good >= 1 else "ge_r" if p.ge_r == 0 else "ge_loss_bad"
-            return field, (f"the Gilbert-Elliott loss (ge_p {p.ge_p:g}, ge_r {p.ge_r:g}, ge_loss_bad "
-                           f"{p.ge_loss_bad:g}, ge_loss_good {p.ge_loss_good:g}) loses every packet in the long run")
+            return field, (
+                f"the Gilbert-Elliott loss (ge_p {p.ge_p:g}, ge_r {p.ge_r:g}, ge_loss_bad "
+                f"{p.ge_loss_bad:g}, ge_loss_good {p.ge_loss_good:g}) loses every packet in the long run"
+            )
     elif p.loss >= 1:
         return "loss", f"expected a loss probability < 1, got {p.loss!r}"
     trace_loss = getattr(p.trace, "loss", None) if p.trace is not None else None
@@ -158,8 +171,13 @@ def _loss_problems(profile, tier: str | None) -> list[tuple[tuple, str]]:
         hit = _all_lost(getattr(profile, direction))
         if hit:
             field, why = hit
-            out.append(((direction, field), f"{why}; every message on this link would be lost and the run would "
-                                             f"fail after {_TRIES} tries{f' (tier {tier})' if tier else ''}"))
+            out.append(
+                (
+                    (direction, field),
+                    f"{why}; every message on this link would be lost and the run would "
+                    f"fail after {_TRIES} tries{f' (tier {tier})' if tier else ''}",
+                )
+            )
     return out
 
 
@@ -179,8 +197,10 @@ def check_link(v: Any, tier: str | None = None) -> Any:
                 raise fail_many([((), f"profile {v!r}: {'.'.join(sub)}: {msg}") for sub, msg in lost])
         return v
     if not isinstance(v, dict):
-        raise fail(f"expected a named link profile or {{uplink: {{rate_mbps: .., delay_ms: ..}}, "
-                   f"downlink: {{..}}}}, got {type(v).__name__}")
+        raise fail(
+            f"expected a named link profile or {{uplink: {{rate_mbps: .., delay_ms: ..}}, "
+            f"downlink: {{..}}}}, got {type(v).__name__}"
+        )
     problems: list[tuple[tuple, str]] = []
     for k in v:
         if k not in ("uplink", "downlink"):
@@ -202,9 +222,14 @@ def check_link(v: Any, tier: str | None = None) -> Any:
                 problems.append(((direction, key), f"expected a finite number {expected}, got {x!r}"))
                 bad = True
             elif key == "loss" and x == 1:
-                problems.append(((direction, key), f"expected a loss probability < 1, got {x!r}; every message on "
-                                 f"this link would be lost and the run would fail after {_TRIES} tries"
-                                 f"{f' (tier {tier})' if tier else ''}"))
+                problems.append(
+                    (
+                        (direction, key),
+                        f"expected a loss probability < 1, got {x!r}; every message on "
+                        f"this link would be lost and the run would fail after {_TRIES} tries"
+                        f"{f' (tier {tier})' if tier else ''}",
+                    )
+                )
                 bad = True
             elif not ok(x):
                 problems.append(((direction, key), f"expected a number {expected}, got {x!r}"))
@@ -219,7 +244,7 @@ def check_link(v: Any, tier: str | None = None) -> Any:
         try:
             problems += _loss_problems(netem.DuplexProfile.from_dict(v), tier)
         except (ValueError, TypeError, KeyError) as e:
-            problems.append((_split_error(e.args[0] if e.args else str(e), v)))
+            problems.append(_split_error(e.args[0] if e.args else str(e), v))
     if problems:
         raise fail_many(problems)
     return v

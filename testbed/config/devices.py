@@ -6,6 +6,7 @@ A TierDevice is a device as the scenario file declares it (link and policy as wr
 plan resolves it into an agents.device.DeviceSpec (link profile object, policy label, prompt ids),
 what a device group hosts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ def devices(s: Scenario) -> list[TierDevice]:
 def device_groups(s: Scenario) -> list[list[TierDevice]]:
     """Devices chunked in id order into DeviceGroup actors of actors.devices_per_group each."""
     ds, n = devices(s), s.actors.devices_per_group
-    return [ds[i:i + n] for i in range(0, len(ds), n)]
+    return [ds[i : i + n] for i in range(0, len(ds), n)]
 
 
 def resolve_link(spec: str | dict):

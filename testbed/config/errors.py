@@ -6,6 +6,7 @@ when the scenario came from a file, its line (line_of, from the index testbed.co
 Validators raise fail()/fail_many(): one pydantic error that can carry problems at sub-paths
 below the validated field. Nothing here knows the scenario's fields: callers pass the model.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -116,12 +117,15 @@ _MESSAGES = {
     "too_short": lambda c: f"expected at least {c['min_length']} item(s)",
     "string_too_short": lambda c: "expected a non-empty string",
     "literal_error": lambda c: f"expected one of {c['expected']}",
-    "string_pattern_mismatch": lambda c: "expected a name of letters, digits and . _ - = + (starting with a letter or digit)",
+    "string_pattern_mismatch": lambda c: (
+        "expected a name of letters, digits and . _ - = + (starting with a letter or digit)"
+    ),
 }
 
 
-def problems_of(err: ValidationError, model: type[BaseModel], lines: dict[str, int] | None = None,
-                prefix: tuple = ()) -> list[Problem]:
+def problems_of(
+    err: ValidationError, model: type[BaseModel], lines: dict[str, int] | None = None, prefix: tuple = ()
+) -> list[Problem]:
     """The Problems of a pydantic error raised validating `model`; `prefix` is the path of that
     model in a scenario (("prompts",) for a Prompts), `lines` the YAML's path -> line index."""
     out = []

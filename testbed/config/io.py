@@ -4,6 +4,7 @@ and the bundled scenarios (testbed/scenarios/<name>.yaml, package data of `testb
 load_scenario(path or bundled name) = scenario_path + read_yaml + parse_scenario;
 dump_scenario writes the fully resolved form, which loads back to the same Scenario.
 """
+
 from __future__ import annotations
 
 from importlib import resources
@@ -26,8 +27,11 @@ class _Loader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"duplicate key {key!r} (first on line {seen[key] + 1})",
+                    key_node.start_mark,
+                )
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
@@ -61,8 +65,17 @@ def read_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
         col = f", column {mark.column + 1}" if mark is not None else ""
         what = getattr(e, "problem", None) or str(e)
         ctx = getattr(e, "context", None)
-        raise ScenarioError([Problem("", f"YAML syntax error{' at line ' + str(line) + col if line else ''}: "
-                                         f"{what}{' (' + ctx + ')' if ctx else ''}", line)], source) from None
+        raise ScenarioError(
+            [
+                Problem(
+                    "",
+                    f"YAML syntax error{' at line ' + str(line) + col if line else ''}: "
+                    f"{what}{' (' + ctx + ')' if ctx else ''}",
+                    line,
+                )
+            ],
+            source,
+        ) from None
     finally:
         loader.dispose()
     return data, _line_index(node)
@@ -88,17 +101,26 @@ def scenario_path(path_or_name: str | Path) -> Path:
     bundled = bundled_dir() / f"{path_or_name}.yaml"
     if bundled.is_file():
         return bundled
-    raise ScenarioError([Problem("", f"no scenario file or bundled scenario named {str(path_or_name)!r} "
-                                     f"(bundled: {', '.join(bundled_scenarios())})")])
+    raise ScenarioError(
+        [
+            Problem(
+                "",
+                f"no scenario file or bundled scenario named {str(path_or_name)!r} "
+                f"(bundled: {', '.join(bundled_scenarios())})",
+            )
+        ]
+    )
 
 
-def parse_scenario(data: Any, *, source: str | None = None, base_dir: str | Path | None = None,
-                   lines: dict[str, int] | None = None) -> Scenario:
+def parse_scenario(
+    data: Any, *, source: str | None = None, base_dir: str | Path | None = None, lines: dict[str, int] | None = None
+) -> Scenario:
     """Validate already-parsed data. Relative prompt files resolve against base_dir (default: cwd)."""
     if not isinstance(data, dict):
         got = "an empty document" if data is None else type(data).__name__
-        raise ScenarioError([Problem("", f"expected a mapping of scenario fields, got {got}", 1 if lines else None)],
-                            source)
+        raise ScenarioError(
+            [Problem("", f"expected a mapping of scenario fields, got {got}", 1 if lines else None)], source
+        )
     try:
         return Scenario.model_validate(data, context={"base_dir": str(base_dir) if base_dir else None})
     except ValidationError as e:

@@ -5,6 +5,7 @@ override() and sweeps.
 Models are frozen and refuse unknown fields. Checks that consult agents, netem, policies or the
 resolver live in testbed.config.checks; errors are raised with testbed.config.errors.fail.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -115,20 +116,28 @@ class Prompts(_Config):
         return str(path)
 
     @model_validator(mode="after")
-    def _check_source(self) -> "Prompts":
+    def _check_source(self) -> Prompts:
         wrong = [k for k in ("texts", "file") if getattr(self, k) is not None and k != self.source]
         if wrong:
-            raise fail(f"source is {self.source}: remove {', '.join(wrong)} "
-                       f"(give exactly one of source: humaneval, texts or file)", wrong[0])
+            raise fail(
+                f"source is {self.source}: remove {', '.join(wrong)} "
+                f"(give exactly one of source: humaneval, texts or file)",
+                wrong[0],
+            )
         if self.source in ("texts", "file") and getattr(self, self.source) is None:
             raise fail(f"source is {self.source}: `{self.source}` is required", self.source)
-        size = HUMANEVAL_SIZE if self.source == "humaneval" else len(self.texts or []) if self.source == "texts" else None
+        size = (
+            HUMANEVAL_SIZE if self.source == "humaneval" else len(self.texts or []) if self.source == "texts" else None
+        )
         if size is not None:
             if self.offset >= size:
                 raise fail(f"expected offset < {size} ({self.source} has {size} prompts), got {self.offset}", "offset")
             if self.count is not None and self.offset + self.count > size:
-                raise fail(f"expected offset + count <= {size} ({self.source} has {size} prompts), "
-                           f"got {self.offset} + {self.count}", "count")
+                raise fail(
+                    f"expected offset + count <= {size} ({self.source} has {size} prompts), "
+                    f"got {self.offset} + {self.count}",
+                    "count",
+                )
         return self
 
 
@@ -154,8 +163,11 @@ class Generation(_Config):
             return v
         if not isinstance(v, (list, tuple)):
             raise fail(f"expected a list of stop sequences (non-empty strings), got {type(v).__name__} {v!r}")
-        bad = [((i,), f"expected a non-empty string, got {type(x).__name__} {x!r}")
-               for i, x in enumerate(v) if not isinstance(x, str) or not x]
+        bad = [
+            ((i,), f"expected a non-empty string, got {type(x).__name__} {x!r}")
+            for i, x in enumerate(v)
+            if not isinstance(x, str) or not x
+        ]
         if bad:
             raise fail_many(bad)
         return list(v)
@@ -189,13 +201,13 @@ class Server(_Config):
         return v
 
     @model_validator(mode="after")
-    def _check_curve(self) -> "Server":
+    def _check_curve(self) -> Server:
         from agents.security import curve_on
 
         try:
             curve_on(self.curve, self.host)
         except ValueError as e:
-            raise fail(str(e), "curve")
+            raise fail(str(e), "curve") from None
         return self
 
     def profile(self):
@@ -262,15 +274,20 @@ class Actors(_Config):
     group_gpus: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="after")
-    def _check_placement(self) -> "Actors":
+    def _check_placement(self) -> Actors:
         problems = []
         for role in ("verifier", "group"):
             device, gpus = getattr(self, f"{role}_device"), getattr(self, f"{role}_gpus")
             if device != "cpu" and (why := checks.device_problem(device)):
                 problems.append(((f"{role}_device",), why))
             if device.startswith("cuda") and gpus == 0:
-                problems.append(((f"{role}_gpus",), f"{role}_device is {device}: ask Ray for a GPU share "
-                                 f"(e.g. {role}_gpus: {1 if role == 'verifier' else 0.25})"))
+                problems.append(
+                    (
+                        (f"{role}_gpus",),
+                        f"{role}_device is {device}: ask Ray for a GPU share "
+                        f"(e.g. {role}_gpus: {1 if role == 'verifier' else 0.25})",
+                    )
+                )
             if device == "cpu" and gpus > 0:
                 problems.append(((f"{role}_gpus",), f"{role}_gpus > 0 but {role}_device is cpu"))
         if self.verifier_gpus > 1 and self.verifier_gpus != int(self.verifier_gpus):
@@ -306,7 +323,7 @@ class Scenario(_Config):
     sweep: dict[str, list[Any]] | None = None  # key -> values; one run per combination
 
     @model_validator(mode="after")
-    def _resolve_stop(self) -> "Scenario":
+    def _resolve_stop(self) -> Scenario:
         # generation.stop unset: the HumanEval stops for HumanEval prompts, else none. Resolved here so
         # the scenario a run writes (scenario.yaml) shows the stops in effect.
         if self.generation.stop is None:
@@ -317,17 +334,21 @@ class Scenario(_Config):
         return self
 
     @model_validator(mode="after")
-    def _check_tier_names(self) -> "Scenario":
+    def _check_tier_names(self) -> Scenario:
         seen: dict[str, int] = {}
         for i, t in enumerate(self.tiers):
             if t.name in seen:
-                raise fail(f"duplicate tier name {t.name!r} (also tiers[{seen[t.name]}]); names must be unique",
-                           "tiers", i, "name")
+                raise fail(
+                    f"duplicate tier name {t.name!r} (also tiers[{seen[t.name]}]); names must be unique",
+                    "tiers",
+                    i,
+                    "name",
+                )
             seen[t.name] = i
         return self
 
     @model_validator(mode="after")
-    def _check_sweep(self) -> "Scenario":
+    def _check_sweep(self) -> Scenario:
         if not self.sweep:
             return self
         problems = []
@@ -379,8 +400,10 @@ def set_key(d: dict, key: str, value: Any, s: Scenario) -> dict:
         raise KeyError(f"{key!r} cannot be overridden or swept")
     allowed = fields_at(Scenario, tuple(parts[:-1]))
     if parts[-1] not in allowed:
-        raise KeyError(f"unknown key {key!r}: expected {', '.join(TIER_WIDE_KEYS)}, tiers.<tier>.<field>, "
-                       f"{', '.join(SHORTCUTS)} or a dotted field path (e.g. generation.temperature)")
+        raise KeyError(
+            f"unknown key {key!r}: expected {', '.join(TIER_WIDE_KEYS)}, tiers.<tier>.<field>, "
+            f"{', '.join(SHORTCUTS)} or a dotted field path (e.g. generation.temperature)"
+        )
     node = d
     for p in parts[:-1]:
         node = node[p]

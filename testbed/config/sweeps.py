@@ -3,6 +3,7 @@ and the runs of a `sweep:` block (sweep_points, expand_sweep), each named after 
 
 Keys are those of testbed.config.schema.set_key; every result is validated again.
 """
+
 from __future__ import annotations
 
 import itertools

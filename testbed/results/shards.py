@@ -1,19 +1,21 @@
 """Streaming the trace to parquet shards as a run goes (ResultsWriter), and merging them into
 tokens.parquet at the end; rows a later event completes (a flush's shadow betas) are patched in."""
+
 from __future__ import annotations
 
 import array
 import math
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from testbed.results.tokens import NAN, TOKENS_SCHEMA, table_frame, read_tokens, tokens_table
+from testbed.results.tokens import NAN, TOKENS_SCHEMA, read_tokens, table_frame, tokens_table
 
 
 class ResultsWriter:
@@ -35,8 +37,14 @@ class ResultsWriter:
     are read or merged. The merge holds one block of devices at a time (merge_shards).
     """
 
-    def __init__(self, shard_dir: str | Path, prefix: str = "tokens", flush_rows: int = 8192,
-                 flush_s: float = 5.0, max_pending: int = 32768):
+    def __init__(
+        self,
+        shard_dir: str | Path,
+        prefix: str = "tokens",
+        flush_rows: int = 8192,
+        flush_s: float = 5.0,
+        max_pending: int = 32768,
+    ):
         self.dir, self.prefix = Path(shard_dir), prefix
         self.flush_rows, self.flush_s, self.max_pending = flush_rows, flush_s, max_pending
         self._start()
@@ -105,7 +113,9 @@ class ResultsWriter:
             self.spilled.update(_key(*k) for k in self.pending)
             self.settled.extend(self.pending.values())  # written as they stand; patched when read
             self.pending = {}
-        if len(self.settled) >= self.flush_rows or (self.settled and time.monotonic() - self._last_flush >= self.flush_s):
+        if len(self.settled) >= self.flush_rows or (
+            self.settled and time.monotonic() - self._last_flush >= self.flush_s
+        ):
             self.flush()
 
     def flush(self, pending: bool = False) -> None:
@@ -188,8 +198,12 @@ class _Patches:
     def table(self) -> pd.DataFrame | None:
         if not len(self.keys):
             return None
-        return pd.DataFrame({"key": np.frombuffer(self.keys, np.int64),
-                             **{c: np.frombuffer(v, np.float64) for c, v in self.columns.items()}})
+        return pd.DataFrame(
+            {
+                "key": np.frombuffer(self.keys, np.int64),
+                **{c: np.frombuffer(v, np.float64) for c, v in self.columns.items()},
+            }
+        )
 
 
 def apply_patches(table: pa.Table, patches: pd.DataFrame | None) -> pa.Table:
@@ -209,15 +223,19 @@ def apply_patches(table: pa.Table, patches: pd.DataFrame | None) -> pa.Table:
     return table
 
 
-def merge_shards(shards: Iterable[str | Path], path: str | Path, block_rows: int = 65536,
-                 patches: pd.DataFrame | None = None) -> int:
+def merge_shards(
+    shards: Iterable[str | Path], path: str | Path, block_rows: int = 65536, patches: pd.DataFrame | None = None
+) -> int:
     """Write the shards' rows as one parquet file (TOKENS_SCHEMA) sorted by device and token index,
     one block of devices (about block_rows rows, one row group) at a time: memory holds a block, not
     the run. Every shard is read once per block (the replay writes every device into every shard).
     `patches` (ResultsWriter spills) are applied to each block. Returns the row count."""
     shards, path = list(shards), Path(path)
-    devices = (np.concatenate([pq.read_table(s, columns=["device"]).column("device").to_numpy() for s in shards])
-               if shards else np.zeros(0, np.int32))
+    devices = (
+        np.concatenate([pq.read_table(s, columns=["device"]).column("device").to_numpy() for s in shards])
+        if shards
+        else np.zeros(0, np.int32)
+    )
     ids, counts = np.unique(devices, return_counts=True)
     ends = np.cumsum(counts)  # rows up to and including each device
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,8 +248,9 @@ def merge_shards(shards: Iterable[str | Path], path: str | Path, block_rows: int
             before = ends[start - 1] if start else 0
             stop = max(start + 1, int(np.searchsorted(ends, before + block_rows, side="right")))
             lo, hi = int(ids[start]), int(ids[stop - 1])
-            parts = [tokens_table(pq.read_table(s, filters=[("device", ">=", lo), ("device", "<=", hi)]))
-                     for s in shards]
+            parts = [
+                tokens_table(pq.read_table(s, filters=[("device", ">=", lo), ("device", "<=", hi)])) for s in shards
+            ]
             block = pa.concat_tables(parts).sort_by([("device", "ascending"), ("token_index", "ascending")])
             out.write_table(apply_patches(block, patches))
             start = stop

@@ -26,12 +26,14 @@ short, or a file from another machine, gives the same figures). The live collect
 folds the same events for Prometheus and the progress display, with the same definitions
 (testbed.figures); nothing here reads it, and the progress display computes nothing itself.
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,8 +42,15 @@ from testbed.figures import device_throughput, jain, num, ratio, span_throughput
 from testbed.results.tokens import tokens_frame
 
 
-def summarize(tokens: Any, *, emulated_seconds: float, wall_seconds: float, vocab_size: int,
-              verifier_batches: list[int] | np.ndarray, extra: Mapping[str, Any] | None = None) -> dict:
+def summarize(
+    tokens: Any,
+    *,
+    emulated_seconds: float,
+    wall_seconds: float,
+    vocab_size: int,
+    verifier_batches: list[int] | np.ndarray,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
     """Every summary.json figure (module docstring has the definitions).
 
     tokens: the tokens table (DataFrame, records or dicts). verifier_batches: the size of every
@@ -104,12 +113,16 @@ def stop_figures(df: pd.DataFrame, devices: bool = False) -> dict:
         for reason, n in ended.value_counts().items():
             reasons[str(reason)] = int(n)
     reasons["unfinished"] = int(len(per_device) - sum(reasons.values()))
-    tokens = {"mean": num(per_device.mean()), "min": int(per_device.min()), "max": int(per_device.max())} \
-        if len(per_device) else {"mean": None, "min": None, "max": None}
+    tokens = (
+        {"mean": num(per_device.mean()), "min": int(per_device.min()), "max": int(per_device.max())}
+        if len(per_device)
+        else {"mean": None, "min": None, "max": None}
+    )
     out = {"reasons": reasons, "tokens_per_device": tokens}
     if devices:
-        out["devices"] = {str(d): {"tokens": int(n), "reason": str(ended.get(d, "unfinished"))}
-                          for d, n in per_device.items()}
+        out["devices"] = {
+            str(d): {"tokens": int(n), "reason": str(ended.get(d, "unfinished"))} for d, n in per_device.items()
+        }
     return out
 
 

@@ -1,7 +1,9 @@
 """A run's summary, and several side by side, as tables for the terminal."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 def _pct(x: float | None) -> str:
@@ -55,9 +57,13 @@ def summary_table(summary: Mapping[str, Any], title: str | None = None):
 
     name = summary.get("scenario") or summary.get("name")
     title = title or (f"{name}: " if name else "") + (
-        f"{_fmt(summary['emulated_seconds'], '.2f')} s emulated, {_fmt(summary['wall_seconds'], '.1f')} s wall")
-    table = Table(title=title, caption=f"verifier batch size mean {_fmt(summary['verifier_batch_size_mean'], '.2f')} "
-                                       f"over {summary['verifier_batches']} batches")
+        f"{_fmt(summary['emulated_seconds'], '.2f')} s emulated, {_fmt(summary['wall_seconds'], '.1f')} s wall"
+    )
+    table = Table(
+        title=title,
+        caption=f"verifier batch size mean {_fmt(summary['verifier_batch_size_mean'], '.2f')} "
+        f"over {summary['verifier_batches']} batches",
+    )
     tiers = summary.get("tiers", {})
     table.add_column("")
     table.add_column("all", justify="right", style="bold")

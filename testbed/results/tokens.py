@@ -24,11 +24,13 @@ t_upload_sent and t_verdict of a skipped token). Row meanings:
   for llm-only (0). hlm gives 0 up to float32 rounding of the upload. NaN where unknown (a device
   past its memory budget for held distributions, agents.device.FIDELITY_HOLD_BYTES; older runs).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, get_type_hints
+from typing import Any, get_type_hints
 
 import numpy as np
 import pandas as pd
@@ -95,17 +97,22 @@ class TokenRecord:
 def _schema(record: type) -> pa.Schema:
     types = get_type_hints(record)
     # nullable=False: no nulls, "not applicable" is -1 or NaN
-    return pa.schema([pa.field(f.name, f.metadata.get("arrow", _ARROW[types[f.name]]), nullable=False)
-                      for f in fields(record)], metadata={"hlm_testbed.tokens_schema": SCHEMA_VERSION})
+    return pa.schema(
+        [pa.field(f.name, f.metadata.get("arrow", _ARROW[types[f.name]]), nullable=False) for f in fields(record)],
+        metadata={"hlm_testbed.tokens_schema": SCHEMA_VERSION},
+    )
 
 
 TOKENS_SCHEMA = _schema(TokenRecord)
 TOKEN_COLUMNS = tuple(TOKENS_SCHEMA.names)
 # Columns added after schema 1, with the value that means "unknown": rows and files without them
 # (hand-built rows, older runs) read as unknown rather than failing.
-LATER_COLUMNS = {"fidelity_tv": NAN, "fidelity_tv_branch": NAN,
-                 **{c: -1 for c in ("uplink_lost", "downlink_bytes", "downlink_lost", "flush_bytes",
-                                    "flush_retransmissions")}, "stop_reason": ""}
+LATER_COLUMNS = {
+    "fidelity_tv": NAN,
+    "fidelity_tv_branch": NAN,
+    **{c: -1 for c in ("uplink_lost", "downlink_bytes", "downlink_lost", "flush_bytes", "flush_retransmissions")},
+    "stop_reason": "",
+}
 
 
 def tokens_table(data: Any) -> pa.Table:
@@ -115,8 +122,10 @@ def tokens_table(data: Any) -> pa.Table:
             data = data.assign(**{c: LATER_COLUMNS[c] for c in missing})
         _check_columns(data.columns)
         # from_pandas=False: NaN is a value here ("not applicable"), not a null.
-        table = pa.Table.from_arrays([pa.array(data[f.name].to_numpy(), type=f.type, from_pandas=False)
-                                      for f in TOKENS_SCHEMA], schema=TOKENS_SCHEMA)
+        table = pa.Table.from_arrays(
+            [pa.array(data[f.name].to_numpy(), type=f.type, from_pandas=False) for f in TOKENS_SCHEMA],
+            schema=TOKENS_SCHEMA,
+        )
     elif isinstance(data, pa.Table):
         for c in LATER_COLUMNS:
             if c not in data.column_names:
@@ -139,8 +148,10 @@ def _check_columns(cols: Iterable[str]) -> None:
     cols = set(cols)
     missing, extra = [c for c in TOKEN_COLUMNS if c not in cols], sorted(cols - set(TOKEN_COLUMNS))
     if missing or extra:
-        raise ValueError(f"tokens table columns: missing {missing or 'none'}, unexpected {extra or 'none'}; "
-                         f"expected {', '.join(TOKEN_COLUMNS)}")
+        raise ValueError(
+            f"tokens table columns: missing {missing or 'none'}, unexpected {extra or 'none'}; "
+            f"expected {', '.join(TOKEN_COLUMNS)}"
+        )
 
 
 def table_frame(table: pa.Table) -> pd.DataFrame:
@@ -166,13 +177,32 @@ def read_tokens(path: str | Path, columns: Iterable[str] | None = None) -> pd.Da
     if columns is None:
         return table_frame(tokens_table(pq.read_table(path)))
     # self_destruct: each Arrow column is freed once converted, so the read never holds two copies
-    return pq.read_table(path, columns=list(columns)).replace_schema_metadata(None).to_pandas(
-        split_blocks=True, self_destruct=True)
+    return (
+        pq.read_table(path, columns=list(columns))
+        .replace_schema_metadata(None)
+        .to_pandas(split_blocks=True, self_destruct=True)
+    )
 
 
 # The columns summarize (testbed.figures) reads.
-SUMMARY_COLUMNS = ("device", "tier", "policy", "transmitted", "draft_id", "accepted", "k", "payload_bytes", "uplink_bytes",
-                   "beta", "beta_is_shadow", "retransmissions", "t_draft_start", "t_commit", "fidelity_tv",
-                   "fidelity_tv_branch", "stop_reason")
+SUMMARY_COLUMNS = (
+    "device",
+    "tier",
+    "policy",
+    "transmitted",
+    "draft_id",
+    "accepted",
+    "k",
+    "payload_bytes",
+    "uplink_bytes",
+    "beta",
+    "beta_is_shadow",
+    "retransmissions",
+    "t_draft_start",
+    "t_commit",
+    "fidelity_tv",
+    "fidelity_tv_branch",
+    "stop_reason",
+)
 # ... and the report (testbed.report: the same figures, plus u against beta)
 REPORT_COLUMNS = SUMMARY_COLUMNS + ("uncertainty",)

@@ -1,5 +1,6 @@
 """How a run that cannot go on says so: one paragraph naming what failed, where, and where the
 partial results are (RunFailed), for a dead actor past the restart limit and for a stall."""
+
 from __future__ import annotations
 
 import math
@@ -32,10 +33,14 @@ def stall_message(waiting: dict, timeout_s: float, running: dict[int, list[int]]
         on = f" (group{'s' * (len(groups) > 1)} {', '.join(map(str, groups))})" if groups else ""
         return f"{id_ranges(devices)}{on}"
 
-    parts = [f"The emulation stalled: nothing moved for {timeout_s:g} s (no new token, no verifier batch or forward; "
-             f"actors.stall_timeout_s), after {tokens} committed tokens."]
+    parts = [
+        f"The emulation stalled: nothing moved for {timeout_s:g} s (no new token, no verifier batch or forward; "
+        f"actors.stall_timeout_s), after {tokens} committed tokens."
+    ]
     if running:
-        parts.append(f"Groups still running: {', '.join(f'{i} (devices {id_ranges(ds)})' for i, ds in sorted(running.items()))}.")
+        parts.append(
+            f"Groups still running: {', '.join(f'{i} (devices {id_ranges(ds)})' for i, ds in sorted(running.items()))}."
+        )
     if "error" in waiting:
         parts.append(f"The verifier could not say whom it waits for ({waiting['error']}).")
     else:
@@ -44,8 +49,10 @@ def stall_message(waiting: dict, timeout_s: float, running: dict[int, list[int]]
         hold = waiting.get("blocking") or sorted(d for d, t in idle.items() if math.isfinite(t))
         if hold:
             times = [f"{d} at t >= {idle[d]:.3f} s emulated" for d in hold[:8]] if waiting.get("timed") else []
-            parts.append(f"The verifier is waiting for uploads from devices {where(hold)}, sessions open with nothing "
-                         f"queued" + (f" ({'; '.join(times)}{'; ...' if len(hold) > 8 else ''})" if times else "") + ".")
+            parts.append(
+                f"The verifier is waiting for uploads from devices {where(hold)}, sessions open with nothing "
+                f"queued" + (f" ({'; '.join(times)}{'; ...' if len(hold) > 8 else ''})" if times else "") + "."
+            )
         if waiting.get("unopened"):
             parts.append(f"Devices that never opened a session: {where(waiting['unopened'])}.")
         if waiting.get("queued"):

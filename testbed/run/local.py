@@ -1,5 +1,6 @@
 """The local engine: the whole emulation in this process (agents.engine.run_virtual), no Ray, no
 sockets. Its trace is the reference the Ray engine reproduces (tests/testbed/test_runtime.py)."""
+
 from __future__ import annotations
 
 import time
@@ -25,10 +26,23 @@ def run_local(p: Plan, opts: RunOptions, sinks) -> dict:
     policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
     slm, llm = load_lms(p)
     t_loaded = time.perf_counter()
-    result = run_virtual(p.specs, p.run, p.server, slm, llm, policies, on_content_events=sinks.content,
-                         on_events=sinks.events, on_step=lambda group, verifier: sinks.clock(0.0, 0), history=False)
+    result = run_virtual(
+        p.specs,
+        p.run,
+        p.server,
+        slm,
+        llm,
+        policies,
+        on_content_events=sinks.content,
+        on_events=sinks.events,
+        on_step=lambda group, verifier: sinks.clock(0.0, 0),
+        history=False,
+    )
     emulation = time.perf_counter() - t_loaded
-    return {"compute": compute_info(p, {"slm": slm.describe(), "llm": llm.describe()}, "local"),
-            "profile": breakdown(0.0, emulation, {"model_load": t_loaded - t0}, result.group_timings,
-                                 result.verifier_timings),
-            "lms": (slm, llm)}
+    return {
+        "compute": compute_info(p, {"slm": slm.describe(), "llm": llm.describe()}, "local"),
+        "profile": breakdown(
+            0.0, emulation, {"model_load": t_loaded - t0}, result.group_timings, result.verifier_timings
+        ),
+        "lms": (slm, llm),
+    }

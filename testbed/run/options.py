@@ -1,9 +1,11 @@
 """What a caller asks of one run, besides the scenario: where results go, which engine, which sinks."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass

@@ -8,14 +8,15 @@
 
 Every actor and socket is cleaned up on exit, on error and on Ctrl-C; the partial results are kept.
 """
+
 from __future__ import annotations
 
 import json
 import time
 
-from testbed.run.write import write_run
 from testbed.run.options import RunOptions
 from testbed.run.plan import Plan, plan, resolved_scenario
+from testbed.run.write import write_run
 from testbed.scenario import Scenario, dump_scenario
 from testbed.sinks import Sinks
 

@@ -4,11 +4,13 @@ Devices get their prompt, link profile and policy label (agents.device.DeviceSpe
 parameters (agents.device.RunParams: seed, lengths, stop rule); the models their dtype and the
 content forwards their thread count, both pinned if `auto`, so scenario.yaml repeats the run.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from agents.device import DeviceSpec, RunParams
 from agents.verifier import ServerProfile
@@ -64,16 +66,39 @@ def plan(s: Scenario, checked=None, *, engine: str = "ray", address: str | None 
     specs = []
     for d in devices(s):
         p = prompts[prompt_index(d.device_id, len(prompts))]
-        specs.append(DeviceSpec(d.device_id, d.tier, tier_label[d.tier], d.slm_ms_per_token, resolve_link(d.link),
-                                p.index, tuple(p.token_ids)))
-    run = RunParams(seed=s.seed, max_new_tokens=s.generation.max_new_tokens,
-                    temperature=s.generation.temperature, vocab_size=vocab, batch_slm=s.actors.batch_slm,
-                    stop=stop_rule(s))
+        specs.append(
+            DeviceSpec(
+                d.device_id,
+                d.tier,
+                tier_label[d.tier],
+                d.slm_ms_per_token,
+                resolve_link(d.link),
+                p.index,
+                tuple(p.token_ids),
+            )
+        )
+    run = RunParams(
+        seed=s.seed,
+        max_new_tokens=s.generation.max_new_tokens,
+        temperature=s.generation.temperature,
+        vocab_size=vocab,
+        batch_slm=s.actors.batch_slm,
+        stop=stop_rule(s),
+    )
     threads = resolve_threads(s.actors.threads)
     role_threads = forward_threads(s, threads, engine)  # auto's dtype probe runs at the count used
-    return Plan(s, specs, run, s.server.profile(), policy_specs, s.models.slm, s.models.llm,
-                model_dtype(s.models.slm, s.models.dtype, s.actors.group_device, role_threads["slm"]),
-                model_dtype(s.models.llm, s.models.dtype, s.actors.verifier_device, role_threads["llm"]), threads)
+    return Plan(
+        s,
+        specs,
+        run,
+        s.server.profile(),
+        policy_specs,
+        s.models.slm,
+        s.models.llm,
+        model_dtype(s.models.slm, s.models.dtype, s.actors.group_device, role_threads["slm"]),
+        model_dtype(s.models.llm, s.models.dtype, s.actors.verifier_device, role_threads["llm"]),
+        threads,
+    )
 
 
 def stop_rule(s: Scenario):
@@ -110,14 +135,22 @@ def compute_info(p: Plan, lms: Mapping[str, Any], engine: str = "local") -> dict
     from agents.hardware import machine_info
 
     a = p.scenario.actors
-    return {"machine": machine_info(), "dtype": {"requested": p.scenario.models.dtype, "slm": p.slm_dtype,
-                                                 "llm": p.llm_dtype},
-            "threads": {"requested": a.threads, "content": p.threads, **forward_threads(p.scenario, p.threads, engine),
-                        "group": a.group_threads, "verifier": a.verifier_threads,
-                        # other work on the cores slows split forwards many times (agents.hardware)
-                        "machine_load_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None},
-            "device": {"group": a.group_device, "verifier": a.verifier_device},
-            "batch_slm": a.batch_slm, **{role: lm for role, lm in lms.items() if lm}}
+    return {
+        "machine": machine_info(),
+        "dtype": {"requested": p.scenario.models.dtype, "slm": p.slm_dtype, "llm": p.llm_dtype},
+        "threads": {
+            "requested": a.threads,
+            "content": p.threads,
+            **forward_threads(p.scenario, p.threads, engine),
+            "group": a.group_threads,
+            "verifier": a.verifier_threads,
+            # other work on the cores slows split forwards many times (agents.hardware)
+            "machine_load_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        },
+        "device": {"group": a.group_device, "verifier": a.verifier_device},
+        "batch_slm": a.batch_slm,
+        **{role: lm for role, lm in lms.items() if lm},
+    }
 
 
 def load_lms(p: Plan):
@@ -126,5 +159,7 @@ def load_lms(p: Plan):
     from agents.models import load_model
 
     a = p.scenario.actors
-    return (BatchedLM(load_model(p.slm, dtype=p.slm_dtype, device=a.group_device)),
-            BatchedLM(load_model(p.llm, dtype=p.llm_dtype, device=a.verifier_device)))
+    return (
+        BatchedLM(load_model(p.slm, dtype=p.slm_dtype, device=a.group_device)),
+        BatchedLM(load_model(p.llm, dtype=p.llm_dtype, device=a.verifier_device)),
+    )

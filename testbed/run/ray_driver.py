@@ -12,6 +12,7 @@ it in the driver. The wall clock is one pass: the groups' events are the trace.
 Fault-injection tests subclass the driver (tests/testbed/chaos.py): actor classes and their extra
 options, and the no-op points `in_recovery`, `after_poll`, `before_results`.
 """
+
 from __future__ import annotations
 
 import collections
@@ -41,7 +42,11 @@ class ErrorCounts:
     last_refused: dict = field(default_factory=dict)
 
     def seen(self, status: dict) -> None:
-        self.last, self.last_codes, self.last_refused = status["errors"], status["error_codes"], status["curve_refused"] or {}
+        self.last, self.last_codes, self.last_refused = (
+            status["errors"],
+            status["error_codes"],
+            status["curve_refused"] or {},
+        )
 
     def verifier_died(self) -> None:
         self.before, self.last = self.before + self.last, 0
@@ -65,7 +70,10 @@ def _every_group_served(first: dict | None, lm: dict | None) -> dict | None:
         return first or lm
     if (first.get("prefix_cache") or {}).get("tokens_served") is None or not lm.get("prefix_cache"):
         return first
-    cache = {**first["prefix_cache"], "tokens_served": first["prefix_cache"]["tokens_served"] + lm["prefix_cache"]["tokens_served"]}
+    cache = {
+        **first["prefix_cache"],
+        "tokens_served": first["prefix_cache"]["tokens_served"] + lm["prefix_cache"]["tokens_served"],
+    }
     return {**first, "prefix_cache": cache}
 
 
@@ -126,20 +134,44 @@ class RayDriver:
     def make_verifier(self):
         p, a = self.p, self.s.actors
         v = self._verifier_cls.remote(
-            p.llm, p.server, self.s.seed, p.run.vocab_size, ClockParams(self.s.clock, self.s.time_scale), self.host,
-            self.s.server.port, threads=self.role_threads["llm"], expected_sessions=len(p.specs), dtype=p.llm_dtype,
-            device=a.verifier_device, allowed_devices=[d.device for d in p.specs],
-            mode="content" if self.two_pass else "emulate", curve=self.keys.for_server() if self.keys else None,
-            turn=self.turn, **self.verifier_options())
+            p.llm,
+            p.server,
+            self.s.seed,
+            p.run.vocab_size,
+            ClockParams(self.s.clock, self.s.time_scale),
+            self.host,
+            self.s.server.port,
+            threads=self.role_threads["llm"],
+            expected_sessions=len(p.specs),
+            dtype=p.llm_dtype,
+            device=a.verifier_device,
+            allowed_devices=[d.device for d in p.specs],
+            mode="content" if self.two_pass else "emulate",
+            curve=self.keys.for_server() if self.keys else None,
+            turn=self.turn,
+            **self.verifier_options(),
+        )
         self.actors.append(v)
         return v
 
     def make_group(self, i: int, incarnation: int = 0):
         p, a = self.p, self.s.actors
-        g = self._group_cls.remote(i, [p.specs[d] for d in self.members[i]], p.run, p.slm, p.policy_specs, None,
-                                   ClockParams(self.s.clock, self.s.time_scale), self.role_threads["slm"], p.slm_dtype,
-                                   a.group_device, self.two_pass, incarnation, turn=self.turn,
-                                   **self.group_options(i, incarnation))
+        g = self._group_cls.remote(
+            i,
+            [p.specs[d] for d in self.members[i]],
+            p.run,
+            p.slm,
+            p.policy_specs,
+            None,
+            ClockParams(self.s.clock, self.s.time_scale),
+            self.role_threads["slm"],
+            p.slm_dtype,
+            a.group_device,
+            self.two_pass,
+            incarnation,
+            turn=self.turn,
+            **self.group_options(i, incarnation),
+        )
         self.actors.append(g)
         return g
 
@@ -239,8 +271,7 @@ class RayDriver:
         except RayActorError as exc:
             verifier_died, status = exc, {"lag_s": 0.0, "failure": None}
         (self.sinks.content if self.two_pass else self.sinks.events)(events)
-        self.sinks.clock(max([f["lag_s"] for f in fresh] + [status["lag_s"]]), self.errors.total,
-                         self.errors.codes)
+        self.sinks.clock(max([f["lag_s"] for f in fresh] + [status["lag_s"]]), self.errors.total, self.errors.codes)
         if status["failure"]:
             raise RuntimeError(f"verifier failed:\n{status['failure']}")
         if verifier_died is not None or dead_groups:
@@ -286,8 +317,15 @@ class RayDriver:
                 waiting = self.ray.get(self.verifier.waiting_on.remote(), timeout=30)
             except Exception as exc:  # the message still names the running groups
                 waiting = {"error": f"{type(exc).__name__}: {exc}"}
-            raise RunFailed(stall_message(waiting, timeout, {i: self.members[i] for i in self.refs.values()},
-                                          self.sinks.tokens, self.opts.out_dir))
+            raise RunFailed(
+                stall_message(
+                    waiting,
+                    timeout,
+                    {i: self.members[i] for i in self.refs.values()},
+                    self.sinks.tokens,
+                    self.opts.out_dir,
+                )
+            )
 
     # --- finish ------------------------------------------------------------------------------
 
@@ -329,8 +367,9 @@ class RayDriver:
             policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
             # The timed events (link events included) come from the replay, here.
             # history=False: the rows leave as events only, the driver keeps none of them
-            replay = replay_content(p.specs, p.run, p.server, policies, content, on_events=self.sinks.events,
-                                    history=False)
+            replay = replay_content(
+                p.specs, p.run, p.server, policies, content, on_events=self.sinks.events, history=False
+            )
             status["timings"] = merge(status["timings"], {"replay": replay.group_timings["replay"]})
         else:
             self.sinks.events([VerifierBatch.of(b) for b in last_batches])
@@ -339,16 +378,26 @@ class RayDriver:
         # simultaneous peak) plus this driver's (the pipeline adds it once the results are merged).
         rss += status["max_rss_bytes"]
         groups_t = merge(*group_timings)
-        load = max([t.get("startup.model_load", {}).get("seconds", 0.0) for t in group_timings]
-                   + [status["timings"].get("startup.model_load", {}).get("seconds", 0.0)])
-        return {"protocol_errors": self.errors.total, "protocol_errors_by_reason": dict(sorted(self.errors.codes.items())),
-                "curve_refused": dict(refused) if refused is not None else None,
-                "lag_s": status["lag_s"], "peak_rss_bytes": rss,
-                "restarts": self.restarts.summary(), "curve": self.curve,
-                "compute": {**compute_info(self.p, {**lms, "llm": status["lm"]}, "ray"),
-                            "memory": {"verifier": status["memory"], **memory}},
-                "profile": breakdown(0.0, t_end - self.t_ready, {**self.startup, "model_load": load}, groups_t,
-                                     status["timings"])}
+        load = max(
+            [t.get("startup.model_load", {}).get("seconds", 0.0) for t in group_timings]
+            + [status["timings"].get("startup.model_load", {}).get("seconds", 0.0)]
+        )
+        return {
+            "protocol_errors": self.errors.total,
+            "protocol_errors_by_reason": dict(sorted(self.errors.codes.items())),
+            "curve_refused": dict(refused) if refused is not None else None,
+            "lag_s": status["lag_s"],
+            "peak_rss_bytes": rss,
+            "restarts": self.restarts.summary(),
+            "curve": self.curve,
+            "compute": {
+                **compute_info(self.p, {**lms, "llm": status["lm"]}, "ray"),
+                "memory": {"verifier": status["memory"], **memory},
+            },
+            "profile": breakdown(
+                0.0, t_end - self.t_ready, {**self.startup, "model_load": load}, groups_t, status["timings"]
+            ),
+        }
 
     def close(self) -> None:
         for a in self.actors:

@@ -1,4 +1,5 @@
 """Ray for one run: started while the scenario is planned, and what each actor asks of it."""
+
 from __future__ import annotations
 
 import threading
@@ -14,8 +15,10 @@ def actor_resources(s: Scenario) -> dict[str, dict]:
     """What each actor asks Ray for: no CPU reservation (actors share cores; their torch threads
     are set explicitly) and the scenario's GPU share (fractional for groups)."""
     a = s.actors
-    return {"verifier": {"num_cpus": 0, "num_gpus": a.verifier_gpus, "max_concurrency": 4},
-            "group": {"num_cpus": 0, "num_gpus": a.group_gpus, "max_concurrency": 2}}
+    return {
+        "verifier": {"num_cpus": 0, "num_gpus": a.verifier_gpus, "max_concurrency": 4},
+        "group": {"num_cpus": 0, "num_gpus": a.group_gpus, "max_concurrency": 2},
+    }
 
 
 def local_gpus(s: Scenario) -> int:
@@ -56,10 +59,17 @@ def plan_while_ray_starts(s: Scenario, opts: RunOptions, checked=None) -> tuple[
         if owned:
             # No --address: always a new local Ray ("local"), never a cluster a stale
             # /tmp/ray/ray_current_cluster file points at.
-            ray.init(address=opts.address or "local", include_dashboard=False, configure_logging=False,
-                     log_to_driver=True,
-                     **({} if opts.address else {"num_cpus": max(2, s.n_devices // s.actors.devices_per_group + 1),
-                                                 "num_gpus": local_gpus(s)}))
+            ray.init(
+                address=opts.address or "local",
+                include_dashboard=False,
+                configure_logging=False,
+                log_to_driver=True,
+                **(
+                    {}
+                    if opts.address
+                    else {"num_cpus": max(2, s.n_devices // s.actors.devices_per_group + 1), "num_gpus": local_gpus(s)}
+                ),
+            )
     finally:
         worker.join()
     ray_s = time.perf_counter() - t

@@ -12,6 +12,7 @@ a restore) is restarted in turn, all within actors.max_restarts over the run (Re
 virtual clock the trace is then the fault-free run's: what a device emits depends only on its own
 verdicts, and each verdict only on the device's context.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -49,15 +50,32 @@ class Restarts:
                 f"The {actor} (hosting devices {id_ranges(devices)}) died: {why}. The run has already restarted "
                 f"actors {self.total} time{'s' * (self.total != 1)}, the limit set by actors.max_restarts is "
                 f"{self.limit}, so it stops here after {tokens} committed tokens; the partial results are in "
-                f"{self.out_dir}.")
-        self.events.append({"actor": actor, "devices": sorted(devices), "cause": why, "tokens_committed": tokens,
-                            "wall_s": round(time.time() - t0, 3)})
-        print(f"[{time.time() - t0:6.0f}s] {actor} died ({why}); restarting it (restart {self.total + 1} of at most "
-              f"{self.limit})", file=sys.stderr, flush=True)
+                f"{self.out_dir}."
+            )
+        self.events.append(
+            {
+                "actor": actor,
+                "devices": sorted(devices),
+                "cause": why,
+                "tokens_committed": tokens,
+                "wall_s": round(time.time() - t0, 3),
+            }
+        )
+        print(
+            f"[{time.time() - t0:6.0f}s] {actor} died ({why}); restarting it (restart {self.total + 1} of at most "
+            f"{self.limit})",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def summary(self) -> dict:
-        return {"total": self.total, "limit": self.limit, "verifier": self.verifier,
-                "groups": {str(g): n for g, n in sorted(self.groups.items())}, "events": self.events}
+        return {
+            "total": self.total,
+            "limit": self.limit,
+            "verifier": self.verifier,
+            "groups": {str(g): n for g, n in sorted(self.groups.items())},
+            "events": self.events,
+        }
 
 
 class Lost(Exception):

@@ -1,5 +1,6 @@
 """The run's results: tokens.parquet from the sinks' shards, summary.json, then pass@1 (HumanEval
 prompts) and the report. A failed or interrupted run writes what it committed, marked interrupted."""
+
 from __future__ import annotations
 
 from testbed import results
@@ -40,11 +41,21 @@ def summary(p: Plan, opts: RunOptions, df, batch_sizes: list[int], wall: float, 
     emulated = float(df["t_commit"].max()) if len(df) else 0.0
     # complete: every device's sequence ended (eos, stop or length), not only max_new_tokens each
     ended = int((df["stop_reason"] != "").sum()) if "stop_reason" in df.columns else 0
-    extra = {"scenario": p.scenario.name, "engine": opts.engine, "clock": p.scenario.clock,
-             "complete": ended == len(p.specs) and df["device"].nunique() == len(p.specs)}
+    extra = {
+        "scenario": p.scenario.name,
+        "engine": opts.engine,
+        "clock": p.scenario.clock,
+        "complete": ended == len(p.specs) and df["device"].nunique() == len(p.specs),
+    }
     extra.update(status)
-    out = results.summarize(df, emulated_seconds=emulated, wall_seconds=wall, vocab_size=p.run.vocab_size,
-                                     verifier_batches=batch_sizes, extra=extra)
+    out = results.summarize(
+        df,
+        emulated_seconds=emulated,
+        wall_seconds=wall,
+        vocab_size=p.run.vocab_size,
+        verifier_batches=batch_sizes,
+        extra=extra,
+    )
     # This process's peak so far (replay, merge, summary; not the report after): it must not grow
     # with devices x tokens (issue 9). The Ray engine's peak_rss_bytes is its actors' sum plus this.
     out["driver_peak_rss_bytes"] = max_rss_bytes()
@@ -61,8 +72,10 @@ def add_compute_limit(p: Plan, status: dict, engine: str, slm, llm) -> None:
     lengths = [len(d.prompt_ids) for d in p.specs]
     # prompt tokens the prefix caches served (as the run's models describe themselves; on Ray the
     # slm's is summed over every group, ray_driver._every_group_served)
-    served = {role: ((status.get("compute", {}).get(role) or {}).get("prefix_cache") or {}).get("tokens_served", 0)
-              for role in ("slm", "llm")}
+    served = {
+        role: ((status.get("compute", {}).get(role) or {}).get("prefix_cache") or {}).get("tokens_served", 0)
+        for role in ("slm", "llm")
+    }
     limit = compute_limit(slm, llm, prof, lengths, len(p.specs), forward_threads(p.scenario, p.threads, engine), served)
     prof["compute_limit"] = limit
     prof["wall_over_compute_limit"] = round(prof["emulation_s"] / limit["seconds"], 3) if limit["seconds"] else None

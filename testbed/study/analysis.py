@@ -18,6 +18,7 @@ difference of pass rates with its standard error, McNemar's exact test or, with 
 problem, the sign test) and next to the bound fidelity implies, |delta pass@1| <= mean over sequences of
 min(1, summed per-token TV) (`tv_accuracy_bound`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,8 +35,11 @@ def device_tokens_spans(tokens: Any, emulated_seconds: float | None = None) -> t
     tokens table or the path of a point's tokens.parquet."""
     import pandas as pd
 
-    df = pd.read_parquet(tokens, columns=["device", "t_draft_start", "t_commit"]) if isinstance(
-        tokens, (str, Path)) else tokens
+    df = (
+        pd.read_parquet(tokens, columns=["device", "t_draft_start", "t_commit"])
+        if isinstance(tokens, (str, Path))
+        else tokens
+    )
     g = df.groupby("device", sort=True)
     span = (g["t_commit"].max() - g["t_draft_start"].min()).to_numpy(np.float64)
     if emulated_seconds is not None:
@@ -92,9 +96,12 @@ def _paired_cells(point: Point, acc: dict) -> dict:
         "pass_at_1_stderr": unb.get("stderr", acc.get("stderr")),
         "n_problems": unb.get("n_problems", acc.get("n_prompts")),
         "samples_per_problem": unb.get("samples_per_problem"),
-        "pass_at_1_diff": 0.0 if ref else pr.get("diff"), "pass_at_1_diff_stderr": None if ref else pr.get("stderr"),
-        "pass_at_1_diff_ci95": None if ref else pr.get("ci95"), "paired_test": None if ref else pr.get("test"),
-        "mcnemar_p": None if ref else pr.get("mcnemar_p"), "discordant": None if ref else pr.get("discordant"),
+        "pass_at_1_diff": 0.0 if ref else pr.get("diff"),
+        "pass_at_1_diff_stderr": None if ref else pr.get("stderr"),
+        "pass_at_1_diff_ci95": None if ref else pr.get("ci95"),
+        "paired_test": None if ref else pr.get("test"),
+        "mcnemar_p": None if ref else pr.get("mcnemar_p"),
+        "discordant": None if ref else pr.get("discordant"),
         "distinguishable_95": None if ref else pr.get("distinguishable_95"),
     }
 
@@ -108,18 +115,26 @@ def paper_row(point: Point, summary: dict, hlm_throughput: float | None, tokens:
     if point.policy == "llm-only" and acc.get("pass_at_1"):
         rel, rel_se = 1.0, None  # the reference itself
     return {
-        "point": point.name, "label": point.label, "group": point.group, "policy": point.policy, **point.meta,
+        "point": point.name,
+        "label": point.label,
+        "group": point.group,
+        "policy": point.policy,
+        **point.meta,
         "throughput_tokens_per_s": thr,
         "throughput_ratio_hlm": thr / hlm_throughput if thr and hlm_throughput else None,
-        "skip_rate": summary.get("skip_rate"), "vocab_compression": summary.get("vocab_compression"),
+        "skip_rate": summary.get("skip_rate"),
+        "vocab_compression": summary.get("vocab_compression"),
         "acceptance_rate": summary.get("acceptance_rate"),
         "uplink_bytes_per_token": summary.get("uplink_bytes_per_token"),
-        **_paired_cells(point, acc), "pass_at_1_relative": rel, "pass_at_1_relative_stderr": rel_se,
+        **_paired_cells(point, acc),
+        "pass_at_1_relative": rel,
+        "pass_at_1_relative_stderr": rel_se,
         "fidelity_tv": summary.get("fidelity_tv_mean"),
         "fidelity_tv_sequence": summary.get("fidelity_tv_sequence_mean"),
         "fidelity_tv_branch": summary.get("fidelity_tv_branch_mean"),
         "pass_at_1_tv_bound": None if tokens is None else tv_accuracy_bound(tokens),
-        "tokens": summary.get("tokens"), "devices": summary.get("devices"),
+        "tokens": summary.get("tokens"),
+        "devices": summary.get("devices"),
     }
 
 
@@ -130,9 +145,17 @@ def cu_hlm_frontier(rows: list[dict]) -> list[dict]:
     convex, costs at most lam f_1 + (1 - lam) f_2, so every point of a hull segment is attainable or
     bettered; the Pareto staircase of the measured points lies at or below it and would understate
     cu-hlm. Sorted by fidelity; a point under the hull (dominated, or beaten by a mixture) is left out."""
-    pts = sorted((r for r in rows if r["policy"] == "cu-hlm" and r["group"] in ("policy", "u_th")
-                  and r.get("fidelity_tv") is not None and r.get("skip_rate") is not None),
-                 key=lambda r: (r["fidelity_tv"], -r["skip_rate"]))
+    pts = sorted(
+        (
+            r
+            for r in rows
+            if r["policy"] == "cu-hlm"
+            and r["group"] in ("policy", "u_th")
+            and r.get("fidelity_tv") is not None
+            and r.get("skip_rate") is not None
+        ),
+        key=lambda r: (r["fidelity_tv"], -r["skip_rate"]),
+    )
     hull: list[dict] = []
     for r in pts:
         if hull and r["skip_rate"] <= hull[-1]["skip_rate"]:
@@ -171,20 +194,41 @@ def equal_fidelity(rows: list[dict]) -> list[dict]:
         i = int(np.searchsorted(f, x))  # front[i - 1].fidelity < x <= front[i].fidelity
         lo, hi = front[max(i - 1, 0)], front[i]
         skip = float(np.interp(x, f, s))
-        out.append({"point": r["point"], "estimator": r.get("estimator"), "risk": r.get("risk"), "fidelity_tv": x,
-                    "skip_rate": r["skip_rate"], "pass_at_1": r.get("pass_at_1"),
-                    "pass_at_1_stderr": r.get("pass_at_1_stderr"), "vocab_compression": r.get("vocab_compression"),
-                    "cu_hlm_skip_rate": skip, "skip_gain": r["skip_rate"] - skip, "bound": bool(x < f[0]),
-                    "cu_hlm_bracket": [lo["point"], hi["point"]],
-                    "cu_hlm_pass_at_1": [lo.get("pass_at_1"), hi.get("pass_at_1")]})
+        out.append(
+            {
+                "point": r["point"],
+                "estimator": r.get("estimator"),
+                "risk": r.get("risk"),
+                "fidelity_tv": x,
+                "skip_rate": r["skip_rate"],
+                "pass_at_1": r.get("pass_at_1"),
+                "pass_at_1_stderr": r.get("pass_at_1_stderr"),
+                "vocab_compression": r.get("vocab_compression"),
+                "cu_hlm_skip_rate": skip,
+                "skip_gain": r["skip_rate"] - skip,
+                "bound": bool(x < f[0]),
+                "cu_hlm_bracket": [lo["point"], hi["point"]],
+                "cu_hlm_pass_at_1": [lo.get("pass_at_1"), hi.get("pass_at_1")],
+            }
+        )
     return out
 
 
 def fleet_row(point: Point, s: dict) -> dict:
     lat = s.get("token_latency_s") or {}
-    return {"point": point.name, "label": point.label, "policy": point.policy, **point.meta,
-            "system_throughput_tokens_per_s": (s.get("throughput_tokens_per_s") or {}).get("system"),
-            "jain_fairness": s.get("jain_fairness"), "verifier_batch_size_mean": s.get("verifier_batch_size_mean"),
-            "skip_rate": s.get("skip_rate"), "vocab_compression": s.get("vocab_compression"),
-            "uplink_bytes_per_token": s.get("uplink_bytes_per_token"), "latency_p95_s": lat.get("p95"),
-            "fidelity_tv": s.get("fidelity_tv_mean"), "devices": s.get("devices"), "tokens": s.get("tokens")}
+    return {
+        "point": point.name,
+        "label": point.label,
+        "policy": point.policy,
+        **point.meta,
+        "system_throughput_tokens_per_s": (s.get("throughput_tokens_per_s") or {}).get("system"),
+        "jain_fairness": s.get("jain_fairness"),
+        "verifier_batch_size_mean": s.get("verifier_batch_size_mean"),
+        "skip_rate": s.get("skip_rate"),
+        "vocab_compression": s.get("vocab_compression"),
+        "uplink_bytes_per_token": s.get("uplink_bytes_per_token"),
+        "latency_p95_s": lat.get("p95"),
+        "fidelity_tv": s.get("fidelity_tv_mean"),
+        "devices": s.get("devices"),
+        "tokens": s.get("tokens"),
+    }

@@ -17,6 +17,7 @@ Each replicate's fit is the same least squares as policies.rejection.fit_rejecti
 from per-device sufficient statistics (n, sum u, sum beta, sum u^2, sum u beta) weighted by how often
 the device was drawn: B replicates cost one (B x devices) @ (devices x 5) product.
 """
+
 from __future__ import annotations
 
 import math
@@ -97,8 +98,9 @@ def _interval(x: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def bootstrap_fit(u, beta, groups, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = DEFAULT_SEED,
-                  level: float = DEFAULT_LEVEL) -> FitCI:
+def bootstrap_fit(
+    u, beta, groups, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = DEFAULT_SEED, level: float = DEFAULT_LEVEL
+) -> FitCI:
     """Cluster-bootstrap percentile intervals for a, b and u_th = -b/a (module docstring)."""
     if bootstrap < 2:
         raise ValueError(f"bootstrap: expected >= 2 replicates, got {bootstrap}")
@@ -118,11 +120,17 @@ def bootstrap_fit(u, beta, groups, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int
         raise ValueError("bootstrap: u is constant in almost every replicate; the slope a is undefined")
     has_th = ok & (a > 0)
     u_th = -b[has_th] / a[has_th]
-    return FitCI(a=_interval(a[ok], level), b=_interval(b[ok], level),
-                 u_th_risk_averse=_interval(u_th, level) if len(u_th) >= 2 else None,
-                 bootstrap=int(bootstrap), level=float(level), seed=int(seed), groups=int(G),
-                 degenerate=int(bootstrap - has_th.sum()),
-                 nonneg_fraction=float((u_th >= 0).mean()) if len(u_th) else None)
+    return FitCI(
+        a=_interval(a[ok], level),
+        b=_interval(b[ok], level),
+        u_th_risk_averse=_interval(u_th, level) if len(u_th) >= 2 else None,
+        bootstrap=int(bootstrap),
+        level=float(level),
+        seed=int(seed),
+        groups=int(G),
+        degenerate=int(bootstrap - has_th.sum()),
+        nonneg_fraction=float((u_th >= 0).mean()) if len(u_th) else None,
+    )
 
 
 def flip_text(ci: dict | None, u_th: float | None, K: int = 20) -> str:
@@ -134,22 +142,27 @@ def flip_text(ci: dict | None, u_th: float | None, K: int = 20) -> str:
     side = "skips every token with u = 0" if u_th >= 0 else "skips nothing (u >= 0 > u_th)"
     if u_th >= 1.0 / K:
         side = f"skips every token with u <= {math.floor(u_th * K)}/{K}"
-    head = (f"The fitted risk-averse u_th = {u_th:.4f} {side}. Its {100 * ci['level']:.0f}% bootstrap interval over "
-            f"{ci['groups']} sequences ({ci['bootstrap']} replicates) is [{lo:.4f}, {hi:.4f}]; "
-            f"{100 * share:.0f}% of the replicates have u_th >= 0.")
+    head = (
+        f"The fitted risk-averse u_th = {u_th:.4f} {side}. Its {100 * ci['level']:.0f}% bootstrap interval over "
+        f"{ci['groups']} sequences ({ci['bootstrap']} replicates) is [{lo:.4f}, {hi:.4f}]; "
+        f"{100 * share:.0f}% of the replicates have u_th >= 0."
+    )
     if straddles((lo, hi)):
-        return head + (" The interval straddles 0, so the calibration cannot tell whether cu-hlm and u-hlm should "
-                       "skip the u = 0 tokens or skip nothing: another sample of calibration sequences could flip "
-                       "the decision. Both sides of the flip are shown below (cu-hlm at fixed u_th = 0 and at "
-                       "fixed u_th = -1).")
+        return head + (
+            " The interval straddles 0, so the calibration cannot tell whether cu-hlm and u-hlm should "
+            "skip the u = 0 tokens or skip nothing: another sample of calibration sequences could flip "
+            "the decision. Both sides of the flip are shown below (cu-hlm at fixed u_th = 0 and at "
+            "fixed u_th = -1)."
+        )
     return head + " The interval does not straddle 0: the sign of the decision is stable at this calibration size."
 
 
 FLIP_U_TH = (0.0, -1.0)  # the two sides of the flip: skip every u = 0 token / skip nothing (truncation only)
 
 
-def add_intervals(fits: dict, samples, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = DEFAULT_SEED,
-                  group: str = "device") -> dict:
+def add_intervals(
+    fits: dict, samples, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = DEFAULT_SEED, group: str = "device"
+) -> dict:
     """fits[name]["ci"] for every estimator with a fit (u_<name> columns of `samples`, grouped by device);
     a fit the bootstrap cannot bound gets ci = {"error": why}. Returns `fits`."""
     for name, f in fits.items():
@@ -162,29 +175,54 @@ def add_intervals(fits: dict, samples, bootstrap: int = DEFAULT_BOOTSTRAP, seed:
     return fits
 
 
-def flip_summary(calibration: dict, rows: list[dict], estimator: str = "temperature", K: int = 20,
-                 used: tuple[float, str] | None = None) -> dict:
+def flip_summary(
+    calibration: dict,
+    rows: list[dict],
+    estimator: str = "temperature",
+    K: int = 20,
+    used: tuple[float, str] | None = None,
+) -> dict:
     """What the report says about the flip: the calibration's fit of `estimator`, its interval, whether it
     straddles 0, and the operating points on both sides (fixed u_th = -1 and 0), cu-hlm (at `used`: the
     u_th the policies ran with and where it came from) and cu-hlm-adaptive's."""
     f = calibration["fits"].get(estimator) or {}
     u_th = f.get("u_th_risk_averse")
     ci = f.get("ci") if f.get("ci") and "error" not in f.get("ci", {}) else None
-    keep = ("point", "label", "policy", "u_th", "risk", "estimator", "skip_rate", "fidelity_tv", "pass_at_1",
-            "pass_at_1_stderr", "throughput_ratio_hlm", "vocab_compression")
+    keep = (
+        "point",
+        "label",
+        "policy",
+        "u_th",
+        "risk",
+        "estimator",
+        "skip_rate",
+        "fidelity_tv",
+        "pass_at_1",
+        "pass_at_1_stderr",
+        "throughput_ratio_hlm",
+        "vocab_compression",
+    )
     pick = lambda r: {k: r.get(k) for k in keep}  # noqa: E731
     by = {r["point"]: r for r in rows}
     sides = [pick(by[f"cu-hlm-uth{v:g}"]) for v in sorted(FLIP_U_TH) if f"cu-hlm-uth{v:g}" in by]
     adaptive = [pick(r) for r in rows if r.get("policy") == "cu-hlm-adaptive"]
     tokens = calibration.get("tokens")
-    return {"estimator": estimator, "u_th": u_th, "ci": ci, "straddles_zero": bool(ci and ci.get("straddles_zero")),
-            "nonneg_fraction": ci and ci.get("nonneg_fraction"), "calibration_tokens": tokens,
-            "calibration_sequences": calibration.get("devices"),
-            "tokens_per_sequence": calibration.get("max_new_tokens"), "K": K,
-            "text": flip_text(ci, u_th, K), "sides": sides,
-            "used": None if used is None else {"u_th": used[0], "source": used[1]},
-            "fitted": pick(by["cu-hlm"]) if "cu-hlm" in by else None,
-            "adaptive": adaptive}
+    return {
+        "estimator": estimator,
+        "u_th": u_th,
+        "ci": ci,
+        "straddles_zero": bool(ci and ci.get("straddles_zero")),
+        "nonneg_fraction": ci and ci.get("nonneg_fraction"),
+        "calibration_tokens": tokens,
+        "calibration_sequences": calibration.get("devices"),
+        "tokens_per_sequence": calibration.get("max_new_tokens"),
+        "K": K,
+        "text": flip_text(ci, u_th, K),
+        "sides": sides,
+        "used": None if used is None else {"u_th": used[0], "source": used[1]},
+        "fitted": pick(by["cu-hlm"]) if "cu-hlm" in by else None,
+        "adaptive": adaptive,
+    }
 
 
 def _where(skip: float | None, sides: list[dict]) -> str:
@@ -216,15 +254,35 @@ def _intervals_table(fits: dict) -> str:
     rows = []
     for name, f in fits.items():
         ci = f.get("ci") if f.get("ci") and "error" not in f["ci"] else None
-        rows.append([name, format_value(f.get("a"), "3", missing="n/a"), _interval_text(ci, "a"),
-                     format_value(f.get("b"), "3", missing="n/a"), _interval_text(ci, "b"),
-                     format_value(f.get("u_th_risk_averse"), "3", missing="n/a"),
-                     _interval_text(ci, "u_th_risk_averse"),
-                     "n/a" if not ci else ("yes" if ci.get("straddles_zero") else "no"),
-                     "n/a" if not ci or ci.get("nonneg_fraction") is None else f"{100 * ci['nonneg_fraction']:.1f}%",
-                     "n/a" if not ci else f"{ci['bootstrap']} x {ci['groups']} seq."])
-    return html_table(["estimator", "a", "95% CI", "b", "95% CI", "u_th = -b/a", "95% CI", "straddles 0",
-                       "replicates u_th >= 0", "bootstrap"], rows)
+        rows.append(
+            [
+                name,
+                format_value(f.get("a"), "3", missing="n/a"),
+                _interval_text(ci, "a"),
+                format_value(f.get("b"), "3", missing="n/a"),
+                _interval_text(ci, "b"),
+                format_value(f.get("u_th_risk_averse"), "3", missing="n/a"),
+                _interval_text(ci, "u_th_risk_averse"),
+                "n/a" if not ci else ("yes" if ci.get("straddles_zero") else "no"),
+                "n/a" if not ci or ci.get("nonneg_fraction") is None else f"{100 * ci['nonneg_fraction']:.1f}%",
+                "n/a" if not ci else f"{ci['bootstrap']} x {ci['groups']} seq.",
+            ]
+        )
+    return html_table(
+        [
+            "estimator",
+            "a",
+            "95% CI",
+            "b",
+            "95% CI",
+            "u_th = -b/a",
+            "95% CI",
+            "straddles 0",
+            "replicates u_th >= 0",
+            "bootstrap",
+        ],
+        rows,
+    )
 
 
 def _sides_section(flip: dict) -> list[str]:
@@ -236,24 +294,34 @@ def _sides_section(flip: dict) -> list[str]:
     show = [*flip["sides"], *([flip["fitted"]] if flip.get("fitted") else []), *flip["adaptive"]]
     if not show:
         return []
-    parts = ["<p>Both sides of the flip (cu-hlm at fixed u_th = -1: truncation only, nothing skipped; at "
-             "fixed u_th = 0: every u = 0 token skipped; run in every study, so the flip is visible whatever "
-             "the fit), the fitted cu-hlm, and cu-hlm-adaptive, which needs no fit: it learns from its own "
-             "verdicts which u it can skip within a risk budget.</p>",
-             html_table(
-                 ["point", "u_th", "skip", "fidelity (TV/token)", "pass@1", "ratio to HLM", "where"],
-                 [[r["label"], format_value(r.get("u_th"), "3", missing="-"),
-                   format_value(r.get("skip_rate"), "pct", missing="n/a"),
-                   format_value(r.get("fidelity_tv"), "e", missing="n/a"),
-                   format_value(r.get("pass_at_1"), "3", missing="n/a"),
-                   format_value(r.get("throughput_ratio_hlm"), "x", missing="n/a"),
-                   _where(r.get("skip_rate"), flip["sides"]) if r.get("policy") == "cu-hlm-adaptive" else ""]
-                  for r in show])]
+    parts = [
+        "<p>Both sides of the flip (cu-hlm at fixed u_th = -1: truncation only, nothing skipped; at "
+        "fixed u_th = 0: every u = 0 token skipped; run in every study, so the flip is visible whatever "
+        "the fit), the fitted cu-hlm, and cu-hlm-adaptive, which needs no fit: it learns from its own "
+        "verdicts which u it can skip within a risk budget.</p>",
+        html_table(
+            ["point", "u_th", "skip", "fidelity (TV/token)", "pass@1", "ratio to HLM", "where"],
+            [
+                [
+                    r["label"],
+                    format_value(r.get("u_th"), "3", missing="-"),
+                    format_value(r.get("skip_rate"), "pct", missing="n/a"),
+                    format_value(r.get("fidelity_tv"), "e", missing="n/a"),
+                    format_value(r.get("pass_at_1"), "3", missing="n/a"),
+                    format_value(r.get("throughput_ratio_hlm"), "x", missing="n/a"),
+                    _where(r.get("skip_rate"), flip["sides"]) if r.get("policy") == "cu-hlm-adaptive" else "",
+                ]
+                for r in show
+            ],
+        ),
+    ]
     for r in flip["adaptive"]:
-        parts.append(f"<p class='muted'>{H.escape(r['label'])} reaches skip "
-                     f"{format_value(r.get('skip_rate'), 'pct', missing='n/a')} at fidelity "
-                     f"{format_value(r.get('fidelity_tv'), 'e', missing='n/a')} without any fit: "
-                     f"{H.escape(_where(r.get('skip_rate'), flip['sides']) or 'n/a')}.</p>")
+        parts.append(
+            f"<p class='muted'>{H.escape(r['label'])} reaches skip "
+            f"{format_value(r.get('skip_rate'), 'pct', missing='n/a')} at fidelity "
+            f"{format_value(r.get('fidelity_tv'), 'e', missing='n/a')} without any fit: "
+            f"{H.escape(_where(r.get('skip_rate'), flip['sides']) or 'n/a')}.</p>"
+        )
     return parts
 
 
@@ -264,14 +332,17 @@ def html_section(flip: dict, fits: dict) -> list[str]:
     parts = ["<h2>How sure the calibration is</h2>", f"<p>{H.escape(flip['text'])}</p>"]
     used = flip.get("used")
     if used and not str(used["source"]).startswith("calibration"):
-        parts.append(f"<p>The policies did not use this fit: u_th = {used['u_th']:.4f} from "
-                     f"{H.escape(str(used['source']))}.</p>")
+        parts.append(
+            f"<p>The policies did not use this fit: u_th = {used['u_th']:.4f} from {H.escape(str(used['source']))}.</p>"
+        )
     share = flip.get("nonneg_fraction")
     n, seqs, per = flip.get("calibration_tokens"), flip.get("calibration_sequences"), flip.get("tokens_per_sequence")
     stable = share is not None and not flip["straddles_zero"]
-    parts.append(f"<p>Calibration size: {n} tokens ({seqs} sequences x {per} tokens; raise it with "
-                 f"<code>testbed reproduce paper --calibration-tokens N</code>, N per sequence). The sign of the "
-                 f"risk-averse decision is {'stable' if stable else '<b>not stable</b>'} at this size: "
-                 f"{'n/a' if share is None else f'{100 * share:.1f}%'} of the bootstrap replicates give u_th >= 0 "
-                 f"(skip the u = 0 tokens), the rest u_th < 0 (skip nothing).</p>")
+    parts.append(
+        f"<p>Calibration size: {n} tokens ({seqs} sequences x {per} tokens; raise it with "
+        f"<code>testbed reproduce paper --calibration-tokens N</code>, N per sequence). The sign of the "
+        f"risk-averse decision is {'stable' if stable else '<b>not stable</b>'} at this size: "
+        f"{'n/a' if share is None else f'{100 * share:.1f}%'} of the bootstrap replicates give u_th >= 0 "
+        f"(skip the u = 0 tokens), the rest u_th < 0 (skip nothing).</p>"
+    )
     return [*parts, _intervals_table(fits), *_sides_section(flip)]

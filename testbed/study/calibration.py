@@ -5,6 +5,7 @@ step 3), the binned reliability curve, the bootstrap intervals (testbed.study.bo
 offline k* (policies.truncation.calibrate_offline_k on the SLM distributions x of a deterministic
 subsample of its tokens, with their observed betas; docs/design.md section 1, step 5).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,16 @@ def reliability(u: np.ndarray, beta: np.ndarray, a: float | None, b: float | Non
         if not sel.any():
             continue
         pred = None if a is None else float(np.clip(a * u[sel] + b, 0.0, 1.0).mean())
-        out.append({"u_lo": float(lo), "u_hi": float(hi), "n": int(sel.sum()), "u_mean": float(u[sel].mean()),
-                    "beta_observed": float(beta[sel].mean()), "beta_predicted": pred})
+        out.append(
+            {
+                "u_lo": float(lo),
+                "u_hi": float(hi),
+                "n": int(sel.sum()),
+                "u_mean": float(u[sel].mean()),
+                "beta_observed": float(beta[sel].mean()),
+                "beta_predicted": pred,
+            }
+        )
     return out
 
 
@@ -49,8 +58,13 @@ def fit_entry(f, n_tokens: int) -> dict:
     there is none (testbed.calibrate.fit_estimators)."""
     if isinstance(f, Exception):
         return {"a": None, "b": None, "pearson_r": None, "n": n_tokens, "u_th_risk_averse": None, "error": str(f)}
-    return {"a": f.a, "b": f.b, "pearson_r": None if math.isnan(f.pearson_r) else f.pearson_r,
-            "n": f.n, "u_th_risk_averse": -f.b / f.a if f.a > 0 else None}
+    return {
+        "a": f.a,
+        "b": f.b,
+        "pearson_r": None if math.isnan(f.pearson_r) else f.pearson_r,
+        "n": f.n,
+        "u_th_risk_averse": -f.b / f.a if f.a > 0 else None,
+    }
 
 
 def offline_kstar(kept: dict, samples, theta: float, eta: float, vocab_size: int) -> tuple[int, int]:
@@ -61,8 +75,9 @@ def offline_kstar(kept: dict, samples, theta: float, eta: float, vocab_size: int
     keys = sorted(k for k in kept if k in beta_of and math.isfinite(beta_of[k][0]))
     if not keys:
         return vocab_size, 0
-    k = calibrate_offline_k(np.stack([kept[k] for k in keys]), [beta_of[k][1] for k in keys],
-                            [beta_of[k][0] for k in keys], theta, eta)
+    k = calibrate_offline_k(
+        np.stack([kept[k] for k in keys]), [beta_of[k][1] for k in keys], [beta_of[k][0] for k in keys], theta, eta
+    )
     return int(k), len(keys)
 
 
@@ -71,8 +86,9 @@ def _slice_text(s: Scenario) -> str:
     return f"humaneval[{s.prompts.offset}:{end}]"
 
 
-def calibrate_point(s: Scenario, out_dir: Path, kstar_tokens: int, theta: float = DEFAULT_THETA,
-                    eta: float = DEFAULT_ETA) -> dict:
+def calibrate_point(
+    s: Scenario, out_dir: Path, kstar_tokens: int, theta: float = DEFAULT_THETA, eta: float = DEFAULT_ETA
+) -> dict:
     """The calibration run on the scenario's devices (module docstring), the x of every stride-th token
     kept for the offline k*. Writes samples.parquet and calibration.json into out_dir; returns the latter."""
     import torch
@@ -94,10 +110,18 @@ def calibrate_point(s: Scenario, out_dir: Path, kstar_tokens: int, theta: float 
     curves = {name: reliability(samples[f"u_{name}"], samples["beta"], f["a"], f["b"]) for name, f in fits.items()}
     add_intervals(fits, samples)  # bootstrap over devices: fits[name]["ci"]
     k, kept = offline_kstar(rec.kept, samples, theta, eta, p.run.vocab_size)
-    doc = {"scenario": s.name, "models": {"slm": str(s.models.slm), "llm": str(s.models.llm)},
-           "prompts": _slice_text(s), "devices": len(p.specs), "max_new_tokens": p.run.max_new_tokens,
-           "tokens": int(len(samples)), "vocab_size": p.run.vocab_size, "fits": fits, "reliability": curves,
-           "kstar": {"k": k, "theta": theta, "eta": eta, "tokens": kept, "stride": stride}}
+    doc = {
+        "scenario": s.name,
+        "models": {"slm": str(s.models.slm), "llm": str(s.models.llm)},
+        "prompts": _slice_text(s),
+        "devices": len(p.specs),
+        "max_new_tokens": p.run.max_new_tokens,
+        "tokens": int(len(samples)),
+        "vocab_size": p.run.vocab_size,
+        "fits": fits,
+        "reliability": curves,
+        "kstar": {"k": k, "theta": theta, "eta": eta, "tokens": kept, "stride": stride},
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     samples.to_parquet(out_dir / "samples.parquet", index=False)
     (out_dir / "calibration.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")

@@ -1,16 +1,16 @@
 """`testbed reproduce ... --estimate`: a study's rough wall time on a 2-core CPU, per CPU class, from the
 HumanEval problems' canonical solutions and measured step costs (no model is run)."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from testbed.study.sizes import FLEET_POLICIES, SIZES, Size
-
 
 # One generated token-step (SLM + LLM, every device of a 16-row tile at once) on a 2-core CPU, per CPU
 # class. bf16: measured on a 2-core Intel Xeon with AVX512-BF16 and AMX at 2 threads (actors.threads
@@ -86,7 +86,7 @@ def point_steps(lengths: Sequence[int], max_new_tokens: int, which: int, p: floa
     ls = sorted(lengths)
 
     def with_ramblers(k: int) -> int:
-        return batch_steps(ls[:n - k] + [max_new_tokens] * k)
+        return batch_steps(ls[: n - k] + [max_new_tokens] * k)
 
     if which == 1:
         return float(with_ramblers(min(n, max(1, math.ceil(2 * p * n)))))
@@ -109,14 +109,28 @@ class Work:
 def paper_work(size: Size, canonical: Sequence[int], prompt_tokens: int) -> Work:
     """The paper study: every point's completions (point_steps, weighted by which models it runs) plus the
     calibration point's calibration_tokens on every device; every run prefills the prompts."""
-    names = ["llm-only", "hlm", "slm-only", "u-hlm", "cu-hlm", "cu-hlm-offline",
-             *["a"] * (len(size.risks) * len(size.adaptive_estimators)),
-             "rp", *["u"] * len(size.u_th), *["t"] * len(size.theta), "rand-hlm"]
+    names = [
+        "llm-only",
+        "hlm",
+        "slm-only",
+        "u-hlm",
+        "cu-hlm",
+        "cu-hlm-offline",
+        *["a"] * (len(size.risks) * len(size.adaptive_estimators)),
+        "rp",
+        *["u"] * len(size.u_th),
+        *["t"] * len(size.theta),
+        "rand-hlm",
+    ]
     weight = sum(STEP_WEIGHT.get(n, 1.0) for n in names)
     devices = len(canonical) * size.samples
     cal = size.calibration_tokens * math.ceil(devices / TILE)
-    steps = [weight * point_steps(completion_lengths(canonical, size.max_new_tokens, w) * size.samples,
-                                  size.max_new_tokens, w) + cal for w in (0, 1)]
+    steps = [
+        weight
+        * point_steps(completion_lengths(canonical, size.max_new_tokens, w) * size.samples, size.max_new_tokens, w)
+        + cal
+        for w in (0, 1)
+    ]
     no_stop = weight * size.max_new_tokens * math.ceil(devices / TILE) + cal
     runs = len(names) + 1
     return Work(steps, no_stop, runs * math.ceil(prompt_tokens * size.samples / TILE), runs, devices)
@@ -140,9 +154,13 @@ def cpu_minutes(w: Work) -> dict:
     cpus = {}
     for c, label in CPU_CLASSES.items():
         sec = [st * STEP_S[c] + w.tiles * PREFILL_TILE_S[c] for st in w.steps]
-        cpus[c] = {"cpu": label, "token_step_s": STEP_S[c], "prefill_tile_s": PREFILL_TILE_S[c],
-                   "minutes": [x / 60 for x in sec],
-                   "minutes_without_stops": (w.no_stop * STEP_S[c] + w.tiles * PREFILL_TILE_S[c]) / 60}
+        cpus[c] = {
+            "cpu": label,
+            "token_step_s": STEP_S[c],
+            "prefill_tile_s": PREFILL_TILE_S[c],
+            "minutes": [x / 60 for x in sec],
+            "minutes_without_stops": (w.no_stop * STEP_S[c] + w.tiles * PREFILL_TILE_S[c]) / 60,
+        }
     return cpus
 
 
@@ -161,20 +179,39 @@ def estimate(kind: str, size: str | Size) -> dict:
     from testbed.prompts import humaneval_problems
 
     size = SIZES[size] if isinstance(size, str) else size
-    problems = humaneval_problems()[size.offset:None if size.count is None else size.offset + size.count]
+    problems = humaneval_problems()[size.offset : None if size.count is None else size.offset + size.count]
     lengths, how = _token_lengths([p["prompt"] for p in problems] + [p["canonical_solution"] for p in problems])
-    prompt_tokens, canonical = sum(lengths[:len(problems)]), lengths[len(problems):]
+    prompt_tokens, canonical = sum(lengths[: len(problems)]), lengths[len(problems) :]
     if kind == "paper":
         w = paper_work(size, canonical, prompt_tokens)
     else:
         w = fleet_work(size, len(problems), prompt_tokens)
     cpus = cpu_minutes(w)
     lo, hi = cpus["bf16"]["minutes"][0] * 60, cpus["fp32"]["minutes"][1] * 60
-    return {"kind": kind, "size": size.name, "runs": w.runs, "devices": w.devices, "samples": size.samples,
-            "max_new_tokens": size.max_new_tokens, "token_steps": w.steps, "token_steps_without_stops": w.no_stop,
-            "prompt_tokens": prompt_tokens, "prompt_tokens_from": how, "prefill_tiles": w.tiles,
-            "longest_canonical_tokens": max(canonical) if canonical else 0, "cpu_classes": cpus,
-            "this_cpu": cpu_class(), "seconds": [lo, hi], "minutes": [lo / 60, hi / 60],
-            "assumptions": {"token_step_s": STEP_S, "prefill_tile_s": PREFILL_TILE_S, "step_weight": STEP_WEIGHT,
-                            "tile": TILE, "completion_factor": COMPLETION_FACTOR,
-                            "completion_margin": COMPLETION_MARGIN, "ramble_p": RAMBLE_P}}
+    return {
+        "kind": kind,
+        "size": size.name,
+        "runs": w.runs,
+        "devices": w.devices,
+        "samples": size.samples,
+        "max_new_tokens": size.max_new_tokens,
+        "token_steps": w.steps,
+        "token_steps_without_stops": w.no_stop,
+        "prompt_tokens": prompt_tokens,
+        "prompt_tokens_from": how,
+        "prefill_tiles": w.tiles,
+        "longest_canonical_tokens": max(canonical) if canonical else 0,
+        "cpu_classes": cpus,
+        "this_cpu": cpu_class(),
+        "seconds": [lo, hi],
+        "minutes": [lo / 60, hi / 60],
+        "assumptions": {
+            "token_step_s": STEP_S,
+            "prefill_tile_s": PREFILL_TILE_S,
+            "step_weight": STEP_WEIGHT,
+            "tile": TILE,
+            "completion_factor": COMPLETION_FACTOR,
+            "completion_margin": COMPLETION_MARGIN,
+            "ramble_p": RAMBLE_P,
+        },
+    }

@@ -1,5 +1,6 @@
 """What parameterises a study's policies: the rejection model beta ~ a*u + b with its thresholds
 (docs/design.md section 1, steps 3 and 4) and the offline k* of cu-hlm-offline."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -6,10 +6,12 @@ each fleet size) runs every policy at each fleet size of the --size: system thro
 and mean verifier batch size vs fleet size. Its own calibration point gives a, b and k*; rand-hlm
 matches u-hlm's skip rate at each size. Not scored for accuracy.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from testbed.scenario import Scenario, parse_scenario
 from testbed.study.analysis import fleet_row
@@ -27,6 +29,7 @@ def fleet_points(size: Size, sets: dict[str, Any] | None) -> list[Point]:
         base = fleet_base(size, n, sets)
         order = [p for p in FLEET_POLICIES if p != "rand-hlm"] + ["rand-hlm"]  # rand-hlm after u-hlm
         for name in order:
+
             def build(st: Study, name=name, n=n, base=base) -> Scenario:
                 params: dict[str, Any] = {}
                 if name == "cu-hlm-adaptive":
@@ -47,16 +50,25 @@ def fleet_calibration(size: Size, sets: dict[str, Any] | None) -> Scenario:
     return parse_scenario(d)
 
 
-def run_fleet(size: str | Size = "smoke", out: str | Path = "runs/reproduce-fleet", *, engine: str = "local",
-              sets: dict[str, Any] | None = None, a: float | None = None, b: float | None = None,
-              log: Callable[[str], None] | None = None) -> StudyResult:
+def run_fleet(
+    size: str | Size = "smoke",
+    out: str | Path = "runs/reproduce-fleet",
+    *,
+    engine: str = "local",
+    sets: dict[str, Any] | None = None,
+    a: float | None = None,
+    b: float | None = None,
+    log: Callable[[str], None] | None = None,
+) -> StudyResult:
     """The fleet study (module docstring); returns the table rows and the report path."""
     size = SIZES[size] if isinstance(size, str) else size
     out = Path(out)
     points = fleet_points(size, sets)
     study = Study(out, engine, log, total=len(points) + 1)
-    study.log(f"reproduce fleet --size {size.name}: fleet sizes {', '.join(map(str, size.fleet_sizes))}, "
-              f"{size.fleet_tokens} tokens per device, {len(points) + 1} points -> {out}")
+    study.log(
+        f"reproduce fleet --size {size.name}: fleet sizes {', '.join(map(str, size.fleet_sizes))}, "
+        f"{size.fleet_tokens} tokens per device, {len(points) + 1} points -> {out}"
+    )
     study.run_calibration(fleet_calibration(size, sets), size.kstar_tokens)
     study.fit = choose_fit(study.calibration, a, b)
     for p in points:

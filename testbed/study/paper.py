@@ -30,10 +30,12 @@ bootstrap intervals (testbed.study.bootstrap) and the channel sweep, throughput 
 uplink rate from the points' tokens (testbed.study.sweep; `testbed reproduce sweep OUT` on an existing
 study).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from testbed.scenario import Scenario
 from testbed.study.analysis import paper_row, paper_throughput
@@ -61,26 +63,40 @@ def paper_points(size: Size, base: Scenario) -> list[Point]:
     def thr(rule: str):
         return lambda st: {"u_th": st.fit.u_th_risk_averse if rule == "risk-averse" else st.fit.u_th_risk_prone}
 
-    pts = [pol("llm-only", "llm-only"), pol("hlm", "hlm"), pol("slm-only", "slm-only"),
-           pol("u-hlm", "u-hlm", meta_fn=thr("risk-averse")),
-           pol("cu-hlm", "cu-hlm", meta_fn=lambda st: {**thr("risk-averse")(st), "theta": DEFAULT_THETA}),
-           pol("cu-hlm-offline", "cu-hlm-offline", meta_fn=lambda st: {"k": st.fit.kstar})]
+    pts = [
+        pol("llm-only", "llm-only"),
+        pol("hlm", "hlm"),
+        pol("slm-only", "slm-only"),
+        pol("u-hlm", "u-hlm", meta_fn=thr("risk-averse")),
+        pol("cu-hlm", "cu-hlm", meta_fn=lambda st: {**thr("risk-averse")(st), "theta": DEFAULT_THETA}),
+        pol("cu-hlm-offline", "cu-hlm-offline", meta_fn=lambda st: {"k": st.fit.kstar}),
+    ]
     for est in size.adaptive_estimators:
         for r in size.risks:
             label = f"cu-hlm-adaptive-risk{r:g}" if est == ESTIMATOR else f"cu-hlm-adaptive-{est}-risk{r:g}"
             params = {"risk": r} if est == ESTIMATOR else {"risk": r, "estimator": est}
-            pts.append(pol("cu-hlm-adaptive", label, meta_fn=lambda st, r=r, est=est: {"risk": r, "estimator": est},
-                           **params))
+            pts.append(
+                pol("cu-hlm-adaptive", label, meta_fn=lambda st, r=r, est=est: {"risk": r, "estimator": est}, **params)
+            )
     pts.append(pol("cu-hlm", "cu-hlm-risk-prone", "u_th", meta_fn=thr("risk-prone"), threshold="risk-prone"))
     # + both sides of the risk-averse flip, skip every u = 0 token / skip nothing (testbed.study.bootstrap)
     for v in size.u_th + tuple(v for v in FLIP_U_TH if v not in size.u_th):
-        pts.append(pol("cu-hlm", f"cu-hlm-uth{v:g}", "u_th", meta_fn=lambda st, v=v: {"u_th": v},
-                       threshold="fixed", u_th=v))
+        pts.append(
+            pol("cu-hlm", f"cu-hlm-uth{v:g}", "u_th", meta_fn=lambda st, v=v: {"u_th": v}, threshold="fixed", u_th=v)
+        )
     for v in size.theta:
-        pts.append(pol("cu-hlm", f"cu-hlm-theta{v:g}", "theta",
-                       meta_fn=lambda st, v=v: {"theta": v, "u_th": st.fit.u_th_risk_averse}, theta=v))
-    pts.append(pol("rand-hlm", "rand-hlm", meta_fn=lambda st: {"skip_rate_target": _rand_rate(st)},
-                   skip_rate=_rand_rate))
+        pts.append(
+            pol(
+                "cu-hlm",
+                f"cu-hlm-theta{v:g}",
+                "theta",
+                meta_fn=lambda st, v=v: {"theta": v, "u_th": st.fit.u_th_risk_averse},
+                theta=v,
+            )
+        )
+    pts.append(
+        pol("rand-hlm", "rand-hlm", meta_fn=lambda st: {"skip_rate_target": _rand_rate(st)}, skip_rate=_rand_rate)
+    )
     return pts
 
 
@@ -89,9 +105,16 @@ def _rand_rate(st: Study) -> float:
     return round(float(st.summaries["u-hlm"].get("skip_rate") or 0.0), 4)
 
 
-def run_paper(size: str | Size = "smoke", out: str | Path = "runs/reproduce-paper", *, engine: str = "local",
-              sets: dict[str, Any] | None = None, a: float | None = None, b: float | None = None,
-              log: Callable[[str], None] | None = None) -> StudyResult:
+def run_paper(
+    size: str | Size = "smoke",
+    out: str | Path = "runs/reproduce-paper",
+    *,
+    engine: str = "local",
+    sets: dict[str, Any] | None = None,
+    a: float | None = None,
+    b: float | None = None,
+    log: Callable[[str], None] | None = None,
+) -> StudyResult:
     """The paper study (module docstring); returns the table rows and the report path."""
     size = SIZES[size] if isinstance(size, str) else size
     out = Path(out)
@@ -101,9 +124,11 @@ def run_paper(size: str | Size = "smoke", out: str | Path = "runs/reproduce-pape
     setting = paper_setting(size, sets)
     study.llm_ms = llm_ms(setting)
     study.setting_text = link_text(setting)
-    study.log(f"reproduce paper --size {size.name}: {base.n_devices} devices ({size.samples} per problem, "
-              f"humaneval[{size.offset}:{'' if size.count is None else size.offset + size.count}]), "
-              f"{size.max_new_tokens} tokens each, {len(points) + 1} points -> {out}")
+    study.log(
+        f"reproduce paper --size {size.name}: {base.n_devices} devices ({size.samples} per problem, "
+        f"humaneval[{size.offset}:{'' if size.count is None else size.offset + size.count}]), "
+        f"{size.max_new_tokens} tokens each, {len(points) + 1} points -> {out}"
+    )
     cal_s = with_policy(sized_tokens(base, size.calibration_tokens), "hlm", "reproduce-calibration")
     study.run_calibration(cal_s, size.kstar_tokens)
     study.fit = choose_fit(study.calibration, a, b)

@@ -1,5 +1,6 @@
 """The figures of `testbed reproduce` (PNG), drawn from a study's table rows: the cu-hlm u_th and theta
 sweeps, the calibration's fit and reliability, skip rate against fidelity, every policy, the fleets."""
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,17 @@ def _val(x):
     return np.nan if x is None else float(x)
 
 
-def plot_vs_u_th(rows: list[dict], refs: dict[str, dict], key: str, ylabel: str, title: str, path: Path,
-                 err: str | None = None, percent: bool = False, fit: Fit | None = None) -> Path:
+def plot_vs_u_th(
+    rows: list[dict],
+    refs: dict[str, dict],
+    key: str,
+    ylabel: str,
+    title: str,
+    path: Path,
+    err: str | None = None,
+    percent: bool = False,
+    fit: Fit | None = None,
+) -> Path:
     """One figure vs u_th: the cu-hlm sweep (risk-averse, fixed values, risk-prone) with reference lines."""
     fig, ax = new_figure(7.2, 4.4)
     a = ax[0][0]
@@ -32,17 +42,30 @@ def plot_vs_u_th(rows: list[dict], refs: dict[str, dict], key: str, ylabel: str,
     scale = 100.0 if percent else 1.0
     if len(x) and np.isfinite(y).any():
         e = np.array([_val(r.get(err)) for r in pts], float) * scale if err else None
-        a.errorbar(x, y * scale, yerr=e if e is not None and np.isfinite(e).any() else None, marker="o",
-                   color="#d62728", capsize=3, label="cu-hlm (u <= u_th skipped)")
+        a.errorbar(
+            x,
+            y * scale,
+            yerr=e if e is not None and np.isfinite(e).any() else None,
+            marker="o",
+            color="#d62728",
+            capsize=3,
+            label="cu-hlm (u <= u_th skipped)",
+        )
         for r in pts:
             if r["label"] != "cu-hlm" and "risk" not in r["label"]:
                 continue
-            a.annotate(r["label"], (r["u_th"], _val(r.get(key)) * scale), textcoords="offset points", xytext=(4, 6),
-                       fontsize=8)
+            a.annotate(
+                r["label"], (r["u_th"], _val(r.get(key)) * scale), textcoords="offset points", xytext=(4, 6), fontsize=8
+            )
     else:
         _na(a)
-    styles = {"hlm": ("#1f77b4", "--"), "u-hlm": ("#2ca02c", ":"), "slm-only": ("#7f7f7f", "-."),
-              "llm-only": ("#9467bd", (0, (6, 2))), "rand-hlm": ("#8c564b", (0, (2, 2)))}
+    styles = {
+        "hlm": ("#1f77b4", "--"),
+        "u-hlm": ("#2ca02c", ":"),
+        "slm-only": ("#7f7f7f", "-."),
+        "llm-only": ("#9467bd", (0, (6, 2))),
+        "rand-hlm": ("#8c564b", (0, (2, 2))),
+    }
     for name, r in refs.items():
         v = _val(r.get(key))
         if np.isfinite(v) and name in styles:
@@ -50,7 +73,7 @@ def plot_vs_u_th(rows: list[dict], refs: dict[str, dict], key: str, ylabel: str,
             label = f"{name}" + (" (= u_th >= 1)" if name == "slm-only" else "")
             a.axhline(v * scale, color=c, ls=ls, lw=1.2, label=label)
     if fit is not None:
-        for v, lab in ((fit.u_th_risk_averse, "risk-averse"), (fit.u_th_risk_prone, "risk-prone")):
+        for v, _label in ((fit.u_th_risk_averse, "risk-averse"), (fit.u_th_risk_prone, "risk-prone")):
             if math.isfinite(v):
                 a.axvline(v, color="k", lw=0.8, alpha=0.4)
     a.set_xlabel("skip threshold u_th (temperature perturbation u)")
@@ -81,8 +104,15 @@ def plot_reliability(calibration: dict, path: Path) -> Path:
             py = [c["beta_observed"] for c in curve]
             n = np.array([c["n"] for c in curve], float)
             a.plot(px, py, color="#d62728", lw=1)
-            a.scatter(px, py, s=20 + 180 * n / n.max(), color="#d62728", edgecolor="k", zorder=3,
-                      label="u bins (size ~ tokens)")
+            a.scatter(
+                px,
+                py,
+                s=20 + 180 * n / n.max(),
+                color="#d62728",
+                edgecolor="k",
+                zorder=3,
+                label="u bins (size ~ tokens)",
+            )
         a.set_xlim(-0.02, 1.02)
         a.set_ylim(-0.02, 1.02)
         a.set_title(f"{name}: observed vs predicted beta")
@@ -97,20 +127,43 @@ def _frontier_lines(a, front: list[dict], by: dict[str, list]) -> None:
     """cu-hlm's hull (red, labelled by u_th) and each estimator's adaptive risk budgets (dashed)."""
     colors = {"temperature": "#1f77b4", "max": "#2ca02c"}
     if front:
-        a.plot([r["fidelity_tv"] for r in front], [100 * r["skip_rate"] for r in front], marker="o",
-               color="#d62728", label="cu-hlm, u_th sweep (upper concave hull)")
+        a.plot(
+            [r["fidelity_tv"] for r in front],
+            [100 * r["skip_rate"] for r in front],
+            marker="o",
+            color="#d62728",
+            label="cu-hlm, u_th sweep (upper concave hull)",
+        )
         for r in front:
             if r.get("u_th") is not None:
-                a.annotate(f"u_th {r['u_th']:.2g}", (r["fidelity_tv"], 100 * r["skip_rate"]),
-                           textcoords="offset points", xytext=(5, -10), fontsize=7, color="#d62728")
+                a.annotate(
+                    f"u_th {r['u_th']:.2g}",
+                    (r["fidelity_tv"], 100 * r["skip_rate"]),
+                    textcoords="offset points",
+                    xytext=(5, -10),
+                    fontsize=7,
+                    color="#d62728",
+                )
     for est, rs in by.items():
         rs = sorted(rs, key=lambda r: r.get("risk") or 0.0)
         c = colors.get(est, "#9467bd")
-        a.plot([r["fidelity_tv"] for r in rs], [100 * r["skip_rate"] for r in rs], marker="s", ls="--", color=c,
-               label=f"cu-hlm-adaptive ({est} u), risk budgets")
+        a.plot(
+            [r["fidelity_tv"] for r in rs],
+            [100 * r["skip_rate"] for r in rs],
+            marker="s",
+            ls="--",
+            color=c,
+            label=f"cu-hlm-adaptive ({est} u), risk budgets",
+        )
         for r in rs:
-            a.annotate(f"{r['risk']:g}", (r["fidelity_tv"], 100 * r["skip_rate"]), textcoords="offset points",
-                       xytext=(4, 5), fontsize=7, color=c)
+            a.annotate(
+                f"{r['risk']:g}",
+                (r["fidelity_tv"], 100 * r["skip_rate"]),
+                textcoords="offset points",
+                xytext=(4, 5),
+                fontsize=7,
+                color=c,
+            )
 
 
 def _zoom_to_adaptive(a, front: list[dict], by: dict[str, list]) -> None:
@@ -123,8 +176,11 @@ def _zoom_to_adaptive(a, front: list[dict], by: dict[str, list]) -> None:
     lo = min(xs + [front[0]["fidelity_tv"]])
     pad = 0.08 * (hi - lo or hi)
     a.set_xlim(lo - pad, hi + pad)
-    ys = [100 * r["skip_rate"] for r in [*front, *(r for rs in by.values() for r in rs)]
-          if lo - pad <= r["fidelity_tv"] <= hi + pad]
+    ys = [
+        100 * r["skip_rate"]
+        for r in [*front, *(r for rs in by.values() for r in rs)]
+        if lo - pad <= r["fidelity_tv"] <= hi + pad
+    ]
     a.set_ylim(min(ys) - 5, max(ys) + 5)
 
 

@@ -7,6 +7,7 @@ when it is scored). A finished point is read back, never recomputed; anything el
 changed parameter) is deleted and run again. One line per point is logged:
 [done/total] name: ran|cached in s (elapsed s).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,9 +15,9 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from testbed.scenario import Scenario, scenario_yaml
 from testbed.study.calibration import calibrate_point
@@ -30,7 +31,7 @@ class Point:
     name: str  # directory under points/ (or "calibration")
     group: str  # calibration | policy | u_th | theta | fleet
     label: str  # shown in tables
-    build: Callable[["Study"], Scenario]
+    build: Callable[[Study], Scenario]
     policy: str = ""  # preset name
     meta: dict = field(default_factory=dict)  # u_th, theta, risk, fleet_size (filled by build)
     scored: bool = True  # HumanEval pass@1 relative to the reference
@@ -39,8 +40,7 @@ class Point:
 class Study:
     """Runs points in order, each at most once (resumable, module docstring), one log line per point."""
 
-    def __init__(self, out: Path, engine: str = "local", log: Callable[[str], None] | None = None,
-                 total: int = 0):
+    def __init__(self, out: Path, engine: str = "local", log: Callable[[str], None] | None = None, total: int = 0):
         self.out = Path(out)
         self.engine = engine
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -61,8 +61,10 @@ class Study:
     def _line(self, name: str, status: str, seconds: float) -> None:
         self.done += 1
         self.statuses[name] = status
-        self.log(f"[{self.done:>{len(str(self.total))}}/{self.total}] {name}: {status} in {seconds:.1f} s "
-                 f"(elapsed {time.time() - self.t0:.1f} s)")
+        self.log(
+            f"[{self.done:>{len(str(self.total))}}/{self.total}] {name}: {status} in {seconds:.1f} s "
+            f"(elapsed {time.time() - self.t0:.1f} s)"
+        )
 
     @staticmethod
     def finished(d: Path, digest: str, scored: bool, with_reference: bool, summary_file: str = "summary.json") -> bool:
@@ -85,14 +87,23 @@ class Study:
 
     def _mark(self, d: Path, digest: str, seconds: float) -> None:
         tmp = d / "point.json.tmp"
-        tmp.write_text(json.dumps({"scenario_sha256": digest, "seconds": round(seconds, 3),
-                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}), encoding="utf-8")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "scenario_sha256": digest,
+                    "seconds": round(seconds, 3),
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                }
+            ),
+            encoding="utf-8",
+        )
         tmp.replace(d / "point.json")
 
     def run_calibration(self, s: Scenario, kstar_tokens: int) -> dict:
         d = self.point_dir("calibration")
-        digest = hashlib.sha256((scenario_yaml(s) + f"\nkstar_tokens={kstar_tokens} theta={DEFAULT_THETA} "
-                                 f"eta={DEFAULT_ETA}").encode()).hexdigest()
+        digest = hashlib.sha256(
+            (scenario_yaml(s) + f"\nkstar_tokens={kstar_tokens} theta={DEFAULT_THETA} eta={DEFAULT_ETA}").encode()
+        ).hexdigest()
         t = time.time()
         if self.finished(d, digest, False, False, "calibration.json"):
             doc, status = json.loads((d / "calibration.json").read_text(encoding="utf-8")), "cached"

@@ -10,11 +10,13 @@ from verify_seconds: its per-token term for the skipped tokens piggybacked on an
 each), i.e. the LLM's step is charged once per verification, as in the papers' delay model.
 Content (tokens, decisions, betas) is unaffected: it never depends on timing (docs/design.md section 2).
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from testbed.scenario import Scenario, override, parse_scenario, scenario_yaml
 from testbed.study.fit import Fit
@@ -106,8 +108,12 @@ def isolate_devices(s: Scenario) -> Scenario:
         down = dict(link["downlink"])
         down["delay_ms"] = float(down.get("delay_ms", 0.0)) + extra
         t["link"] = {"uplink": dict(link["uplink"]), "downlink": down}
-    d["server"] = {**d["server"], "verify_ms": {"base": 0.0, "per_token": 0.0, "per_sequence": 0.0},
-                   "max_batch": max(1, s.n_devices), "max_wait_ms": 0.0}
+    d["server"] = {
+        **d["server"],
+        "verify_ms": {"base": 0.0, "per_token": 0.0, "per_sequence": 0.0},
+        "max_batch": max(1, s.n_devices),
+        "max_wait_ms": 0.0,
+    }
     return parse_scenario(d, source=f"{s.name} (isolated devices)")
 
 

@@ -39,13 +39,14 @@ Payload encodings (what up_bits holds for a transmitted token):
   depends on how peaked x is, not on |V|), capped at vocab.
 The downlink (the verdict) is charged as measured in every encoding.
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -75,7 +76,7 @@ class DelayModel:
     downlink_mtu: int = 1500
 
     @classmethod
-    def from_scenario(cls, s, where: str = "scenario") -> "DelayModel":
+    def from_scenario(cls, s, where: str = "scenario") -> DelayModel:
         from testbed.config.devices import resolve_link
 
         if len(s.tiers) != 1:
@@ -85,11 +86,21 @@ class DelayModel:
         up, down = link.uplink, link.downlink
         v = s.server.verify_ms
         if v.base or v.per_token or v.per_sequence or s.server.max_wait_ms:
-            raise SweepError(f"{where}: the verifier takes time (verify_ms {v}); the sweep needs the study's "
-                             f"isolated devices (testbed.study.scenarios.isolate_devices)")
-        return cls(t.slm_ms_per_token / 1000.0, _static_rate(up, f"{where}: uplink"), up.delay_s,
-                   _static_rate(down, f"{where}: downlink"), down.delay_s, up.overhead_bytes, down.overhead_bytes,
-                   up.mtu, down.mtu)
+            raise SweepError(
+                f"{where}: the verifier takes time (verify_ms {v}); the sweep needs the study's "
+                f"isolated devices (testbed.study.scenarios.isolate_devices)"
+            )
+        return cls(
+            t.slm_ms_per_token / 1000.0,
+            _static_rate(up, f"{where}: uplink"),
+            up.delay_s,
+            _static_rate(down, f"{where}: downlink"),
+            down.delay_s,
+            up.overhead_bytes,
+            down.overhead_bytes,
+            up.mtu,
+            down.mtu,
+        )
 
 
 def _static_rate(p, where: str) -> float:
@@ -164,13 +175,15 @@ def affine(tokens, model: DelayModel, enc: Encoding, run_vocab: int) -> Affine:
     drafts = tokens["draft_id"].to_numpy(np.int64) >= 0
     down = _wire(tokens["downlink_bytes"].to_numpy(np.int64), model.downlink_mtu, model.downlink_overhead_bytes)
     fixed = np.where(drafts, model.slm_s, 0.0) + np.where(
-        tx, model.uplink_delay_s + 8.0 * down / model.downlink_rate_bps + model.downlink_delay_s, 0.0)
+        tx, model.uplink_delay_s + 8.0 * down / model.downlink_rate_bps + model.downlink_delay_s, 0.0
+    )
     bits = uplink_bits(tokens, enc, run_vocab, model)
     return Affine(float(fixed.mean()), float(bits.mean()), int(np.unique(tokens["device"].to_numpy()).size))
 
 
-def device_throughputs(tokens, model: DelayModel, rate_bps: float, enc: Encoding = Encoding("ours"),
-                       run_vocab: int = 0) -> dict[int, float]:
+def device_throughputs(
+    tokens, model: DelayModel, rate_bps: float, enc: Encoding = Encoding("ours"), run_vocab: int = 0
+) -> dict[int, float]:
     """Per device: tokens / sum of the model's per-token delays at uplink rate `rate_bps`."""
     out = {}
     for d, g in tokens.groupby("device", sort=True):
@@ -228,12 +241,21 @@ def load_points(out: Path, only: Sequence[str] | None = None) -> dict[str, Point
             continue
         s = load_scenario(d / "scenario.yaml")
         pol = s.tiers[0].policy
-        name = (pol if isinstance(pol, str) else pol.get("name", "?") if isinstance(pol, dict)
-                else getattr(pol, "name", "?"))
+        name = (
+            pol
+            if isinstance(pol, str)
+            else pol.get("name", "?")
+            if isinstance(pol, dict)
+            else getattr(pol, "name", "?")
+        )
         cols = ["device", "transmitted", "draft_id", "k", "uplink_bytes", "downlink_bytes", "payload_bytes"]
-        pts[d.name] = PointData(d.name, str(name), pd.read_parquet(d / "tokens.parquet", columns=cols),
-                                json.loads((d / "summary.json").read_text(encoding="utf-8")),
-                                DelayModel.from_scenario(s, str(d / "scenario.yaml")))
+        pts[d.name] = PointData(
+            d.name,
+            str(name),
+            pd.read_parquet(d / "tokens.parquet", columns=cols),
+            json.loads((d / "summary.json").read_text(encoding="utf-8")),
+            DelayModel.from_scenario(s, str(d / "scenario.yaml")),
+        )
     if "hlm" not in pts:
         raise SweepError(f"{out}: the sweep needs the hlm point (points/hlm)")
     return pts
@@ -251,12 +273,20 @@ def paper_curve(model: DelayModel, skip: float, compression: float, vocab: int =
 
     c = model.uplink_delay_s + model.downlink_delay_s
     bits = vocab * (PAPER_PROB_BITS + index_bits(vocab))
-    return (Affine(model.slm_s + c, bits, 1),
-            Affine(model.slm_s + (1 - skip) * c, (1 - skip) * (1 - compression) * bits, 1))
+    return (
+        Affine(model.slm_s + c, bits, 1),
+        Affine(model.slm_s + (1 - skip) * c, (1 - skip) * (1 - compression) * bits, 1),
+    )
 
 
-def sweep(out: Path, vocabs: Sequence[int] = (PAPER_VOCAB,), rates: Sequence[float] = RATES_BPS,
-          target: float = TARGET, paper: dict | None = None, only: Sequence[str] | None = None) -> dict:
+def sweep(
+    out: Path,
+    vocabs: Sequence[int] = (PAPER_VOCAB,),
+    rates: Sequence[float] = RATES_BPS,
+    target: float = TARGET,
+    paper: dict | None = None,
+    only: Sequence[str] | None = None,
+) -> dict:
     """The sweep of a paper study directory: every skipping point (or those in `only`) against hlm, per
     encoding; JSON-able."""
     pts = load_points(out, only)
@@ -269,36 +299,62 @@ def sweep(out: Path, vocabs: Sequence[int] = (PAPER_VOCAB,), rates: Sequence[flo
     study_rate = model.uplink_rate_bps
     rates = np.asarray(sorted(set(rates) | {study_rate}), float)
     others = [p for p in pts.values() if p.policy in SKIP_POLICIES and (p.summary.get("skip_rate") or 0.0) < 1.0]
-    doc: dict = {"rates_bps": rates.tolist(), "study_rate_bps": study_rate, "target": target,
-                 "run_vocab": run_vocab, "model": asdict(model), "encodings": {}, "points": {}}
+    doc: dict = {
+        "rates_bps": rates.tolist(),
+        "study_rate_bps": study_rate,
+        "target": target,
+        "run_vocab": run_vocab,
+        "model": asdict(model),
+        "encodings": {},
+        "points": {},
+    }
     for enc in encodings(run_vocab, vocabs):
         key = enc.key(run_vocab)
         ah = affine(h.tokens, model, enc, run_vocab)
-        e = {"label": enc.label(run_vocab), "hlm_bits_per_token": ah.W,
-             "hlm_throughput": ah.throughput(rates).tolist(), "curves": {}, "rows": []}
+        e = {
+            "label": enc.label(run_vocab),
+            "hlm_bits_per_token": ah.W,
+            "hlm_throughput": ah.throughput(rates).tolist(),
+            "curves": {},
+            "rows": [],
+        }
         for p in others:
             ac = affine(p.tokens, model, enc, run_vocab)
             low, high = limits(ah, ac)
             r = ratio(ah, ac, rates)
             reach = rate_reaching(ah, ac, target)
             e["curves"][p.name] = r.tolist()
-            e["rows"].append({
-                "point": p.name, "policy": p.policy, "skip_rate": p.summary.get("skip_rate"),
-                "vocab_compression": p.summary.get("vocab_compression"),
-                "bits_per_token": ac.W, "ratio_at_study_rate": float(ratio(ah, ac, study_rate)),
-                "ratio_low_rate_limit": low, "ratio_high_rate_limit": high, "max_ratio": max(low, high),
-                "max_at": "R -> 0" if low >= high else "R -> infinity",
-                "rate_reaching_target_bps": reach, "reaches_target": reach is not None})
+            e["rows"].append(
+                {
+                    "point": p.name,
+                    "policy": p.policy,
+                    "skip_rate": p.summary.get("skip_rate"),
+                    "vocab_compression": p.summary.get("vocab_compression"),
+                    "bits_per_token": ac.W,
+                    "ratio_at_study_rate": float(ratio(ah, ac, study_rate)),
+                    "ratio_low_rate_limit": low,
+                    "ratio_high_rate_limit": high,
+                    "max_ratio": max(low, high),
+                    "max_at": "R -> 0" if low >= high else "R -> infinity",
+                    "rate_reaching_target_bps": reach,
+                    "reaches_target": reach is not None,
+                }
+            )
         doc["encodings"][key] = e
     pp = paper or {}
     if pp.get("skip_rate") is not None and pp.get("vocab_compression") is not None:
         ph, pc = paper_curve(model, pp["skip_rate"], pp["vocab_compression"])
         low, high = limits(ph, pc)
-        doc["paper_numbers"] = {"skip_rate": pp["skip_rate"], "vocab_compression": pp["vocab_compression"],
-                                "throughput_ratio_hlm": pp.get("throughput_ratio_hlm"), "vocab": PAPER_VOCAB,
-                                "curve": ratio(ph, pc, rates).tolist(), "ratio_low_rate_limit": low,
-                                "ratio_high_rate_limit": high,
-                                "rate_reaching_target_bps": rate_reaching(ph, pc, target)}
+        doc["paper_numbers"] = {
+            "skip_rate": pp["skip_rate"],
+            "vocab_compression": pp["vocab_compression"],
+            "throughput_ratio_hlm": pp.get("throughput_ratio_hlm"),
+            "vocab": PAPER_VOCAB,
+            "curve": ratio(ph, pc, rates).tolist(),
+            "ratio_low_rate_limit": low,
+            "ratio_high_rate_limit": high,
+            "rate_reaching_target_bps": rate_reaching(ph, pc, target),
+        }
     return _finite(doc)
 
 
@@ -338,25 +394,33 @@ def _rate_text(r: float | None) -> str:
 def summary_lines(doc: dict) -> list[str]:
     """Plain-text findings (CLI and report)."""
     t = doc["target"]
-    lines = [f"study uplink rate {_rate_text(doc['study_rate_bps'])} (W log2(1 + SNR)); "
-             f"|V| of the run {doc['run_vocab']:,}"]
+    lines = [
+        f"study uplink rate {_rate_text(doc['study_rate_bps'])} (W log2(1 + SNR)); |V| of the run {doc['run_vocab']:,}"
+    ]
     for h in headline(doc):
         for tag, r in (("cu-hlm (risk-averse)", h["point"]), ("best skipping point", h["best"])):
             if r is None:
                 continue
-            where = (f"reaches {t:g}x below {_rate_text(r['rate_reaching_target_bps'])}" if r["reaches_target"]
-                     else f"never reaches {t:g}x: at most {r['max_ratio']:.3g}x ({r['max_at']})")
-            lines.append(f"{h['label']}: {tag} {r['point']}: {r['ratio_at_study_rate']:.3g}x at the study's rate, "
-                         f"{where}; skip {100 * (r['skip_rate'] or 0):.1f}%, compression "
-                         f"{100 * (r['vocab_compression'] or 0):.1f}%")
+            where = (
+                f"reaches {t:g}x below {_rate_text(r['rate_reaching_target_bps'])}"
+                if r["reaches_target"]
+                else f"never reaches {t:g}x: at most {r['max_ratio']:.3g}x ({r['max_at']})"
+            )
+            lines.append(
+                f"{h['label']}: {tag} {r['point']}: {r['ratio_at_study_rate']:.3g}x at the study's rate, "
+                f"{where}; skip {100 * (r['skip_rate'] or 0):.1f}%, compression "
+                f"{100 * (r['vocab_compression'] or 0):.1f}%"
+            )
     p = doc.get("paper_numbers")
     if p:
-        lines.append(f"paper's own skip {100 * p['skip_rate']:.1f}% and compression "
-                     f"{100 * p['vocab_compression']:.1f}% "
-                     f"(|V| = {p['vocab']:,}) on this delay model: at most {p['ratio_low_rate_limit']:.3g}x "
-                     f"(= 1 / ((1 - skip)(1 - compression)), as R -> 0); "
-                     f"{'reaches' if p['rate_reaching_target_bps'] is not None else 'never reaches'} "
-                     f"{t:g}x")
+        lines.append(
+            f"paper's own skip {100 * p['skip_rate']:.1f}% and compression "
+            f"{100 * p['vocab_compression']:.1f}% "
+            f"(|V| = {p['vocab']:,}) on this delay model: at most {p['ratio_low_rate_limit']:.3g}x "
+            f"(= 1 / ((1 - skip)(1 - compression)), as R -> 0); "
+            f"{'reaches' if p['rate_reaching_target_bps'] is not None else 'never reaches'} "
+            f"{t:g}x"
+        )
     return lines
 
 
@@ -369,7 +433,7 @@ def plot(doc: dict, path: Path, point: str = "cu-hlm") -> Path:
     left, right = ax[0]
     rates = np.asarray(doc["rates_bps"], float)
     colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b"]
-    for i, (key, e) in enumerate(doc["encodings"].items()):
+    for i, e in enumerate(doc["encodings"].values()):
         c = colors[i % len(colors)]
         best = max(e["rows"], key=lambda r: r["max_ratio"], default=None)
         if point in e["curves"]:
@@ -380,13 +444,20 @@ def plot(doc: dict, path: Path, point: str = "cu-hlm") -> Path:
             at = next(r for r in e["rows"] if r["point"] == point)
             left.scatter([doc["study_rate_bps"]], [at["ratio_at_study_rate"]], color=c, zorder=3, s=18)
         if best is not None and best["point"] != point:
-            left.plot(rates, e["curves"][best["point"]], color=c, ls="--", lw=1,
-                      label=f"{best['point']} (highest ceiling)")
+            left.plot(
+                rates, e["curves"][best["point"]], color=c, ls="--", lw=1, label=f"{best['point']} (highest ceiling)"
+            )
     p = doc.get("paper_numbers")
     if p:
-        left.plot(rates, p["curve"], color="k", ls=":", lw=1.5,
-                  label=f"paper's skip {100 * p['skip_rate']:.1f}% / compression {100 * p['vocab_compression']:.1f}%, "
-                        f"|V| {p['vocab']:,}")
+        left.plot(
+            rates,
+            p["curve"],
+            color="k",
+            ls=":",
+            lw=1.5,
+            label=f"paper's skip {100 * p['skip_rate']:.1f}% / compression {100 * p['vocab_compression']:.1f}%, "
+            f"|V| {p['vocab']:,}",
+        )
     left.axhline(doc["target"], color="gray", lw=1, ls="-.", label=f"paper: up to {doc['target']:g}x")
     for a in (left, right):
         a.axvline(doc["study_rate_bps"], color="k", lw=0.8, alpha=0.5)
@@ -403,16 +474,18 @@ def plot(doc: dict, path: Path, point: str = "cu-hlm") -> Path:
     return path
 
 
-CAPTION = ("Throughput over HLM's against the uplink rate, from each point's recorded tokens and the study's "
-           "per-token delay model (no model re-run; the curves pass through the measured ratio at the study's "
-           "rate, the vertical line). Each curve is (F_hlm + W_hlm/R) / (F_cu + W_cu/R): monotone in R, so its "
-           "maximum is its low-rate limit. At low rates the upload dominates and the ratio tends to the payload "
-           "ratio adjusted for skipping (hlm's bits per token over cu-hlm's, skipped tokens counting 0); at high "
-           "rates compute and fixed delays dominate and it falls to (slm + c) / (slm + (1 - skip) c), c the "
-           "transmitted token's LLM step and link delays: 1 when nothing is skipped. Encodings: ours (the bytes "
-           "sent; hlm's float32 dense distribution) and the paper's accounting k (8 + ceil(log2 |V|)) bits, at "
-           "Qwen's |V| and at the paper's 32,000. Dotted: the paper's own skip rate and compression on our "
-           "delay model.")
+CAPTION = (
+    "Throughput over HLM's against the uplink rate, from each point's recorded tokens and the study's "
+    "per-token delay model (no model re-run; the curves pass through the measured ratio at the study's "
+    "rate, the vertical line). Each curve is (F_hlm + W_hlm/R) / (F_cu + W_cu/R): monotone in R, so its "
+    "maximum is its low-rate limit. At low rates the upload dominates and the ratio tends to the payload "
+    "ratio adjusted for skipping (hlm's bits per token over cu-hlm's, skipped tokens counting 0); at high "
+    "rates compute and fixed delays dominate and it falls to (slm + c) / (slm + (1 - skip) c), c the "
+    "transmitted token's LLM step and link delays: 1 when nothing is skipped. Encodings: ours (the bytes "
+    "sent; hlm's float32 dense distribution) and the paper's accounting k (8 + ceil(log2 |V|)) bits, at "
+    "Qwen's |V| and at the paper's 32,000. Dotted: the paper's own skip rate and compression on our "
+    "delay model."
+)
 
 
 def write(out: Path, doc: dict, report_dir: Path | None = None) -> tuple[Path, Path]:
@@ -434,20 +507,42 @@ def html_section(doc: dict, figure: Path | None = None) -> list[str]:
 
     from testbed.report import format_value, html_figure, html_table
 
-    parts = ["<h2>Channel sweep: where the paper's 206x lies</h2>",
-             "<ul>" + "".join(f"<li>{H.escape(line)}</li>" for line in summary_lines(doc)) + "</ul>"]
-    for key, e in doc["encodings"].items():
+    parts = [
+        "<h2>Channel sweep: where the paper's 206x lies</h2>",
+        "<ul>" + "".join(f"<li>{H.escape(line)}</li>" for line in summary_lines(doc)) + "</ul>",
+    ]
+    for e in doc["encodings"].values():
         rows = sorted(e["rows"], key=lambda r: -r["max_ratio"])
-        parts.append(f"<h3>{H.escape(e['label'])}: hlm {format_value(e['hlm_bits_per_token'] / 8, 'bytes')} "
-                     f"per token</h3>")
-        parts.append(html_table(
-            ["point", "skip", "compression", "uplink / token", "ratio at study rate", "ratio R -> 0",
-             "ratio R -> inf", f"reaches {doc['target']:g}x below"],
-            [[r["point"], format_value(r["skip_rate"], "pct", missing="n/a"),
-              format_value(r["vocab_compression"], "pct", missing="n/a"),
-              format_value(r["bits_per_token"] / 8, "bytes"),
-              f"{r['ratio_at_study_rate']:.3g}x", _x(r["ratio_low_rate_limit"]), _x(r["ratio_high_rate_limit"]),
-              _rate_text(r["rate_reaching_target_bps"])] for r in rows]))
+        parts.append(
+            f"<h3>{H.escape(e['label'])}: hlm {format_value(e['hlm_bits_per_token'] / 8, 'bytes')} per token</h3>"
+        )
+        parts.append(
+            html_table(
+                [
+                    "point",
+                    "skip",
+                    "compression",
+                    "uplink / token",
+                    "ratio at study rate",
+                    "ratio R -> 0",
+                    "ratio R -> inf",
+                    f"reaches {doc['target']:g}x below",
+                ],
+                [
+                    [
+                        r["point"],
+                        format_value(r["skip_rate"], "pct", missing="n/a"),
+                        format_value(r["vocab_compression"], "pct", missing="n/a"),
+                        format_value(r["bits_per_token"] / 8, "bytes"),
+                        f"{r['ratio_at_study_rate']:.3g}x",
+                        _x(r["ratio_low_rate_limit"]),
+                        _x(r["ratio_high_rate_limit"]),
+                        _rate_text(r["rate_reaching_target_bps"]),
+                    ]
+                    for r in rows
+                ],
+            )
+        )
     if figure is not None:
         parts.append(html_figure(figure, CAPTION))
     return parts

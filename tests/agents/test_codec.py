@@ -1,5 +1,6 @@
 """Payload codec: round trips, exact sizes, strict validation, fuzzing (nothing but
 PayloadError may come out of a decoder, whatever the bytes)."""
+
 from __future__ import annotations
 
 import math
@@ -18,6 +19,7 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 
 # --- payload: valid inputs ----------------------------------------------------------------------
 
+
 @st.composite
 def payload_inputs(draw):
     """(indices, probs, V, bits) covering all three forms and the edges of V."""
@@ -27,7 +29,7 @@ def payload_inputs(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     indices = rng.choice(V, size=k, replace=False) if V <= 10**6 else np.unique(rng.integers(0, V, size=k))
     k = len(indices)
-    probs = rng.dirichlet(np.full(k + 1, draw(st.sampled_from([0.05, 1.0])))) [:k] if k else np.zeros(0)
+    probs = rng.dirichlet(np.full(k + 1, draw(st.sampled_from([0.05, 1.0]))))[:k] if k else np.zeros(0)
     if k and draw(st.booleans()):
         probs = probs / probs.sum()  # the full mass, as a k = V upload sends
     if k == 1 and draw(st.booleans()):
@@ -71,8 +73,17 @@ def test_payload_round_trip(case):
     assert vocab3 == V and indices3.tolist() == out.indices.tolist()
 
 
-@pytest.mark.parametrize("V,k,form", [(151936, 30, "SPARSE"), (151936, 8440, "SPARSE"), (151936, 8441, "BITMAP"),
-                                      (151936, 151936, "DENSE"), (16, 4, "SPARSE"), (16, 5, "BITMAP")])
+@pytest.mark.parametrize(
+    "V,k,form",
+    [
+        (151936, 30, "SPARSE"),
+        (151936, 8440, "SPARSE"),
+        (151936, 8441, "BITMAP"),
+        (151936, 151936, "DENSE"),
+        (16, 4, "SPARSE"),
+        (16, 5, "BITMAP"),
+    ],
+)
 def test_payload_picks_the_smallest_form(V, k, form):
     assert C.payload_form(k, V).name == form
     rng = np.random.default_rng(0)
@@ -98,20 +109,24 @@ def test_quantisation_rounds_half_to_even_and_keeps_0_and_1_exact():
 
 # --- payload: invalid inputs and data -------------------------------------------------------------
 
-@pytest.mark.parametrize("args,match", [
-    (([1, 1], [0.1, 0.1], 10), "repeats token 1"),
-    (([10], [0.1], 10), r"outside \[0, 10\)"),
-    (([-1], [0.1], 10), r"outside \[0, 10\)"),
-    (([1], [1.5], 10), r"outside \[0, 1\]"),
-    (([1], [-0.1], 10), r"outside \[0, 1\]"),
-    (([1, 2], [np.nan, 0.1], 10), r"outside \[0, 1\]"),
-    (([1, 2], [0.7, 0.7], 10), "sum to"),
-    (([1], [0.1, 0.2], 10), "equally long"),
-    (([1.0], [0.1], 10), "integers"),
-    (([1], [0.1], 1), "vocab_size"),
-    (([1], [0.1], 2**32), "vocab_size"),
-    ((list(range(11)), [0.01] * 11, 10), "k=11"),
-])
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (([1, 1], [0.1, 0.1], 10), "repeats token 1"),
+        (([10], [0.1], 10), r"outside \[0, 10\)"),
+        (([-1], [0.1], 10), r"outside \[0, 10\)"),
+        (([1], [1.5], 10), r"outside \[0, 1\]"),
+        (([1], [-0.1], 10), r"outside \[0, 1\]"),
+        (([1, 2], [np.nan, 0.1], 10), r"outside \[0, 1\]"),
+        (([1, 2], [0.7, 0.7], 10), "sum to"),
+        (([1], [0.1, 0.2], 10), "equally long"),
+        (([1.0], [0.1], 10), "integers"),
+        (([1], [0.1], 1), "vocab_size"),
+        (([1], [0.1], 2**32), "vocab_size"),
+        ((list(range(11)), [0.01] * 11, 10), "k=11"),
+    ],
+)
 def test_encode_payload_rejects_bad_input(args, match):
     with pytest.raises(PayloadError, match=match):
         encode_payload(*args)
@@ -146,20 +161,23 @@ def _payload_with(header_changes: dict, body: bytes | None = None) -> bytes:
     return bytes(data) if body is None else bytes(data[:12]) + body
 
 
-@pytest.mark.parametrize("data,match", [
-    (b"", "shorter than its 12-byte header"),
-    (_payload_with({0: 0x49}), "magic"),
-    (_payload_with({1: 2}), "version"),
-    (_payload_with({2: 12}), "prob_bits"),
-    (_payload_with({3: 1}), "form"),
-    (_payload_with({8: 4}), "header"),
-    (_payload_with({}) + b"\0", "19 bytes, its header .* says 18"),
-    (_payload_with({})[:-1], "17 bytes, its header"),
-    (_payload_with({}, _bits7([5, 1, 7], pad="111") + bytes(3)), "padding bits in byte 14"),
-    (_payload_with({}, _bits7([5, 120, 7]) + bytes(3)), "index 1 .* is 120, outside"),
-    (_payload_with({}, _bits7([5, 1, 5]) + bytes(3)), "index 2 .* repeats token 5"),
-    (_payload_with({}, _bits7([5, 1, 7]) + bytes([200, 200, 0])), "sum to"),
-])
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        (b"", "shorter than its 12-byte header"),
+        (_payload_with({0: 0x49}), "magic"),
+        (_payload_with({1: 2}), "version"),
+        (_payload_with({2: 12}), "prob_bits"),
+        (_payload_with({3: 1}), "form"),
+        (_payload_with({8: 4}), "header"),
+        (_payload_with({}) + b"\0", "19 bytes, its header .* says 18"),
+        (_payload_with({})[:-1], "17 bytes, its header"),
+        (_payload_with({}, _bits7([5, 1, 7], pad="111") + bytes(3)), "padding bits in byte 14"),
+        (_payload_with({}, _bits7([5, 120, 7]) + bytes(3)), "index 1 .* is 120, outside"),
+        (_payload_with({}, _bits7([5, 1, 5]) + bytes(3)), "index 2 .* repeats token 5"),
+        (_payload_with({}, _bits7([5, 1, 7]) + bytes([200, 200, 0])), "sum to"),
+    ],
+)
 def test_decode_payload_rejects_bad_data(data, match):
     with pytest.raises(PayloadError, match=match):
         decode_payload(data)
@@ -211,7 +229,7 @@ def test_decode_payload_fuzz_mutations(case, data):
     valid = encode_payload(*case)
     kind = data.draw(st.sampled_from(["truncate", "extend", "flip", "overwrite"]))
     if kind == "truncate":
-        mutated = valid[:data.draw(st.integers(0, len(valid) - 1))]
+        mutated = valid[: data.draw(st.integers(0, len(valid) - 1))]
     elif kind == "extend":
         mutated = valid + data.draw(st.binary(min_size=1, max_size=16))
     elif kind == "flip":
@@ -222,7 +240,7 @@ def test_decode_payload_fuzz_mutations(case, data):
         mutated = bytes(buf)
     else:
         pos = data.draw(st.integers(0, len(valid) - 1))
-        mutated = valid[:pos] + bytes([data.draw(st.integers(0, 255))]) + valid[pos + 1:]
+        mutated = valid[:pos] + bytes([data.draw(st.integers(0, 255))]) + valid[pos + 1 :]
     _decodes_consistently(mutated)
 
 

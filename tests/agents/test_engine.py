@@ -1,5 +1,6 @@
 """Emulated time against closed forms: the device/link/verifier timeline of one device, and
 the verifier's batching rule (max_batch, max_wait, busy server, lower bounds)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,10 +25,15 @@ def lms():
 
 def test_one_device_timeline_matches_the_closed_form(lms):
     up_bps, down_bps, up_delay, down_delay = 8e6, 16e6, 0.010, 0.004
-    link = DuplexProfile.from_dict({"uplink": {"rate_mbps": up_bps / 1e6, "delay_ms": up_delay * 1e3},
-                                    "downlink": {"rate_mbps": down_bps / 1e6, "delay_ms": down_delay * 1e3}})
-    server = ServerProfile(verify_ms_base=7.0, verify_ms_per_token=0.5, verify_ms_per_sequence=2.0,
-                           max_batch=8, max_wait_ms=3.0)
+    link = DuplexProfile.from_dict(
+        {
+            "uplink": {"rate_mbps": up_bps / 1e6, "delay_ms": up_delay * 1e3},
+            "downlink": {"rate_mbps": down_bps / 1e6, "delay_ms": down_delay * 1e3},
+        }
+    )
+    server = ServerProfile(
+        verify_ms_base=7.0, verify_ms_per_token=0.5, verify_ms_per_sequence=2.0, max_batch=8, max_wait_ms=3.0
+    )
     slm_ms = 25.0
     spec = DeviceSpec(0, "phone", "hlm", slm_ms, link, 0, (5, 6, 7, 8))
     run = RunParams(seed=3, max_new_tokens=6, temperature=1.0, vocab_size=V)
@@ -54,8 +60,9 @@ def test_one_device_timeline_matches_the_closed_form(lms):
 def _upload(device: int, t_arrive: float) -> wire.Upload:
     probs = np.full(V, 1.0 / V)
     payload = codec.encode_payload(np.arange(V), probs, V, 32)
-    frame = protocol.Upload(device=device, session=wire.SESSION, seq=0, token_index=0, draft=3, draft_prob=1.0 / V,
-                            payload=payload)
+    frame = protocol.Upload(
+        device=device, session=wire.SESSION, seq=0, token_index=0, draft=3, draft_prob=1.0 / V, payload=payload
+    )
     return wire.Upload(frame, wire.UploadStamp(t_arrive - 0.001, t_arrive))
 
 
@@ -67,8 +74,9 @@ def _open(device: int, lookahead: float) -> wire.Open:
 @pytest.mark.parametrize("lookahead", [0.001, 0.0])
 def test_batching_rule(lms, lookahead):
     _, llm = lms
-    server = ServerProfile(verify_ms_base=10.0, verify_ms_per_token=1.0, verify_ms_per_sequence=1.0,
-                           max_batch=2, max_wait_ms=5.0)
+    server = ServerProfile(
+        verify_ms_base=10.0, verify_ms_per_token=1.0, verify_ms_per_sequence=1.0, max_batch=2, max_wait_ms=5.0
+    )
     core = VerifierCore(llm, server, seed=0, vocab_size=V, expected_sessions=4)
     core.open([_open(d, lookahead) for d in range(3)])
     for d, t in enumerate([0.010, 0.012, 0.013]):
@@ -101,8 +109,9 @@ def _first_token_distribution(policy: str, n: int, tiny: dict, prompt: tuple[int
     its own keyed draws), through the whole engine: draft, policy, payload, verifier."""
     slm = BatchedLM(load_model({**tiny, "role": "slm"}))
     llm = BatchedLM(load_model({**tiny, "role": "llm"}))
-    link = DuplexProfile.from_dict({"uplink": {"rate_mbps": 100.0, "delay_ms": 1.0},
-                                    "downlink": {"rate_mbps": 100.0, "delay_ms": 1.0}})
+    link = DuplexProfile.from_dict(
+        {"uplink": {"rate_mbps": 100.0, "delay_ms": 1.0}, "downlink": {"rate_mbps": 100.0, "delay_ms": 1.0}}
+    )
     specs = [DeviceSpec(i, "t", policy, 10.0, link, 0, prompt) for i in range(n)]
     # Batched SLM forwards: this test is about distributions, not bit-reproducibility.
     run = RunParams(seed=11, max_new_tokens=1, temperature=1.0, vocab_size=tiny["vocab_size"], batch_slm=True)
@@ -143,21 +152,28 @@ def test_lossy_links_retransmit_and_every_token_arrives(lms):
     link = DuplexProfile.from_dict({"uplink": lossy, "downlink": lossy})
     spec = DeviceSpec(0, "t", "hlm", 10.0, link, 0, (5, 6, 7))
     run = RunParams(seed=1, max_new_tokens=24, temperature=1.0, vocab_size=V, rto_s=0.2)
-    rows = sorted(run_local([spec], run, ServerProfile(), *lms, {"hlm": load_policy("hlm")}).rows,
-                  key=lambda r: r["token_index"])
+    rows = sorted(
+        run_local([spec], run, ServerProfile(), *lms, {"hlm": load_policy("hlm")}).rows, key=lambda r: r["token_index"]
+    )
     assert [r["token_index"] for r in rows] == list(range(24))
     retx = np.array([r["retransmissions"] for r in rows])
     assert retx.sum() > 0 and (retx == 0).sum() > 0
-    frame = protocol.wire_size(protocol.Upload(device=0, session=1, seq=0, token_index=0, draft=3,
-                                               payload=b"x" * (codec.PAYLOAD_HEADER_BYTES + 4 * V)))
+    frame = protocol.wire_size(
+        protocol.Upload(
+            device=0, session=1, seq=0, token_index=0, draft=3, payload=b"x" * (codec.PAYLOAD_HEADER_BYTES + 4 * V)
+        )
+    )
     packets = [1500] * (frame // 1500) + [frame % 1500]  # the upload's packets (mtu 1500)
     assert len(packets) == 2
     for r in rows:
         resent = r["uplink_bytes"] - frame
         # a whole first copy, then per retransmission a non-empty subset of the packets
         assert 0 <= resent <= frame * r["retransmissions"]
-        assert any(resent == a * packets[0] + b * packets[1] for a in range(r["retransmissions"] + 1)
-                   for b in range(r["retransmissions"] + 1)), resent
+        assert any(
+            resent == a * packets[0] + b * packets[1]
+            for a in range(r["retransmissions"] + 1)
+            for b in range(r["retransmissions"] + 1)
+        ), resent
         assert (resent == 0) == (r["retransmissions"] == 0)
         if r["retransmissions"]:  # the device waited at least one timeout
             assert r["t_commit"] - r["t_upload_sent"] >= run.rto_s
@@ -174,15 +190,32 @@ def test_two_pass_virtual_clock_equals_the_single_pass_emulation(loss):
 
     from agents.engine import run_virtual
 
-    links = [DuplexProfile.from_dict({"uplink": {"rate_mbps": 2.0, "delay_ms": 20.0, "jitter_ms": 5.0, "loss": loss},
-                                      "downlink": {"rate_mbps": 20.0, "delay_ms": 10.0, "loss": loss}}),
-             DuplexProfile.from_dict({"uplink": {"rate_mbps": 50.0, "delay_ms": 2.0},
-                                      "downlink": {"rate_mbps": 50.0, "delay_ms": 2.0}})]
+    links = [
+        DuplexProfile.from_dict(
+            {
+                "uplink": {"rate_mbps": 2.0, "delay_ms": 20.0, "jitter_ms": 5.0, "loss": loss},
+                "downlink": {"rate_mbps": 20.0, "delay_ms": 10.0, "loss": loss},
+            }
+        ),
+        DuplexProfile.from_dict(
+            {"uplink": {"rate_mbps": 50.0, "delay_ms": 2.0}, "downlink": {"rate_mbps": 50.0, "delay_ms": 2.0}}
+        ),
+    ]
     names = ["cu-hlm", "u-hlm", "llm-only", "rand-hlm", "slm-only"]
     policies = {n: load_policy(n) for n in names}
     rng = np.random.default_rng(4)
-    specs = [DeviceSpec(i, f"t{i % 2}", names[i % len(names)], 10.0 + 7 * (i % 3), links[i % 2], i % 3,
-                        tuple(rng.integers(0, 256, 3 + i % 4).tolist())) for i in range(10)]
+    specs = [
+        DeviceSpec(
+            i,
+            f"t{i % 2}",
+            names[i % len(names)],
+            10.0 + 7 * (i % 3),
+            links[i % 2],
+            i % 3,
+            tuple(rng.integers(0, 256, 3 + i % 4).tolist()),
+        )
+        for i in range(10)
+    ]
     run = RunParams(seed=5, max_new_tokens=12, temperature=1.0, vocab_size=V)
     server = ServerProfile(max_batch=4, max_wait_ms=3.0)
 
@@ -190,8 +223,14 @@ def test_two_pass_virtual_clock_equals_the_single_pass_emulation(loss):
         return pd.DataFrame(result.rows).sort_values(["device", "token_index"]).reset_index(drop=True)
 
     one = run_local(specs, run, server, BatchedLM(load_model("tiny:slm")), BatchedLM(load_model("tiny:llm")), policies)
-    two = run_virtual(specs, run, server, BatchedLM(load_model("tiny:slm")), BatchedLM(load_model("tiny:llm")),
-                      {n: load_policy(n) for n in names})
+    two = run_virtual(
+        specs,
+        run,
+        server,
+        BatchedLM(load_model("tiny:slm")),
+        BatchedLM(load_model("tiny:llm")),
+        {n: load_policy(n) for n in names},
+    )
     pd.testing.assert_frame_equal(frame(one), frame(two), check_exact=True)
     assert frame(two)["fidelity_tv"].notna().all()  # measured in the content pass, replayed from its record
     assert [b.size for b in one.batches] == [b.size for b in two.batches]
@@ -213,18 +252,26 @@ def test_a_long_verifier_queue_with_a_lossy_downlink_is_no_lost_verdict():
     from agents.engine import run_virtual
     from agents.links import MAX_RETRANSMISSIONS
 
-    link = DuplexProfile.from_dict({"uplink": {"rate_mbps": 10.0, "delay_ms": 5.0},
-                                    "downlink": {"rate_mbps": 10.0, "delay_ms": 5.0, "loss": 0.3}})
+    link = DuplexProfile.from_dict(
+        {"uplink": {"rate_mbps": 10.0, "delay_ms": 5.0}, "downlink": {"rate_mbps": 10.0, "delay_ms": 5.0, "loss": 0.3}}
+    )
     n, tokens = 28, 2
     specs = [DeviceSpec(i, "t", "hlm", 10.0, link, 0, (5, 6, 7)) for i in range(n)]
     run = RunParams(seed=2, max_new_tokens=tokens, temperature=1.0, vocab_size=V, rto_s=0.2)
-    server = ServerProfile(verify_ms_base=400.0, verify_ms_per_token=0.0, verify_ms_per_sequence=0.0,
-                           max_batch=1, max_wait_ms=0.0)
+    server = ServerProfile(
+        verify_ms_base=400.0, verify_ms_per_token=0.0, verify_ms_per_sequence=0.0, max_batch=1, max_wait_ms=0.0
+    )
     assert n * server.verify_ms_base / 1e3 > MAX_RETRANSMISSIONS * run.rto_s
 
     def frame(engine):
-        result = engine(specs, run, server, BatchedLM(load_model("tiny:slm")), BatchedLM(load_model("tiny:llm")),
-                        {"hlm": load_policy("hlm")})
+        result = engine(
+            specs,
+            run,
+            server,
+            BatchedLM(load_model("tiny:slm")),
+            BatchedLM(load_model("tiny:llm")),
+            {"hlm": load_policy("hlm")},
+        )
         return pd.DataFrame(result.rows).sort_values(["device", "token_index"]).reset_index(drop=True)
 
     one, two = frame(run_local), frame(run_virtual)
@@ -238,11 +285,25 @@ def test_a_long_verifier_queue_with_a_lossy_downlink_is_no_lost_verdict():
 
 
 def _fleet(policies: list[str], n: int, seed: int = 4) -> list[DeviceSpec]:
-    link = DuplexProfile.from_dict({"uplink": {"rate_mbps": 2.0, "delay_ms": 20.0, "jitter_ms": 5.0},
-                                    "downlink": {"rate_mbps": 20.0, "delay_ms": 10.0}})
+    link = DuplexProfile.from_dict(
+        {
+            "uplink": {"rate_mbps": 2.0, "delay_ms": 20.0, "jitter_ms": 5.0},
+            "downlink": {"rate_mbps": 20.0, "delay_ms": 10.0},
+        }
+    )
     rng = np.random.default_rng(seed)
-    return [DeviceSpec(i, "t", policies[i % len(policies)], 10.0 + 7 * (i % 3), link, i % 3,
-                       tuple(rng.integers(0, 256, 3 + i % 4).tolist())) for i in range(n)]
+    return [
+        DeviceSpec(
+            i,
+            "t",
+            policies[i % len(policies)],
+            10.0 + 7 * (i % 3),
+            link,
+            i % 3,
+            tuple(rng.integers(0, 256, 3 + i % 4).tolist()),
+        )
+        for i in range(n)
+    ]
 
 
 def test_a_virtual_clock_run_tells_the_adaptive_policy_each_beta_once():
@@ -258,8 +319,14 @@ def test_a_virtual_clock_run_tells_the_adaptive_policy_each_beta_once():
 
     def stats(engine) -> dict:
         policy = load_policy({"name": "cu-hlm-adaptive", "min_samples": 4, "risk": 0.1})
-        engine(specs, run, ServerProfile(max_batch=4), BatchedLM(load_model("tiny:slm")),
-               BatchedLM(load_model("tiny:llm")), {"cu-hlm-adaptive": policy})
+        engine(
+            specs,
+            run,
+            ServerProfile(max_batch=4),
+            BatchedLM(load_model("tiny:slm")),
+            BatchedLM(load_model("tiny:llm")),
+            {"cu-hlm-adaptive": policy},
+        )
         return {s.device: policy.skip_rule.stats(s.device) for s in specs}
 
     virtual = stats(run_virtual)
@@ -303,8 +370,9 @@ def test_a_forward_that_is_not_batch_invariant_gives_the_one_pass_content(claims
 
     def trace(engine):
         slm, llm = (BatchDependent(BatchedLM(load_model(m)), claims_invariant) for m in ("tiny:slm", "tiny:llm"))
-        result = engine(specs, run, ServerProfile(max_batch=4, max_wait_ms=3.0), slm, llm,
-                        {n: load_policy(n) for n in names})
+        result = engine(
+            specs, run, ServerProfile(max_batch=4, max_wait_ms=3.0), slm, llm, {n: load_policy(n) for n in names}
+        )
         rows = pd.DataFrame(result.rows).sort_values(["device", "token_index"]).reset_index(drop=True)
         return rows, max(slm.widest, llm.widest)
 

@@ -7,6 +7,7 @@ the xhat the server would rebuild, and count the committed tokens. The empirical
 computed P and TV(empirical, y) the recorded value; where the decision depends on the draft the branch
 measure recorded before (TV(x, y) when skipped, TV(hybrid, y) when verified) must not.
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,18 +43,23 @@ def _skip_only(x, skipped: list[bool]) -> DraftLaw:
     return DraftLaw(None, skip, ((len(x), None, 1.0 - skip),), 32)
 
 
-@pytest.mark.parametrize("x, y, skipped, exact, recorded", [
-    ((0.5, 0.5), (1.0, 0.0), [False, True], 0.5, 0.25),
-    ((0.5, 0.5), (1.0, 0.0), [True, False], 0.0, 0.25),
-    ((0.9, 0.1), (0.95, 0.05), [True, False], 0.0, 0.045),
-])
+@pytest.mark.parametrize(
+    "x, y, skipped, exact, recorded",
+    [
+        ((0.5, 0.5), (1.0, 0.0), [False, True], 0.5, 0.25),
+        ((0.5, 0.5), (1.0, 0.0), [True, False], 0.0, 0.25),
+        ((0.9, 0.1), (0.95, 0.05), [True, False], 0.0, 0.045),
+    ],
+)
 def test_known_answers(x, y, skipped, exact, recorded):
     x, y = np.array(x), np.array(y)
     law = _skip_only(x, skipped)
     assert tv_distance(*committed_law(x, law, y)) == pytest.approx(exact, abs=1e-7)  # float32 upload rounding
     # the branch measure, averaged over the draft, is what used to be recorded
-    branch = sum(x[d] * (tv_distance(x, y) if skipped[d] else tv_distance(hybrid_distribution(x, x, y), y))
-                 for d in range(len(x)))
+    branch = sum(
+        x[d] * (tv_distance(x, y) if skipped[d] else tv_distance(hybrid_distribution(x, x, y), y))
+        for d in range(len(x))
+    )
     assert branch == pytest.approx(recorded, abs=1e-9)
 
 
@@ -80,8 +86,10 @@ def _monte_carlo(policy, n: int, seed: int, prepare=None):
         devices = list(keys) if prepare else [0] * b
         if prepare:
             prepare(policy, devices)
-        ctxs = [DecisionContext(seed, dev, (1000 if prepare else i), 1.0, int(d), x)
-                for dev, i, d in zip(devices, keys, drafts)]
+        ctxs = [
+            DecisionContext(seed, dev, (1000 if prepare else i), 1.0, int(d), x)
+            for dev, i, d in zip(devices, keys, drafts)
+        ]
         decisions = policy.decide_batch(np.ascontiguousarray(np.broadcast_to(Z, (b, V))), ctxs)
         law = law or decisions[0].law
         tokens = drafts.copy()
@@ -90,9 +98,13 @@ def _monte_carlo(policy, n: int, seed: int, prepare=None):
         for k in np.unique(ks[sent]):
             rows = np.flatnonzero(sent & (ks == k))
             x_hat = server_x_hat(x, int(k), decisions[rows[0]].prob_bits)
-            tokens[rows], _ = verify_from_uniforms(drafts[rows], np.broadcast_to(x_hat, (rows.size, V)),
-                                                   np.broadcast_to(Y, (rows.size, V)), rng.random(rows.size),
-                                                   rng.random(rows.size))
+            tokens[rows], _ = verify_from_uniforms(
+                drafts[rows],
+                np.broadcast_to(x_hat, (rows.size, V)),
+                np.broadcast_to(Y, (rows.size, V)),
+                rng.random(rows.size),
+                rng.random(rows.size),
+            )
         counts += np.bincount(tokens, minlength=V)
         if prepare:
             for dev in devices:
@@ -117,13 +129,19 @@ def _adaptive_state(policy):
     for t in range(40):
         d = int(rng.choice(V, p=x))
         dec = policy.decide_batch(Z[None], [DecisionContext(3, 0, t, 1.0, d, x)])[0]
-        policy.observe(0, t, dec.uncertainty, float(np.clip(0.9 * dec.uncertainty - 0.05 + 0.05 * rng.random(), 0, 1)),
-                       not dec.transmit)
+        policy.observe(
+            0,
+            t,
+            dec.uncertainty,
+            float(np.clip(0.9 * dec.uncertainty - 0.05 + 0.05 * rng.random(), 0, 1)),
+            not dec.transmit,
+        )
     template = policy.skip_rule._state.pop(0)
 
     def prepare(pol, devices):
         for dev in devices:
             pol.skip_rule._state[dev] = copy.deepcopy(template)
+
     return prepare
 
 
@@ -133,12 +151,19 @@ CASES = {
     "rand-hlm": ({"name": "rand-hlm", "skip_rate": 0.3, "estimator": "max"}, False),
     "u-hlm temperature": ({"name": "u-hlm", "threshold": "fixed", "u_th": 0.35}, True),
     "cu-hlm online temperature": ({"name": "cu-hlm", "threshold": "fixed", "u_th": 0.35, "theta": 0.3}, True),
-    "cu-hlm online max": ({"name": "cu-hlm", "estimator": "max", "threshold": "fixed", "u_th": 0.5, "theta": 0.3}, True),
+    "cu-hlm online max": (
+        {"name": "cu-hlm", "estimator": "max", "threshold": "fixed", "u_th": 0.5, "theta": 0.3},
+        True,
+    ),
     "cu-hlm offline temperature": ({"name": "cu-hlm-offline", "threshold": "fixed", "u_th": 0.35, "k": 2}, True),
-    "cu-hlm-adaptive temperature": ({"name": "cu-hlm-adaptive", "risk": 0.2, "epsilon": 0.2, "min_samples": 4,
-                                     "theta": 0.3}, True),
-    "cu-hlm-adaptive max": ({"name": "cu-hlm-adaptive", "estimator": "max", "risk": 0.2, "epsilon": 0.2,
-                             "min_samples": 4, "theta": 0.3}, True),
+    "cu-hlm-adaptive temperature": (
+        {"name": "cu-hlm-adaptive", "risk": 0.2, "epsilon": 0.2, "min_samples": 4, "theta": 0.3},
+        True,
+    ),
+    "cu-hlm-adaptive max": (
+        {"name": "cu-hlm-adaptive", "estimator": "max", "risk": 0.2, "epsilon": 0.2, "min_samples": 4, "theta": 0.3},
+        True,
+    ),
 }
 
 
@@ -155,8 +180,10 @@ def test_recorded_fidelity_is_the_law_of_the_committed_token(case):
     recorded = exact_fidelity(Z, x, law, Y)
     tol = _tol(N_MC)
     gap_law, gap_tv = tv_distance(empirical, p), abs(tv_distance(empirical, Y) - recorded)
-    print(f"{case}: recorded {recorded:.5f}, TV(empirical, y) {tv_distance(empirical, Y):.5f}, "
-          f"TV(empirical, P) {gap_law:.2e}, tolerance {tol:.1e}, branch mean {_branch_mean(draft_law, x):.5f}")
+    print(
+        f"{case}: recorded {recorded:.5f}, TV(empirical, y) {tv_distance(empirical, Y):.5f}, "
+        f"TV(empirical, P) {gap_law:.2e}, tolerance {tol:.1e}, branch mean {_branch_mean(draft_law, x):.5f}"
+    )
     assert p.sum() == pytest.approx(1.0, abs=1e-12)
     assert gap_law < tol and gap_tv < tol
     if depends_on_draft and N_MC >= 1_000_000:  # the old measure is measurably wrong here: the test tells them apart

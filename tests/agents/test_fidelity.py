@@ -3,6 +3,7 @@ was drawn from and the LLM's y at its position. Checked against an independent c
 (device + verifier on a fake LLM whose y is known), against a Monte-Carlo of the verification
 rule (the closed form is the right law), and through the whole engine on the tiny models.
 """
+
 from __future__ import annotations
 
 import math
@@ -10,19 +11,26 @@ import math
 import numpy as np
 import pytest
 
-from agents import device as device_mod
 from agents import codec, protocol, wire
+from agents import device as device_mod
 from agents.device import Device, DeviceSpec, RunParams
-from agents.speculative import (hybrid_distribution, sample_from_uniforms, softmax_t, tv_distance,
-                                verified_fidelity, verify_from_uniforms)
+from agents.speculative import (
+    hybrid_distribution,
+    sample_from_uniforms,
+    softmax_t,
+    tv_distance,
+    verified_fidelity,
+    verify_from_uniforms,
+)
 from agents.verifier import ServerProfile, VerifierCore
 from netem import DuplexProfile
 from policies import load_policy
 from policies.base import Decision
 
 V = 8
-LINK = DuplexProfile.from_dict({"uplink": {"rate_mbps": 10.0, "delay_ms": 5.0},
-                                "downlink": {"rate_mbps": 10.0, "delay_ms": 5.0}})
+LINK = DuplexProfile.from_dict(
+    {"uplink": {"rate_mbps": 10.0, "delay_ms": 5.0}, "downlink": {"rate_mbps": 10.0, "delay_ms": 5.0}}
+)
 
 
 # --- an independent closed form -----------------------------------------------------------------
@@ -159,7 +167,9 @@ def test_a_device_past_its_memory_budget_records_unknown(monkeypatch):
     their value, and everything held is freed when the verdict comes."""
     monkeypatch.setattr(device_mod, "FIDELITY_HOLD_BYTES", 2 * V * 4)  # two float32 rows of logits
     rows, xs, ys, dev = _drive([(False, 0, 8)] * 4 + [(True, V, 32)], seed=3)
-    assert [r["fidelity_tv_branch"] == pytest.approx(_tv(x, y), abs=1e-12) for r, x, y in zip(rows[:2], xs, ys)] == [True] * 2
+    assert [r["fidelity_tv_branch"] == pytest.approx(_tv(x, y), abs=1e-12) for r, x, y in zip(rows[:2], xs, ys)] == [
+        True
+    ] * 2
     assert all(math.isnan(r["fidelity_tv_branch"]) for r in rows[2:])  # the draft too: budget still full then
     assert dev.held_bytes == 0
 
@@ -173,8 +183,9 @@ def test_the_closed_form_is_the_law_of_verified_tokens():
     x_hat = _x_hat(x, 2, 8)  # TV(hybrid, y) = 0.061 here, TV(x, y) = 0.73
     n = 400_000
     drafts = sample_from_uniforms(np.broadcast_to(x, (n, V)), rng.random(n))
-    tokens, _ = verify_from_uniforms(drafts, np.broadcast_to(x_hat, (n, V)), np.broadcast_to(y, (n, V)),
-                                     rng.random(n), rng.random(n))
+    tokens, _ = verify_from_uniforms(
+        drafts, np.broadcast_to(x_hat, (n, V)), np.broadcast_to(y, (n, V)), rng.random(n), rng.random(n)
+    )
     empirical = np.bincount(tokens, minlength=V) / n
     hybrid = hybrid_distribution(x, x_hat, y)
     fidelity = verified_fidelity(x, x_hat, y)
@@ -186,8 +197,9 @@ def test_the_closed_form_is_the_law_of_verified_tokens():
 
 def test_verdict_logits_travel_in_the_stamp_and_only_there():
     z = np.random.default_rng(2).standard_normal((3, V)).astype(np.float32)
-    frame = protocol.Verdict(device=4, session=1, seq=2, token_index=7, token=5, accepted=True, beta=0.125,
-                             shadow_betas=[0.25, 0.5])  # float32 values: the decoded frame equals it
+    frame = protocol.Verdict(
+        device=4, session=1, seq=2, token_index=7, token=5, accepted=True, beta=0.125, shadow_betas=[0.25, 0.5]
+    )  # float32 values: the decoded frame equals it
     parts = wire.encode(wire.Verdict(frame, wire.VerdictStamp(1.5, z)))
     plain = wire.encode(wire.Verdict(frame, wire.VerdictStamp(1.5)))
     assert parts[0] == plain[0] and len(plain[1]) == 8 and len(parts[1]) == 8 + 9 + z.nbytes  # the frame is unchanged
@@ -203,8 +215,9 @@ def test_verdict_logits_travel_in_the_stamp_and_only_there():
 
 
 def _upload() -> wire.Upload:
-    frame = protocol.Upload(device=0, session=1, seq=0, token_index=0, draft=1, draft_prob=0.5,
-                            payload=codec.encode_payload([1], [0.5], V))
+    frame = protocol.Upload(
+        device=0, session=1, seq=0, token_index=0, draft=1, draft_prob=0.5, payload=codec.encode_payload([1], [0.5], V)
+    )
     return wire.Upload(frame, wire.UploadStamp(0.0, 0.1))
 
 
@@ -214,8 +227,10 @@ def _run(tmp_path, phone: str, laptop: str):
     from testbed.run import RunOptions, plan, run_scenario
     from testbed.scenario import load_scenario, override
 
-    s = override(load_scenario("smoke"), {"generation.max_new_tokens": 8, "tiers.phone.policy": phone,
-                                          "tiers.laptop.policy": laptop})
+    s = override(
+        load_scenario("smoke"),
+        {"generation.max_new_tokens": 8, "tiers.phone.policy": phone, "tiers.laptop.policy": laptop},
+    )
     out = tmp_path / f"{phone}-{laptop}"
     summary = run_scenario(s, RunOptions(out_dir=out, engine="local", progress=False, report=False))
     df = results.read_tokens(out / "tokens.parquet")
@@ -239,8 +254,8 @@ def test_engine_fidelity_on_the_tiny_models(tmp_path):
         rows = slm_only[slm_only.device == device].sort_values("token_index")
         prompt = list(p.specs[device].prompt_ids)
         seq = prompt + rows.token_id.tolist()[:-1]
-        zs = slm.extend([(("s", device), seq)], all_positions=True)[0][len(prompt) - 1:]
-        zl = llm.extend([(("l", device), seq)], all_positions=True)[0][len(prompt) - 1:]
+        zs = slm.extend([(("s", device), seq)], all_positions=True)[0][len(prompt) - 1 :]
+        zl = llm.extend([(("l", device), seq)], all_positions=True)[0][len(prompt) - 1 :]
         want = tv_distance(softmax_t(zs, T), softmax_t(zl, T))
         np.testing.assert_allclose(rows.fidelity_tv.to_numpy(), want, rtol=0, atol=1e-5)
     assert summary["fidelity_tv_mean"] == pytest.approx(df.fidelity_tv.mean())
@@ -251,7 +266,9 @@ def test_engine_fidelity_on_the_tiny_models(tmp_path):
     _, df, summary = _run(tmp_path, "cu-hlm", "llm-only")
     assert (df[df.policy == "llm-only"].fidelity_tv == 0.0).all()
     cu = df[df.policy == "cu-hlm"]
-    assert cu.fidelity_tv.notna().all() and cu.fidelity_tv.mean() > 0 and summary["tiers"]["phone"]["fidelity_tv_mean"] > 0
+    assert (
+        cu.fidelity_tv.notna().all() and cu.fidelity_tv.mean() > 0 and summary["tiers"]["phone"]["fidelity_tv_mean"] > 0
+    )
 
 
 def test_summary_and_metrics_of_fidelity():
@@ -259,9 +276,23 @@ def test_summary_and_metrics_of_fidelity():
     from testbed.results import TokenRecord, summarize
 
     values = {0: [0.1, 0.2, 0.3], 1: [0.0, math.nan, 0.5]}
-    rows = [TokenRecord(device=d, tier="phone", policy="cu-hlm", prompt_index=0, token_index=i, token_id=1,
-                        draft_id=1, transmitted=True, t_draft_start=float(i), t_commit=i + 0.5, fidelity_tv=f)
-            for d, fs in values.items() for i, f in enumerate(fs)]
+    rows = [
+        TokenRecord(
+            device=d,
+            tier="phone",
+            policy="cu-hlm",
+            prompt_index=0,
+            token_index=i,
+            token_id=1,
+            draft_id=1,
+            transmitted=True,
+            t_draft_start=float(i),
+            t_commit=i + 0.5,
+            fidelity_tv=f,
+        )
+        for d, fs in values.items()
+        for i, f in enumerate(fs)
+    ]
     s = summarize(rows, emulated_seconds=3.0, wall_seconds=1.0, vocab_size=V, verifier_batches=[1])
     assert s["fidelity_tv_mean"] == pytest.approx(1.1 / 5) and s["fidelity_tv_tokens"] == 5
     assert s["fidelity_tv_sequence_mean"] == pytest.approx(0.6) and s["fidelity_tv_sequences"] == 1  # device 1 unknown

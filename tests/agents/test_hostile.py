@@ -4,6 +4,7 @@ of another client's session. Every test talks ZeroMQ to a real Verifier on loopb
 under shared/bin/offline) with a tiny LLM; a legitimate session then runs to completion with
 exactly the verdicts it gets when nobody else is there.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -87,21 +88,36 @@ def payload(lm) -> bytes:
     return codec.encode_payload([1, 2, 3], [0.5, 0.25, 0.125], lm.vocab_size)
 
 
-def step_upload(lm, device: int, step: int, t_sent: float | None = None, t_arrive: float | None = None,
-                **frame) -> wire.Upload:
+def step_upload(
+    lm, device: int, step: int, t_sent: float | None = None, t_arrive: float | None = None, **frame
+) -> wire.Upload:
     """Step `step` of a legitimate session: odd steps piggyback one skipped token; arrivals 1 s apart.
     `frame`: UPLOAD fields to change."""
     piggyback = [10 + step] if step % 2 else []
-    fields = dict(device=device, session=wire.SESSION, seq=step, token_index=step + (step + 1) // 2,
-                  draft=1 + step % 3, draft_prob=[0.5, 0.25, 0.125][step % 3], piggyback=piggyback,
-                  piggyback_probs=[0.3] * len(piggyback), payload=payload(lm))
+    fields = dict(
+        device=device,
+        session=wire.SESSION,
+        seq=step,
+        token_index=step + (step + 1) // 2,
+        draft=1 + step % 3,
+        draft_prob=[0.5, 0.25, 0.125][step % 3],
+        piggyback=piggyback,
+        piggyback_probs=[0.3] * len(piggyback),
+        payload=payload(lm),
+    )
     stamp = wire.UploadStamp(float(step) if t_sent is None else t_sent, step + 0.01 if t_arrive is None else t_arrive)
     return wire.Upload(protocol.Upload(**{**fields, **frame}), stamp)
 
 
 def flush_upload(lm, device: int, seq: int = STEPS, token_index: int = STEPS * 2) -> wire.Upload:
-    frame = protocol.Flush(device=device, session=wire.SESSION, seq=seq, token_index=token_index, piggyback=[20, 21],
-                           piggyback_probs=[0.4, 0.2])
+    frame = protocol.Flush(
+        device=device,
+        session=wire.SESSION,
+        seq=seq,
+        token_index=token_index,
+        piggyback=[20, 21],
+        piggyback_probs=[0.4, 0.2],
+    )
     return wire.Upload(frame, wire.UploadStamp(float(STEPS), STEPS + 0.01))
 
 
@@ -110,15 +126,17 @@ def open_msg(device: int, prompt=PROMPT, max_new: int = 100, lookahead: float = 
     return wire.Open(frame, wire.OpenStamp(max_new, lookahead))
 
 
-def open_parts(device: int, prompt=PROMPT, max_new: int = 100, lookahead: float = 0.01,
-               stamp: bytes | None = None) -> list[bytes]:
+def open_parts(
+    device: int, prompt=PROMPT, max_new: int = 100, lookahead: float = 0.01, stamp: bytes | None = None
+) -> list[bytes]:
     """An OPEN's parts; `stamp`: raw stamp bytes instead of the OpenStamp's."""
     frame, packed = wire.encode(open_msg(device, prompt, max_new, lookahead))
     return [frame, packed if stamp is None else stamp]
 
 
-def run_session(client: Client, lm, devices, steps=range(STEPS), opened: bool = False, flush: bool = True,
-                pause_s: float = 0.0):
+def run_session(
+    client: Client, lm, devices, steps=range(STEPS), opened: bool = False, flush: bool = True, pause_s: float = 0.0
+):
     """Drive `devices` in lockstep through `steps` and a final flush; every reply's raw parts, in order."""
     if not opened:
         for d in devices:
@@ -235,8 +253,18 @@ def test_a_second_open_is_refused_whoever_sends_it(serve, lm):
 
 # --- stamps -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("stamp", [dict(t_arrive=math.nan), dict(t_arrive=math.inf), dict(t_arrive=-1.0),
-                                   dict(t_sent=math.nan), dict(t_sent=-math.inf), dict(t_sent=-0.5)])
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        dict(t_arrive=math.nan),
+        dict(t_arrive=math.inf),
+        dict(t_arrive=-1.0),
+        dict(t_sent=math.nan),
+        dict(t_sent=-math.inf),
+        dict(t_sent=-0.5),
+    ],
+)
 def test_upload_stamps_must_be_finite_non_negative_times(serve, lm, stamp):
     want = baseline(serve, lm)
     v = serve()
@@ -253,6 +281,7 @@ def test_upload_stamps_must_be_finite_non_negative_times(serve, lm, stamp):
 
 
 # --- ownership ----------------------------------------------------------------------------------
+
 
 def test_a_session_belongs_to_the_identity_that_opened_it(serve, lm):
     want = baseline(serve, lm)
@@ -298,6 +327,7 @@ def test_forgeries_leave_the_owners_trace_untouched(serve, lm):
 
 # --- limits -------------------------------------------------------------------------------------
 
+
 def test_sessions_per_identity_and_in_total_are_bounded(serve, lm):
     v = serve(max_sessions=3, max_sessions_per_identity=2)
     a, b, c = (Client(v.endpoint, i) for i in (b"A", b"B", b"C"))
@@ -309,7 +339,11 @@ def test_sessions_per_identity_and_in_total_are_bounded(serve, lm):
         wait_for(lambda: 3 in v.admission.owners)  # B's and C's connections are not ordered with each other
         c.send(open_parts(4))
         c.error(ErrorCode.LIMIT, "limit of 3 sessions")
-        assert (v.admission.owners[1], v.admission.owners[2], v.admission.owners[3]) == (b"A", b"A", b"B") and 4 not in v.admission.owners
+        assert (v.admission.owners[1], v.admission.owners[2], v.admission.owners[3]) == (
+            b"A",
+            b"A",
+            b"B",
+        ) and 4 not in v.admission.owners
         assert_serving(v, errors=2)
     finally:
         for x in (a, b, c):
@@ -351,6 +385,7 @@ def test_prompt_length_and_prefill_tokens_per_identity_are_bounded(serve, lm):
 
 # --- headers at their maxima --------------------------------------------------------------------
 
+
 def test_error_replies_stay_encodable_whatever_the_header_held():
     top = 0xFFFFFFFF
     for device, session, seq in [(top, top, top), (0, 0, top), (-5, 2**40, -1), (None, None, None)]:
@@ -370,9 +405,11 @@ def test_a_frame_with_every_header_field_at_its_maximum_is_answered(serve, lm):
     top = 0xFFFFFFFF
     try:
         header = struct.Struct("<2sBBIIII")
-        frames = [header.pack(b"HT", 9, 2, top, top, top, 20) + bytes(20),  # bad version
-                  header.pack(b"HT", 1, 255, top, top, top, 20) + bytes(20),  # bad type
-                  header.pack(b"HT", 1, 2, top, top, top, top) + bytes(20)]  # body_len at its maximum
+        frames = [
+            header.pack(b"HT", 9, 2, top, top, top, 20) + bytes(20),  # bad version
+            header.pack(b"HT", 1, 255, top, top, top, 20) + bytes(20),  # bad type
+            header.pack(b"HT", 1, 2, top, top, top, top) + bytes(20),
+        ]  # body_len at its maximum
         for frame in frames:
             c.send([frame, bytes(20)])
             err = c.error()
@@ -391,6 +428,7 @@ def test_a_frame_with_every_header_field_at_its_maximum_is_answered(serve, lm):
 
 # --- piggybacks beyond the model's positions ----------------------------------------------------
 
+
 def test_a_piggyback_beyond_the_models_positions_is_refused_alone(serve, lm):
     P = lm.max_positions
     v = serve()
@@ -400,8 +438,9 @@ def test_a_piggyback_beyond_the_models_positions_is_refused_alone(serve, lm):
         c.send(open_parts(8, max_new=1))  # done after one verdict: holds no later batch back
 
         def long(n: int, seq: int = 0, t: float = 0.01) -> wire.Upload:
-            return step_upload(lm, 7, 0, seq=seq, token_index=n, piggyback=[5] * n, piggyback_probs=[0.5] * n,
-                               t_arrive=t)
+            return step_upload(
+                lm, 7, 0, seq=seq, token_index=n, piggyback=[5] * n, piggyback_probs=[0.5] * n, t_arrive=t
+            )
 
         # One token too many, queued next to device 8's request: refused alone, 8 is verified.
         c.send(wire.encode(long(P - 2)))
@@ -423,6 +462,7 @@ def test_a_piggyback_beyond_the_models_positions_is_refused_alone(serve, lm):
 
 # --- devices outside the run --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("limits", [dict(allowed_devices={7, 8}), dict(expected_sessions=2)])
 def test_an_open_outside_the_run_cannot_hold_batches_back(serve, lm, limits):
     """An idle session of an unknown device used to freeze the virtual clock's batch release."""
@@ -443,6 +483,7 @@ def test_an_open_outside_the_run_cannot_hold_batches_back(serve, lm, limits):
 
 
 # --- message shape and floods -------------------------------------------------------------------
+
 
 def test_messages_of_too_many_parts_are_refused_unread(serve, lm):
     v = serve()
@@ -481,6 +522,7 @@ def test_a_flood_of_errors_keeps_memory_and_the_log_bounded(serve, lm):
 
 
 # --- exceptions: client input is answered, an LLM failure ends the run --------------------------
+
 
 def test_a_bug_while_checking_one_message_is_answered_not_fatal(serve, lm, monkeypatch):
     real_decode, real_check = wire.decode, protocol.check_upload
@@ -551,8 +593,16 @@ def _fuzz_message(rng: random.Random, V: int, lm) -> list[bytes]:
     if kind == 0:
         prompt = [rng.randrange(V + 3) for _ in range(rng.choice([0, 1, 3, 50]))]
         prompt = [min(t, top - 1) for t in prompt]
-        frame = protocol.encode_frame(protocol.Open(device=device, session=1, seq=seq, prompt=prompt,
-                                                    seed=rng.randrange(2**64), temperature=rng.choice([0.0, 1.0, 7.5])))
+        frame = protocol.encode_frame(
+            protocol.Open(
+                device=device,
+                session=1,
+                seq=seq,
+                prompt=prompt,
+                seed=rng.randrange(2**64),
+                temperature=rng.choice([0.0, 1.0, 7.5]),
+            )
+        )
     elif kind in (1, 2):
         u = step_upload(lm, device, rng.randrange(STEPS), seq=seq, draft=rng.choice([1, 2, 3, V - 1]))
         if rng.random() < 0.3:
@@ -565,33 +615,51 @@ def _fuzz_message(rng: random.Random, V: int, lm) -> list[bytes]:
     elif kind == 3:
         frame = wire.encode(flush_upload(lm, device, seq=seq))[0]
     elif kind == 4:
-        frame = protocol.encode_frame(rng.choice([
-            protocol.Verdict(device=device, session=1, seq=seq, token_index=3, token=1, accepted=True, beta=0.5),
-            protocol.Error(device=device, session=1, seq=seq, code=ErrorCode.BAD_FRAME, message="hi")]))
+        frame = protocol.encode_frame(
+            rng.choice(
+                [
+                    protocol.Verdict(
+                        device=device, session=1, seq=seq, token_index=3, token=1, accepted=True, beta=0.5
+                    ),
+                    protocol.Error(device=device, session=1, seq=seq, code=ErrorCode.BAD_FRAME, message="hi"),
+                ]
+            )
+        )
     elif kind == 5:
         frame = bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 19, 20, 40, 300])))
     else:
-        frame = _HEADER.pack(b"HT", rng.choice([1, 1, 0, 255]), rng.choice([1, 2, 3, 4, 5, 6, 0, 255]), top, top, top,
-                             rng.choice([0, 20, top])) + bytes(rng.randrange(64))
+        frame = _HEADER.pack(
+            b"HT",
+            rng.choice([1, 1, 0, 255]),
+            rng.choice([1, 2, 3, 4, 5, 6, 0, 255]),
+            top,
+            top,
+            top,
+            rng.choice([0, 20, top]),
+        ) + bytes(rng.randrange(64))
     buf = bytearray(frame)
     mutation = rng.randrange(6)
     if mutation == 1 and buf:
         for _ in range(rng.randint(1, 8)):
             buf[rng.randrange(len(buf))] ^= 1 << rng.randrange(8)
     elif mutation == 2 and buf:
-        del buf[rng.randrange(len(buf)):]
+        del buf[rng.randrange(len(buf)) :]
     elif mutation == 3:
         buf += bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
     elif mutation == 4 and len(buf) >= 20:
         field = rng.choice([4, 8, 12, 16])  # device, session, seq or body_len at its maximum
-        buf[field:field + 4] = b"\xff\xff\xff\xff"
+        buf[field : field + 4] = b"\xff\xff\xff\xff"
     elif mutation == 5 and rng.random() < 0.2:
         buf += bytes(64 << 10)  # a large frame
-    stamp = rng.choice([struct.pack("<ddI", rng.choice(_FLOATS), rng.choice(_FLOATS), rng.randrange(2**32)),  # UPLOAD's
-                        struct.pack("<Id", rng.randrange(2**32), rng.choice(_FLOATS)),  # OPEN's
-                        struct.pack("<d", rng.choice(_FLOATS))])  # VERDICT's
+    stamp = rng.choice(
+        [
+            struct.pack("<ddI", rng.choice(_FLOATS), rng.choice(_FLOATS), rng.randrange(2**32)),  # UPLOAD's
+            struct.pack("<Id", rng.randrange(2**32), rng.choice(_FLOATS)),  # OPEN's
+            struct.pack("<d", rng.choice(_FLOATS)),
+        ]
+    )  # VERDICT's
     if rng.random() < 0.1:
-        stamp = stamp[:rng.randrange(len(stamp))]
+        stamp = stamp[: rng.randrange(len(stamp))]
     parts = [bytes(buf), stamp]
     shape = rng.random()
     if shape < 0.05:
@@ -685,12 +753,14 @@ def test_fuzzing_clients_cannot_disturb_a_legitimate_session(serve, lm):
         c.close()
     growth = peak["rss_anon"] - before["rss_anon_bytes"]
     codes = {ErrorCode(code).name: n for code, n in sorted(v.error_codes.items())}
-    print(f"\nfuzzing: {report['sent']} messages sent by 3 clients during the legitimate session, "
-          f"{report['replies']} ERROR replies, {v.errors} counted {codes}; verifier memory (RssAnon) "
-          f"{before['rss_anon_bytes'] / 2**20:.1f} MiB before, peak +{growth / 2**20:.1f} MiB, "
-          f"{(after['rss_anon_bytes'] - before['rss_anon_bytes']) / 2**20:+.1f} MiB after; process peak RSS "
-          f"{before['peak_rss_bytes'] / 2**20:.1f} -> {after['peak_rss_bytes'] / 2**20:.1f} MiB; "
-          f"legitimate verdicts identical to the run without the fuzzer: {got == want} ({len(got)} verdicts)")
+    print(
+        f"\nfuzzing: {report['sent']} messages sent by 3 clients during the legitimate session, "
+        f"{report['replies']} ERROR replies, {v.errors} counted {codes}; verifier memory (RssAnon) "
+        f"{before['rss_anon_bytes'] / 2**20:.1f} MiB before, peak +{growth / 2**20:.1f} MiB, "
+        f"{(after['rss_anon_bytes'] - before['rss_anon_bytes']) / 2**20:+.1f} MiB after; process peak RSS "
+        f"{before['peak_rss_bytes'] / 2**20:.1f} -> {after['peak_rss_bytes'] / 2**20:.1f} MiB; "
+        f"legitimate verdicts identical to the run without the fuzzer: {got == want} ({len(got)} verdicts)"
+    )
     # The legitimate session, run beside the fuzzer, gets the very verdicts (every byte of every part:
     # token, acceptance, beta, shadow betas, emulated send time) of the same session without it.
     assert len(got) == len(want) == STEPS + 1 and got == want
@@ -703,6 +773,7 @@ def test_fuzzing_clients_cannot_disturb_a_legitimate_session(serve, lm):
 
 
 # --- hypothesis: generated and mutated messages, each answered by exactly one ERROR ---------------
+
 
 def _hypothesis_message(data, V: int, lm) -> list[bytes]:
     """A message drawn by hypothesis: an OPEN, UPLOAD or FLUSH with generated fields (or raw bytes),
@@ -718,13 +789,26 @@ def _hypothesis_message(data, V: int, lm) -> list[bytes]:
     seq = data.draw(st.integers(0, STEPS + 1) | u32)
     try:
         if kind == "open":
-            frame = protocol.encode_frame(protocol.Open(
-                device=device, session=wire.SESSION, seq=seq, prompt=data.draw(tokens),
-                seed=data.draw(st.integers(0, 2**64 - 1)), temperature=data.draw(st.floats(0.0, 10.0))))
+            frame = protocol.encode_frame(
+                protocol.Open(
+                    device=device,
+                    session=wire.SESSION,
+                    seq=seq,
+                    prompt=data.draw(tokens),
+                    seed=data.draw(st.integers(0, 2**64 - 1)),
+                    temperature=data.draw(st.floats(0.0, 10.0)),
+                )
+            )
         elif kind == "upload":
-            u = step_upload(lm, device, data.draw(st.integers(0, STEPS - 1)), seq=seq,
-                            draft=data.draw(st.integers(0, V + 4)), draft_prob=data.draw(st.floats(0.0, 1.0)),
-                            token_index=data.draw(st.integers(0, 64) | u32))
+            u = step_upload(
+                lm,
+                device,
+                data.draw(st.integers(0, STEPS - 1)),
+                seq=seq,
+                draft=data.draw(st.integers(0, V + 4)),
+                draft_prob=data.draw(st.floats(0.0, 1.0)),
+                token_index=data.draw(st.integers(0, 64) | u32),
+            )
             if data.draw(st.booleans()):
                 u = wire.Upload(dataclasses.replace(u.frame, payload=data.draw(st.binary(max_size=64))), u.stamp)
             frame = wire.encode(u)[0]
@@ -740,12 +824,12 @@ def _hypothesis_message(data, V: int, lm) -> list[bytes]:
         for i in data.draw(st.lists(st.integers(0, len(buf) * 8 - 1), min_size=1, max_size=8)):
             buf[i // 8] ^= 1 << (i % 8)
     elif mutation == "truncate" and buf:
-        del buf[data.draw(st.integers(0, len(buf) - 1)):]
+        del buf[data.draw(st.integers(0, len(buf) - 1)) :]
     elif mutation == "extend":
         buf += data.draw(st.binary(min_size=1, max_size=32))
     elif mutation == "max-field" and len(buf) >= 20:
         at = data.draw(st.sampled_from([4, 8, 12, 16]))  # device, session, seq or body_len
-        buf[at:at + 4] = b"\xff\xff\xff\xff"
+        buf[at : at + 4] = b"\xff\xff\xff\xff"
     f = st.floats(allow_nan=True, allow_infinity=True) | st.floats(0.0, 1e6)
     upload_stamp = st.builds(lambda a, b, r: struct.pack("<ddI", a, b, r), f, f, st.integers(0, 40) | u32)
     open_stamp = st.builds(lambda n, x: struct.pack("<Id", n, x), st.integers(0, 200) | u32, f)
@@ -769,8 +853,9 @@ def test_hypothesis_messages_each_get_one_error_and_leave_the_session_untouched(
     try:
         got = run_session(legit, lm, [7], steps=range(1), flush=False)
 
-        @settings(max_examples=300, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=300, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+        )
         @given(st.data())
         def one(data):
             hostile.send(_hypothesis_message(data, lm.vocab_size, lm))
@@ -785,7 +870,9 @@ def test_hypothesis_messages_each_get_one_error_and_leave_the_session_untouched(
     finally:
         legit.close()
         hostile.close()
-    print(f"\nhypothesis: {len(sent)} generated messages, {v.errors} ERROR replies counted "
-          f"{ {ErrorCode(c).name: n for c, n in sorted(v.error_codes.items())} }; e.g. {v.error_log[-3:]}")
+    print(
+        f"\nhypothesis: {len(sent)} generated messages, {v.errors} ERROR replies counted "
+        f"{ {ErrorCode(c).name: n for c, n in sorted(v.error_codes.items())} }; e.g. {v.error_log[-3:]}"
+    )
     assert len(sent) == 300 and got == want
     assert_serving(v)

@@ -1,4 +1,5 @@
 """BatchedLM: batched results equal one-at-a-time and no-cache results, sessions are independent."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,7 +50,7 @@ def test_batched_equals_one_at_a_time_and_full_forward(model, all_positions):
         for sid, toks in step.items():
             alone = single_lm.extend([(sid, toks)], all_positions=all_positions)[0]
             history.setdefault(sid, []).extend(toks)
-            full = full_forward(model, history[sid])[-len(toks):]
+            full = full_forward(model, history[sid])[-len(toks) :]
             want = full if all_positions else full[-1]
             assert got[sid].dtype == np.float32
             assert got[sid].shape == ((len(toks), 300) if all_positions else (300,))

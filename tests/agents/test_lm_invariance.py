@@ -7,6 +7,7 @@ and bf16, in both matmul layouts, and on the real Qwen pair where it is prepared
 thread count the engines use: 1, 2 and what actors.threads "auto" resolves to here (testbed.run.plan:
 the content pass computes at that count).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -48,7 +49,7 @@ def run_crowded(lm_factory, calls, rng: np.random.Generator, batch: int, vocab: 
     """The same calls, each inside a batch of `batch` sessions with random companions."""
     lm = lm_factory()
     out = []
-    for step, call in enumerate(calls):
+    for call in calls:
         companions = []
         for c in range(batch - 1):
             sid = ("companion", c)
@@ -62,8 +63,15 @@ def run_crowded(lm_factory, calls, rng: np.random.Generator, batch: int, vocab: 
     return out
 
 
-def assert_invariant(lm_factory, vocab: int, batches=(2, 3, 8, 17, 32), prompt_len: int = 37, steps: int = 4,
-                     max_prompt: int = 60, seed: int = 0) -> None:
+def assert_invariant(
+    lm_factory,
+    vocab: int,
+    batches=(2, 3, 8, 17, 32),
+    prompt_len: int = 37,
+    steps: int = 4,
+    max_prompt: int = 60,
+    seed: int = 0,
+) -> None:
     rng = np.random.default_rng(seed)
     calls = target_script(rng, vocab, prompt_len, steps)
     alone = run_alone(lm_factory, calls)
@@ -71,8 +79,9 @@ def assert_invariant(lm_factory, vocab: int, batches=(2, 3, 8, 17, 32), prompt_l
         crowded = run_crowded(lm_factory, calls, np.random.default_rng(seed + batch), batch, vocab, max_prompt)
         for step, (a, b) in enumerate(zip(alone, crowded)):
             diff = float(np.abs(a - b).max())
-            assert np.array_equal(a, b), f"batch {batch}, step {step} ({'prefill' if step == 0 else 'decode'}): " \
-                                         f"max |diff| {diff:.3g}"
+            assert np.array_equal(a, b), (
+                f"batch {batch}, step {step} ({'prefill' if step == 0 else 'decode'}): max |diff| {diff:.3g}"
+            )
 
 
 TINY = TinyConfig(vocab_size=300, layers=2, hidden=64, heads=4, kv_heads=2, seed=3)
@@ -134,9 +143,13 @@ def test_packed_forward_matches_transformers():
     rng = np.random.default_rng(1)
     ids = rng.integers(0, TINY.vocab_size, 40).tolist()
     lm = BatchedLM(model, forward="packed")
-    got = np.concatenate([lm.extend([("s", ids[:30])], all_positions=True)[0],
-                          lm.extend([("s", ids[30:31])], all_positions=True)[0],
-                          lm.extend([("s", ids[31:])], all_positions=True)[0]])
+    got = np.concatenate(
+        [
+            lm.extend([("s", ids[:30])], all_positions=True)[0],
+            lm.extend([("s", ids[30:31])], all_positions=True)[0],
+            lm.extend([("s", ids[31:])], all_positions=True)[0],
+        ]
+    )
     with torch.inference_mode():
         want = model(torch.tensor([ids])).logits[0].float().numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)

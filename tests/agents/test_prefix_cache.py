@@ -1,6 +1,7 @@
 """The prompt prefix cache of BatchedLM (agents/lm.py PrefixCache): a prefill served from the cache,
 or copied from another session of the same call, is bit for bit the prefill computed alone, and the
 decode steps after it are too; the cache is bounded, keyed by thread count, and can be turned off."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,7 +34,7 @@ def run(lm, sid, prompt, steps, companions=()):
 
 def kv(lm, sid):
     s = lm._sessions[sid]
-    return s.keys[:, :, :s.length].clone(), s.values[:, :, :s.length].clone()
+    return s.keys[:, :, : s.length].clone(), s.values[:, :, : s.length].clone()
 
 
 def test_cached_and_shared_prefills_equal_the_computed_one(model, monkeypatch):
@@ -58,12 +59,12 @@ def test_cached_and_shared_prefills_equal_the_computed_one(model, monkeypatch):
     shared = BatchedLM(model)
     out = shared.extend([("x", prompt), ("y", other), ("z", prompt)])
     assert np.array_equal(out[0], out[2]) and np.array_equal(out[0], want[0])
-    for lm, sid, logits in ((first, "a", got), (again, "b", got2)):
+    for logits in (got, got2):
         for a, b in zip(want, logits):
             assert np.array_equal(a, b)
     for sid in ("x", "z"):
         k, v = kv(shared, sid)
-        assert torch.equal(k, want_kv[0][:, :, :len(prompt)]) and torch.equal(v, want_kv[1][:, :, :len(prompt)])
+        assert torch.equal(k, want_kv[0][:, :, : len(prompt)]) and torch.equal(v, want_kv[1][:, :, : len(prompt)])
     for s in steps:  # decoding on from a copied prefill: still the same bits
         assert np.array_equal(shared.extend([("z", s)])[0], shared.extend([("x", s)])[0])
 

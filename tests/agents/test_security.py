@@ -3,18 +3,18 @@ CURVE on loopback (run under shared/bin/offline), real pyzmq clients. A client w
 with the wrong server key and one whose key is not on the allow-list are all refused in the
 handshake; none reaches the verifier, and a legitimate CURVE session then gets exactly the
 verdicts it gets on a plain verifier with nobody else there."""
+
 from __future__ import annotations
 
 import time
 
 import pytest
 import zmq
+from test_hostile import Client, assert_serving, baseline, lm, open_parts, run_session, serve, step_upload  # noqa: F401
 from zmq.utils.monitor import recv_monitor_message
 
-from agents import security
+from agents import security, wire
 from agents.security import ClientKeys, Keypair, RunKeys
-from test_hostile import Client, assert_serving, baseline, lm, open_parts, run_session, serve, step_upload  # noqa: F401
-from agents import wire
 
 
 class CurveClient(Client):
@@ -52,7 +52,7 @@ class CurveClient(Client):
         super().close()
 
 
-def test_curve_refuses_clients_without_the_run_keys_and_serves_the_legitimate_one(serve, lm):
+def test_curve_refuses_clients_without_the_run_keys_and_serves_the_legitimate_one(serve, lm):  # noqa: F811 - fixtures
     want = baseline(serve, lm)  # a plain verifier, one client: the verdicts to expect
     keys = RunKeys.new(1)
     v = serve(curve=keys.for_server())
@@ -69,7 +69,10 @@ def test_curve_refuses_clients_without_the_run_keys_and_serves_the_legitimate_on
             c.try_send(wire.encode(step_upload(lm, 7, 0)))
         for name, c in clients.items():
             seen = c.handshakes()
-            assert "HANDSHAKE_SUCCEEDED" not in seen and any(e.startswith("HANDSHAKE_FAILED") for e in seen), (name, seen)
+            assert "HANDSHAKE_SUCCEEDED" not in seen and any(e.startswith("HANDSHAKE_FAILED") for e in seen), (
+                name,
+                seen,
+            )
             assert c.silent(0.2), name
         assert v.allow_list.denied >= 1  # the unlisted key reached the ZAP handler and was refused there
         # Verifier.status (and summary.json "curve_refused"): every refused handshake is counted, the

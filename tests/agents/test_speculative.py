@@ -1,5 +1,6 @@
 """Speculative verification: exactness by statistics (with negative controls), edge cases,
 and agreement between the single, batched and uniform-driven forms."""
+
 from __future__ import annotations
 
 import warnings
@@ -52,8 +53,9 @@ def simulate(x, x_hat, y, n=N, seed=0):
     """n independent rounds of "draft d ~ x, then verify against x_hat" through the module."""
     u = np.random.default_rng(seed).random((3, n))
     drafts = sample_from_uniforms(np.broadcast_to(x, (n, len(x))), u[0])
-    tokens, accepted = verify_from_uniforms(drafts, np.broadcast_to(x_hat, (n, len(x))),
-                                            np.broadcast_to(y, (n, len(x))), u[1], u[2])
+    tokens, accepted = verify_from_uniforms(
+        drafts, np.broadcast_to(x_hat, (n, len(x))), np.broadcast_to(y, (n, len(x))), u[1], u[2]
+    )
     return drafts, tokens, accepted
 
 
@@ -78,6 +80,7 @@ def truncated_x_hat(k=3, bits=8):
 
 
 # --- the statistical tests -----------------------------------------------------------------
+
 
 def test_untruncated_output_is_exactly_y():
     drafts, tokens, accepted = simulate(X, X, Y)
@@ -149,6 +152,7 @@ def test_public_rng_api_is_exact_too():
 
 # --- forms agree, keyed randomness ------------------------------------------------------------
 
+
 def test_single_and_uniform_forms_agree_with_keyed_rngs():
     V, B = 1000, 16
     rng = np.random.default_rng(6)
@@ -157,8 +161,10 @@ def test_single_and_uniform_forms_agree_with_keyed_rngs():
     x_hats = np.stack([reconstruct(np.argsort(-x)[:20], x[np.argsort(-x)[:20]], V) for x in xs])
     keys = [(7, device, 3, "verify") for device in range(B)]
     drafts = np.array([sample_draft(xs[i], keyed_rng(7, i, 3, "draft")) for i in range(B)])
-    assert drafts.tolist() == sample_from_uniforms(xs, np.array([keyed_rng(7, i, 3, "draft").random()
-                                                                  for i in range(B)])).tolist()
+    assert (
+        drafts.tolist()
+        == sample_from_uniforms(xs, np.array([keyed_rng(7, i, 3, "draft").random() for i in range(B)])).tolist()
+    )
     u = np.array([keyed_rng(*k).random(2) for k in keys])  # verify's two uniforms per row
     tokens, accepted = verify_from_uniforms(drafts, x_hats, ys, u[:, 0], u[:, 1])
     singles = [verify(int(drafts[i]), x_hats[i], ys[i], keyed_rng(*keys[i])) for i in range(B)]
@@ -182,9 +188,12 @@ def test_vectorised_and_binary_search_sampling_agree(monkeypatch):
 
 # --- edge cases --------------------------------------------------------------------------------
 
+
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.sampled_from([0.0, 0.0, 1e-300, 0.1, 0.5, 3.0]), min_size=1, max_size=12).filter(any),
-       st.one_of(st.floats(0, 1, exclude_max=True), st.just(np.nextafter(1.0, 0.0)), st.just(0.0)))
+@given(
+    st.lists(st.sampled_from([0.0, 0.0, 1e-300, 0.1, 0.5, 3.0]), min_size=1, max_size=12).filter(any),
+    st.one_of(st.floats(0, 1, exclude_max=True), st.just(np.nextafter(1.0, 0.0)), st.just(0.0)),
+)
 def test_sampling_never_picks_a_zero_mass_token(weights, u):
     p = np.array(weights)
     token = int(sample_from_uniforms(p[None], np.array([u]))[0])

@@ -2,6 +2,7 @@
 at which an end id is committed or a stop sequence appears in the decoded completion), and the
 engines: up to the stop the trace is the non-stopping run's, content and (isolated devices) timing,
 the two passes of the virtual clock agree, a stopped device's session is closed on the verifier."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,7 +37,7 @@ def reference_stop(ids, rule: StopRule, tokenizer, max_new: int) -> tuple[int, s
 def detect(ids, rule: StopRule, max_new: int) -> tuple[int, str]:
     d = rule.detector()
     for i, t in enumerate(ids[:max_new]):
-        if (r := d.push(t)):
+        if r := d.push(t):
             return i, r
     return min(len(ids), max_new) - 1, "length"
 
@@ -54,7 +55,7 @@ def test_detector_matches_the_definition_on_multibyte_text():
         text = "".join(rng.choice(list(alphabet), 12))
         ids = tok.encode(text)
         if rng.random() < 0.2:  # a stray continuation byte or an eos somewhere
-            ids.insert(int(rng.integers(len(ids))), int(rng.choice([0x80, 0xa9, tok.EOS_ID])))
+            ids.insert(int(rng.integers(len(ids))), int(rng.choice([0x80, 0xA9, tok.EOS_ID])))
         want = reference_stop(ids, rule, tok, 30)
         assert detect(ids, rule, 30) == want, (text, ids)
         seen[want[1]] += 1
@@ -73,8 +74,24 @@ def test_detector_matches_the_definition_on_the_qwen_tokenizer():
 
     rule = StopRule(frozenset(end_token_ids(tok)), STOP_SEQUENCES, tok)
     rng = np.random.default_rng(1)
-    pieces = ["    return", " x", "\n", "\n\n", "def", " f", "(", "):", "#", " é", "€", "😀", "if", "print", "```",
-              "class"]
+    pieces = [
+        "    return",
+        " x",
+        "\n",
+        "\n\n",
+        "def",
+        " f",
+        "(",
+        "):",
+        "#",
+        " é",
+        "€",
+        "😀",
+        "if",
+        "print",
+        "```",
+        "class",
+    ]
     seen = set()
     for _ in range(150):
         ids = tok.encode("".join(rng.choice(pieces, 10)))
@@ -108,13 +125,28 @@ MAX_NEW = 24
 def fleet():
     """Isolated devices (the paper setting, as testbed.study.scenarios isolate_devices: every request is
     served on arrival by a zero-time server), so a device's timing depends on it alone."""
-    link = DuplexProfile.from_dict({"uplink": {"rate_mbps": 2.0, "delay_ms": 20.0, "jitter_ms": 3.0, "loss": 0.1},
-                                    "downlink": {"rate_mbps": 20.0, "delay_ms": 10.0}})
+    link = DuplexProfile.from_dict(
+        {
+            "uplink": {"rate_mbps": 2.0, "delay_ms": 20.0, "jitter_ms": 3.0, "loss": 0.1},
+            "downlink": {"rate_mbps": 20.0, "delay_ms": 10.0},
+        }
+    )
     rng = np.random.default_rng(3)
-    specs = [DeviceSpec(i, "t", POLICIES[i % len(POLICIES)], 10.0 + 5 * (i % 3), link, i % 4,
-                        tuple(rng.integers(0, 256, 3 + i % 3).tolist())) for i in range(N)]
-    server = ServerProfile(verify_ms_base=0.0, verify_ms_per_token=0.0, verify_ms_per_sequence=0.0,
-                           max_batch=N, max_wait_ms=0.0)
+    specs = [
+        DeviceSpec(
+            i,
+            "t",
+            POLICIES[i % len(POLICIES)],
+            10.0 + 5 * (i % 3),
+            link,
+            i % 4,
+            tuple(rng.integers(0, 256, 3 + i % 3).tolist()),
+        )
+        for i in range(N)
+    ]
+    server = ServerProfile(
+        verify_ms_base=0.0, verify_ms_per_token=0.0, verify_ms_per_sequence=0.0, max_batch=N, max_wait_ms=0.0
+    )
     return specs, server
 
 
@@ -144,7 +176,7 @@ def _stops_from(full: pd.DataFrame) -> StopRule:
     for _, g in full[full.policy == "slm-only"].groupby("device"):
         ids = g.token_id.tolist()
         for j in range(7, MAX_NEW - 1):
-            text = tok.decode(ids[j: j + 2])
+            text = tok.decode(ids[j : j + 2])
             if len(text) == 2 and text.isascii() and ids[j] != eos and ids[j + 1] != eos:
                 stop = text
                 break

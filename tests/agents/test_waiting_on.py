@@ -1,14 +1,16 @@
 """VerifierCore.waiting_on: in the virtual clock, the sessions that hold the next batch back (what
 the runner's stall message names, testbed.run.failures.stall_message)."""
+
 from __future__ import annotations
 
 import math
 
-from agents.verifier import ServerProfile, VerifierCore
 from test_hostile import lm, open_msg, step_upload  # noqa: F401
 
+from agents.verifier import ServerProfile, VerifierCore
 
-def test_waiting_on_names_the_idle_session_that_holds_the_batch_back(lm):
+
+def test_waiting_on_names_the_idle_session_that_holds_the_batch_back(lm):  # noqa: F811 - the fixture
     core = VerifierCore(lm, ServerProfile(), 7, lm.vocab_size, expected_sessions=2)
     try:
         core.open([open_msg(0, [3, 4, 5], 10), open_msg(1, [3, 4, 6], 10)])

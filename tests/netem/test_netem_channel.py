@@ -1,5 +1,6 @@
 """Wireless channel against theory: Shannon rate, link budget, fading statistics, ergodic
 capacity through the link."""
+
 from __future__ import annotations
 
 import math
@@ -71,14 +72,16 @@ def test_rayleigh_faded_link_delivers_the_ergodic_capacity_within_5pct():
 
 
 def test_fading_gain_statistics():
-    ray = np.concatenate([fading_gains(ChannelProfile(bandwidth_hz=1, snr_db=0, fading="rayleigh"), 1, c)
-                          for c in range(400)])
+    ray = np.concatenate(
+        [fading_gains(ChannelProfile(bandwidth_hz=1, snr_db=0, fading="rayleigh"), 1, c) for c in range(400)]
+    )
     assert ray.mean() == pytest.approx(1.0, rel=0.02)
     assert ray.var() == pytest.approx(1.0, rel=0.05)  # |h|^2 ~ Exp(1)
     assert np.mean(ray < 0.1) == pytest.approx(1 - math.exp(-0.1), rel=0.05)
     k = 10.0
-    ric = np.concatenate([fading_gains(ChannelProfile(bandwidth_hz=1, snr_db=0, fading="rician", rician_k=k), 1, c)
-                          for c in range(400)])
+    ric = np.concatenate(
+        [fading_gains(ChannelProfile(bandwidth_hz=1, snr_db=0, fading="rician", rician_k=k), 1, c) for c in range(400)]
+    )
     assert ric.mean() == pytest.approx(1.0, rel=0.01)
     assert ric.var() == pytest.approx((1 + 2 * k) / (1 + k) ** 2, rel=0.05)
 
@@ -126,6 +129,7 @@ def test_channel_profile_validation():
         LinkProfile.from_dict({"channel": {"bandwidth_mhz": 1, "snr": 3}}, where="uplink")
     with pytest.raises(ValueError, match="rate comes from the channel"):
         LinkProfile.from_dict({"rate_mbps": 5, "channel": {"bandwidth_mhz": 1, "snr_db": 3}})
-    ch = LinkProfile.from_dict({"channel": {"bandwidth_khz": 500, "snr_db": 3, "rician_k_db": 10,
-                                            "fading": "rician", "coherence_ms": 5}}).channel
+    ch = LinkProfile.from_dict(
+        {"channel": {"bandwidth_khz": 500, "snr_db": 3, "rician_k_db": 10, "fading": "rician", "coherence_ms": 5}}
+    ).channel
     assert (ch.bandwidth_hz, ch.rician_k, ch.coherence_s) == pytest.approx((5e5, 10.0, 0.005))

@@ -1,4 +1,5 @@
 """`testbed links`, `testbed links plot` and `testbed bench links`."""
+
 from __future__ import annotations
 
 import json

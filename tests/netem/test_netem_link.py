@@ -1,5 +1,6 @@
 """The link model against theory: rate, delay/jitter statistics, loss models, queue limit,
 packetisation, duplication, determinism."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,12 +27,22 @@ def delays(profile: LinkProfile, n: int, seed: int = 7, nbytes: int = 100, gap: 
 
 # -- rate ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("jitter_ms", [0.0, 3.0])
 def test_long_saturating_stream_delivers_the_rate_within_1pct(jitter_ms):
     """Goodput of a saturated link = R x payload / (payload + per-packet overhead)."""
     rate, mtu, overhead = 8e6, 1500, 40
-    link = Link(LinkProfile(rate_bps=rate, delay_s=0.02, jitter_s=jitter_ms / 1e3, jitter_dist="normal",
-                            mtu=mtu, overhead_bytes=overhead), seed=3)
+    link = Link(
+        LinkProfile(
+            rate_bps=rate,
+            delay_s=0.02,
+            jitter_s=jitter_ms / 1e3,
+            jitter_dist="normal",
+            mtu=mtu,
+            overhead_bytes=overhead,
+        ),
+        seed=3,
+    )
     rng = random.Random(1)
     sizes = [rng.randint(1, 5000) for _ in range(20_000)]
     arrivals = [link.send(n, i * 1e-4) for i, n in enumerate(sizes)]  # offered ~200 Mbit/s
@@ -61,6 +72,7 @@ def test_unsaturated_stream_keeps_its_offered_rate_and_sees_pure_serialisation()
 
 
 # -- delay and jitter ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dist, sd_factor", [("normal", 1.0), ("uniform", 1 / math.sqrt(3))])
 def test_delay_mean_and_jitter_std_within_5pct(dist, sd_factor):
@@ -102,6 +114,7 @@ def test_delay_is_never_negative():
 
 # -- loss -----------------------------------------------------------------------------------
 
+
 def test_random_loss_rate_and_correlation():
     p, rho = 0.05, 0.5
     lost = np.isnan(delays(LinkProfile(loss=p, loss_correlation=rho), 300_000))
@@ -138,6 +151,7 @@ def test_message_is_lost_when_any_packet_is():
 
 
 # -- queue --------------------------------------------------------------------------------
+
 
 def test_queue_limit_burst_accepts_exactly_what_fits():
     rate, q, size = 1e6, 10_000, 1000
@@ -176,6 +190,7 @@ def test_queue_limit_drops_exactly_what_overflows_a_fifo_of_that_size():
 
 # -- packetisation, duplication -----------------------------------------------------------
 
+
 def test_multi_packet_message_arrives_with_its_last_packet():
     rate, d = 1e6, 0.01
     link = Link(LinkProfile(rate_bps=rate, delay_s=d, mtu=1500, overhead_bytes=40), seed=1)
@@ -209,6 +224,7 @@ def test_duplicates_use_the_link():
 
 
 # -- profile changes, determinism, contracts ----------------------------------------------
+
 
 def test_set_profile_applies_to_later_sends_and_keeps_the_backlog():
     link = Link(LinkProfile(rate_bps=1e6), seed=1)
@@ -259,6 +275,7 @@ def test_sending_back_in_time_or_negative_sizes_is_an_error():
 
 # -- reliable delivery (selective repeat) --------------------------------------------------
 
+
 def test_a_one_packet_delivery_round_is_a_send():
     # Same seed, same calls: every round of a one-packet message is the datagram `send` at that time.
     prof = LinkProfile(rate_bps=2e6, delay_s=0.01, jitter_s=0.002, loss=0.3, duplicate=0.1)
@@ -294,7 +311,7 @@ def test_the_first_round_is_a_transmit_and_later_rounds_resend_only_the_lost_pac
         rounds.append(d.rounds)
     rounds = np.array(rounds)
     # P(a round-1 message needs another round) = 1 - 0.8^5; packets resent ~ geometric with mean 0.2/0.8 each
-    assert (rounds > 1).mean() == pytest.approx(1 - 0.8 ** 5, abs=0.03)
+    assert (rounds > 1).mean() == pytest.approx(1 - 0.8**5, abs=0.03)
     assert resent / (3000 * 4500) == pytest.approx(0.2 / 0.8, rel=0.1)
 
 

@@ -1,5 +1,6 @@
 """Kernel backend: the tc plan (pure), capability probing, and real shaping between two
 namespaces this test creates (root only; skipped with the reason elsewhere)."""
+
 from __future__ import annotations
 
 import os
@@ -9,8 +10,7 @@ import time
 
 import pytest
 
-from netem import LinkProfile
-from netem import tc
+from netem import LinkProfile, tc
 
 NO_NETEM = tc.Capabilities(True, {"tbf": True, "htb": True, "netem": False, "bfifo": True})
 
@@ -26,12 +26,46 @@ def test_plan_rate_only_uses_tbf_or_htb():
 
 
 def test_plan_maps_delay_and_loss_to_netem_like_tc_netem_8():
-    p = LinkProfile(rate_bps=1e6, delay_s=0.04, jitter_s=0.01, jitter_dist="normal", jitter_correlation=0.25,
-                    ge_p=0.01, ge_r=0.3, ge_loss_bad=0.5, duplicate=0.001, overhead_bytes=20)
+    p = LinkProfile(
+        rate_bps=1e6,
+        delay_s=0.04,
+        jitter_s=0.01,
+        jitter_dist="normal",
+        jitter_correlation=0.25,
+        ge_p=0.01,
+        ge_r=0.3,
+        ge_loss_bad=0.5,
+        duplicate=0.001,
+        overhead_bytes=20,
+    )
     cmds = tc.plan(p, "v0")
-    assert cmds[0] == ["qdisc", "add", "dev", "v0", "root", "handle", "1:", "stab", "overhead", "20", "netem",
-                       "delay", "40000us", "10000us", "25%", "distribution", "normal",
-                       "loss", "gemodel", "1%", "30%", "50%", "0%", "duplicate", "0.1%"]
+    assert cmds[0] == [
+        "qdisc",
+        "add",
+        "dev",
+        "v0",
+        "root",
+        "handle",
+        "1:",
+        "stab",
+        "overhead",
+        "20",
+        "netem",
+        "delay",
+        "40000us",
+        "10000us",
+        "25%",
+        "distribution",
+        "normal",
+        "loss",
+        "gemodel",
+        "1%",
+        "30%",
+        "50%",
+        "0%",
+        "duplicate",
+        "0.1%",
+    ]
     assert cmds[1][4:6] == ["parent", "1:1"] and "tbf" in cmds[1]
 
 

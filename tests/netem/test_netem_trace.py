@@ -1,4 +1,5 @@
 """Traces: CSV parsing with clear errors, replay of rate/delay/loss over time."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,20 +28,23 @@ def test_parse_and_step_semantics():
     assert tr.with_options(loop=False).value_at("rate_bps", 50.0) == 2e6  # holds the last row
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "empty trace"),
-    ("rate_mbps,loss\n1,0\n", "time column"),
-    ("time_s,speed\n0,1\n", "unknown column 'speed'"),
-    ("time_s\n0\n", "no value column"),
-    ("time_s,rate_mbps\n", "no rows"),
-    ("time_s,rate_mbps\n0.5,1\n", ":2: the first row must start at time 0"),
-    ("time_s,rate_mbps\n0,1\n1,2\n1,3\n", ":4: times must strictly increase"),
-    ("time_s,rate_mbps\n0,1\n1,fast\n", ":3: column 'rate_mbps' expected a number, got 'fast'"),
-    ("time_s,rate_mbps\n0,-1\n", ":2: column 'rate_mbps' expected a finite number >= 0"),
-    ("time_s,loss\n0,1.5\n", ":2: column 'loss' expected a probability"),
-    ("time_s,rate_mbps\n0,1,2\n", ":2: expected 2 values"),
-    ("time_s,rate_mbps,rate_kbps\n0,1,2\n", "both give rate_bps"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "empty trace"),
+        ("rate_mbps,loss\n1,0\n", "time column"),
+        ("time_s,speed\n0,1\n", "unknown column 'speed'"),
+        ("time_s\n0\n", "no value column"),
+        ("time_s,rate_mbps\n", "no rows"),
+        ("time_s,rate_mbps\n0.5,1\n", ":2: the first row must start at time 0"),
+        ("time_s,rate_mbps\n0,1\n1,2\n1,3\n", ":4: times must strictly increase"),
+        ("time_s,rate_mbps\n0,1\n1,fast\n", ":3: column 'rate_mbps' expected a number, got 'fast'"),
+        ("time_s,rate_mbps\n0,-1\n", ":2: column 'rate_mbps' expected a finite number >= 0"),
+        ("time_s,loss\n0,1.5\n", ":2: column 'loss' expected a probability"),
+        ("time_s,rate_mbps\n0,1,2\n", ":2: expected 2 values"),
+        ("time_s,rate_mbps,rate_kbps\n0,1,2\n", "both give rate_bps"),
+    ],
+)
 def test_bad_csv_errors_name_line_and_column(text, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")) as e:
         parse_trace(text, "my.csv")

@@ -1,4 +1,5 @@
 """Shaped transport: scheduling logic on a fake clock, then real ZeroMQ on loopback."""
+
 from __future__ import annotations
 
 import asyncio
@@ -29,6 +30,7 @@ def make(profile: LinkProfile, **kw):
 
 
 # -- scheduling on a fake clock --------------------------------------------------------------
+
 
 def test_messages_wait_for_their_arrival_time():
     sender, clock, out = make(LinkProfile(rate_bps=1e6, delay_s=0.05))
@@ -102,6 +104,7 @@ def test_a_failing_deliver_is_counted_not_raised():
 
 
 # -- real ZeroMQ on loopback ---------------------------------------------------------------
+
 
 @pytest.fixture
 def ctx():

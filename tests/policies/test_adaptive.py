@@ -1,5 +1,6 @@
 """cu-hlm-adaptive (policies.adaptive): learns online per device which u it may skip within a
 risk budget (expected missed rejections per token), with no offline fit of a, b."""
+
 from __future__ import annotations
 
 import json
@@ -75,8 +76,9 @@ def streams_for(devices, n, seed=0):
     return {d: draw(np.random.default_rng([seed, d]), n) for d in devices}
 
 
-@pytest.mark.parametrize("feedback, epsilon, tol_mean, tol",
-                         [("shadow", 0.05, 0.06, 0.2), ("transmitted", 0.2, 0.1, 0.3)])
+@pytest.mark.parametrize(
+    "feedback, epsilon, tol_mean, tol", [("shadow", 0.05, 0.06, 0.2), ("transmitted", 0.2, 0.1, 0.3)]
+)
 def test_risk_converges_to_the_budget_and_a_bigger_budget_skips_more(feedback, epsilon, tol_mean, tol):
     n, devices = 3000, (0, 1, 2, 3)
     streams = streams_for(devices, n)
@@ -89,7 +91,7 @@ def test_risk_converges_to_the_budget_and_a_bigger_budget_skips_more(feedback, e
         assert np.mean(risks) == pytest.approx(risk, rel=tol_mean), risks
         assert risks == pytest.approx([risk] * len(devices), rel=tol)
         # ... and so has what the stream realised in its second half (after the learning).
-        realised = np.mean([streams[d][1][n // 2:] * skipped[d][n // 2:] for d in devices])
+        realised = np.mean([streams[d][1][n // 2 :] * skipped[d][n // 2 :] for d in devices])
         assert realised == pytest.approx(risk, rel=tol)
         skip_rates.append(np.mean([skipped[d].mean() for d in devices]))
     assert 0.05 < skip_rates[0] < skip_rates[1]
@@ -106,7 +108,7 @@ def test_it_skips_what_the_known_law_allows():
     order = np.argsort(u)
     cum = np.cumsum(beta[order]) / u.size
     oracle_skip = np.searchsorted(cum, 0.02) / u.size
-    late = skipped[0][n // 2:].mean()
+    late = skipped[0][n // 2 :].mean()
     assert 0.85 * oracle_skip < late < 1.1 * oracle_skip, (late, oracle_skip)
 
 
@@ -189,8 +191,9 @@ def test_learned_kstar_uses_the_devices_betas():
     x /= x.sum()
     ctx = lambda dev, t: DecisionContext(1, dev, t, 1.0, int(np.argmax(x)), x)  # noqa: E731
     learned = load_policy({"name": "cu-hlm-adaptive", "estimator": "max", "risk": 0.0, "min_samples": 4})
-    linear = load_policy({"name": "cu-hlm-adaptive", "estimator": "max", "risk": 0.0, "min_samples": 4,
-                          "kstar_beta": "linear"})
+    linear = load_policy(
+        {"name": "cu-hlm-adaptive", "estimator": "max", "risk": 0.0, "min_samples": 4, "kstar_beta": "linear"}
+    )
     k0 = [p.decide(z[0], ctx(0, 0)).k for p in (learned, linear)]
     assert k0[0] == k0[1]  # no evidence yet: both use a*u + b
     for t in range(1, 6):
@@ -204,17 +207,31 @@ def test_learned_kstar_uses_the_devices_betas():
 # --------------------------------------------------------------------------- parameters, catalog
 
 
-@pytest.mark.parametrize("params, names", [
-    ({"risk": -0.1}, "risk"), ({"risk": 1.5}, "risk"), ({"risk": "low"}, "risk"), ({"risk": math.nan}, "risk"),
-    ({"epsilon": 1.0}, "epsilon"), ({"epsilon": -0.1}, "epsilon"),
-    ({"feedback": "transmitted", "epsilon": 0.0}, "epsilon"), ({"feedback": "all"}, "feedback"),
-    ({"min_samples": 0}, "min_samples"), ({"min_samples": 2.5}, "min_samples"),
-    ({"prior_strength": -1}, "prior_strength"), ({"bin_width": 0}, "bin_width"),
-    ({"kstar_beta": "paper"}, "kstar_beta"), ({"truncation": "full", "kstar_beta": "linear"}, "kstar_beta"),
-    ({"estimator": "none"}, "estimator"), ({"truncation": "offline", "k": 8}, "truncation"),
-    ({"truncation": "full", "theta": 0.2}, "theta"), ({"threshold": "fixed"}, "threshold"),
-    ({"K": 0}, "K"), ({"prob_bits": 7}, "prob_bits"),
-])
+@pytest.mark.parametrize(
+    "params, names",
+    [
+        ({"risk": -0.1}, "risk"),
+        ({"risk": 1.5}, "risk"),
+        ({"risk": "low"}, "risk"),
+        ({"risk": math.nan}, "risk"),
+        ({"epsilon": 1.0}, "epsilon"),
+        ({"epsilon": -0.1}, "epsilon"),
+        ({"feedback": "transmitted", "epsilon": 0.0}, "epsilon"),
+        ({"feedback": "all"}, "feedback"),
+        ({"min_samples": 0}, "min_samples"),
+        ({"min_samples": 2.5}, "min_samples"),
+        ({"prior_strength": -1}, "prior_strength"),
+        ({"bin_width": 0}, "bin_width"),
+        ({"kstar_beta": "paper"}, "kstar_beta"),
+        ({"truncation": "full", "kstar_beta": "linear"}, "kstar_beta"),
+        ({"estimator": "none"}, "estimator"),
+        ({"truncation": "offline", "k": 8}, "truncation"),
+        ({"truncation": "full", "theta": 0.2}, "theta"),
+        ({"threshold": "fixed"}, "threshold"),
+        ({"K": 0}, "K"),
+        ({"prob_bits": 7}, "prob_bits"),
+    ],
+)
 def test_bad_parameters_fail_at_load_naming_the_parameter(params, names):
     with pytest.raises(PolicyError, match=names):
         load_policy({"name": "cu-hlm-adaptive", **params})
@@ -259,8 +276,9 @@ TOKENS = 96
 def smoke(tokens: int = TOKENS, **policy):
     from testbed.scenario import load_scenario, override
 
-    return override(load_scenario("smoke"), {"generation.max_new_tokens": tokens,
-                                             "policy": {"name": "cu-hlm-adaptive", **policy}})
+    return override(
+        load_scenario("smoke"), {"generation.max_new_tokens": tokens, "policy": {"name": "cu-hlm-adaptive", **policy}}
+    )
 
 
 def tokens_of(out: Path):
@@ -289,8 +307,14 @@ def test_device_feeds_every_verdict_to_observe(tmp_path):
 
     p = plan(smoke(48))
     spy = Spy()
-    result = run_local(p.specs, p.run, p.server, BatchedLM(load_model(p.slm)), BatchedLM(load_model(p.llm)),
-                       {name: spy for name in p.policy_specs})
+    result = run_local(
+        p.specs,
+        p.run,
+        p.server,
+        BatchedLM(load_model(p.slm)),
+        BatchedLM(load_model(p.llm)),
+        {name: spy for name in p.policy_specs},
+    )
     df = results.tokens_frame(result.rows)
     calls = {(c[0], c[1]): c for c in spy.calls}
     assert len(calls) == len(spy.calls) == len(df)  # every token once: drafts and shadows
@@ -337,8 +361,23 @@ def test_traces_are_identical_in_every_engine_and_layout(ray_here, tmp_path):
     from testbed.run import RunOptions, run_scenario
     from testbed.scenario import override
 
-    cols = ["device", "token_index", "token_id", "draft_id", "uncertainty", "transmitted", "k", "payload_bytes",
-            "accepted", "resampled", "beta", "t_draft_start", "t_upload_sent", "t_verdict", "t_commit"]
+    cols = [
+        "device",
+        "token_index",
+        "token_id",
+        "draft_id",
+        "uncertainty",
+        "transmitted",
+        "k",
+        "payload_bytes",
+        "accepted",
+        "resampled",
+        "beta",
+        "t_draft_start",
+        "t_upload_sent",
+        "t_verdict",
+        "t_commit",
+    ]
     traces = {}
     for name, engine, dpg in [("local", "local", 4), ("ray4", "ray", 4), ("ray1", "ray", 1)]:
         s = override(smoke(32, risk=0.05, min_samples=4, epsilon=0.1), {"actors.devices_per_group": dpg})

@@ -1,4 +1,5 @@
 """`testbed policies [--json]` lists every preset with its parameters."""
+
 from __future__ import annotations
 
 import json

@@ -1,6 +1,7 @@
 """The pieces of the decision law (policies.law): the perturbation quadrature against a much finer rule
 (the error its docstring states), the binomial law of u against its definition, and KStarTable's k* for
 every draft against online_k_star itself."""
+
 from __future__ import annotations
 
 import math
@@ -49,6 +50,7 @@ def test_k_star_table_equals_online_k_star_for_every_draft(beta):
         x = torch.softmax(z.double(), 0).numpy()
         drafts = np.argsort(-x)[:200]  # the drafts whose k can differ, and many that share the bulk's
         got = KStarTable(x, 0.1, 1.0).k_for(beta, drafts)
-        want = online_k_star(torch.from_numpy(np.tile(x, (drafts.size, 1))), drafts, np.full(drafts.size, beta),
-                             0.1, 1.0)
+        want = online_k_star(
+            torch.from_numpy(np.tile(x, (drafts.size, 1))), drafts, np.full(drafts.size, beta), 0.1, 1.0
+        )
         np.testing.assert_array_equal(got, want)

@@ -1,4 +1,5 @@
 """Presets behave as documented; decisions are deterministic and placement-independent."""
+
 from __future__ import annotations
 
 import math
@@ -125,7 +126,9 @@ def test_threshold_rules_are_overridable():
     z, _, _, ctxs = make_batch(40)
     fixed = load_policy({"name": "u-hlm", "threshold": "fixed", "u_th": 0.5}).decide_batch(z, ctxs)
     assert [r.transmit for r in fixed] == [r.uncertainty > 0.5 for r in fixed]
-    prone = load_policy({"name": "u-hlm", "threshold": "risk-prone", "beta_tol": 0.2, "a": 1.0, "b": 0.0}).decide_batch(z, ctxs)
+    prone = load_policy({"name": "u-hlm", "threshold": "risk-prone", "beta_tol": 0.2, "a": 1.0, "b": 0.0}).decide_batch(
+        z, ctxs
+    )
     assert [r.transmit for r in prone] == [r.uncertainty > 0.2 for r in prone]
     ent = load_policy({"name": "u-hlm", "estimator": "entropy"}).decide_batch(z, ctxs)
     h = [-(c.probs * np.log(c.probs)).sum() for c in ctxs]

@@ -1,5 +1,6 @@
 """load_policy: every kind of bad spec fails at load with the spec and the reason; plugins
 load by dotted path, registry name and entry point."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -73,7 +74,10 @@ def test_registered_factory(plugin):
     register_policy("my-policy", mod.AlwaysSend, description="test policy")
     try:
         assert load_policy({"name": "my-policy", "k": 4}).k == 4
-        assert policy_catalog()["presets"]["my-policy"] == {"description": "test policy", "params": {"k": 5, "vocab_size": None}}
+        assert policy_catalog()["presets"]["my-policy"] == {
+            "description": "test policy",
+            "params": {"k": 5, "vocab_size": None},
+        }
         with pytest.raises(PolicyError, match="already registered"):
             register_policy("my-policy", mod.factory)
         register_policy("my-policy", mod.factory, replace=True)
@@ -154,13 +158,15 @@ def test_policy_error_pickles():
 
 
 def test_dotted_path_written_to_a_fresh_module(tmp_path, monkeypatch):
-    (tmp_path / "hlm_fresh_plugin.py").write_text(textwrap.dedent('''
+    (tmp_path / "hlm_fresh_plugin.py").write_text(
+        textwrap.dedent("""
         from policies import HybridPolicy, PolicyConfig
 
         class Aggressive(HybridPolicy):
             def __init__(self, u_th: float = 0.9):
                 super().__init__("aggressive", PolicyConfig(threshold="fixed", u_th=u_th, estimator="max"))
-    '''))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
         p = load_policy({"name": "hlm_fresh_plugin:Aggressive", "u_th": 0.7})

@@ -1,4 +1,5 @@
 """Rejection model fit and thresholds against synthetic data and closed forms."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """U_TV and k* against a brute-force reference that builds xhat explicitly (O(V^2))."""
+
 from __future__ import annotations
 
 import math
@@ -6,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import policies.truncation as tr
@@ -38,13 +39,18 @@ def first_within(u: np.ndarray, theta: float) -> int:
     return int(np.argmax(u <= theta)) + 1
 
 
-prob_vectors = st.integers(1, 48).flatmap(
-    lambda V: st.lists(
-        st.one_of(st.floats(0, 1), st.just(0.0), st.sampled_from([0.25, 0.5, 1e-9])),
-        min_size=V,
-        max_size=V,
+prob_vectors = (
+    st.integers(1, 48)
+    .flatmap(
+        lambda V: st.lists(
+            st.one_of(st.floats(0, 1), st.just(0.0), st.sampled_from([0.25, 0.5, 1e-9])),
+            min_size=V,
+            max_size=V,
+        )
     )
-).filter(lambda v: sum(v) > 1e-6).map(lambda v: np.array(v) / sum(v))
+    .filter(lambda v: sum(v) > 1e-6)
+    .map(lambda v: np.array(v) / sum(v))
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -53,12 +59,16 @@ def test_u_tv_matches_brute_force(x, beta, eta, data):
     d = data.draw(st.integers(0, len(x) - 1))
     den = (1 - x[d]) * l_ref(-1.0, eta) + x[d] * l_ref(-beta, eta)
     # The reference's 1 - sum(top-k) cancels: compare numerators at float64 resolution of 1.
-    np.testing.assert_allclose(u_tv(x, [d], [beta], eta)[0].numpy() * den, brute_u_tv(x, d, beta, eta) * den, rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(
+        u_tv(x, [d], [beta], eta)[0].numpy() * den, brute_u_tv(x, d, beta, eta) * den, rtol=1e-9, atol=1e-14
+    )
     np.testing.assert_allclose(tr.tv_denominator(x[d], beta, eta).item(), den, rtol=1e-12)
 
 
 @settings(max_examples=150, deadline=None)
-@given(x=prob_vectors, beta=st.floats(0, 1), theta=st.floats(0.0, 3.0), head=st.sampled_from([256, 1, 3]), data=st.data())
+@given(
+    x=prob_vectors, beta=st.floats(0, 1), theta=st.floats(0.0, 3.0), head=st.sampled_from([256, 1, 3]), data=st.data()
+)
 def test_online_k_star_is_the_first_k_within_budget(x, beta, theta, head, data):
     d = data.draw(st.integers(0, len(x) - 1))
     ref = brute_u_tv(x, d, beta, 1.0)

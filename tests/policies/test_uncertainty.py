@@ -1,4 +1,5 @@
 """Uncertainty estimators against closed forms and an independent brute-force sampler."""
+
 from __future__ import annotations
 
 import math
@@ -76,9 +77,12 @@ logit_rows = st.integers(1, 40).flatmap(
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows=st.lists(logit_rows, min_size=1, max_size=3).filter(lambda rs: len({len(r) for r in rs}) == 1),
-       seed=st.integers(0, 2**31 - 1), theta_max=st.sampled_from([2.0, 0.3, 5.0]),
-       parts=st.sampled_from([(1024, 64), (1, 1), (2, 3), (16, 2)]))
+@given(
+    rows=st.lists(logit_rows, min_size=1, max_size=3).filter(lambda rs: len({len(r) for r in rs}) == 1),
+    seed=st.integers(0, 2**31 - 1),
+    theta_max=st.sampled_from([2.0, 0.3, 5.0]),
+    parts=st.sampled_from([(1024, 64), (1, 1), (2, 3), (16, 2)]),
+)
 def test_fast_sampler_equals_brute_force(rows, seed, theta_max, parts):
     z = np.array(rows, dtype=np.float32)
     rng = np.random.default_rng(seed)
@@ -129,7 +133,11 @@ def test_deterministic_and_independent_of_batch_composition():
     np.testing.assert_array_equal(u, alone)
     # another token index (or device, or seed) draws other temperatures
     base = unc.tp_draws(keys, 20, 2.0)[0]
-    for other in ([(42, dev, 18) for dev in range(5)], [(42, dev + 1, 17) for dev in range(5)], [(43, dev, 17) for dev in range(5)]):
+    for other in (
+        [(42, dev, 18) for dev in range(5)],
+        [(42, dev + 1, 17) for dev in range(5)],
+        [(43, dev, 17) for dev in range(5)],
+    ):
         assert not np.array_equal(base, unc.tp_draws(other, 20, 2.0)[0])
 
 

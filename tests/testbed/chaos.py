@@ -7,6 +7,7 @@ Verifier._received). Production types know nothing of it:
 
 Ray ships these classes to its workers by value (the tests folder is not importable there).
 """
+
 from __future__ import annotations
 
 import functools
@@ -112,8 +113,11 @@ class ChaosDriver(RayDriver):
             self.poll_s = 0.05  # kills fire at a token count: look often
 
     def group_options(self, i: int, incarnation: int) -> dict:
-        return {"delay_s": self.chaos.delay_s, "stall": i == self.chaos.stall_group,
-                "die_at_tokens": self.die_at.get(i) if incarnation == 0 else None}
+        return {
+            "delay_s": self.chaos.delay_s,
+            "stall": i == self.chaos.stall_group,
+            "die_at_tokens": self.die_at.get(i) if incarnation == 0 else None,
+        }
 
     def verifier_options(self) -> dict:
         return {"delay_s": self.chaos.delay_s}

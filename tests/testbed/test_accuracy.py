@@ -1,4 +1,5 @@
 """HumanEval pass@1 (testbed.accuracy): known answers, the sandboxed executor, and whole runs."""
+
 from __future__ import annotations
 
 import json
@@ -111,9 +112,11 @@ def test_infinite_loop_times_out_without_hanging() -> None:
 
 def test_writing_outside_the_work_dir_fails_cleanly(tmp_path: Path) -> None:
     target = tmp_path / "escaped.txt"
-    for code in (f"open({str(target)!r}, 'w').write('x')\n",
-                 f"import pathlib\npathlib.Path({str(target)!r}).write_text('x')\n",
-                 f"import os\nos.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)\n"):
+    for code in (
+        f"open({str(target)!r}, 'w').write('x')\n",
+        f"import pathlib\npathlib.Path({str(target)!r}).write_text('x')\n",
+        f"import os\nos.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)\n",
+    ):
         r = A.run_program(code, timeout_s=5.0)
         assert r.startswith("failed: PermissionError"), r
     assert not target.exists()
@@ -232,9 +235,16 @@ def test_known_completions_and_relative_accuracy(humaneval_run: Path, problems, 
     assert b["tiers"]["phone"]["passed"] == 4 and b["tiers"]["laptop"]["passed"] == 0
     assert b["pass_at_1_relative"] == 0.5 and b["pass_at_1_relative_stderr"] == pytest.approx(math.sqrt(0.25 / 8))
     assert b["reference"]["pass_at_1"] == 1.0 and b["reference"]["warnings"] == [
-        "reference policies are cu-hlm, u-hlm, not llm-only"]
-    assert b["agreement"] == {"n_prompts": 4, "agreement": 0.5, "both_passed": 2, "only_run_passed": 0,
-                              "only_reference_passed": 2, "neither_passed": 0}
+        "reference policies are cu-hlm, u-hlm, not llm-only"
+    ]
+    assert b["agreement"] == {
+        "n_prompts": 4,
+        "agreement": 0.5,
+        "both_passed": 2,
+        "only_run_passed": 0,
+        "only_reference_passed": 2,
+        "neither_passed": 0,
+    }
 
 
 def test_cli_accuracy(humaneval_run: Path) -> None:
@@ -276,8 +286,14 @@ def _table(passed: dict[str, list[bool]]) -> pd.DataFrame:
 
 
 def test_unbiased_pass_at_1_is_c_over_n_averaged_over_problems() -> None:
-    rows = _table({"a": [True, True, False, False, True], "b": [False] * 5, "c": [True] * 5,
-                   "d": [True, False, False, False, False]})
+    rows = _table(
+        {
+            "a": [True, True, False, False, True],
+            "b": [False] * 5,
+            "c": [True] * 5,
+            "d": [True, False, False, False, False],
+        }
+    )
     u = A.unbiased_pass(rows)
     per = [3 / 5, 0.0, 1.0, 1 / 5]
     assert u["pass_at_1"] == pytest.approx(sum(per) / 4)
@@ -367,8 +383,9 @@ def test_paired_ci_is_calibrated(samples: int) -> None:
         ref = u < sig(z)[:, None]
         run = v < sig(z - 0.4)[:, None]
         tid = np.repeat(np.arange(problems), samples).astype(str)
-        pr = A.paired(pd.DataFrame({"task_id": tid, "passed": run.ravel()}),
-                      pd.DataFrame({"task_id": tid, "passed": ref.ravel()}))
+        pr = A.paired(
+            pd.DataFrame({"task_id": tid, "passed": run.ravel()}), pd.DataFrame({"task_id": tid, "passed": ref.ravel()})
+        )
         lo, hi = pr["ci95"]
         covered += lo <= true <= hi
         rejected += pr["distinguishable_95"]

@@ -1,5 +1,6 @@
 """`testbed calibrate` end to end on the tiny pair: every estimator fitted from the same
 tokens, the fit equal to least squares on the written samples."""
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,11 @@ from testbed.cli import app
 
 def test_calibrate_tiny_pair(tmp_path):
     out = tmp_path / "cal"
-    res = CliRunner().invoke(app, ["calibrate", "--pair", "tiny", "--n-prompts", "3", "--max-new-tokens", "12",
-                                   "--out", str(out), "--json"])
+    res = CliRunner().invoke(
+        app, ["calibrate", "--pair", "tiny", "--n-prompts", "3", "--max-new-tokens", "12", "--out", str(out), "--json"]
+    )
     assert res.exit_code == 0, res.output
-    doc = json.loads(res.stdout[res.stdout.index("{"):])
+    doc = json.loads(res.stdout[res.stdout.index("{") :])
     samples = pd.read_csv(out / "samples.csv")
     assert len(samples) == 3 * 12 and (out / "beta_vs_u.png").stat().st_size > 10_000
     assert samples["beta"].between(0, 1).all()

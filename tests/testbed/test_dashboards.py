@@ -1,5 +1,6 @@
 """Dashboards as code: the committed grafana/ tree equals what testbed.dashboards renders, every
 query is well formed and uses only defined metrics, and the CLI exports / reports clearly."""
+
 from __future__ import annotations
 
 import json
@@ -97,8 +98,19 @@ def test_queries_use_only_defined_metrics_and_filter_by_variables() -> None:
         assert not re.search(r"\bdevice\b", expr), (where, expr)  # never a label
     # the overview covers what issue 5 asks for
     titles = " / ".join(p.title.lower() for p in D.OVERVIEW.panels())
-    for needle in ("throughput", "skip rate", "acceptance", "compression", "uplink bytes", "latency",
-                   "fairness", "batch", "queue", "uncertainty", "entries per upload k"):
+    for needle in (
+        "throughput",
+        "skip rate",
+        "acceptance",
+        "compression",
+        "uplink bytes",
+        "latency",
+        "fairness",
+        "batch",
+        "queue",
+        "uncertainty",
+        "entries per upload k",
+    ):
         assert needle in titles, needle
 
 
@@ -106,7 +118,7 @@ def test_every_query_parses(tmp_path: Path) -> None:
     """promtool checks the PromQL of every target, variable and derived figure (as recording rules)."""
     promtool = _promtool()
     lines = ["groups:", "  - name: hlm", "    rules:"]
-    for i, (where, expr) in enumerate(_exprs()):
+    for i, (_where, expr) in enumerate(_exprs()):
         concrete = re.sub(r"\$\{?(scenario|tier|policy)\}?", ".*", expr.replace("$__rate_interval", "1m"))
         lines += [f"      - record: hlm:check_{i}", f"        expr: {json.dumps(concrete)}"]
     rules = tmp_path / "rules.yml"

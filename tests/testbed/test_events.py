@@ -1,5 +1,6 @@
 """The event stream (agents.events): every row of the trace is rebuilt from the events alone, each
 token is committed once, each step's events come once, and the content pass carries no link events."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -22,14 +23,25 @@ V = 512
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    link = DuplexProfile.from_dict({"uplink": {"rate_mbps": 5.0, "delay_ms": 10.0, "loss": 0.25},
-                                    "downlink": {"rate_mbps": 20.0, "delay_ms": 10.0, "loss": 0.25}})
+    link = DuplexProfile.from_dict(
+        {
+            "uplink": {"rate_mbps": 5.0, "delay_ms": 10.0, "loss": 0.25},
+            "downlink": {"rate_mbps": 20.0, "delay_ms": 10.0, "loss": 0.25},
+        }
+    )
     specs = [DeviceSpec(i, "t", pol, 10.0, link, 0, (5, 6, 7)) for i, pol in enumerate(["cu-hlm"] * 3 + ["slm-only"])]
     params = RunParams(seed=3, max_new_tokens=10, temperature=1.0, vocab_size=V)
     content, timed = [], []
-    result = run_virtual(specs, params, ServerProfile(), BatchedLM(load_model("tiny:slm")),
-                         BatchedLM(load_model("tiny:llm")), {p: load_policy(p) for p in ("cu-hlm", "slm-only")},
-                         on_content_events=content.extend, on_events=timed.extend)
+    result = run_virtual(
+        specs,
+        params,
+        ServerProfile(),
+        BatchedLM(load_model("tiny:slm")),
+        BatchedLM(load_model("tiny:llm")),
+        {p: load_policy(p) for p in ("cu-hlm", "slm-only")},
+        on_content_events=content.extend,
+        on_events=timed.extend,
+    )
     writer = ResultsWriter(tmp_path_factory.mktemp("shards"), flush_rows=7)
     writer.add(timed)
     writer.close()

@@ -1,5 +1,6 @@
 """testbed.figures: each figure against a hand-computed value (summary-level checks are in
 test_results.py, the collector's in test_metrics.py)."""
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,16 @@ def test_rates_and_undefined():
 
 def tokens() -> pd.DataFrame:
     # device 0: two tokens over 0 .. 0.25 s; device 1: one token with an unknown start
-    return pd.DataFrame({"device": [0, 0, 1], "t_draft_start": [0.0, 0.1, math.nan], "t_commit": [0.1, 0.25, 0.3],
-                         "uncertainty": [0.1, 0.5, 0.9], "beta": [0.0, 0.3, 0.7], "draft_id": [1, 2, -1]})
+    return pd.DataFrame(
+        {
+            "device": [0, 0, 1],
+            "t_draft_start": [0.0, 0.1, math.nan],
+            "t_commit": [0.1, 0.25, 0.3],
+            "uncertainty": [0.1, 0.5, 0.9],
+            "beta": [0.0, 0.3, 0.7],
+            "draft_id": [1, 2, -1],
+        }
+    )
 
 
 def test_throughput_latency_and_fit():

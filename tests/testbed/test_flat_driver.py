@@ -1,6 +1,7 @@
 """A driver that stays flat (issue 9 item 5): what the driver holds while it replays the virtual
 clock and writes the results must not grow with tokens. Small and quick: a few tiny-model devices
 at two token counts; the 10,000-device measurement is `testbed run fleet-10k`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,12 @@ def lms():
 
 
 def _fleet(tokens: int):
-    link = DuplexProfile.from_dict({"uplink": {"rate_mbps": 5.0, "delay_ms": 10.0, "jitter_ms": 2.0, "loss": 0.1},
-                                    "downlink": {"rate_mbps": 20.0, "delay_ms": 10.0, "loss": 0.1}})
+    link = DuplexProfile.from_dict(
+        {
+            "uplink": {"rate_mbps": 5.0, "delay_ms": 10.0, "jitter_ms": 2.0, "loss": 0.1},
+            "downlink": {"rate_mbps": 20.0, "delay_ms": 10.0, "loss": 0.1},
+        }
+    )
     specs = [DeviceSpec(i, "t", POLICIES[i % len(POLICIES)], 10.0, link, 0, (5, 6, 7)) for i in range(DEVICES)]
     return specs, RunParams(seed=3, max_new_tokens=tokens, temperature=1.0, vocab_size=V)
 
@@ -48,7 +53,9 @@ def _content(lms, tokens: int):
     return specs, params, run_content(specs, params, ServerProfile(), *lms, _policies()).content
 
 
-def _replay_peak(specs, params, content, tmp_path, history: bool, max_pending: int = MAX_PENDING) -> tuple[int, ResultsWriter]:
+def _replay_peak(
+    specs, params, content, tmp_path, history: bool, max_pending: int = MAX_PENDING
+) -> tuple[int, ResultsWriter]:
     """Peak Python memory of the driver's share: the replay feeding a results writer (as testbed.run.ray_driver)."""
     writer = ResultsWriter(tmp_path, flush_rows=64, max_pending=max_pending)
     policies = _policies()
@@ -91,8 +98,10 @@ def test_replay_memory_does_not_grow_with_tokens(lms, tmp_path):
         pd.testing.assert_frame_equal(writer.merge(tmp_path / f"kept{tokens}.parquet"), frames[tokens])
     extra_tokens = DEVICES * (64 - 16)
     grown, grown_kept = peaks[64] - peaks[16], kept[64] - kept[16]
-    print(f"replay peak: {peaks[16] / 1024:.0f} -> {peaks[64] / 1024:.0f} KiB without rows "
-          f"({grown / extra_tokens:.0f} B per extra token), {kept[16] / 1024:.0f} -> {kept[64] / 1024:.0f} KiB with")
+    print(
+        f"replay peak: {peaks[16] / 1024:.0f} -> {peaks[64] / 1024:.0f} KiB without rows "
+        f"({grown / extra_tokens:.0f} B per extra token), {kept[16] / 1024:.0f} -> {kept[64] / 1024:.0f} KiB with"
+    )
     assert grown_kept > 600 * extra_tokens  # the check can see rows being kept
     assert grown < 150 * extra_tokens  # ... and the runner's replay keeps none of them
 
@@ -120,17 +129,35 @@ def test_spilled_rows_are_patched_to_the_rows_kept_whole(lms, tmp_path):
 def test_the_final_flush_patches_a_spilled_last_row(tmp_path):
     """The flush's link columns, event by event (upload copies, verdict copies, losses each way), then
     the shadow betas, on rows spilled at every add: as a writer holding them whole writes them."""
+
     def skipped(d, t):
-        return dataclasses.asdict(TokenRecord(device=d, tier="t", policy="slm-only", prompt_index=0, token_index=t,
-                                              token_id=t, transmitted=False, beta=math.nan, t_commit=0.01 * t))
+        return dataclasses.asdict(
+            TokenRecord(
+                device=d,
+                tier="t",
+                policy="slm-only",
+                prompt_index=0,
+                token_index=t,
+                token_id=t,
+                transmitted=False,
+                beta=math.nan,
+                t_commit=0.01 * t,
+            )
+        )
 
     T = 5
     batches = [[TokenCommitted(skipped(d, t)) for d in range(3)] for t in range(T)]
     for d in range(3):  # device 2 loses nothing
-        batches.append([UploadSent(d, "t", "slm-only", T, 0, True, 700 + d, 1 + (d < 2), 0.5, (700 + d) * (1 + (d < 2)))])
+        batches.append(
+            [UploadSent(d, "t", "slm-only", T, 0, True, 700 + d, 1 + (d < 2), 0.5, (700 + d) * (1 + (d < 2)))]
+        )
         if d < 2:
-            batches.append([MessageLost(d, "t", "slm-only", T, 0, True, "uplink", 1),
-                            MessageLost(d, "t", "slm-only", T, 0, True, "downlink", d)])
+            batches.append(
+                [
+                    MessageLost(d, "t", "slm-only", T, 0, True, "uplink", 1),
+                    MessageLost(d, "t", "slm-only", T, 0, True, "downlink", d),
+                ]
+            )
         batches.append([VerdictReceived(d, "t", "slm-only", T, 0, True, 40, 1 + d, 0.6)])
         batches.append([ShadowResolved(d, t, T, 0.1 * t + d, 0.01 * t if t % 2 else math.nan) for t in range(T)])
     frames = []
@@ -158,8 +185,18 @@ def test_writer_buffers_a_bounded_number_of_rows(tmp_path):
     rows = []
     for t in range(40):
         for d in range(20):  # the replay's order: every device's token t, then t + 1
-            row = dataclasses.asdict(TokenRecord(device=d, tier="t", policy="hlm", prompt_index=0, token_index=t,
-                                                 token_id=t, transmitted=True, t_commit=0.01 * t))
+            row = dataclasses.asdict(
+                TokenRecord(
+                    device=d,
+                    tier="t",
+                    policy="hlm",
+                    prompt_index=0,
+                    token_index=t,
+                    token_id=t,
+                    transmitted=True,
+                    t_commit=0.01 * t,
+                )
+            )
             rows.append(row)
             writer.add([TokenCommitted(row)])
             held = max(held, len(writer.settled) + len(writer.pending))
@@ -192,8 +229,9 @@ def test_a_stopped_device_flush_is_billed_to_its_last_row(tmp_path):
     assert stopped.transmitted.any() and (~stopped.transmitted).any() and (last.stop_reason == "length").any()
     assert (stopped.flush_bytes > 0).all()  # every stopped device flushed, with or without skipped tokens
     for max_pending in (0, 10**9):
-        _, writer = _replay_peak(specs, params, content, tmp_path / f"w{max_pending}", history=False,
-                                 max_pending=max_pending)
+        _, writer = _replay_peak(
+            specs, params, content, tmp_path / f"w{max_pending}", history=False, max_pending=max_pending
+        )
         merged = writer.merge(tmp_path / f"w{max_pending}.parquet")
         assert not writer.spilled
         pd.testing.assert_frame_equal(merged, rows, check_exact=True)

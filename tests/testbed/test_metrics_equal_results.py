@@ -4,12 +4,12 @@ writer turns them into rows). Under loss the downlink, loss and retransmission c
 
 Tiny random models; a few seconds of a wall-clock run on Ray (the groups emit every event) and the
 virtual clock on the local engine (the replay emits the timed events)."""
+
 from __future__ import annotations
 
 import urllib.request
 
 import pandas as pd
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from testbed.metrics import Collector
@@ -17,14 +17,18 @@ from testbed.results import read_tokens
 from testbed.run import RunOptions, run_scenario
 from testbed.scenario import load_scenario, override
 
-LOSSY = {"uplink": {"rate_mbps": 5.0, "delay_ms": 10.0, "loss": 0.2},
-         "downlink": {"rate_mbps": 20.0, "delay_ms": 10.0, "loss": 0.2}}
+LOSSY = {
+    "uplink": {"rate_mbps": 5.0, "delay_ms": 10.0, "loss": 0.2},
+    "downlink": {"rate_mbps": 20.0, "delay_ms": 10.0, "loss": 0.2},
+}
 
 
 def lossy(**changes):
     # laptops on slm-only: every token skipped, sent only in the final flush (for the shadow betas)
-    return override(load_scenario("smoke"), {"generation.max_new_tokens": 12, "link": LOSSY,
-                                             "tiers.laptop.policy": "slm-only", **changes})
+    return override(
+        load_scenario("smoke"),
+        {"generation.max_new_tokens": 12, "link": LOSSY, "tiers.laptop.policy": "slm-only", **changes},
+    )
 
 
 def scrape(url: str) -> dict[str, dict[str, float]]:
@@ -43,9 +47,13 @@ def from_results(df: pd.DataFrame) -> dict[str, pd.Series]:
     flushes = df["flush_bytes"] > 0  # a device's final flush (its skipped drafts, for the shadow betas)
     uploads = df["transmitted"] & (df["draft_id"] >= 0)
     by = df.assign(
-        one=1, skip=~df["transmitted"], upload=uploads, k_sent=df["k"].where(uploads, 0),
+        one=1,
+        skip=~df["transmitted"],
+        upload=uploads,
+        k_sent=df["k"].where(uploads, 0),
         messages=df["transmitted"].astype(int) + flushes.astype(int),
-        wire_up=df["uplink_bytes"] + df["flush_bytes"], lost=df["uplink_lost"] + df["downlink_lost"],
+        wire_up=df["uplink_bytes"] + df["flush_bytes"],
+        lost=df["uplink_lost"] + df["downlink_lost"],
         retx=df["retransmissions"] + df["flush_retransmissions"],
     ).groupby("tier")
     return {

@@ -13,6 +13,7 @@ of the smoke scenario (Ray actors, the ZeroMQ verifier, tiny models).
 Needs the `prometheus` and `promtool` binaries (Debian package `prometheus`): skipped when
 missing, a failure when HLM_REQUIRE_PROMETHEUS=1 (CI). Run under ../shared/bin/offline.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,9 +27,9 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -36,8 +37,8 @@ from testbed.dashboards import DASHBOARDS
 from testbed.metrics import Collector, free_port
 
 REQUIRE = os.environ.get("HLM_REQUIRE_PROMETHEUS") == "1"
-STREAM_S = 8.0      # wall seconds of live stream
-WINDOW = "5s"       # replaces $__rate_interval (scrape interval 1s)
+STREAM_S = 8.0  # wall seconds of live stream
+WINDOW = "5s"  # replaces $__rate_interval (scrape interval 1s)
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -123,13 +124,25 @@ def _wait_http(url: str, timeout: float) -> None:
 def live_prometheus(stat_source: LiveSource, tmp_path_factory) -> LiveProm:
     _need("prometheus")
     tmp = tmp_path_factory.mktemp("prom")
-    collector = Collector(stat_source.scenario, tiers=stat_source.tiers, vocab_size=stat_source.vocab_size,
-                          window_s=3.0)
+    collector = Collector(
+        stat_source.scenario, tiers=stat_source.tiers, vocab_size=stat_source.vocab_size, window_s=3.0
+    )
     mport = collector.serve(-1)
     pport = free_port()
     testbed = Path(sys.executable).with_name("testbed")
-    cmd = [str(testbed), "dashboards", "up", "--target", f"127.0.0.1:{mport}", "--port", str(pport),
-           "--scrape-interval", "1s", "--data-dir", str(tmp)]
+    cmd = [
+        str(testbed),
+        "dashboards",
+        "up",
+        "--target",
+        f"127.0.0.1:{mport}",
+        "--port",
+        str(pport),
+        "--scrape-interval",
+        "1s",
+        "--data-dir",
+        str(tmp),
+    ]
     up = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         line = up.stdout.readline()
@@ -167,7 +180,9 @@ def _substitute(expr: str) -> str:
 
 ALL_TARGETS = [
     pytest.param(t.expr, id=f"{db.uid}:{p.title}:{i}")
-    for db in DASHBOARDS for p in db.panels() for i, t in enumerate(p.targets)
+    for db in DASHBOARDS
+    for p in db.panels()
+    for i, t in enumerate(p.targets)
 ]
 
 

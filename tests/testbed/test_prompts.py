@@ -1,10 +1,16 @@
 """Prompts: HumanEval offline (count/offset), inline texts, JSONL files with file:line errors."""
+
 from __future__ import annotations
 
 import pytest
 
 from testbed.prompts import (
-    HUMANEVAL_SIZE, PromptError, humaneval_path, humaneval_problems, load_prompts, prompt_index,
+    HUMANEVAL_SIZE,
+    PromptError,
+    humaneval_path,
+    humaneval_problems,
+    load_prompts,
+    prompt_index,
 )
 
 
@@ -45,18 +51,23 @@ def test_jsonl_file(tmp_path):
     f.write_text('{"prompt": "def a():"}\n\n{"task_id": "mine/1", "prompt": "def b():"}\n')
     ps = load_prompts({"file": str(f)})
     assert [(p.id, p.text) for p in ps] == [("p.jsonl:1", "def a():"), ("mine/1", "def b():")]
-    assert [p.text for p in load_prompts({"file": "p.jsonl", "count": 1, "offset": 1}, base_dir=tmp_path)] == ["def b():"]
+    assert [p.text for p in load_prompts({"file": "p.jsonl", "count": 1, "offset": 1}, base_dir=tmp_path)] == [
+        "def b():"
+    ]
     with pytest.raises(PromptError, match="exceeds the 2 prompts"):
         load_prompts({"file": str(f), "count": 3})
 
 
-@pytest.mark.parametrize("content,line,what", [
-    ('{"prompt": "ok"}\n{"prompt": \n', 2, "invalid JSON"),
-    ('{"prompt": "ok"}\n\n["a list"]\n', 3, 'string field "prompt"'),
-    ('{"text": "wrong key"}\n', 1, 'string field "prompt"'),
-    ('{"prompt": 5}\n', 1, 'string field "prompt"'),
-    ('{"prompt": "  "}\n', 1, "empty prompt"),
-])
+@pytest.mark.parametrize(
+    "content,line,what",
+    [
+        ('{"prompt": "ok"}\n{"prompt": \n', 2, "invalid JSON"),
+        ('{"prompt": "ok"}\n\n["a list"]\n', 3, 'string field "prompt"'),
+        ('{"text": "wrong key"}\n', 1, 'string field "prompt"'),
+        ('{"prompt": 5}\n', 1, 'string field "prompt"'),
+        ('{"prompt": "  "}\n', 1, "empty prompt"),
+    ],
+)
 def test_jsonl_errors_name_file_and_line(tmp_path, content, line, what):
     f = tmp_path / "bad.jsonl"
     f.write_text(content)

@@ -2,8 +2,10 @@
 virtual clock's trace (tokens.parquet, every column) is the fault-free run's (docs/design.md section 9).
 
 The kills are real (`kill -9` of the actor's worker process, chaos.Chaos.kill) and fire at a
-given number of committed tokens: a group's own, counted by the group; the run's, drained by the driver. Tiny random models; seconds each.
+given number of committed tokens: a group's own, counted by the group; the run's, drained by the driver.
+Tiny random models; seconds each.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from chaos import Chaos, chaos_driver
+
 from testbed.run import RunFailed, RunOptions, run_scenario
 from testbed.scenario import load_scenario, override
 
@@ -26,8 +28,17 @@ def scenario(**changes):
 
 def run(tmp_path: Path, name: str, s=None, chaos: Chaos | None = None, **opts) -> tuple[pd.DataFrame, dict]:
     out = tmp_path / name
-    summary = run_scenario(s or scenario(), RunOptions(out_dir=out, progress=False, report=False, accuracy=False,
-                                                       driver=chaos_driver(chaos) if chaos else None, **opts))
+    summary = run_scenario(
+        s or scenario(),
+        RunOptions(
+            out_dir=out,
+            progress=False,
+            report=False,
+            accuracy=False,
+            driver=chaos_driver(chaos) if chaos else None,
+            **opts,
+        ),
+    )
     return pd.read_parquet(out / "tokens.parquet"), summary
 
 
@@ -51,8 +62,14 @@ def test_killed_group_is_replayed_to_the_same_trace(fault_free, tmp_path):
     # And actors dying during that recovery: the group's new incarnation as soon as it is made, then
     # the verifier right before the handover to the next one. Each is restarted in turn (3 restarts,
     # the default actors.max_restarts), the group's devices handed over to the rebuilt verifier.
-    df, summary = run(tmp_path, "group", chaos=Chaos(kill=(("group:1", 40),),  # of its 96
-                                                        in_recovery=("group:1", "verifier")))
+    df, summary = run(
+        tmp_path,
+        "group",
+        chaos=Chaos(
+            kill=(("group:1", 40),),  # of its 96
+            in_recovery=("group:1", "verifier"),
+        ),
+    )
     r = summary["restarts"]
     assert (r["groups"], r["verifier"], r["total"]) == ({"1": 2}, 1, 3)
     assert [e["actor"] for e in r["events"]] == ["device group 1", "device group 1", "verifier"]
@@ -88,8 +105,16 @@ def test_past_max_restarts_the_run_fails_with_one_paragraph(ray_session, tmp_pat
     s = scenario(**{"actors.max_restarts": 1})
     out = tmp_path / "bounded"
     with pytest.raises(RunFailed) as err:
-        run_scenario(s, RunOptions(out_dir=out, progress=False, report=False, accuracy=False,
-                                   driver=chaos_driver(Chaos(kill=(("group:0", 20),), in_recovery=("group:0",)))))
+        run_scenario(
+            s,
+            RunOptions(
+                out_dir=out,
+                progress=False,
+                report=False,
+                accuracy=False,
+                driver=chaos_driver(Chaos(kill=(("group:0", 20),), in_recovery=("group:0",))),
+            ),
+        )
     text = str(err.value)
     assert "\n" not in text and "device group 0" in text and "devices 0-3" in text
     assert "actors.max_restarts" in text and "died: ActorDiedError" in text
@@ -172,7 +197,8 @@ def test_only_the_driver_can_hand_a_session_over(ray_session):
 
     p = plan(scenario())
     verifier = ray.remote(num_cpus=0, max_concurrency=4)(Verifier).remote(
-        p.llm, p.server, p.run.seed, p.run.vocab_size, ClockParams(), allowed_devices=[0, 1])
+        p.llm, p.server, p.run.seed, p.run.vocab_size, ClockParams(), allowed_devices=[0, 1]
+    )
     ctx = zmq.Context.instance()
 
     def client(identity: bytes):
@@ -184,8 +210,9 @@ def test_only_the_driver_can_hand_a_session_over(ray_session):
 
     def open_reply(sock, device: int):
         """None when admitted (an OPEN has no reply), else the ERROR reply as a ProtocolError."""
-        frame = protocol.Open(device=device, session=wire.SESSION, seq=0, prompt=p.specs[device].prompt_ids, seed=0,
-                              temperature=1.0)
+        frame = protocol.Open(
+            device=device, session=wire.SESSION, seq=0, prompt=p.specs[device].prompt_ids, seed=0, temperature=1.0
+        )
         sock.send_multipart(wire.encode(wire.Open(frame, wire.OpenStamp(4, 0.01))))
         if not sock.poll(3000):
             return None

@@ -1,4 +1,5 @@
 """Tokens table schema and parquet round trip; summary figures against hand-computed values."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +14,17 @@ import pytest
 from rich.console import Console
 
 from testbed.results import (
-    ResultsWriter, TOKEN_COLUMNS, TOKENS_SCHEMA, TokenRecord, comparison_table, read_tokens, summarize, summary_table, tokens_frame, write_summary, write_tokens,
+    TOKEN_COLUMNS,
+    TOKENS_SCHEMA,
+    ResultsWriter,
+    TokenRecord,
+    comparison_table,
+    read_tokens,
+    summarize,
+    summary_table,
+    tokens_frame,
+    write_summary,
+    write_tokens,
 )
 
 NAN = math.nan
@@ -25,27 +36,112 @@ def records() -> list[TokenRecord]:
     R = TokenRecord
     return [
         # device 0: an accepted upload of 10 entries, then a skipped token (shadow beta 0.4)
-        R(0, "a", "cu-hlm", 0, 0, 5, draft_id=5, uncertainty=0.3, transmitted=True, k=10, prob_bits=8,
-          payload_bytes=30, uplink_bytes=50, accepted=True, beta=0.2, t_draft_start=0.0, t_upload_sent=0.03,
-          t_verdict=0.1, t_commit=0.1),
-        R(0, "a", "cu-hlm", 0, 1, 6, draft_id=6, uncertainty=0.0, accepted=True, beta=0.4, beta_is_shadow=True,
-          t_draft_start=0.1, t_commit=0.25),
+        R(
+            0,
+            "a",
+            "cu-hlm",
+            0,
+            0,
+            5,
+            draft_id=5,
+            uncertainty=0.3,
+            transmitted=True,
+            k=10,
+            prob_bits=8,
+            payload_bytes=30,
+            uplink_bytes=50,
+            accepted=True,
+            beta=0.2,
+            t_draft_start=0.0,
+            t_upload_sent=0.03,
+            t_verdict=0.1,
+            t_commit=0.1,
+        ),
+        R(
+            0,
+            "a",
+            "cu-hlm",
+            0,
+            1,
+            6,
+            draft_id=6,
+            uncertainty=0.0,
+            accepted=True,
+            beta=0.4,
+            beta_is_shadow=True,
+            t_draft_start=0.1,
+            t_commit=0.25,
+        ),
         # device 1: a full-distribution upload rejected and resampled (1 retransmission), then k = 20 accepted
-        R(1, "a", "cu-hlm", 1, 0, 9, draft_id=7, uncertainty=0.9, transmitted=True, k=V, prob_bits=8,
-          payload_bytes=280, uplink_bytes=300, resampled=True, beta=0.9, retransmissions=1,
-          t_draft_start=0.0, t_upload_sent=0.03, t_verdict=0.4, t_commit=0.4),
-        R(1, "a", "cu-hlm", 1, 1, 8, draft_id=8, uncertainty=0.5, transmitted=True, k=20, prob_bits=8,
-          payload_bytes=40, uplink_bytes=60, accepted=True, t_draft_start=0.4, t_upload_sent=0.43,
-          t_verdict=0.5, t_commit=0.5),
+        R(
+            1,
+            "a",
+            "cu-hlm",
+            1,
+            0,
+            9,
+            draft_id=7,
+            uncertainty=0.9,
+            transmitted=True,
+            k=V,
+            prob_bits=8,
+            payload_bytes=280,
+            uplink_bytes=300,
+            resampled=True,
+            beta=0.9,
+            retransmissions=1,
+            t_draft_start=0.0,
+            t_upload_sent=0.03,
+            t_verdict=0.4,
+            t_commit=0.4,
+        ),
+        R(
+            1,
+            "a",
+            "cu-hlm",
+            1,
+            1,
+            8,
+            draft_id=8,
+            uncertainty=0.5,
+            transmitted=True,
+            k=20,
+            prob_bits=8,
+            payload_bytes=40,
+            uplink_bytes=60,
+            accepted=True,
+            t_draft_start=0.4,
+            t_upload_sent=0.43,
+            t_verdict=0.5,
+            t_commit=0.5,
+        ),
         # device 2: llm-only, no draft
-        R(2, "b", "llm-only", 0, 0, 3, transmitted=True, uplink_bytes=10, t_draft_start=0.0,
-          t_upload_sent=0.0, t_verdict=0.2, t_commit=0.2),
+        R(
+            2,
+            "b",
+            "llm-only",
+            0,
+            0,
+            3,
+            transmitted=True,
+            uplink_bytes=10,
+            t_draft_start=0.0,
+            t_upload_sent=0.0,
+            t_verdict=0.2,
+            t_commit=0.2,
+        ),
     ]
 
 
 def summary() -> dict:
-    return summarize(records(), emulated_seconds=1.0, wall_seconds=12.5, vocab_size=V,
-                     verifier_batches=[1, 2, 3, 2], extra={"scenario": "synthetic"})
+    return summarize(
+        records(),
+        emulated_seconds=1.0,
+        wall_seconds=12.5,
+        vocab_size=V,
+        verifier_batches=[1, 2, 3, 2],
+        extra={"scenario": "synthetic"},
+    )
 
 
 # ------------------------------------------------------------------ schema and parquet
@@ -54,7 +150,12 @@ def summary() -> dict:
 def test_schema_matches_record():
     assert [f.name for f in dataclasses.fields(TokenRecord)] == list(TOKEN_COLUMNS) == TOKENS_SCHEMA.names
     types = {f.name: str(f.type) for f in TOKENS_SCHEMA}
-    assert (types["device"], types["tier"], types["uncertainty"], types["transmitted"]) == ("int32", "string", "double", "bool")
+    assert (types["device"], types["tier"], types["uncertainty"], types["transmitted"]) == (
+        "int32",
+        "string",
+        "double",
+        "bool",
+    )
     assert types["payload_bytes"] == types["uplink_bytes"] == "int64"  # summed over fleets
     assert not any(f.nullable for f in TOKENS_SCHEMA)
 
@@ -65,9 +166,30 @@ def test_device_token_row_has_the_record_fields():
 
     spec = SimpleNamespace(device=3, tier="phone", policy_name="cu-hlm", prompt_index=1)
     assert list(token_row(spec, 0)) == [f.name for f in dataclasses.fields(TokenRecord)]
-    for col in ("device", "tier", "policy", "prompt_index", "token_index", "token_id", "draft_id", "uncertainty",
-                "transmitted", "k", "prob_bits", "payload_bytes", "uplink_bytes", "accepted", "resampled", "beta",
-                "beta_is_shadow", "retransmissions", "t_draft_start", "t_upload_sent", "t_verdict", "t_commit"):
+    for col in (
+        "device",
+        "tier",
+        "policy",
+        "prompt_index",
+        "token_index",
+        "token_id",
+        "draft_id",
+        "uncertainty",
+        "transmitted",
+        "k",
+        "prob_bits",
+        "payload_bytes",
+        "uplink_bytes",
+        "accepted",
+        "resampled",
+        "beta",
+        "beta_is_shadow",
+        "retransmissions",
+        "t_draft_start",
+        "t_upload_sent",
+        "t_verdict",
+        "t_commit",
+    ):
         assert col in TOKEN_COLUMNS
 
 
@@ -96,7 +218,7 @@ def test_bad_tables_rejected(tmp_path):
         write_tokens(df.assign(extra=1), tmp_path / "x.parquet")
     bad = df.astype({"draft_id": "float64"})
     bad.loc[0, "draft_id"] = NAN  # "no draft" is -1, never null
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="truncated converting to int32"):  # pyarrow.ArrowInvalid
         write_tokens(bad, tmp_path / "x.parquet")
 
 
@@ -111,9 +233,16 @@ def test_results_writer_streams_shards_and_merges(tmp_path):
     w.add([TokenCommitted(recs[0]), TokenCommitted(skipped), TokenCommitted(recs[2])])  # 2 settled: a shard
     assert w.rows == 2 and len(w.shards) == 1 and len(read_tokens(w.shards[0])) == 2
     flush = ("a", "cu-hlm", 2, 1, True)  # the final flush of device 0 (step = max_new_tokens = 2)
-    w.add([UploadSent(0, *flush, 12, 2, 0.3, 24), VerdictReceived(0, *flush, 7, 1, 0.4),
-           MessageLost(0, *flush, "uplink", 1), ShadowResolved(0, 1, 2, 0.4, NAN),
-           TokenCommitted(recs[3]), TokenCommitted(recs[4])])
+    w.add(
+        [
+            UploadSent(0, *flush, 12, 2, 0.3, 24),
+            VerdictReceived(0, *flush, 7, 1, 0.4),
+            MessageLost(0, *flush, "uplink", 1),
+            ShadowResolved(0, 1, 2, 0.4, NAN),
+            TokenCommitted(recs[3]),
+            TokenCommitted(recs[4]),
+        ]
+    )
     df = w.merge(tmp_path / "tokens.parquet")
     assert not (tmp_path / "shards").exists()
     want = tokens_frame(records())
@@ -186,8 +315,7 @@ def test_summary_per_tier_blocks():
 
 def test_summary_edge_cases():
     with pytest.raises(ValueError, match="clashes"):
-        summarize(records(), emulated_seconds=1, wall_seconds=1, vocab_size=V, verifier_batches=[],
-                  extra={"tokens": 1})
+        summarize(records(), emulated_seconds=1, wall_seconds=1, vocab_size=V, verifier_batches=[], extra={"tokens": 1})
     s = summarize(records()[:2], emulated_seconds=0.0, wall_seconds=1, vocab_size=V, verifier_batches=np.array([]))
     assert s["throughput_tokens_per_s"]["system"] is None and s["verifier_batch_size_mean"] is None
 
@@ -205,7 +333,16 @@ def test_tables_render():
     console.print(summary_table(summary()))
     console.print(comparison_table({"hlm": summary(), "cu-hlm": summary()}))
     text = console.export_text()
-    for word in ("synthetic", "jain fairness", "vocab compression", "56.7%", "cu-hlm", "llm-only", "hlm", "latency p95"):
+    for word in (
+        "synthetic",
+        "jain fairness",
+        "vocab compression",
+        "56.7%",
+        "cu-hlm",
+        "llm-only",
+        "hlm",
+        "latency p95",
+    ):
         assert word in text
 
 

@@ -1,5 +1,6 @@
 """The distributed runtime against the single-process engine: same scenario and seed, same
 trace, in every actor layout and under real timing noise (docs/design.md section 2)."""
+
 from __future__ import annotations
 
 import json
@@ -11,14 +12,30 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from chaos import Chaos, chaos_driver
+
 from testbed import results
 from testbed.run import RunOptions, run_scenario
 from testbed.scenario import load_scenario, override
 
-TRACE = ["device", "token_index", "token_id", "draft_id", "uncertainty", "transmitted", "k", "payload_bytes",
-         "accepted", "resampled", "beta", "t_draft_start", "t_upload_sent", "t_verdict", "t_commit", "fidelity_tv"]
+TRACE = [
+    "device",
+    "token_index",
+    "token_id",
+    "draft_id",
+    "uncertainty",
+    "transmitted",
+    "k",
+    "payload_bytes",
+    "accepted",
+    "resampled",
+    "beta",
+    "t_draft_start",
+    "t_upload_sent",
+    "t_verdict",
+    "t_commit",
+    "fidelity_tv",
+]
 
 
 def assert_same_trace(a: pd.DataFrame, b: pd.DataFrame) -> None:
@@ -73,8 +90,13 @@ def test_layout_does_not_change_the_trace(ray_session, tmp_path):
 
 
 def test_real_timing_noise_does_not_change_the_trace(ray_session, local_trace, tmp_path):
-    noisy = run(small(**{"actors.devices_per_group": 3}), tmp_path, "noisy", engine="ray",
-                driver=chaos_driver(Chaos(delay_s=0.02)))
+    noisy = run(
+        small(**{"actors.devices_per_group": 3}),
+        tmp_path,
+        "noisy",
+        engine="ray",
+        driver=chaos_driver(Chaos(delay_s=0.02)),
+    )
     assert_same_trace(noisy, local_trace)
 
 
@@ -88,7 +110,8 @@ def test_malformed_frames_get_error_replies_and_the_run_continues(ray_session, t
 
     p = plan(small())
     verifier = ray.remote(num_cpus=0, max_concurrency=4)(Verifier).remote(
-        p.llm, p.server, p.run.seed, p.run.vocab_size, ClockParams())
+        p.llm, p.server, p.run.seed, p.run.vocab_size, ClockParams()
+    )
     try:
         endpoint = ray.get(verifier.start.remote())
         sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -107,8 +130,9 @@ def test_malformed_frames_get_error_replies_and_the_run_continues(ray_session, t
         payload = codec.encode_payload([1, 2], [0.5, 0.25], p.run.vocab_size)
 
         def upload(seq: int = 0, draft: int = 1) -> list[bytes]:
-            frame = protocol.Upload(device=0, session=wire.SESSION, seq=seq, token_index=seq, draft=draft,
-                                    draft_prob=0.5, payload=payload)
+            frame = protocol.Upload(
+                device=0, session=wire.SESSION, seq=seq, token_index=seq, draft=draft, draft_prob=0.5, payload=payload
+            )
             return wire.encode(wire.Upload(frame, wire.UploadStamp(0.0, 0.01)))
 
         sock.send_multipart(upload(draft=p.run.vocab_size + 5))
@@ -190,8 +214,17 @@ def test_metrics_port_zero_is_any_free_port_on_metrics_host(tmp_path, capsys):
     import re
 
     s = small(**{"metrics.port": 0, "metrics.host": "127.0.0.2"})  # any 127/8 address binds on Linux
-    run_scenario(s, RunOptions(out_dir=tmp_path / "free", engine="local", progress=False, report=False,
-                               metrics_port=s.metrics.port, metrics_host=s.metrics.host))
+    run_scenario(
+        s,
+        RunOptions(
+            out_dir=tmp_path / "free",
+            engine="local",
+            progress=False,
+            report=False,
+            metrics_port=s.metrics.port,
+            metrics_host=s.metrics.host,
+        ),
+    )
     m = re.search(r"^metrics: http://127\.0\.0\.2:(\d+)/metrics$", capsys.readouterr().out, re.M)
     assert m and int(m.group(1)) > 0
     run_scenario(small(), RunOptions(out_dir=tmp_path / "off", engine="local", progress=False, report=False))
@@ -217,16 +250,34 @@ def test_cli_serves_metrics_and_lingers(tmp_path):
 
     port = free_port()
     out = tmp_path / "cli"
-    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "run", "smoke", "--engine", "local", "--out",
-                             str(out), "--no-report", "--metrics-port", str(port), "--linger", "30"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "testbed.cli",
+            "run",
+            "smoke",
+            "--engine",
+            "local",
+            "--out",
+            str(out),
+            "--no-report",
+            "--metrics-port",
+            str(port),
+            "--linger",
+            "30",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline, committed = time.time() + 240, 0.0
         while time.time() < deadline and not (out / "summary.json").exists():
             time.sleep(0.5)
         assert (out / "summary.json").exists(), proc.stderr.read() if proc.poll() is not None else "timeout"
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        committed = sum(float(v) for v in re.findall(r'^hlm_tokens_committed_total\{[^}]*\} (\S+)$', body, re.M))
+        committed = sum(float(v) for v in re.findall(r"^hlm_tokens_committed_total\{[^}]*\} (\S+)$", body, re.M))
         assert committed == load_scenario("smoke").n_devices * 16
         assert proc.poll() is None  # still lingering
     finally:
@@ -260,7 +311,10 @@ def test_prefix_tokens_served_are_summed_over_every_group():
     from testbed.run.ray_driver import _every_group_served
 
     def lm(served, layout="packed"):
-        return {"forward": layout, "prefix_cache": None if served is None else {"max_mib": 512.0, "tokens_served": served}}
+        return {
+            "forward": layout,
+            "prefix_cache": None if served is None else {"max_mib": 512.0, "tokens_served": served},
+        }
 
     merged = None
     for served in (30, 0, 12):
@@ -315,19 +369,35 @@ def test_a_run_that_stops_counts_what_was_generated(stopping):
     reasons = rows.loc[rows.stop_reason != "", "stop_reason"].value_counts().to_dict()
     assert reasons.get("stop", 0) >= 1 and len(rows) < s.n_devices * 8
     assert summary["tokens"] == len(rows) and summary["complete"] is True
-    assert summary["stops"]["reasons"] == {"eos": reasons.get("eos", 0), "stop": reasons.get("stop", 0),
-                                           "length": reasons.get("length", 0), "unfinished": 0}
+    assert summary["stops"]["reasons"] == {
+        "eos": reasons.get("eos", 0),
+        "stop": reasons.get("stop", 0),
+        "length": reasons.get("length", 0),
+        "unfinished": 0,
+    }
     assert summary["stops"]["tokens_per_device"]["min"] < 8
     last = rows.sort_values("token_index").groupby("device").tail(1).set_index("device")
-    assert summary["stops"]["devices"] == {str(d): {"tokens": int(r.token_index) + 1, "reason": r.stop_reason}
-                                           for d, r in last.sort_index().iterrows()}
+    assert summary["stops"]["devices"] == {
+        str(d): {"tokens": int(r.token_index) + 1, "reason": r.stop_reason} for d, r in last.sort_index().iterrows()
+    }
     assert summary["throughput_tokens_per_s"]["system"] == pytest.approx(len(rows) / summary["emulated_seconds"])
     import yaml
 
     assert yaml.safe_load((out / "scenario.yaml").read_text())["generation"]["stop"] == s.generation.stop
     # the content (tokens, decisions) up to each device's stop is the non-stopping run's
-    content = ["device", "token_index", "token_id", "draft_id", "transmitted", "k", "accepted", "resampled", "beta",
-               "uncertainty", "fidelity_tv"]
+    content = [
+        "device",
+        "token_index",
+        "token_id",
+        "draft_id",
+        "transmitted",
+        "k",
+        "accepted",
+        "resampled",
+        "beta",
+        "uncertainty",
+        "fidelity_tv",
+    ]
     merged = df[content].merge(full[content], on=["device", "token_index"], suffixes=("", "_full"))
     assert len(merged) == len(df)
     for c in content[2:]:
@@ -341,8 +411,10 @@ def test_ray_engine_reproduces_a_run_that_stops(ray_session, stopping, tmp_path)
 
 # A tiny pair wide enough that its fp32 logits differ between 1 and 2 torch threads here
 # (tests/agents/test_lm_invariance.py: test_fp32_logits_depend_on_the_thread_count).
-WIDE_PAIR = {"models.slm": {"kind": "tiny", "role": "slm", "layers": 1, "hidden": 512, "intermediate": 1024},
-             "models.llm": {"kind": "tiny", "role": "llm", "layers": 1, "hidden": 512, "intermediate": 1024}}
+WIDE_PAIR = {
+    "models.slm": {"kind": "tiny", "role": "slm", "layers": 1, "hidden": 512, "intermediate": 1024},
+    "models.llm": {"kind": "tiny", "role": "llm", "layers": 1, "hidden": 512, "intermediate": 1024},
+}
 
 
 def test_threads_resolve_once_and_every_engine_computes_at_that_count(ray_session, tmp_path):
@@ -372,14 +444,15 @@ def test_threads_resolve_once_and_every_engine_computes_at_that_count(ray_sessio
 
 def test_a_pinned_thread_count_is_used_and_the_wall_clock_keeps_the_split(ray_session, tmp_path):
     s = small(**{"actors.threads": 1, "generation.max_new_tokens": 4})
-    summary = run_scenario(s, RunOptions(out_dir=tmp_path / "one", progress=False, report=False, engine="ray",
-                                         accuracy=False))
+    summary = run_scenario(
+        s, RunOptions(out_dir=tmp_path / "one", progress=False, report=False, engine="ray", accuracy=False)
+    )
     assert summary["compute"]["threads"]["content"] == 1 and summary["compute"]["slm"]["threads"] == 1
     assert summary["compute"]["llm"]["threads"] == 1
-    wall = small(**{"clock": "wall", "time_scale": 0.2, "actors.verifier_threads": 2,
-                    "generation.max_new_tokens": 3})
-    summary = run_scenario(wall, RunOptions(out_dir=tmp_path / "wall", progress=False, report=False, engine="ray",
-                                            accuracy=False))
+    wall = small(**{"clock": "wall", "time_scale": 0.2, "actors.verifier_threads": 2, "generation.max_new_tokens": 3})
+    summary = run_scenario(
+        wall, RunOptions(out_dir=tmp_path / "wall", progress=False, report=False, engine="ray", accuracy=False)
+    )
     t = summary["compute"]["threads"]
     assert (t["slm"], t["llm"]) == (1, 2)
     assert summary["compute"]["llm"]["threads"] == 2 and summary["compute"]["slm"]["threads"] == 1

@@ -1,4 +1,5 @@
 """Scenario schema: field-path errors, YAML errors, round trips, overrides, sweeps, devices."""
+
 from __future__ import annotations
 
 import copy
@@ -11,8 +12,17 @@ from typer.testing import CliRunner
 
 from testbed.commands.validate import validate
 from testbed.scenario import (
-    Scenario, ScenarioError, bundled_scenarios, device_groups, devices, dump_scenario, expand_sweep,
-    load_scenario, override, parse_scenario, sweep_points,
+    Scenario,
+    ScenarioError,
+    bundled_scenarios,
+    device_groups,
+    devices,
+    dump_scenario,
+    expand_sweep,
+    load_scenario,
+    override,
+    parse_scenario,
+    sweep_points,
 )
 
 
@@ -24,10 +34,20 @@ def base() -> dict:
         "prompts": {"texts": ["def f():\n", "class A:\n"]},
         "generation": {"max_new_tokens": 4},
         "tiers": [
-            {"name": "phone", "count": 3, "slm_ms_per_token": 30.0, "policy": "cu-hlm",
-             "link": {"uplink": {"rate_mbps": 2, "delay_ms": 20}, "downlink": {"rate_mbps": 20, "delay_ms": 20}}},
-            {"name": "laptop", "count": 2, "slm_ms_per_token": 12.0, "policy": {"name": "u-hlm"},
-             "link": {"uplink": {"rate_mbps": 20, "delay_ms": 5}, "downlink": {"rate_mbps": 50, "delay_ms": 5}}},
+            {
+                "name": "phone",
+                "count": 3,
+                "slm_ms_per_token": 30.0,
+                "policy": "cu-hlm",
+                "link": {"uplink": {"rate_mbps": 2, "delay_ms": 20}, "downlink": {"rate_mbps": 20, "delay_ms": 20}},
+            },
+            {
+                "name": "laptop",
+                "count": 2,
+                "slm_ms_per_token": 12.0,
+                "policy": {"name": "u-hlm"},
+                "link": {"uplink": {"rate_mbps": 20, "delay_ms": 5}, "downlink": {"rate_mbps": 50, "delay_ms": 5}},
+            },
         ],
     }
 
@@ -71,7 +91,11 @@ def test_bundled_shapes():
     assert default.models.slm == "qwen2.5-coder:slm" and default.models.llm == "qwen2.5-coder:llm"
     assert default.n_devices == 4 and len(default.tiers) >= 2 and default.generation.max_new_tokens <= 48
     assert default.prompts.source == "humaneval" and default.prompts.count == 4
-    assert paper.n_devices == 1 and [r.name for r in expand_sweep(paper)] == ["paper-hlm", "paper-u-hlm", "paper-cu-hlm"]
+    assert paper.n_devices == 1 and [r.name for r in expand_sweep(paper)] == [
+        "paper-hlm",
+        "paper-u-hlm",
+        "paper-cu-hlm",
+    ]
     assert fleet.n_devices == 1000 and fleet.generation.max_new_tokens == 64
     assert 50 <= fleet.actors.devices_per_group <= 100 and len(fleet.tiers) >= 3
     assert smoke.n_devices == 8 and smoke.generation.max_new_tokens == 16
@@ -102,7 +126,12 @@ def _set(d, path, value):
 _DEL = object()
 BAD = [
     (("tiers", 1, "link", "uplink", "rate_mbps"), -2, "tiers[1].link.uplink.rate_mbps", "> 0"),
-    (("tiers", 0, "link", "downlink", "loss"), 1.5, "tiers[0].link.downlink.loss", "expected a number in [0, 1), got 1.5"),
+    (
+        ("tiers", 0, "link", "downlink", "loss"),
+        1.5,
+        "tiers[0].link.downlink.loss",
+        "expected a number in [0, 1), got 1.5",
+    ),
     (("tiers", 0, "link", "downlink"), _DEL, "tiers[0].link.downlink", "required"),
     (("tiers", 0, "link"), 42, "tiers[0].link", "named link profile"),
     (("tiers", 0, "count"), 0, "tiers[0].count", ">= 1"),
@@ -226,8 +255,13 @@ def test_defaults_filled_and_relative_prompt_file(tmp_path):
     f.write_text(yaml.safe_dump(d))
     s = load_scenario(f)
     r = s.resolved_dict()
-    assert r["prompts"] == {"source": "file", "count": None, "offset": 0, "texts": None,
-                            "file": str(tmp_path / "p.jsonl")}
+    assert r["prompts"] == {
+        "source": "file",
+        "count": None,
+        "offset": 0,
+        "texts": None,
+        "file": str(tmp_path / "p.jsonl"),
+    }
     assert r["clock"] == "virtual" and r["server"]["max_batch"] == 8 and r["actors"]["devices_per_group"] == 4
     assert r["metrics"]["port"] is None and r["address"] is None
     out = dump_scenario(s, tmp_path / "elsewhere" / "scenario.yaml")  # still finds the prompt file
@@ -240,10 +274,17 @@ def test_defaults_filled_and_relative_prompt_file(tmp_path):
 
 def test_override():
     s = parse_scenario(base())
-    o = override(s, clock="wall", time_scale=2.0, address="127.0.0.1:6379", devices_per_group=1,
-                 metrics_port=9400, seed=None)
-    assert (o.clock, o.time_scale, o.address, o.actors.devices_per_group, o.metrics.port, o.seed) == \
-        ("wall", 2.0, "127.0.0.1:6379", 1, 9400, 7)
+    o = override(
+        s, clock="wall", time_scale=2.0, address="127.0.0.1:6379", devices_per_group=1, metrics_port=9400, seed=None
+    )
+    assert (o.clock, o.time_scale, o.address, o.actors.devices_per_group, o.metrics.port, o.seed) == (
+        "wall",
+        2.0,
+        "127.0.0.1:6379",
+        1,
+        9400,
+        7,
+    )
     assert s.clock == "virtual"  # the original is untouched
     o = override(s, {"tiers.laptop.count": 5, "server.max_batch": 16, "policy": "hlm"})
     assert o.tiers[1].count == 5 and o.server.max_batch == 16
@@ -264,8 +305,12 @@ def test_sweep_expansion():
     d["sweep"] = {"policy": ["hlm", "u-hlm"], "generation.temperature": [0.5, 1.0]}
     s = parse_scenario(d)
     runs = expand_sweep(s)
-    assert [r.name for r in runs] == ["t-hlm-temperature=0.5", "t-hlm-temperature=1.0",
-                                      "t-u-hlm-temperature=0.5", "t-u-hlm-temperature=1.0"]
+    assert [r.name for r in runs] == [
+        "t-hlm-temperature=0.5",
+        "t-hlm-temperature=1.0",
+        "t-u-hlm-temperature=0.5",
+        "t-u-hlm-temperature=1.0",
+    ]
     assert sweep_points(s)[2] == {"policy": "u-hlm", "generation.temperature": 0.5}
     assert all(r.sweep is None for r in runs)
     assert runs[3].generation.temperature == 1.0
@@ -280,8 +325,10 @@ def test_sweep_errors_name_the_value():
     with pytest.raises(ScenarioError) as ei:
         parse_scenario(d)
     msgs = [p.message for p in ei.value.problems if p.path == "sweep.slm_ms_per_token[1]"]
-    assert msgs == ["tiers[0].slm_ms_per_token: expected a value > 0, got -1.0",
-                    "tiers[1].slm_ms_per_token: expected a value > 0, got -1.0"]
+    assert msgs == [
+        "tiers[0].slm_ms_per_token: expected a value > 0, got -1.0",
+        "tiers[1].slm_ms_per_token: expected a value > 0, got -1.0",
+    ]
     d["sweep"] = {"generation.nope": [1]}
     assert "unknown key" in errors_of(d)["sweep.generation.nope"]
     d["sweep"] = {"policy": []}
@@ -423,7 +470,7 @@ def test_jsonl_errors_reported_by_validate(tmp_path):
 
 def test_scenario_is_frozen():
     s = parse_scenario(base())
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="frozen"):  # pydantic's ValidationError
         s.seed = 3  # type: ignore[misc]
     assert isinstance(copy.deepcopy(s), Scenario)
 
@@ -438,8 +485,13 @@ def test_multiline_prompts_round_trip_exactly(tmp_path):
 
 
 def test_bare_tiny_models_take_the_role_of_their_slot():
-    s = parse_scenario({"name": "t", "models": {"slm": "tiny", "llm": {"kind": "tiny", "vocab_size": 300}},
-                        "tiers": [{"name": "a", "count": 1, "slm_ms_per_token": 10.0, "link": "wifi-strong"}]})
+    s = parse_scenario(
+        {
+            "name": "t",
+            "models": {"slm": "tiny", "llm": {"kind": "tiny", "vocab_size": 300}},
+            "tiers": [{"name": "a", "count": 1, "slm_ms_per_token": 10.0, "link": "wifi-strong"}],
+        }
+    )
     assert s.models.slm == "tiny:slm"
     assert s.models.llm == {"kind": "tiny", "vocab_size": 300, "role": "llm"}
 

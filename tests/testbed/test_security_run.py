@@ -1,15 +1,16 @@
 """`testbed run` with CURVE and the runner's stall check (issue 11 items 2 and 3), on the smoke
 scenario's tiny models under one local Ray (run under shared/bin/offline)."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
-
 from chaos import Chaos, chaos_driver
+from test_runtime import assert_same_trace, run, small
+
 from testbed.run import RunFailed, RunOptions, run_scenario
 from testbed.scenario import load_scenario, override
-from test_runtime import assert_same_trace, run, small
 
 
 def test_curve_on_gives_the_same_trace_as_off(ray_session, tmp_path):
@@ -34,8 +35,12 @@ def test_a_stalled_run_ends_with_a_message_naming_the_sessions_holding_it_up(ray
     s = small(**{"actors.devices_per_group": 2, "actors.stall_timeout_s": 3})
     out = tmp_path / "stalled"
     with pytest.raises(RunFailed) as err:
-        run_scenario(s, RunOptions(out_dir=out, engine="ray", progress=False, report=False,
-                                   driver=chaos_driver(Chaos(stall_group=1))))
+        run_scenario(
+            s,
+            RunOptions(
+                out_dir=out, engine="ray", progress=False, report=False, driver=chaos_driver(Chaos(stall_group=1))
+            ),
+        )
     text = str(err.value)
     assert "stalled" in text and "actors.stall_timeout_s" in text and "\n" not in text
     assert "Groups still running: 1 (devices 2-3)" in text
@@ -52,8 +57,9 @@ def test_restarted_actors_keep_their_curve_keys(ray_session, tmp_path):
     from test_recovery import run as run_chaos
 
     want, _ = run_chaos(tmp_path, "plain", scenario(**{"server.curve": "off"}))
-    got, summary = run_chaos(tmp_path, "curve", scenario(**{"server.curve": "on"}),
-                             chaos=Chaos(kill=(("group:1", 30), ("verifier", 80))))
+    got, summary = run_chaos(
+        tmp_path, "curve", scenario(**{"server.curve": "on"}), chaos=Chaos(kill=(("group:1", 30), ("verifier", 80)))
+    )
     assert summary["curve"] is True and summary["restarts"]["total"] == 2
     assert_identical(got, want)
 
@@ -87,8 +93,9 @@ def test_hostile_messages_during_a_run_are_counted_by_reason(ray_session, tmp_pa
         sock.send_multipart([frame, bytes(20)])
         # an UPLOAD whose emulation stamp arrives at NaN: refused at decoding, whoever owns device 3
         # (an empty-prompt OPEN would race the group's own OPEN: REFUSED or BAD_BODY by timing)
-        upload = protocol.Upload(device=3, session=wire.SESSION, seq=0, token_index=0, draft=protocol.NO_TOKEN,
-                                 llm_samples=True)
+        upload = protocol.Upload(
+            device=3, session=wire.SESSION, seq=0, token_index=0, draft=protocol.NO_TOKEN, llm_samples=True
+        )
         sock.send_multipart([protocol.encode_frame(upload), wire.UploadStamp(0.0, float("nan")).pack()])
         while len(replies) < 2 and not stop.is_set():
             if sock.poll(100):
@@ -105,13 +112,17 @@ def test_hostile_messages_during_a_run_are_counted_by_reason(ray_session, tmp_pa
         client.join(10)
     want = run(small(), tmp_path, "local", engine="local")
     assert_same_trace(got, want)
-    assert [(type(r), r.code) for r in replies] == [(protocol.Error, protocol.ErrorCode.BAD_VERSION),
-                                                   (protocol.Error, protocol.ErrorCode.BAD_BODY)]
+    assert [(type(r), r.code) for r in replies] == [
+        (protocol.Error, protocol.ErrorCode.BAD_VERSION),
+        (protocol.Error, protocol.ErrorCode.BAD_BODY),
+    ]
     summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
     assert summary["protocol_errors"] == 2
     assert summary["protocol_errors_by_reason"] == {"BAD_BODY": 1, "BAD_VERSION": 1}
     for reason in ("BAD_VERSION", "BAD_BODY"):
         value = collector.registry.get_sample_value("hlm_protocol_errors_total", {"scenario": s.name, "reason": reason})
         assert value == 1, (reason, value)
-    assert collector.registry.get_sample_value("hlm_protocol_errors_total",
-                                               {"scenario": s.name, "reason": "malformed"}) is None
+    assert (
+        collector.registry.get_sample_value("hlm_protocol_errors_total", {"scenario": s.name, "reason": "malformed"})
+        is None
+    )

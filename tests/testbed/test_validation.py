@@ -1,6 +1,7 @@
 """Issue 11 item 4: whatever would fail at run time is refused at validation, by `testbed validate`
 and by `testbed run` before it writes anything; a failure at run time is one paragraph that says
 where the partial results are (the traceback only with --debug)."""
+
 from __future__ import annotations
 
 import time
@@ -21,8 +22,15 @@ def base() -> dict:
         "models": {"slm": "tiny:slm", "llm": "tiny:llm"},
         "prompts": {"texts": ["def f():\n", "class A:\n"]},
         "generation": {"max_new_tokens": 4},
-        "tiers": [{"name": "phone", "count": 3, "slm_ms_per_token": 30.0, "policy": "cu-hlm",
-                   "link": {"uplink": {"rate_mbps": 2, "delay_ms": 20}, "downlink": {"rate_mbps": 20, "delay_ms": 20}}}],
+        "tiers": [
+            {
+                "name": "phone",
+                "count": 3,
+                "slm_ms_per_token": 30.0,
+                "policy": "cu-hlm",
+                "link": {"uplink": {"rate_mbps": 2, "delay_ms": 20}, "downlink": {"rate_mbps": 20, "delay_ms": 20}},
+            }
+        ],
     }
 
 
@@ -52,9 +60,14 @@ def test_prompt_longer_than_positions(tmp_path):
     d["models"] = {"slm": {"kind": "tiny", "max_positions": 64}, "llm": {"kind": "tiny", "max_positions": 48}}
     d["generation"]["max_new_tokens"] = 40
     # "def f():\n" is 9 byte-tokens (with BOS): 9 + 40 = 49 > 48.
-    check_refused(tmp_path, d, "generation.max_new_tokens: prompt 0 (texts[0]) is 9 tokens",
-                  "needs 49 positions, over the 48 max positions of models.llm", "models.slm: 64",
-                  "max_new_tokens <= 39 fits")
+    check_refused(
+        tmp_path,
+        d,
+        "generation.max_new_tokens: prompt 0 (texts[0]) is 9 tokens",
+        "needs 49 positions, over the 48 max positions of models.llm",
+        "models.slm: 64",
+        "max_new_tokens <= 39 fits",
+    )
     # The limit is exact: prompt + max_new_tokens = positions passes (and runs: test_runtime's slm-only).
     d["generation"]["max_new_tokens"] = 39
     preflight(parse_scenario(d), engine="local")
@@ -69,8 +82,13 @@ def test_vocabulary_mismatch(tmp_path):
 def test_link_that_loses_everything(tmp_path):
     d = base()
     d["tiers"][0]["link"]["uplink"]["loss"] = 1.0
-    check_refused(tmp_path, d, "tiers[0].link.uplink.loss: expected a loss probability < 1, got 1.0",
-                  "(tier phone)", "after 33 tries")
+    check_refused(
+        tmp_path,
+        d,
+        "tiers[0].link.uplink.loss: expected a loss probability < 1, got 1.0",
+        "(tier phone)",
+        "after 33 tries",
+    )
     # Gilbert-Elliott that never leaves its all-loss bad state, on the downlink.
     d = base()
     d["tiers"][0]["link"]["downlink"].update(ge_p=0.1, ge_r=0.0)
@@ -85,8 +103,12 @@ def test_link_that_loses_everything(tmp_path):
 def test_server_host(tmp_path):
     d = base()
     d["server"] = {"host": "not a host"}
-    check_refused(tmp_path, d, "server.host: expected an IPv4 address or a host name",
-                  "got 'not a host', which is not a valid host name")
+    check_refused(
+        tmp_path,
+        d,
+        "server.host: expected an IPv4 address or a host name",
+        "got 'not a host', which is not a valid host name",
+    )
     for bad, why in (("::1", "IPv4 only"), ("no-such-host.invalid", "does not resolve here")):
         d["server"] = {"host": bad}
         with pytest.raises(ScenarioError, match=why):
@@ -116,8 +138,14 @@ def test_too_many_devices(tmp_path, monkeypatch):
     d = base()
     d["tiers"][0]["count"] = 10_000_000
     t = time.perf_counter()
-    check_refused(tmp_path, d, "tiers: 10000000 devices need about", "of the 24.0 GiB available on this machine",
-                  f"{DEVICE_BYTES // 1024} KiB + 4 tokens x {TOKEN_BYTES // 1024} KiB", "at most")
+    check_refused(
+        tmp_path,
+        d,
+        "tiers: 10000000 devices need about",
+        "of the 24.0 GiB available on this machine",
+        f"{DEVICE_BYTES // 1024} KiB + 4 tokens x {TOKEN_BYTES // 1024} KiB",
+        "at most",
+    )
     assert time.perf_counter() - t < 30  # refused at once, not after minutes of planning
     # Too many actor processes for the devices: the layout is named, with the group size that fits.
     d["tiers"][0]["count"] = 5000
@@ -201,14 +229,18 @@ def test_ctrl_c_says_where_the_partial_results_are(monkeypatch, tmp_path):
     out = tmp_path / "out"
     r = cli("run", "smoke", "--engine", "local", "--out", str(out), "--no-report")
     assert r.exit_code == 130
-    assert r.stderr.strip().startswith("interrupted: smoke stopped after") and f"Partial results are in {out}" in r.stderr
+    assert (
+        r.stderr.strip().startswith("interrupted: smoke stopped after") and f"Partial results are in {out}" in r.stderr
+    )
     assert "Traceback" not in r.output
 
 
 def test_describe_error_reduces_actor_tracebacks():
     from testbed.commands.run import describe_error
 
-    nested = RuntimeError("verifier failed:\nTraceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
-                          "ValueError: device 3: session already open\n")
+    nested = RuntimeError(
+        'verifier failed:\nTraceback (most recent call last):\n  File "x.py", line 1, in f\n'
+        "ValueError: device 3: session already open\n"
+    )
     assert describe_error(nested) == "RuntimeError: verifier failed: ValueError: device 3: session already open"
     assert describe_error(OSError("disk full")) == "OSError: disk full"

@@ -1,6 +1,7 @@
 """Admission alone, without sockets or threads (agents.actors.admission): who may open and use which
 session, and every limit's refusal names what was wrong. The Verifier actor wires it to the ROUTER
 (tests/agents/test_hostile.py checks the same rules end to end over ZeroMQ)."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,8 +24,9 @@ def lm():
 
 def admission(lm, **limits) -> Admission:
     core = VerifierCore(lm, ServerProfile(), 7, lm.vocab_size)
-    base = dict(allowed_devices=None, max_sessions=8, max_sessions_per_identity=8, max_prompt_tokens=64,
-                max_prefill_tokens=1000)
+    base = dict(
+        allowed_devices=None, max_sessions=8, max_sessions_per_identity=8, max_prompt_tokens=64, max_prefill_tokens=1000
+    )
     return Admission(core, Limits(**{**base, **limits}))
 
 
@@ -34,9 +36,17 @@ def open_parts(device: int, prompt=PROMPT) -> list[bytes]:
 
 
 def upload_parts(lm, device: int) -> list[bytes]:
-    frame = protocol.Upload(device=device, session=wire.SESSION, seq=1, token_index=0, draft=1, draft_prob=0.5,
-                            piggyback=[], piggyback_probs=[],
-                            payload=codec.encode_payload([1, 2], [0.5, 0.25], lm.vocab_size))
+    frame = protocol.Upload(
+        device=device,
+        session=wire.SESSION,
+        seq=1,
+        token_index=0,
+        draft=1,
+        draft_prob=0.5,
+        piggyback=[],
+        piggyback_probs=[],
+        payload=codec.encode_payload([1, 2], [0.5, 0.25], lm.vocab_size),
+    )
     return list(wire.encode(wire.Upload(frame, wire.UploadStamp(0.0, 0.01))))
 
 
@@ -82,19 +92,23 @@ def test_restored_sessions_count_against_their_group(lm):
     refused(a, b"G", open_parts(3), ErrorCode.LIMIT, "this client holds its limit of 2 sessions")
 
 
-@pytest.mark.parametrize("limits, device, prompt, match", [
-    (dict(allowed_devices=frozenset({7, 8})), 9, PROMPT, "not a device of this run"),
-    (dict(max_prompt_tokens=3), 7, PROMPT, "prompt of 4 tokens, the limit is 3"),
-    (dict(max_prefill_tokens=6), 8, PROMPT, "would total 8 tokens, the limit is 6"),
-    (dict(max_sessions=1), 8, PROMPT, "holds its limit of 1 sessions"),
-])
+@pytest.mark.parametrize(
+    "limits, device, prompt, match",
+    [
+        (dict(allowed_devices=frozenset({7, 8})), 9, PROMPT, "not a device of this run"),
+        (dict(max_prompt_tokens=3), 7, PROMPT, "prompt of 4 tokens, the limit is 3"),
+        (dict(max_prefill_tokens=6), 8, PROMPT, "would total 8 tokens, the limit is 6"),
+        (dict(max_sessions=1), 8, PROMPT, "holds its limit of 1 sessions"),
+    ],
+)
 def test_each_limit_refuses_an_open_and_says_which(lm, limits, device, prompt, match):
     a = admission(lm, **limits)
     if device == 8:  # the limit bites on the second OPEN
         admit_open(a, b"A", 7)
     before = dict(a.owners)
-    err = refused(a, b"A", open_parts(device, prompt), ErrorCode.REFUSED if "device of" in match else ErrorCode.LIMIT,
-                  match)
+    err = refused(
+        a, b"A", open_parts(device, prompt), ErrorCode.REFUSED if "device of" in match else ErrorCode.LIMIT, match
+    )
     assert err.device == device and a.owners == before  # nothing admitted, nothing counted
 
 

@@ -1,4 +1,5 @@
 """Shared by the study tests."""
+
 from __future__ import annotations
 
 from pathlib import Path

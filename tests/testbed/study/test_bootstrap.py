@@ -1,5 +1,6 @@
 """The calibration's bootstrap over sequences (testbed.study.bootstrap): coverage against Monte Carlo,
 the straddle rule on hand-made intervals, determinism."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -71,13 +72,16 @@ def test_same_seed_same_interval_and_seed_matters():
     assert bootstrap_fit(u, beta, g, seed=4).a != one.a
 
 
-@pytest.mark.parametrize("interval, expected", [
-    ((-0.01, 0.02), True),  # both sides
-    ((-0.01, 0.0), True),  # 0 itself is on the skipping side
-    ((0.0, 0.05), False),  # all >= 0: skip the u = 0 tokens, stably
-    ((-0.2, -0.001), False),  # all < 0: skip nothing, stably
-    ((0.01, 0.01), False),
-])
+@pytest.mark.parametrize(
+    "interval, expected",
+    [
+        ((-0.01, 0.02), True),  # both sides
+        ((-0.01, 0.0), True),  # 0 itself is on the skipping side
+        ((0.0, 0.05), False),  # all >= 0: skip the u = 0 tokens, stably
+        ((-0.2, -0.001), False),  # all < 0: skip nothing, stably
+        ((0.01, 0.01), False),
+    ],
+)
 def test_straddles_zero(interval, expected):
     assert straddles(interval) is expected
 

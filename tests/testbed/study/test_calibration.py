@@ -1,5 +1,6 @@
 """testbed.study.calibration: the study's calibration point fits with the one calibration run's least
 squares (testbed.calibrate.fit_estimators) and writes its own entry format; the reliability bins."""
+
 from __future__ import annotations
 
 import math

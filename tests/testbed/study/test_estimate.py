@@ -1,4 +1,5 @@
 """testbed.study.estimate: token-steps of a batch whose devices stop at different lengths."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,11 +1,11 @@
 """testbed reproduce fleet (testbed/study/fleet.py) on tiny models, local engine."""
+
 from __future__ import annotations
 
 import json
 
 from testbed.study import fleet
 from testbed.study.sizes import FLEET_POLICIES, SIZES
-
 
 FLEET_FIGURES = ["fleet_throughput", "fleet_fairness", "fleet_batch"]
 
@@ -15,8 +15,7 @@ def test_fleet_smoke_end_to_end(tmp_path, figures_ok):
     result = fleet.run_fleet("smoke", tmp_path / "fleet", log=lines.append)
     page = figures_ok(result.report, FLEET_FIGURES)
     sizes = SIZES["smoke"].fleet_sizes
-    assert {(r["policy"], r["fleet_size"]) for r in result.rows} == {(p, n) for p in FLEET_POLICIES
-                                                                     for n in sizes}
+    assert {(r["policy"], r["fleet_size"]) for r in result.rows} == {(p, n) for p in FLEET_POLICIES for n in sizes}
     for r in result.rows:
         s = json.loads((tmp_path / "fleet/points" / r["point"] / "summary.json").read_text())
         assert s["devices"] == r["fleet_size"] and len(s["tiers"]) == min(3, r["fleet_size"])

@@ -1,4 +1,5 @@
 """testbed reproduce paper (testbed/study/paper.py) on tiny models, local engine."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,19 @@ from testbed.study.estimate import estimate
 from testbed.study.paper import run_paper
 from testbed.study.sizes import POLICIES, SIZES
 
-PAPER_FIGURES = ["uth_throughput_ratio", "uth_skip_rate", "uth_compression", "uth_pass_at_1", "uth_fidelity",
-                 "beta_u_fit", "reliability", "theta_compression", "policies", "skip_vs_fidelity", "channel_sweep"]
+PAPER_FIGURES = [
+    "uth_throughput_ratio",
+    "uth_skip_rate",
+    "uth_compression",
+    "uth_pass_at_1",
+    "uth_fidelity",
+    "beta_u_fit",
+    "reliability",
+    "theta_compression",
+    "policies",
+    "skip_vs_fidelity",
+    "channel_sweep",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +48,11 @@ def test_paper_smoke_end_to_end(paper, figures_ok):
         assert any(r["policy"] == policy for r in result.rows), policy
         assert any(lab == policy or lab.startswith(policy + "-") for lab in labels)
     assert [r["label"] for r in result.rows if r["group"] == "u_th"] == [
-        "cu-hlm-risk-prone", *(f"cu-hlm-uth{v:g}" for v in SIZES["smoke"].u_th), "cu-hlm-uth0", "cu-hlm-uth-1"]
+        "cu-hlm-risk-prone",
+        *(f"cu-hlm-uth{v:g}" for v in SIZES["smoke"].u_th),
+        "cu-hlm-uth0",
+        "cu-hlm-uth-1",
+    ]
     # both sides of the risk-averse flip: skip every u = 0 token / skip nothing (testbed.study.bootstrap)
     by_label = {r["label"]: r for r in result.rows}
     assert by_label["cu-hlm-uth-1"]["skip_rate"] == 0.0 and by_label["cu-hlm-uth0"]["u_th"] == 0.0
@@ -66,7 +82,8 @@ def test_paper_smoke_end_to_end(paper, figures_ok):
     assert f"k: {fit.kstar}" in s and "name: cu-hlm-offline" in s
     rand = json.loads((out / "points/rand-hlm/summary.json").read_text())
     assert (out / "points/rand-hlm/scenario.yaml").read_text().count(
-        f"skip_rate: {round(by['u-hlm']['skip_rate'], 4)}") == 1
+        f"skip_rate: {round(by['u-hlm']['skip_rate'], 4)}"
+    ) == 1
     assert rand["complete"] and "accuracy" in rand
 
 
@@ -75,7 +92,8 @@ def test_adaptive_points_per_estimator_and_the_equal_fidelity_table(paper):
     adaptive = [r for r in result.rows if r["policy"] == "cu-hlm-adaptive"]
     size = SIZES["smoke"]
     assert sorted((r["estimator"], r["risk"]) for r in adaptive) == sorted(
-        (e, r) for e in size.adaptive_estimators for r in size.risks)
+        (e, r) for e in size.adaptive_estimators for r in size.risks
+    )
     table = json.loads((result.report.parent / "table.json").read_text())
     page = result.report.read_text(encoding="utf-8")
     assert "cu-hlm-adaptive against cu-hlm at equal fidelity" in page
@@ -172,7 +190,7 @@ def test_cli_resumes_and_estimates(paper, tmp_path):
     assert r.exit_code == 0, r.output
     text = r.output + (r.stderr if hasattr(r, "stderr") else "")
     assert "cached in" in text and "report:" in text
-    doc = json.loads(r.stdout[r.stdout.index("{"):])
+    doc = json.loads(r.stdout[r.stdout.index("{") :])
     assert doc["rows"] == json.loads(json.dumps(paper["result"].rows))
     r = CliRunner().invoke(app, ["reproduce", "paper", "--size", "small", "--estimate", "--json"])
     assert r.exit_code == 0, r.output

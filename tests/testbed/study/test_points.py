@@ -1,4 +1,5 @@
 """testbed.study.points: when a point counts as finished (resumability)."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """testbed.study.scenarios: isolated devices, fleet tier counts, samples per problem."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,9 +25,10 @@ def test_paper_devices_do_not_distort_each_other(tmp_path):
     for n in (1, 4):
         base = paper_base(dataclasses.replace(SIZES["smoke"], count=n, max_new_tokens=6))
         assert base.server.verify_ms.base == 0 and base.server.max_batch == n
-        runs[n] = run_scenario(with_policy(base, spec, f"iso{n}"),
-                               RunOptions(out_dir=tmp_path / str(n), engine="local", progress=False, report=False,
-                                          accuracy=False))
+        runs[n] = run_scenario(
+            with_policy(base, spec, f"iso{n}"),
+            RunOptions(out_dir=tmp_path / str(n), engine="local", progress=False, report=False, accuracy=False),
+        )
     t = {n: pd.read_parquet(tmp_path / str(n) / "tokens.parquet") for n in runs}
     alone, among = t[1], t[4][t[4]["device"] == 0].reset_index(drop=True)
     for col in ("token_id", "transmitted", "t_draft_start", "t_commit"):

@@ -1,5 +1,6 @@
 """The channel sweep (testbed.study.sweep): the delay model against a smoke study's measured
 throughputs, its closed-form limits, the paper's accounting, the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -56,14 +57,23 @@ def tokens(devices: int, n: int, skip: float, k: int, payload: int, vocab: int =
         skipped = set(np.random.default_rng(seed + d).choice(n, round(skip * n), replace=False).tolist())
         for t in range(n):
             tx = t not in skipped
-            rows.append({"device": d, "transmitted": tx, "draft_id": 5, "k": k if tx else 0,
-                         "uplink_bytes": payload + 40 if tx else 0, "downlink_bytes": 30 if tx else 0,
-                         "payload_bytes": payload if tx else 0})
+            rows.append(
+                {
+                    "device": d,
+                    "transmitted": tx,
+                    "draft_id": 5,
+                    "k": k if tx else 0,
+                    "uplink_bytes": payload + 40 if tx else 0,
+                    "downlink_bytes": 30 if tx else 0,
+                    "payload_bytes": payload if tx else 0,
+                }
+            )
     return pd.DataFrame(rows)
 
 
-MODEL = cs.DelayModel(slm_s=0.025, uplink_rate_bps=34.6e6, uplink_delay_s=0.005, downlink_rate_bps=34.6e6,
-                      downlink_delay_s=0.0213)
+MODEL = cs.DelayModel(
+    slm_s=0.025, uplink_rate_bps=34.6e6, uplink_delay_s=0.005, downlink_rate_bps=34.6e6, downlink_delay_s=0.0213
+)
 
 
 def brute_throughput(tok: pd.DataFrame, rate: float, bits: np.ndarray) -> float:
@@ -145,7 +155,7 @@ def test_cli_sweep_on_a_study(study):
 
     r = CliRunner().invoke(app, ["reproduce", "sweep", str(study), "--vocab", "32000", "--vocab", "151936", "--json"])
     assert r.exit_code == 0, r.output
-    doc = json.loads(r.stdout[r.stdout.index("{"):])
+    doc = json.loads(r.stdout[r.stdout.index("{") :])
     assert {"ours", "paper-V512", "paper-V32000", "paper-V151936"} == set(doc["encodings"])
     assert (study / "report/channel_sweep.png").stat().st_size > 10_000
     r = CliRunner().invoke(app, ["reproduce", "sweep", str(study / "nowhere")])
