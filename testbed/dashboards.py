@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from testbed.metrics import DEFAULT_METRICS_PORT, DERIVED, Sel
 from testbed.metrics import definitions as M
@@ -287,6 +287,12 @@ TIER_LEGEND = "{{tier}} ({{policy}})"
 POLICY = ("policy",)
 
 
+def whole_run(title: str, figure: str, unit: str, description: str = "", **kw: Any) -> Panel:
+    """A bar per policy of a derived figure over the whole run so far (not a rate window)."""
+    target = d(figure, POLICY, "{{policy}}", window=False, instant=True)
+    return Panel(title, (target,), "bargauge", unit, description, width=8, **kw)
+
+
 def _unit(name: str) -> str:
     return DERIVED[name].unit
 
@@ -427,6 +433,151 @@ OVERVIEW = Dashboard(
                     min=0,
                     description=_help("mean_fidelity_tv") + " " + M.FIDELITY.help,
                     width=12,
+                ),
+            ),
+        ),
+        Row(
+            "Uplink",
+            (
+                Panel(
+                    "Uplink bytes / emulated s",
+                    (d("uplink_bytes_rate", (), "system"), d("uplink_bytes_rate", TIER, TIER_LEGEND)),
+                    unit="Bps",
+                    description=_help("uplink_bytes_rate") + " " + RATE_NOTE,
+                    width=6,
+                ),
+                Panel(
+                    "Uplink bytes per token",
+                    (d("uplink_bytes_per_token", TIER, TIER_LEGEND),),
+                    unit="bytes",
+                    description=_help("uplink_bytes_per_token"),
+                    width=6,
+                ),
+                Panel(
+                    "Link bytes / emulated s",
+                    (d("wire_bytes_rate", (), "uplink (wire)"), d("downlink_bytes_rate", (), "downlink (wire)")),
+                    unit="Bps",
+                    description=_help("wire_bytes_rate", "downlink_bytes_rate"),
+                    width=6,
+                ),
+                Panel(
+                    "Loss and retransmissions",
+                    (
+                        d("loss_rate", TIER, "loss {{tier}}"),
+                        d("retransmission_rate", TIER, "retransmissions/s {{tier}}"),
+                    ),
+                    unit="short",
+                    description=_help("loss_rate", "retransmission_rate"),
+                    width=6,
+                ),
+            ),
+        ),
+        Row(
+            "Latency and fairness",
+            (
+                Panel(
+                    "Token latency (emulated)",
+                    (d("latency_p50", (), "p50"), d("latency_p95", (), "p95"), d("latency_p99", (), "p99")),
+                    unit="s",
+                    description="Draft start to commit, emulated seconds.",
+                ),
+                Panel("Token latency p95 per tier", (d("latency_p95", TIER, TIER_LEGEND),), unit="s"),
+                Panel(
+                    "Jain fairness",
+                    (g(M.JAIN, agg="max", legend="window"), g(M.JAIN_RUN, agg="max", legend="run")),
+                    unit="percentunit",
+                    min=0,
+                    max=1,
+                    description=M.JAIN.help + " / " + M.JAIN_RUN.help,
+                ),
+            ),
+        ),
+        Row(
+            "Verifier",
+            (
+                Panel(
+                    "Batch size",
+                    (
+                        d("verifier_batch_size_mean", (), "requests / batch"),
+                        d("verifier_batch_tokens_mean", (), "tokens / batch"),
+                    ),
+                    unit="short",
+                    width=6,
+                ),
+                Panel("Batches / emulated s", (d("verifier_batches_rate", (), "batches/s"),), unit="short", width=6),
+                Panel(
+                    "Queue wait (emulated)",
+                    (d("queue_wait_p50", (), "p50"), d("queue_wait_p95", (), "p95")),
+                    unit="s",
+                    width=6,
+                ),
+                Panel(
+                    "Verifier utilisation",
+                    (d("verifier_utilisation", (), "busy"),),
+                    unit="percentunit",
+                    min=0,
+                    description=_help("verifier_utilisation"),
+                    width=6,
+                ),
+                Panel(
+                    "Protocol errors",
+                    (g(M.PROTOCOL_ERRORS, legend="errors"),),
+                    "stat",
+                    "short",
+                    M.PROTOCOL_ERRORS.help,
+                    width=6,
+                    height=4,
+                ),
+            ),
+        ),
+        Row(
+            "Distributions",
+            (
+                Panel("Uncertainty u(t)", (heat(M.UNCERTAINTY),), "heatmap", "short", M.UNCERTAINTY.help, width=12),
+                Panel("Entries per upload k", (heat(M.UPLOAD_K),), "heatmap", "short", M.UPLOAD_K.help, width=12),
+                Panel(
+                    "Payload bytes per upload",
+                    (heat(M.UPLOAD_PAYLOAD),),
+                    "heatmap",
+                    "bytes",
+                    M.UPLOAD_PAYLOAD.help,
+                    width=12,
+                ),
+                Panel("Token latency", (heat(M.TOKEN_LATENCY),), "heatmap", "s", M.TOKEN_LATENCY.help, width=12),
+                Panel(
+                    "Fidelity: TV to the LLM per token",
+                    (heat(M.FIDELITY),),
+                    "heatmap",
+                    "short",
+                    M.FIDELITY.help,
+                    width=12,
+                ),
+            ),
+        ),
+    ),
+)
+
+POLICIES = Dashboard(
+    uid="hlm-policies",
+    title="HLM testbed: policy comparison",
+    description="Policies side by side: throughput against accuracy proxy (LLM acceptance) against uplink cost. "
+    "Bars cover the whole run so far; time series the recent range.",
+    rows=(
+        Row(
+            "Whole run so far",
+            (
+                whole_run("Throughput (tokens / emulated s)", "throughput", "short"),
+                whole_run("Acceptance rate", "acceptance_rate", "percentunit", min=0, max=1),
+                whole_run("Uplink bytes per token", "uplink_bytes_per_token", "bytes"),
+                whole_run("Skip rate", "skip_rate", "percentunit", min=0, max=1),
+                whole_run("Vocabulary compression", "vocab_compression", "percentunit", min=0, max=1),
+                whole_run("Token latency p95", "latency_p95", "s"),
+                whole_run(
+                    "Fidelity: TV to the LLM per token (mean)",
+                    "mean_fidelity_tv",
+                    "short",
+                    _help("mean_fidelity_tv"),
+                    min=0,
                 ),
             ),
         ),
