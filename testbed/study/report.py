@@ -165,6 +165,54 @@ def _fresh(rep: Path) -> Path:
     return rep
 
 
+# The u_th sweep's figures: (row column, y label, title, file, plot_vs_u_th options, caption).
+UTH_FIGURES = [
+    (
+        "throughput_ratio_hlm",
+        "token throughput / HLM's",
+        "Throughput ratio to HLM vs u_th",
+        "uth_throughput_ratio.png",
+        {},
+        "Token throughput (1 / mean per-token delay) of cu-hlm over HLM's, vs its skip threshold. Vertical lines: "
+        "risk-averse and risk-prone thresholds of the fit.",
+    ),
+    (
+        "skip_rate",
+        "transmissions skipped",
+        "Skip rate vs u_th",
+        "uth_skip_rate.png",
+        {"percent": True},
+        "Fraction of tokens not uploaded.",
+    ),
+    (
+        "vocab_compression",
+        "vocabulary compression",
+        "Vocabulary compression vs u_th",
+        "uth_compression.png",
+        {"percent": True},
+        "1 - mean k / |V| over the uploads (online k*(t), theta = 0.1).",
+    ),
+    (
+        "pass_at_1_relative",
+        "pass@1 / llm-only's",
+        "HumanEval pass@1 relative to llm-only",
+        "uth_pass_at_1.png",
+        {"err": "pass_at_1_relative_stderr"},
+        "pass@1 from the problems' own unit tests over llm-only's on the same "
+        "problems and seed; error bars: one standard error (delta method). n/a where llm-only passes nothing.",
+    ),
+    (
+        "fidelity_tv",
+        "mean TV distance to the LLM per token",
+        "Fidelity vs u_th",
+        "uth_fidelity.png",
+        {},
+        "Exact total-variation distance between the law each token was drawn from and the LLM's, averaged over "
+        "tokens (0 = the LLM's own distribution). n/a where the run did not measure it.",
+    ),
+]
+
+
 def paper_figures(study: Study, rows: list[dict], rep: Path) -> list[tuple[Path, str]]:
     """Every figure of the paper report, drawn into rep, with its caption."""
     import pandas as pd
@@ -174,73 +222,11 @@ def paper_figures(study: Study, rows: list[dict], rep: Path) -> list[tuple[Path,
     refs = {n: by[n] for n in ("hlm", "u-hlm", "slm-only", "llm-only", "rand-hlm") if n in by}
     sweep = [r for r in rows if r["policy"] == "cu-hlm" and r["group"] in ("policy", "u_th")]
     samples = pd.read_parquet(study.point_dir("calibration") / "samples.parquet")
-    return [
-        (
-            plot_vs_u_th(
-                sweep,
-                refs,
-                "throughput_ratio_hlm",
-                "token throughput / HLM's",
-                "Throughput ratio to HLM vs u_th",
-                rep / "uth_throughput_ratio.png",
-                fit=fit,
-            ),
-            "Token throughput (1 / mean per-token delay) of cu-hlm over HLM's, vs its skip threshold. Vertical lines: "
-            "risk-averse and risk-prone thresholds of the fit.",
-        ),
-        (
-            plot_vs_u_th(
-                sweep,
-                refs,
-                "skip_rate",
-                "transmissions skipped",
-                "Skip rate vs u_th",
-                rep / "uth_skip_rate.png",
-                percent=True,
-                fit=fit,
-            ),
-            "Fraction of tokens not uploaded.",
-        ),
-        (
-            plot_vs_u_th(
-                sweep,
-                refs,
-                "vocab_compression",
-                "vocabulary compression",
-                "Vocabulary compression vs u_th",
-                rep / "uth_compression.png",
-                percent=True,
-                fit=fit,
-            ),
-            "1 - mean k / |V| over the uploads (online k*(t), theta = 0.1).",
-        ),
-        (
-            plot_vs_u_th(
-                sweep,
-                refs,
-                "pass_at_1_relative",
-                "pass@1 / llm-only's",
-                "HumanEval pass@1 relative to llm-only",
-                rep / "uth_pass_at_1.png",
-                err="pass_at_1_relative_stderr",
-                fit=fit,
-            ),
-            "pass@1 from the problems' own unit tests over llm-only's on the same problems and seed; error bars: one "
-            "standard error (delta method). n/a where llm-only passes nothing.",
-        ),
-        (
-            plot_vs_u_th(
-                sweep,
-                refs,
-                "fidelity_tv",
-                "mean TV distance to the LLM per token",
-                "Fidelity vs u_th",
-                rep / "uth_fidelity.png",
-                fit=fit,
-            ),
-            "Exact total-variation distance between the law each token was drawn from and the LLM's, averaged over "
-            "tokens (0 = the LLM's own distribution). n/a where the run did not measure it.",
-        ),
+    uth = [
+        (plot_vs_u_th(sweep, refs, column, label, title, rep / file, fit=fit, **options), caption)
+        for column, label, title, file, options, caption in UTH_FIGURES
+    ]
+    return uth + [
         (
             plot_beta_fit(cal, samples, rep / "beta_u_fit.png"),
             "Observed beta = max(0, 1 - y_d / x_d) of every token of the calibration run against each estimator's u, "
