@@ -56,7 +56,7 @@ def load_model(
 ):
     """Load a causal LM for inference (eval mode, no grads).
 
-    dtype: float32 | bfloat16 | float16 | auto (agents.hardware.auto_dtype for `device`) | None
+    dtype: float32 | bfloat16 | float16 | auto (agents.models.hardware.auto_dtype for `device`) | None
     (= auto). Tiny models take fp32 under auto: tests compare them exactly. A bundled member loads
     from its folder in that very dtype (dtype_folder), so it stays memory-mapped from safetensors
     (measured: 1.5B bf16 -> 3.1 GB RssFile, 0.26 GB anonymous) and several actors on one machine

@@ -102,8 +102,8 @@ def command(
     attention (a padded batch vs one session), and the whole forward (hf vs packed)."""
     import torch
 
-    from agents.hardware import machine_info, resolve_dtype
     from agents.models import load_model
+    from agents.models.hardware import machine_info, resolve_dtype
 
     rows = []
     for name in dict.fromkeys(resolve_dtype(d.strip()) for d in dtypes.split(",")):

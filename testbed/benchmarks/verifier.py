@@ -106,9 +106,9 @@ def command(
     """Verified tokens/s at several batch sizes through the Verifier vs the raw batched forward."""
     import torch
 
-    from agents.hardware import machine_info, resolve_dtype
     from agents.lm import BatchedLM
     from agents.models import load_model
+    from agents.models.hardware import machine_info, resolve_dtype
 
     torch.set_num_threads(threads)
     dtype = resolve_dtype(dtype)

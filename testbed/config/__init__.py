@@ -4,7 +4,7 @@ testbed.scenario, which re-exports it.
 Dependencies run one way (each module imports only those above it):
 
     errors   Problem, ScenarioError, pydantic errors -> field-path problems, line lookup
-    checks   field checks that ask agents.models, netem, policies, the resolver, agents.hardware
+    checks   field checks that ask agents.models, netem, policies, the resolver, agents.models.hardware
     schema   the pydantic models (Scenario and its parts) and set_key, the override/sweep keys
     io       YAML in (with line index) and out, bundled scenarios, parse/load/dump
     sweeps   override, sweep_points, expand_sweep

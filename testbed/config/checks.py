@@ -1,6 +1,6 @@
 """Field checks that ask something outside the schema: agents.models (model specs), netem (link
 profiles, refused when they lose every packet), policies.load_policy (policy specs, resolved to
-their pinned parameters), the resolver (server.host) and agents.hardware (devices).
+their pinned parameters), the resolver (server.host) and agents.models.hardware (devices).
 
 Each takes the raw field value and returns the value to store, or raises errors.fail(...) with
 the sub-path at fault. The packages are imported lazily and skipped when absent, so the schema

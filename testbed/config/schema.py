@@ -54,7 +54,7 @@ class Models(_Config):
 
     slm: str | dict[str, Any]
     llm: str | dict[str, Any]
-    # auto: what the hardware runs fastest (agents.hardware.auto_dtype; a measured probe on CPU).
+    # auto: what the hardware runs fastest (agents.models.hardware.auto_dtype; a measured probe on CPU).
     # A run writes the dtype it resolved into its scenario.yaml, so a rerun elsewhere can pin it.
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
 
@@ -246,7 +246,7 @@ class Actors(_Config):
     # torch threads of the content forwards (the virtual clock: the local engine, and on Ray every
     # actor, since groups and verifier take turns there and the one computing should have all the
     # cores). auto = the cores this machine lets the driver use, at most OMP_NUM_THREADS where set
-    # (agents.hardware.auto_threads; on a machine others share, pin 1: split forwards wait for time slices);
+    # (agents.models.hardware.auto_threads; on a machine others share, pin 1: split forwards wait for time slices);
     # a run writes the count it resolved into its scenario.yaml. fp32 forwards round differently at
     # different counts, so every engine and layout computes a scenario's content at this one count.
     threads: Literal["auto"] | Annotated[int, Field(ge=1, strict=True)] = "auto"

@@ -47,8 +47,8 @@ def forward_threads(s: Scenario, threads: int, engine: str = "local") -> dict[st
 def plan(s: Scenario, checked=None, *, engine: str = "ray", address: str | None = None) -> Plan:
     """Resolve `s` for the engines. Runs testbed.preflight first (unless `checked`, its result, is
     given), so a scenario that would fail at run time raises ScenarioError before any per-device work."""
-    from agents.hardware import resolve_threads
     from agents.models import model_dtype
+    from agents.models.hardware import resolve_threads
     from testbed.preflight import preflight
     from testbed.prompts import prompt_index
 
@@ -132,7 +132,7 @@ def compute_info(p: Plan, lms: Mapping[str, Any], engine: str = "local") -> dict
     """How the run computed: machine, dtypes, threads, each model's forward layout. threads: the
     scenario's actors.threads ("requested"), what it resolved to ("content"), and the torch threads
     each role's forwards ran at ("slm", "llm"; each model's own "threads" is what torch reported)."""
-    from agents.hardware import machine_info
+    from agents.models.hardware import machine_info
 
     a = p.scenario.actors
     return {
@@ -144,7 +144,7 @@ def compute_info(p: Plan, lms: Mapping[str, Any], engine: str = "local") -> dict
             **forward_threads(p.scenario, p.threads, engine),
             "group": a.group_threads,
             "verifier": a.verifier_threads,
-            # other work on the cores slows split forwards many times (agents.hardware)
+            # other work on the cores slows split forwards many times (agents.models.hardware)
             "machine_load_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         },
         "device": {"group": a.group_device, "verifier": a.verifier_device},

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from agents.hardware import resolve_threads
 from agents.lm import ROW_TILE, BatchedLM, tiled_linear
 from agents.models import TinyConfig, load_model
+from agents.models.hardware import resolve_threads
 
 # Every count a run computes at: the wall clock's actors (1 by default), 2, and auto (the usable cores).
 THREAD_COUNTS = sorted({1, 2, resolve_threads("auto")})

@@ -421,7 +421,7 @@ def test_threads_resolve_once_and_every_engine_computes_at_that_count(ray_sessio
     """actors.threads: auto resolves to the usable cores, is pinned in scenario.yaml and recorded
     under compute.threads; the local engine and the Ray virtual clock (every actor at that count,
     as the models report) give the same trace, with a model whose fp32 bits depend on the count."""
-    from agents.hardware import auto_threads
+    from agents.models.hardware import auto_threads
 
     s = small(**WIDE_PAIR, **{"generation.max_new_tokens": 6})
     assert s.actors.threads == "auto"
