@@ -98,6 +98,7 @@ class RayDriver:
         self.p, self.opts, self.sinks = p, opts, sinks
         self.ray_owned, self.ray_s = ray_owned, ray_s
         self.s = s = p.scenario
+        self.clock = ClockParams(s.clock, s.time_scale)  # every actor's (t0 set once they are up)
         self.two_pass = s.clock == "virtual"  # the actors compute the content, finish() replays it
         self.members = {i: [d.device_id for d in m] for i, m in enumerate(device_groups(s))}
         self.actors: list = []  # every actor made (killed at close)
@@ -138,7 +139,7 @@ class RayDriver:
             p.server,
             self.s.seed,
             p.run.vocab_size,
-            ClockParams(self.s.clock, self.s.time_scale),
+            self.clock,
             self.host,
             self.s.server.port,
             threads=self.role_threads["llm"],
@@ -163,7 +164,7 @@ class RayDriver:
             p.slm,
             p.policy_specs,
             None,
-            ClockParams(self.s.clock, self.s.time_scale),
+            self.clock,
             self.role_threads["slm"],
             p.slm_dtype,
             a.group_device,
