@@ -178,7 +178,7 @@ class RecordingContent(ModelContent):
 
 class ReplayContent:
     """The timing replay: each token's Drafted from a content pass's record (per device, in token
-    order; agents.engine.PackedDrafted or a list), its stop from the record. No model runs and no
+    order; agents.record.PackedDrafted or a list), its stop from the record. No model runs and no
     verdict reaches the policy again."""
 
     slm = None

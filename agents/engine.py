@@ -16,7 +16,7 @@ verdict only on the device's own context (the forwards are batch invariant, agen
 2. replay: the same state machines run again in emulated time (links, retransmissions, the
    verifier's batching rule and its lower bounds), taking the content from the record instead of
    the models. This pass writes the trace; it costs no forward at all. The record goes to it packed
-   (Content.packed: numpy records, ~60 bytes a token), and with history=False (the runner's) it keeps
+   (agents.record: numpy records, ~60 bytes a token), and with history=False (the runner's) it keeps
    no rows: the events are the trace, so a replay's memory grows with devices, not with tokens.
    A device whose sequence stopped (agents.stop) records fewer tokens than max_new_tokens and the
    reason at its last one (Drafted.stop): the replay consumes exactly the recorded tokens and takes
@@ -37,190 +37,15 @@ loop (`drive`) over the same state machines, composed of other pieces (docs/desi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
-import numpy as np
-
-from agents import protocol
-from agents.content import Drafted
 from agents.device import DeviceGroupCore, DeviceSpec, RunParams
 from agents.events import VerifierBatch
+from agents.record import Content
 from agents.timing import merge
 from agents.verifier import BatchRecord, ServerProfile, VerifierCore
-from policies.base import Decision, Policy
-
-
-@dataclass
-class Content:
-    """A content pass's record: what every device emitted and what every verdict said."""
-
-    devices: dict[int, list[Drafted]] = field(default_factory=dict)
-    verdicts: dict[tuple[int, int], protocol.Verdict] = field(default_factory=dict)
-
-    def update(self, other: Content) -> None:
-        self.devices.update(other.devices)
-        self.verdicts.update(other.verdicts)
-
-    def packed(self) -> Content:
-        """The same record in numpy arrays (PackedDrafted, PackedVerdicts)."""
-        return Content(pack_devices(self.devices), PackedVerdicts.of(self.verdicts))
-
-
-# A content record as Python objects costs ~650 bytes a token (Drafted, Decision, Verdict, their
-# floats and the dict keys): 400 MiB for 10,000 devices x 64 tokens, all in the driver that replays
-# it. Packed in numpy records it is ~60 bytes a token, and pickles (Ray) as a few buffers. Every
-# field is stored at its exact width (floats as float64, as Python holds them), so an item rebuilt
-# from a record equals the original.
-_DRAFTED = np.dtype(
-    [
-        ("transmit", "?"),
-        ("llm_samples", "?"),
-        ("prob_bits", "i2"),
-        ("k", "i4"),
-        ("draft", "i4"),
-        ("payload", "i8"),
-        ("uncertainty", "f8"),
-        ("draft_prob", "f8"),
-        ("fidelity_tv", "f8"),
-        ("fidelity_tv_branch", "f8"),
-        ("stop", "i1"),
-    ]
-)
-
-
-class PackedDrafted(Sequence):
-    """One device's content record (its Drafted, in token order; payloads as their sizes) as one
-    numpy record array; an item is rebuilt as a Drafted on access."""
-
-    __slots__ = ("a",)
-
-    def __init__(self, items: Sequence[Drafted]):
-        self.a = np.array(
-            [
-                (
-                    c.decision.transmit,
-                    c.decision.llm_samples,
-                    c.decision.prob_bits,
-                    c.decision.k,
-                    c.draft,
-                    c.payload if isinstance(c.payload, int) else len(c.payload),
-                    c.decision.uncertainty,
-                    c.draft_prob,
-                    c.fidelity_tv,
-                    c.fidelity_tv_branch,
-                    c.stop,
-                )
-                for c in items
-            ],
-            dtype=_DRAFTED,
-        )
-
-    def __len__(self) -> int:
-        return len(self.a)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        transmit, llm_samples, prob_bits, k, draft, payload, u, draft_prob, fidelity, branch, stop = self.a[i].tolist()
-        return Drafted(
-            Decision(transmit, u, k, prob_bits, llm_samples), draft, draft_prob, payload, fidelity, branch, stop
-        )
-
-
-def pack_devices(devices: Mapping[int, Sequence[Drafted]]) -> dict[int, PackedDrafted]:
-    return {d: c if isinstance(c, PackedDrafted) else PackedDrafted(c) for d, c in devices.items()}
-
-
-_VERDICT = np.dtype(
-    [
-        ("device", "i8"),
-        ("seq", "i8"),
-        ("session", "i8"),
-        ("token_index", "i8"),
-        ("token", "i8"),
-        ("accepted", "?"),
-        ("resampled", "?"),
-        ("beta", "f8"),
-        ("shadow_start", "i8"),
-        ("shadow_end", "i8"),
-    ]
-)
-
-
-class PackedVerdicts(Mapping):
-    """A verifier's content log, (device, seq) -> protocol.Verdict, as one record array sorted by
-    (device, seq) and the shadow betas end to end; a frame is rebuilt on access."""
-
-    def __init__(self, a: np.ndarray, shadow: np.ndarray):
-        self.a, self.shadow = a, shadow
-        devices = a["device"]
-        starts = np.flatnonzero(np.r_[True, devices[1:] != devices[:-1]]) if len(a) else np.zeros(0, np.int64)
-        ends = np.r_[starts[1:], len(a)].astype(np.int64)
-        self.rows = {int(devices[s]): (int(s), int(e)) for s, e in zip(starts, ends)}  # device -> its slice
-
-    @classmethod
-    def of(cls, log: Mapping) -> PackedVerdicts:
-        if isinstance(log, PackedVerdicts):
-            return log
-        keys = sorted(log)
-        shadow, recs = [], []
-        for key in keys:
-            v = log[key]
-            recs.append(
-                (
-                    v.device,
-                    v.seq,
-                    v.session,
-                    v.token_index,
-                    v.token,
-                    v.accepted,
-                    v.resampled,
-                    v.beta,
-                    len(shadow),
-                    len(shadow) + len(v.shadow_betas),
-                )
-            )
-            shadow.extend(v.shadow_betas)
-        return cls(np.array(recs, dtype=_VERDICT), np.array(shadow, dtype=np.float64))
-
-    def __reduce__(self):  # pickle (Ray) the two arrays only
-        return PackedVerdicts, (self.a, self.shadow)
-
-    def _index(self, key) -> int:
-        device, seq = key
-        start, end = self.rows.get(device, (0, 0))
-        i = start + int(np.searchsorted(self.a["seq"][start:end], seq))
-        if i >= end or self.a["seq"][i] != seq:
-            raise KeyError(key)
-        return i
-
-    def __getitem__(self, key) -> protocol.Verdict:
-        device, seq, session, token_index, token, accepted, resampled, beta, lo, hi = self.a[self._index(key)].tolist()
-        return protocol.Verdict(
-            device=device,
-            session=session,
-            seq=seq,
-            token_index=token_index,
-            token=token,
-            accepted=accepted,
-            resampled=resampled,
-            beta=beta,
-            shadow_betas=tuple(self.shadow[lo:hi].tolist()),
-        )
-
-    def __contains__(self, key) -> bool:
-        try:
-            self._index(key)
-        except KeyError:
-            return False
-        return True
-
-    def __iter__(self):
-        return iter(zip(self.a["device"].tolist(), self.a["seq"].tolist()))
-
-    def __len__(self) -> int:
-        return len(self.a)
+from policies.base import Policy
 
 
 @dataclass

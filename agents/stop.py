@@ -21,7 +21,7 @@ from typing import Any
 
 EOS, STOP, LENGTH = "eos", "stop", "length"
 REASONS = (EOS, STOP, LENGTH)
-# In a content record (agents.engine.PackedDrafted): why the device stopped at that token.
+# In a content record (agents.record.PackedDrafted): why the device stopped at that token.
 REASON_CODES = {"": 0, EOS: 1, STOP: 2}
 CODE_REASONS = {v: k for k, v in REASON_CODES.items()}
 

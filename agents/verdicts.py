@@ -217,7 +217,7 @@ class RecordingVerdicts(LLMVerdicts):
 
 class ReplayVerdicts:
     """The timing replay: each verdict's frame from a content pass's log (`log`: (device, seq) ->
-    frame; agents.engine.PackedVerdicts or a dict). No LLM runs and no payload is decoded (the
+    frame; agents.record.PackedVerdicts or a dict). No LLM runs and no payload is decoded (the
     content pass checked each upload); its verdicts carry no logits (the record has the fidelity)."""
 
     llm = None

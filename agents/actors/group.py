@@ -15,7 +15,7 @@ from agents import protocol, security, wire
 from agents.actors.clock import POLL_MS, ClockParams, poll_ms
 from agents.actors.process import max_rss_bytes, memory, set_threads
 from agents.device import DeviceGroupCore, DeviceSpec, RunParams
-from agents.engine import pack_devices
+from agents.record import pack_devices
 from agents.security import ClientKeys
 
 

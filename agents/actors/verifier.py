@@ -15,7 +15,7 @@ from agents import protocol, security, wire
 from agents.actors.admission import Admission, Limits
 from agents.actors.clock import POLL_MS, ClockParams, poll_ms
 from agents.actors.process import max_rss_bytes, memory, set_threads
-from agents.engine import PackedVerdicts
+from agents.record import PackedVerdicts
 from agents.security import ServerKeys
 from agents.verifier import ServerProfile, VerifierCore
 

@@ -335,8 +335,9 @@ class RayDriver:
         the virtual clock the replay that writes the timed trace. Returns the run's status entries."""
         from ray.exceptions import RayActorError
 
-        from agents.engine import Content, replay_content
+        from agents.engine import replay_content
         from agents.events import VerifierBatch
+        from agents.record import Content
         from agents.timing import merge
         from policies import load_policy
         from testbed.profile import breakdown

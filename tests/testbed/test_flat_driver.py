@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 
 from agents.device import DeviceSpec, RunParams
-from agents.engine import PackedDrafted, PackedVerdicts, replay_content, run_content, run_local
+from agents.engine import replay_content, run_content, run_local
 from agents.events import MessageLost, ShadowResolved, TokenCommitted, UploadSent, VerdictReceived
 from agents.lm import BatchedLM
 from agents.models import load_model
+from agents.record import PackedDrafted, PackedVerdicts
 from agents.verifier import ServerProfile
 from netem import DuplexProfile
 from policies import load_policy

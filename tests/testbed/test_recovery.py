@@ -150,9 +150,10 @@ def test_restored_verifier_continues_bit_for_bit(stops):
     (LLM caches re-fed in the original incremental calls), and so does the replayed trace. With stops
     (the tiny tokenizer's eos) too: sessions closed by a stop stay closed, the others go on."""
     from agents.device import DeviceGroupCore
-    from agents.engine import Content, replay_content, run_content
+    from agents.engine import replay_content, run_content
     from agents.lm import BatchedLM
     from agents.models import load_model
+    from agents.record import Content
     from agents.verifier import VerifierCore
     from policies import load_policy
     from testbed.run import plan
