@@ -152,7 +152,9 @@ def run_virtual(
     history as in run_local (both passes)."""
     content = run_content(specs, run, server, slm, llm, policies, on_content, on_content_events, history)
     record, content.content = content.content.packed(), None  # the objects go: the replay holds ~60 B a token
-    return replay_content(specs, run, server, policies, record, on_step, content, on_events, history)
+    result = replay_content(specs, run, server, policies, record, on_step, content, on_events, history)
+    result.content = record  # what a content library keeps (testbed.content)
+    return result
 
 
 def replay_content(

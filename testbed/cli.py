@@ -8,6 +8,7 @@ from testbed.commands import (
     accuracy,
     bench,
     calibrate,
+    content,
     dashboards,
     links,
     models,
@@ -23,6 +24,7 @@ app.add_typer(models.app, name="models", help="Prepare and list model pairs.")
 app.add_typer(links.app, name="links", help="Named link profiles.")
 app.add_typer(bench.app, name="bench", help="Benchmarks that print ratios measured in one run.")
 app.add_typer(dashboards.app, name="dashboards", help="Prometheus/Grafana for live runs.")
+app.add_typer(content.app, name="content", help="Record and list content libraries (replayed without models).")
 app.add_typer(reproduce.app, name="reproduce", help="Reproduce the CU-HLM / U-HLM papers (resumable).")
 app.command("accuracy")(accuracy.accuracy)
 app.command("policies")(policies.policies)

@@ -98,7 +98,9 @@ def save_recording(
             raise LibraryError(f"provenance lacks {key!r}: a replay needs it")
     packed = content.packed()
     verdicts = packed.verdicts
-    name = name or f"{provenance.get('scenario', 'run')}-seed{provenance.get('seed', 0)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = (
+        name or f"{provenance.get('scenario', 'run')}-seed{provenance.get('seed', 0)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     folder = Path(library) / name
     if folder.exists():
         raise LibraryError(f"{folder}: a recording of that name exists already")
@@ -109,7 +111,19 @@ def save_recording(
         v = verdicts.a[start:end]
         stops = a["stop"][a["stop"] != 0]
         reason = CODE_REASONS[int(stops[-1])] if len(stops) else ("length" if len(a) else "")
-        seqs.append((i, spec.device, spec.tier, spec.policy_name, spec.prompt_index, list(spec.prompt_ids), len(a), len(v), reason))
+        seqs.append(
+            (
+                i,
+                spec.device,
+                spec.tier,
+                spec.policy_name,
+                spec.prompt_index,
+                list(spec.prompt_ids),
+                len(a),
+                len(v),
+                reason,
+            )
+        )
         toks.append((i, a))
         verds.append((i, v, [verdicts.shadow[lo:hi].tolist() for lo, hi in zip(v["shadow_start"], v["shadow_end"])]))
     meta = {
@@ -245,7 +259,9 @@ class Library:
             table, meta = _read(folder / "sequences.parquet", "sequences")
             recordings.append(Recording(folder, meta, table))
         if not recordings:
-            raise LibraryError(f"{path}: no recording in this content library (testbed content record ... --out {path})")
+            raise LibraryError(
+                f"{path}: no recording in this content library (testbed content record ... --out {path})"
+            )
         return cls(path, recordings)
 
     def policies(self) -> dict[str, dict]:
@@ -254,14 +270,21 @@ class Library:
         for r in self.recordings:
             labels = r.sequences.column("policy").to_pylist()
             for label, spec in r.provenance["policies"].items():
-                entry = out.setdefault(canonical_policy(spec), {"label": label, "spec": spec, "sequences": 0, "recordings": []})
+                entry = out.setdefault(
+                    canonical_policy(spec), {"label": label, "spec": spec, "sequences": 0, "recordings": []}
+                )
                 entry["sequences"] += labels.count(label)
                 entry["recordings"].append(r.name)
         return out
 
     def describe_policies(self) -> str:
         """The policies this library holds, for an error message."""
-        return "; ".join(f"{p['label']} ({p['sequences']} sequences)" if p["spec"] == p["label"] else f"{p['spec']} ({p['sequences']} sequences)" for p in self.policies().values())
+        return "; ".join(
+            f"{p['label']} ({p['sequences']} sequences)"
+            if p["spec"] == p["label"]
+            else f"{p['spec']} ({p['sequences']} sequences)"
+            for p in self.policies().values()
+        )
 
     def pool(self, policy) -> Pool:
         """Every sequence of `policy` (as a scenario gives it) over the library's recordings, in

@@ -45,4 +45,5 @@ def run_local(p: Plan, opts: RunOptions, sinks) -> dict:
             0.0, emulation, {"model_load": t_loaded - t0}, result.group_timings, result.verifier_timings
         ),
         "lms": (slm, llm),
+        "content": result.content,  # the record (agents.record), for a content library; popped before writing
     }

@@ -25,3 +25,8 @@ class RunOptions:
     # The Ray engine's driver: a callable (plan, options, sinks, ray_owned, ray_s) -> RayDriver, by
     # default RayDriver itself. Fault-injection tests pass a subclass (tests/testbed/chaos.py).
     driver: Callable[..., Any] | None = None
+    # Virtual clock: save the run's content record as a new recording of this content library
+    # (testbed.content.library; `testbed content record`), named `recording` (None: scenario, seed, time).
+    save_content: Path | None = None
+    recording: str | None = None
+    command: str | None = None  # the command line that made the run (a recording's provenance)

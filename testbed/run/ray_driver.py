@@ -373,6 +373,7 @@ class RayDriver:
                 p.specs, p.run, p.server, policies, content, on_events=self.sinks.events, history=False
             )
             status["timings"] = merge(status["timings"], {"replay": replay.group_timings["replay"]})
+            status["content"] = content  # for a content library (testbed.content); popped before writing
         else:
             self.sinks.events([VerifierBatch.of(b) for b in last_batches])
         t_end = time.perf_counter()

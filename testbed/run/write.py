@@ -11,6 +11,11 @@ from testbed.run.plan import Plan, forward_threads, load_lms
 def write_run(p: Plan, opts: RunOptions, sinks, status: dict, ok: bool, wall: float) -> None:
     """Everything the run writes once the engine has stopped (`ok`: it ran to the end)."""
     lms = status.pop("lms", None)
+    content = status.pop("content", None)
+    if content is not None and opts.save_content is not None and ok:
+        from testbed.content import record_run
+
+        status["recording"] = str(record_run(p, opts, content, status))
     if "profile" in status:
         status["profile"]["wall_s"] = round(wall, 3)
         if opts.profile and ok:  # after the wall time: the yardstick does not count in it
