@@ -58,6 +58,13 @@ def preflight(s: Scenario, *, engine: str = "ray", address: str | None = None, s
     from agents.models import ModelError, model_facts
     from testbed.prompts import PromptError, load_prompts
 
+    if s.replays_library:  # no model, no prompt, no socket: the libraries and their policies
+        from testbed.content.plan import library_problems
+
+        found = library_problems(s)
+        if found:
+            raise ScenarioError([Problem(*p) for p in found], source)
+        return Checked([], 0, {}, {})
     problems: list[Problem] = []
     facts: dict[str, dict[str, int]] = {}
     for role in ("slm", "llm"):

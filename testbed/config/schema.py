@@ -221,14 +221,39 @@ class Server(_Config):
 # ---------------------------------------------------------------------------- fleet
 
 
+class TierContent(_Config):
+    """Where a tier's token content comes from instead of the models: a content library (testbed.content,
+    docs/design.md section 8). Each device replays one recorded sequence of its tier's policy:
+    random = drawn with replacement from (seed, device id); no-replacement = the tier's devices take the
+    sequences in an order drawn from (seed, device ids), each once before any twice; recorded = the
+    sequence recorded by the device of the same id (replaying a run's own recording: its exact trace)."""
+
+    library: str  # a folder (relative to the scenario file) or a bundled library's name
+    draw: Literal["random", "no-replacement", "recorded"] = "random"
+
+    @field_validator("library")
+    @classmethod
+    def _resolve(cls, v: str, info: ValidationInfo) -> str:
+        from testbed.content.library import LibraryError, bundled_libraries, library_path
+
+        if v in bundled_libraries():
+            return v  # by name, so that scenario.yaml finds it on another machine too
+        try:
+            return str(library_path(v, (info.context or {}).get("base_dir")))  # absolute, as prompts.file
+        except LibraryError as e:
+            raise fail(str(e)) from None
+
+
 class Tier(_Config):
-    """`count` identical devices: same SLM speed, link profile and policy."""
+    """`count` identical devices: same SLM speed, link profile and policy; their content from the models,
+    or (`content`) replayed from a content library."""
 
     name: Name
     count: int = Field(ge=1)
     slm_ms_per_token: PositiveFloat  # emulated SLM step per token on this device class
     link: str | dict[str, Any]  # named netem profile or {uplink: {...}, downlink: {...}}
     policy: str | dict[str, Any] = "cu-hlm"
+    content: TierContent | None = None  # None: from the models
 
     @field_validator("link", mode="before")
     @classmethod
@@ -313,7 +338,7 @@ class Scenario(_Config):
     clock: Literal["virtual", "wall"] = "virtual"
     time_scale: PositiveFloat = 1.0  # wall clock only: emulated seconds per real second
     address: str | None = Field(None, min_length=1)  # Ray cluster to join (e.g. auto, host:6379); None = local Ray
-    models: Models
+    models: Models | None = None  # required unless every tier replays a content library
     prompts: Prompts = Prompts()
     generation: Generation = Generation()
     server: Server = Server()
@@ -332,6 +357,34 @@ class Scenario(_Config):
             stop = list(STOP_SEQUENCES) if self.prompts.source == "humaneval" else []
             object.__setattr__(self, "generation", self.generation.model_copy(update={"stop": stop}))
         return self
+
+    @model_validator(mode="after")
+    def _check_content(self) -> Scenario:
+        # Content from the models (models:) or replayed from libraries (every tier's content:), not both:
+        # a replay has no model to run, and a model run's content pass has no library to read.
+        from_library = [t.content is not None for t in self.tiers]
+        if any(from_library) and not all(from_library):
+            i = from_library.index(False)
+            raise fail(
+                f"tier {self.tiers[i].name} takes its content from the models but others replay a content "
+                f"library; a scenario takes all its content from one or the other",
+                "tiers",
+                i,
+                "content",
+            )
+        if all(from_library):
+            if self.models is not None:
+                raise fail("every tier replays a content library: remove models (the library names its own)", "models")
+            if self.clock != "virtual":
+                raise fail("a content library replays in the virtual clock only", "clock")
+        elif self.models is None:
+            raise fail("required: the models that compute the content (or give every tier a content library)", "models")
+        return self
+
+    @property
+    def replays_library(self) -> bool:
+        """Every tier's content comes from a content library: no model runs (testbed.run.replay)."""
+        return all(t.content is not None for t in self.tiers)
 
     @model_validator(mode="after")
     def _check_tier_names(self) -> Scenario:

@@ -2,7 +2,8 @@
 
     validate  testbed.preflight: every check before Ray starts or anything is written
     plan      testbed.run.plan (on Ray: while Ray starts, testbed.run.ray_setup)
-    engine    testbed.run.local.run_local | testbed.run.ray_driver.RayDriver
+    engine    testbed.run.local.run_local | testbed.run.ray_driver.RayDriver; content libraries:
+              testbed.run.replay.run_replay
     sinks     testbed.sinks.Sinks: metrics collector, streaming results writer, progress
     write     tokens.parquet, summary.json, scenario.yaml; pass@1 and the report (testbed.run.write)
 
@@ -55,7 +56,7 @@ def run_scenario(s: Scenario, opts: RunOptions) -> dict:
 
 def _plan(s: Scenario, opts: RunOptions, checked) -> tuple[Plan, bool, float]:
     """(plan, whether this run started Ray, Ray's start-up seconds)."""
-    if opts.engine == "ray":
+    if opts.engine == "ray" and not s.replays_library:  # a library replay starts Ray itself, if at all
         from testbed.run.ray_setup import plan_while_ray_starts
 
         return plan_while_ray_starts(s, opts, checked)
@@ -63,6 +64,10 @@ def _plan(s: Scenario, opts: RunOptions, checked) -> tuple[Plan, bool, float]:
 
 
 def _engine(p: Plan, opts: RunOptions, sinks: Sinks, ray_owned: bool, ray_s: float) -> dict:
+    if p.content is not None:  # content libraries: no model runs (testbed.run.replay)
+        from testbed.run.replay import run_replay
+
+        return run_replay(p, opts, sinks)
     if opts.engine == "local":
         from testbed.run.local import run_local
 

@@ -31,6 +31,7 @@ class Plan:
     slm_dtype: str = "float32"  # resolved (never auto)
     llm_dtype: str = "float32"
     threads: int = 1  # actors.threads resolved (never auto): torch threads of the content forwards
+    content: Any = None  # a library replay's testbed.content.plan.LibraryContent (then slm, llm are None)
 
 
 def forward_threads(s: Scenario, threads: int, engine: str = "local") -> dict[str, int]:
@@ -52,17 +53,13 @@ def plan(s: Scenario, checked=None, *, engine: str = "ray", address: str | None 
     from testbed.preflight import preflight
     from testbed.prompts import prompt_index
 
+    if s.replays_library:  # no model: the content is a library's (testbed.content)
+        from testbed.content.plan import plan_library
+
+        return plan_library(s)
     checked = checked or preflight(s, engine=engine, address=address)
     prompts, vocab = checked.prompts, checked.vocab_size
-    policy_specs: dict[str, object] = {}
-    labels: dict[int, str] = {}
-    for t in s.tiers:
-        label = policy_name(t.policy)
-        if label in policy_specs and policy_specs[label] != t.policy:
-            label = f"{label}@{t.name}"  # same preset, other parameters: keep them apart
-        policy_specs[label] = t.policy
-        labels[id(t)] = label
-    tier_label = {t.name: labels[id(t)] for t in s.tiers}
+    policy_specs, tier_label = policy_labels(s)
     specs = []
     for d in devices(s):
         p = prompts[prompt_index(d.device_id, len(prompts))]
@@ -101,6 +98,20 @@ def plan(s: Scenario, checked=None, *, engine: str = "ray", address: str | None 
     )
 
 
+def policy_labels(s: Scenario) -> tuple[dict[str, object], dict[str, str]]:
+    """(label -> policy spec, tier name -> its policy's label): a preset's name, or name@tier where
+    tiers use the same preset with other parameters (the tokens table's `policy` column)."""
+    policy_specs: dict[str, object] = {}
+    tier_label: dict[str, str] = {}
+    for t in s.tiers:
+        label = policy_name(t.policy)
+        if label in policy_specs and policy_specs[label] != t.policy:
+            label = f"{label}@{t.name}"  # same preset, other parameters: keep them apart
+        policy_specs[label] = t.policy
+        tier_label[t.name] = label
+    return policy_specs, tier_label
+
+
 def stop_rule(s: Scenario):
     """The scenario's agents.stop.StopRule: the SLM tokenizer's end ids (testbed.accuracy.end_token_ids,
     the ones scoring cuts at) when generation.stop_at_eos, and generation.stop, decoded with that
@@ -121,6 +132,8 @@ def resolved_scenario(p: Plan) -> Scenario:
     from testbed.scenario import override
 
     changes: dict = {}
+    if p.content is not None:  # a library replay: its sequences' length is the library's
+        return override(p.scenario, {"generation.max_new_tokens": p.run.max_new_tokens})
     if p.scenario.models.dtype == "auto" and p.slm_dtype == p.llm_dtype:
         changes["models.dtype"] = p.slm_dtype
     if p.scenario.actors.threads == "auto":

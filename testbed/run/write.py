@@ -29,7 +29,8 @@ def write_run(p: Plan, opts: RunOptions, sinks, status: dict, ok: bool, wall: fl
         return
     summary(p, opts, df, sinks.batch_sizes, wall, status)
     del df  # the accuracy score and the report read tokens.parquet themselves
-    if opts.accuracy and p.scenario.prompts.source == "humaneval" and not status.get("interrupted"):
+    humaneval = p.scenario.prompts.source == "humaneval" and p.content is None  # a library replay: no tokenizer
+    if opts.accuracy and humaneval and not status.get("interrupted"):
         from testbed.accuracy import score_run
 
         score_run(opts.out_dir, progress=opts.progress)  # pass@1 from executed tests
