@@ -43,16 +43,17 @@ def draw(pool: Pool, device_ids: np.ndarray, seed: int, mode: str, tier: str = "
         recorded = pool.recorded_device
         unique, counts = np.unique(recorded, return_counts=True)
         if (counts > 1).any():
-            d = int(unique[counts > 1][0])
+            d, times = int(unique[counts > 1][0]), int(counts[counts > 1][0])
             raise LibraryError(
                 f"tier {tier}: draw: recorded needs one recording of each device, but device {d} of policy "
-                f"{pool.label} was recorded {int(counts[counts > 1][0])} times (recordings {sorted(set(pool.recording))})"
+                f"{pool.label} was recorded {times} times (recordings {sorted(set(pool.recording))})"
             )
         where = {int(d): s for s, d in enumerate(recorded)}
         missing = [int(d) for d in ids if int(d) not in where]
         if missing:
             raise LibraryError(
-                f"tier {tier}: draw: recorded, but device {missing[0]} ({len(missing)} of the tier's {len(ids)} devices) "
+                f"tier {tier}: draw: recorded, but device {missing[0]} "
+                f"({len(missing)} of the tier's {len(ids)} devices) "
                 f"has no sequence of policy {pool.label} in the library (it holds devices "
                 f"{int(recorded.min())}..{int(recorded.max())})"
             )

@@ -141,7 +141,8 @@ def plan_library(s):
         temperature=settings["temperature"],
         vocab_size=settings["vocab_size"],
     )
-    recorded = {r.provenance.get("dtype", {}).get("llm", "float32") for lib in libraries.values() for r in lib.recordings}
+    recordings = [r for lib in libraries.values() for r in lib.recordings]
+    recorded = {r.provenance.get("dtype", {}).get("llm", "float32") for r in recordings}
     dtype = recorded.pop() if len(recorded) == 1 else "mixed"
     return Plan(
         s, LibrarySpecs(tiers, content), run, s.server.profile(), policy_specs, None, None, dtype, dtype, 1, content
