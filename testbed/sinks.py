@@ -51,6 +51,7 @@ class Sinks:
         self.partial: dict = {}  # summary entries a failed run still reports (restarts)
         self.writer = results.ResultsWriter(opts.out_dir / "tokens.shards", "tokens")
         self.writing_content = False  # the writer holds the content pass's rows (until the replay's first token)
+        self.parts: list[Path] = []  # the rows of partitions replayed apart (partition), in order
         two_pass = opts.engine == "local" or p.scenario.clock == "virtual"
         self.progress = Progress(p, self.collector, enabled=opts.progress, content=two_pass)
 
@@ -74,22 +75,25 @@ class Sinks:
 
     def events(self, events: list) -> None:
         """Timed events: to the collector, the results writer and the progress display."""
-        from agents.events import TokenCommitted, VerifierBatch
-
-        tokens = 0
-        for e in events:
-            if isinstance(e, TokenCommitted):
-                tokens += 1
-                if e.row.get("stop_reason"):
-                    self.ended.add(e.device)
-            elif isinstance(e, VerifierBatch):
-                self.batch_sizes.append(e.size)
+        tokens = tally(events, self.ended, self.batch_sizes)
         self.timed_tokens += tokens
         if self.writing_content and tokens:  # the replay's rows replace the content pass's
             self.writer.reset()
             self.writing_content = False
         self.collector.ingest_events(events)
         self.writer.add(events)
+        self.progress.timed()
+        self.progress.update()
+
+    def partition(self, part) -> None:
+        """A partition replayed apart (testbed.run.partitions.PartitionResult): its figures into the
+        collector, its rows (a parquet file of its own) into tokens.parquet at the end."""
+        self.collector.absorb(part.collector)
+        self.ended.update(part.ended)
+        self.batch_sizes.extend(part.batch_sizes)
+        self.timed_tokens += part.tokens
+        if part.path is not None:
+            self.parts.append(part.path)
         self.progress.timed()
         self.progress.update()
 
@@ -118,10 +122,14 @@ class Sinks:
         row, a run cut short) and return the columns summary.json needs (results.SUMMARY_COLUMNS);
         None when nothing was committed."""
         self.writer.close()
-        if not self.writer.rows:
+        if self.parts:  # partitions replayed apart: their files, one after the other
+            self.writer.discard()
+            results.concat_parts(self.parts, path)
+        elif not self.writer.rows:
             self.writer.discard()
             return None
-        self.writer.merge(path, frame=False)
+        else:
+            self.writer.merge(path, frame=False)
         return results.read_tokens(path, results.SUMMARY_COLUMNS)  # what summary.json needs, not every column
 
     def close(self) -> None:
@@ -133,6 +141,22 @@ class Sinks:
             if seconds > 0:
                 self.collector.linger(seconds)
             self.collector.close()
+
+
+def tally(events: list, ended: set[int], batch_sizes: list[int]) -> int:
+    """The committed tokens among `events`; devices whose sequence ended go in `ended`, every verifier
+    batch's size in `batch_sizes` (summary.json)."""
+    from agents.events import TokenCommitted, VerifierBatch
+
+    tokens = 0
+    for e in events:
+        if isinstance(e, TokenCommitted):
+            tokens += 1
+            if e.row.get("stop_reason"):
+                ended.add(e.device)
+        elif isinstance(e, VerifierBatch):
+            batch_sizes.append(e.size)
+    return tokens
 
 
 # --- progress ----------------------------------------------------------------------------

@@ -206,6 +206,19 @@ class Snapshot:
         return self.totals.acceptance_rate
 
 
+@dataclass
+class CollectorState:
+    """A collector's folded figures (Collector.state), to add to another's (Collector.absorb)."""
+
+    totals: dict[tuple[str, str], TierTotals]
+    devices: dict[int, tuple]  # device -> (key, n, first draft start, last commit, recent commits)
+    tier_spans: dict[tuple[str, str], tuple[float, float]]
+    max_event_t: float
+    verifier_batches: int
+    verifier_requests: int
+    samples: list  # Exporter.samples()
+
+
 class Collector:
     """Folds the run's events and exports them as Prometheus metrics (testbed.metrics.exporter).
 
@@ -424,6 +437,40 @@ class Collector:
         ):
             if v:
                 self.exporter.tier(m, key).inc(v)
+
+    # -- partitions ------------------------------------------------------------------------
+    def state(self) -> CollectorState:
+        """What this collector folded, to be added to another (absorb): a partition replayed in a worker
+        folds its own events, and the driver's collector absorbs the result."""
+        with self._lock:
+            return CollectorState(
+                {k: TierTotals(**vars(t)) for k, t in self._totals.items()},
+                {d: (v.key, v.n, v.t_first_start, v.t_last_commit, list(v.recent)) for d, v in self._devices.items()},
+                {k: tuple(v) for k, v in self._tier_span.items()},
+                self._max_event_t,
+                self._verifier_batches,
+                self._verifier_requests,
+                self.exporter.samples(),
+            )
+
+    def absorb(self, st: CollectorState) -> None:
+        """Add a collector's state() of other devices (another partition) to this one: totals, spans,
+        counters and histograms, as if its events had been folded here."""
+        with self._lock:
+            for key, t in st.totals.items():
+                self._key(key)
+                self._totals[key].add(t)
+            for device, (key, n, first, last, recent) in st.devices.items():
+                dev = self._devices[device] = _Device(key)
+                dev.n, dev.t_first_start, dev.t_last_commit = n, first, last
+                dev.recent.extend(recent)
+            for key, (first, last) in st.tier_spans.items():
+                span = self._tier_span.setdefault(key, [math.inf, -math.inf])
+                span[0], span[1] = min(span[0], first), max(span[1], last)
+            self._max_event_t = max(self._max_event_t, st.max_event_t)
+            self._verifier_batches += st.verifier_batches
+            self._verifier_requests += st.verifier_requests
+            self.exporter.add_samples(st.samples)
 
     # -- figures ---------------------------------------------------------------------------
     def emulated_time(self) -> float:

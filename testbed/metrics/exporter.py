@@ -12,6 +12,7 @@ import math
 import socket
 from collections.abc import Callable
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
@@ -81,6 +82,45 @@ class Exporter:
     def run(self, m: Metric, *labels: str):
         """The series of a run-wide metric (scenario label, then `labels`)."""
         return self.prom[m.name].labels(self.scenario, *labels)
+
+    def samples(self) -> list[tuple[str, dict[str, str], list[float], float]]:
+        """Every counter and histogram series as (metric name, labels, counts, sum): a counter's value
+        as its one count; a histogram's observations per bucket (not cumulative) and their sum. What
+        a partition replayed elsewhere hands the driver's exporter (add_samples)."""
+        out = []
+        for name, metric in self.prom.items():
+            for family in metric.collect():
+                if family.type == "counter":
+                    out += [(name, s.labels, [s.value], 0.0) for s in family.samples if s.name.endswith("_total")]
+                    continue
+                series: dict[tuple, list] = {}
+                for s in family.samples:
+                    labels = {k: v for k, v in s.labels.items() if k != "le"}
+                    entry = series.setdefault(tuple(sorted(labels.items())), [labels, [], 0.0])
+                    if s.name.endswith("_bucket"):
+                        entry[1].append(s.value)
+                    elif s.name.endswith("_sum"):
+                        entry[2] = s.value
+                for labels, cumulative, total in series.values():
+                    out.append((name, labels, list(np.diff(cumulative, prepend=0.0)), total))
+        return out
+
+    def add_samples(self, samples) -> None:
+        """Add another exporter's samples() to these series (partitions never share a device, so their
+        counts add). A histogram's buckets are added in place: prometheus_client has no public call
+        that adds n observations to a bucket (tests/testbed/test_partitions.py checks that the sum
+        equals folding every event here)."""
+        for name, labels, counts, total in samples:
+            child = self.prom[name].labels(**labels)
+            if isinstance(self.prom[name], Counter):
+                if counts[0]:
+                    child.inc(counts[0])
+                continue
+            for bucket, n in zip(child._buckets, counts):
+                if n:
+                    bucket.inc(n)
+            if total:
+                child._sum.inc(total)
 
     def add_gauges(self, snapshot: Callable, vocab_size: int | None, policy_of: Callable[[str], str]) -> None:
         """Register the gauges, computed at each scrape from `snapshot()` (a Snapshot)."""

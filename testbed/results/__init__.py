@@ -6,6 +6,7 @@ summary   summarize: summary.json from tokens.parquet's rows (every figure's def
 tables    a summary, and several side by side, for the terminal
 """
 
+from testbed.results.parts import concat_parts
 from testbed.results.shards import ResultsWriter, apply_patches, merge_shards, read_shards
 from testbed.results.summary import STOP_REASONS, stop_figures, summarize, write_summary
 from testbed.results.tables import comparison_table, format_bytes, summary_table
@@ -35,6 +36,7 @@ __all__ = [
     "TokenRecord",
     "apply_patches",
     "comparison_table",
+    "concat_parts",
     "format_bytes",
     "merge_shards",
     "read_shards",

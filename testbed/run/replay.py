@@ -8,9 +8,10 @@ code a model run replays its own content with) over its devices' recorded conten
 (testbed.content.plan.LibraryContent), so a library recorded by a run and replayed with the same
 timing settings gives that run's trace.
 
-    local   partitions one after another in this process, their events into the sinks
-    ray     partitions in parallel as Ray tasks (testbed.run.partitions), each writing its own rows;
-            the driver merges their metrics as they finish
+    local   partitions one after another in this process
+    ray     partitions in parallel as Ray tasks
+Either way each partition folds its own metrics and writes its own rows (testbed.run.partitions), and
+the driver absorbs them as they finish.
 """
 
 from __future__ import annotations
@@ -53,21 +54,16 @@ def replay_partition(p: Plan, server, ids: np.ndarray, policies: dict, on_events
 def run_replay(p: Plan, opts: RunOptions, sinks) -> dict:
     """Replay every partition into `sinks`; the run's status entries (testbed.run.write)."""
     from agents.models.hardware import machine_info
-    from agents.timing import merge
-    from policies import load_policy
     from testbed.profile import breakdown
+    from testbed.run.partitions import replay_here, replay_on_ray
 
     t0 = time.perf_counter()
     parts = partitions(p)
     if opts.engine == "ray" and len(parts) > 1:
-        from testbed.run.partitions import replay_on_ray
-
         status = replay_on_ray(p, opts, sinks, parts)
     else:
-        policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
-        timings = [replay_partition(p, server, ids, policies, sinks.events) for _, server, ids in parts]
-        sinks.clock(0.0, 0)
-        status = {"timings": merge(*timings), "partitions": len(parts)}
+        status = replay_here(p, opts, sinks, parts)
+    sinks.clock(0.0, 0)
     t_end = time.perf_counter()
     libraries = sorted({t.content.library for t in p.scenario.tiers})
     return {

@@ -1,0 +1,150 @@
+"""Partitions of a library replay, each replayed apart: in this process one after another, or in
+parallel as Ray tasks (docs/design.md section 8).
+
+A partition is the devices one verifier serves (testbed.run.replay.partitions). It folds its own events
+into its own collector and writes its own rows (tokens.parts/<verifier>.parquet), so nothing per token
+crosses a process: the driver absorbs each partition's collector state (testbed.metrics.Collector.absorb)
+as it finishes, and joins the files at the end (testbed.results.concat_parts). The same function replays
+a partition in both places (`replay_one`), so the two give the same tokens.parquet and metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from testbed.run.options import RunOptions
+from testbed.run.plan import Plan
+
+
+@dataclass
+class PartitionResult:
+    """One partition replayed: what the driver's sinks take in (testbed.sinks.Sinks.partition)."""
+
+    verifier: str
+    devices: int
+    tokens: int
+    path: Path | None  # its rows, sorted by device and token index (None: no row)
+    collector: object  # testbed.metrics.CollectorState
+    batch_sizes: list[int]
+    ended: set[int]
+    timings: dict
+    wall_s: float
+    max_rss_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def replay_one(p: Plan, verifier: str, server, ids: np.ndarray, out_dir: Path, policies: dict) -> PartitionResult:
+    """Replay the devices `ids` against `verifier` (its profile `server`) with a collector and a results
+    writer of their own."""
+    from agents.actors import max_rss_bytes
+    from testbed.metrics import Collector
+    from testbed.results import ResultsWriter
+    from testbed.run.replay import replay_partition
+    from testbed.sinks import tally
+
+    t0 = time.perf_counter()
+    folder = Path(out_dir) / "tokens.parts"
+    collector = Collector(p.scenario.name, vocab_size=p.run.vocab_size)
+    writer = ResultsWriter(folder / f"{verifier}.shards", "tokens")
+    ended: set[int] = set()
+    batch_sizes: list[int] = []
+    tokens = 0
+
+    def on_events(events: list) -> None:
+        nonlocal tokens
+        tokens += tally(events, ended, batch_sizes)
+        collector.ingest_events(events)
+        writer.add(events)
+
+    timings = replay_partition(p, server, ids, policies, on_events)
+    writer.close()
+    path = None
+    if writer.rows:
+        path = folder / f"{verifier}.parquet"
+        writer.merge(path, frame=False)
+    else:
+        writer.discard()
+    collector.close()
+    return PartitionResult(
+        verifier,
+        len(ids),
+        tokens,
+        path,
+        collector.state(),
+        batch_sizes,
+        ended,
+        timings,
+        time.perf_counter() - t0,
+        max_rss_bytes(),
+    )
+
+
+def _replay_chunk(p: Plan, chunk: list[tuple[str, object, np.ndarray]], out_dir: str) -> list[PartitionResult]:
+    """A Ray task: several partitions, one after another (a task per partition would cost more in
+    scheduling than a small partition takes)."""
+    from policies import load_policy
+
+    policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
+    return [replay_one(p, name, server, ids, Path(out_dir), policies) for name, server, ids in chunk]
+
+
+def replay_here(p: Plan, opts: RunOptions, sinks, parts) -> dict:
+    """Every partition in this process, one after another."""
+    from policies import load_policy
+
+    policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
+    results = []
+    for name, server, ids in parts:
+        results.append(replay_one(p, name, server, ids, opts.out_dir, policies))
+        sinks.partition(results[-1])
+    return _status(results, workers=1)
+
+
+def replay_on_ray(p: Plan, opts: RunOptions, sinks, parts, tasks_per_worker: int = 4) -> dict:
+    """Every partition as Ray tasks (chunks of partitions, about tasks_per_worker per CPU the cluster
+    has), their results absorbed as they finish. A local Ray is started (and stopped) when none is up;
+    opts.address joins a cluster, whose nodes must see opts.out_dir (a shared folder)."""
+    import ray
+
+    owned = not ray.is_initialized()
+    if owned:
+        ray.init(address=opts.address or "local", include_dashboard=False, configure_logging=False)
+    try:
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        n_chunks = min(len(parts), cpus * tasks_per_worker)
+        chunks = [parts[i::n_chunks] for i in range(n_chunks)]
+        # retried when its worker dies: a partition replays to the same rows, its files are rewritten
+        task = ray.remote(num_cpus=1, max_retries=3)(_replay_chunk)
+        plan_ref = ray.put(p)
+        pending = [task.remote(plan_ref, chunk, str(opts.out_dir)) for chunk in chunks]
+        results: list[PartitionResult] = []
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for part in ray.get(done[0]):
+                results.append(part)
+                sinks.partition(part)
+        order = {name: i for i, (name, _, _) in enumerate(parts)}
+        sinks.parts.sort(key=lambda path: order[path.name.removesuffix(".parquet")])  # verifier order
+        return _status(results, workers=cpus)
+    finally:
+        if owned:
+            ray.shutdown()
+
+
+def _status(results: list[PartitionResult], workers: int) -> dict:
+    from agents.timing import merge
+
+    return {
+        "timings": merge(*(r.timings for r in results)),
+        "partitions": {
+            "count": len(results),
+            "workers": workers,
+            "devices_max": max((r.devices for r in results), default=0),
+            "replay_s_sum": round(sum(r.wall_s for r in results), 3),
+            "worker_peak_rss_bytes": max((r.max_rss_bytes for r in results), default=0),
+        },
+    }
