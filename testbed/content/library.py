@@ -72,8 +72,15 @@ class LibraryError(ValueError):
 
 
 def canonical_policy(spec) -> str:
-    """A policy as a scenario gives it (a preset name, or {name: ..., parameters}) in one canonical
-    form (sorted JSON), so that `cu-hlm` and `{name: cu-hlm}` are the same policy."""
+    """A policy as a scenario gives it (a preset name, or {name: ..., parameters}) in one canonical form:
+    every parameter pinned (testbed.config.checks.check_policy, as a scenario resolves it), as sorted
+    JSON; so `cu-hlm`, `{name: cu-hlm}` and the preset with its defaults written out are one policy."""
+    from testbed.config.checks import check_policy
+
+    try:
+        spec = check_policy(spec)
+    except ValueError:  # a spec that no longer loads: compared as written
+        pass
     return json.dumps({"name": spec} if isinstance(spec, str) else dict(spec), sort_keys=True)
 
 
