@@ -162,7 +162,8 @@ class Static(Router):
         if self.map is None:  # by region, no map: the verifiers of the same region
             out: dict[str | None, list[int]] = {}
             for v in verifiers:
-                out.setdefault(v.region, []).append(v.index)
+                if v.region is not None:
+                    out.setdefault(v.region, []).append(v.index)
             return out
         by_name = {v.name: [v.index] for v in verifiers}
         by_pool: dict[str, list[int]] = {}
@@ -179,6 +180,10 @@ class Static(Router):
 
     def check(self, devices: Sequence[RoutedDevice], verifiers: Sequence[VerifierSlot]) -> None:
         _need_verifiers(self, verifiers)
+        if self.by == "region":
+            bare = sorted({d.tier for d in devices if d.region is None})
+            if bare:
+                raise RoutingError(self.name, f"tier(s) {', '.join(bare)} have no region (tiers: region)")
         targets = self._targets(verifiers)
         keys = {self._key(d) for d in devices}
         missing = sorted(str(k) for k in keys if k not in targets)

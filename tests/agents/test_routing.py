@@ -117,8 +117,10 @@ def test_static_unmapped_and_unknown_keys():
     with pytest.raises(RoutingError, match=r"map target\(s\) gpu-5, tpu name no pool or verifier"):
         target.check(ds, vs)
     region = load_router({"name": "static", "by": "region"})
-    with pytest.raises(RoutingError, match="region"):
+    with pytest.raises(RoutingError, match=r"region\(s\) ap have no entry in verifiers of that region"):
         region.check(fleet({"a": 1}, {"a": "ap"}), pools(("v", 1, 8, "eu")))
+    with pytest.raises(RoutingError, match=r"tier\(s\) a have no region"):
+        region.check(fleet({"a": 1}), pools(("v", 1, 8, None)))
 
 
 def test_assignment_is_deterministic():
