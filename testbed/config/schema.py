@@ -499,8 +499,9 @@ class Scenario(_Config):
 
     def resolved_dict(self) -> dict:
         """The scenario with every default filled in, as plain YAML-safe data. The fields of several
-        verifiers (servers, routing, tiers' region) are left out at their defaults, so a scenario with
-        one verifier writes the scenario.yaml it wrote before them (study caches key on its hash)."""
+        verifiers (servers, routing, tiers' region) and of content libraries (tiers' content, models
+        absent) are left out at their defaults, so a scenario without them writes the scenario.yaml it
+        wrote before them (study caches key on its hash)."""
         d = self.model_dump(mode="json")
         if d["servers"] is None:
             del d["servers"]
@@ -509,6 +510,10 @@ class Scenario(_Config):
         for t in d["tiers"]:
             if t["region"] is None:
                 del t["region"]
+            if t["content"] is None:  # content from the models: as before content libraries
+                del t["content"]
+        if d["models"] is None:  # every tier replays a content library
+            del d["models"]
         return d
 
     def verifiers(self) -> list[tuple[VerifierSlot, Any]]:

@@ -144,6 +144,33 @@ def plan_library(s):
     recordings = [r for lib in libraries.values() for r in lib.recordings]
     recorded = {r.provenance.get("dtype", {}).get("llm", "float32") for r in recordings}
     dtype = recorded.pop() if len(recorded) == 1 else "mixed"
+    verifiers, verifier_of = route(s, tier_label, content)
     return Plan(
-        s, LibrarySpecs(tiers, content), run, s.server.profile(), policy_specs, None, None, dtype, dtype, 1, content
+        s,
+        LibrarySpecs(tiers, content),
+        run,
+        verifiers[0][1],
+        policy_specs,
+        None,
+        None,
+        dtype,
+        dtype,
+        1,
+        content,
+        verifiers=verifiers,
+        verifier_of=verifier_of,
     )
+
+
+def route(s, tier_label: dict[str, str], content: LibraryContent) -> tuple[list, np.ndarray]:
+    """The scenario's verifiers, and each device's by its router (agents.routing), from the tiers (no
+    DeviceSpec is made for it)."""
+    from agents.routing import RoutedDevice
+    from agents.routing import route as by_router
+
+    devices, start = [], 0
+    for t in s.tiers:
+        devices += [RoutedDevice(d, t.name, t.region, tier_label[t.name]) for d in range(start, start + t.count)]
+        start += t.count
+    verifiers = s.verifiers()
+    return verifiers, by_router(s.routing, devices, [slot for slot, _ in verifiers])

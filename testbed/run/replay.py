@@ -27,14 +27,12 @@ from testbed.run.plan import Plan
 def partitions(p: Plan) -> list[tuple[str, object, np.ndarray]]:
     """(verifier name, its agents.verifier.ServerProfile, the device ids it serves), for every verifier
     that serves a device."""
-    verifiers = getattr(p, "verifiers", None)
-    verifier_of = getattr(p, "verifier_of", None)
-    if not verifiers or verifier_of is None:
-        return [("verifier", p.server, np.arange(len(p.specs)))]
-    order = np.argsort(verifier_of, kind="stable")
-    bounds = np.searchsorted(verifier_of[order], np.arange(len(verifiers) + 1))
+    if p.verifier_of is None:
+        return [(p.verifiers[0][0].name, p.server, np.arange(len(p.specs)))]
+    order = np.argsort(p.verifier_of, kind="stable")
+    bounds = np.searchsorted(p.verifier_of[order], np.arange(len(p.verifiers) + 1))
     out = []
-    for v, (slot, profile) in enumerate(verifiers):
+    for v, (slot, profile) in enumerate(p.verifiers):
         ids = np.sort(order[bounds[v] : bounds[v + 1]])
         if len(ids):
             out.append((slot.name, profile, ids))
