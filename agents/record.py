@@ -35,6 +35,21 @@ class Content:
         """The same record in numpy arrays (PackedDrafted, PackedVerdicts)."""
         return Content(pack_devices(self.devices), PackedVerdicts.of(self.verdicts))
 
+    def select(self, devices: Sequence[int]) -> Content:
+        """The record of `devices` alone (increasing ids), packed: what a partition of them replays."""
+        packed = self.packed()
+        verdicts = packed.verdicts
+        parts = []
+        for d in devices:
+            start, end = verdicts.rows.get(d, (0, 0))
+            rows = verdicts.a[start:end].copy()
+            lo = int(rows["shadow_start"][0]) if len(rows) else 0
+            hi = int(rows["shadow_end"][-1]) if len(rows) else 0
+            rows["shadow_start"] -= lo
+            rows["shadow_end"] -= lo
+            parts.append((rows, verdicts.shadow[lo:hi]))
+        return Content({d: packed.devices[d] for d in devices}, PackedVerdicts.concat(parts))
+
 
 # A content record as Python objects costs ~650 bytes a token (Drafted, Decision, Verdict, their
 # floats and the dict keys): 400 MiB for 10,000 devices x 64 tokens, all in the driver that replays

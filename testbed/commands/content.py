@@ -45,7 +45,11 @@ def record(
         opts.command = "testbed content " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
         summaries[point.name] = _run_point(point, opts, summaries, base, debug)
         _show(err, summaries[point.name], f"{point.name}  ({out_dir})", False)
-        _say(f"recorded: {summaries[point.name].get('recording')}")
+        recording = summaries[point.name].get("recording")
+        if recording is None:
+            _say(f"{point.name}: the run wrote no content record (it did not finish)")
+            raise typer.Exit(1)
+        _say(f"recorded: {recording}")
 
 
 @app.command("ls")

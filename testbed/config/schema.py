@@ -415,6 +415,15 @@ class Scenario(_Config):
             raise fail("required: the models that compute the content (or give every tier a content library)", "models")
         return self
 
+    @model_validator(mode="after")
+    def _check_wall_verifiers(self) -> Scenario:
+        # The virtual clock partitions a fleet by verifier after its content is known (any number of
+        # verifiers, one LLM computing the content: it does not depend on which server verifies). The wall
+        # clock would need one live verifier actor per server: not built.
+        if self.clock == "wall" and self.servers is not None and sum(p.count for p in self.servers) > 1:
+            raise fail("several verifiers run in the virtual clock only (clock: virtual)", "servers")
+        return self
+
     @property
     def replays_library(self) -> bool:
         """Every tier's content comes from a content library: no model runs (testbed.run.replay)."""

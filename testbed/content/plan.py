@@ -31,9 +31,9 @@ class LibraryContent:
     def pool_of(self, device: int) -> Pool:
         return self.pools[self.tier_pool[int(self.tier_of[device])]]
 
-    def content(self, devices: Sequence[int]) -> Content:
+    def select(self, devices: Sequence[int]) -> Content:
         """The content record of `devices` (increasing ids) as a replay consumes it: each device's
-        recorded tokens (views of the pool) and its verdicts addressed to it."""
+        recorded tokens (views of the pool) and its verdicts addressed to it (as Content.select)."""
         drafted, parts = {}, []
         for d in devices:
             pool, s = self.pool_of(d), int(self.sequence_of[d])

@@ -111,7 +111,7 @@ class Exporter:
         that adds n observations to a bucket (tests/testbed/test_partitions.py checks that the sum
         equals folding every event here)."""
         for name, labels, counts, total in samples:
-            child = self.prom[name].labels(**labels)
+            child = self.prom[name].labels(**{**labels, "scenario": self.scenario})  # this run's series
             if isinstance(self.prom[name], Counter):
                 if counts[0]:
                     child.inc(counts[0])

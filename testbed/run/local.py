@@ -26,18 +26,29 @@ def run_local(p: Plan, opts: RunOptions, sinks) -> dict:
     policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
     slm, llm = load_lms(p)
     t_loaded = time.perf_counter()
-    result = run_virtual(
-        p.specs,
-        p.run,
-        p.server,
-        slm,
-        llm,
-        policies,
-        on_content_events=sinks.content,
-        on_events=sinks.events,
-        on_step=lambda group, verifier: sinks.clock(0.0, 0),
-        history=False,
-    )
+    extra: dict = {}
+    if len(p.verifiers) > 1:  # several verifiers: the content once, then each verifier's partition
+        from agents.engine import run_content
+        from agents.timing import merge
+        from testbed.run.partitions import replay_here
+        from testbed.run.replay import partitions
+
+        result = run_content(p.specs, p.run, p.server, slm, llm, policies, on_events=sinks.content, history=False)
+        extra = replay_here(p, opts, sinks, partitions(p), source=result.content)
+        result.group_timings = merge(result.group_timings, {"replay": extra.pop("timings")["replay"]})
+    else:
+        result = run_virtual(
+            p.specs,
+            p.run,
+            p.server,
+            slm,
+            llm,
+            policies,
+            on_content_events=sinks.content,
+            on_events=sinks.events,
+            on_step=lambda group, verifier: sinks.clock(0.0, 0),
+            history=False,
+        )
     emulation = time.perf_counter() - t_loaded
     return {
         "compute": compute_info(p, {"slm": slm.describe(), "llm": llm.describe()}, "local"),
@@ -46,4 +57,5 @@ def run_local(p: Plan, opts: RunOptions, sinks) -> dict:
         ),
         "lms": (slm, llm),
         "content": result.content,  # the record (agents.record), for a content library; popped before writing
+        **extra,
     }

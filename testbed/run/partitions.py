@@ -37,9 +37,11 @@ class PartitionResult:
     extra: dict = field(default_factory=dict)
 
 
-def replay_one(p: Plan, verifier: str, server, ids: np.ndarray, out_dir: Path, policies: dict) -> PartitionResult:
+def replay_one(
+    p: Plan, verifier: str, server, ids: np.ndarray, out_dir: Path, policies: dict, source=None
+) -> PartitionResult:
     """Replay the devices `ids` against `verifier` (its profile `server`) with a collector and a results
-    writer of their own."""
+    writer of their own; content from `source` (testbed.run.replay.replay_partition)."""
     from agents.actors import max_rss_bytes
     from testbed.metrics import Collector
     from testbed.results import ResultsWriter
@@ -60,7 +62,7 @@ def replay_one(p: Plan, verifier: str, server, ids: np.ndarray, out_dir: Path, p
         collector.ingest_events(events)
         writer.add(events)
 
-    timings = replay_partition(p, server, ids, policies, on_events)
+    timings = replay_partition(p, server, ids, policies, on_events, source)
     writer.close()
     path = None
     if writer.rows:
@@ -92,14 +94,14 @@ def _replay_chunk(p: Plan, chunk: list[tuple[str, object, np.ndarray]], out_dir:
     return [replay_one(p, name, server, ids, Path(out_dir), policies) for name, server, ids in chunk]
 
 
-def replay_here(p: Plan, opts: RunOptions, sinks, parts) -> dict:
-    """Every partition in this process, one after another."""
+def replay_here(p: Plan, opts: RunOptions, sinks, parts, source=None) -> dict:
+    """Every partition in this process, one after another (content from `source`: replay_one)."""
     from policies import load_policy
 
     policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
     results = []
     for name, server, ids in parts:
-        results.append(replay_one(p, name, server, ids, opts.out_dir, policies))
+        results.append(replay_one(p, name, server, ids, opts.out_dir, policies, source))
         sinks.partition(results[-1])
     return _status(results, workers=1)
 

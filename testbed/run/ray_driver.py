@@ -369,10 +369,18 @@ class RayDriver:
             policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
             # The timed events (link events included) come from the replay, here.
             # history=False: the rows leave as events only, the driver keeps none of them
-            replay = replay_content(
-                p.specs, p.run, p.server, policies, content, on_events=self.sinks.events, history=False
-            )
-            status["timings"] = merge(status["timings"], {"replay": replay.group_timings["replay"]})
+            if len(p.verifiers) > 1:  # one replay per verifier's partition (testbed.run.partitions)
+                from testbed.run.partitions import replay_here
+                from testbed.run.replay import partitions
+
+                replayed = replay_here(p, self.opts, self.sinks, partitions(p), source=content)
+                status["partitions"] = replayed["partitions"]
+                status["timings"] = merge(status["timings"], {"replay": replayed["timings"]["replay"]})
+            else:
+                replay = replay_content(
+                    p.specs, p.run, p.server, policies, content, on_events=self.sinks.events, history=False
+                )
+                status["timings"] = merge(status["timings"], {"replay": replay.group_timings["replay"]})
             status["content"] = content  # for a content library (testbed.content); popped before writing
         else:
             self.sinks.events([VerifierBatch.of(b) for b in last_batches])
@@ -400,6 +408,7 @@ class RayDriver:
             "profile": breakdown(
                 0.0, t_end - self.t_ready, {**self.startup, "model_load": load}, groups_t, status["timings"]
             ),
+            **{k: status[k] for k in ("content", "partitions") if k in status},  # content: popped before writing
         }
 
     def close(self) -> None:

@@ -39,12 +39,14 @@ def partitions(p: Plan) -> list[tuple[str, object, np.ndarray]]:
     return out
 
 
-def replay_partition(p: Plan, server, ids: np.ndarray, policies: dict, on_events) -> dict:
-    """Replay one partition's devices against its verifier; returns its timings (agents.timing)."""
+def replay_partition(p: Plan, server, ids: np.ndarray, policies: dict, on_events, source=None) -> dict:
+    """Replay one partition's devices against its verifier, their content from `source` (a
+    testbed.content.plan.LibraryContent, by default the plan's, or a model run's agents.record.Content);
+    returns its timings (agents.timing)."""
     from agents.engine import replay_content
 
     specs = [p.specs[int(i)] for i in ids]
-    content = p.content.content([int(i) for i in ids])
+    content = (source if source is not None else p.content).select([int(i) for i in ids])
     result = replay_content(specs, p.run, server, policies, content, on_events=on_events, history=False)
     return result.group_timings
 

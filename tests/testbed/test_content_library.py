@@ -198,3 +198,66 @@ def test_draws_are_keyed_by_seed_and_device(recorded):
     assert list(draw(pool, np.arange(6), 7, "recorded")) == list(range(6))
     with pytest.raises(LibraryError, match="device 6 .*has no sequence of policy cu-hlm"):
         draw(pool, np.arange(8), 7, "recorded")
+
+
+def three_verifiers(s):
+    """s served by three verifiers (round-robin): three independent partitions."""
+    d = s.resolved_dict()
+    server = d.pop("server")
+    d["servers"] = [{"name": "gpu", "count": 3, **{k: server[k] for k in ("verify_ms", "max_batch", "max_wait_ms")}}]
+    if s.replays_library:  # the length is the library's
+        d["generation"].pop("max_new_tokens")
+    return parse_scenario(d)
+
+
+def test_partitions_replay_the_same_in_this_process_and_on_ray(recorded, tmp_path, ray_session):
+    """Several verifiers: a model run (its record replayed per partition), its library replayed in this
+    process and as Ray tasks: one trace."""
+    library, _, _ = recorded
+    models = run(three_verifiers(recorded_scenario()), tmp_path / "models", engine="local")
+    here = run(three_verifiers(replay_scenario(library)), tmp_path / "here", engine="local")
+    on_ray = run(three_verifiers(replay_scenario(library)), tmp_path / "ray", engine="ray")
+    pd.testing.assert_frame_equal(models, here, check_exact=True)
+    pd.testing.assert_frame_equal(here, on_ray, check_exact=True)
+    summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert summary["partitions"]["count"] == 3 and summary["verifier_batches"] > 0
+    assert not (tmp_path / "ray" / "tokens.parts").exists()  # joined into tokens.parquet, then removed
+
+
+def test_absorbed_partitions_give_the_metrics_of_one_collector(recorded, tmp_path):
+    """Collector.absorb of each partition's state equals one collector folding every partition's events."""
+    from policies import load_policy
+    from testbed.metrics import Collector
+    from testbed.run.partitions import replay_one
+    from testbed.run.plan import plan
+    from testbed.run.replay import partitions, replay_partition
+
+    library, _, _ = recorded
+    p = plan(three_verifiers(replay_scenario(library)))
+    policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
+    direct, merged = Collector("x"), Collector("x")
+    for name, server, ids in partitions(p):
+        replay_partition(p, server, ids, policies, direct.ingest_events)
+        merged.absorb(replay_one(p, name, server, ids, tmp_path, policies).collector)
+    a_series, b_series = _series(direct), _series(merged)
+    assert a_series.keys() == b_series.keys() and any("hlm_token_latency_seconds_bucket" in k for k in a_series)
+    for key, value in a_series.items():  # counts exactly; a histogram's sum up to the order of its additions
+        assert b_series[key] == (pytest.approx(value, rel=1e-12) if "_sum{" in key else value), key
+    a, b = direct.snapshot(), merged.snapshot()
+    assert (a.totals, a.jain_run, a.verifier_batches, a.emulated_s) == (
+        b.totals,
+        b.jain_run,
+        b.verifier_batches,
+        b.emulated_s,
+    )
+
+
+def _series(collector) -> dict[str, float]:
+    """Every sample of the exposition but the wall-clock ones: series -> value."""
+    out = {}
+    for line in collector.exposition().decode().splitlines():
+        if line.startswith("#") or "wall" in line or "_created" in line:
+            continue
+        key, value = line.rsplit(" ", 1)
+        out[key] = float(value)
+    return out
