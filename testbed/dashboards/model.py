@@ -268,6 +268,12 @@ def g(metric: M.Metric, by: tuple[str, ...] = (), legend: str = "", agg: str = "
     return Target(f"{agg} by ({keep}) ({Sel().series(metric)})", legend=legend, instant=instant)
 
 
+def top(k: int, name: str, by: tuple[str, ...], legend: str = "") -> Target:
+    """The k largest series of a derived figure grouped `by` (topk: a panel of hundreds of verifiers
+    draws the k that matter)."""
+    return Target(f"topk({k}, {DERIVED[name].expr(Sel(by=by))})", legend=legend)
+
+
 def heat(metric: M.Metric) -> Target:
     return Target(Sel().heatmap(metric), legend="{{le}}", format="heatmap")
 
@@ -275,6 +281,7 @@ def heat(metric: M.Metric) -> Target:
 TIER = ("tier", "policy")
 TIER_LEGEND = "{{tier}} ({{policy}})"
 POLICY = ("policy",)
+VERIFIER = ("verifier",)
 
 
 def whole_run(title: str, figure: str, unit: str, description: str = "", **kw: Any) -> Panel:

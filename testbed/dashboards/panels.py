@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-from testbed.dashboards.model import POLICY, TIER, TIER_LEGEND, Dashboard, Panel, Row, d, g, heat, help_text, whole_run
+from testbed.dashboards.model import (
+    POLICY,
+    TIER,
+    TIER_LEGEND,
+    VERIFIER,
+    Dashboard,
+    Panel,
+    Row,
+    d,
+    g,
+    heat,
+    help_text,
+    top,
+    whole_run,
+)
 from testbed.metrics import DERIVED
 from testbed.metrics import definitions as M
 
@@ -222,6 +236,22 @@ OVERVIEW = Dashboard(
                     unit="percentunit",
                     min=0,
                     description=help_text("verifier_utilisation"),
+                    width=6,
+                ),
+                Panel(
+                    "Busiest verifiers (top 10)",
+                    (top(10, "verifier_utilisation", VERIFIER, "{{verifier}}"),),
+                    unit="percentunit",
+                    min=0,
+                    description="Utilisation of the 10 busiest verifiers (a run of more than "
+                    f"{M.MAX_VERIFIER_SERIES} verifiers: of the busiest pools, its mean over the pool's verifiers "
+                    "counts them as one; hlm_verifier_* carry a bounded verifier label).",
+                    width=6,
+                ),
+                Panel(
+                    "Batch size per verifier (top 10)",
+                    (top(10, "verifier_batch_size_mean", VERIFIER, "{{verifier}}"),),
+                    unit="short",
                     width=6,
                 ),
                 Panel(

@@ -9,14 +9,23 @@ What the rest of the testbed uses is importable from here (``from testbed.metric
 DERIVED, Sel``); one metric by name from its module (``testbed.metrics.definitions.TOKENS_COMMITTED``).
 """
 
-from testbed.metrics.aggregation import DEFAULT_WINDOW_S, Clock, Collector, Snapshot, TierTotals
-from testbed.metrics.definitions import DERIVED, METRICS, RUN_LABELS, TIER_LABELS, Derived, Metric
+from testbed.metrics.aggregation import (
+    DEFAULT_WINDOW_S,
+    Clock,
+    Collector,
+    CollectorState,
+    Snapshot,
+    TierTotals,
+    verifier_label,
+)
+from testbed.metrics.definitions import DERIVED, METRICS, RUN_LABELS, TIER_LABELS, VERIFIER_LABELS, Derived, Metric
 from testbed.metrics.exporter import DEFAULT_METRICS_PORT, Exporter, free_port
 from testbed.metrics.promql import Sel
 
 __all__ = [
     "Clock",
     "Collector",
+    "CollectorState",
     "DEFAULT_METRICS_PORT",
     "DEFAULT_WINDOW_S",
     "DERIVED",
@@ -29,5 +38,7 @@ __all__ = [
     "Snapshot",
     "TIER_LABELS",
     "TierTotals",
+    "VERIFIER_LABELS",
     "free_port",
+    "verifier_label",
 ]

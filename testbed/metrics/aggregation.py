@@ -45,6 +45,7 @@ from testbed.metrics.definitions import (
     DOWNLINK_WIRE_BYTES,
     FIDELITY,
     LOST,
+    MAX_VERIFIER_SERIES,
     PAYLOAD_BYTES,
     PROTOCOL_ERRORS,
     RESAMPLED,
@@ -206,6 +207,12 @@ class Snapshot:
         return self.totals.acceptance_rate
 
 
+def verifier_label(name: str, pool: str, n_verifiers: int) -> str:
+    """The verifier label of a verifier's metrics: its name in a run of at most MAX_VERIFIER_SERIES
+    verifiers, else its pool's (definitions.VERIFIER_LABELS: bounded cardinality)."""
+    return name if n_verifiers <= MAX_VERIFIER_SERIES else pool
+
+
 @dataclass
 class CollectorState:
     """A collector's folded figures (Collector.state), to add to another's (Collector.absorb)."""
@@ -238,6 +245,7 @@ class Collector:
         vocab_size: int | None = None,
         window_s: float = DEFAULT_WINDOW_S,
         registry: CollectorRegistry | None = None,
+        verifier: str = "verifier",
     ) -> None:
         if window_s <= 0:
             raise ValueError("window_s must be > 0")
@@ -257,6 +265,7 @@ class Collector:
         self._verifier_batches = 0
         self._verifier_requests = 0
         self._errors: dict[str, int] = {}
+        self.verifier = verifier  # the verifier label of the batches folded here (verifier_label)
         self.exporter = Exporter(scenario, registry)
         self.registry = self.exporter.registry
         self.exporter.add_gauges(self.snapshot, vocab_size, lambda tier: self._tier_policy.get(tier, "unknown"))
@@ -410,7 +419,11 @@ class Collector:
 
     def _fold_batch(self, b: VerifierBatch) -> None:
         verify_s = b.t_end - b.t_start
-        run = self.exporter.run
+        v = self.verifier
+
+        def run(m):
+            return self.exporter.run(m, v)
+
         run(VERIFIER_BATCH_SIZE).observe(b.size)
         run(VERIFIER_BATCH_TOKENS).observe(b.n_tokens)
         run(VERIFIER_VERIFY).observe(verify_s)

@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 
 RUN_LABELS = ("scenario",)
 TIER_LABELS = ("scenario", "tier", "policy")
+# A run's verifier metrics: by verifier, the label bounded (testbed.metrics.verifier_label): a run with
+# up to MAX_VERIFIER_SERIES verifiers has a series each (their names); a larger one a series per pool of
+# identical verifiers (servers[i].name), so hundreds of verifiers cost a few series, not hundreds.
+VERIFIER_LABELS = ("scenario", "verifier")
+MAX_VERIFIER_SERIES = 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,36 +124,36 @@ FIDELITY = _m(
     buckets=[1e-6, 1e-4, 1e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1],
 )
 
-# Verifier (from VerifierBatch); one shared verifier: scenario label only
+# Verifier (from VerifierBatch), by verifier (VERIFIER_LABELS)
 VERIFIER_BATCH_SIZE = _m(
     "hlm_verifier_batch_size",
     "histogram",
     "Requests per verifier batch.",
-    RUN_LABELS,
+    VERIFIER_LABELS,
     [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128],
 )
 VERIFIER_BATCH_TOKENS = _m(
     "hlm_verifier_batch_tokens",
     "histogram",
     "Tokens processed by the LLM per verifier batch (drafts + piggybacked ids).",
-    RUN_LABELS,
+    VERIFIER_LABELS,
     [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096],
 )
 VERIFIER_QUEUE_WAIT = _m(
     "hlm_verifier_queue_wait_seconds",
     "histogram",
     "Emulated seconds a request waited at the verifier before its batch started.",
-    RUN_LABELS,
+    VERIFIER_LABELS,
     [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5],
 )
 VERIFIER_VERIFY = _m(
     "hlm_verifier_verify_seconds",
     "histogram",
     "Emulated seconds per verifier batch (server profile).",
-    RUN_LABELS,
+    VERIFIER_LABELS,
     [0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2],
 )
-VERIFIER_TOKENS = _m("hlm_verifier_tokens_total", "counter", "Tokens processed by the verifier's LLM.", RUN_LABELS)
+VERIFIER_TOKENS = _m("hlm_verifier_tokens_total", "counter", "Tokens processed by the verifier's LLM.", VERIFIER_LABELS)
 PROTOCOL_ERRORS = _m(
     "hlm_protocol_errors_total",
     "counter",
@@ -370,9 +375,15 @@ DERIVED: dict[str, Derived] = {
         ),
         _d(
             "verifier_utilisation",
-            "Fraction of emulated time the verifier spent verifying.",
+            "Fraction of emulated time a verifier spent verifying (grouped by verifier: each one's; else the "
+            "mean over the verifiers, or pools of them, that verified).",
             "percentunit",
-            lambda s: s.per_emulated_second(s.sum(VERIFIER_VERIFY, "_sum")),
+            lambda s: (
+                s.per_emulated_second(s.sum(VERIFIER_VERIFY, "_sum"))
+                if "verifier" in s.by
+                else f"{s.per_emulated_second(s.sum(VERIFIER_VERIFY, '_sum'))} / on (scenario) group_left () "
+                f"count by (scenario) (group by (scenario, verifier) ({s.series(VERIFIER_VERIFY, '_count')}))"
+            ),
         ),
         _d(
             "queue_wait_p50",

@@ -30,6 +30,7 @@ from testbed.metrics.definitions import (
     TIER_LABELS,
     TIER_THROUGHPUT,
     TIER_THROUGHPUT_RUN,
+    VERIFIER_LABELS,
     VOCAB_SIZE,
     WALL_TIME,
     Metric,
@@ -61,6 +62,8 @@ class Exporter:
         for m in METRICS:
             if m.kind != "gauge" and m.labels == RUN_LABELS:
                 self.run(m)  # pre-create at 0
+            elif m.kind != "gauge" and m.labels == VERIFIER_LABELS:
+                self.run(m, "verifier")  # the one verifier of a run without servers: (its partitions add theirs)
         for role in ACTOR_ROLES:
             self.prom[ACTOR_RESTARTS.name].labels(scenario, role)
         for code in ErrorCode:  # every reason the verifier can answer with, at 0 until it happens

@@ -37,20 +37,21 @@ class PartitionResult:
     extra: dict = field(default_factory=dict)
 
 
-def replay_one(
-    p: Plan, verifier: str, server, ids: np.ndarray, out_dir: Path, policies: dict, source=None
-) -> PartitionResult:
-    """Replay the devices `ids` against `verifier` (its profile `server`) with a collector and a results
-    writer of their own; content from `source` (testbed.run.replay.replay_partition)."""
+def replay_one(p: Plan, slot, server, ids: np.ndarray, out_dir: Path, policies: dict, source=None) -> PartitionResult:
+    """Replay the devices `ids` against the verifier `slot` (agents.routing.VerifierSlot; its profile
+    `server`) with a collector and a results writer of their own; content from `source`
+    (testbed.run.replay.replay_partition)."""
     from agents.actors import max_rss_bytes
-    from testbed.metrics import Collector
+    from testbed.metrics import Collector, verifier_label
     from testbed.results import ResultsWriter
     from testbed.run.replay import replay_partition
     from testbed.sinks import tally
 
     t0 = time.perf_counter()
     folder = Path(out_dir) / "tokens.parts"
-    collector = Collector(p.scenario.name, vocab_size=p.run.vocab_size)
+    verifier = slot.name
+    label = verifier_label(slot.name, slot.pool, len(p.verifiers))
+    collector = Collector(p.scenario.name, vocab_size=p.run.vocab_size, verifier=label)
     writer = ResultsWriter(folder / f"{verifier}.shards", "tokens")
     ended: set[int] = set()
     batch_sizes: list[int] = []
@@ -85,13 +86,13 @@ def replay_one(
     )
 
 
-def _replay_chunk(p: Plan, chunk: list[tuple[str, object, np.ndarray]], out_dir: str) -> list[PartitionResult]:
+def _replay_chunk(p: Plan, chunk: list[tuple[object, object, np.ndarray]], out_dir: str) -> list[PartitionResult]:
     """A Ray task: several partitions, one after another (a task per partition would cost more in
     scheduling than a small partition takes)."""
     from policies import load_policy
 
     policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
-    return [replay_one(p, name, server, ids, Path(out_dir), policies) for name, server, ids in chunk]
+    return [replay_one(p, slot, server, ids, Path(out_dir), policies) for slot, server, ids in chunk]
 
 
 def replay_here(p: Plan, opts: RunOptions, sinks, parts, source=None) -> dict:
@@ -100,8 +101,8 @@ def replay_here(p: Plan, opts: RunOptions, sinks, parts, source=None) -> dict:
 
     policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
     results = []
-    for name, server, ids in parts:
-        results.append(replay_one(p, name, server, ids, opts.out_dir, policies, source))
+    for slot, server, ids in parts:
+        results.append(replay_one(p, slot, server, ids, opts.out_dir, policies, source))
         sinks.partition(results[-1])
     return _status(results, workers=1)
 
@@ -129,7 +130,7 @@ def replay_on_ray(p: Plan, opts: RunOptions, sinks, parts, tasks_per_worker: int
             for part in ray.get(done[0]):
                 results.append(part)
                 sinks.partition(part)
-        order = {name: i for i, (name, _, _) in enumerate(parts)}
+        order = {slot.name: i for i, (slot, _, _) in enumerate(parts)}
         sinks.parts.sort(key=lambda path: order[path.name.removesuffix(".parquet")])  # verifier order
         return _status(results, workers=cpus)
     finally:

@@ -24,18 +24,18 @@ from testbed.run.options import RunOptions
 from testbed.run.plan import Plan
 
 
-def partitions(p: Plan) -> list[tuple[str, object, np.ndarray]]:
-    """(verifier name, its agents.verifier.ServerProfile, the device ids it serves), for every verifier
-    that serves a device."""
+def partitions(p: Plan) -> list[tuple[object, object, np.ndarray]]:
+    """(verifier: its agents.routing.VerifierSlot, its agents.verifier.ServerProfile, the device ids it
+    serves), for every verifier that serves a device."""
     if p.verifier_of is None:
-        return [(p.verifiers[0][0].name, p.server, np.arange(len(p.specs)))]
+        return [(p.verifiers[0][0], p.server, np.arange(len(p.specs)))]
     order = np.argsort(p.verifier_of, kind="stable")
     bounds = np.searchsorted(p.verifier_of[order], np.arange(len(p.verifiers) + 1))
     out = []
     for v, (slot, profile) in enumerate(p.verifiers):
         ids = np.sort(order[bounds[v] : bounds[v + 1]])
         if len(ids):
-            out.append((slot.name, profile, ids))
+            out.append((slot, profile, ids))
     return out
 
 

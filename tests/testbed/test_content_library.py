@@ -236,11 +236,13 @@ def test_absorbed_partitions_give_the_metrics_of_one_collector(recorded, tmp_pat
     p = plan(three_verifiers(replay_scenario(library)))
     policies = {name: load_policy(spec) for name, spec in p.policy_specs.items()}
     direct, merged = Collector("x"), Collector("x")
-    for name, server, ids in partitions(p):
+    for slot, server, ids in partitions(p):
+        direct.verifier = slot.name  # the label a partition's collector gives its batches
         replay_partition(p, server, ids, policies, direct.ingest_events)
-        merged.absorb(replay_one(p, name, server, ids, tmp_path, policies).collector)
+        merged.absorb(replay_one(p, slot, server, ids, tmp_path, policies).collector)
     a_series, b_series = _series(direct), _series(merged)
     assert a_series.keys() == b_series.keys() and any("hlm_token_latency_seconds_bucket" in k for k in a_series)
+    assert any('verifier="gpu-2"' in k for k in a_series)  # by verifier: three of them, under 16
     for key, value in a_series.items():  # counts exactly; a histogram's sum up to the order of its additions
         assert b_series[key] == (pytest.approx(value, rel=1e-12) if "_sum{" in key else value), key
     a, b = direct.snapshot(), merged.snapshot()

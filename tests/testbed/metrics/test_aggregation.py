@@ -125,7 +125,7 @@ def test_counters_and_histograms_count_each_token_once() -> None:
     # pre-created series exist at 0 before any data
     c2 = Collector(S, tiers={"phone": "cu-hlm"})
     assert value(c2, "hlm_tokens_committed_total") == 0
-    assert value(c2, "hlm_verifier_batch_size_count", tier=None) == 0
+    assert value(c2, "hlm_verifier_batch_size_count", tier=None, verifier="verifier") == 0
 
 
 def test_fidelity_at_the_commit_and_from_a_shadow_verdict() -> None:
@@ -156,11 +156,11 @@ def test_verifier_link_clock_and_error_events() -> None:
     c.clock("group-1", 1.2, 0.9, 0.25, {"phone": 3})
     c.clock("group-0", 1.8, 0.8, 0.1, {"phone": 1})  # replaces group-0's earlier report
     c.protocol_errors("malformed")
-    assert value(c, "hlm_verifier_batch_size_count", tier=None) == 2
-    assert value(c, "hlm_verifier_batch_size_sum", tier=None) == 4
-    assert value(c, "hlm_verifier_tokens_total", tier=None) == 10
-    assert value(c, "hlm_verifier_queue_wait_seconds_count", tier=None) == 3
-    assert value(c, "hlm_verifier_verify_seconds_sum", tier=None) == pytest.approx(0.06)
+    assert value(c, "hlm_verifier_batch_size_count", tier=None, verifier="verifier") == 2
+    assert value(c, "hlm_verifier_batch_size_sum", tier=None, verifier="verifier") == 4
+    assert value(c, "hlm_verifier_tokens_total", tier=None, verifier="verifier") == 10
+    assert value(c, "hlm_verifier_queue_wait_seconds_count", tier=None, verifier="verifier") == 3
+    assert value(c, "hlm_verifier_verify_seconds_sum", tier=None, verifier="verifier") == pytest.approx(0.06)
     assert value(c, "hlm_link_uplink_messages_total") == 4
     assert value(c, "hlm_link_uplink_bytes_total") == 1000
     assert value(c, "hlm_link_downlink_messages_total") == 4

@@ -15,7 +15,9 @@ def test_metric_names_follow_prometheus_rules() -> None:
         assert re.fullmatch(r"hlm_[a-z0-9_]+", m.name), m.name
         # actor: verifier | group (hlm_actor_restarts_total), reason: an ErrorCode name
         # (hlm_protocol_errors_total), bounded like tier and policy
-        assert set(m.labels) <= {"scenario", "tier", "policy", "actor", "reason"} and m.labels[0] == "scenario", m
+        assert (
+            set(m.labels) <= {"scenario", "tier", "policy", "actor", "reason", "verifier"} and m.labels[0] == "scenario"
+        ), m
         assert m.name.endswith("_total") == (m.kind == "counter"), m.name
         assert m.help.strip(), m.name
         if m.kind == "histogram":
@@ -43,3 +45,13 @@ def test_promql_of_a_figure_per_emulated_second() -> None:
         '(delta(hlm_emulated_time_seconds{scenario=~"s"}[5m]))'
     )
     assert DERIVED["skip_rate"].expr(window=None, by=("tier",)).startswith("sum by (scenario, tier) (hlm_skips_total{")
+
+
+def test_the_verifier_label_stays_bounded_for_hundreds_of_verifiers() -> None:
+    from testbed.metrics import verifier_label
+    from testbed.metrics.definitions import MAX_VERIFIER_SERIES
+
+    few = {verifier_label(f"gpu-{i}", "gpu", MAX_VERIFIER_SERIES) for i in range(MAX_VERIFIER_SERIES)}
+    assert len(few) == MAX_VERIFIER_SERIES  # a series per verifier
+    many = {verifier_label(f"{pool}-{i}", pool, 300) for pool in ("h100", "a10") for i in range(150)}
+    assert many == {"h100", "a10"}  # a series per pool

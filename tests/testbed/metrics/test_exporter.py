@@ -47,7 +47,9 @@ def test_exposition_has_no_device_label_and_dedicated_registries() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     samples = [s for fam in text_string_to_metric_families(a.exposition().decode()) for s in fam.samples]
-    assert samples and all(set(s.labels) <= {"scenario", "tier", "policy", "actor", "reason", "le"} for s in samples)
+    assert samples and all(
+        set(s.labels) <= {"scenario", "tier", "policy", "actor", "reason", "verifier", "le"} for s in samples
+    )
     assert all(s.labels["scenario"] == "a" for s in samples)
     assert not any("123456" in v for s in samples for v in s.labels.values())
     assert value(b, "hlm_tokens_committed_total", tier="phone", policy="cu-hlm") == 0
