@@ -10,8 +10,9 @@ a partition in both places (`replay_one`), so the two give the same tokens.parqu
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,8 @@ class PartitionResult:
     ended: set[int]
     timings: dict
     wall_s: float
-    max_rss_bytes: int = 0
-    extra: dict = field(default_factory=dict)
+    max_rss_bytes: int = 0  # its process's peak so far
+    pid: int = 0
 
 
 def replay_one(p: Plan, slot, server, ids: np.ndarray, out_dir: Path, policies: dict, source=None) -> PartitionResult:
@@ -83,6 +84,7 @@ def replay_one(p: Plan, slot, server, ids: np.ndarray, out_dir: Path, policies: 
         timings,
         time.perf_counter() - t0,
         max_rss_bytes(),
+        os.getpid(),
     )
 
 
@@ -139,15 +141,22 @@ def replay_on_ray(p: Plan, opts: RunOptions, sinks, parts, tasks_per_worker: int
 
 
 def _status(results: list[PartitionResult], workers: int) -> dict:
+    """The status entries of the replayed partitions. peak_rss_bytes: the sum of the peaks of the worker
+    processes that replayed them (testbed.run.write adds this driver's: the run's total)."""
     from agents.timing import merge
 
+    peaks: dict[int, int] = {}
+    for r in results:
+        if r.pid != os.getpid():
+            peaks[r.pid] = max(peaks.get(r.pid, 0), r.max_rss_bytes)
     return {
         "timings": merge(*(r.timings for r in results)),
+        "peak_rss_bytes": sum(peaks.values()),
         "partitions": {
             "count": len(results),
             "workers": workers,
+            "worker_processes": len(peaks),
             "devices_max": max((r.devices for r in results), default=0),
             "replay_s_sum": round(sum(r.wall_s for r in results), 3),
-            "worker_peak_rss_bytes": max((r.max_rss_bytes for r in results), default=0),
         },
     }
