@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
+import numpy as np
+
 from testbed import results
 
 if TYPE_CHECKING:
@@ -37,15 +39,21 @@ class Sinks:
         if opts.collector is not None:
             self.collector = cast(Collector, opts.collector)
         else:
-            tiers = {d.tier: d.policy_name for d in p.specs}
+            from testbed.run.plan import policy_labels
+
+            tiers = policy_labels(p.scenario)[1]  # tier -> its policy's label
             self.collector = Collector(p.scenario.name, tiers=tiers, vocab_size=p.run.vocab_size)
             if opts.metrics_port is not None:
                 self.collector.serve(opts.metrics_port or -1, opts.metrics_host)  # Collector.serve: -1 = any free port
                 print(f"metrics: {self.collector.url}", flush=True)
         self.t0 = time.time()
         self.codes_seen: dict[str, int] = {}  # protocol errors ingested, by reason (clock)
-        self.tier_of = {d.device: d.tier for d in p.specs}
+        # Device ids run over the tiers in file order (testbed.config.devices): a device's tier is where
+        # its id falls, so nothing is kept per device for it (a million devices).
+        self.tier_names = [t.name for t in p.scenario.tiers]
+        self.tier_ends = np.cumsum([t.count for t in p.scenario.tiers])
         self.ended: set[int] = set()  # devices whose sequence ended in the timed trace (eos, stop, length)
+        self.ended_by_tier = np.zeros(len(self.tier_names), dtype=np.int64)
         self.content_tokens = self.timed_tokens = 0
         self.batch_sizes: list[int] = []  # every verifier batch's size (summary.json)
         self.partial: dict = {}  # summary entries a failed run still reports (restarts)
@@ -75,7 +83,9 @@ class Sinks:
 
     def events(self, events: list) -> None:
         """Timed events: to the collector, the results writer and the progress display."""
-        tokens = tally(events, self.ended, self.batch_sizes)
+        ended: set[int] = set()
+        tokens = tally(events, ended, self.batch_sizes)
+        self._ended(ended)
         self.timed_tokens += tokens
         if self.writing_content and tokens:  # the replay's rows replace the content pass's
             self.writer.reset()
@@ -89,7 +99,7 @@ class Sinks:
         """A partition replayed apart (testbed.run.partitions.PartitionResult): its figures into the
         collector, its rows (a parquet file of its own) into tokens.parquet at the end."""
         self.collector.absorb(part.collector)
-        self.ended.update(part.ended)
+        self._ended(part.ended)
         self.batch_sizes.extend(part.batch_sizes)
         self.timed_tokens += part.tokens
         if part.path is not None:
@@ -97,13 +107,22 @@ class Sinks:
         self.progress.timed()
         self.progress.update()
 
+    def _ended(self, devices: set[int]) -> None:
+        """Devices whose sequence ended (a device ends once; a restarted wall-clock group may say it again)."""
+        new = devices - self.ended
+        if new:
+            self.ended |= new
+            tiers = np.searchsorted(self.tier_ends, np.fromiter(new, np.int64, len(new)), side="right")
+            self.ended_by_tier += np.bincount(tiers, minlength=len(self.tier_names))
+
     def clock(self, lag_s: float, errors: int, codes: Mapping[str, int] | None = None) -> None:
         """The run's clock, and the protocol errors so far (cumulative): `codes` by the verifier's
         ErrorCode name (the reason label of hlm_protocol_errors_total); errors without one count as
         "malformed"."""
         active: dict[str, int] = {}
-        for device, tier in self.tier_of.items():
-            active[tier] = active.get(tier, 0) + (device not in self.ended)
+        for i, tier in enumerate(self.tier_names):
+            count = int(self.tier_ends[i] - (self.tier_ends[i - 1] if i else 0))
+            active[tier] = count - int(self.ended_by_tier[i])
         self.collector.clock("runner", self.collector.emulated_time(), time.time() - self.t0, lag_s, active)
         codes = {**(codes or {})}
         if errors > sum(codes.values()):

@@ -104,7 +104,9 @@ def test_bundled_shapes():
 
 
 def test_unknown_bundled_name_lists_bundled():
-    with pytest.raises(ScenarioError, match="bundled: default, fleet-10k, fleet-tiny, paper, smoke"):
+    with pytest.raises(
+        ScenarioError, match="bundled: default, fleet-100k, fleet-10k, fleet-1m, fleet-tiny, paper, smoke"
+    ):
         load_scenario("no-such-scenario")
     with pytest.raises(ScenarioError, match="file not found"):
         load_scenario("missing/dir/x.yaml")

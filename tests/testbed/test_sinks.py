@@ -17,7 +17,8 @@ from testbed.sinks import Sinks
 
 def plan(devices: int = 2, max_new_tokens: int = 2):
     specs = [SimpleNamespace(device=d, tier="phone", policy_name="cu-hlm") for d in range(devices)]
-    scenario = SimpleNamespace(name="unit", clock="virtual", tiers=[SimpleNamespace(name="phone")])
+    tiers = [SimpleNamespace(name="phone", count=devices, policy="cu-hlm")]
+    scenario = SimpleNamespace(name="unit", clock="virtual", tiers=tiers)
     return SimpleNamespace(
         specs=specs, scenario=scenario, run=SimpleNamespace(vocab_size=512, max_new_tokens=max_new_tokens)
     )
