@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -289,22 +289,25 @@ class Collector:
         ShadowResolved, link counters from UploadSent / VerdictReceived / MessageLost, verifier
         batches from VerifierBatch."""
         rows, shadows, batches = [], [], []
-        links: dict[tuple[str, str, str], list[int]] = {}  # (tier, policy, direction) -> messages, bytes, lost, retx
+        # (tier, policy, direction) -> messages, bytes, lost, retransmissions
+        links: defaultdict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
         for e in events:
             if isinstance(e, TokenCommitted):
                 rows.append(e.row)
             elif isinstance(e, ShadowResolved):
                 if math.isfinite(e.fidelity_tv):
                     shadows.append(e)
-            elif isinstance(e, (UploadSent, VerdictReceived)):
-                acc = links.setdefault(
-                    (e.tier, e.policy, "uplink" if isinstance(e, UploadSent) else "downlink"), [0, 0, 0, 0]
-                )
+            elif isinstance(e, UploadSent):
+                acc = links[(e.tier, e.policy, "uplink")]
                 acc[0] += 1
                 acc[1] += e.bytes
-                acc[3] += e.retransmissions if isinstance(e, UploadSent) else 0
+                acc[3] += e.retransmissions
+            elif isinstance(e, VerdictReceived):
+                acc = links[(e.tier, e.policy, "downlink")]
+                acc[0] += 1
+                acc[1] += e.bytes
             elif isinstance(e, MessageLost):
-                links.setdefault((e.tier, e.policy, e.direction), [0, 0, 0, 0])[2] += e.count
+                links[(e.tier, e.policy, e.direction)][2] += e.count
             elif isinstance(e, VerifierBatch):
                 batches.append(e)
         with self._lock:
