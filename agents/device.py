@@ -461,9 +461,11 @@ class Device:
         for every skipped token since the last upload, an unbounded number; a device's socket has
         no such bound. Memory is about the same either way: a token's x is held here until its
         verdict instead of in the verifier's queue until its verification."""
-        held = [p[3] for p in self.piggyback]
         draft = self.held_draft
         self.held_draft = None
+        if not self.held_bytes:  # nothing held (a replay holds nothing): nothing to free or measure
+            return
+        held = [p[3] for p in self.piggyback]
         if llm_logits is None:  # a replay (values from the record), or nothing to measure
             for h in held + [draft]:
                 self._release(h)
