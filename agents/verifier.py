@@ -170,6 +170,8 @@ class _ClientChecks:
         return None
 
     def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None:
+            return False
         f = self.f
         if isinstance(exc, protocol.ProtocolError):
             if exc.device is None:
