@@ -1,30 +1,51 @@
-"""Time the replay of a pickled content record: no sinks, then Sinks (collector + results writer)."""
-import pickle, sys, time, tempfile, resource
+"""Time the replay of a pickled content record (issue 17): no sinks, then the sinks (collector + results writer).
+
+python scripts/bench_replay.py CONTENT.pkl [both|bare|sinks]
+"""
+
+import pickle
+import resource
+import sys
+import tempfile
+import time
 from pathlib import Path
+
 from agents.engine import replay_content
 from policies import load_policy
+from testbed.metrics import Collector
+from testbed.results import ResultsWriter
 
-d = pickle.load(open(sys.argv[1], "rb"))
-policies = {k: load_policy(v) for k, v in d["policy_specs"].items()}
-tokens = sum(len(c) for c in d["content"].devices.values())
-mode = sys.argv[2] if len(sys.argv) > 2 else "both"
-if mode in ("both", "bare"):
-    t0 = time.perf_counter()
-    replay_content(d["specs"], d["run"], d["server"], policies, d["content"], history=False, on_events=lambda ev: None)
-    dt = time.perf_counter() - t0
-    print(f"bare replay: {dt:.1f} s, {dt / tokens * 1e6:.1f} us/token ({tokens} tokens)")
-if mode in ("both", "sinks"):
-    from testbed.metrics import Collector
-    from testbed.results import ResultsWriter
-    c = Collector("x", tiers={s.tier: s.policy_name for s in d["specs"]})
-    out = Path(tempfile.mkdtemp())
-    w = ResultsWriter(out / "shards")
-    def sink(ev):
-        c.ingest_events(ev); w.add(ev)
-    t0 = time.perf_counter()
-    replay_content(d["specs"], d["run"], d["server"], policies, d["content"], history=False, on_events=sink)
-    t1 = time.perf_counter()
-    w.close(); w.merge(out / "tokens.parquet", frame=False)
-    t2 = time.perf_counter()
-    print(f"with sinks: {t1 - t0:.1f} s ({(t1 - t0) / tokens * 1e6:.1f} us/token), merge {t2 - t1:.1f} s")
-print("peak rss MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+def main() -> None:
+    with open(sys.argv[1], "rb") as f:
+        d = pickle.load(f)
+    policies = {k: load_policy(v) for k, v in d["policy_specs"].items()}
+    tokens = sum(len(c) for c in d["content"].devices.values())
+    mode = sys.argv[2] if len(sys.argv) > 2 else "both"
+    args = (d["specs"], d["run"], d["server"], policies, d["content"])
+    if mode in ("both", "bare"):
+        t0 = time.perf_counter()
+        replay_content(*args, history=False, on_events=lambda events: None)
+        dt = time.perf_counter() - t0
+        print(f"bare replay: {dt:.1f} s, {dt / tokens * 1e6:.1f} us/token ({tokens} tokens)")
+    if mode in ("both", "sinks"):
+        collector = Collector("x", tiers={s.tier: s.policy_name for s in d["specs"]})
+        out = Path(tempfile.mkdtemp())
+        writer = ResultsWriter(out / "shards")
+
+        def sink(events):
+            collector.ingest_events(events)
+            writer.add(events)
+
+        t0 = time.perf_counter()
+        replay_content(*args, history=False, on_events=sink)
+        t1 = time.perf_counter()
+        writer.close()
+        writer.merge(out / "tokens.parquet", frame=False)
+        t2 = time.perf_counter()
+        print(f"with sinks: {t1 - t0:.1f} s ({(t1 - t0) / tokens * 1e6:.1f} us/token), merge {t2 - t1:.1f} s")
+    print("peak rss MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+if __name__ == "__main__":
+    main()

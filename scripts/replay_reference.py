@@ -26,7 +26,8 @@ def exposition_lines(collector: Collector) -> list[str]:
 
 
 def replay(path: str, out: Path) -> tuple[list[str], str]:
-    d = pickle.load(open(path, "rb"))
+    with open(path, "rb") as f:
+        d = pickle.load(f)
     policies = {k: load_policy(v) for k, v in d["policy_specs"].items()}
     collector = Collector("x", tiers={s.tier: s.policy_name for s in d["specs"]})
     writer = ResultsWriter(out / "shards")
@@ -58,8 +59,9 @@ def main() -> None:
         return
     out = Path(tempfile.mkdtemp())
     lines, digest = replay(a.content, out)
-    pd.testing.assert_frame_equal(read_tokens(out / "tokens.parquet"), read_tokens(a.dir / "tokens.parquet"),
-                                  check_exact=True)
+    pd.testing.assert_frame_equal(
+        read_tokens(out / "tokens.parquet"), read_tokens(a.dir / "tokens.parquet"), check_exact=True
+    )
     print("tokens.parquet: identical")
     assert "\n".join(lines) + "\n" == (a.dir / "metrics.txt").read_text(), "metrics differ"
     print("metrics: identical")
