@@ -24,10 +24,13 @@ def main() -> None:
     mode = sys.argv[2] if len(sys.argv) > 2 else "both"
     args = (d["specs"], d["run"], d["server"], policies, d["content"])
     if mode in ("both", "bare"):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         replay_content(*args, history=False, on_events=lambda events: None)
-        dt = time.perf_counter() - t0
-        print(f"bare replay: {dt:.1f} s, {dt / tokens * 1e6:.1f} us/token ({tokens} tokens)")
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        print(
+            f"bare replay: {dt:.1f} s, {dt / tokens * 1e6:.1f} us/token ({tokens} tokens); "
+            f"cpu {cpu / tokens * 1e6:.1f} us/token"
+        )
     if mode in ("both", "sinks"):
         collector = Collector("x", tiers={s.tier: s.policy_name for s in d["specs"]})
         out = Path(tempfile.mkdtemp())
@@ -37,13 +40,16 @@ def main() -> None:
             collector.ingest_events(events)
             writer.add(events)
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         replay_content(*args, history=False, on_events=sink)
-        t1 = time.perf_counter()
+        t1, cpu = time.perf_counter(), time.process_time() - c0
         writer.close()
         writer.merge(out / "tokens.parquet", frame=False)
         t2 = time.perf_counter()
-        print(f"with sinks: {t1 - t0:.1f} s ({(t1 - t0) / tokens * 1e6:.1f} us/token), merge {t2 - t1:.1f} s")
+        print(
+            f"with sinks: {t1 - t0:.1f} s ({(t1 - t0) / tokens * 1e6:.1f} us/token), merge {t2 - t1:.1f} s; "
+            f"cpu {cpu / tokens * 1e6:.1f} us/token"
+        )
     print("peak rss MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
