@@ -169,9 +169,9 @@ class _ClientChecks:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind, exc, tb) -> bool:
+    def __exit__(self, kind, exc, tb) -> None:  # returns None: whatever was raised goes on
         if exc is None:
-            return False
+            return
         f = self.f
         if isinstance(exc, protocol.ProtocolError):
             if exc.device is None:
@@ -183,7 +183,6 @@ class _ClientChecks:
                 device=f.device,
                 seq=f.seq,
             ) from exc
-        return False  # anything raised goes on
 
 
 class VerifierCore:
