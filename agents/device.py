@@ -108,40 +108,46 @@ class SessionState:
     answered: tuple[Answered, ...]
 
 
+# Every other column of a token's row before anything is known of it, in TokenRecord's order (testbed.results)
+_ROW_UNKNOWN = dict(
+    token_id=-1,
+    draft_id=-1,
+    uncertainty=math.nan,
+    transmitted=False,
+    k=0,
+    prob_bits=0,
+    payload_bytes=0,
+    uplink_bytes=0,
+    accepted=False,
+    resampled=False,
+    beta=math.nan,
+    beta_is_shadow=False,
+    retransmissions=0,
+    t_draft_start=math.nan,
+    t_upload_sent=math.nan,
+    t_verdict=math.nan,
+    t_commit=math.nan,
+    fidelity_tv=math.nan,
+    fidelity_tv_branch=math.nan,
+    uplink_lost=0,
+    downlink_bytes=0,
+    downlink_lost=0,
+    flush_bytes=0,
+    flush_retransmissions=0,
+    stop_reason="",
+)
+
+
 def token_row(spec: DeviceSpec, index: int, **values) -> dict:
     """One row of tokens.parquet (columns as in testbed.results)."""
-    row = dict(
-        device=spec.device,
-        tier=spec.tier,
-        policy=spec.policy_name,
-        prompt_index=spec.prompt_index,
-        token_index=index,
-        token_id=-1,
-        draft_id=-1,
-        uncertainty=math.nan,
-        transmitted=False,
-        k=0,
-        prob_bits=0,
-        payload_bytes=0,
-        uplink_bytes=0,
-        accepted=False,
-        resampled=False,
-        beta=math.nan,
-        beta_is_shadow=False,
-        retransmissions=0,
-        t_draft_start=math.nan,
-        t_upload_sent=math.nan,
-        t_verdict=math.nan,
-        t_commit=math.nan,
-        fidelity_tv=math.nan,
-        fidelity_tv_branch=math.nan,
-        uplink_lost=0,
-        downlink_bytes=0,
-        downlink_lost=0,
-        flush_bytes=0,
-        flush_retransmissions=0,
-        stop_reason="",
-    )
+    row = {
+        "device": spec.device,
+        "tier": spec.tier,
+        "policy": spec.policy_name,
+        "prompt_index": spec.prompt_index,
+        "token_index": index,
+        **_ROW_UNKNOWN,  # a copy: one per token, so it is built in one go rather than key by key
+    }
     row.update(values)
     return row
 
@@ -455,9 +461,11 @@ class Device:
         for every skipped token since the last upload, an unbounded number; a device's socket has
         no such bound. Memory is about the same either way: a token's x is held here until its
         verdict instead of in the verifier's queue until its verification."""
-        held = [p[3] for p in self.piggyback]
         draft = self.held_draft
         self.held_draft = None
+        if not self.held_bytes:  # nothing held (a replay holds nothing): nothing to free or measure
+            return
+        held = [p[3] for p in self.piggyback]
         if llm_logits is None:  # a replay (values from the record), or nothing to measure
             for h in held + [draft]:
                 self._release(h)

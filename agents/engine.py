@@ -36,8 +36,10 @@ loop (`drive`) over the same state machines, composed of other pieces (docs/desi
 
 from __future__ import annotations
 
+import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from agents.device import DeviceGroupCore, DeviceSpec, RunParams
@@ -68,6 +70,23 @@ def drive(
     progress, `on_events` gets the events of each step (agents.events: the devices', then the
     verifier's batches; a content pass keeps no batch, its batches are not timed). history=False: no
     batch records kept either (the events carry them)."""
+    with _frozen_heap():
+        return _drive(group, verifier, on_step, on_events, history)
+
+
+@contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """Everything alive when a run starts (its state machines, a replay's content record, the imported
+    modules: some 10^5 objects) lives through it. Frozen (gc.freeze), the cyclic collector's full
+    collections scan only what the run made since: they were ~10% of a timing replay's time."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _drive(group, verifier, on_step, on_events, history) -> EngineResult:
     verifier.open(group.opens())
     batches_seen = 0
     while not group.done:

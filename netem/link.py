@@ -269,6 +269,8 @@ class Link:
 
     def _copy(self, wire: int, t: float) -> float | None:
         """The earliest arrival of a packet and its copy (_copies), or None when neither arrives."""
+        if not self._dup:  # no copy (most links): the packet itself, one call for every packet of a Delivery
+            return self._packet(wire, t)
         a, b = self._copies(wire, t)
         if a is None or b is None:
             return a if b is None else b

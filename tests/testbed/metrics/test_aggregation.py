@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import threading
 
+import numpy as np
 import pytest
 
 from agents.events import MessageLost, ShadowResolved, TokenCommitted, UploadSent, VerdictReceived, VerifierBatch
@@ -320,3 +321,26 @@ def test_ingest_token_records_matches_summary_definitions() -> None:
     assert 1 - snap.totals.vocab_entries / (1000 * snap.totals.uploads) == pytest.approx(summary["vocab_compression"])
     for (tier, _), x in snap.tier_throughput.items():
         assert x == pytest.approx(summary["throughput_tokens_per_s"]["tiers"][tier])
+
+
+def test_observe_all_equals_observe_one_by_one():
+    """The batched observe leaves a histogram exactly as observing each value in order: buckets, count, sum."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from testbed.metrics.aggregation import observe_all
+
+    rng = np.random.default_rng(0)
+    values = [*rng.exponential(0.3, 500).tolist(), 0.005, 0.0, -1.0, math.inf, math.nan, 2, 7]
+    buckets = (0.005, 0.01, 0.1, 0.5, 1.0, 5.0)
+    regs = CollectorRegistry(), CollectorRegistry()
+    one, batched = (Histogram("h", "h", ["a"], registry=r, buckets=buckets).labels("x") for r in regs)
+    for chunk in (values[:100], values[100:]):
+        for v in chunk:
+            one.observe(v)
+        observe_all(batched, chunk)
+    observe_all(batched, [])
+
+    def text(r):
+        return [line for line in generate_latest(r).decode().splitlines() if "_created" not in line]
+
+    assert text(regs[0]) == text(regs[1])
