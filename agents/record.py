@@ -150,6 +150,7 @@ class PackedVerdicts(Mapping):
         starts = np.flatnonzero(np.r_[True, devices[1:] != devices[:-1]]) if len(a) else np.zeros(0, np.int64)
         ends = np.r_[starts[1:], len(a)].astype(np.int64)
         self.rows = {int(devices[s]): (int(s), int(e)) for s, e in zip(starts, ends)}  # device -> its slice
+        self._seq = a["seq"]  # one view, not one per lookup
 
     @classmethod
     def of(cls, log: Mapping) -> PackedVerdicts:
@@ -195,8 +196,11 @@ class PackedVerdicts(Mapping):
     def _index(self, key) -> int:
         device, seq = key
         start, end = self.rows.get(device, (0, 0))
-        i = start + int(np.searchsorted(self.a["seq"][start:end], seq))
-        if i >= end or self.a["seq"][i] != seq:
+        i = start + seq  # a device's verdicts are its seqs 0, 1, 2, ... (every upload has one)
+        if start <= i < end and self._seq[i] == seq:
+            return i
+        i = start + int(np.searchsorted(self._seq[start:end], seq))  # a record with gaps
+        if i >= end or self._seq[i] != seq:
             raise KeyError(key)
         return i
 

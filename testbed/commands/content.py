@@ -98,12 +98,20 @@ def ls(
         return
     size = sum(f.stat().st_size for f in lib.path.rglob("*.parquet"))
     table = Table(title=f"{lib.path}  ({len(lib.recordings)} recordings, {size / 1e6:.2f} MB)")
-    cols = ("recording", "policy", "sequences", "tokens", "prompts", "models", "dtype", "seed", "cpu", "created")
+    cols = ("recording", "policy", "sequences", "tokens", "prompts", "seed", "max_new_tokens")
     for col in cols:
-        table.add_column(col, justify="right" if col in ("sequences", "tokens", "prompts", "seed") else "left")
+        table.add_column(col, justify="left" if col in ("recording", "policy") else "right")
     for row in rows:
-        policy = row["policy"] + (f" {json.dumps(row['parameters'])}" if row["parameters"] else "")
-        table.add_row(*(policy if c == "policy" else str(row[c]) for c in cols))
+        table.add_row(*(str(row[c]) for c in cols))
     Console().print(table)
+    for r in lib.recordings:
+        pv = r.provenance
+        print(
+            f"{r.name}: {pv['models']['slm']} / {pv['models']['llm']} ({pv['dtype']['llm']}), "
+            f"{pv['machine'].get('cpu')} ({pv['machine'].get('cpu_capability')}), testbed {pv['testbed_version']}, "
+            f"{pv['created']}"
+        )
+    for label, spec in sorted({(row["policy"], json.dumps(row["parameters"])) for row in rows}):
+        print(f"{label}: {spec}")  # the parameters a tier's policy must match (pinned)
     commands = sorted({row["command"] for row in rows})
-    print("rebuilt by: " + "; ".join(commands))
+    print("recorded by: " + "; ".join(commands))
