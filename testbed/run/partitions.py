@@ -109,10 +109,24 @@ def replay_here(p: Plan, opts: RunOptions, sinks, parts, source=None) -> dict:
     return _status(results, workers=1)
 
 
-def replay_on_ray(p: Plan, opts: RunOptions, sinks, parts, tasks_per_worker: int = 4) -> dict:
-    """Every partition as Ray tasks (chunks of partitions, about tasks_per_worker per CPU the cluster
-    has), their results absorbed as they finish. A local Ray is started (and stopped) when none is up;
-    opts.address joins a cluster, whose nodes must see opts.out_dir (a shared folder)."""
+def chunks(parts: list, min_devices: int = 2000) -> list[list]:
+    """Partitions grouped into tasks of at least min_devices devices each (a partition of a few devices
+    takes less time than a task's scheduling; one of a thousand takes seconds), in order."""
+    out: list[list] = [[]]
+    n = 0
+    for part in parts:
+        if n >= min_devices:
+            out.append([])
+            n = 0
+        out[-1].append(part)
+        n += len(part[2])
+    return [c for c in out if c]
+
+
+def replay_on_ray(p: Plan, opts: RunOptions, sinks, parts) -> dict:
+    """Every partition as Ray tasks (chunks), their results absorbed as they finish, so the live metrics
+    move every few seconds. A local Ray is started (and stopped) when none is up; opts.address joins a
+    cluster, whose nodes must see opts.out_dir (a shared folder)."""
     import ray
 
     owned = not ray.is_initialized()
@@ -120,12 +134,10 @@ def replay_on_ray(p: Plan, opts: RunOptions, sinks, parts, tasks_per_worker: int
         ray.init(address=opts.address or "local", include_dashboard=False, configure_logging=False)
     try:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        n_chunks = min(len(parts), cpus * tasks_per_worker)
-        chunks = [parts[i::n_chunks] for i in range(n_chunks)]
         # retried when its worker dies: a partition replays to the same rows, its files are rewritten
         task = ray.remote(num_cpus=1, max_retries=3)(_replay_chunk)
         plan_ref = ray.put(p)
-        pending = [task.remote(plan_ref, chunk, str(opts.out_dir)) for chunk in chunks]
+        pending = [task.remote(plan_ref, chunk, str(opts.out_dir)) for chunk in chunks(parts)]
         results: list[PartitionResult] = []
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
