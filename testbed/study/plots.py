@@ -332,13 +332,18 @@ def plot_panels(
         if not drawn:
             _na(a)
         a.set_xscale("log")
+        xs = sorted({r[x] for r in rows})
+        a.set_xticks(xs, [f"{v:,}" for v in xs], fontsize=8)  # the grid's values, not powers of ten
+        a.minorticks_off()
         a.set_xlabel(xlabel)
         a.set_ylabel(ylabel)
     # one legend: colours are policies, line styles are content sources
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=POLICY_COLOURS.get(p), label=p) for p in dict.fromkeys(p for p, _ in lines)]
-    handles += [Line2D([], [], color="k", ls=CONTENT_STYLES.get(k, ":"), label=k) for k in dict.fromkeys(k for _, k in lines)]
+    handles += [
+        Line2D([], [], color="k", ls=CONTENT_STYLES.get(k, ":"), label=k) for k in dict.fromkeys(k for _, k in lines)
+    ]
     if handles:
         ax[0][0].legend(handles=handles, fontsize=7, loc="best", ncols=2)
     fig.savefig(path)
