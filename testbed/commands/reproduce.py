@@ -266,6 +266,16 @@ def fleet(
     libraries (no model) against fleet size (1k-100k) and the number of verifiers, real content next to
     tiny random models'; with --engine ray (under ../shared/bin/offline) partitions replay in parallel."""
     if content == "recorded":
+        models_only = {
+            "--size": size != "smoke",
+            "--set": bool(sets),
+            "--a/--b": a is not None or b is not None,
+            "--estimate": estimate_only,
+            "--calibration-tokens": calibration_tokens is not None,
+        }
+        given = [name for name, on in models_only.items() if on]
+        if given:
+            raise typer.BadParameter(f"{', '.join(given)}: for --content models only (a replay runs no model)")
         _run_recorded(
             library,
             tiny_library,

@@ -158,3 +158,16 @@ def test_missing_library_and_policy_say_how_to_fix_them(library, tmp_path):
     with pytest.raises(FleetRecordedError, match=r"no policy hlm; it holds: cu-hlm, u-hlm"):
         run_fleet_recorded(Grid(library=str(library), tiny_library=str(library), policies=("hlm",)), tmp_path / "out")
     assert not (tmp_path / "out").exists()  # checked before any run
+
+
+def test_cli_refuses_the_models_options_and_a_missing_library(tmp_path):
+    from typer.testing import CliRunner
+
+    from testbed.cli import app
+
+    base = ["reproduce", "fleet", "--content", "recorded", "--out", str(tmp_path / "out")]
+    r = CliRunner().invoke(app, [*base, "--a", "0.4", "--b", "0.1"])
+    assert r.exit_code == 2 and "--content models only" in r.output
+    r = CliRunner().invoke(app, [*base, "--library", str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and "testbed content record" in r.output
+    assert not (tmp_path / "out").exists()
