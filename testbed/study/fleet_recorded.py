@@ -175,7 +175,7 @@ def _cell(v) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}"
     return str(v)
 
 
@@ -208,7 +208,8 @@ PANELS = [
 
 
 def write_figures(rows: list[dict], g: Grid, out: Path) -> list[tuple[Path, str]]:
-    """The 2x2 figure vs fleet size (V sized per devices_per_verifier) and vs verifiers at the sweep size."""
+    """The 2x2 figure vs fleet size (V sized per devices_per_verifier) and vs verifiers at the sweep size
+    (solid, o: recorded content; dashed, x: tiny random models)."""
     from testbed.study.plots import plot_panels
 
     by_size = [r for r in rows if r["verifiers"] == max(1, round(r["fleet_size"] / g.devices_per_verifier))]

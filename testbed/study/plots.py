@@ -308,6 +308,7 @@ POLICY_COLOURS = {
     "cu-hlm-offline": "#e377c2",
 }
 CONTENT_STYLES = {"recorded": "-", "tiny": "--"}
+CONTENT_MARKERS = {"recorded": "o", "tiny": "x"}  # where both lines coincide, both markers still show
 
 
 def plot_panels(
@@ -328,7 +329,8 @@ def plot_panels(
                 continue
             drawn = True
             colour = POLICY_COLOURS.get(policy)
-            a.plot([r[x] for r in rs], ys, marker="o", ms=4, color=colour, ls=CONTENT_STYLES.get(kind, ":"))
+            style = {"marker": CONTENT_MARKERS.get(kind, "."), "ls": CONTENT_STYLES.get(kind, ":")}
+            a.plot([r[x] for r in rs], ys, ms=5, color=colour, **style)
         if not drawn:
             _na(a)
         a.set_xscale("log")
@@ -342,7 +344,8 @@ def plot_panels(
 
     handles = [Line2D([], [], color=POLICY_COLOURS.get(p), label=p) for p in dict.fromkeys(p for p, _ in lines)]
     handles += [
-        Line2D([], [], color="k", ls=CONTENT_STYLES.get(k, ":"), label=k) for k in dict.fromkeys(k for _, k in lines)
+        Line2D([], [], color="k", ls=CONTENT_STYLES.get(k, ":"), marker=CONTENT_MARKERS.get(k, "."), label=k)
+        for k in dict.fromkeys(k for _, k in lines)
     ]
     if handles:
         ax[0][0].legend(handles=handles, fontsize=7, loc="best", ncols=2)
