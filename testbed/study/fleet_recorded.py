@@ -1,10 +1,11 @@
 """`testbed reproduce fleet --content recorded`: fleet scale on recorded content (docs/design.md section 8).
 
-Every point replays a content library without models: fleet-100k's three tiers (proportions 60/30/10,
-their links and SLM speeds) all running one policy, served by V verifiers of fleet-100k's profile
-(h100: 8 ms a step, max_batch 128), joined round-robin. Two content sources are replayed on the same
-grid: the real Qwen pair's recording and the tiny random models' one, so the figures show what real
-content changes (skip rate, payload sizes, hence uplink load and throughput) against the same fleet.
+Every point replays a content library without models: fleet-100k's three tiers (its counts as
+proportions, 60/30/10; their links and SLM speeds) all running one policy, served by V verifiers of
+fleet-100k's profile (h100: 8 ms a step, max_batch 128), joined round-robin. Two content sources are
+replayed on the same grid: the real Qwen pair's recording and the tiny random models' one, so the
+figures show what real content changes (skip rate, payload sizes, hence uplink load and throughput)
+against the same fleet.
 
 The grid, for each source and policy:
 
@@ -25,25 +26,10 @@ from pathlib import Path
 
 from testbed.content import Library, LibraryError
 from testbed.content.library import bundled_libraries
-from testbed.scenario import Scenario, parse_scenario
+from testbed.scenario import Scenario, load_scenario, parse_scenario
 from testbed.study.points import Point, Study
 
-# fleet-100k.yaml (testbed/scenarios): its tiers, whose counts are proportions here, and its verifier.
-FLEET_TIERS = [
-    {
-        "name": "phone-lte",
-        "share": 60,
-        "slm_ms_per_token": 30.0,
-        "link": {
-            "uplink": {"rate_mbps": 5.0, "delay_ms": 30.0, "jitter_ms": 5.0},
-            "downlink": {"rate_mbps": 30.0, "delay_ms": 30.0, "jitter_ms": 5.0},
-        },
-    },
-    {"name": "phone-5g", "share": 30, "slm_ms_per_token": 25.0, "link": "5g-good"},
-    {"name": "laptop-wifi", "share": 10, "slm_ms_per_token": 12.0, "link": "wifi-weak"},
-]
-SERVER = {"name": "h100", "verify_ms": {"base": 8.0, "per_token": 0.05, "per_sequence": 0.1}, "max_batch": 128}
-SERVER_WAIT_MS = 2.0
+BASE = "fleet-100k"  # testbed/scenarios: its tiers (counts as proportions), links, SLM speeds and verifier
 SOURCES = ("recorded", "tiny")  # the real models' library, the tiny random models' one
 
 
@@ -113,26 +99,35 @@ def policy_specs(lib: Library, policies: tuple[str, ...], option: str) -> dict[s
     return {p: by_label[p] for p in policies}
 
 
-def tier_counts(n: int) -> list[int]:
-    """fleet-100k's shares of n devices (the remainder to the first tier)."""
-    total = sum(t["share"] for t in FLEET_TIERS)
-    counts = [n * t["share"] // total for t in FLEET_TIERS]
+@dataclass
+class Fleet:
+    """The base fleet: its tiers (name, count, slm_ms_per_token, link) and one verifier's profile."""
+
+    tiers: list[dict]
+    server: dict
+
+
+def base_fleet(name: str = BASE) -> Fleet:
+    """A bundled scenario's tiers and its first server (without count: the point's), as resolved."""
+    d = load_scenario(name).resolved_dict()
+    keep = ("name", "count", "slm_ms_per_token", "link")
+    server = {k: v for k, v in d["servers"][0].items() if k not in ("count", "region")}
+    return Fleet([{k: t[k] for k in keep} for t in d["tiers"]], server)
+
+
+def tier_counts(n: int, shares: list[int]) -> list[int]:
+    """n devices in the tiers' shares (the remainder to the first tier)."""
+    counts = [n * share // sum(shares) for share in shares]
     counts[0] += n - sum(counts)
     return counts
 
 
-def point_scenario(p: GridPoint, library: str, spec: object, seed: int) -> Scenario:
+def point_scenario(p: GridPoint, fleet: Fleet, library: str, spec: object, seed: int) -> Scenario:
     """The point's fleet: every tier on policy `spec`, its content drawn at random from `library`."""
+    counts = tier_counts(p.fleet_size, [t["count"] for t in fleet.tiers])
     tiers = [
-        {
-            "name": t["name"],
-            "count": count,
-            "slm_ms_per_token": t["slm_ms_per_token"],
-            "link": t["link"],
-            "policy": spec,
-            "content": {"library": library, "draw": "random"},
-        }
-        for t, count in zip(FLEET_TIERS, tier_counts(p.fleet_size))
+        {**t, "count": count, "policy": spec, "content": {"library": library, "draw": "random"}}
+        for t, count in zip(fleet.tiers, counts)
         if count > 0
     ]
     return parse_scenario(
@@ -140,7 +135,7 @@ def point_scenario(p: GridPoint, library: str, spec: object, seed: int) -> Scena
             "name": f"fleet-recorded-{p.name}",
             "seed": seed,
             "clock": "virtual",
-            "servers": [{**SERVER, "count": p.verifiers, "max_wait_ms": SERVER_WAIT_MS}],
+            "servers": [{**fleet.server, "count": p.verifiers}],
             "routing": "round-robin",
             "tiers": tiers,
         }
@@ -229,16 +224,17 @@ def write_figures(rows: list[dict], g: Grid, out: Path) -> list[tuple[Path, str]
     ]
 
 
-def write_index(rows: list[dict], g: Grid, figures: list[tuple[Path, str]], path: Path) -> Path:
+def write_index(rows: list[dict], g: Grid, fleet: Fleet, figures: list[tuple[Path, str]], path: Path) -> Path:
     from html import escape
 
     from testbed.report import html_figure, html_page, html_table
 
     parts = [
         "<h1>Fleet scale on recorded content</h1>",
-        f"<p class='muted'>fleet-100k's tiers (60/30/10) on one policy each point, content replayed from "
-        f"{escape(g.library)} (recorded) and {escape(g.tiny_library)} (tiny), seed {g.seed}; verifiers: "
-        f"max_batch {SERVER['max_batch']}, round-robin.</p>",
+        f"<p class='muted'>{BASE}'s tiers ({', '.join(t['name'] for t in fleet.tiers)} in proportions "
+        f"{'/'.join(str(t['count']) for t in fleet.tiers)}), one policy a point, content replayed from "
+        f"{escape(g.library)} (recorded) and {escape(g.tiny_library)} (tiny), seed {g.seed}; verifiers "
+        f"{escape(str(fleet.server))}, joined round-robin.</p>",
         "<h2>Figures</h2>" + "".join(html_figure(p, c) for p, c in figures),
         "<h2>Points</h2>" + html_table(COLUMNS, [[_cell(r[c]) for c in COLUMNS] for r in table_rows(rows)]),
     ]
@@ -269,6 +265,7 @@ def run_fleet_recorded(
         lib = open_library(ref, option)
         specs[content] = policy_specs(lib, g.policies, option)
         refs[content] = ref if ref in bundled_libraries() else str(lib.path)
+    fleet = base_fleet()
     points = grid_points(g)
     study = Study(out, engine, log, total=len(points))
     study.log(
@@ -281,7 +278,7 @@ def run_fleet_recorded(
         for p in points:
 
             def build(_study: Study, p: GridPoint = p) -> Scenario:
-                return point_scenario(p, refs[p.content], specs[p.content][p.policy], g.seed)
+                return point_scenario(p, fleet, refs[p.content], specs[p.content][p.policy], g.seed)
 
             meta = {"content": p.content, "fleet_size": p.fleet_size, "verifiers": p.verifiers}
             study.run_point(Point(p.name, "fleet", f"{p.policy} ({p.content})", build, p.policy, meta, scored=False))
@@ -293,7 +290,7 @@ def run_fleet_recorded(
     rows = [row(p, study.summaries[p.name]) for p in points]
     write_csv(rows, out / "rows.csv")
     write_markdown(rows, out / "table.md")
-    report = write_index(rows, g, write_figures(rows, g, out), out / "index.html")
+    report = write_index(rows, g, fleet, write_figures(rows, g, out), out / "index.html")
     study.log(f"rows: {out / 'rows.csv'}; table: {out / 'table.md'}; report: {report}")
     return FleetRecordedResult(out, report, rows, study.statuses)
 

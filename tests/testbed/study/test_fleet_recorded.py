@@ -16,6 +16,7 @@ from testbed.study.fleet_recorded import (
     FleetRecordedError,
     Grid,
     GridPoint,
+    base_fleet,
     grid_points,
     point_scenario,
     run_fleet_recorded,
@@ -70,15 +71,18 @@ def test_grid_points_dedupe_the_sweep_point_at_the_sized_verifier_count():
 
 
 def test_tier_counts_keep_fleet_100k_shares():
-    assert tier_counts(100000) == [60000, 30000, 10000]
-    assert tier_counts(41) == [25, 12, 4]
-    assert sum(tier_counts(12345)) == 12345
+    fleet = base_fleet()
+    shares = [t["count"] for t in fleet.tiers]
+    assert shares == [60000, 30000, 10000] and fleet.server["max_batch"] == 128 and "count" not in fleet.server
+    assert tier_counts(100000, shares) == shares
+    assert tier_counts(41, shares) == [25, 12, 4]
+    assert sum(tier_counts(12345, shares)) == 12345
 
 
 def test_point_scenario_takes_the_policy_as_the_library_recorded_it(library):
     lib = Library.open(library)
     spec = next(e["spec"] for e in lib.policies().values() if e["label"] == "cu-hlm")
-    s = point_scenario(GridPoint("recorded", "cu-hlm", 80, 2), str(library), spec, 7)
+    s = point_scenario(GridPoint("recorded", "cu-hlm", 80, 2), base_fleet(), str(library), spec, 7)
     assert s.n_devices == 80 and s.replays_library
     assert [t.count for t in s.tiers] == [48, 24, 8]
     assert {json.dumps(t.policy, sort_keys=True, default=str) for t in s.tiers} == {
