@@ -172,9 +172,61 @@ def sweep(
         print(json.dumps(doc, indent=2))
 
 
+def _ints(value: str, option: str) -> tuple[int, ...]:
+    """A comma-separated list of positive integers (--sizes 1000,3000)."""
+    try:
+        out = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise typer.BadParameter(f"expected positive integers separated by commas, got {value!r}", param_hint=option)
+    return out
+
+
+def _run_recorded(
+    library: str,
+    tiny_library: str,
+    sizes: str,
+    policies: str,
+    devices_per_verifier: int,
+    verifier_sweep_size: int | None,
+    verifiers: str,
+    out: Path | None,
+    engine: str,
+    json_out: bool,
+) -> None:
+    from rich.console import Console
+
+    from testbed.content import LibraryError
+    from testbed.scenario import ScenarioError
+    from testbed.study.fleet_recorded import FleetRecordedError, Grid, run_fleet_recorded
+
+    err = Console(stderr=True)
+    fleet_sizes = _ints(sizes, "--sizes")
+    grid = Grid(
+        library=library,
+        tiny_library=tiny_library,
+        policies=tuple(p.strip() for p in policies.split(",") if p.strip()),
+        sizes=fleet_sizes,
+        devices_per_verifier=devices_per_verifier,
+        verifier_sweep_size=verifier_sweep_size or min(10000, max(fleet_sizes)),
+        verifiers=_ints(verifiers, "--verifiers"),
+    )
+    if not grid.policies:
+        raise typer.BadParameter("expected at least one policy", param_hint="--policies")
+    try:
+        result = run_fleet_recorded(grid, out or Path("runs") / "reproduce-fleet-recorded", engine=engine)
+    except (FleetRecordedError, LibraryError, ScenarioError) as e:
+        err.print(f"[red]{e}[/red]", highlight=False)
+        raise typer.Exit(2) from None
+    err.print(f"report: {result.report}")
+    if json_out:
+        print(json.dumps({"report": str(result.report), "rows": result.rows}, indent=2))
+
+
 @app.command("fleet")
 def fleet(
-    size: str = typer.Option("smoke", "--size", help=SIZE_HELP),
+    size: str = typer.Option("smoke", "--size", help=SIZE_HELP + " (--content models)"),
     out: Path = _OUT,
     engine: str = _ENGINE,
     sets: list[str] = _SET,
@@ -183,7 +235,60 @@ def fleet(
     estimate_only: bool = _EST,
     json_out: bool = _JSON,
     calibration_tokens: int = _CAL,
+    content: str = typer.Option(
+        "models",
+        "--content",
+        help="models: run the models at each fleet size (--size) | recorded: replay content libraries, "
+        "no model (--library, --tiny-library, --sizes, ...)",
+    ),
+    library: str = typer.Option(
+        "qwen2.5-coder-humaneval", "--library", help="Recorded content: the real models' library (name or folder)."
+    ),
+    tiny_library: str = typer.Option(
+        "tiny-random", "--tiny-library", help="Recorded content: the tiny random models' library, drawn next to it."
+    ),
+    sizes: str = typer.Option("1000,3000,10000,30000,100000", "--sizes", help="Recorded content: fleet sizes."),
+    policies: str = typer.Option("llm-only,hlm,u-hlm,cu-hlm", "--policies", help="Recorded content: policy labels."),
+    devices_per_verifier: int = typer.Option(
+        1000, "--devices-per-verifier", min=1, help="Recorded content: one verifier per this many devices."
+    ),
+    verifier_sweep_size: int = typer.Option(
+        None,
+        "--verifier-sweep-size",
+        min=1,
+        help="Recorded content: the fleet size of the verifier sweep (default 10000, or the largest of "
+        "--sizes if smaller: a small grid stays small).",
+    ),
+    verifiers: str = typer.Option("1,2,5,10,20", "--verifiers", help="Recorded content: the verifier sweep."),
 ) -> None:
-    """The same policies on heterogeneous fleets sharing one verifier: system throughput, Jain fairness
-    and verifier batch size vs fleet size."""
+    """The same policies on heterogeneous fleets: system throughput, Jain fairness and verifier batch size
+    vs fleet size. --content models runs the models (one verifier); --content recorded replays the content
+    libraries (no model) against fleet size (1k-100k) and the number of verifiers, real content next to
+    tiny random models'; with --engine ray (under ../shared/bin/offline) partitions replay in parallel."""
+    if content == "recorded":
+        models_only = {
+            "--size": size != "smoke",
+            "--set": bool(sets),
+            "--a/--b": a is not None or b is not None,
+            "--estimate": estimate_only,
+            "--calibration-tokens": calibration_tokens is not None,
+        }
+        given = [name for name, on in models_only.items() if on]
+        if given:
+            raise typer.BadParameter(f"{', '.join(given)}: for --content models only (a replay runs no model)")
+        _run_recorded(
+            library,
+            tiny_library,
+            sizes,
+            policies,
+            devices_per_verifier,
+            verifier_sweep_size,
+            verifiers,
+            out,
+            engine,
+            json_out,
+        )
+        return
+    if content != "models":
+        raise typer.BadParameter(f"expected models or recorded, got {content!r}", param_hint="--content")
     _run("fleet", size, out, engine, sets, a, b, estimate_only, json_out, calibration_tokens)

@@ -295,3 +295,59 @@ def plot_fleet(rows: list[dict], key: str, ylabel: str, title: str, path: Path, 
         a.legend(fontsize=7, loc="best", ncols=2)
     fig.savefig(path)
     return path
+
+
+POLICY_COLOURS = {
+    "llm-only": "#9467bd",
+    "slm-only": "#7f7f7f",
+    "hlm": "#1f77b4",
+    "rand-hlm": "#8c564b",
+    "u-hlm": "#2ca02c",
+    "cu-hlm": "#d62728",
+    "cu-hlm-adaptive": "#ff7f0e",
+    "cu-hlm-offline": "#e377c2",
+}
+CONTENT_STYLES = {"recorded": "-", "tiny": "--"}
+CONTENT_MARKERS = {"recorded": "o", "tiny": "x"}  # where both lines coincide, both markers still show
+
+
+def plot_panels(
+    rows: list[dict], x: str, xlabel: str, panels: list[tuple[str, str]], path: Path, style: str = "content"
+) -> Path:
+    """A 2x2 figure of rows[key] against rows[x] (log x), one colour per policy, one line style per
+    rows[style] (CONTENT_STYLES: solid = recorded content, dashed = tiny random models)."""
+    fig, ax = new_figure(10.0, 7.0, ncols=2, nrows=2)
+    lines: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        lines.setdefault((r["policy"], r[style]), []).append(r)
+    for a, (key, ylabel) in zip(ax.flat, panels):
+        drawn = False
+        for (policy, kind), rs in lines.items():
+            rs = sorted(rs, key=lambda r: r[x])
+            ys = [_val(r.get(key)) for r in rs]
+            if not np.isfinite(ys).any():
+                continue
+            drawn = True
+            colour = POLICY_COLOURS.get(policy)
+            style = {"marker": CONTENT_MARKERS.get(kind, "."), "ls": CONTENT_STYLES.get(kind, ":")}
+            a.plot([r[x] for r in rs], ys, ms=5, color=colour, **style)
+        if not drawn:
+            _na(a)
+        a.set_xscale("log")
+        xs = sorted({r[x] for r in rows})
+        a.set_xticks(xs, [f"{v:,}" for v in xs], fontsize=8)  # the grid's values, not powers of ten
+        a.minorticks_off()
+        a.set_xlabel(xlabel)
+        a.set_ylabel(ylabel)
+    # one legend: colours are policies, line styles are content sources
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=POLICY_COLOURS.get(p), label=p) for p in dict.fromkeys(p for p, _ in lines)]
+    handles += [
+        Line2D([], [], color="k", ls=CONTENT_STYLES.get(k, ":"), marker=CONTENT_MARKERS.get(k, "."), label=k)
+        for k in dict.fromkeys(k for _, k in lines)
+    ]
+    if handles:
+        ax[0][0].legend(handles=handles, fontsize=7, loc="best", ncols=2)
+    fig.savefig(path)
+    return path
