@@ -248,7 +248,9 @@ def fleet(
         "tiny-random", "--tiny-library", help="Recorded content: the tiny random models' library, drawn next to it."
     ),
     sizes: str = typer.Option("1000,3000,10000,30000,100000", "--sizes", help="Recorded content: fleet sizes."),
-    policies: str = typer.Option("llm-only,hlm,u-hlm,cu-hlm", "--policies", help="Recorded content: policy labels."),
+    policies: str = typer.Option(
+        "llm-only,cu-hlm,cu-hlm-adaptive", "--policies", help="Recorded content: policy labels."
+    ),
     devices_per_verifier: int = typer.Option(
         1000, "--devices-per-verifier", min=1, help="Recorded content: one verifier per this many devices."
     ),

@@ -41,7 +41,9 @@ class FleetRecordedError(ValueError):
 class Grid:
     library: str = "qwen2.5-coder-humaneval"  # the real models' content: bundled name or folder
     tiny_library: str = "tiny-random"
-    policies: tuple[str, ...] = ("llm-only", "hlm", "u-hlm", "cu-hlm")
+    # hlm and u-hlm upload the full distribution (608 KB a token for Qwen: ~400 emulated packets), about
+    # 100x the replay cost of these: add them with --policies for the smaller sizes.
+    policies: tuple[str, ...] = ("llm-only", "cu-hlm", "cu-hlm-adaptive")
     sizes: tuple[int, ...] = (1000, 3000, 10000, 30000, 100000)
     devices_per_verifier: int = 1000  # fleet-100k: 100 verifiers for 100,000 devices
     verifier_sweep_size: int = 10000
