@@ -103,11 +103,14 @@ def fidelity(df: pd.DataFrame) -> np.ndarray:
 def sequence_fidelity(df: pd.DataFrame) -> pd.Series:
     """Per device, the sum of fidelity_tv over its sequence, for devices with a value at every
     token (the bound on the TV distance of the whole output, testbed.results)."""
-    seq = (
-        pd.Series(fidelity(df))
-        .groupby(df["device"].to_numpy())
-        .agg(lambda f: f.sum() if np.isfinite(f).all() else np.nan)
-    )
+    fid, device = fidelity(df), df["device"].to_numpy()
+    order = np.argsort(device, kind="stable")
+    ids, counts = np.unique(device[order], return_counts=True)
+    if len(ids) and (counts == counts[0]).all():  # every device the same length (a fleet): one 2-D sum,
+        rows = fid[order].reshape(len(ids), counts[0])  # each row summed as numpy sums a group alone
+        seq = pd.Series(np.where(np.isfinite(rows).all(axis=1), rows.sum(axis=1), np.nan), index=ids)
+    else:
+        seq = pd.Series(fid).groupby(device).agg(lambda f: f.sum() if np.isfinite(f).all() else np.nan)
     return seq[np.isfinite(seq)]
 
 

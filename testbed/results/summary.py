@@ -63,7 +63,8 @@ def summarize(
     batches = np.asarray(verifier_batches, dtype=np.float64)
     whole = token_figures(df, vocab_size)
     tiers = {}
-    for tier, tdf in df.groupby("tier", sort=False):  # tiers in order of first appearance
+    for tier in pd.unique(df["tier"]):  # in order of first appearance, one tier's rows at a time (memory)
+        tdf = df[(df["tier"] == tier).to_numpy()]
         tiers[str(tier)] = {
             "devices": int(tdf["device"].nunique()),
             "policy": ",".join(dict.fromkeys(tdf["policy"].astype(str))),
@@ -80,14 +81,19 @@ def summarize(
         "throughput_tokens_per_s": {
             "system": num(ratio(len(df), emulated_seconds)),
             "tiers": {t: b["throughput_tokens_per_s"] for t, b in tiers.items()},
-            "devices": {str(d): num(x) for d, x in per_device.items()},
+            # per device up to PER_DEVICE_LIMIT devices (tokens.parquet has every device's rows)
+            **(
+                {"devices": {str(d): num(x) for d, x in per_device.items()}}
+                if len(per_device) <= PER_DEVICE_LIMIT
+                else {}
+            ),
         },
         **whole,
         "jain_fairness": num(jain(per_device.to_numpy())),
         "verifier_batch_size_mean": num(batches.mean()) if len(batches) else None,
         "verifier_batches": int(len(batches)),
         "vocab_size": int(vocab_size),
-        "stops": stop_figures(df, devices=True),
+        "stops": stop_figures(df, devices=len(per_device) <= PER_DEVICE_LIMIT),
         "tiers": tiers,
     }
     for key, value in (extra or {}).items():
@@ -98,6 +104,9 @@ def summarize(
 
 
 STOP_REASONS = ("eos", "stop", "length")
+# summary.json lists per-device figures (throughput, tokens, stop) up to this many devices: beyond, they
+# would make it tens of MB (fleet-100k); tokens.parquet has every device's rows.
+PER_DEVICE_LIMIT = 10_000
 
 
 def stop_figures(df: pd.DataFrame, devices: bool = False) -> dict:
