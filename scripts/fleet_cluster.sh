@@ -12,6 +12,9 @@ CPUS=${CPUS:-1}
 PORT=${PORT:-6380}
 RAY=${RAY:-ray}
 TESTBED=${TESTBED:-testbed}
+# Ray's token authentication: every node and the driver use the token in ~/.ray/auth_token (made once)
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+$RAY get-auth-token --generate >/dev/null
 $RAY stop --force >/dev/null 2>&1 || true
 trap '$RAY stop --force >/dev/null 2>&1 || true' EXIT
 $RAY start --head --port="$PORT" --num-cpus="$CPUS" --include-dashboard=false --disable-usage-stats >/dev/null
@@ -19,4 +22,5 @@ for _ in $(seq 2 "$NODES"); do
   $RAY start --address="127.0.0.1:$PORT" --num-cpus="$CPUS" --disable-usage-stats >/dev/null
 done
 $RAY status 2>/dev/null | sed -n '1,12p' || true
-/usr/bin/time -v "$TESTBED" run "$SCENARIO" --address "127.0.0.1:$PORT" --out "$OUT" --no-report
+# TESTBED may be a command line (e.g. "python -m testbed.cli"): split into words on purpose
+/usr/bin/time -v $TESTBED run "$SCENARIO" --address "127.0.0.1:$PORT" --out "$OUT" --no-report
