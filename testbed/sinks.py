@@ -99,6 +99,7 @@ class Sinks:
         """A partition replayed apart (testbed.run.partitions.PartitionResult): its figures into the
         collector, its rows (a parquet file of its own) into tokens.parquet at the end."""
         self.collector.absorb(part.collector)
+        part.collector = None  # absorbed: its per-device spans need not stay twice
         self._ended(part.ended)
         self.batch_sizes.extend(part.batch_sizes)
         self.timed_tokens += part.tokens
