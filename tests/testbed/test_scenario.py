@@ -77,7 +77,7 @@ needs_policies = pytest.mark.skipif(not policies_ready(), reason="policies.load_
 # ------------------------------------------------------------------ bundled scenarios
 
 
-@pytest.mark.parametrize("name", ["default", "paper", "fleet-tiny", "smoke"])
+@pytest.mark.parametrize("name", ["default", "paper", "fleet-tiny", "smoke", "fleet-100k"])
 def test_bundled_scenarios_validate(name):
     assert name in bundled_scenarios()
     s = load_scenario(name)
@@ -237,7 +237,7 @@ def test_yaml_duplicate_key_and_non_mapping(tmp_path):
 # ------------------------------------------------------------------ round trip, overrides
 
 
-@pytest.mark.parametrize("name", ["default", "paper", "fleet-tiny", "smoke"])
+@pytest.mark.parametrize("name", ["default", "paper", "fleet-tiny", "smoke", "fleet-100k"])
 def test_dump_load_round_trip(tmp_path, name):
     s = load_scenario(name)
     path = dump_scenario(s, tmp_path / "scenario.yaml")
