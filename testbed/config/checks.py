@@ -273,18 +273,23 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def check_policy(v: Any) -> Any:
-    expected = "expected a preset name (e.g. cu-hlm), {name: <preset>, <params>} or package.module:Class"
+def _spec_name(v: Any, expected: str) -> str:
+    """The name of a plug-in spec (a name, a dotted path, or {name: ..., <params>}), as policies and
+    routers are given; fail(expected ...) for any other shape."""
     if isinstance(v, str):
         if not v.strip():
             raise fail(f"{expected}, got ''")
-        name = v
-    elif isinstance(v, dict):
+        return v
+    if isinstance(v, dict):
         name = v.get("name")
         if not isinstance(name, str) or not name.strip():
             raise fail(f"{expected}: `name` is required", "name")
-    else:
-        raise fail(f"{expected}, got {type(v).__name__}")
+        return name
+    raise fail(f"{expected}, got {type(v).__name__}")
+
+
+def check_policy(v: Any) -> Any:
+    name = _spec_name(v, "expected a preset name (e.g. cu-hlm), {name: <preset>, <params>} or package.module:Class")
     pol = _policies()
     if pol is None:
         return v
@@ -318,16 +323,9 @@ def check_policy(v: Any) -> Any:
 
 def check_routing(v: Any) -> Any:
     """A routing spec (agents.routing.load_router) that loads; stored as written."""
-    expected = "expected a router name (round-robin, static, jsq), {name: <router>, <params>} or package.module:Class"
-    if isinstance(v, str):
-        if not v.strip():
-            raise fail(f"{expected}, got ''")
-    elif isinstance(v, dict):
-        name = v.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise fail(f"{expected}: `name` is required", "name")
-    else:
-        raise fail(f"{expected}, got {type(v).__name__}")
+    _spec_name(
+        v, "expected a router name (round-robin, static, jsq), {name: <router>, <params>} or package.module:Class"
+    )
     from agents.routing import RoutingError, load_router
 
     try:
